@@ -1,0 +1,55 @@
+"""siff-xarray: ScanImage-FLIM ``.siff`` photon data for xarray, Zarr and Dask.
+
+Importing the package is cheap: the reader (and with it Numba) is imported on
+first use of :class:`SiffFile` and friends, because xarray imports every
+installed backend's entry point when it lists engines.
+
+Public API
+----------
+SiffFile
+    Low-level reader of ``.siff`` and ScanImage TIFF files (frames, histograms,
+    masks, lifetimes, phasors, photons, timestamps).
+ImParams
+    Frame bookkeeping (channels, slices, flyback, SiffPy-style frame lists).
+SiffFormatError, SiffWarning
+    Errors and warnings about file content.
+synthetic
+    Writer of synthetic ScanImage-FLIM files with ground truth.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from .errors import SiffFormatError, SiffWarning
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["ImParams", "SiffFile", "SiffFormatError", "SiffWarning", "__version__", "synthetic"]
+
+_LAZY = {
+    "SiffFile": ("siff_xarray.reader.siff_file", "SiffFile"),
+    "ImParams": ("siff_xarray.reader.imparams", "ImParams"),
+    "synthetic": ("siff_xarray.synthetic", None),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import synthetic
+    from .reader.imparams import ImParams
+    from .reader.siff_file import SiffFile
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'siff_xarray' has no attribute {name!r}") from None
+    mod = import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,171 @@
+"""The ``siff-xarray`` command line.
+
+Subcommands so far:
+
+* ``demo [DIR]``: write the built-in demo acquisition and run the main job on it;
+* ``info FILE``: print a summary of a ``.siff`` / ScanImage TIFF file (``--json``).
+
+Errors in file content print one line (exit code 2) unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import SiffFormatError
+
+
+def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Open a file and compute the summary ``info`` and ``demo`` print.
+
+    Besides metadata it decodes every non-flyback frame once to report the mean
+    photons per pixel of each (slice, channel) plane.
+    """
+    import numpy as np
+
+    from .reader.siff_file import SiffFile
+
+    with SiffFile(path) as f:
+        ip = f.im_params
+        n_ph = f.index.n_photons
+        enc, counts = np.unique(f.frame_encodings, return_counts=True)
+        ts = f.timestamps()
+        real = np.asarray(ip.all_frames, dtype=np.int64)
+        planes = []
+        for z in range(ip.num_slices):
+            for c in range(ip.num_colors):
+                frames = ip.framelist_by_slice(c, z, include_partial=True)
+                img = f.read_frames(frames)
+                planes.append({"slice": z, "z_um": float(ip.z_positions[z]),
+                               "channel": ip.colors[c], "frames": len(frames),
+                               "mean_photons_per_pixel": float(img.mean()) if len(frames)
+                               else float("nan")})
+        duration = float(np.nanmax(ts.experiment_s) - np.nanmin(ts.experiment_s)) \
+            if len(ts.experiment_s) else 0.0
+        return {
+            "file": f.name,
+            "size_bytes": f.header.file_size,
+            "container": "BigTIFF" if f.header.bigtiff else "classic TIFF",
+            "scanimage_tiff_version": f.header.scanimage_version,
+            "frames": f.num_frames,
+            "encodings": {str(k): int(v) for k, v in zip(enc, counts, strict=True)},
+            "frame_shape": list(f.frame_shape),
+            "channels": ip.colors,
+            "channel_names": ip.channel_names,
+            "slices": ip.num_slices,
+            "z_um": ip.z_positions.tolist(),
+            "frames_per_slice": ip.frames_per_slice,
+            "flyback_frames_per_volume": ip.num_discard_flyback_frames,
+            "timepoints": ip.num_timepoints,
+            "partial_volume_frames": ip.num_partial_frames,
+            "array_shape": list(ip.array_shape),
+            "frame_period_s": ip.dt_frame,
+            "volume_period_s": ip.dt_volume,
+            "duration_s": duration,
+            "start_epoch_laser": str(ts.epoch_laser[0]) if len(ts.frames) else None,
+            "tau_bins": ip.num_bins,
+            "bin_width_ps": ip.picoseconds_per_bin,
+            "photons_per_frame": {
+                "min": int(n_ph[real].min()) if real.size else 0,
+                "median": float(np.median(n_ph[real])) if real.size else 0.0,
+                "max": int(n_ph[real].max()) if real.size else 0,
+            } if f.has_photons else None,
+            "events": [{"frame": e.frame, "text": e.text, "time_s": e.time_s}
+                       for e in ts.events],
+            "planes": planes,
+        }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    click.echo(f"{s['file']}")
+    click.echo(f"  {s['frames']} frames of {s['frame_shape'][0]} x {s['frame_shape'][1]} "
+               f"pixels ({s['container']}, {s['size_bytes'] / 1e6:.1f} MB, encodings "
+               f"{s['encodings']})")
+    click.echo(f"  dimensions (time, z, [repeat], channel, y, x): {tuple(s['array_shape'])}"
+               + (f" + {s['partial_volume_frames']} frames of a partial volume"
+                  if s["partial_volume_frames"] else ""))
+    names = ", ".join(f"{c} ({n})" for c, n in zip(s["channels"], s["channel_names"],
+                                                  strict=True))
+    click.echo(f"  channels: {names}")
+    click.echo(f"  z planes (um): {s['z_um']}; frames per slice {s['frames_per_slice']}; "
+               f"flyback frames per volume {s['flyback_frames_per_volume']}")
+    fp, vp = s["frame_period_s"], s["volume_period_s"]
+    click.echo(f"  timing: frame period {fp * 1e3:.2f} ms, volume period {vp * 1e3:.2f} ms, "
+               f"duration {s['duration_s']:.3f} s, start {s['start_epoch_laser']}"
+               if fp and vp else f"  timing: duration {s['duration_s']:.3f} s")
+    if s["tau_bins"]:
+        click.echo(f"  FLIM: {s['tau_bins']} arrival-time bins of {s['bin_width_ps']:g} ps "
+                   f"({s['tau_bins'] * (s['bin_width_ps'] or 0) / 1000:.2f} ns)")
+    if s["photons_per_frame"]:
+        p = s["photons_per_frame"]
+        click.echo(f"  photons per frame: min {p['min']}, median {p['median']:g}, "
+                   f"max {p['max']}")
+    for e in s["events"]:
+        click.echo(f"  event at frame {e['frame']} ({e['time_s']:.3f} s): {e['text']}")
+    click.echo("  mean photons per pixel per plane:")
+    for pl in s["planes"]:
+        click.echo(f"    slice {pl['slice']} (z = {pl['z_um']:g} um), channel "
+                   f"{pl['channel']}: {pl['mean_photons_per_pixel']:.4f} "
+                   f"({pl['frames']} frames)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Read ScanImage-FLIM .siff files with xarray, Zarr and Dask."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("directory", required=False, default="siff-xarray-demo",
+                type=click.Path(file_okay=False))
+def demo(directory: str) -> None:
+    """Write the demo acquisition to DIRECTORY and summarize it."""
+    from .synthetic import make_demo
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "demo.siff"
+    make_demo(path)
+    click.echo(f"wrote {path}")
+    _print_summary(summarize(path))
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(file: str, as_json: bool) -> None:
+    """Summarize FILE (.siff or ScanImage TIFF)."""
+    s = summarize(file)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        _print_summary(s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning file errors into one-line messages."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (SiffFormatError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,359 @@
+"""Walking the IFD chain and building the frame index.
+
+One IFD is one frame (one channel of one scan at one z position). The walk is a
+Numba kernel over the file's bytes (the memory map for local files, windows of
+bytes for file objects) that records, per frame, the handful of tag values
+decoding needs. The result is a :class:`FrameIndex`: plain numpy arrays, cheap to
+pickle, sliced per request, never holding a file handle.
+
+Validation happens here, once per file, so the decode kernels can trust the
+offsets they are given (they still bounds-check). A frame whose bytes run past
+the end of the file is accepted only as the *last* frame of the chain, where it
+means the acquisition was cut off mid-write: it is dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+
+import numba
+import numpy as np
+
+from ..errors import SiffFormatError, SiffWarning
+from .header import FileHeader
+from .source import ByteSource
+
+__all__ = ["ENC_COMPRESSED", "ENC_RAW", "ENC_TIFF", "FrameIndex", "build_frame_index"]
+
+ENC_RAW = 0  #: tag 907 = 0: list of u64 photon records
+ENC_COMPRESSED = 1  #: tag 907 = 1: u16 count image + u16 arrival times in pixel order
+ENC_TIFF = 2  #: no tag 907: an ordinary 16-bit TIFF page (ScanImage intensity .tif)
+ENCODING_NAMES = {ENC_RAW: "raw", ENC_COMPRESSED: "compressed", ENC_TIFF: "tiff"}
+
+MAX_ENTRIES = 4096  # no sane TIFF page has more tags than this
+
+# columns of the raw walk table
+(
+    C_IFD, C_WIDTH, C_HEIGHT, C_DESC_OFF, C_DESC_COUNT, C_DESC_INLINE, C_STRIP_OFF,
+    C_STRIP_BYTES, C_STRIP_COUNT, C_SIFF, C_BPS, C_SAMPLEFMT, C_COMPRESSION, C_NEXT,
+) = range(14)
+N_COLS = 14
+
+# walk status codes
+S_END, S_MORE, S_FULL, S_TRUNC, S_ZERO_IFD = 0, 1, 2, 3, 4
+S_INTO_HEADER, S_TOO_MANY, S_BAD_TYPE, S_CYCLE = 10, 11, 12, 13
+
+# byte size of each TIFF field type (0 = unknown type)
+_TYPE_SIZE = np.zeros(32, dtype=np.int64)
+for _t, _s in {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
+               13: 4, 16: 8, 17: 8, 18: 8}.items():
+    _TYPE_SIZE[_t] = _s
+
+
+@numba.njit(cache=True, nogil=True)
+def _uint(buf, pos, nbytes):
+    """Little-endian unsigned integer of ``nbytes`` bytes at ``pos`` (caller checks bounds)."""
+    v = np.int64(0)
+    for k in range(nbytes):
+        v |= np.int64(buf[pos + k]) << (8 * k)
+    return v
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk(buf, buf_start, file_size, pos, count, out, bigtiff, header_end, monotonic, type_size):
+    """Walk IFDs starting at file offset ``pos`` while they lie inside ``buf``.
+
+    Returns ``(status, pos, count, monotonic, detail)``; ``out[:count]`` holds
+    one row per frame (see the ``C_*`` columns).
+    """
+    osz = 8 if bigtiff else 4
+    cnt_sz = 8 if bigtiff else 2
+    ent_sz = 20 if bigtiff else 12
+    buf_end = buf_start + buf.shape[0]
+    while pos != 0:
+        if pos < header_end:
+            return S_INTO_HEADER, pos, count, monotonic, 0
+        if pos + cnt_sz > file_size:
+            return S_TRUNC, pos, count, monotonic, 0
+        if pos < buf_start or pos + cnt_sz > buf_end:
+            return S_MORE, pos, count, monotonic, cnt_sz
+        n = _uint(buf, pos - buf_start, cnt_sz)
+        if n == 0:
+            return S_ZERO_IFD, pos, count, monotonic, 0
+        if n > MAX_ENTRIES:
+            return S_TOO_MANY, pos, count, monotonic, n
+        size = cnt_sz + n * ent_sz + osz
+        if pos + size > file_size:
+            return S_TRUNC, pos, count, monotonic, 0
+        if pos + size > buf_end:
+            return S_MORE, pos, count, monotonic, size
+        # cycle check: offsets normally increase strictly; otherwise search earlier ones
+        if count > 0 and pos <= out[count - 1, C_IFD]:
+            if monotonic:
+                lo, hi = 0, count
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if out[mid, C_IFD] < pos:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < count and out[lo, C_IFD] == pos:
+                    return S_CYCLE, pos, count, monotonic, 0
+                monotonic = False
+            else:
+                for k in range(count):
+                    if out[k, C_IFD] == pos:
+                        return S_CYCLE, pos, count, monotonic, 0
+        elif not monotonic:
+            for k in range(count):
+                if out[k, C_IFD] == pos:
+                    return S_CYCLE, pos, count, monotonic, 0
+        if count >= out.shape[0]:
+            return S_FULL, pos, count, monotonic, 0
+        row = out[count]
+        row[:] = -1
+        row[C_IFD] = pos
+        row[C_STRIP_COUNT] = 0
+        row[C_DESC_INLINE] = 0
+        base = pos - buf_start + cnt_sz
+        for e in range(n):
+            ep = base + e * ent_sz
+            tag = _uint(buf, ep, 2)
+            typ = _uint(buf, ep + 2, 2)
+            if typ >= type_size.shape[0] or type_size[typ] == 0:
+                return S_BAD_TYPE, pos, count, monotonic, typ
+            tcount = _uint(buf, ep + 4, osz)
+            vpos = ep + 4 + osz
+            tsz = type_size[typ]
+            inline = tcount >= 0 and tcount <= osz // tsz
+            if inline:
+                value = _uint(buf, vpos, min(tsz, 8))
+            else:
+                value = _uint(buf, vpos, osz)
+            if tag == 256:
+                row[C_WIDTH] = value
+            elif tag == 257:
+                row[C_HEIGHT] = value
+            elif tag == 258:
+                row[C_BPS] = value if tcount == 1 else -2
+            elif tag == 259:
+                row[C_COMPRESSION] = value
+            elif tag == 270:
+                row[C_DESC_COUNT] = tcount
+                if typ == 2 and inline:
+                    row[C_DESC_OFF] = vpos + buf_start
+                    row[C_DESC_INLINE] = 1
+                else:
+                    row[C_DESC_OFF] = _uint(buf, vpos, osz)
+            elif tag == 273:
+                row[C_STRIP_OFF] = value
+                row[C_STRIP_COUNT] = tcount
+            elif tag == 279:
+                row[C_STRIP_BYTES] = value
+            elif tag == 339:
+                row[C_SAMPLEFMT] = value
+            elif tag == 907:
+                row[C_SIFF] = value
+        nxt = _uint(buf, base + n * ent_sz, osz)
+        row[C_NEXT] = nxt
+        count += 1
+        pos = nxt
+    return S_END, pos, count, monotonic, 0
+
+
+@dataclass(frozen=True)
+class FrameIndex:
+    """Per-frame byte layout of a file; every array has one entry per frame.
+
+    Attributes
+    ----------
+    ifd_offset, strip_offset, strip_bytes, desc_offset, desc_length
+        Byte offsets/lengths (int64). ``desc_length`` is 0 for frames without a
+        description.
+    encoding
+        ``ENC_RAW``, ``ENC_COMPRESSED`` or ``ENC_TIFF`` (int8).
+    height, width
+        Frame shape (int64).
+    n_photons
+        Photons stored in each frame, known from the IFD alone (0 for TIFF pages).
+    signed
+        True for TIFF pages storing signed 16-bit samples (int8 0/1).
+    """
+
+    ifd_offset: np.ndarray
+    strip_offset: np.ndarray
+    strip_bytes: np.ndarray
+    desc_offset: np.ndarray
+    desc_length: np.ndarray
+    encoding: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    n_photons: np.ndarray
+    signed: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ifd_offset.shape[0])
+
+    def take(self, frames: np.ndarray) -> FrameIndex:
+        """Return the index restricted to ``frames`` (in that order)."""
+        return FrameIndex(**{f.name: getattr(self, f.name)[frames] for f in fields(self)})
+
+    @property
+    def data_start(self) -> np.ndarray:
+        """First byte of each frame's pixel/photon data (count image for compressed)."""
+        pre = np.where(self.encoding == ENC_COMPRESSED, 2 * self.height * self.width, 0)
+        return self.strip_offset - pre
+
+    @property
+    def data_stop(self) -> np.ndarray:
+        """One past the last byte of each frame's photon data."""
+        return self.strip_offset + self.strip_bytes
+
+
+def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int, int, int]:
+    """Run the walker over the whole chain; return (table, status, pos, detail)."""
+    buf = source.buffer()
+    cap = 1024 if buf is None else max(16, min(source.size // 256 + 16, 1 << 22))
+    out = np.empty((cap, N_COLS), dtype=np.int64)
+    pos, count, monotonic = header.first_ifd, 0, True
+    window = 1 << 16
+    if buf is not None:
+        buf_start = 0
+    else:
+        buf, buf_start = np.empty(0, dtype=np.uint8), 0
+    while True:
+        status, pos, count, monotonic, detail = _walk(
+            buf, buf_start, header.file_size, pos, count, out, header.bigtiff,
+            header.header_end, monotonic, _TYPE_SIZE,
+        )
+        if status == S_FULL:
+            out = np.concatenate([out, np.empty_like(out)])
+            continue
+        if status == S_MORE:
+            size = max(window, int(detail))
+            buf = np.frombuffer(source.read(pos, size), dtype=np.uint8)
+            buf_start = pos
+            continue
+        return out[:count].copy(), int(status), int(pos), int(detail)
+
+
+def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
+    """Walk the IFD chain of ``source`` and validate every frame's layout.
+
+    Raises
+    ------
+    SiffFormatError
+        For out-of-range or cyclic IFD offsets, unknown tag types, missing
+        required tags, invalid compression flags and data blocks that do not
+        fit the file. A cut-off last frame is dropped with a :class:`SiffWarning`.
+    """
+    name = source.name
+    table, status, pos, detail = _walk_table(source, header)
+    if status == S_INTO_HEADER:
+        raise SiffFormatError(name, "IFD offset points into the file header", pos, len(table))
+    if status == S_TOO_MANY:
+        raise SiffFormatError(name, f"IFD claims {detail} entries; file is corrupt", pos,
+                              len(table))
+    if status == S_BAD_TYPE:
+        raise SiffFormatError(name, f"IFD entry has unknown TIFF field type {detail}", pos,
+                              len(table))
+    if status == S_CYCLE:
+        raise SiffFormatError(name, "IFD chain loops back to an earlier IFD", pos, len(table))
+    truncated = status in (S_TRUNC, S_ZERO_IFD)
+    if truncated and len(table) == 0:
+        raise SiffFormatError(
+            name, "no complete frame: the file ends (or holds only zeros) where the first IFD "
+            "should be", pos)
+
+    n = len(table)
+    width, height = table[:, C_WIDTH], table[:, C_HEIGHT]
+    strip_off, strip_bytes = table[:, C_STRIP_OFF], table[:, C_STRIP_BYTES]
+    siff = table[:, C_SIFF]
+    for col, tag in ((C_WIDTH, "ImageWidth (256)"), (C_HEIGHT, "ImageLength (257)"),
+                     (C_STRIP_OFF, "StripOffsets (273)"), (C_STRIP_BYTES, "StripByteCounts (279)")):
+        bad = np.flatnonzero(table[:, col] < 0)
+        if bad.size:
+            i = int(bad[0])
+            raise SiffFormatError(name, f"IFD lacks the required tag {tag} (or its value is invalid)",
+                                  int(table[i, C_IFD]), i)
+    bad = np.flatnonzero((width <= 0) | (height <= 0) | (width > 65535) | (height > 65535))
+    if bad.size:
+        i = int(bad[0])
+        raise SiffFormatError(name, f"invalid frame size {height[i]} x {width[i]}",
+                              int(table[i, C_IFD]), i)
+    bad = np.flatnonzero((siff != -1) & (siff != 0) & (siff != 1))
+    if bad.size:
+        i = int(bad[0])
+        raise SiffFormatError(name, f"invalid SiffCompress flag (tag 907) value {siff[i]}; "
+                              "expected 0 or 1", int(table[i, C_IFD]), i)
+    encoding = np.where(siff == 1, ENC_COMPRESSED, np.where(siff == 0, ENC_RAW, ENC_TIFF))
+    encoding = encoding.astype(np.int8)
+    image_bytes = 2 * width * height
+    data_start = np.where(encoding == ENC_COMPRESSED, strip_off - image_bytes, strip_off)
+    data_stop = strip_off + strip_bytes
+
+    # TIFF pages: only what ScanImage writes (one uncompressed strip of 16-bit samples)
+    tiff = encoding == ENC_TIFF
+    for cond, what in (
+        (tiff & (table[:, C_STRIP_COUNT] != 1), "multi-strip TIFF pages are not supported"),
+        (tiff & (table[:, C_COMPRESSION] > 1), "compressed TIFF pages are not supported"),
+        (tiff & (table[:, C_BPS] != 16) & (table[:, C_BPS] != -1),
+         "only 16-bit TIFF pages are supported"),
+        (tiff & (strip_bytes < image_bytes), "TIFF page holds fewer bytes than its image"),
+        (~tiff & (table[:, C_STRIP_COUNT] != 1), "photon data must be a single strip"),
+        ((encoding == ENC_RAW) & (strip_bytes % 8 != 0),
+         "raw photon block length is not a multiple of 8 bytes"),
+        ((encoding == ENC_COMPRESSED) & (strip_bytes % 2 != 0),
+         "compressed arrival-time block length is odd"),
+        (data_start < header.header_end, "frame data overlaps the file header"),
+    ):
+        bad = np.flatnonzero(cond)
+        if bad.size:
+            i = int(bad[0])
+            raise SiffFormatError(name, what, int(table[i, C_IFD]), i)
+
+    # descriptions: length implied by the data that follows them (.siff) or the count (TIFF)
+    desc_off = table[:, C_DESC_OFF]
+    has_desc = desc_off >= 0
+    desc_len = np.where(tiff | (table[:, C_DESC_INLINE] == 1), table[:, C_DESC_COUNT],
+                        data_start - desc_off)
+    desc_len = np.where(has_desc, desc_len, 0)
+    desc_off = np.where(has_desc, desc_off, 0)
+    bad = np.flatnonzero(has_desc & ((desc_len < 0) | (desc_off < header.header_end)))
+    if bad.size:
+        i = int(bad[0])
+        raise SiffFormatError(name, "frame description (tag 270) lies after the frame data or "
+                              "inside the header", int(table[i, C_IFD]), i)
+
+    # data past the end of the file: allowed only for the last frame (cut-off acquisition)
+    past = (data_stop > header.file_size) | (desc_off + desc_len > header.file_size)
+    bad = np.flatnonzero(past)
+    if bad.size:
+        i = int(bad[0])
+        if i != n - 1:
+            raise SiffFormatError(name, f"frame data runs past the end of the file "
+                                  f"({header.file_size} bytes)", int(strip_off[i]), i)
+        truncated = True
+        n -= 1
+    if truncated:
+        warnings.warn(
+            f"{name}: the file ends inside a frame (acquisition cut off mid-write?); "
+            f"recovered {n} complete frame{'s' if n != 1 else ''}",
+            SiffWarning, stacklevel=3,
+        )
+    sl = slice(0, n)
+    n_photons = np.where(encoding == ENC_RAW, strip_bytes // 8,
+                         np.where(encoding == ENC_COMPRESSED, strip_bytes // 2, 0))
+    return FrameIndex(
+        ifd_offset=table[sl, C_IFD].copy(),
+        strip_offset=strip_off[sl].copy(),
+        strip_bytes=strip_bytes[sl].copy(),
+        desc_offset=desc_off[sl].copy(),
+        desc_length=desc_len[sl].copy(),
+        encoding=encoding[sl].copy(),
+        height=height[sl].copy(),
+        width=width[sl].copy(),
+        n_photons=n_photons[sl].astype(np.int64),
+        signed=(tiff & (table[:, C_SAMPLEFMT] == 2)).astype(np.int8)[sl].copy(),
+    )

@@ -1,0 +1,199 @@
+"""Byte sources: where the reader gets its bytes from.
+
+Two implementations share one small interface:
+
+* :class:`LocalSource` memory-maps a local file read-only. Its :meth:`buffer`
+  is the whole file as a ``uint8`` array, so Numba kernels decode frames in
+  place with absolute offsets and no copies.
+* :class:`FileObjectSource` wraps any seekable binary file object (an open
+  file, ``io.BytesIO``, an fsspec file for ``s3://`` / ``https://`` ...). It has
+  no whole-file buffer; the reader asks it for the byte ranges of the frames it
+  needs (:meth:`read_ranges`) and runs the same kernels on the gathered bytes.
+
+Neither ever writes to the file.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from typing import IO, Any
+
+import numpy as np
+
+from ..errors import SiffFormatError
+
+__all__ = ["ByteSource", "FileObjectSource", "LocalSource", "open_source"]
+
+
+class ByteSource:
+    """Interface of a read-only byte source (see module docstring)."""
+
+    name: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes at ``offset`` (fewer only at end of file)."""
+        raise NotImplementedError
+
+    def buffer(self) -> np.ndarray | None:
+        """Return the whole file as a ``uint8`` array, or ``None`` if not mapped."""
+        return None
+
+    def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Gather byte ranges into one contiguous buffer.
+
+        Returns ``(buf, base)`` where ``buf[base[i]:base[i] + stops[i] - starts[i]]``
+        holds bytes ``starts[i]:stops[i]`` of the file.
+        """
+        lengths = np.asarray(stops, dtype=np.int64) - np.asarray(starts, dtype=np.int64)
+        base = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths):
+            base[1:] = np.cumsum(lengths)[:-1]
+        buf = np.empty(int(lengths.sum()), dtype=np.uint8)
+        for i, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+            chunk = self.read(s, n)
+            if len(chunk) != n:
+                raise SiffFormatError(self.name, f"file ends inside a {n}-byte data block", s)
+            buf[base[i] : base[i] + n] = np.frombuffer(chunk, dtype=np.uint8)
+        return buf, base
+
+    def close(self) -> None:
+        """Release the underlying file."""
+
+    def __enter__(self) -> ByteSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalSource(ByteSource):
+    """A local file, memory-mapped read-only."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.name = os.fspath(path)
+        self._file = open(self.name, "rb")  # noqa: SIM115 - closed in close()
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            if self.size:
+                self._mmap: mmap.mmap | None = mmap.mmap(
+                    self._file.fileno(), 0, access=mmap.ACCESS_READ
+                )
+                self._array = np.frombuffer(self._mmap, dtype=np.uint8)
+            else:
+                self._mmap = None
+                self._array = np.empty(0, dtype=np.uint8)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes at ``offset``."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        return self._array[offset : offset + length].tobytes()
+
+    def buffer(self) -> np.ndarray:
+        """Return the memory map as a read-only ``uint8`` array."""
+        return self._array
+
+    def close(self) -> None:
+        """Unmap and close (arrays handed out earlier must not be used afterwards)."""
+        self._array = np.empty(0, dtype=np.uint8)
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # a view is still exported (e.g. a caller kept a slice); the map is
+                # released when that view is garbage collected.
+                pass
+            self._mmap = None
+        self._file.close()
+
+
+class FileObjectSource(ByteSource):
+    """A seekable binary file object (local, in-memory or remote through fsspec).
+
+    Reads are serialised with a lock because file objects share one position.
+    """
+
+    def __init__(self, fileobj: IO[bytes], name: str | None = None, owns: bool = False) -> None:
+        if not (hasattr(fileobj, "read") and hasattr(fileobj, "seek")):
+            raise TypeError("expected a path, URL or a seekable binary file object")
+        self._f = fileobj
+        self._owns = owns
+        self._lock = threading.Lock()
+        self.name = name or str(getattr(fileobj, "path", None) or getattr(fileobj, "name", None)
+                                or repr(fileobj))
+        with self._lock:
+            size = getattr(fileobj, "size", None)
+            if not isinstance(size, int):
+                pos = fileobj.tell()
+                size = fileobj.seek(0, os.SEEK_END)
+                fileobj.seek(pos)
+        self.size = int(size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes at ``offset``."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        if offset >= self.size or length == 0:
+            return b""
+        with self._lock:
+            self._f.seek(offset)
+            out = self._f.read(min(length, self.size - offset))
+        if isinstance(out, str):
+            raise TypeError(f"{self.name}: file object is in text mode; open it with 'rb'")
+        return bytes(out)
+
+    def close(self) -> None:
+        """Close the file object if this source opened it."""
+        if self._owns:
+            self._f.close()
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path or "::" in path
+
+
+def open_source(
+    path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,
+    storage_options: dict[str, Any] | None = None,
+    block_size: int = 4 * 2**20,
+) -> ByteSource:
+    """Open a :class:`ByteSource` for a local path, an fsspec URL or a file object.
+
+    Parameters
+    ----------
+    path_or_fileobj
+        Local path, fsspec URL (``s3://``, ``https://``, ``memory://``, ``file://``),
+        an open binary file object, or an existing :class:`ByteSource`.
+    storage_options
+        Passed to fsspec for URLs.
+    block_size
+        fsspec block-cache block size for remote files.
+    """
+    if isinstance(path_or_fileobj, ByteSource):
+        return path_or_fileobj
+    if isinstance(path_or_fileobj, (str, os.PathLike)):
+        path = os.fspath(path_or_fileobj)
+        if _is_url(path) and not path.startswith("file://"):
+            import fsspec
+
+            f = fsspec.open(
+                path, mode="rb", block_size=block_size, cache_type="blockcache",
+                **(storage_options or {}),
+            ).open()
+            return FileObjectSource(f, name=path, owns=True)
+        if path.startswith("file://"):
+            path = path[len("file://") :]
+        return LocalSource(path)
+    return FileObjectSource(path_or_fileobj)
+
+
+def as_int_array(values: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Return ``values`` as a 1-D ``int64`` array."""
+    return np.asarray(values, dtype=np.int64).reshape(-1)
