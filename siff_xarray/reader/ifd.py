@@ -32,6 +32,7 @@ ENC_TIFF = 2  #: no tag 907: an ordinary 16-bit TIFF page (ScanImage intensity .
 ENCODING_NAMES = {ENC_RAW: "raw", ENC_COMPRESSED: "compressed", ENC_TIFF: "tiff"}
 
 MAX_ENTRIES = 4096  # no sane TIFF page has more tags than this
+MAX_PIXELS = 1 << 24  # 4096 x 4096: larger frames are treated as corrupt
 
 # columns of the raw walk table
 (
@@ -277,7 +278,8 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
             i = int(bad[0])
             raise SiffFormatError(name, f"IFD lacks the required tag {tag} (or its value is invalid)",
                                   int(table[i, C_IFD]), i)
-    bad = np.flatnonzero((width <= 0) | (height <= 0) | (width > 65535) | (height > 65535))
+    bad = np.flatnonzero((width <= 0) | (height <= 0) | (width > 65535) | (height > 65535)
+                         | (width * height > MAX_PIXELS))
     if bad.size:
         i = int(bad[0])
         raise SiffFormatError(name, f"invalid frame size {height[i]} x {width[i]}",

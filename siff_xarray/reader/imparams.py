@@ -30,11 +30,22 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SiffFormatError
 from .metadata import ScanImageMetadata
 
 __all__ = ["FramePosition", "ImParams", "ScanImageModule"]
 
 MULTIHARP_BASE_RESOLUTION_PS = 5.0
+#: Header values beyond these are treated as corrupt rather than trusted.
+MAX_LAYOUT = 100_000  # channels, slices or frames per slice
+MAX_TAU_BINS = 1 << 20
+
+
+def _as_count(v: Any, default: int) -> int:
+    """A header value used as a count: a finite number >= 1 (clamped), else ``default``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 1:
+        return default
+    return int(min(v, 10 * MAX_LAYOUT))
 
 
 def _module_name(part: str) -> str:
@@ -132,7 +143,9 @@ class ImParams:
         tau_bins: int | None = None,
         bin_width_ps: float | None = None,
         base_resolution_ps: float = MULTIHARP_BASE_RESOLUTION_PS,
+        name: str = "<header>",
     ) -> None:
+        self.name = name
         self.metadata = metadata
         self._num_frames = int(num_frames)
         self._frame_shape = frame_shape
@@ -173,11 +186,12 @@ class ImParams:
         return list(self._modules)
 
     def _validate(self) -> None:
-        c = self.num_colors
-        if c < 1 or self.num_slices < 1 or self.frames_per_slice < 1:
-            raise ValueError(
-                f"header describes {c} channels, {self.num_slices} slices and "
-                f"{self.frames_per_slice} frames per slice; all must be >= 1")
+        c, z, r = self.num_colors, self.num_slices, self.frames_per_slice
+        b = self.num_discard_flyback_frames
+        if not all(1 <= v <= MAX_LAYOUT for v in (c, z, r)) or b > MAX_LAYOUT * c:
+            raise SiffFormatError(
+                self.name, f"implausible acquisition layout in the header: {c} channels, "
+                f"{z} slices, {r} frames per slice")
 
     # ---------------------------------------------------------------- channels
 
@@ -188,7 +202,8 @@ class ImParams:
         if v is None:
             return [1]
         arr = np.atleast_1d(np.asarray(v)).ravel()
-        if arr.dtype.kind not in "iuf" or arr.size == 0:
+        if arr.dtype.kind not in "iuf" or arr.size == 0 or arr.size > 10 * MAX_LAYOUT \
+                or not np.isfinite(arr).all():
             return [1]
         return [int(x) for x in arr]
 
@@ -234,15 +249,14 @@ class ImParams:
         if start is not None and end is not None and np.array_equal(start, end):
             return 1
         n = self._get("SI.hStackManager.actualNumSlices", self._get("SI.hStackManager.numSlices"))
-        return int(n) if isinstance(n, (int, float)) and n >= 1 else 1
+        return _as_count(n, 1)
 
     @property
     def frames_per_slice(self) -> int:
         """Frames acquired per slice per volume (``R``, ScanImage ``framesPerSlice``)."""
         if not self.stack_enabled:
             return 1
-        v = self._get("SI.hStackManager.framesPerSlice", 1)
-        return int(v) if isinstance(v, (int, float)) and v >= 1 else 1
+        return _as_count(self._get("SI.hStackManager.framesPerSlice", 1), 1)
 
     @property
     def discard_frames(self) -> bool:
@@ -255,8 +269,7 @@ class ImParams:
         """Flyback frames per volume in the file, all channels counted (``B``)."""
         if not self.discard_frames:
             return 0
-        v = self._get("SI.hFastZ.numDiscardFlybackFrames", 0)
-        return int(v) * self.num_colors if isinstance(v, (int, float)) and v > 0 else 0
+        return _as_count(self._get("SI.hFastZ.numDiscardFlybackFrames", 0), 0) * self.num_colors
 
     @property
     def frames_per_volume(self) -> int:
@@ -418,7 +431,12 @@ class ImParams:
         if self._tau_bins is not None:
             return int(self._tau_bins)
         hit = self.metadata.find("Tau_bins")
-        return int(hit[1]) if hit and isinstance(hit[1], (int, float)) else None
+        if not hit or not isinstance(hit[1], (int, float)) or isinstance(hit[1], bool):
+            return None
+        if not 1 <= hit[1] <= MAX_TAU_BINS:
+            raise SiffFormatError(self.name, f"implausible {hit[0]} = {hit[1]} in the header "
+                                  "(pass tau_bins= to override)")
+        return int(hit[1])
 
     @property
     def picoseconds_per_bin(self) -> float | None:
@@ -426,9 +444,12 @@ class ImParams:
         if self._bin_width_ps is not None:
             return float(self._bin_width_ps)
         hit = self.metadata.find("binResolution")
-        if hit and isinstance(hit[1], (int, float)):
-            return self.base_resolution_ps * 2 ** int(hit[1])
-        return None
+        if not hit or not isinstance(hit[1], (int, float)) or isinstance(hit[1], bool):
+            return None
+        if not -10 <= hit[1] <= 30:
+            raise SiffFormatError(self.name, f"implausible {hit[0]} = {hit[1]} in the header "
+                                  "(pass bin_width_ps= to override)")
+        return self.base_resolution_ps * 2 ** int(hit[1])
 
     @property
     def arrival_time_bins(self) -> np.ndarray:

@@ -58,9 +58,12 @@ class MatlabParseError(ValueError):
 class _Parser:
     """Recursive-descent parser over one value string."""
 
+    MAX_DEPTH = 16
+
     def __init__(self, text: str) -> None:
         self.s = text
         self.i = 0
+        self.depth = 0
 
     def error(self, what: str) -> MatlabParseError:
         return MatlabParseError(f"{what} at position {self.i} in {self.s!r}")
@@ -127,6 +130,9 @@ class _Parser:
         return int(text)
 
     def container(self, open_: str, close: str) -> Any:
+        self.depth += 1
+        if self.depth > self.MAX_DEPTH:
+            raise self.error("nesting too deep")
         self.i += 1
         rows: list[list[Any]] = [[]]
         while True:
@@ -149,6 +155,7 @@ class _Parser:
             rows[-1].append(self.value())
         if rows and not rows[-1] and len(rows) > 1:
             rows.pop()  # trailing ';'
+        self.depth -= 1
         if open_ == "{":
             if len(rows) == 1:
                 return rows[0]
@@ -363,7 +370,7 @@ def parse_roi_groups(text: str, source: str = "<file>") -> dict[str, RoiGroup]:
         return {}
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         warnings.warn(f"{source}: ROI-group JSON is malformed ({exc}); ignoring it",
                       SiffWarning, stacklevel=3)
         return {}

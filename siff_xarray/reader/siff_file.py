@@ -117,7 +117,8 @@ class SiffFile:
             raise ValueError(f"{self.name}: the file holds no frames")
         h, w = self.index.height, self.index.width
         if (h != h[0]).any() or (w != w[0]).any():
-            raise ValueError(f"{self.name}: frames have different shapes")
+            raise SiffFormatError(self.name, "frames have different shapes; request frames "
+                                  "of one shape at a time")
         return int(h[0]), int(w[0])
 
     @property
@@ -142,7 +143,7 @@ class SiffFile:
                 shape = (int(self.index.height[0]), int(self.index.width[0]))
         return ImParams(self.metadata, self.num_frames, shape, self.roi_groups,
                         tau_bins=self._tau_bins, bin_width_ps=self._bin_width_ps,
-                        base_resolution_ps=self._base_resolution_ps)
+                        base_resolution_ps=self._base_resolution_ps, name=self.name)
 
     def close(self) -> None:
         """Release the file (arrays returned earlier stay valid: they are copies)."""
@@ -187,7 +188,7 @@ class SiffFile:
             return self.frame_shape if self.num_frames else (0, 0)
         h, w = self.index.height[f], self.index.width[f]
         if (h != h[0]).any() or (w != w[0]).any():
-            raise ValueError(f"{self.name}: the requested frames have different shapes")
+            raise SiffFormatError(self.name, "the requested frames have different shapes")
         return int(h[0]), int(w[0])
 
     def _shifts(self, shifts: Shifts, f: np.ndarray, shape: tuple[int, int]
@@ -229,8 +230,8 @@ class SiffFile:
         if photons:
             tiff = f[self.index.encoding[f] == ENC_TIFF]
             if tiff.size:
-                raise ValueError(f"{self.name}: frame {int(tiff[0])} is a plain TIFF page "
-                                 "without photon arrival times")
+                raise SiffFormatError(self.name, "frame is a plain TIFF page without photon "
+                                      "arrival times", frame=int(tiff[0]))
         sy, sx = self._shifts(shifts, f, shape)
         buf, off = self._gather(f)
         idx = self.index
@@ -380,8 +381,8 @@ class SiffFile:
             return int(n_bins)
         nb = self.im_params.num_bins
         if nb is None or nb <= 0:
-            raise ValueError(f"{self.name}: the header has no usable Tau_bins; pass "
-                             "n_bins= (or tau_bins= when opening)")
+            raise SiffFormatError(self.name, "the header has no usable Tau_bins; pass "
+                                  "n_bins= (or tau_bins= when opening)")
         return nb
 
     def histograms(
@@ -443,8 +444,8 @@ class SiffFile:
             raise ValueError(f"units must be 'ns' or 'bins', got {units!r}")
         ps = self.im_params.picoseconds_per_bin
         if ps is None:
-            raise ValueError(f"{self.name}: the header has no binResolution; pass "
-                             "bin_width_ps= when opening, or use units='bins'")
+            raise SiffFormatError(self.name, "the header has no binResolution; pass "
+                                  "bin_width_ps= when opening, or use units='bins'")
         bins *= ps / 1000.0
         return bins
 

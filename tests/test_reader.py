@@ -1,0 +1,325 @@
+"""SiffFile outputs against the synthetic ground truth and against corrosiffpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from siff_xarray import SiffFile, SiffFormatError
+from siff_xarray.synthetic import write_siff
+
+corrosiffpy = pytest.importorskip("corrosiffpy")
+
+
+def _all(t):
+    return list(range(t.n_frames))
+
+
+def test_frames_match_truth_and_corrosiff(truth):
+    with SiffFile(truth.path) as f:
+        assert f.num_frames == truth.n_frames
+        assert f.frame_shape == truth.shape
+        assert list(f.frame_encodings) == list(truth.encodings)
+        got = f.read_frames()
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, truth.intensity())
+        c = corrosiffpy.open_file(truth.path) if f.header.bigtiff else None
+        if c is not None:  # corrosiff cannot read classic TIFF (it panics)
+            np.testing.assert_array_equal(got, c.get_frames(_all(truth)))
+
+
+def test_frame_selection_order_and_negative(truth, rng):
+    with SiffFile(truth.path) as f:
+        frames = rng.permutation(truth.n_frames)[:7]
+        np.testing.assert_array_equal(f.read_frames(frames), truth.intensity(frames))
+        np.testing.assert_array_equal(f.read_frames([-1]), truth.intensity([truth.n_frames - 1]))
+        assert f.read_frames([]).shape == (0, *truth.shape)
+        with pytest.raises(IndexError, match="out of range"):
+            f.read_frames([truth.n_frames])
+
+
+@pytest.mark.parametrize("kind", ["positive", "negative", "large"])
+def test_shifts_are_numpy_roll(truth, rng, kind):
+    h, w = truth.shape
+    lo, hi = {"positive": (0, max(h, w)), "negative": (-max(h, w), 0),
+              "large": (-5 * max(h, w), 5 * max(h, w))}[kind]
+    shifts = {i: (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
+              for i in range(truth.n_frames)}
+    with SiffFile(truth.path) as f:
+        got = f.read_frames(shifts=shifts)
+    raw = truth.intensity()
+    want = np.stack([np.roll(raw[i], shifts[i], axis=(0, 1)) for i in range(truth.n_frames)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_shift_array_and_missing_shift(siff_files):
+    t = siff_files["single_raw"]
+    with SiffFile(t.path) as f:
+        arr = np.tile([[-1, 3]], (3, 1))
+        np.testing.assert_array_equal(f.read_frames([0, 1, 2], shifts=arr),
+                                      np.roll(t.intensity([0, 1, 2]), (-1, 3), axis=(1, 2)))
+        with pytest.raises(ValueError, match="no shift given for frame"):
+            f.read_frames([0, 1], shifts={0: (1, 1)})
+        with pytest.raises(ValueError, match="shifts must be"):
+            f.read_frames([0, 1], shifts=np.zeros((3, 2), int))
+
+
+def test_corrosiff_registration_positive_shifts(siff_files, rng):
+    t = siff_files["two_chan_slices_flyback"]
+    h, w = t.shape
+    shifts = {i: (int(rng.integers(0, h)), int(rng.integers(0, w))) for i in range(t.n_frames)}
+    with SiffFile(t.path) as f:
+        c = corrosiffpy.open_file(t.path)
+        np.testing.assert_array_equal(f.read_frames(shifts=shifts),
+                                      c.get_frames(_all(t), registration=shifts))
+        masks = rng.random((3, h, w)) > 0.5
+        np.testing.assert_array_equal(f.sum_masks(masks, shifts=shifts),
+                                      c.sum_rois(masks, frames=_all(t), registration=shifts))
+
+
+def test_histograms(truth):
+    with SiffFile(truth.path) as f:
+        if not f.header.bigtiff:
+            pytest.skip("corrosiff cannot read classic TIFF")
+        h = f.histograms()
+        assert h.shape == (truth.n_frames, truth.tau_bins)
+        for i in range(truth.n_frames):
+            np.testing.assert_array_equal(
+                h[i], np.bincount(truth.photons(i)[1], minlength=truth.tau_bins))
+        c = corrosiffpy.open_file(truth.path)
+        np.testing.assert_array_equal(f.histograms(mode="corrosiff"),
+                                      c.get_histogram_by_frames(_all(truth)))
+
+
+def test_histogram_overflow_modes(tmp_path):
+    t = write_siff(tmp_path / "o.siff", shape=(8, 8), n_timepoints=4, tau_bins=50,
+                   overflow_fraction=0.3, encoding="mixed", photons_per_frame=300)
+    with SiffFile(t.path) as f:
+        drop, over = f.histograms(return_overflow=True)
+        clip = f.histograms(mode="clip")
+        wrap = f.histograms(mode="wrap")
+        corr = f.histograms(mode="corrosiff")
+        c = corrosiffpy.open_file(t.path)
+        np.testing.assert_array_equal(corr, c.get_histogram_by_frames(list(range(t.n_frames))))
+    assert over.sum() > 0
+    for i in range(t.n_frames):
+        tau = t.photons(i)[1].astype(np.int64)
+        np.testing.assert_array_equal(drop[i], np.bincount(tau[tau < 50], minlength=50))
+        assert over[i] == (tau >= 50).sum()
+        np.testing.assert_array_equal(clip[i], np.bincount(np.minimum(tau, 49), minlength=50))
+        np.testing.assert_array_equal(wrap[i], np.bincount(tau % 50, minlength=50))
+        assert corr.shape[1] == 52
+        np.testing.assert_array_equal(corr[i], np.bincount(tau % 52, minlength=52))
+    with pytest.raises(ValueError, match="mode must be"):
+        SiffFile(t.path).histograms(mode="nope")
+
+
+def test_sum_masks_2d_and_stacks(truth, rng):
+    h, w = truth.shape
+    masks = rng.random((4, h, w)) > 0.6
+    raw = truth.intensity().astype(np.int64)
+    want = np.einsum("fyx,myx->mf", raw, masks)
+    with SiffFile(truth.path) as f:
+        np.testing.assert_array_equal(f.sum_masks(masks), want)
+        np.testing.assert_array_equal(f.sum_masks(list(masks)), want)
+        np.testing.assert_array_equal(f.sum_mask(masks[1]), want[1])
+        if f.header.bigtiff:
+            c = corrosiffpy.open_file(truth.path)
+            np.testing.assert_array_equal(f.sum_masks(masks), c.sum_rois(masks, _all(truth)))
+            np.testing.assert_array_equal(f.sum_mask(masks[0]), c.sum_roi(masks[0],
+                                                                           frames=_all(truth)))
+        with pytest.raises(ValueError, match="does not match the frame shape"):
+            f.sum_masks(np.ones((2, h + 1, w), bool))
+
+
+def test_sum_masks_3d_plane_by_slice(siff_files, rng):
+    t = siff_files["two_chan_slices_flyback"]
+    h, w = t.shape
+    with SiffFile(t.path) as f:
+        ip = f.im_params
+        masks = rng.random((2, ip.num_slices, h, w)) > 0.5
+        frames = rng.permutation(ip.all_frames)[:20]  # shuffled: plane must follow z, not order
+        pos = ip.locate(frames)
+        raw = t.intensity(frames).astype(np.int64)
+        want = np.array([[(raw[i] * masks[m, pos["slice"][i]]).sum() for i in range(len(frames))]
+                         for m in range(2)])
+        np.testing.assert_array_equal(f.sum_masks(masks, frames), want)
+        np.testing.assert_array_equal(f.sum_mask(masks[0], frames), want[0])
+        with pytest.raises(ValueError, match="flyback"):
+            f.sum_masks(masks, ip.flyback_frames[:1])
+        with pytest.raises(ValueError, match="planes"):
+            f.sum_masks(masks[:, :2], frames)
+
+
+def test_lifetime_and_phasor_images(truth):
+    h, w = truth.shape
+    with SiffFile(truth.path) as f:
+        if f.frame_encodings[0] == "tiff":
+            pytest.skip("intensity-only")
+        mean, inten = f.lifetime_images(units="bins", return_intensity=True)
+        g, s = f.phasor_images(harmonic=2)
+        ns = f.lifetime_images(dtype=np.float32)
+        assert ns.dtype == np.float32
+        for i in range(truth.n_frames):
+            pix, tau = truth.photons(i)
+            cnt = np.bincount(pix, minlength=h * w)
+            tsum = np.bincount(pix, weights=tau, minlength=h * w)
+            with np.errstate(invalid="ignore"):
+                np.testing.assert_allclose(mean[i].ravel(), tsum / cnt, equal_nan=True)
+                ang = 2 * np.pi * 2 * (tau % truth.tau_bins) / truth.tau_bins
+                np.testing.assert_allclose(
+                    g[i].ravel(), np.bincount(pix, np.cos(ang), h * w) / cnt, equal_nan=True,
+                    atol=1e-12)
+                np.testing.assert_allclose(
+                    s[i].ravel(), np.bincount(pix, np.sin(ang), h * w) / cnt, equal_nan=True,
+                    atol=1e-12)
+            np.testing.assert_array_equal(inten[i].ravel(), cnt)
+        np.testing.assert_allclose(ns, mean * truth.bin_width_ps / 1000, rtol=1e-6)
+        if f.header.bigtiff:
+            c = corrosiffpy.open_file(truth.path)
+            lc, ic, _ = c.flim_map(None, _all(truth))
+            np.testing.assert_allclose(mean, lc, equal_nan=True)
+            pc = c.flim_map(None, _all(truth), flim_method="phasor")[0]
+            g1, s1 = f.phasor_images(period_bins=truth.tau_bins + 2)
+            np.testing.assert_allclose(g1, pc.real, equal_nan=True, atol=1e-12)
+            np.testing.assert_allclose(s1, pc.imag, equal_nan=True, atol=1e-12)
+
+
+def test_mask_flim_and_phasor(truth, rng):
+    h, w = truth.shape
+    masks = rng.random((3, h, w)) > 0.5
+    shifts = {i: (int(rng.integers(0, h)), int(rng.integers(0, w))) for i in range(truth.n_frames)}
+    with SiffFile(truth.path) as f:
+        if f.frame_encodings[0] == "tiff":
+            pytest.skip("intensity-only")
+        tsum, cnt = f.sum_masks_flim(masks, shifts=shifts)
+        g, s, cnt2 = f.masks_phasor(masks, shifts=shifts)
+        np.testing.assert_array_equal(cnt, cnt2)
+        for i in range(truth.n_frames):
+            pix, tau = truth.photons(i)
+            y, x = pix // w, pix % w
+            q = ((y + shifts[i][0]) % h) * w + (x + shifts[i][1]) % w
+            for m in range(3):
+                inside = masks[m].ravel()[q]
+                assert cnt[m, i] == inside.sum()
+                assert tsum[m, i] == tau[inside].astype(np.int64).sum()
+                if inside.any():
+                    ang = 2 * np.pi * (tau[inside] % truth.tau_bins) / truth.tau_bins
+                    assert g[m, i] == pytest.approx(np.cos(ang).mean())
+                    assert s[m, i] == pytest.approx(np.sin(ang).mean())
+        if f.header.bigtiff:
+            c = corrosiffpy.open_file(truth.path)
+            lc, ic, _ = c.sum_rois_flim(masks, None, _all(truth), registration=shifts)
+            np.testing.assert_array_equal(ic, cnt)
+            with np.errstate(invalid="ignore"):
+                np.testing.assert_allclose(tsum / cnt, lc, equal_nan=True)
+
+
+def test_photons_pixel_sorted(truth):
+    with SiffFile(truth.path) as f:
+        if f.frame_encodings[0] == "tiff":
+            with pytest.raises(SiffFormatError, match="plain TIFF page"):
+                f.photons(0)
+            return
+        starts, pix, tau = f.photons_batch()
+        np.testing.assert_array_equal(starts, truth.photon_starts)
+        np.testing.assert_array_equal(pix, truth.pixel_index)
+        np.testing.assert_array_equal(tau, truth.arrival)
+        p1, t1 = f.photons(truth.n_frames - 1)
+        np.testing.assert_array_equal(p1, truth.photons(truth.n_frames - 1)[0])
+        assert np.all(np.diff(p1.astype(np.int64)) >= 0)
+
+
+def test_timestamps_exact(truth):
+    with SiffFile(truth.path) as f:
+        ts = f.timestamps()
+    np.testing.assert_array_equal(ts.experiment_s, np.round(truth.frame_time_s, 6))
+    assert ts.epoch_laser_ns.dtype == np.int64
+    np.testing.assert_array_equal(ts.epoch_laser_ns, truth.epoch_laser_ns)
+    np.testing.assert_array_equal(ts.epoch_system_ns, truth.epoch_system_ns)
+    assert ts.epoch_laser.dtype == np.dtype("datetime64[ns]")
+    assert [(e.frame, e.text) for e in ts.events] == [(e[0], e[1]) for e in truth.events]
+    np.testing.assert_array_equal([e.time_s for e in ts.events], [e[2] for e in truth.events])
+    if truth.path.endswith("smallest_bright.siff"):
+        c = corrosiffpy.open_file(truth.path)
+        np.testing.assert_array_equal(ts.epoch_laser_ns.astype(np.uint64),
+                                      c.get_epoch_timestamps_laser(_all(truth)))
+        np.testing.assert_array_equal(ts.experiment_s, c.get_experiment_timestamps(_all(truth)))
+        # corrosiff drops the event without a timestamp; we keep it with NaN
+        assert [e[:2] for e in c.get_appended_text()] == [(2, "odour A")]
+        assert np.isnan(ts.events[1].time_s)
+
+
+def test_frame_metadata(siff_files):
+    t = siff_files["smallest_bright"]
+    with SiffFile(t.path) as f:
+        md = f.frame_metadata([2, 3])
+    assert md[0]["frameNumbers"] == 2
+    assert md[0]["epoch"] == t.epoch_laser_ns[2]
+    assert md[0]["Appended text"] == "odour A"
+    assert md[1]["acqTriggerTimestamps_sec"] is None
+
+
+def test_file_object_path_matches_mmap(siff_files, rng):
+    import io
+
+    t = siff_files["two_chan_slices_flyback"]
+    data = open(t.path, "rb").read()
+    h, w = t.shape
+    masks = rng.random((2, h, w)) > 0.5
+    with SiffFile(t.path) as a, SiffFile(io.BytesIO(data)) as b:
+        assert a.is_local and not b.is_local
+        frames = [5, 0, 17, 3]
+        np.testing.assert_array_equal(a.read_frames(frames), b.read_frames(frames))
+        np.testing.assert_array_equal(a.histograms(frames), b.histograms(frames))
+        np.testing.assert_array_equal(a.sum_masks(masks, frames), b.sum_masks(masks, frames))
+        np.testing.assert_array_equal(a.photons_batch(frames)[2], b.photons_batch(frames)[2])
+        np.testing.assert_array_equal(a.timestamps(frames).epoch_laser_ns,
+                                      b.timestamps(frames).epoch_laser_ns)
+        np.testing.assert_allclose(a.lifetime_images(frames), b.lifetime_images(frames),
+                                   equal_nan=True)
+
+
+def test_fsspec_memory_url(siff_files):
+    import fsspec
+
+    t = siff_files["single_compressed"]
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/data/run.siff", open(t.path, "rb").read())
+    with SiffFile("memory://data/run.siff") as f:
+        np.testing.assert_array_equal(f.read_frames(), t.intensity())
+        assert "memory://" in f.name
+
+
+def test_pickle_reopens(siff_files):
+    import pickle
+
+    t = siff_files["single_raw"]
+    f = SiffFile(t.path)
+    g = pickle.loads(pickle.dumps(f))
+    np.testing.assert_array_equal(g.read_frames(), f.read_frames())
+    f.close()
+    g.close()
+
+
+def test_parallel_threads_agree(siff_files):
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = siff_files["smallest_bright"]
+    with SiffFile(t.path) as f:
+        want = f.read_frames()
+        with ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda _: f.read_frames(), range(8)))
+    for o in outs:
+        np.testing.assert_array_equal(o, want)
+
+
+def test_intensity_tiff_file(tmp_path):
+    t = write_siff(tmp_path / "si.tif", shape=(10, 12), n_timepoints=3, format="tiff",
+                   channels=(1, 2))
+    with SiffFile(t.path) as f:
+        assert not f.has_photons
+        np.testing.assert_array_equal(f.read_frames(), t.intensity())
+        assert f.im_params.num_colors == 2
+        with pytest.raises(SiffFormatError, match="plain TIFF"):
+            f.histograms()
