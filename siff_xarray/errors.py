@@ -24,6 +24,7 @@ class SiffFormatError(ValueError):
         Byte offset in the file where the problem was found, if known.
     frame
         The frame (IFD index) concerned, if any.
+
     """
 
     def __init__(

@@ -71,7 +71,7 @@ def scanimage_header(
     fov_um: float = 300.0,
     extra: Mapping[str, str] | None = None,
 ) -> str:
-    """Build a realistic ScanImage NVFD text (``key = value`` lines, ``\\n`` after each).
+    r"""Build a realistic ScanImage NVFD text (``key = value`` lines, ``\\n`` after each).
 
     ``extra`` maps keys to raw MATLAB literal text and is appended last.
     """
@@ -130,7 +130,7 @@ def scanimage_header(
 
 
 def roi_json(height: int, width: int, fov_um: float = 300.0) -> str:
-    """A ScanImage ROI-group JSON with one imaging scanfield (no JSON true/false)."""
+    """Return a ScanImage ROI-group JSON with one imaging scanfield (no JSON true/false)."""
     sy, sx = height / max(height, width), width / max(height, width)
     scanfield = {
         "ver": 1, "classname": "scanimage.mroi.scanfield.fields.RotatedRectangle",
@@ -173,6 +173,7 @@ class SiffWriter:
         Header texts (ASCII).
     bigtiff
         BigTIFF (default; what ScanImage-FLIM writes) or classic TIFF.
+
     """
 
     def __init__(self, f: BinaryIO, nvfd: str, roi: str, bigtiff: bool = True) -> None:
@@ -420,6 +421,7 @@ def write_siff(
         Extra header lines (raw MATLAB literal text).
     return_truth
         Collect and return the ground truth (set False for huge files).
+
     """
     rng = np.random.default_rng(seed)
     h, w = shape
@@ -482,7 +484,7 @@ def write_siff(
                 tau[over] = tau_bins + rng.integers(0, 3 * tau_bins, over.sum())
             t_s = 0.01 + scan * frame_period_s
             times[fr] = t_s
-            laser[fr] = start_epoch_ns + int(round(t_s * 1e9 * (1 + drift_ppm * 1e-6)))
+            laser[fr] = start_epoch_ns + round(t_s * 1e9 * (1 + drift_ppm * 1e-6))
             system[fr] = start_system + int(t_s) * 1_000_000_000 + int(rng.integers(0, 2e6))
             desc = (
                 f"frameNumbers = {fr}\nframeNumberAcquisition = {fr}\n"

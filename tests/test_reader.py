@@ -177,7 +177,7 @@ def test_lifetime_and_phasor_images(truth):
         np.testing.assert_allclose(ns, mean * truth.bin_width_ps / 1000, rtol=1e-6)
         if f.header.bigtiff:
             c = corrosiffpy.open_file(truth.path)
-            lc, ic, _ = c.flim_map(None, _all(truth))
+            lc, _ic, _ = c.flim_map(None, _all(truth))
             np.testing.assert_allclose(mean, lc, equal_nan=True)
             pc = c.flim_map(None, _all(truth), flim_method="phasor")[0]
             g1, s1 = f.phasor_images(period_bins=truth.tau_bins + 2)
@@ -225,7 +225,7 @@ def test_photons_pixel_sorted(truth):
         np.testing.assert_array_equal(starts, truth.photon_starts)
         np.testing.assert_array_equal(pix, truth.pixel_index)
         np.testing.assert_array_equal(tau, truth.arrival)
-        p1, t1 = f.photons(truth.n_frames - 1)
+        p1, _t1 = f.photons(truth.n_frames - 1)
         np.testing.assert_array_equal(p1, truth.photons(truth.n_frames - 1)[0])
         assert np.all(np.diff(p1.astype(np.int64)) >= 0)
 
@@ -264,7 +264,8 @@ def test_file_object_path_matches_mmap(siff_files, rng):
     import io
 
     t = siff_files["two_chan_slices_flyback"]
-    data = open(t.path, "rb").read()
+    with open(t.path, "rb") as fh:
+        data = fh.read()
     h, w = t.shape
     masks = rng.random((2, h, w)) > 0.5
     with SiffFile(t.path) as a, SiffFile(io.BytesIO(data)) as b:
@@ -285,7 +286,8 @@ def test_fsspec_memory_url(siff_files):
 
     t = siff_files["single_compressed"]
     fs = fsspec.filesystem("memory")
-    fs.pipe("/data/run.siff", open(t.path, "rb").read())
+    with open(t.path, "rb") as fh:
+        fs.pipe("/data/run.siff", fh.read())
     with SiffFile("memory://data/run.siff") as f:
         np.testing.assert_array_equal(f.read_frames(), t.intensity())
         assert "memory://" in f.name

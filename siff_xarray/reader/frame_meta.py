@@ -139,6 +139,7 @@ class FrameTimestamps:
         System-clock epoch (``mostRecentSystemTimestamp_epoch``), int64 ns (``NAT`` if absent).
     events
         Appended text events found on these frames.
+
     """
 
     frames: np.ndarray

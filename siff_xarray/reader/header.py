@@ -45,6 +45,7 @@ class FileHeader:
         First byte after the header block (no IFD may start before it).
     file_size
         Size of the file in bytes.
+
     """
 
     bigtiff: bool
@@ -69,6 +70,7 @@ def read_header(source: ByteSource) -> FileHeader:
     SiffFormatError
         Not a little-endian TIFF, not a ScanImage file, unsupported version or
         a header block cut short.
+
     """
     name = source.name
     head = source.read(0, 32)

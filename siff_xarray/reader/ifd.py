@@ -128,10 +128,7 @@ def _walk(buf, buf_start, file_size, pos, count, out, bigtiff, header_end, monot
             vpos = ep + 4 + osz
             tsz = type_size[typ]
             inline = tcount >= 0 and tcount <= osz // tsz
-            if inline:
-                value = _uint(buf, vpos, min(tsz, 8))
-            else:
-                value = _uint(buf, vpos, osz)
+            value = _uint(buf, vpos, min(tsz, 8)) if inline else _uint(buf, vpos, osz)
             if tag == 256:
                 row[C_WIDTH] = value
             elif tag == 257:
@@ -180,6 +177,7 @@ class FrameIndex:
         Photons stored in each frame, known from the IFD alone (0 for TIFF pages).
     signed
         True for TIFF pages storing signed 16-bit samples (int8 0/1).
+
     """
 
     ifd_offset: np.ndarray
@@ -248,6 +246,7 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
         For out-of-range or cyclic IFD offsets, unknown tag types, missing
         required tags, invalid compression flags and data blocks that do not
         fit the file. A cut-off last frame is dropped with a :class:`SiffWarning`.
+
     """
     name = source.name
     table, status, pos, detail = _walk_table(source, header)
@@ -276,7 +275,7 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
         bad = np.flatnonzero(table[:, col] < 0)
         if bad.size:
             i = int(bad[0])
-            raise SiffFormatError(name, f"IFD lacks the required tag {tag} (or its value is invalid)",
+            raise SiffFormatError(name, f"IFD lacks the required tag {tag} (or it is invalid)",
                                   int(table[i, C_IFD]), i)
     bad = np.flatnonzero((width <= 0) | (height <= 0) | (width > 65535) | (height > 65535)
                          | (width * height > MAX_PIXELS))

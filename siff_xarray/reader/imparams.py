@@ -42,7 +42,7 @@ MAX_TAU_BINS = 1 << 20
 
 
 def _as_count(v: Any, default: int) -> int:
-    """A header value used as a count: a finite number >= 1 (clamped), else ``default``."""
+    """Return a header value used as a count: a finite number >= 1 (clamped), else ``default``."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 1:
         return default
     return int(min(v, 10 * MAX_LAYOUT))
@@ -131,6 +131,7 @@ class ImParams:
         Overrides for the arrival-time axis: number of bins, bin width in ps, and the
         TCSPC base resolution (5 ps for MultiHarp/MHLib >= 3; 20 ps before) used with
         ``binResolution`` when ``bin_width_ps`` is not given.
+
     """
 
     def __init__(
@@ -358,15 +359,17 @@ class ImParams:
 
     @property
     def array_shape(self) -> tuple[int, ...]:
-        """``(timepoints, Z, [R], C, y, x)``: the frames of ``flatten_by_timepoints(
-        color_channel=None)`` reshape to this."""
+        """Shape ``(timepoints, Z, [R], C, y, x)`` of the whole acquisition.
+
+        The frames of ``flatten_by_timepoints(color_channel=None)`` reshape to it.
+        """
         return (self.num_timepoints, *self.volume)
 
     stack = array_shape
 
     @property
     def step_size(self) -> float:
-        """z step between slices (um); 0 without a stack."""
+        """Z step between slices (um); 0 without a stack."""
         v = self._get("SI.hStackManager.actualStackZStepSize",
                       self._get("SI.hStackManager.stackZStepSize"))
         return float(v) if self.stack_enabled and isinstance(v, (int, float)) else 0.0
@@ -383,7 +386,7 @@ class ImParams:
 
     @property
     def z_positions(self) -> np.ndarray:
-        """z of each slice in um: ``zsRelative`` if it fits, else ``step_size * k``."""
+        """Z of each slice in um: ``zsRelative`` if it fits, else ``step_size * k``."""
         z = self.z_vals
         if z is not None and len(z) == self.num_slices:
             return np.asarray(z, dtype=float)
@@ -550,6 +553,7 @@ class ImParams:
             0-based index (or list) into the saved channels; ``None`` keeps all.
         include_partial
             Also return the frames of an incomplete final volume.
+
         """
         t = self._timepoints(timepoint_start, timepoint_end, include_partial)
         return self._flat(self.frame_indices(t, reference_z, color_channel,

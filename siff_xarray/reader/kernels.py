@@ -240,9 +240,10 @@ def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, mode, out, ove
 
 def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, cos_lut, sin_lut, offset,
                 out_mean, out_g, out_s, out_count, status):
-    """Per-pixel images of each frame: mean arrival (bins, minus ``offset``; NaN where
-    empty), phasor ``g``/``s`` and photon count. Outputs are (F, H*W); pass an array
-    with zero rows to skip one.
+    """Per-pixel images of each frame.
+
+    Mean arrival (bins, minus ``offset``; NaN where empty), phasor ``g``/``s`` and
+    photon count. Outputs are (F, H*W); pass an array with zero rows to skip one.
     """
     n = enc.shape[0]
     period = cos_lut.shape[0]

@@ -41,8 +41,14 @@ import numpy as np
 from ..errors import SiffWarning
 
 __all__ = [
-    "MatlabParseError", "Roi", "RoiGroup", "Scanfield", "ScanImageMetadata",
-    "parse_matlab_value", "parse_nvfd", "parse_roi_groups",
+    "MatlabParseError",
+    "Roi",
+    "RoiGroup",
+    "ScanImageMetadata",
+    "Scanfield",
+    "parse_matlab_value",
+    "parse_nvfd",
+    "parse_roi_groups",
 ]
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -201,6 +207,7 @@ def parse_matlab_value(text: str) -> Any:
     ------
     MatlabParseError
         If ``text`` is not a literal (callers usually keep such text as a string).
+
     """
     stripped = text.strip()
     if stripped == "":

@@ -65,6 +65,7 @@ class SiffFile:
     --------
     >>> with SiffFile("run.siff") as f:                     # doctest: +SKIP
     ...     frames = f.read_frames(f.im_params.flatten_by_timepoints())
+
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class SiffFile:
         ------
         ValueError
             If frames of different shapes are stored (then ask per frame via ``index``).
+
         """
         if self.num_frames == 0:
             raise ValueError(f"{self.name}: the file holds no frames")
@@ -277,6 +279,7 @@ class SiffFile:
         numpy.ndarray
             ``uint16`` of shape ``(F, H, W)`` (``int16`` for TIFF files storing
             signed samples).
+
         """
         f = self._frames(frames)
         args, (h, w), _ = self._frame_args(f, shifts)
@@ -346,6 +349,7 @@ class SiffFile:
         -------
         numpy.ndarray
             ``int64`` of shape ``(M, F)``.
+
         """
         f = self._frames(frames)
         args, shape, _ = self._frame_args(f, shifts)
@@ -414,6 +418,7 @@ class SiffFile:
         -------
         numpy.ndarray
             ``int64`` ``(F, n_bins)``; with ``return_overflow`` also ``(F,)``.
+
         """
         modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
                  "corrosiff": K.MODE_WRAP}
@@ -495,6 +500,7 @@ class SiffFile:
             ``float64`` (default) or ``float32``.
         return_intensity
             Also return the photon counts ``(F, H, W)`` ``int64``.
+
         """
         mean, _, _, cnt = self._pixel_flim(frames, shifts, "mean", offset_bins, 1.0, None, dtype)
         mean = self._to_units(mean, units)
@@ -547,6 +553,7 @@ class SiffFile:
         -------
         arrival_sum, counts
             ``int64`` arrays of shape ``(M, F)``.
+
         """
         cnt, tsum, _, _ = self._mask_flim(masks, frames, shifts, False, 1.0, None)
         return tsum, cnt
@@ -573,6 +580,7 @@ class SiffFile:
             ``uint32``: ``y * W + x`` of each photon.
         arrival
             ``uint32``: arrival-time bin of each photon.
+
         """
         f = self._frames(frames)
         args, _, maxn = self._frame_args(f, photons=True)
@@ -620,7 +628,7 @@ class SiffFile:
                 for o, n in zip(off.tolist(), ln.tolist(), strict=True)]
 
     def frame_metadata(self, frames: FrameSelection = None) -> list[dict[str, object]]:
-        """Parsed description of each frame (``key -> value``; known numbers converted)."""
+        """Return the parsed description of each frame (known numeric values converted)."""
         return [parse_description(t) for t in self.frame_descriptions(frames)]
 
     @property

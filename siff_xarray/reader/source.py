@@ -15,6 +15,7 @@ Neither ever writes to the file.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -104,12 +105,10 @@ class LocalSource(ByteSource):
         """Unmap and close (arrays handed out earlier must not be used afterwards)."""
         self._array = np.empty(0, dtype=np.uint8)
         if self._mmap is not None:
-            try:
+            # BufferError: a view is still exported (e.g. a caller kept a slice); the
+            # map is then released when that view is garbage collected.
+            with contextlib.suppress(BufferError):
                 self._mmap.close()
-            except BufferError:
-                # a view is still exported (e.g. a caller kept a slice); the map is
-                # released when that view is garbage collected.
-                pass
             self._mmap = None
         self._file.close()
 
@@ -175,6 +174,7 @@ def open_source(
         Passed to fsspec for URLs.
     block_size
         fsspec block-cache block size for remote files.
+
     """
     if isinstance(path_or_fileobj, ByteSource):
         return path_or_fileobj

@@ -1,0 +1,197 @@
+"""Bad input: clear SiffFormatErrors, recovery of cut-off files, and fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from siff_xarray import SiffFile, SiffFormatError, SiffWarning
+from siff_xarray.synthetic import write_siff
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    t = write_siff(d / "ok.siff", shape=(6, 5), channels=(1, 2), n_slices=2, n_flyback=1,
+                   n_timepoints=2, encoding="mixed", photons_per_frame=60,
+                   events={1: ("e", 0.1)})
+    return t, open(t.path, "rb").read()
+
+
+def _write(tmp_path, data, name="f.siff"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _ifd_offsets(data):
+    (pos,) = struct.unpack_from("<Q", data, 8)
+    out = []
+    while pos:
+        out.append(pos)
+        (n,) = struct.unpack_from("<Q", data, pos)
+        (pos,) = struct.unpack_from("<Q", data, pos + 8 + 20 * n)
+    return out
+
+
+def _entry(data, ifd, tag):
+    (n,) = struct.unpack_from("<Q", data, ifd)
+    for k in range(n):
+        at = ifd + 8 + 20 * k
+        if struct.unpack_from("<H", data, at)[0] == tag:
+            return at
+    raise KeyError(tag)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: b"MM" + d[2:], "big-endian"),
+    (lambda d: b"PK" + d[2:], "not a TIFF file"),
+    (lambda d: d[:2] + struct.pack("<H", 44) + d[4:], "TIFF magic number 44"),
+    (lambda d: d[:16] + struct.pack("<I", 1234) + d[20:], "not a ScanImage file"),
+    (lambda d: d[:20] + struct.pack("<I", 9) + d[24:], "unsupported ScanImage TIFF version 9"),
+    (lambda d: d[:24] + struct.pack("<I", 10**8) + d[28:], "truncated header"),
+    (lambda d: d[:5], "not a TIFF file"),
+    (lambda d: d[:20], "ends inside"),
+    (lambda d: d[:8] + struct.pack("<Q", 40) + d[16:], "points into the file header"),
+    (lambda d: d[:8] + struct.pack("<Q", len(d) + 10) + d[16:], "no complete frame"),
+])
+def test_header_errors(tmp_path, small, mutate, match):
+    _, data = small
+    with pytest.raises(SiffFormatError, match=match) as ei:
+        SiffFile(_write(tmp_path, mutate(data)))
+    assert "f.siff" in str(ei.value)
+
+
+def test_ifd_errors(tmp_path, small):
+    _, data = small
+    ifds = _ifd_offsets(data)
+    # cycle: last IFD points back to the first
+    d = bytearray(data)
+    (n,) = struct.unpack_from("<Q", d, ifds[-1])
+    struct.pack_into("<Q", d, ifds[-1] + 8 + 20 * n, ifds[0])
+    with pytest.raises(SiffFormatError, match="loops back") as ei:
+        SiffFile(_write(tmp_path, bytes(d)))
+    assert ei.value.offset == ifds[0]
+    # unknown field type
+    d = bytearray(data)
+    struct.pack_into("<H", d, _entry(data, ifds[1], 258) + 2, 99)
+    with pytest.raises(SiffFormatError, match="unknown TIFF field type 99"):
+        SiffFile(_write(tmp_path, bytes(d)))
+    # invalid compression flag
+    d = bytearray(data)
+    struct.pack_into("<Q", d, _entry(data, ifds[2], 907) + 12, 7)
+    with pytest.raises(SiffFormatError, match="invalid SiffCompress flag") as ei:
+        SiffFile(_write(tmp_path, bytes(d)))
+    assert ei.value.frame == 2
+    # strip offset out of range in a middle frame
+    d = bytearray(data)
+    struct.pack_into("<Q", d, _entry(data, ifds[3], 273) + 12, len(data) + 100)
+    with pytest.raises(SiffFormatError, match="past the end of the file"):
+        SiffFile(_write(tmp_path, bytes(d)))
+    # huge entry count
+    d = bytearray(data)
+    struct.pack_into("<Q", d, ifds[1], 10**6)
+    with pytest.raises(SiffFormatError, match="claims 1000000 entries"):
+        SiffFile(_write(tmp_path, bytes(d)))
+
+
+def test_count_image_inconsistent(tmp_path, small):
+    t, data = small
+    i = int(np.flatnonzero(t.encodings == "compressed")[0])
+    ifd = _ifd_offsets(data)[i]
+    d = bytearray(data)
+    (strip,) = struct.unpack_from("<Q", d, _entry(data, ifd, 273) + 12)
+    count_at = strip - 2 * 30
+    struct.pack_into("<H", d, count_at, struct.unpack_from("<H", d, count_at)[0] + 5)
+    with SiffFile(_write(tmp_path, bytes(d))) as f:
+        f.read_frames([0])  # other frames stay readable
+        with pytest.raises(SiffFormatError, match="inconsistent with the photon block") as ei:
+            f.read_frames([i])
+        assert ei.value.frame == i
+        with pytest.raises(SiffFormatError, match="inconsistent"):
+            f.histograms([i])
+
+
+def test_photon_outside_frame(tmp_path, small):
+    t, data = small
+    i = int(np.flatnonzero((t.encodings == "raw") & (np.diff(t.photon_starts) > 0))[0])
+    ifd = _ifd_offsets(data)[i]
+    d = bytearray(data)
+    (strip,) = struct.unpack_from("<Q", d, _entry(data, ifd, 273) + 12)
+    struct.pack_into("<H", d, strip + 6, 999)  # y of the first photon
+    with SiffFile(_write(tmp_path, bytes(d))) as f, \
+            pytest.raises(SiffFormatError, match="outside the frame"):
+        f.read_frames([i])
+
+
+@pytest.mark.parametrize("cut", [1, 50, 300, 600])
+def test_cut_off_last_frame_recovers(tmp_path, small, cut):
+    t, data = small
+    last = _ifd_offsets(data)[-1]
+    truncated = data[: last + cut]
+    with pytest.warns(SiffWarning, match=f"recovered {t.n_frames - 1} complete frames"):
+        f = SiffFile(_write(tmp_path, truncated))
+    with f:
+        assert f.num_frames == t.n_frames - 1
+        np.testing.assert_array_equal(f.read_frames(), t.intensity(range(t.n_frames - 1)))
+
+
+def test_cut_inside_data_of_last_frame(tmp_path, small):
+    t, data = small
+    with pytest.warns(SiffWarning, match="recovered"):
+        f = SiffFile(_write(tmp_path, data[:-3]))
+    assert f.num_frames == t.n_frames - 1
+    f.close()
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        SiffFile(tmp_path / "nope.siff")
+    with pytest.raises(IsADirectoryError):
+        SiffFile(tmp_path)
+
+
+def _exercise(path):
+    with SiffFile(path) as f:
+        ip = f.im_params
+        _ = ip.array_shape, ip.flatten_by_timepoints(color_channel=None)
+        f.read_frames()
+        f.timestamps()
+        f.frame_metadata()
+        if f.has_photons:
+            f.histograms()
+            f.lifetime_images()
+            f.photons_batch()
+            h, w = f.frame_shape
+            f.sum_masks(np.ones((2, h, w), bool))
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_mutations_only_raise_siff_format_error(tmp_path, small, data):
+    _, original = small
+    d = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 8), label="n_mutations")):
+        kind = data.draw(st.sampled_from(["byte", "u64", "truncate", "zero_run"]))
+        pos = data.draw(st.integers(0, len(d) - 1))
+        if kind == "byte":
+            d[pos] = data.draw(st.integers(0, 255))
+        elif kind == "u64" and pos + 8 <= len(d):
+            d[pos : pos + 8] = struct.pack("<Q", data.draw(st.sampled_from(
+                [0, 1, 2**16, 2**31, 2**63 - 1, 2**64 - 1, len(d) // 2, pos])))
+        elif kind == "truncate":
+            del d[max(pos, 1):]
+        else:
+            d[pos : pos + 16] = bytes(min(16, len(d) - pos))
+    path = _write(tmp_path, bytes(d), "fuzz.siff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(SiffFormatError):
+            _exercise(path)

@@ -1,0 +1,31 @@
+"""The command line: demo, info and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from siff_xarray.cli import main
+
+
+def test_demo_and_info(tmp_path, capsys):
+    main(["demo", str(tmp_path / "d")])
+    out = capsys.readouterr().out
+    assert "dimensions (time, z, [repeat], channel, y, x): (40, 3, 2, 128, 64)" in out
+    assert "629 arrival-time bins of 20 ps" in out
+    assert "mean photons per pixel per plane" in out and "slice 2 (z = 20 um)" in out
+    main(["info", "--json", str(tmp_path / "d" / "demo.siff")])
+    s = json.loads(capsys.readouterr().out)
+    assert s["frames"] == 322 and s["channels"] == [1, 2] and s["timepoints"] == 40
+    assert [e["text"] for e in s["events"]] == ["stimulus on", "stimulus off"]
+
+
+def test_bad_file_one_line_error(tmp_path):
+    bad = tmp_path / "bad.siff"
+    bad.write_bytes(b"II*\x00" + bytes(100))
+    r = subprocess.run([sys.executable, "-m", "siff_xarray.cli", "info", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "not a ScanImage file" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,128 @@
+"""The MATLAB-literal parser, the ScanImage settings mapping and ROI JSON."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from siff_xarray import SiffFile
+from siff_xarray.reader.metadata import (
+    MatlabParseError,
+    parse_matlab_value,
+    parse_nvfd,
+    parse_roi_groups,
+)
+from siff_xarray.synthetic import _mat
+
+
+@pytest.mark.parametrize("text,want", [
+    ("30", 30), ("-45", -45), ("0.0163", 0.0163), ("1e-05", 1e-05), (".5", 0.5),
+    ("true", True), ("false", False), ("'sawtooth'", "sawtooth"), ("'it''s'", "it's"),
+    ('"dq"', "dq"), ("''", ""), ("", None), ("  ", None),
+])
+def test_scalars(text, want):
+    assert parse_matlab_value(text) == want
+
+
+def test_special_floats():
+    assert math.isnan(parse_matlab_value("NaN"))
+    assert parse_matlab_value("Inf") == math.inf
+    assert parse_matlab_value("-Inf") == -math.inf
+
+
+def test_arrays():
+    v = parse_matlab_value("[1 2 3]")
+    assert v.dtype == np.int64 and v.tolist() == [1, 2, 3]
+    v = parse_matlab_value("[1;2]")
+    assert v.shape == (2, 1) and v.ravel().tolist() == [1, 2]
+    v = parse_matlab_value("[1 2;3 4.5]")
+    assert v.dtype == np.float64 and v.tolist() == [[1, 2], [3, 4.5]]
+    v = parse_matlab_value("[true false]")
+    assert v.dtype == bool and v.tolist() == [True, False]
+    assert parse_matlab_value("[]").shape == (0,)
+    assert parse_matlab_value("[1,2, 3]").tolist() == [1, 2, 3]
+    assert parse_matlab_value("[NaN -Inf 2]")[1] == -math.inf
+    assert parse_matlab_value("['ab' 'cd']") == "abcd"
+
+
+def test_cells():
+    assert parse_matlab_value("{'a' 'b'}") == ["a", "b"]
+    assert parse_matlab_value("{}") == []
+    v = parse_matlab_value("{[1 2] 'x' {3}}")
+    assert v[0].tolist() == [1, 2] and v[1] == "x" and v[2] == [3]
+    assert parse_matlab_value("{1;2}") == [[1], [2]]
+
+
+@pytest.mark.parametrize("text", ["[1 2", "'open", "abc", "[1 2;3]", "1 2", "<nonscalar>",
+                                  "[" * 40 + "]" * 40, "scanimage.types.X"])
+def test_not_literals(text):
+    with pytest.raises(MatlabParseError):
+        parse_matlab_value(text)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+scalars = st.one_of(st.integers(-10**12, 10**12), finite, st.booleans(),
+                    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12))
+
+
+@given(scalars)
+def test_scalar_round_trip(v):
+    got = parse_matlab_value(_mat(v))
+    assert got == v and type(got) is type(v)
+
+
+@given(st.lists(st.integers(-1000, 1000), min_size=1, max_size=6),
+       st.integers(1, 4))
+def test_matrix_round_trip(row, nrows):
+    m = np.array([row] * nrows)
+    got = parse_matlab_value(_mat(m) if nrows > 1 else _mat(m[0]))
+    np.testing.assert_array_equal(got, m if nrows > 1 else m[0])
+
+
+@given(st.lists(scalars, max_size=5))
+def test_cell_round_trip(items):
+    assert parse_matlab_value(_mat(items)) == items
+
+
+def test_nvfd_nested_mapping(siff_files):
+    with SiffFile(siff_files["two_chan_slices_flyback"].path) as f:
+        md = f.metadata
+        assert md["SI"]["hFastZ"]["enable"] is True
+        assert md.get_path("SI.hScan2D.Acq.Tau_bins") == 629
+        assert md["SI"]["hChannels"]["channelSave"].ravel().tolist() == [1, 2]
+        assert md["SI"]["hBeams"]["pzAdjust"] == "scanimage.types.BeamAdjustTypes.None"
+        assert md["SI"]["hChannels"]["channelName"][1] == "Channel 2"
+        assert md.raw["SI.hFastZ.waveformType"] == "'sawtooth'"
+        assert math.isnan(md["SI"]["hScan2D"]["scannerFrequency"])
+        assert f.header.nvfd_text.startswith("SI.VERSION_MAJOR = 2023")
+        assert f.header.scanimage_version == 4 and f.header.bigtiff
+
+
+def test_nvfd_odd_lines():
+    md = parse_nvfd("SI.a = 1\nnot a setting\nSI.b =\nSI.a.c = 2\n\x00")
+    assert md.unparsed_lines == ["not a setting"]
+    assert md.get_path("SI.b") is None
+    assert md["SI"]["a"] == {"_value": 1, "c": 2}
+
+
+def test_roi_groups(siff_files):
+    with SiffFile(siff_files["single_raw"].path) as f:
+        g = f.roi_groups["imagingRoiGroup"]
+        assert g.name == "Default Imaging ROI Group"
+        sf = g.rois[0].scanfields[0]
+        assert sf.pixel_resolution_xy == (12, 16)
+        assert sf.affine.shape == (3, 3)
+
+
+def test_roi_json_tolerant():
+    assert parse_roi_groups('{"RoiGroups": {"imagingRoiGroup": null}}\x00\x00') == {}
+    assert parse_roi_groups("") == {}
+    with pytest.warns(UserWarning, match="malformed"):
+        assert parse_roi_groups("{not json") == {}
+    g = parse_roi_groups('{"RoiGroups": {"imagingRoiGroup": {"name": "x", "rois": [{"name": '
+                         '"a", "scanfields": [{"pixelResolutionXY": [4, 8]}, {}]}]}}}')
+    assert g["imagingRoiGroup"].rois[0].scanfields[0].pixel_resolution_xy == (4, 8)
