@@ -174,20 +174,22 @@ def _nchunks(n: int) -> int:
 
 
 def _intensity(buf, enc, off, nb, hh, ww, sy, sx, nchunks, out, status):
+    """Photon-count images; ``out`` is ``(F, H*W)`` uint16 (a view of (F, H, W))."""
     n = enc.shape[0]
-    h, w = out.shape[1], out.shape[2]
+    npx = out.shape[1]
     for c in prange(nchunks):
-        img = np.empty(h * w, dtype=np.int64)
+        img = np.empty(npx, dtype=np.int64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
             st = _decode_intensity(buf, enc[i], off[i], nb[i], hh[i], ww[i], sy[i], sx[i], img)
-            for p in range(h * w):
+            row = out[i]
+            for p in range(npx):
                 v = img[p]
                 if v > 65535:
                     v = 65535
                     if st == ST_OK:
                         st = ST_SATURATED
-                out[i, p // w, p % w] = v
+                row[p] = v
             status[i] = st
 
 
@@ -213,19 +215,20 @@ def _sum_masks(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, mem_ptr, mem_i
 
 
 def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, mode, out, overflow, status):
+    """Arrival histograms; reads only the arrival times (pixels are not needed)."""
     n = enc.shape[0]
     nbins = out.shape[1]
     for c in prange(nchunks):
-        pix = np.empty(maxn, dtype=np.int64)
-        tau = np.empty(maxn, dtype=np.int64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
-            m, st = _decode_photons(buf, enc[i], off[i], nb[i], hh[i], ww[i], 0, 0, pix, tau)
-            status[i] = st
-            if st != ST_OK:
+            if not _in_bounds(buf, enc[i], off[i], nb[i], hh[i], ww[i]):
+                status[i] = ST_OUT_OF_BOUNDS
                 continue
+            status[i] = ST_OK
+            raw = enc[i] == ENC_RAW
+            m = nb[i] // 8 if raw else (nb[i] // 2 if enc[i] == ENC_COMPRESSED else 0)
             for k in range(m):
-                t = tau[k]
+                t = _u32(buf, off[i] + 8 * k) if raw else _u16(buf, off[i] + 2 * k)
                 if t >= nbins:
                     if mode == MODE_DROP:
                         overflow[i] += 1

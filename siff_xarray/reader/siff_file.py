@@ -286,7 +286,7 @@ class SiffFile:
         out = np.empty((len(f), h, w), dtype=np.uint16)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("intensity", *args, out, status)
+            K.run("intensity", *args, out.reshape(len(f), h * w), status)
         self._check(status, f)
         if len(f) and (self.index.encoding[f] == ENC_TIFF).all() and self.index.signed[f].all():
             return out.view(np.int16)
