@@ -225,6 +225,14 @@ def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, mode, out, ove
                 status[i] = ST_OUT_OF_BOUNDS
                 continue
             status[i] = ST_OK
+            if enc[i] == ENC_COMPRESSED:  # the count image must account for every arrival
+                base = off[i] - 2 * hh[i] * ww[i]
+                total = 0
+                for p in range(hh[i] * ww[i]):
+                    total += _u16(buf, base + 2 * p)
+                if 2 * total != nb[i]:
+                    status[i] = ST_MISMATCH
+                    continue
             raw = enc[i] == ENC_RAW
             m = nb[i] // 8 if raw else (nb[i] // 2 if enc[i] == ENC_COMPRESSED else 0)
             for k in range(m):
