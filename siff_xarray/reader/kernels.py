@@ -24,6 +24,7 @@ threads at once), so calls from dask worker threads are always safe.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numba
@@ -46,6 +47,10 @@ MODE_DROP, MODE_CLIP, MODE_WRAP = 0, 1, 2
 
 _JIT = {"cache": True, "nogil": True}
 
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is
+    raise ImportError("siff-xarray decodes little-endian data with native views and needs a "
+                      "little-endian CPU")
+
 
 @numba.njit(**_JIT)
 def _u16(buf, p):
@@ -53,9 +58,20 @@ def _u16(buf, p):
 
 
 @numba.njit(**_JIT)
-def _u32(buf, p):
-    return (np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16)
-            | (np.int64(buf[p + 3]) << 24))
+def _u16s(buf, start, n):
+    """``n`` little-endian u16 values at ``start`` (a view; unaligned is fine)."""
+    return buf[start : start + 2 * n].view(np.uint16)
+
+
+@numba.njit(**_JIT)
+def _u64s(buf, start, n):
+    """``n`` little-endian u64 values at ``start`` (a view)."""
+    return buf[start : start + 8 * n].view(np.uint64)
+
+
+@numba.njit(**_JIT)
+def _wrap(v, n):
+    return v - n if v >= n else v
 
 
 @numba.njit(**_JIT)
@@ -68,97 +84,28 @@ def _in_bounds(buf, enc, off, nbytes, h, w):
 
 
 @numba.njit(**_JIT)
-def _decode_intensity(buf, enc, off, nbytes, h, w, sy, sx, img):
-    """Fill ``img`` (int64, h*w, row-major) with photon counts; return a status."""
-    img[: h * w] = 0
-    if not _in_bounds(buf, enc, off, nbytes, h, w):
-        return ST_OUT_OF_BOUNDS
-    if enc == ENC_RAW:
-        for k in range(nbytes // 8):
-            p = off + 8 * k
-            x = _u16(buf, p + 4)
-            y = _u16(buf, p + 6)
-            if y >= h or x >= w:
-                return ST_BAD_PIXEL
-            y += sy
-            if y >= h:
-                y -= h
-            x += sx
-            if x >= w:
-                x -= w
-            img[y * w + x] += 1
-        return ST_OK
-    # compressed count image and TIFF pages: a dense u16 image
-    base = off - 2 * h * w if enc == ENC_COMPRESSED else off
-    total = 0
-    for y in range(h):
-        yy = y + sy
-        if yy >= h:
-            yy -= h
-        row = base + 2 * y * w
-        for x in range(w):
-            c = _u16(buf, row + 2 * x)
-            total += c
-            xx = x + sx
-            if xx >= w:
-                xx -= w
-            img[yy * w + xx] = c
-    if enc == ENC_COMPRESSED and 2 * total != nbytes:
-        return ST_MISMATCH
-    return ST_OK
+def _image_u16(buf, enc, off, h, w):
+    """The dense u16 image of a compressed frame (its count image) or TIFF page."""
+    return _u16s(buf, off - 2 * h * w if enc == ENC_COMPRESSED else off, h * w)
 
 
 @numba.njit(**_JIT)
-def _decode_photons(buf, enc, off, nbytes, h, w, sy, sx, pix, tau):
-    """Fill ``pix``/``tau`` (int64) with each photon's (shifted) pixel and arrival bin.
+def _consistent(cnt, nbytes):
+    """A compressed frame's counts must account for every stored arrival time."""
+    total = 0
+    for p in range(cnt.shape[0]):
+        total += np.int64(cnt[p])
+    return 2 * total == nbytes
 
-    Returns ``(n_photons, status)``. Compressed frames come out in pixel order of
-    the *unshifted* frame; raw frames in file order.
-    """
-    if not _in_bounds(buf, enc, off, nbytes, h, w):
-        return 0, ST_OUT_OF_BOUNDS
-    if enc == ENC_RAW:
-        n = nbytes // 8
-        for k in range(n):
-            p = off + 8 * k
-            x = _u16(buf, p + 4)
-            y = _u16(buf, p + 6)
-            if y >= h or x >= w:
-                return k, ST_BAD_PIXEL
-            y += sy
-            if y >= h:
-                y -= h
-            x += sx
-            if x >= w:
-                x -= w
-            pix[k] = y * w + x
-            tau[k] = _u32(buf, p)
-        return n, ST_OK
-    if enc == ENC_COMPRESSED:
-        n = nbytes // 2
-        base = off - 2 * h * w
-        k = 0
-        for y in range(h):
-            yy = y + sy
-            if yy >= h:
-                yy -= h
-            row = base + 2 * y * w
-            for x in range(w):
-                c = _u16(buf, row + 2 * x)
-                if k + c > n:
-                    return k, ST_MISMATCH
-                xx = x + sx
-                if xx >= w:
-                    xx -= w
-                q = yy * w + xx
-                for _ in range(c):
-                    pix[k] = q
-                    tau[k] = _u16(buf, off + 2 * k)
-                    k += 1
-        if k != n:
-            return k, ST_MISMATCH
-        return n, ST_OK
-    return 0, ST_OK  # TIFF pages carry no photons
+
+@numba.njit(**_JIT)
+def _raw_pixel(rec, h, w, sy, sx):
+    """Shifted pixel index of a raw photon record, or -1 if outside the frame."""
+    y = np.int64(rec >> np.uint64(48))
+    x = np.int64((rec >> np.uint64(32)) & np.uint64(0xFFFF))
+    if y >= h or x >= w:
+        return -1
+    return _wrap(y + sy, h) * w + _wrap(x + sx, w)
 
 
 @numba.njit(**_JIT)
@@ -176,45 +123,91 @@ def _nchunks(n: int) -> int:
 def _intensity(buf, enc, off, nb, hh, ww, sy, sx, nchunks, out, status):
     """Photon-count images; ``out`` is ``(F, H*W)`` uint16 (a view of (F, H, W))."""
     n = enc.shape[0]
-    npx = out.shape[1]
     for c in prange(nchunks):
-        img = np.empty(npx, dtype=np.int64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
-            st = _decode_intensity(buf, enc[i], off[i], nb[i], hh[i], ww[i], sy[i], sx[i], img)
+            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
             row = out[i]
-            for p in range(npx):
-                v = img[p]
-                if v > 65535:
-                    v = 65535
-                    if st == ST_OK:
+            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
+                status[i] = ST_OUT_OF_BOUNDS
+                continue
+            st = ST_OK
+            if enc[i] == ENC_RAW:
+                row[:] = 0
+                rec = _u64s(buf, off[i], nb[i] // 8)
+                for k in range(rec.shape[0]):
+                    q = _raw_pixel(rec[k], h, w, dy, dx)
+                    if q < 0:
+                        st = ST_BAD_PIXEL
+                        break
+                    if row[q] == 65535:
                         st = ST_SATURATED
-                row[p] = v
+                    else:
+                        row[q] += 1
+            else:
+                img = _image_u16(buf, enc[i], off[i], h, w)
+                if enc[i] == ENC_COMPRESSED and not _consistent(img, nb[i]):
+                    st = ST_MISMATCH
+                elif dy == 0 and dx == 0:
+                    row[:] = img
+                else:
+                    for y in range(h):
+                        src = y * w
+                        dst = _wrap(y + dy, h) * w
+                        row[dst + dx : dst + w] = img[src : src + w - dx]
+                        row[dst : dst + dx] = img[src + w - dx : src + w]
             status[i] = st
 
 
-def _sum_masks(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, mem_ptr, mem_idx, out,
-               status):
+def _sum_masks(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr, set_idx,
+               out, status):
+    """Photon counts per mask: each pixel maps to the set of masks that contain it.
+
+    ``setid[plane * H*W + pixel]`` is the pixel's mask-set; ``set_ptr``/``set_idx``
+    list each set's masks. A photon costs one add whatever the number of masks.
+    """
     n = enc.shape[0]
-    hw = hh.max() * ww.max() if n else 0
+    n_sets = set_ptr.shape[0] - 1
     for c in prange(nchunks):
-        img = np.empty(max(hw, 1), dtype=np.int64)
+        acc = np.zeros(n_sets, dtype=np.int64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
-            st = _decode_intensity(buf, enc[i], off[i], nb[i], hh[i], ww[i], sy[i], sx[i], img)
+            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
+            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
+                status[i] = ST_OUT_OF_BOUNDS
+                continue
+            st = ST_OK
+            base = plane[i] * h * w
+            acc[:] = 0
+            if enc[i] == ENC_RAW:
+                rec = _u64s(buf, off[i], nb[i] // 8)
+                for k in range(rec.shape[0]):
+                    q = _raw_pixel(rec[k], h, w, dy, dx)
+                    if q < 0:
+                        st = ST_BAD_PIXEL
+                        break
+                    acc[setid[base + q]] += 1
+            else:
+                img = _image_u16(buf, enc[i], off[i], h, w)
+                if enc[i] == ENC_COMPRESSED and not _consistent(img, nb[i]):
+                    st = ST_MISMATCH
+                else:
+                    for y in range(h):
+                        dst = base + _wrap(y + dy, h) * w
+                        src = y * w
+                        for x in range(w):
+                            acc[setid[dst + _wrap(x + dx, w)]] += img[src + x]
             status[i] = st
             if st != ST_OK:
                 continue
-            base = plane[i] * hh[i] * ww[i]
-            for p in range(hh[i] * ww[i]):
-                v = img[p]
-                if v == 0:
-                    continue
-                for k in range(mem_ptr[base + p], mem_ptr[base + p + 1]):
-                    out[mem_idx[k], i] += v
+            for s in range(n_sets):
+                v = acc[s]
+                if v:
+                    for j in range(set_ptr[s], set_ptr[s + 1]):
+                        out[set_idx[j], i] += v
 
 
-def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, mode, out, overflow, status):
+def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, mode, out, overflow, status):
     """Arrival histograms; reads only the arrival times (pixels are not needed)."""
     n = enc.shape[0]
     nbins = out.shape[1]
@@ -225,36 +218,42 @@ def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, mode, out, ove
                 status[i] = ST_OUT_OF_BOUNDS
                 continue
             status[i] = ST_OK
-            if enc[i] == ENC_COMPRESSED:  # the count image must account for every arrival
-                base = off[i] - 2 * hh[i] * ww[i]
-                total = 0
-                for p in range(hh[i] * ww[i]):
-                    total += _u16(buf, base + 2 * p)
-                if 2 * total != nb[i]:
+            hist = out[i]
+            if enc[i] == ENC_RAW:
+                rec = _u64s(buf, off[i], nb[i] // 8)
+                m = rec.shape[0]
+            elif enc[i] == ENC_COMPRESSED:
+                if not _consistent(_image_u16(buf, enc[i], off[i], hh[i], ww[i]), nb[i]):
                     status[i] = ST_MISMATCH
                     continue
-            raw = enc[i] == ENC_RAW
-            m = nb[i] // 8 if raw else (nb[i] // 2 if enc[i] == ENC_COMPRESSED else 0)
+                arr = _u16s(buf, off[i], nb[i] // 2)
+                m = arr.shape[0]
+            else:
+                m = 0
             for k in range(m):
-                t = _u32(buf, off[i] + 8 * k) if raw else _u16(buf, off[i] + 2 * k)
+                if enc[i] == ENC_RAW:
+                    t = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+                else:
+                    t = np.int64(arr[k])
                 if t >= nbins:
-                    if mode == MODE_DROP:
-                        overflow[i] += 1
-                        continue
-                    elif mode == MODE_CLIP:
-                        overflow[i] += 1
-                        t = nbins - 1
-                    else:
+                    if mode == MODE_WRAP:
                         t = t % nbins
-                out[i, t] += 1
+                    else:
+                        overflow[i] += 1
+                        if mode == MODE_DROP:
+                            continue
+                        t = nbins - 1
+                hist[t] += 1
 
 
-def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, cos_lut, sin_lut, offset,
+def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, offset,
                 out_mean, out_g, out_s, out_count, status):
     """Per-pixel images of each frame.
 
     Mean arrival (bins, minus ``offset``; NaN where empty), phasor ``g``/``s`` and
     photon count. Outputs are (F, H*W); pass an array with zero rows to skip one.
+    Compressed frames are reduced in one sequential pass (pixel runs); raw frames
+    scatter into scratch arrays that are reset while the outputs are written.
     """
     n = enc.shape[0]
     period = cos_lut.shape[0]
@@ -263,77 +262,185 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, cos_lut, sin_l
     want_count = out_count.shape[0] > 0
     hw = hh.max() * ww.max() if n else 0
     for c in prange(nchunks):
-        pix = np.empty(maxn, dtype=np.int64)
-        tau = np.empty(maxn, dtype=np.int64)
-        cnt = np.empty(max(hw, 1), dtype=np.int64)
-        tsum = np.empty(max(hw, 1), dtype=np.int64)
-        gsum = np.empty(max(hw, 1), dtype=np.float64)
-        ssum = np.empty(max(hw, 1), dtype=np.float64)
+        cnt = np.zeros(max(hw, 1), dtype=np.int64)
+        tsum = np.zeros(max(hw, 1), dtype=np.float64)
+        gsum = np.zeros(max(hw, 1) if want_phasor else 1, dtype=np.float64)
+        ssum = np.zeros(max(hw, 1) if want_phasor else 1, dtype=np.float64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
-            m, st = _decode_photons(buf, enc[i], off[i], nb[i], hh[i], ww[i], sy[i], sx[i],
-                                    pix, tau)
-            status[i] = st
-            if st != ST_OK:
+            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
+            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
+                status[i] = ST_OUT_OF_BOUNDS
                 continue
-            npx = hh[i] * ww[i]
-            cnt[:npx] = 0
-            tsum[:npx] = 0
-            gsum[:npx] = 0.0
-            ssum[:npx] = 0.0
-            for k in range(m):
-                q = pix[k]
-                cnt[q] += 1
-                tsum[q] += tau[k]
-                if want_phasor:
-                    b = tau[k] % period
-                    gsum[q] += cos_lut[b]
-                    ssum[q] += sin_lut[b]
-            for q in range(npx):
-                nq = cnt[q]
-                if want_count:
-                    out_count[i, q] = nq
-                if want_mean:
-                    out_mean[i, q] = tsum[q] / nq - offset if nq > 0 else np.nan
-                if want_phasor:
-                    out_g[i, q] = gsum[q] / nq if nq > 0 else np.nan
-                    out_s[i, q] = ssum[q] / nq if nq > 0 else np.nan
+            st = ST_OK
+            if enc[i] == ENC_COMPRESSED:
+                img = _image_u16(buf, enc[i], off[i], h, w)
+                arr = _u16s(buf, off[i], nb[i] // 2)
+                if not _consistent(img, nb[i]):
+                    status[i] = ST_MISMATCH
+                    continue
+                k = 0
+                for y in range(h):
+                    dst = _wrap(y + dy, h) * w
+                    for x in range(w):
+                        q = dst + _wrap(x + dx, w)
+                        nq = np.int64(img[y * w + x])
+                        ts = 0
+                        gs = 0.0
+                        ss = 0.0
+                        for j in range(k, k + nq):
+                            t = np.int64(arr[j])
+                            ts += t
+                            if want_phasor:
+                                b = t % period
+                                gs += cos_lut[b]
+                                ss += sin_lut[b]
+                        k += nq
+                        if want_count:
+                            out_count[i, q] = nq
+                        if want_mean:
+                            out_mean[i, q] = ts / nq - offset if nq > 0 else np.nan
+                        if want_phasor:
+                            out_g[i, q] = gs / nq if nq > 0 else np.nan
+                            out_s[i, q] = ss / nq if nq > 0 else np.nan
+            else:  # raw (TIFF pages were rejected before)
+                rec = _u64s(buf, off[i], nb[i] // 8)
+                for k in range(rec.shape[0]):
+                    q = _raw_pixel(rec[k], h, w, dy, dx)
+                    if q < 0:
+                        st = ST_BAD_PIXEL
+                        break
+                    t = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+                    cnt[q] += 1
+                    tsum[q] += t
+                    if want_phasor:
+                        b = t % period
+                        gsum[q] += cos_lut[b]
+                        ssum[q] += sin_lut[b]
+                for q in range(h * w):  # write outputs and reset the scratch
+                    nq = cnt[q]
+                    if st == ST_OK:
+                        if want_count:
+                            out_count[i, q] = nq
+                        if want_mean:
+                            out_mean[i, q] = tsum[q] / nq - offset if nq > 0 else np.nan
+                        if want_phasor:
+                            out_g[i, q] = gsum[q] / nq if nq > 0 else np.nan
+                            out_s[i, q] = ssum[q] / nq if nq > 0 else np.nan
+                    cnt[q] = 0
+                    tsum[q] = 0.0
+                    if want_phasor:
+                        gsum[q] = 0.0
+                        ssum[q] = 0.0
+            status[i] = st
 
 
-def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, plane, mem_ptr, mem_idx,
+def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr, set_idx,
                cos_lut, sin_lut, out_count, out_sum, out_cos, out_sin, status):
-    """Per-mask photon count, arrival sum and phasor sums for each frame (outputs (M, F))."""
+    """Per-mask photon count, arrival sum and phasor sums for each frame (outputs (M, F)).
+
+    Photons accumulate per mask-set (see :func:`_sum_masks`), then per mask.
+    """
     n = enc.shape[0]
+    n_sets = set_ptr.shape[0] - 1
     period = cos_lut.shape[0]
     phasor = out_cos.shape[0] > 0
     for c in prange(nchunks):
-        pix = np.empty(maxn, dtype=np.int64)
-        tau = np.empty(maxn, dtype=np.int64)
+        a_cnt = np.zeros(n_sets, dtype=np.int64)
+        a_sum = np.zeros(n_sets, dtype=np.int64)
+        a_cos = np.zeros(n_sets, dtype=np.float64)
+        a_sin = np.zeros(n_sets, dtype=np.float64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
-            m, st = _decode_photons(buf, enc[i], off[i], nb[i], hh[i], ww[i], sy[i], sx[i],
-                                    pix, tau)
+            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
+            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
+                status[i] = ST_OUT_OF_BOUNDS
+                continue
+            st = ST_OK
+            base = plane[i] * h * w
+            a_cnt[:] = 0
+            a_sum[:] = 0
+            a_cos[:] = 0.0
+            a_sin[:] = 0.0
+            if enc[i] == ENC_COMPRESSED:
+                img = _image_u16(buf, enc[i], off[i], h, w)
+                arr = _u16s(buf, off[i], nb[i] // 2)
+                if not _consistent(img, nb[i]):
+                    status[i] = ST_MISMATCH
+                    continue
+                k = 0
+                for y in range(h):
+                    dst = base + _wrap(y + dy, h) * w
+                    for x in range(w):
+                        nq = np.int64(img[y * w + x])
+                        if nq == 0:
+                            continue
+                        s = setid[dst + _wrap(x + dx, w)]
+                        a_cnt[s] += nq
+                        for j in range(k, k + nq):
+                            t = np.int64(arr[j])
+                            a_sum[s] += t
+                            if phasor:
+                                b = t % period
+                                a_cos[s] += cos_lut[b]
+                                a_sin[s] += sin_lut[b]
+                        k += nq
+            else:
+                rec = _u64s(buf, off[i], nb[i] // 8)
+                for k in range(rec.shape[0]):
+                    q = _raw_pixel(rec[k], h, w, dy, dx)
+                    if q < 0:
+                        st = ST_BAD_PIXEL
+                        break
+                    s = setid[base + q]
+                    t = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+                    a_cnt[s] += 1
+                    a_sum[s] += t
+                    if phasor:
+                        b = t % period
+                        a_cos[s] += cos_lut[b]
+                        a_sin[s] += sin_lut[b]
             status[i] = st
             if st != ST_OK:
                 continue
-            base = plane[i] * hh[i] * ww[i]
-            for k in range(m):
-                q = base + pix[k]
-                lo_m, hi_m = mem_ptr[q], mem_ptr[q + 1]
-                if lo_m == hi_m:
+            for s in range(n_sets):
+                if a_cnt[s] == 0:
                     continue
-                t = tau[k]
-                cs, sn = 0.0, 0.0
-                if phasor:
-                    b = t % period
-                    cs, sn = cos_lut[b], sin_lut[b]
-                for j in range(lo_m, hi_m):
-                    r = mem_idx[j]
-                    out_count[r, i] += 1
-                    out_sum[r, i] += t
+                for j in range(set_ptr[s], set_ptr[s + 1]):
+                    r = set_idx[j]
+                    out_count[r, i] += a_cnt[s]
+                    out_sum[r, i] += a_sum[s]
                     if phasor:
-                        out_cos[r, i] += cs
-                        out_sin[r, i] += sn
+                        out_cos[r, i] += a_cos[s]
+                        out_sin[r, i] += a_sin[s]
+
+
+@numba.njit(**_JIT)
+def _decode_photons(buf, enc, off, nbytes, h, w, pix, tau):
+    """Fill ``pix``/``tau`` with each photon's pixel and arrival bin; return (n, status).
+
+    Compressed frames come out in pixel order; raw frames in file order.
+    """
+    if enc == ENC_RAW:
+        rec = _u64s(buf, off, nbytes // 8)
+        for k in range(rec.shape[0]):
+            q = _raw_pixel(rec[k], h, w, 0, 0)
+            if q < 0:
+                return k, ST_BAD_PIXEL
+            pix[k] = q
+            tau[k] = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+        return rec.shape[0], ST_OK
+    img = _image_u16(buf, enc, off, h, w)
+    if not _consistent(img, nbytes):
+        return 0, ST_MISMATCH
+    arr = _u16s(buf, off, nbytes // 2)
+    k = 0
+    for q in range(h * w):
+        for _ in range(img[q]):
+            pix[k] = q
+            tau[k] = arr[k]
+            k += 1
+    return k, ST_OK
 
 
 def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, out_tau,
@@ -347,12 +454,20 @@ def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, 
         hist = np.empty(hw + 1, dtype=np.int64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
-            m, st = _decode_photons(buf, enc[i], off[i], nb[i], hh[i], ww[i], sy[i], sx[i],
-                                    pix, tau)
+            if not _in_bounds(buf, enc[i], off[i], nb[i], hh[i], ww[i]):
+                status[i] = ST_OUT_OF_BOUNDS
+                continue
+            m, st = _decode_photons(buf, enc[i], off[i], nb[i], hh[i], ww[i], pix, tau)
+            if st == ST_OK and m != starts[i + 1] - starts[i]:
+                st = ST_MISMATCH
             status[i] = st
-            if st != ST_OK or m != starts[i + 1] - starts[i]:
-                if st == ST_OK:
-                    status[i] = ST_MISMATCH
+            if st != ST_OK:
+                continue
+            s0 = starts[i]
+            if enc[i] == ENC_COMPRESSED:  # already in pixel order
+                for k in range(m):
+                    out_pix[s0 + k] = pix[k]
+                    out_tau[s0 + k] = tau[k]
                 continue
             npx = hh[i] * ww[i]
             hist[: npx + 1] = 0
@@ -360,7 +475,6 @@ def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, 
                 hist[pix[k] + 1] += 1
             for p in range(npx):
                 hist[p + 1] += hist[p]
-            s0 = starts[i]
             for k in range(m):
                 d = s0 + hist[pix[k]]
                 hist[pix[k]] += 1

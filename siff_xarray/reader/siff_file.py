@@ -293,8 +293,12 @@ class SiffFile:
         return out
 
     def _masks(self, masks: Any, f: np.ndarray, shape: tuple[int, int], stack: bool
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Normalise masks to (M, Z, H, W); return plane per frame and membership CSR."""
+               ) -> tuple[tuple[np.ndarray, ...], int]:
+        """Normalise masks to (M, Z, H, W) and encode them for the kernels.
+
+        Returns ``((plane, setid, set_ptr, set_idx), n_masks)``: the mask plane of
+        each frame, the mask-set id of every (plane, pixel), and the masks of each set.
+        """
         if isinstance(masks, (list, tuple)):
             m = np.stack([np.asarray(x) for x in masks]) if len(masks) else np.zeros((0, *shape))
             if m.ndim == 3:
@@ -325,11 +329,7 @@ class SiffFile:
                 raise ValueError(f"frame {bad} is a flyback frame: it has no z plane for a "
                                  "3-D mask")
             plane = pos["slice"].astype(np.int64)
-        flat = np.ascontiguousarray(m.transpose(1, 2, 3, 0)).reshape(-1, n_masks)
-        rows, cols = np.nonzero(flat)
-        ptr = np.zeros(flat.shape[0] + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=flat.shape[0]), out=ptr[1:])
-        return plane, ptr, cols.astype(np.int64), n_masks
+        return (plane, *_mask_sets(m)), n_masks
 
     def sum_masks(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None
                   ) -> np.ndarray:
@@ -353,11 +353,11 @@ class SiffFile:
         """
         f = self._frames(frames)
         args, shape, _ = self._frame_args(f, shifts)
-        plane, ptr, idx, n_masks = self._masks(masks, f, shape, stack=True)
+        encoded, n_masks = self._masks(masks, f, shape, stack=True)
         out = np.zeros((n_masks, len(f)), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("sum_masks", *args, plane, ptr, idx, out, status)
+            K.run("sum_masks", *args, *encoded, out, status)
         self._check(status, f)
         return out
 
@@ -370,11 +370,11 @@ class SiffFile:
         """
         f = self._frames(frames)
         args, shape, _ = self._frame_args(f, shifts)
-        plane, ptr, idx, _ = self._masks(mask, f, shape, stack=False)
+        encoded, _ = self._masks(mask, f, shape, stack=False)
         out = np.zeros((1, len(f)), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("sum_masks", *args, plane, ptr, idx, out, status)
+            K.run("sum_masks", *args, *encoded, out, status)
         self._check(status, f)
         return out[0]
 
@@ -428,12 +428,12 @@ class SiffFile:
         if mode == "corrosiff" and n_bins is None:
             nb += 2
         f = self._frames(frames)
-        args, _, maxn = self._frame_args(f, photons=True)
+        args, _, _ = self._frame_args(f, photons=True)
         out = np.zeros((len(f), nb), dtype=np.int64)
         overflow = np.zeros(len(f), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("histograms", *args, maxn, modes[mode], out, overflow, status)
+            K.run("histograms", *args, modes[mode], out, overflow, status)
         self._check(status, f)
         return (out, overflow) if return_overflow else out
 
@@ -458,7 +458,7 @@ class SiffFile:
                     harmonic: float, period_bins: int | None, dtype: type
                     ) -> tuple[np.ndarray, ...]:
         f = self._frames(frames)
-        args, (h, w), maxn = self._frame_args(f, shifts, photons=True)
+        args, (h, w), _ = self._frame_args(f, shifts, photons=True)
         n = len(f)
         none = np.zeros((0, 0), dtype=dtype)
         mean = np.empty((n, h * w), dtype=dtype) if want == "mean" else none
@@ -469,7 +469,7 @@ class SiffFile:
                                                                              np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
         if n:
-            K.run("pixel_flim", *args, maxn, cos, sin, float(offset), mean, g, s, cnt, status)
+            K.run("pixel_flim", *args, cos, sin, float(offset), mean, g, s, cnt, status)
         self._check(status, f)
         shape = (n, h, w)
         return mean.reshape(shape) if want == "mean" else None, \
@@ -527,8 +527,8 @@ class SiffFile:
     def _mask_flim(self, masks: Any, frames: FrameSelection, shifts: Shifts, phasor: bool,
                    harmonic: float, period_bins: int | None) -> tuple[np.ndarray, ...]:
         f = self._frames(frames)
-        args, shape, maxn = self._frame_args(f, shifts, photons=True)
-        plane, ptr, idx, n_masks = self._masks(masks, f, shape, stack=True)
+        args, shape, _ = self._frame_args(f, shifts, photons=True)
+        encoded, n_masks = self._masks(masks, f, shape, stack=True)
         n = len(f)
         cnt = np.zeros((n_masks, n), dtype=np.int64)
         tsum = np.zeros((n_masks, n), dtype=np.int64)
@@ -537,8 +537,7 @@ class SiffFile:
         cos, sin = self._lut(harmonic, period_bins) if phasor else (np.ones(1), np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
         if n:
-            K.run("mask_flim", *args, maxn, plane, ptr, idx, cos, sin, cnt, tsum, gsum, ssum,
-                  status)
+            K.run("mask_flim", *args, *encoded, cos, sin, cnt, tsum, gsum, ssum, status)
         self._check(status, f)
         return cnt, tsum, gsum, ssum
 
@@ -635,6 +634,29 @@ class SiffFile:
     def is_local(self) -> bool:
         """True when the file is memory-mapped from local disk."""
         return isinstance(self._source, LocalSource)
+
+
+def _mask_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode boolean masks ``(M, Z, H, W)`` as mask sets for the kernels.
+
+    Every (plane, pixel) gets the id of the combination of masks containing it
+    (``setid``, length ``Z*H*W``); set ``s`` holds masks
+    ``set_idx[set_ptr[s]:set_ptr[s+1]]``.
+    """
+    n_masks = m.shape[0]
+    n_px = int(np.prod(m.shape[1:]))
+    if n_masks == 0:
+        return np.zeros(n_px, np.int64), np.zeros(2, np.int64), np.zeros(0, np.int64)
+    flat = np.ascontiguousarray(m.reshape(n_masks, n_px).T)
+    packed = np.ascontiguousarray(np.packbits(flat, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    uniq, setid = np.unique(keys, return_inverse=True)
+    members = np.unpackbits(uniq.view(np.uint8).reshape(len(uniq), -1), axis=1,
+                            count=n_masks).astype(bool)
+    rows, cols = np.nonzero(members)
+    set_ptr = np.zeros(len(uniq) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(uniq)), out=set_ptr[1:])
+    return setid.reshape(-1).astype(np.int64), set_ptr, cols.astype(np.int64)
 
 
 def _reopen(path: Any, storage_options: Any, tau_bins: Any, bin_width_ps: Any,
