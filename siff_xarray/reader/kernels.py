@@ -85,13 +85,13 @@ def _in_bounds(buf, enc, off, nbytes, h, w):
 
 @numba.njit(**_JIT)
 def _image_u16(buf, enc, off, h, w):
-    """The dense u16 image of a compressed frame (its count image) or TIFF page."""
+    """Return the dense u16 image of a compressed frame (its count image) or TIFF page."""
     return _u16s(buf, off - 2 * h * w if enc == ENC_COMPRESSED else off, h * w)
 
 
 @numba.njit(**_JIT)
 def _consistent(cnt, nbytes):
-    """A compressed frame's counts must account for every stored arrival time."""
+    """Check that a compressed frame's counts account for every stored arrival time."""
     total = 0
     for p in range(cnt.shape[0]):
         total += np.int64(cnt[p])
