@@ -4,7 +4,7 @@ No real ``.siff`` files are public, so tests, demos, docs and benchmarks use
 files made here. :func:`write_siff` simulates an acquisition (a scene of
 Gaussian "cells" per slice, per-channel brightness, Poisson photon counts,
 arrival times drawn from a multi-exponential decay convolved with a Gaussian
-IRF and wrapped into one laser period, rigid motion per volume, flyback frames,
+IRF and wrapped into one laser period, rigid motion per scan, flyback frames,
 timestamps and appended text events) and writes it with :class:`SiffWriter` in
 the byte layout the reference readers accept (BigTIFF, 19 tags per IFD; see
 ``docs/format.md``). It returns a :class:`SyntheticTruth` with every photon.
@@ -406,7 +406,8 @@ def write_siff(
         Arrival-time bins per laser period and ScanImage ``binResolution``
         (bin width ``5 * 2**bin_resolution`` ps).
     max_shift
-        Largest rigid motion (pixels, each axis); motion is a random walk per volume.
+        Largest rigid motion (pixels, each axis); motion is a random walk of one
+        pixel steps per scan (all channels of a scan share its position).
     frame_period_s, start_epoch_ns
         Timing of the scans; the laser-clock epoch of the first frame.
     events
@@ -437,9 +438,14 @@ def write_siff(
     period_ns = tau_bins * bin_ps / 1000.0
     m = max_shift
     scenes = [_scene(rng, h + 2 * m, w + 2 * m, n_cells) for _ in range(n_slices)]
-    # motion: random walk per volume, clipped
-    steps = rng.integers(-1, 2, size=(n_volumes, 2)) if m else np.zeros((n_volumes, 2), int)
-    vol_shift = np.clip(np.cumsum(steps, axis=0), -m, m).astype(np.int64)
+    # motion: a clipped random walk per scan (the channels of one scan share it)
+    n_scans = -(-n_frames // c)
+    steps = rng.integers(-1, 2, size=(n_scans, 2)) if m else np.zeros((n_scans, 2), int)
+    scan_shift = np.zeros((n_scans, 2), dtype=np.int64)
+    for k in range(1, n_scans):  # reflect at the bounds so motion keeps moving
+        scan_shift[k] = scan_shift[k - 1] + steps[k]
+        over = np.abs(scan_shift[k]) > m
+        scan_shift[k][over] -= 2 * steps[k][over]
     activity = 1.0 + 0.3 * np.sin(np.arange(n_volumes) / 3.0)
 
     nvfd = scanimage_header(height=h, width=w, channels=channels, n_slices=n_slices,
@@ -467,7 +473,7 @@ def write_siff(
             ch = r % c
             fly = r >= v
             zslice = 0 if fly else (r // c) // frames_per_slice
-            sy, sx = vol_shift[vol]
+            sy, sx = scan_shift[scan]
             if not fly:
                 shifts[fr] = (sy, sx)
             scene = scenes[zslice][m + sy : m + sy + h, m + sx : m + sx + w]
