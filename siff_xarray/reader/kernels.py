@@ -99,6 +99,13 @@ def _consistent(cnt, nbytes):
 
 
 @numba.njit(**_JIT)
+def _compressed(buf, off, nbytes, h, w):
+    """Count image and arrival times of a compressed frame, and whether they agree."""
+    img = _u16s(buf, off - 2 * h * w, h * w)
+    return img, _u16s(buf, off, nbytes // 2), _consistent(img, nbytes)
+
+
+@numba.njit(**_JIT)
 def _raw_pixel(rec, h, w, sy, sx):
     """Shifted pixel index of a raw photon record, or -1 if outside the frame."""
     y = np.int64(rec >> np.uint64(48))
@@ -106,6 +113,29 @@ def _raw_pixel(rec, h, w, sy, sx):
     if y >= h or x >= w:
         return -1
     return _wrap(y + sy, h) * w + _wrap(x + sx, w)
+
+
+@numba.njit(**_JIT)
+def _raw_tau(rec):
+    """Arrival-time bin of a raw photon record (its low 32 bits)."""
+    return np.int64(rec & np.uint64(0xFFFFFFFF))
+
+
+@numba.njit(**_JIT)
+def _run_sums(arr, k, nq, phasor, cos_lut, sin_lut):
+    """Sum of the arrival bins ``arr[k:k+nq]`` (one pixel's run) and of their phasors."""
+    period = cos_lut.shape[0]
+    ts = 0
+    gs = 0.0
+    ss = 0.0
+    for j in range(k, k + nq):
+        t = np.int64(arr[j])
+        ts += t
+        if phasor:
+            b = t % period
+            gs += cos_lut[b]
+            ss += sin_lut[b]
+    return ts, gs, ss
 
 
 @numba.njit(**_JIT)
@@ -239,10 +269,7 @@ def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, mode, out, overflow,
             else:
                 m = 0
             for k in range(m):
-                if enc[i] == ENC_RAW:
-                    t = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
-                else:
-                    t = np.int64(arr[k])
+                t = _raw_tau(rec[k]) if enc[i] == ENC_RAW else np.int64(arr[k])
                 if t >= nbins:
                     if mode == MODE_WRAP:
                         t = t % nbins
@@ -282,9 +309,8 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
                 continue
             st = ST_OK
             if enc[i] == ENC_COMPRESSED:
-                img = _image_u16(buf, enc[i], off[i], h, w)
-                arr = _u16s(buf, off[i], nb[i] // 2)
-                if not _consistent(img, nb[i]):
+                img, arr, ok = _compressed(buf, off[i], nb[i], h, w)
+                if not ok:
                     status[i] = ST_MISMATCH
                     continue
                 k = 0
@@ -293,16 +319,7 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
                     for x in range(w):
                         q = dst + _wrap(x + dx, w)
                         nq = np.int64(img[y * w + x])
-                        ts = 0
-                        gs = 0.0
-                        ss = 0.0
-                        for j in range(k, k + nq):
-                            t = np.int64(arr[j])
-                            ts += t
-                            if want_phasor:
-                                b = t % period
-                                gs += cos_lut[b]
-                                ss += sin_lut[b]
+                        ts, gs, ss = _run_sums(arr, k, nq, want_phasor, cos_lut, sin_lut)
                         k += nq
                         if want_count:
                             out_count[i, q] = nq
@@ -318,7 +335,7 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
                     if q < 0:
                         st = ST_BAD_PIXEL
                         break
-                    t = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+                    t = _raw_tau(rec[k])
                     cnt[q] += 1
                     tsum[q] += t
                     if want_phasor:
@@ -371,9 +388,8 @@ def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
             a_cos[:] = 0.0
             a_sin[:] = 0.0
             if enc[i] == ENC_COMPRESSED:
-                img = _image_u16(buf, enc[i], off[i], h, w)
-                arr = _u16s(buf, off[i], nb[i] // 2)
-                if not _consistent(img, nb[i]):
+                img, arr, ok = _compressed(buf, off[i], nb[i], h, w)
+                if not ok:
                     status[i] = ST_MISMATCH
                     continue
                 k = 0
@@ -384,14 +400,11 @@ def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
                         if nq == 0:
                             continue
                         s = setid[dst + _wrap(x + dx, w)]
+                        ts, gs, ss = _run_sums(arr, k, nq, phasor, cos_lut, sin_lut)
                         a_cnt[s] += nq
-                        for j in range(k, k + nq):
-                            t = np.int64(arr[j])
-                            a_sum[s] += t
-                            if phasor:
-                                b = t % period
-                                a_cos[s] += cos_lut[b]
-                                a_sin[s] += sin_lut[b]
+                        a_sum[s] += ts
+                        a_cos[s] += gs
+                        a_sin[s] += ss
                         k += nq
             else:
                 rec = _u64s(buf, off[i], nb[i] // 8)
@@ -401,7 +414,7 @@ def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
                         st = ST_BAD_PIXEL
                         break
                     s = setid[base + q]
-                    t = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+                    t = _raw_tau(rec[k])
                     a_cnt[s] += 1
                     a_sum[s] += t
                     if phasor:
@@ -436,12 +449,11 @@ def _decode_photons(buf, enc, off, nbytes, h, w, pix, tau):
             if q < 0:
                 return k, ST_BAD_PIXEL
             pix[k] = q
-            tau[k] = np.int64(rec[k] & np.uint64(0xFFFFFFFF))
+            tau[k] = _raw_tau(rec[k])
         return rec.shape[0], ST_OK
-    img = _image_u16(buf, enc, off, h, w)
-    if not _consistent(img, nbytes):
+    img, arr, ok = _compressed(buf, off, nbytes, h, w)
+    if not ok:
         return 0, ST_MISMATCH
-    arr = _u16s(buf, off, nbytes // 2)
     k = 0
     for q in range(h * w):
         for _ in range(img[q]):

@@ -455,8 +455,8 @@ class SiffFile:
         return bins
 
     def _pixel_flim(self, frames: FrameSelection, shifts: Shifts, want: str, offset: float,
-                    harmonic: float, period_bins: int | None, dtype: type
-                    ) -> tuple[np.ndarray, ...]:
+                    harmonic: float, period_bins: int | None, dtype: type,
+                    counts: bool = False) -> tuple[np.ndarray | None, ...]:
         f = self._frames(frames)
         args, (h, w), _ = self._frame_args(f, shifts, photons=True)
         n = len(f)
@@ -464,7 +464,7 @@ class SiffFile:
         mean = np.empty((n, h * w), dtype=dtype) if want == "mean" else none
         g = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
         s = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
-        cnt = np.empty((n, h * w), dtype=np.int64)
+        cnt = np.empty((n, h * w) if counts else (0, 0), dtype=np.int32)
         cos, sin = self._lut(harmonic, period_bins) if want == "phasor" else (np.ones(1),
                                                                              np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
@@ -474,7 +474,8 @@ class SiffFile:
         shape = (n, h, w)
         return mean.reshape(shape) if want == "mean" else None, \
             g.reshape(shape) if want == "phasor" else None, \
-            s.reshape(shape) if want == "phasor" else None, cnt.reshape(shape)
+            s.reshape(shape) if want == "phasor" else None, \
+            cnt.reshape(shape) if counts else None
 
     def lifetime_images(
         self,
@@ -499,10 +500,11 @@ class SiffFile:
         dtype
             ``float64`` (default) or ``float32``.
         return_intensity
-            Also return the photon counts ``(F, H, W)`` ``int64``.
+            Also return the photon counts ``(F, H, W)`` ``int32``.
 
         """
-        mean, _, _, cnt = self._pixel_flim(frames, shifts, "mean", offset_bins, 1.0, None, dtype)
+        mean, _, _, cnt = self._pixel_flim(frames, shifts, "mean", offset_bins, 1.0, None, dtype,
+                                           counts=return_intensity)
         mean = self._to_units(mean, units)
         return (mean, cnt) if return_intensity else mean
 
