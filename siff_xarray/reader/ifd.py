@@ -54,10 +54,18 @@ for _t, _s in {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 
 
 @numba.njit(cache=True, nogil=True)
 def _uint(buf, pos, nbytes):
-    """Little-endian unsigned integer of ``nbytes`` bytes at ``pos`` (caller checks bounds)."""
-    v = np.int64(0)
-    for k in range(nbytes):
-        v |= np.int64(buf[pos + k]) << (8 * k)
+    """Little-endian unsigned integer of 1, 2, 4 or 8 bytes at ``pos`` (caller checks bounds).
+
+    Values of 2**63 and more come out negative; callers treat those as invalid.
+    """
+    v = np.int64(buf[pos])
+    if nbytes >= 2:
+        v |= np.int64(buf[pos + 1]) << 8
+    if nbytes >= 4:
+        v |= (np.int64(buf[pos + 2]) << 16) | (np.int64(buf[pos + 3]) << 24)
+    if nbytes == 8:
+        v |= ((np.int64(buf[pos + 4]) << 32) | (np.int64(buf[pos + 5]) << 40)
+              | (np.int64(buf[pos + 6]) << 48) | (np.int64(buf[pos + 7]) << 56))
     return v
 
 
@@ -112,11 +120,11 @@ def _walk(buf, buf_start, file_size, pos, count, out, bigtiff, header_end, monot
                     return S_CYCLE, pos, count, monotonic, 0
         if count >= out.shape[0]:
             return S_FULL, pos, count, monotonic, 0
-        row = out[count]
-        row[:] = -1
-        row[C_IFD] = pos
-        row[C_STRIP_COUNT] = 0
-        row[C_DESC_INLINE] = 0
+        for col in range(N_COLS):
+            out[count, col] = -1
+        out[count, C_IFD] = pos
+        out[count, C_STRIP_COUNT] = 0
+        out[count, C_DESC_INLINE] = 0
         base = pos - buf_start + cnt_sz
         for e in range(n):
             ep = base + e * ent_sz
@@ -130,31 +138,31 @@ def _walk(buf, buf_start, file_size, pos, count, out, bigtiff, header_end, monot
             inline = tcount >= 0 and tcount <= osz // tsz
             value = _uint(buf, vpos, min(tsz, 8)) if inline else _uint(buf, vpos, osz)
             if tag == 256:
-                row[C_WIDTH] = value
+                out[count, C_WIDTH] = value
             elif tag == 257:
-                row[C_HEIGHT] = value
+                out[count, C_HEIGHT] = value
             elif tag == 258:
-                row[C_BPS] = value if tcount == 1 else -2
+                out[count, C_BPS] = value if tcount == 1 else -2
             elif tag == 259:
-                row[C_COMPRESSION] = value
+                out[count, C_COMPRESSION] = value
             elif tag == 270:
-                row[C_DESC_COUNT] = tcount
+                out[count, C_DESC_COUNT] = tcount
                 if typ == 2 and inline:
-                    row[C_DESC_OFF] = vpos + buf_start
-                    row[C_DESC_INLINE] = 1
+                    out[count, C_DESC_OFF] = vpos + buf_start
+                    out[count, C_DESC_INLINE] = 1
                 else:
-                    row[C_DESC_OFF] = _uint(buf, vpos, osz)
+                    out[count, C_DESC_OFF] = _uint(buf, vpos, osz)
             elif tag == 273:
-                row[C_STRIP_OFF] = value
-                row[C_STRIP_COUNT] = tcount
+                out[count, C_STRIP_OFF] = value
+                out[count, C_STRIP_COUNT] = tcount
             elif tag == 279:
-                row[C_STRIP_BYTES] = value
+                out[count, C_STRIP_BYTES] = value
             elif tag == 339:
-                row[C_SAMPLEFMT] = value
+                out[count, C_SAMPLEFMT] = value
             elif tag == 907:
-                row[C_SIFF] = value
+                out[count, C_SIFF] = value
         nxt = _uint(buf, base + n * ent_sz, osz)
-        row[C_NEXT] = nxt
+        out[count, C_NEXT] = nxt
         count += 1
         pos = nxt
     return S_END, pos, count, monotonic, 0
