@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=700)
     ap.add_argument("--photons", type=float, default=24000)
     ap.add_argument("--path", type=Path, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     path = args.path or HERE / "_data" / f"session_{args.volumes}v_{args.photons:g}p.siff"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -245,47 +245,60 @@ def _sum_masks(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
                         out[set_idx[j], i] += v
 
 
+@numba.njit(**_JIT)
+def _bin(t, nbins, mode):
+    """Histogram bin of arrival ``t``, or -1 when ``mode`` drops it."""
+    if t < nbins:
+        return t
+    if mode == MODE_WRAP:
+        return t % nbins
+    return -1 if mode == MODE_DROP else nbins - 1
+
+
 def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, mode, out, overflow, status):
-    """Arrival histograms; reads only the arrival times (pixels are not needed)."""
+    """Arrival histograms; reads only the arrival times (pixels are not needed).
+
+    Photons are counted into four interleaved copies of the histogram so that
+    consecutive photons in one bin do not serialise on a single counter.
+    """
     n = enc.shape[0]
     nbins = out.shape[1]
     for c in prange(nchunks):
-        # four interleaved copies break the dependency between increments of one bin
-        sub = np.zeros((4, nbins), dtype=np.int64)
+        sub = np.zeros(4 * nbins, dtype=np.int64)
         lo, hi = _chunk(c, nchunks, n)
         for i in range(lo, hi):
             if not _in_bounds(buf, enc[i], off[i], nb[i], hh[i], ww[i]):
                 status[i] = ST_OUT_OF_BOUNDS
                 continue
             status[i] = ST_OK
+            over = 0
             if enc[i] == ENC_RAW:
                 rec = _u64s(buf, off[i], nb[i] // 8)
-                m = rec.shape[0]
+                for k in range(rec.shape[0]):
+                    t = _raw_tau(rec[k])
+                    if t >= nbins:
+                        over += 1
+                        t = _bin(t, nbins, mode)
+                        if t < 0:
+                            continue
+                    sub[(k & 3) * nbins + t] += 1
             elif enc[i] == ENC_COMPRESSED:
-                if not _consistent(_image_u16(buf, enc[i], off[i], hh[i], ww[i]), nb[i]):
+                img, arr, ok = _compressed(buf, off[i], nb[i], hh[i], ww[i])
+                if not ok:
                     status[i] = ST_MISMATCH
                     continue
-                arr = _u16s(buf, off[i], nb[i] // 2)
-                m = arr.shape[0]
-            else:
-                m = 0
-            for k in range(m):
-                t = _raw_tau(rec[k]) if enc[i] == ENC_RAW else np.int64(arr[k])
-                if t >= nbins:
-                    if mode == MODE_WRAP:
-                        t = t % nbins
-                    else:
-                        overflow[i] += 1
-                        if mode == MODE_DROP:
+                for k in range(arr.shape[0]):
+                    t = np.int64(arr[k])
+                    if t >= nbins:
+                        over += 1
+                        t = _bin(t, nbins, mode)
+                        if t < 0:
                             continue
-                        t = nbins - 1
-                sub[k & 3, t] += 1
+                    sub[(k & 3) * nbins + t] += 1
+            overflow[i] = 0 if mode == MODE_WRAP else over
             for b in range(nbins):
-                out[i, b] = sub[0, b] + sub[1, b] + sub[2, b] + sub[3, b]
-                sub[0, b] = 0
-                sub[1, b] = 0
-                sub[2, b] = 0
-                sub[3, b] = 0
+                out[i, b] = sub[b] + sub[nbins + b] + sub[2 * nbins + b] + sub[3 * nbins + b]
+            sub[:] = 0
 
 
 def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, offset,
