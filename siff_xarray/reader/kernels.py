@@ -283,7 +283,7 @@ def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, mode, out, overflow,
                             continue
                     sub[(k & 3) * nbins + t] += 1
             elif enc[i] == ENC_COMPRESSED:
-                img, arr, ok = _compressed(buf, off[i], nb[i], hh[i], ww[i])
+                _, arr, ok = _compressed(buf, off[i], nb[i], hh[i], ww[i])
                 if not ok:
                     status[i] = ST_MISMATCH
                     continue
