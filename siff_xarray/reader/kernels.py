@@ -31,6 +31,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from .ifd import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
+
 __all__ = [
     "MODE_CLIP", "MODE_DROP", "MODE_WRAP", "ST_BAD_PIXEL", "ST_MISMATCH", "ST_OK",
     "ST_OUT_OF_BOUNDS", "ST_SATURATED", "run",
@@ -42,7 +44,6 @@ ST_MISMATCH = 2  #: compressed count image disagrees with the arrival-time block
 ST_OUT_OF_BOUNDS = 3  #: frame data outside the buffer
 ST_SATURATED = 4  #: a pixel holds more than 65535 photons (uint16 output saturated)
 
-ENC_RAW, ENC_COMPRESSED, ENC_TIFF = 0, 1, 2
 MODE_DROP, MODE_CLIP, MODE_WRAP = 0, 1, 2
 
 _JIT = {"cache": True, "nogil": True}
@@ -50,11 +51,6 @@ _JIT = {"cache": True, "nogil": True}
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is
     raise ImportError("siff-xarray decodes little-endian data with native views and needs a "
                       "little-endian CPU")
-
-
-@numba.njit(**_JIT)
-def _u16(buf, p):
-    return np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8)
 
 
 @numba.njit(**_JIT)

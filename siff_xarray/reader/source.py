@@ -19,7 +19,6 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -193,7 +192,3 @@ def open_source(
         return LocalSource(path)
     return FileObjectSource(path_or_fileobj)
 
-
-def as_int_array(values: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Return ``values`` as a 1-D ``int64`` array."""
-    return np.asarray(values, dtype=np.int64).reshape(-1)
