@@ -325,3 +325,35 @@ def test_intensity_tiff_file(tmp_path):
         assert f.im_params.num_colors == 2
         with pytest.raises(SiffFormatError, match="plain TIFF"):
             f.histograms()
+
+
+def test_read_ranges_coalesces_and_keeps_order(siff_files):
+    import io
+
+    from siff_xarray.reader.source import FileObjectSource
+
+    t = siff_files["single_raw"]
+    with open(t.path, "rb") as fh:
+        data = fh.read()
+
+    class Counting(io.BytesIO):
+        reads = 0
+
+        def read(self, n=-1):
+            Counting.reads += 1
+            return super().read(n)
+
+    src = FileObjectSource(Counting(data))
+    starts = np.array([500, 100, 100, 3000, len(data) - 20])
+    stops = starts + np.array([10, 50, 5, 0, 7])
+    Counting.reads = 0
+    buf, base = src.read_ranges(starts, stops)
+    for s, e, b in zip(starts, stops, base, strict=True):
+        assert bytes(buf[b : b + e - s]) == data[s:e]
+    assert Counting.reads <= 2  # nearby ranges share one read
+    src.coalesce_gap = 0
+    Counting.reads = 0
+    buf, base = src.read_ranges(starts, stops)
+    for s, e, b in zip(starts, stops, base, strict=True):
+        assert bytes(buf[b : b + e - s]) == data[s:e]
+    assert Counting.reads >= 3

@@ -42,22 +42,40 @@ class ByteSource:
         """Return the whole file as a ``uint8`` array, or ``None`` if not mapped."""
         return None
 
+    #: Ranges closer than this are fetched with one read (frames sit back to back on disk).
+    coalesce_gap = 64 * 2**10
+
     def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Gather byte ranges into one contiguous buffer.
+        """Gather byte ranges into one buffer, with one read per run of nearby ranges.
 
         Returns ``(buf, base)`` where ``buf[base[i]:base[i] + stops[i] - starts[i]]``
         holds bytes ``starts[i]:stops[i]`` of the file.
         """
-        lengths = np.asarray(stops, dtype=np.int64) - np.asarray(starts, dtype=np.int64)
-        base = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths):
-            base[1:] = np.cumsum(lengths)[:-1]
-        buf = np.empty(int(lengths.sum()), dtype=np.uint8)
-        for i, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
-            chunk = self.read(s, n)
-            if len(chunk) != n:
-                raise SiffFormatError(self.name, f"file ends inside a {n}-byte data block", s)
-            buf[base[i] : base[i] + n] = np.frombuffer(chunk, dtype=np.uint8)
+        starts = np.asarray(starts, dtype=np.int64)
+        stops = np.asarray(stops, dtype=np.int64)
+        if len(starts) == 0:
+            return np.empty(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+        # merge ranges (in file order) whose gaps are small into read blocks
+        order = np.argsort(starts, kind="stable")
+        s_sorted, e_sorted = starts[order], np.maximum.accumulate(stops[order])
+        new_block = np.ones(len(order), dtype=bool)
+        new_block[1:] = s_sorted[1:] > e_sorted[:-1] + self.coalesce_gap
+        block_of = np.cumsum(new_block) - 1
+        first = np.flatnonzero(new_block)
+        block_start = s_sorted[first]
+        block_stop = np.maximum.reduceat(e_sorted, first)
+        block_base = np.zeros(len(first), dtype=np.int64)
+        block_base[1:] = np.cumsum(block_stop - block_start)[:-1]
+        buf = np.empty(int((block_stop - block_start).sum()), dtype=np.uint8)
+        for b0, b1, at in zip(block_start.tolist(), block_stop.tolist(), block_base.tolist(),
+                              strict=True):
+            chunk = self.read(b0, b1 - b0)
+            if len(chunk) != b1 - b0:
+                raise SiffFormatError(self.name, f"file ends inside a {b1 - b0}-byte data "
+                                      "block", b0)
+            buf[at : at + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        base = np.empty(len(starts), dtype=np.int64)
+        base[order] = block_base[block_of] + (s_sorted - block_start[block_of])
         return buf, base
 
     def close(self) -> None:
