@@ -8,7 +8,17 @@ import pytest
 from siff_xarray import SiffFile, SiffFormatError
 from siff_xarray.synthetic import write_siff
 
-corrosiffpy = pytest.importorskip("corrosiffpy")
+try:
+    import corrosiffpy
+except ImportError:  # no wheel for this Python (e.g. 3.13): the ground-truth checks still run
+    corrosiffpy = None
+
+
+def _corrosiff(path):
+    """Open ``path`` with corrosiffpy for a cross-check, or skip the rest of the test."""
+    if corrosiffpy is None:
+        pytest.skip("corrosiffpy has no wheel for this Python; cross-check skipped")
+    return corrosiffpy.open_file(path)
 
 
 def _all(t):
@@ -23,7 +33,7 @@ def test_frames_match_truth_and_corrosiff(truth):
         got = f.read_frames()
         assert got.dtype == np.uint16
         np.testing.assert_array_equal(got, truth.intensity())
-        c = corrosiffpy.open_file(truth.path) if f.header.bigtiff else None
+        c = _corrosiff(truth.path) if f.header.bigtiff else None
         if c is not None:  # corrosiff cannot read classic TIFF (it panics)
             np.testing.assert_array_equal(got, c.get_frames(_all(truth)))
 
@@ -69,7 +79,7 @@ def test_corrosiff_registration_positive_shifts(siff_files, rng):
     h, w = t.shape
     shifts = {i: (int(rng.integers(0, h)), int(rng.integers(0, w))) for i in range(t.n_frames)}
     with SiffFile(t.path) as f:
-        c = corrosiffpy.open_file(t.path)
+        c = _corrosiff(t.path)
         np.testing.assert_array_equal(f.read_frames(shifts=shifts),
                                       c.get_frames(_all(t), registration=shifts))
         masks = rng.random((3, h, w)) > 0.5
@@ -86,7 +96,7 @@ def test_histograms(truth):
         for i in range(truth.n_frames):
             np.testing.assert_array_equal(
                 h[i], np.bincount(truth.photons(i)[1], minlength=truth.tau_bins))
-        c = corrosiffpy.open_file(truth.path)
+        c = _corrosiff(truth.path)
         np.testing.assert_array_equal(f.histograms(mode="corrosiff"),
                                       c.get_histogram_by_frames(_all(truth)))
 
@@ -99,7 +109,7 @@ def test_histogram_overflow_modes(tmp_path):
         clip = f.histograms(mode="clip")
         wrap = f.histograms(mode="wrap")
         corr = f.histograms(mode="corrosiff")
-        c = corrosiffpy.open_file(t.path)
+        c = _corrosiff(t.path)
         np.testing.assert_array_equal(corr, c.get_histogram_by_frames(list(range(t.n_frames))))
     assert over.sum() > 0
     for i in range(t.n_frames):
@@ -124,7 +134,7 @@ def test_sum_masks_2d_and_stacks(truth, rng):
         np.testing.assert_array_equal(f.sum_masks(list(masks)), want)
         np.testing.assert_array_equal(f.sum_mask(masks[1]), want[1])
         if f.header.bigtiff:
-            c = corrosiffpy.open_file(truth.path)
+            c = _corrosiff(truth.path)
             np.testing.assert_array_equal(f.sum_masks(masks), c.sum_rois(masks, _all(truth)))
             np.testing.assert_array_equal(f.sum_mask(masks[0]), c.sum_roi(masks[0],
                                                                            frames=_all(truth)))
@@ -176,7 +186,7 @@ def test_lifetime_and_phasor_images(truth):
             np.testing.assert_array_equal(inten[i].ravel(), cnt)
         np.testing.assert_allclose(ns, mean * truth.bin_width_ps / 1000, rtol=1e-6)
         if f.header.bigtiff:
-            c = corrosiffpy.open_file(truth.path)
+            c = _corrosiff(truth.path)
             lc, _ic, _ = c.flim_map(None, _all(truth))
             np.testing.assert_allclose(mean, lc, equal_nan=True)
             pc = c.flim_map(None, _all(truth), flim_method="phasor")[0]
@@ -208,7 +218,7 @@ def test_mask_flim_and_phasor(truth, rng):
                     assert g[m, i] == pytest.approx(np.cos(ang).mean())
                     assert s[m, i] == pytest.approx(np.sin(ang).mean())
         if f.header.bigtiff:
-            c = corrosiffpy.open_file(truth.path)
+            c = _corrosiff(truth.path)
             lc, ic, _ = c.sum_rois_flim(masks, None, _all(truth), registration=shifts)
             np.testing.assert_array_equal(ic, cnt)
             with np.errstate(invalid="ignore"):
@@ -241,7 +251,7 @@ def test_timestamps_exact(truth):
     assert [(e.frame, e.text) for e in ts.events] == [(e[0], e[1]) for e in truth.events]
     np.testing.assert_array_equal([e.time_s for e in ts.events], [e[2] for e in truth.events])
     if truth.path.endswith("smallest_bright.siff"):
-        c = corrosiffpy.open_file(truth.path)
+        c = _corrosiff(truth.path)
         np.testing.assert_array_equal(ts.epoch_laser_ns.astype(np.uint64),
                                       c.get_epoch_timestamps_laser(_all(truth)))
         np.testing.assert_array_equal(ts.experiment_s, c.get_experiment_timestamps(_all(truth)))
