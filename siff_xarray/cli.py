@@ -24,8 +24,8 @@ from .errors import SiffFormatError
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Open a file and compute the summary ``info`` and ``demo`` print.
 
-    Besides metadata it decodes every non-flyback frame once to report the mean
-    photons per pixel of each (slice, channel) plane.
+    Besides metadata it decodes every non-flyback frame once (streaming, through the
+    mask kernel) to report the mean photons per pixel of each (slice, channel) plane.
     """
     import numpy as np
 
@@ -38,14 +38,16 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         ts = f.timestamps()
         real = np.asarray(ip.all_frames, dtype=np.int64)
         planes = []
+        h, w = f.frame_shape
+        whole = np.ones((h, w), dtype=bool)  # streams: no frame stack is held in memory
         for z in range(ip.num_slices):
             for c in range(ip.num_colors):
                 frames = ip.framelist_by_slice(c, z, include_partial=True)
-                img = f.read_frames(frames)
+                total = f.sum_mask(whole, frames).sum()
                 planes.append({"slice": z, "z_um": float(ip.z_positions[z]),
                                "channel": ip.colors[c], "frames": len(frames),
-                               "mean_photons_per_pixel": float(img.mean()) if len(frames)
-                               else float("nan")})
+                               "mean_photons_per_pixel": float(total / (len(frames) * h * w))
+                               if len(frames) else float("nan")})
         duration = float(np.nanmax(ts.experiment_s) - np.nanmin(ts.experiment_s)) \
             if len(ts.experiment_s) else 0.0
         return {

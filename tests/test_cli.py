@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from siff_xarray.cli import main
 
 
@@ -19,6 +21,18 @@ def test_demo_and_info(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["frames"] == 322 and s["channels"] == [1, 2] and s["timepoints"] == 40
     assert [e["text"] for e in s["events"]] == ["stimulus on", "stimulus off"]
+    # per-plane means equal the ground truth (the demo writer is deterministic)
+    from siff_xarray import SiffFile
+    from siff_xarray.synthetic import make_demo
+
+    truth = make_demo(tmp_path / "again.siff")
+    with SiffFile(truth.path) as f:
+        ip = f.im_params
+        for pl in s["planes"]:
+            c = ip.colors.index(pl["channel"])
+            frames = ip.framelist_by_slice(c, pl["slice"], include_partial=True)
+            assert pl["mean_photons_per_pixel"] == pytest.approx(
+                truth.intensity(frames).mean())
 
 
 def test_bad_file_one_line_error(tmp_path):
