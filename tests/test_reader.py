@@ -367,3 +367,66 @@ def test_read_ranges_coalesces_and_keeps_order(siff_files):
     for s, e, b in zip(starts, stops, base, strict=True):
         assert bytes(buf[b : b + e - s]) == data[s:e]
     assert Counting.reads >= 3
+
+
+def test_slice_selection_and_events(siff_files):
+    t = siff_files["smallest_bright"]
+    with SiffFile(t.path) as f:
+        np.testing.assert_array_equal(f.read_frames(slice(1, None, 3)),
+                                      t.intensity(range(1, t.n_frames, 3)))
+        assert [(e.frame, e.text) for e in f.events()] == [(2, "odour A"), (5, "no time")]
+        with pytest.raises(TypeError, match="integers"):
+            f.read_frames([0.5])
+
+
+def test_saturated_pixel_warns(tmp_path):
+    from siff_xarray import SiffWarning
+    from siff_xarray.synthetic import SiffWriter, roi_json, scanimage_header
+
+    p = tmp_path / "sat.siff"
+    n = 70_000  # more photons in pixel (1, 2) than uint16 holds
+    rec = (np.uint64(1) << np.uint64(48)) | (np.uint64(2) << np.uint64(32)) | np.arange(
+        n, dtype=np.uint64) % np.uint64(600)
+    with open(p, "wb") as fh:
+        w = SiffWriter(fh, scanimage_header(height=4, width=4), roi_json(4, 4))
+        w.set_shape(4, 4)
+        w.write_frame("frameTimestamps_sec = 0.1\nepoch = 5\n", photons=rec)
+    with SiffFile(p) as f:
+        with pytest.warns(SiffWarning, match="more than 65535"):
+            img = f.read_frames()
+        assert img[0, 1, 2] == 65535
+        assert f.sum_mask(np.ones((4, 4), bool))[0] == n  # exact where not saturated
+        assert f.lifetime_images(return_intensity=True)[1][0, 1, 2] == n
+
+
+def test_arrival_axis_overrides(siff_files):
+    t = siff_files["single_compressed"]
+    with SiffFile(t.path) as f:
+        base = f.lifetime_images(units="bins")
+        assert f.im_params.picoseconds_per_bin == 20.0
+        np.testing.assert_allclose(f.lifetime_images(units="bins", offset_bins=10.0),
+                                   base - 10.0, equal_nan=True)
+        with pytest.raises(ValueError, match="units"):
+            f.lifetime_images(units="ps")
+    with SiffFile(t.path, base_resolution_ps=20.0) as f:
+        assert f.im_params.picoseconds_per_bin == 80.0
+        np.testing.assert_allclose(f.lifetime_images(), base * 0.08, equal_nan=True)
+    with SiffFile(t.path, tau_bins=100, bin_width_ps=50.0) as f:
+        assert f.histograms().shape == (t.n_frames, 100)
+        assert f.im_params.arrival_time_bins[1] == 50.0
+
+
+def test_implausible_header_values(tmp_path):
+    for extra, match in (({"SI.hScan2D.Acq.Tau_bins": "99999999999"}, "implausible"),
+                         ({"SI.hScan2D.Acq.binResolution": "400"}, "implausible")):
+        p = tmp_path / "h.siff"
+        write_siff(p, shape=(4, 4), n_timepoints=1, header_extra=extra)
+        # the extra line comes after the normal one and the first wins: blank the normal
+        # line out (same length, so the header stays valid) to make the bad value count
+        data = p.read_bytes()
+        key = next(iter(extra)).encode()
+        good_line = data[data.index(key): data.index(b"\n", data.index(key)) + 1]
+        data = data.replace(good_line, b"X" * (len(good_line) - 1) + b"\n", 1)
+        p.write_bytes(data)
+        with SiffFile(p) as f, pytest.raises(SiffFormatError, match=match):
+            f.histograms() if b"Tau" in key else f.lifetime_images()
