@@ -13,6 +13,9 @@ ImParams
     Frame bookkeeping (channels, slices, flyback, SiffPy-style frame lists).
 SiffFormatError, SiffWarning
     Errors and warnings about file content.
+open_siff, open_acquisition
+    One file, or the numbered files of one acquisition, as a lazy xarray Dataset
+    (``xr.open_dataset(path, engine="siff")`` is ``open_siff``).
 synthetic
     Writer of synthetic ScanImage-FLIM files with ground truth.
 """
@@ -26,16 +29,22 @@ from .errors import SiffFormatError, SiffWarning
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ImParams", "SiffFile", "SiffFormatError", "SiffWarning", "__version__", "synthetic"]
+__all__ = [
+    "ImParams", "SiffFile", "SiffFormatError", "SiffWarning", "__version__", "open_acquisition",
+    "open_siff", "synthetic",
+]
 
 _LAZY = {
     "SiffFile": ("siff_xarray.reader.siff_file", "SiffFile"),
     "ImParams": ("siff_xarray.reader.imparams", "ImParams"),
     "synthetic": ("siff_xarray.synthetic", None),
+    "open_siff": ("siff_xarray.backend", "open_siff"),
+    "open_acquisition": ("siff_xarray.backend", "open_acquisition"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import synthetic
+    from .backend import open_acquisition, open_siff
     from .reader.imparams import ImParams
     from .reader.siff_file import SiffFile
 

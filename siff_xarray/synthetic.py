@@ -301,6 +301,8 @@ class SyntheticTruth:
     tau_bins: int
     bin_width_ps: float
     scene: np.ndarray = field(repr=False)
+    #: every file written (more than one with ``frames_per_file``), in frame order
+    paths: list[str] = field(default_factory=list)
 
     def photons(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
         """``(pixel_index, arrival)`` of one frame, sorted by pixel."""
@@ -368,6 +370,7 @@ def write_siff(
     n_cells: int = 12,
     seed: int = 0,
     header_extra: Mapping[str, str] | None = None,
+    frames_per_file: int | None = None,
     return_truth: bool = True,
 ) -> SyntheticTruth | None:
     """Simulate an acquisition and write it as a ScanImage-FLIM file.
@@ -420,6 +423,11 @@ def write_siff(
         Scene complexity and random seed.
     header_extra
         Extra header lines (raw MATLAB literal text).
+    frames_per_file
+        Split the acquisition as ScanImage does (``logFramesPerFile``): files
+        ``<stem>_00001<suffix>``, ``<stem>_00002<suffix>``, ... of this many frames
+        each (volumes may straddle files), named after ``path``; frame numbers and
+        timestamps continue across files.
     return_truth
         Collect and return the ground truth (set False for huge files).
 
@@ -464,10 +472,23 @@ def write_siff(
     event_list: list[tuple[int, str, float]] = []
     start_system = start_epoch_ns - 535_000_000
     drift_ppm = 3.0
-    with open(path, "wb") as fh:
-        writer = SiffWriter(fh, nvfd, roi_json(h, w), bigtiff=bigtiff)
-        writer.set_shape(h, w)
-        for fr in range(n_frames):
+    if frames_per_file is not None and frames_per_file < 1:
+        raise ValueError("frames_per_file must be at least 1")
+    per_file = frames_per_file or max(n_frames, 1)
+    stem, suffix = os.path.splitext(os.fspath(path))
+    paths = ([os.fspath(path)] if frames_per_file is None else
+             [f"{stem}_{k + 1:05d}{suffix}" for k in range(max(1, -(-n_frames // per_file)))])
+    fh = None
+    try:
+        for fr in range(n_frames + (n_frames == 0)):
+            if fr % per_file == 0:  # start the next file of the acquisition
+                if fh is not None:
+                    fh.close()
+                fh = open(paths[fr // per_file], "wb")  # noqa: SIM115 - closed below
+                writer = SiffWriter(fh, nvfd, roi_json(h, w), bigtiff=bigtiff)
+                writer.set_shape(h, w)
+            if fr == n_frames:
+                break
             vol, r = divmod(fr, p)
             scan = fr // c  # all channels of one scan share a timestamp
             ch = r % c
@@ -540,12 +561,15 @@ def write_siff(
             if return_truth:
                 truth_pix.append(pix.astype(np.uint32))
                 truth_tau.append(tau.astype(np.uint32))
+    finally:
+        if fh is not None:
+            fh.close()
     if not return_truth:
         return None
     starts = np.zeros(n_frames + 1, dtype=np.int64)
     np.cumsum([len(x) for x in truth_pix], out=starts[1:])
     return SyntheticTruth(
-        path=os.fspath(path), shape=(h, w), channels=channels, n_slices=n_slices,
+        path=paths[0], paths=paths, shape=(h, w), channels=channels, n_slices=n_slices,
         frames_per_slice=frames_per_slice, n_flyback=n_flyback, n_timepoints=n_timepoints,
         n_frames=n_frames, encodings=np.array(encodings), photon_starts=starts,
         pixel_index=np.concatenate(truth_pix) if truth_pix else np.zeros(0, np.uint32),

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import open_corrosiff as _corrosiff
 
 from siff_xarray import SiffFile, SiffFormatError
 from siff_xarray.synthetic import write_siff
-
-try:
-    import corrosiffpy
-except ImportError:  # no wheel for this Python (e.g. 3.13): the ground-truth checks still run
-    corrosiffpy = None
-
-
-def _corrosiff(path):
-    """Open ``path`` with corrosiffpy for a cross-check, or skip the rest of the test."""
-    if corrosiffpy is None:
-        pytest.skip("corrosiffpy has no wheel for this Python; cross-check skipped")
-    return corrosiffpy.open_file(path)
 
 
 def _all(t):
