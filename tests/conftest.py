@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,130 @@ def truth(request, siff_files):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# ---------------------------------------------------------------- local servers (loopback only)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1, in a subprocess.
+
+    Yields the fsspec ``storage_options`` that reach it.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.2)
+        yield {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": url},
+               "skip_instance_cache": True}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class _RangeServer:
+    """A static HTTP server on 127.0.0.1 that honours Range requests and counts bytes."""
+
+    def __init__(self, root):
+        import http.server
+        import threading
+
+        server = self
+        self.root = root
+        self.bytes_sent = 0
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _file(self):
+                p = os.path.join(server.root, self.path.lstrip("/").split("?")[0])
+                return p if os.path.isfile(p) else None
+
+            def do_HEAD(self):
+                p = self._file()
+                if p is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(os.path.getsize(p)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+            def do_GET(self):
+                p = self._file()
+                if p is None:
+                    self.send_error(404)
+                    return
+                size = os.path.getsize(p)
+                start, end = 0, size - 1
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    a, _, b = rng[6:].partition("-")
+                    start = int(a) if a else max(size - int(b), 0)
+                    end = min(int(b), size - 1) if a and b else end
+                with open(p, "rb") as fh:
+                    fh.seek(start)
+                    body = fh.read(end - start + 1)
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.end_headers()
+                self.wfile.write(body)
+                server.bytes_sent += len(body)
+                server.requests += 1
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve ``tmp_path`` over HTTP on 127.0.0.1 (Range requests, byte counting)."""
+    pytest.importorskip("aiohttp")
+    srv = _RangeServer(str(tmp_path))
+    yield srv
+    srv.close()

@@ -224,7 +224,7 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
     cap = 1024 if buf is None else max(16, min(source.size // 256 + 16, 1 << 22))
     out = np.empty((cap, N_COLS), dtype=np.int64)
     pos, count, monotonic = header.first_ifd, 0, True
-    window = 1 << 16
+    window = source.ifd_window
     if buf is not None:
         buf_start = 0
     else:

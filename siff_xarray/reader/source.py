@@ -6,9 +6,14 @@ Two implementations share one small interface:
   is the whole file as a ``uint8`` array, so Numba kernels decode frames in
   place with absolute offsets and no copies.
 * :class:`FileObjectSource` wraps any seekable binary file object (an open
-  file, ``io.BytesIO``, an fsspec file for ``s3://`` / ``https://`` ...). It has
-  no whole-file buffer; the reader asks it for the byte ranges of the frames it
-  needs (:meth:`read_ranges`) and runs the same kernels on the gathered bytes.
+  file, ``io.BytesIO``, ...). It has no whole-file buffer; the reader asks it
+  for the byte ranges of the frames it needs (:meth:`read_ranges`) and runs the
+  same kernels on the gathered bytes.
+* :class:`FsspecSource` reads fsspec URLs (``s3://``, ``https://``,
+  ``memory://`` ...) with stateless range requests (``cat_file`` /
+  ``cat_ranges``, concurrent on async filesystems), small reads for the IFD
+  walk so opening does not fetch photon data, and an LRU cache of the data
+  blocks read recently.
 
 Neither ever writes to the file.
 """
@@ -19,13 +24,14 @@ import contextlib
 import mmap
 import os
 import threading
+from collections import OrderedDict
 from typing import IO, Any
 
 import numpy as np
 
 from ..errors import SiffFormatError
 
-__all__ = ["ByteSource", "FileObjectSource", "LocalSource", "open_source"]
+__all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
 
 
 class ByteSource:
@@ -44,6 +50,12 @@ class ByteSource:
 
     #: Ranges closer than this are fetched with one read (frames sit back to back on disk).
     coalesce_gap = 64 * 2**10
+    #: Bytes read at a time while walking the IFD chain (without a whole-file buffer).
+    ifd_window = 64 * 2**10
+
+    def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
+        """Read several byte ranges (one read each by default)."""
+        return [self.read(a, b - a) for a, b in zip(starts, stops, strict=True)]
 
     def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gather byte ranges into one buffer, with one read per run of nearby ranges.
@@ -67,9 +79,9 @@ class ByteSource:
         block_base = np.zeros(len(first), dtype=np.int64)
         block_base[1:] = np.cumsum(block_stop - block_start)[:-1]
         buf = np.empty(int((block_stop - block_start).sum()), dtype=np.uint8)
-        for b0, b1, at in zip(block_start.tolist(), block_stop.tolist(), block_base.tolist(),
-                              strict=True):
-            chunk = self.read(b0, b1 - b0)
+        chunks = self._read_blocks(block_start.tolist(), block_stop.tolist())
+        for b0, b1, at, chunk in zip(block_start.tolist(), block_stop.tolist(),
+                                     block_base.tolist(), chunks, strict=True):
             if len(chunk) != b1 - b0:
                 raise SiffFormatError(self.name, f"file ends inside a {b1 - b0}-byte data "
                                       "block", b0)
@@ -171,6 +183,84 @@ class FileObjectSource(ByteSource):
             self._f.close()
 
 
+class FsspecSource(ByteSource):
+    """A file reached through fsspec, read with stateless byte-range requests.
+
+    No shared file position, hence no lock: ``cat_file``/``cat_ranges`` may run
+    from many threads. Recently read data blocks are kept in an LRU cache of
+    ``cache_bytes`` (reads of the same frames for several variables hit it).
+    """
+
+    ifd_window = 2 * 2**10  # an IFD is a few hundred bytes: do not fetch photons
+    coalesce_gap = 4 * 2**10  # requests run concurrently: do not fetch data between ranges
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 cache_bytes: int = 64 * 2**20) -> None:
+        import fsspec
+
+        self.name = url
+        self._fs, self._path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        info = self._fs.info(self._path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(f"{url}: is a directory")
+        size = info.get("size")
+        self.size = int(size) if size is not None else int(self._fs.size(self._path))
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._lock = threading.Lock()  # guards the cache only
+        #: bytes requested from the filesystem so far (for tests and benchmarks)
+        self.bytes_fetched = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes at ``offset``."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        out = self._fs.cat_file(self._path, start=offset, end=end)
+        self.bytes_fetched += len(out)
+        return bytes(out)
+
+    def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
+        keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
+        with self._lock:
+            found = {k: self._cache[k] for k in keys if k in self._cache}
+            for k in found:
+                self._cache.move_to_end(k)
+        todo = [k for k in dict.fromkeys(keys) if k not in found]
+        if todo:
+            got = self._fs.cat_ranges([self._path] * len(todo), [a for a, _ in todo],
+                                      [b for _, b in todo], on_error="raise")
+            for k, data in zip(todo, got, strict=True):
+                if isinstance(data, BaseException):
+                    raise data
+                data = bytes(data)
+                found[k] = data
+                self.bytes_fetched += len(data)
+                self._remember(k, data)
+        return [found[k] for k in keys]
+
+    def _remember(self, key: tuple[int, int], data: bytes) -> None:
+        if len(data) > self._cache_bytes:
+            return
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = data
+            self._cached += len(data)
+            while self._cached > self._cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+
+    def close(self) -> None:
+        """Drop the cache (fsspec filesystems need no closing)."""
+        with self._lock:
+            self._cache.clear()
+            self._cached = 0
+
+
 def _is_url(path: str) -> bool:
     return "://" in path or "::" in path
 
@@ -178,7 +268,7 @@ def _is_url(path: str) -> bool:
 def open_source(
     path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,
     storage_options: dict[str, Any] | None = None,
-    block_size: int = 4 * 2**20,
+    cache_bytes: int = 64 * 2**20,
 ) -> ByteSource:
     """Open a :class:`ByteSource` for a local path, an fsspec URL or a file object.
 
@@ -189,8 +279,8 @@ def open_source(
         an open binary file object, or an existing :class:`ByteSource`.
     storage_options
         Passed to fsspec for URLs.
-    block_size
-        fsspec block-cache block size for remote files.
+    cache_bytes
+        Size of the LRU cache of data blocks for URLs.
 
     """
     if isinstance(path_or_fileobj, ByteSource):
@@ -198,13 +288,7 @@ def open_source(
     if isinstance(path_or_fileobj, (str, os.PathLike)):
         path = os.fspath(path_or_fileobj)
         if _is_url(path) and not path.startswith("file://"):
-            import fsspec
-
-            f = fsspec.open(
-                path, mode="rb", block_size=block_size, cache_type="blockcache",
-                **(storage_options or {}),
-            ).open()
-            return FileObjectSource(f, name=path, owns=True)
+            return FsspecSource(path, storage_options, cache_bytes)
         if path.startswith("file://"):
             path = path[len("file://") :]
         return LocalSource(path)

@@ -1,0 +1,94 @@
+"""Remote files: HTTP (local range server) and S3 (moto server) on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from siff_xarray import SiffFile
+from siff_xarray.backend import open_acquisition
+from siff_xarray.synthetic import write_siff
+
+
+@pytest.fixture
+def big_frames(tmp_path):
+    """A file whose frames (~100 kB of photons each) dwarf its IFDs."""
+    return write_siff(tmp_path / "big.siff", shape=(64, 64), channels=(1, 2), n_slices=2,
+                      n_flyback=1, n_timepoints=5, photons_per_frame=12000, encoding="raw",
+                      channel_brightness=(1.0, 0.8),
+                      events={4: ("go", 0.2)}, seed=3)
+
+
+def test_http_open_reads_only_header_and_ifds(http_server, big_frames):
+    url = f"{http_server.url}/big.siff"
+    size = os.path.getsize(big_frames.path)
+    with xr.open_dataset(url, engine="siff") as ds:
+        opened = http_server.bytes_sent
+        # header + one small window per IFD + the frame descriptions (timestamps)
+        assert opened < 0.05 * size, (opened, size)
+        with xr.open_dataset(big_frames.path, engine="siff") as local:
+            xr.testing.assert_identical(ds.drop_attrs(), local.drop_attrs())
+            before = http_server.bytes_sent
+            one = ds.intensity.isel(time=2, z=1, channel=0).values
+            np.testing.assert_array_equal(one, local.intensity.isel(time=2, z=1,
+                                                                    channel=0).values)
+            # one frame of photons, not the file
+            assert http_server.bytes_sent - before < 0.1 * size
+            xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+        assert ds.attrs["source_file"] == url
+
+
+def test_http_cache_serves_repeated_reads(http_server, big_frames):
+    url = f"{http_server.url}/big.siff"
+    with SiffFile(url) as f:
+        f.read_frames([3, 4])
+        after_first = http_server.bytes_sent
+        f.histograms([3, 4])
+        assert http_server.bytes_sent == after_first  # from the range cache
+
+
+def test_s3_round_trip(s3_server, big_frames, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("siff-bucket")
+    fs.put(big_frames.path, "siff-bucket/runs/big.siff")
+    url = "s3://siff-bucket/runs/big.siff"
+    assert xr.backends.plugins.guess_engine(url) == "siff"
+    with xr.open_dataset(url, engine="siff", storage_options=s3_server, flim=True) as ds, \
+            xr.open_dataset(big_frames.path, engine="siff", flim=True) as local:
+        xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+        back = pickle.loads(pickle.dumps(ds))  # reopens from S3 with the same options
+        np.testing.assert_array_equal(back.histogram.sum("tau").values,
+                                      local.histogram.sum("tau").values)
+    with xr.open_dataset(url, engine="siff", storage_options=s3_server, chunks={}) as ds, \
+            xr.open_dataset(big_frames.path, engine="siff") as local:
+        np.testing.assert_array_equal(ds.intensity.sum(("y", "x")).compute().values,
+                                      local.intensity.values.sum(axis=(-2, -1)))
+
+
+def test_s3_open_acquisition_glob(s3_server, tmp_path):
+    import s3fs
+
+    kw = dict(shape=(8, 6), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=4, seed=9)
+    split = write_siff(tmp_path / "acq.siff", frames_per_file=5, **kw)
+    whole = write_siff(tmp_path / "whole.siff", **kw)
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("acq-bucket")
+    for p in split.paths:
+        fs.put(p, "acq-bucket/day1/" + p.rsplit("/", 1)[1])
+    with open_acquisition("s3://acq-bucket/day1/acq_*.siff", storage_options=s3_server) as a, \
+            xr.open_dataset(whole.path, engine="siff") as one:
+        assert len(a.attrs["source_file"]) == len(split.paths)
+        xr.testing.assert_equal(a.load().drop_attrs(), one.load().drop_attrs())
+
+
+def test_missing_remote_files_are_clear_errors(http_server):
+    with pytest.raises(FileNotFoundError):
+        xr.open_dataset(f"{http_server.url}/absent.siff", engine="siff")
+    with pytest.raises(FileNotFoundError):
+        xr.open_dataset("memory://nowhere/absent.siff", engine="siff")
