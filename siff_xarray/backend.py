@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from xarray.backends import BackendArray, CachingFileManager, DummyFileManager
 from xarray.core import indexing
 
 from . import __version__
+from .errors import SiffWarning
 from .reader.ifd import ENC_TIFF
 from .reader.imparams import ImParams
 from .reader.siff_file import SiffFile
@@ -300,6 +302,17 @@ def _yx_coords(ip: ImParams) -> dict[str, xr.Variable]:
     }
 
 
+def _warn_if_continuation(f: SiffFile, ip: ImParams) -> None:
+    """Warn when a file starts mid-volume (a later part of a split acquisition)."""
+    first = f.frame_metadata([0])[0].get("frameNumbers")
+    if isinstance(first, int) and first > 0 and first % ip.file_frames_per_volume:
+        warnings.warn(
+            f"{f.name}: its first frame is frame {first} of the acquisition, in the middle of "
+            "a volume, so this part of a split acquisition cannot be arranged into volumes on "
+            "its own; open all parts with siff_xarray.open_acquisition([...])",
+            SiffWarning, stacklevel=4)
+
+
 def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterable[str],
            flim: bool, partial_volume: PartialVolume, histogram_mode: HistogramMode,
            lock: Any, chunk_bytes: int, base_resolution_ps: float, tau_bins: int | None,
@@ -324,6 +337,8 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
     ip = ImParams(first.metadata, n_total, shape, first.roi_groups, tau_bins=tau_bins,
                   bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
                   name=first.name)
+    if len(files) == 1:
+        _warn_if_continuation(first, ip)
     drop = set(drop_variables)
     opts = {"histogram_mode": histogram_mode, "base_resolution_ps": base_resolution_ps}
     reader = _FrameReader(managers, offsets[:-1], lock, opts)
