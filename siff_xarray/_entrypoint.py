@@ -49,7 +49,7 @@ class SiffBackendEntrypoint(BackendEntrypoint):
     open_dataset_parameters = (
         "filename_or_obj", "drop_variables", "flim", "partial_volume", "histogram_mode",
         "tau_bins", "bin_width_ps", "base_resolution_ps", "storage_options", "lock",
-        "chunk_bytes",
+        "chunk_bytes", "index_cache",
     )
 
     def open_dataset(  # type: ignore[override]
@@ -66,6 +66,7 @@ class SiffBackendEntrypoint(BackendEntrypoint):
         storage_options: dict[str, Any] | None = None,
         lock: Any = None,
         chunk_bytes: int = 16 * 2**20,
+        index_cache: Any = None,
     ) -> Any:
         """Open a ``.siff`` file; see :func:`siff_xarray.open_siff`."""
         from .backend import open_siff
@@ -75,6 +76,7 @@ class SiffBackendEntrypoint(BackendEntrypoint):
             partial_volume=partial_volume, histogram_mode=histogram_mode, tau_bins=tau_bins,
             bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
             storage_options=storage_options, lock=lock, chunk_bytes=chunk_bytes,
+            index_cache=index_cache,
         )
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:

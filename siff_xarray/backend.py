@@ -64,7 +64,7 @@ class _Frozen:
 
 def _open_siff_file(path: str, storage_options: _Frozen, tau_bins: int | None,
                     bin_width_ps: float | None, base_resolution_ps: float,
-                    mode: str = "r") -> SiffFile:
+                    index_cache: bool | str | None, mode: str = "r") -> SiffFile:
     """Open a file for the file managers (module level so that it pickles).
 
     ``mode`` is always ``"r"``: it is passed explicitly because xarray's "no mode"
@@ -73,20 +73,24 @@ def _open_siff_file(path: str, storage_options: _Frozen, tau_bins: int | None,
     if mode != "r":
         raise ValueError(f"{path}: siff-xarray opens files read-only (mode={mode!r})")
     return SiffFile(path, storage_options=storage_options.value, tau_bins=tau_bins,
-                    bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps)
+                    bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
+                    index_cache=index_cache)
 
 
 def _manager(source: Any, storage_options: dict[str, Any] | None, tau_bins: int | None,
-             bin_width_ps: float | None, base_resolution_ps: float) -> Any:
+             bin_width_ps: float | None, base_resolution_ps: float,
+             index_cache: bool | str | os.PathLike[str] | None) -> Any:
     """Return a CachingFileManager for paths and URLs, a DummyFileManager for file objects."""
     if isinstance(source, (str, os.PathLike)):
+        cache = os.fspath(index_cache) if isinstance(index_cache, os.PathLike) else index_cache
         return CachingFileManager(_open_siff_file, os.fspath(source), _Frozen(storage_options),
-                                  tau_bins, bin_width_ps, base_resolution_ps, mode="r")
+                                  tau_bins, bin_width_ps, base_resolution_ps, cache, mode="r")
     if isinstance(source, SiffFile):
         return DummyFileManager(source)
     return DummyFileManager(SiffFile(source, storage_options=storage_options, tau_bins=tau_bins,
                                      bin_width_ps=bin_width_ps,
-                                     base_resolution_ps=base_resolution_ps))
+                                     base_resolution_ps=base_resolution_ps,
+                                     index_cache=index_cache))
 
 
 # ---------------------------------------------------------------------- decoding per kind
@@ -460,12 +464,14 @@ def _drop_set(drop_variables: str | Iterable[str] | None) -> set[str]:
 
 
 def _open_files(sources: Sequence[Any], storage_options: dict[str, Any] | None,
-                tau_bins: int | None, bin_width_ps: float | None, base_resolution_ps: float
+                tau_bins: int | None, bin_width_ps: float | None, base_resolution_ps: float,
+                index_cache: bool | str | os.PathLike[str] | None
                 ) -> tuple[list[SiffFile], list[Any]]:
     managers, files = [], []
     try:
         for s in sources:
-            m = _manager(s, storage_options, tau_bins, bin_width_ps, base_resolution_ps)
+            m = _manager(s, storage_options, tau_bins, bin_width_ps, base_resolution_ps,
+                         index_cache)
             managers.append(m)
             files.append(m.acquire())
     except BaseException:
@@ -488,6 +494,7 @@ def open_siff(
     storage_options: dict[str, Any] | None = None,
     lock: Any = None,
     chunk_bytes: int = 16 * 2**20,
+    index_cache: bool | str | os.PathLike[str] | None = None,
 ) -> xr.Dataset:
     """Open a ``.siff`` (or ScanImage ``.tif``) file as a lazy, labelled Dataset.
 
@@ -517,6 +524,10 @@ def open_siff(
         Optional lock held while decoding (reads are thread-safe without one).
     chunk_bytes
         Target size of the preferred (Dask) chunks; chunks hold whole frames.
+    index_cache
+        Persistent frame-index cache: ``None`` (default) for remote files only,
+        ``True``/a directory to always use it, ``False`` never (see
+        :class:`~siff_xarray.SiffFile`).
 
     Returns
     -------
@@ -525,7 +536,7 @@ def open_siff(
 
     """
     files, managers = _open_files([filename_or_obj], storage_options, tau_bins, bin_width_ps,
-                                  base_resolution_ps)
+                                  base_resolution_ps, index_cache)
     try:
         return _build(files, managers, drop_variables=_drop_set(drop_variables), flim=flim,
                       partial_volume=partial_volume, histogram_mode=histogram_mode, lock=lock,
@@ -574,6 +585,7 @@ def open_acquisition(
     storage_options: dict[str, Any] | None = None,
     lock: Any = None,
     chunk_bytes: int = 16 * 2**20,
+    index_cache: bool | str | os.PathLike[str] | None = None,
 ) -> xr.Dataset:
     """Open the numbered files of one acquisition (``name_00001.siff``, ...) as one Dataset.
 
@@ -591,6 +603,8 @@ def open_acquisition(
         As for :func:`open_siff`.
     tau_bins, bin_width_ps, base_resolution_ps, storage_options, lock, chunk_bytes
         As for :func:`open_siff`.
+    index_cache
+        As for :func:`open_siff`.
 
     Raises
     ------
@@ -600,7 +614,7 @@ def open_acquisition(
     """
     sources = _expand(paths_or_glob, storage_options)
     files, managers = _open_files(sources, storage_options, tau_bins, bin_width_ps,
-                                  base_resolution_ps)
+                                  base_resolution_ps, index_cache)
     try:
         for f in files[1:]:
             if f.header.nvfd_text != files[0].header.nvfd_text:

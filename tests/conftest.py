@@ -42,6 +42,18 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_index_cache(tmp_path_factory):
+    """Keep the frame-index cache of remote opens out of the user's home directory."""
+    old = os.environ.get("SIFF_XARRAY_CACHE_DIR")
+    os.environ["SIFF_XARRAY_CACHE_DIR"] = str(tmp_path_factory.mktemp("index-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SIFF_XARRAY_CACHE_DIR", None)
+    else:
+        os.environ["SIFF_XARRAY_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def siff_files(tmp_path_factory):
     """Mapping name -> SyntheticTruth for every configuration in CONFIGS."""

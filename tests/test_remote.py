@@ -92,3 +92,72 @@ def test_missing_remote_files_are_clear_errors(http_server):
         xr.open_dataset(f"{http_server.url}/absent.siff", engine="siff")
     with pytest.raises(FileNotFoundError):
         xr.open_dataset("memory://nowhere/absent.siff", engine="siff")
+
+
+# ------------------------------------------------------------------ frame-index cache
+
+
+def test_index_cache_makes_the_second_remote_open_cheap(http_server, big_frames, tmp_path):
+    url = f"{http_server.url}/big.siff"
+    cache = tmp_path / "cache"
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        first_open = http_server.bytes_sent
+        first_requests = http_server.requests
+        want = ds.load()
+    assert len(list(cache.glob("*.npz"))) == 1
+    before, req = http_server.bytes_sent, http_server.requests
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        # header + file tail (the key) + three spot-checked IFDs
+        assert http_server.requests - req <= 8 < first_requests
+        assert http_server.bytes_sent - before < first_open / 2
+        xr.testing.assert_identical(ds.load(), want)
+
+
+def test_index_cache_local_and_invalidation(tmp_path):
+    from siff_xarray.reader.index_cache import content_key
+
+    cache = tmp_path / "cache"
+    t = write_siff(tmp_path / "a.siff", shape=(8, 8), channels=(1, 2), n_timepoints=4,
+                   events={1: ("x", 0.5), 3: ("y", None)})
+    with SiffFile(t.path) as f:  # local files do not use the cache by default
+        want_ts = f.timestamps()
+        want_idx = f.index
+    assert not cache.exists()
+    with SiffFile(t.path, index_cache=cache) as f:  # builds and stores
+        key = content_key(f._source, f.header)
+    entry = cache / f"{key}.npz"
+    assert entry.is_file()
+    with SiffFile(t.path, index_cache=cache) as f:  # loads
+        assert f._all_timestamps is not None
+        for name in ("ifd_offset", "strip_offset", "strip_bytes", "encoding", "n_photons"):
+            np.testing.assert_array_equal(getattr(f.index, name), getattr(want_idx, name))
+        ts = f.timestamps()
+        np.testing.assert_array_equal(ts.epoch_laser_ns, want_ts.epoch_laser_ns)
+        np.testing.assert_array_equal(ts.experiment_s, want_ts.experiment_s)
+        assert [(e.frame, e.text) for e in ts.events] == [(e.frame, e.text)
+                                                          for e in want_ts.events]
+        assert np.isnan(ts.events[1].time_s)
+        sub = f.timestamps([3, 0])
+        assert [e.frame for e in sub.events] == [3]
+        np.testing.assert_array_equal(sub.frames, [3, 0])
+    # a corrupt entry is ignored and replaced
+    entry.write_bytes(b"not an npz")
+    with SiffFile(t.path, index_cache=cache) as f:
+        np.testing.assert_array_equal(f.read_frames(), t.intensity())
+    with np.load(entry) as z:
+        assert "index_ifd_offset" in z
+    # an entry that does not match the file (spot check fails) is ignored
+    other = write_siff(tmp_path / "b.siff", shape=(8, 8), channels=(1, 2), n_timepoints=4,
+                       seed=99)
+    with SiffFile(other.path, index_cache=False) as f:
+        other_key = content_key(f._source, f.header)
+    bad = dict(np.load(entry))
+    bad["index_strip_offset"] = bad["index_strip_offset"] + 8
+    np.savez(cache / f"{other_key}.npz", **bad)
+    with SiffFile(other.path, index_cache=cache) as f:
+        np.testing.assert_array_equal(f.read_frames(), other.intensity())
+    # an unwritable cache directory only means no cache
+    ro = tmp_path / "file-not-dir"
+    ro.write_text("x")
+    with SiffFile(t.path, index_cache=ro / "sub") as f:
+        np.testing.assert_array_equal(f.read_frames(), t.intensity())

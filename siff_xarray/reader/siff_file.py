@@ -24,6 +24,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -34,8 +35,9 @@ from .frame_meta import FrameTimestamps, parse_description, parse_timestamps
 from .header import FileHeader, read_header
 from .ifd import ENC_TIFF, ENCODING_NAMES, FrameIndex, build_frame_index
 from .imparams import MULTIHARP_BASE_RESOLUTION_PS, ImParams
+from .index_cache import default_cache_dir, load_index, save_index
 from .metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
-from .source import ByteSource, LocalSource, open_source
+from .source import ByteSource, FsspecSource, LocalSource, open_source
 
 __all__ = ["SiffFile"]
 
@@ -60,6 +62,11 @@ class SiffFile:
     base_resolution_ps
         TCSPC base resolution used with ``binResolution`` (5 ps for MultiHarp with
         MHLib >= 3, 20 ps before; the file does not record which).
+    index_cache
+        Keep the frame index and timestamps in a persistent cache so the next open
+        skips the IFD walk (see :mod:`siff_xarray.reader.index_cache`). ``None``
+        (default): only for remote (fsspec) files; ``True``: always, in the default
+        directory; a path: always, in that directory; ``False``: never.
 
     Examples
     --------
@@ -76,13 +83,15 @@ class SiffFile:
         tau_bins: int | None = None,
         bin_width_ps: float | None = None,
         base_resolution_ps: float = MULTIHARP_BASE_RESOLUTION_PS,
+        index_cache: bool | str | os.PathLike[str] | None = None,
     ) -> None:
         self._open_args = (path_or_fileobj, storage_options, tau_bins, bin_width_ps,
-                           base_resolution_ps)
+                           base_resolution_ps, index_cache)
         self._source = open_source(path_or_fileobj, storage_options)
+        self._all_timestamps: FrameTimestamps | None = None
         try:
             self.header: FileHeader = read_header(self._source)
-            self.index: FrameIndex = build_frame_index(self._source, self.header)
+            self.index: FrameIndex = self._load_index(index_cache)
             self.metadata: ScanImageMetadata = parse_nvfd(self.header.nvfd_text)
             self.roi_groups: dict[str, RoiGroup] = parse_roi_groups(self.header.roi_text,
                                                                      self._source.name)
@@ -92,6 +101,21 @@ class SiffFile:
         self._tau_bins = tau_bins
         self._bin_width_ps = bin_width_ps
         self._base_resolution_ps = base_resolution_ps
+
+    def _load_index(self, index_cache: bool | str | os.PathLike[str] | None) -> FrameIndex:
+        if index_cache is None:
+            index_cache = isinstance(self._source, FsspecSource)
+        if index_cache is False:
+            return build_frame_index(self._source, self.header)
+        directory = default_cache_dir() if index_cache is True else Path(index_cache)
+        key, index, ts = load_index(directory, self._source, self.header)
+        if index is None:
+            index = build_frame_index(self._source, self.header)
+            self.index = index
+            ts = self._parse_timestamps(np.arange(len(index), dtype=np.int64))
+            save_index(directory, key, index, ts)
+        self._all_timestamps = ts
+        return index
 
     # ------------------------------------------------------------------ basics
 
@@ -611,11 +635,22 @@ class SiffFile:
         gathered, base = self._source.read_ranges(off, off + ln)
         return gathered, base, ln
 
+    def _parse_timestamps(self, f: np.ndarray) -> FrameTimestamps:
+        buf, off, ln = self._descriptions(f)
+        return parse_timestamps(buf, off, ln, f, self.name)
+
     def timestamps(self, frames: FrameSelection = None) -> FrameTimestamps:
         """Experiment time (s), laser and system epochs (int64 ns) and events of frames."""
         f = self._frames(frames)
-        buf, off, ln = self._descriptions(f)
-        return parse_timestamps(buf, off, ln, f, self.name)
+        ts = self._all_timestamps
+        if ts is None:
+            return self._parse_timestamps(f)
+        rank = np.full(self.num_frames, -1, dtype=np.int64)
+        rank[f[::-1]] = np.arange(len(f))[::-1]  # first position of each frame in f
+        events = sorted((e for e in ts.events if rank[e.frame] >= 0),
+                        key=lambda e: rank[e.frame])
+        return FrameTimestamps(f, ts.experiment_s[f], ts.epoch_laser_ns[f],
+                               ts.epoch_system_ns[f], events)
 
     def events(self) -> list:
         """All appended-text events in the file (frame, text, experiment time)."""
@@ -662,8 +697,9 @@ def _mask_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _reopen(path: Any, storage_options: Any, tau_bins: Any, bin_width_ps: Any,
-            base_resolution_ps: Any) -> SiffFile:
+            base_resolution_ps: Any, index_cache: Any = None) -> SiffFile:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SiffWarning)
         return SiffFile(path, storage_options=storage_options, tau_bins=tau_bins,
-                        bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps)
+                        bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
+                        index_cache=index_cache)

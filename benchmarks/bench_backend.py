@@ -1,0 +1,104 @@
+"""Backend benchmark: ``xr.open_dataset(engine="siff")`` vs corrosiffpy + numpy.
+
+Run from the repository root (after the README's test set-up):
+
+    .venv/bin/python benchmarks/bench_backend.py              # the ~0.8 GB session file
+    .venv/bin/python benchmarks/bench_backend.py --volumes 50 # quick look
+
+Uses the same session-like file as ``bench_reader.py`` (written once to
+``benchmarks/_data/``). The job timed is what a user does first: open the file
+and compute the mean intensity trace of every plane and channel,
+``ds.intensity.sum(("y", "x"))``, eagerly and with Dask (threads), against
+corrosiffpy ``get_frames`` on the same frames followed by a numpy reshape and
+sum. Outputs are compared before timing; ratios are ours / corrosiffpy (< 1 means
+we are faster), best of ``--repeats``, in this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_reader import best, make_file  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--volumes", type=int, default=700)
+    ap.add_argument("--photons", type=float, default=24000)
+    ap.add_argument("--path", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    path = args.path or HERE / "_data" / f"session_{args.volumes}v_{args.photons:g}p.siff"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        make_file(path, args.volumes, args.photons)
+
+    import corrosiffpy
+    import dask
+    import xarray as xr
+
+    with xr.open_dataset(path, engine="siff") as ds:
+        fmap = ds.frame_index.values
+        present = ds.frame_present.values
+        want = ds.intensity.sum(("y", "x")).values
+        mid = ds.sizes["time"] // 2
+        shape = ds.intensity.shape
+    assert present.all(), "the benchmark file has no partial volume"
+    frames = fmap.ravel().tolist()
+    c = corrosiffpy.open_file(str(path))
+
+    def theirs_traces() -> np.ndarray:
+        return c.get_frames(frames).reshape(shape).sum(axis=(-2, -1), dtype=np.uint64)
+
+    def ours_traces(chunks: dict | None) -> np.ndarray:
+        with xr.open_dataset(path, engine="siff", chunks=chunks) as ds:
+            return ds.intensity.sum(("y", "x")).values
+
+    def ours_timepoint() -> np.ndarray:
+        with xr.open_dataset(path, engine="siff") as ds:
+            return ds.intensity.isel(time=mid).values
+
+    one = fmap[mid].ravel().tolist()
+
+    def theirs_timepoint() -> np.ndarray:
+        return corrosiffpy.open_file(str(path)).get_frames(one).reshape(shape[1:])
+
+    def ours_open() -> None:
+        xr.open_dataset(path, engine="siff").close()
+
+    # correctness first
+    assert np.array_equal(theirs_traces(), want)
+    assert np.array_equal(ours_traces({}), want)
+    assert np.array_equal(ours_timepoint(), theirs_timepoint())
+
+    r = args.repeats
+    with dask.config.set(scheduler="threads"):
+        rows = [
+            ("open_dataset (lazy) vs open_file", best(ours_open, r),
+             best(lambda: corrosiffpy.open_file(str(path)), r), None),
+            ("open + plane traces, eager", best(lambda: ours_traces(None), r),
+             best(theirs_traces, r), 1.0),
+            ("open + plane traces, dask chunks={}", best(lambda: ours_traces({}), r),
+             best(theirs_traces, r), 1.0),
+            ("open + one timepoint", best(ours_timepoint, r), best(theirs_timepoint, r), None),
+        ]
+    size = path.stat().st_size
+    print(f"\nfile: {path.name}, {size / 1e9:.2f} GB, {len(frames)} frames in the Dataset, "
+          f"{os.cpu_count()} CPU(s); best of {r}\n")
+    print("| operation | siff-xarray (s) | corrosiffpy + numpy (s) | ratio | target |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ours_t, theirs_t, target in rows:
+        tgt = "" if target is None else f"<= {target:g}"
+        print(f"| {name} | {ours_t:.3f} | {theirs_t:.3f} | {ours_t / theirs_t:.2f} | {tgt} |")
+
+
+if __name__ == "__main__":
+    main()
