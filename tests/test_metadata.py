@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from siff_xarray import SiffFile
@@ -126,3 +126,39 @@ def test_roi_json_tolerant():
     g = parse_roi_groups('{"RoiGroups": {"imagingRoiGroup": {"name": "x", "rois": [{"name": '
                          '"a", "scanfields": [{"pixelResolutionXY": [4, 8]}, {}]}]}}}')
     assert g["imagingRoiGroup"].rois[0].scanfields[0].pixel_resolution_xy == (4, 8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1).map(str),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9)
+    .map(lambda v: f"{v:.6f}"),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.decimals(allow_nan=False, allow_infinity=False, places=9,
+                min_value=-10**6, max_value=10**6).map(str),
+    st.text(alphabet="0123456789.-+eE", min_size=1, max_size=25),
+))
+def test_fast_timestamp_parsing_equals_python(text):
+    from siff_xarray.errors import SiffFormatError
+    from siff_xarray.reader.frame_meta import parse_timestamps
+
+    desc = f"frameNumbers = 0\nframeTimestamps_sec = {text}\nepoch = {text}\n".encode()
+    buf = np.frombuffer(desc, dtype=np.uint8)
+    args = (buf, np.array([0]), np.array([len(desc)]), np.array([0]), "f.siff")
+    try:
+        want_f = float(text)
+    except ValueError:
+        want_f = None
+    try:
+        want_i = int(text)
+        if not -(2**63) < want_i < 2**63:
+            want_i = None
+    except ValueError:
+        want_i = None
+    if want_f is None or want_i is None:
+        with pytest.raises(SiffFormatError, match="non-numeric"):
+            parse_timestamps(*args)
+        return
+    ts = parse_timestamps(*args)
+    assert ts.experiment_s[0] == want_f or (np.isnan(want_f) and np.isnan(ts.experiment_s[0]))
+    assert ts.epoch_laser_ns[0] == want_i

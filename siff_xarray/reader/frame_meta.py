@@ -2,10 +2,13 @@
 
 Each frame carries ``key = value`` lines (``frameTimestamps_sec``, ``epoch``,
 ``mostRecentSystemTimestamp_epoch``, optionally ``Appended text`` and
-``Text timestamp``...). A Numba kernel finds the value of a key in every
-requested description at once (a key counts only at the start of a line);
-numpy then converts all values in one call, so timestamps of 100 000 frames
-need no Python loop. Epoch times stay exact ``int64`` nanoseconds.
+``Text timestamp``...). One Numba pass over all requested descriptions finds
+the timestamp keys (a key counts only at the start of a line) and converts
+their values: integers exactly, and plain decimals (up to 15 significant
+digits, no exponent) exactly as ``float()`` would, since both the digits and
+the power of ten are exact doubles and IEEE division rounds correctly. Any
+other value is flagged and converted by numpy (the general path), so timestamps
+of 100 000 frames need no Python loop. Epoch times stay exact ``int64`` ns.
 
 Missing values are ``NaN`` (seconds) or ``NaT`` (epochs); a value that is
 present but not a number raises :class:`~siff_xarray.errors.SiffFormatError`.
@@ -66,6 +69,143 @@ def _find_values(buf, desc_off, desc_len, needle, starts, stops):
             while p < hi and buf[p] != 10:
                 p += 1
             p += 1
+
+
+_P10 = np.array([10.0**k for k in range(23)])
+
+# values of the fused scan (one slot per key)
+K_EXP, K_EPOCH, K_SYSTEM, K_TEXT_TIME = 0, 1, 2, 3
+
+
+@numba.njit(cache=True, nogil=True)
+def _parse_int(buf, s, e):
+    """Exact int64 of bytes [s, e); returns (ok, value)."""
+    neg = False
+    if s < e and (buf[s] == 45 or buf[s] == 43):
+        neg = buf[s] == 45
+        s += 1
+    if s >= e or e - s > 19:
+        return False, 0
+    v = np.int64(0)
+    limit = np.int64(9223372036854775807)
+    for p in range(s, e):
+        d = np.int64(buf[p]) - 48
+        if d < 0 or d > 9:
+            return False, 0
+        if v > (limit - d) // 10:
+            return False, 0  # beyond int64: the general path reports it
+        v = v * 10 + d
+    return True, -v if neg else v
+
+
+@numba.njit(cache=True, nogil=True)
+def _parse_decimal(buf, s, e, p10):
+    """Correctly rounded double of a plain decimal in bytes [s, e); returns (ok, value)."""
+    neg = False
+    if s < e and (buf[s] == 45 or buf[s] == 43):
+        neg = buf[s] == 45
+        s += 1
+    mant = np.int64(0)
+    digits = 0
+    frac = 0
+    seen_dot = False
+    seen_digit = False
+    for p in range(s, e):
+        c = buf[p]
+        if c == 46 and not seen_dot:
+            seen_dot = True
+            continue
+        d = np.int64(c) - 48
+        if d < 0 or d > 9:
+            return False, 0.0
+        seen_digit = True
+        if mant == 0 and d == 0:
+            if seen_dot:
+                frac += 1
+            continue
+        digits += 1
+        if digits > 15:
+            return False, 0.0
+        mant = mant * 10 + d
+        if seen_dot:
+            frac += 1
+    if not seen_digit or frac > 22:
+        return False, 0.0
+    v = mant / p10[frac]
+    return True, -v if neg else v
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_descriptions(buf, desc_off, desc_len, keys, key_len, fvals, ivals, spans, flags):
+    """One pass per description over its lines; fill values, spans and flags.
+
+    For key ``k``: ``spans[i, k] = (start, stop)`` of the value (-1 if absent);
+    ``fvals``/``ivals[i, k]`` the converted number; ``flags[i, k]`` = 1 when the
+    value is present and non-empty but needs the general conversion path.
+    """
+    nk = keys.shape[0]
+    for i in range(desc_off.shape[0]):
+        for k in range(nk):
+            spans[i, k, 0] = -1
+            spans[i, k, 1] = -1
+            flags[i, k] = 0
+            fvals[i, k] = np.nan
+            ivals[i, k] = -9223372036854775807 - 1
+        lo = desc_off[i]
+        hi = lo + desc_len[i]
+        if lo < 0 or hi > buf.shape[0]:
+            continue
+        p = lo
+        while p < hi:
+            for k in range(nk):
+                m = key_len[k]
+                if spans[i, k, 0] >= 0 or p + m > hi:
+                    continue
+                ok = True
+                for q in range(m):
+                    if buf[p + q] != keys[k, q]:
+                        ok = False
+                        break
+                if not ok:
+                    continue
+                s = p + m
+                e = s
+                while e < hi and buf[e] != 10 and buf[e] != 0:
+                    e += 1
+                while s < e and (buf[s] == 32 or buf[s] == 9):
+                    s += 1
+                while e > s and (buf[e - 1] == 32 or buf[e - 1] == 13 or buf[e - 1] == 9):
+                    e -= 1
+                spans[i, k, 0] = s
+                spans[i, k, 1] = e
+                break
+            while p < hi and buf[p] != 10:
+                p += 1
+            p += 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _convert(buf, spans, is_float, p10, fvals, ivals, flags):
+    """Convert the numeric spans found by :func:`_scan_descriptions` (fast exact path)."""
+    for i in range(spans.shape[0]):
+        for k in range(is_float.shape[0]):
+            s = spans[i, k, 0]
+            e = spans[i, k, 1]
+            if s < 0 or e <= s:
+                continue
+            if is_float[k]:
+                ok, v = _parse_decimal(buf, s, e, p10)
+                if ok:
+                    fvals[i, k] = v
+                else:
+                    flags[i, k] = 1
+            else:
+                ok, iv = _parse_int(buf, s, e)
+                if ok:
+                    ivals[i, k] = iv
+                else:
+                    flags[i, k] = 1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -159,22 +299,44 @@ class FrameTimestamps:
         return self.epoch_system_ns.view("datetime64[ns]")
 
 
+_KEYS = (KEY_EXPERIMENT, KEY_EPOCH, KEY_SYSTEM, KEY_TEXT_TIME, KEY_TEXT)
+_KEY_TABLE = np.zeros((len(_KEYS), max(map(len, _KEYS))), dtype=np.uint8)
+for _k, _key in enumerate(_KEYS):
+    _KEY_TABLE[_k, : len(_key)] = np.frombuffer(_key, dtype=np.uint8)
+_KEY_LEN = np.array([len(k) for k in _KEYS], dtype=np.int64)
+_IS_FLOAT = np.array([True, False, False, True], dtype=np.bool_)
+
+
 def parse_timestamps(buf: np.ndarray, desc_off: np.ndarray, desc_len: np.ndarray,
                      frames: np.ndarray, name: str) -> FrameTimestamps:
     """Extract timestamps and events from descriptions held in ``buf``."""
-    def span(key: bytes) -> tuple[np.ndarray, np.ndarray]:
-        return find_values(buf, desc_off, desc_len, key)
+    n = len(desc_off)
+    nk = len(_KEYS)
+    spans = np.empty((n, nk, 2), dtype=np.int64)
+    fvals = np.empty((n, nk), dtype=np.float64)
+    ivals = np.empty((n, nk), dtype=np.int64)
+    flags = np.empty((n, nk), dtype=np.int8)
+    off = np.ascontiguousarray(desc_off, dtype=np.int64)
+    ln = np.ascontiguousarray(desc_len, dtype=np.int64)
+    _scan_descriptions(buf, off, ln, _KEY_TABLE, _KEY_LEN, fvals, ivals, spans, flags)
+    _convert(buf, spans, _IS_FLOAT, _P10, fvals, ivals, flags)
 
-    exp = _numbers(buf, *span(KEY_EXPERIMENT), np.float64, np.nan, name, frames,
-                   KEY_EXPERIMENT)
-    laser = _numbers(buf, *span(KEY_EPOCH), np.int64, NAT, name, frames, KEY_EPOCH)
-    system = _numbers(buf, *span(KEY_SYSTEM), np.int64, NAT, name, frames, KEY_SYSTEM)
-    ts, te = span(KEY_TEXT)
+    def column(k: int, dtype: type, fill: float | int, key: bytes) -> np.ndarray:
+        out = (fvals if dtype is np.float64 else ivals)[:, k].copy()
+        slow = np.flatnonzero(flags[:, k])
+        if slow.size:  # unusual spelling (exponent, many digits...): the general path
+            out[slow] = _numbers(buf, spans[slow, k, 0], spans[slow, k, 1], dtype, fill,
+                                 name, frames[slow], key)
+        return out
+
+    exp = column(K_EXP, np.float64, np.nan, KEY_EXPERIMENT)
+    laser = column(K_EPOCH, np.int64, NAT, KEY_EPOCH)
+    system = column(K_SYSTEM, np.int64, NAT, KEY_SYSTEM)
+    ts, te = spans[:, 4, 0], spans[:, 4, 1]
     events = []
     has = np.flatnonzero(ts >= 0)
     if has.size:
-        times = _numbers(buf, *span(KEY_TEXT_TIME), np.float64, np.nan, name, frames,
-                         KEY_TEXT_TIME)
+        times = column(K_TEXT_TIME, np.float64, np.nan, KEY_TEXT_TIME)
         for j in has.tolist():
             text = bytes(buf[ts[j] : te[j]]).decode("utf-8", errors="replace")
             events.append(Event(int(frames[j]), text, float(times[j])))
