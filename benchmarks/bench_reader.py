@@ -78,7 +78,7 @@ def main() -> None:
 
     from siff_xarray import SiffFile
 
-    f = SiffFile(path)
+    f = SiffFile(path)  # also fills the frame-index cache
     c = corrosiffpy.open_file(str(path))
     n = f.num_frames
     frames = list(range(n))
@@ -107,7 +107,10 @@ def main() -> None:
 
     r = args.repeats
     rows = [
-        ("open", best(lambda: SiffFile(path).close(), r),
+        ("open (IFD walk, index cache off)",
+         best(lambda: SiffFile(path, index_cache=False).close(), r),
+         best(lambda: corrosiffpy.open_file(str(path)), r), 1.0),
+        ("open (frame-index cache warm, the default)", best(lambda: SiffFile(path).close(), r),
          best(lambda: corrosiffpy.open_file(str(path)), r), 1.0),
         ("all intensity frames", best(lambda: f.read_frames(), r),
          best(lambda: c.get_frames(frames), r), 0.5),

@@ -140,22 +140,25 @@ class _FrameReader:
     def read(self, kind: str, frames: np.ndarray, trailing: tuple[int, ...],
              dtype: np.dtype) -> np.ndarray:
         """Decode ``kind`` for acquisition frames ``frames``; shape ``(F, *trailing)``."""
-        out = np.empty((len(frames), *trailing), dtype=dtype)
         if len(frames) == 0:
-            return out
-        file_of = np.searchsorted(self.offsets, frames, side="right") - 1
+            return np.empty((0, *trailing), dtype=dtype)
         fn = _KINDS[kind]
+        if len(self.managers) == 1:  # one file: no gathering copy
+            return self._read_one(0, fn, frames)
+        out = np.empty((len(frames), *trailing), dtype=dtype)
+        file_of = np.searchsorted(self.offsets, frames, side="right") - 1
         for k in np.unique(file_of).tolist():
             sel = file_of == k
-            local = frames[sel] - self.offsets[k]
-            with self.managers[k].acquire_context() as f:
-                if self.lock:
-                    with self.lock:
-                        part = fn(f, local, self.opts)
-                else:
-                    part = fn(f, local, self.opts)
-            out[sel] = part
+            out[sel] = self._read_one(k, fn, frames[sel] - self.offsets[k])
         return out
+
+    def _read_one(self, k: int, fn: Callable[[SiffFile, np.ndarray, dict[str, Any]],
+                                             np.ndarray], local: np.ndarray) -> np.ndarray:
+        with self.managers[k].acquire_context() as f:
+            if self.lock:
+                with self.lock:
+                    return fn(f, local, self.opts)
+            return fn(f, local, self.opts)
 
     def close(self) -> None:
         """Close every file (they reopen if data is read again)."""
@@ -184,7 +187,7 @@ class SiffBackendArray(BackendArray):
     The leading axes are the frame axes (time, z, [repeat], channel), mapped to
     acquisition frames by ``frame_map`` (-1: never written, filled with ``fill``);
     the trailing axes (``y, x`` or ``tau``, or none) come from decoding. Whole
-    frames are decoded, once per distinct frame, then cut in numpy.
+    frames are decoded straight into request order, then cut in numpy.
     """
 
     def __init__(self, reader: _FrameReader, kind: str, frame_map: np.ndarray,
@@ -206,11 +209,15 @@ class SiffBackendArray(BackendArray):
         sub = _outer_take(self.frame_map, key[:nlead])
         frames = sub.reshape(-1)
         present = frames >= 0
-        uniq, inverse = np.unique(frames[present], return_inverse=True)
-        data = self.reader.read(self.kind, uniq, self.trailing, self.dtype)
-        data = _outer_take(data, key[nlead:], first_axis=1)
+        trailing_key = key[nlead:]
+        if present.all():  # the common case: decode straight into request order
+            data = self.reader.read(self.kind, frames, self.trailing, self.dtype)
+            data = _outer_take(data, trailing_key, first_axis=1)
+            return data.reshape(sub.shape + data.shape[1:])
+        data = self.reader.read(self.kind, frames[present], self.trailing, self.dtype)
+        data = _outer_take(data, trailing_key, first_axis=1)
         out = np.full((frames.size, *data.shape[1:]), self.fill, dtype=self.dtype)
-        out[present] = data[inverse]
+        out[present] = data
         return out.reshape(sub.shape + data.shape[1:])
 
 

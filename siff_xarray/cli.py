@@ -138,6 +138,17 @@ def demo(directory: str) -> None:
     make_demo(path)
     click.echo(f"wrote {path}")
     _print_summary(summarize(path))
+    import numpy as np
+    import xarray as xr
+
+    with xr.open_dataset(path, engine="siff", chunks={}) as ds:
+        click.echo(f"\nxr.open_dataset({str(path)!r}, engine='siff', chunks={{}}):")
+        click.echo(repr(ds.drop_attrs()))
+        # the same plane means, computed lazily with dask over the frames that exist
+        means = ds.intensity.where(ds.frame_present).mean(("time", "y", "x")).compute()
+        click.echo("  mean photons per pixel per plane (dask): "
+                   + np.array2string(means.values, precision=4, separator=", ")
+                   .replace("\n", ""))
 
 
 @cli.command()

@@ -17,6 +17,14 @@ def test_demo_and_info(tmp_path, capsys):
     assert "dimensions (time, z, [repeat], channel, y, x): (40, 3, 2, 128, 64)" in out
     assert "629 arrival-time bins of 20 ps" in out
     assert "mean photons per pixel per plane" in out and "slice 2 (z = 20 um)" in out
+    assert "engine='siff'" in out and "intensity      (time, z, channel, y, x) uint16" in out
+    # the dask plane means printed after the Dataset agree with the kernel's
+    kernel = [float(line.split(": ")[1].split()[0]) for line in out.splitlines()
+              if line.strip().startswith("slice ")]
+    dask_line = next(line for line in out.splitlines() if "(dask)" in line)
+    dask_means = [float(v) for v in dask_line.split(": ", 1)[1].strip("[] ").replace(
+        "[", "").replace("]", "").split(",")]
+    assert dask_means == pytest.approx(kernel, abs=1e-4)
     main(["info", "--json", str(tmp_path / "d" / "demo.siff")])
     s = json.loads(capsys.readouterr().out)
     assert s["frames"] == 322 and s["channels"] == [1, 2] and s["timepoints"] == 40

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,10 +122,18 @@ def test_index_cache_local_and_invalidation(tmp_path):
     cache = tmp_path / "cache"
     t = write_siff(tmp_path / "a.siff", shape=(8, 8), channels=(1, 2), n_timepoints=4,
                    events={1: ("x", 0.5), 3: ("y", None)})
-    with SiffFile(t.path) as f:  # local files do not use the cache by default
+    with SiffFile(t.path, index_cache=False) as f:
         want_ts = f.timestamps()
         want_idx = f.index
     assert not cache.exists()
+    default_dir = Path(os.environ["SIFF_XARRAY_CACHE_DIR"])
+    n_default = len(list(default_dir.glob("*.npz")))
+    with SiffFile(t.path) as f:  # paths use the default cache directory
+        pass
+    assert len(list(default_dir.glob("*.npz"))) == n_default + 1
+    with SiffFile(io.BytesIO(Path(t.path).read_bytes())) as f:  # file objects do not
+        pass
+    assert len(list(default_dir.glob("*.npz"))) == n_default + 1
     with SiffFile(t.path, index_cache=cache) as f:  # builds and stores
         key = content_key(f._source, f.header)
     entry = cache / f"{key}.npz"
@@ -156,6 +167,15 @@ def test_index_cache_local_and_invalidation(tmp_path):
     np.savez(cache / f"{other_key}.npz", **bad)
     with SiffFile(other.path, index_cache=cache) as f:
         np.testing.assert_array_equal(f.read_frames(), other.intensity())
+    # rewriting the file in place (same size, same tail) changes the key
+    data = bytearray(Path(t.path).read_bytes())
+    with SiffFile(t.path, index_cache=False) as f:
+        k = int(f.index.strip_offset[2])
+    data[k : k + 2] = data[k + 2 : k + 4]
+    time.sleep(0.01)
+    Path(t.path).write_bytes(bytes(data))
+    with SiffFile(t.path, index_cache=cache) as f:
+        assert content_key(f._source, f.header) != key
     # an unwritable cache directory only means no cache
     ro = tmp_path / "file-not-dir"
     ro.write_text("x")

@@ -1,20 +1,23 @@
 """A persistent cache of frame indices (and frame timestamps), keyed by file content.
 
 Opening a ``.siff`` file means walking its IFD chain: one small read per frame.
-That is fast on a local disk but costs one round trip per frame on object storage
-(thousands of requests). The first open of a remote file therefore stores the
+That costs one page fault per frame on a local disk and one round trip per frame
+on object storage (thousands of requests). The first open of a file therefore
+stores the
 :class:`~siff_xarray.reader.ifd.FrameIndex` and the per-frame timestamps in an
 ``.npz`` file; later opens load it and only *spot-check* it against the file
 (the first, middle and last IFDs are re-read and must match).
 
-The key is a hash of the file's *content* (size, header block, first IFD offset
-and its last 4 KiB), not of its name, so a file keeps its cache when it is copied
-or moved to another bucket. Any problem with a cache file (corrupt, stale, not
-writable) only means the index is rebuilt from the file: a cache never changes
-what is read.
+The key is a hash of the file's content (size, header block, first IFD offset
+and its last 4 KiB) and version (local files: device, inode and modification
+time; remote files: ETag / modification time where the filesystem reports them),
+not of its name. A file rewritten in place gets a new key. Any problem with a
+cache file (corrupt, stale, not writable) only means the index is rebuilt from
+the file: a cache never changes what is read.
 
 Location: ``$SIFF_XARRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/siff-xarray/index``,
-else ``~/.cache/siff-xarray/index``.
+else ``~/.cache/siff-xarray/index``. An entry takes about 100 bytes per frame; the
+oldest entries beyond :data:`MAX_ENTRIES` are deleted when one is added.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = ["default_cache_dir", "load_index", "save_index"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = 4096
+MAX_ENTRIES = 1000  #: the oldest entries beyond this many are deleted when one is added
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +57,8 @@ def default_cache_dir() -> Path:
 def content_key(source: ByteSource, header: FileHeader) -> str:
     """Hash identifying the file's content (independent of its name)."""
     h = hashlib.sha256()
-    h.update(f"{FORMAT}|{source.size}|{header.first_ifd}|{int(header.bigtiff)}|".encode())
+    h.update(f"{FORMAT}|{source.size}|{header.first_ifd}|{int(header.bigtiff)}|"
+             f"{source.fingerprint()}|".encode())
     h.update(header.nvfd_text.encode("latin-1", errors="replace"))
     h.update(header.roi_text.encode("latin-1", errors="replace"))
     h.update(source.read(max(0, source.size - TAIL), TAIL))
@@ -135,6 +140,24 @@ def save_index(directory: Path, key: str, index: FrameIndex,
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        _prune(directory)
     except OSError:
         return False
     return True
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _prune(directory: Path, keep: int = MAX_ENTRIES) -> None:
+    """Delete the least recently written entries beyond ``keep``."""
+    entries = list(directory.glob("*.npz"))
+    if len(entries) <= keep:
+        return
+    for old in sorted(entries, key=_mtime)[: len(entries) - keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()

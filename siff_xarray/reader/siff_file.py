@@ -65,8 +65,9 @@ class SiffFile:
     index_cache
         Keep the frame index and timestamps in a persistent cache so the next open
         skips the IFD walk (see :mod:`siff_xarray.reader.index_cache`). ``None``
-        (default): only for remote (fsspec) files; ``True``: always, in the default
-        directory; a path: always, in that directory; ``False``: never.
+        (default): for files opened by path or URL, in the default directory (not
+        for file objects); ``True``: always; a path: always, in that directory;
+        ``False``: never.
 
     Examples
     --------
@@ -104,7 +105,7 @@ class SiffFile:
 
     def _load_index(self, index_cache: bool | str | os.PathLike[str] | None) -> FrameIndex:
         if index_cache is None:
-            index_cache = isinstance(self._source, FsspecSource)
+            index_cache = isinstance(self._source, (FsspecSource, LocalSource))
         if index_cache is False:
             return build_frame_index(self._source, self.header)
         directory = default_cache_dir() if index_cache is True else Path(index_cache)

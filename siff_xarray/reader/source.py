@@ -53,6 +53,10 @@ class ByteSource:
     #: Bytes read at a time while walking the IFD chain (without a whole-file buffer).
     ifd_window = 64 * 2**10
 
+    def fingerprint(self) -> str:
+        """Cheap identity of this version of the file (modification time, ETag...), or ''."""
+        return ""
+
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         """Read several byte ranges (one read each by default)."""
         return [self.read(a, b - a) for a, b in zip(starts, stops, strict=True)]
@@ -125,6 +129,11 @@ class LocalSource(ByteSource):
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         return self._array[offset : offset + length].tobytes()
+
+    def fingerprint(self) -> str:
+        """Device, inode and modification time: an in-place rewrite changes it."""
+        st = os.fstat(self._file.fileno())
+        return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
 
     def buffer(self) -> np.ndarray:
         """Return the memory map as a read-only ``uint8`` array."""
@@ -205,6 +214,8 @@ class FsspecSource(ByteSource):
             raise IsADirectoryError(f"{url}: is a directory")
         size = info.get("size")
         self.size = int(size) if size is not None else int(self._fs.size(self._path))
+        self._version = "|".join(str(info[k]) for k in ("ETag", "etag", "LastModified",
+                                                         "mtime", "created") if k in info)
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
@@ -222,6 +233,10 @@ class FsspecSource(ByteSource):
         out = self._fs.cat_file(self._path, start=offset, end=end)
         self.bytes_fetched += len(out)
         return bytes(out)
+
+    def fingerprint(self) -> str:
+        """ETag / modification time as the filesystem reports them ('' if none)."""
+        return self._version
 
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
