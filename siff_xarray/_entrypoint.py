@@ -47,9 +47,9 @@ class SiffBackendEntrypoint(BackendEntrypoint):
     description = "Open ScanImage-FLIM .siff (and ScanImage TIFF) files with siff-xarray"
     url = "https://github.com/siff-xarray/siff-xarray"
     open_dataset_parameters = (
-        "filename_or_obj", "drop_variables", "flim", "partial_volume", "histogram_mode",
-        "tau_bins", "bin_width_ps", "base_resolution_ps", "storage_options", "lock",
-        "chunk_bytes", "index_cache",
+        "filename_or_obj", "drop_variables", "decode_times", "flim", "partial_volume",
+        "histogram_mode", "tau_bins", "bin_width_ps", "base_resolution_ps", "storage_options",
+        "lock", "chunk_bytes", "index_cache",
     )
 
     def open_dataset(  # type: ignore[override]
@@ -57,6 +57,7 @@ class SiffBackendEntrypoint(BackendEntrypoint):
         filename_or_obj: Any,
         *,
         drop_variables: str | Iterable[str] | None = None,
+        decode_times: bool = True,
         flim: bool = False,
         partial_volume: str = "keep",
         histogram_mode: str = "drop",
@@ -72,7 +73,8 @@ class SiffBackendEntrypoint(BackendEntrypoint):
         from .backend import open_siff
 
         return open_siff(
-            filename_or_obj, drop_variables=drop_variables, flim=flim,
+            filename_or_obj, drop_variables=drop_variables, decode_times=decode_times,
+            flim=flim,
             partial_volume=partial_volume, histogram_mode=histogram_mode, tau_bins=tau_bins,
             bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
             storage_options=storage_options, lock=lock, chunk_bytes=chunk_bytes,

@@ -325,9 +325,10 @@ def _warn_if_continuation(f: SiffFile, ip: ImParams) -> None:
 
 
 def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterable[str],
-           flim: bool, partial_volume: PartialVolume, histogram_mode: HistogramMode,
-           lock: Any, chunk_bytes: int, base_resolution_ps: float, tau_bins: int | None,
-           bin_width_ps: float | None) -> xr.Dataset:
+           decode_times: bool, flim: bool, partial_volume: PartialVolume,
+           histogram_mode: HistogramMode, lock: Any, chunk_bytes: int,
+           base_resolution_ps: float, tau_bins: int | None, bin_width_ps: float | None
+           ) -> xr.Dataset:
     if partial_volume not in ("keep", "drop"):
         raise ValueError(f"partial_volume must be 'keep' or 'drop', got {partial_volume!r}")
     if histogram_mode not in ("drop", "clip", "wrap", "corrosiff"):
@@ -367,7 +368,14 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
     laser = np.concatenate([t.epoch_laser_ns for t in ts])
     safe = np.where(present, fmap, 0)
     frame_time = np.where(present, exp_s[safe], np.nan)
-    epoch = np.where(present, laser[safe], np.iinfo(np.int64).min).view("datetime64[ns]")
+    epoch = np.where(present, laser[safe], np.iinfo(np.int64).min)
+    epoch_attrs = {"long_name": "laser-clock epoch of the frame"}
+    if decode_times:
+        epoch = epoch.view("datetime64[ns]")
+    else:
+        epoch_attrs.update(units="ns since 1970-01-01",
+                           description="int64 nanoseconds; the int64 minimum marks a missing "
+                                       "frame")
     t_first = frame_time.reshape(fmap.shape[0], -1)[:, 0]
     if np.isnan(t_first).any():  # no timestamps: fall back to the nominal volume period
         dt = ip.dt_volume if ip.dt_volume is not None else 1.0
@@ -440,7 +448,7 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
         **_yx_coords(ip),
         "frame_time": xr.Variable(frame_dims, frame_time, {
             "long_name": "experiment time of the frame", "units": "s"}),
-        "epoch": xr.Variable(frame_dims, epoch, {"long_name": "laser-clock epoch of the frame"}),
+        "epoch": xr.Variable(frame_dims, epoch, epoch_attrs),
     }
     if repeat:
         coords["repeat"] = xr.Variable("repeat", np.arange(ip.frames_per_slice),
@@ -492,6 +500,7 @@ def open_siff(
     filename_or_obj: str | os.PathLike[str] | Any,
     *,
     drop_variables: str | Iterable[str] | None = None,
+    decode_times: bool = True,
     flim: bool = False,
     partial_volume: PartialVolume = "keep",
     histogram_mode: HistogramMode = "drop",
@@ -515,6 +524,9 @@ def open_siff(
         open binary file object, or a :class:`~siff_xarray.SiffFile`.
     drop_variables
         Variables (or coordinates) to leave out; dropped lazy variables are never read.
+    decode_times
+        ``True`` (default): ``epoch`` is ``datetime64[ns]``; ``False`` (also implied
+        by ``decode_cf=False``): ``int64`` nanoseconds since 1970-01-01 (same values).
     flim
         Also provide ``mean_arrival`` (per-pixel mean arrival time, ns), lazily.
     partial_volume
@@ -545,7 +557,8 @@ def open_siff(
     files, managers = _open_files([filename_or_obj], storage_options, tau_bins, bin_width_ps,
                                   base_resolution_ps, index_cache)
     try:
-        return _build(files, managers, drop_variables=_drop_set(drop_variables), flim=flim,
+        return _build(files, managers, drop_variables=_drop_set(drop_variables),
+                      decode_times=decode_times, flim=flim,
                       partial_volume=partial_volume, histogram_mode=histogram_mode, lock=lock,
                       chunk_bytes=chunk_bytes, base_resolution_ps=base_resolution_ps,
                       tau_bins=tau_bins, bin_width_ps=bin_width_ps)
@@ -583,6 +596,7 @@ def open_acquisition(
     paths_or_glob: str | os.PathLike[str] | Sequence[Any],
     *,
     drop_variables: str | Iterable[str] | None = None,
+    decode_times: bool = True,
     flim: bool = False,
     partial_volume: PartialVolume = "keep",
     histogram_mode: HistogramMode = "drop",
@@ -606,7 +620,7 @@ def open_acquisition(
     ----------
     paths_or_glob
         A glob pattern (local or fsspec URL) or a sequence of paths/URLs.
-    drop_variables, flim, partial_volume, histogram_mode
+    drop_variables, decode_times, flim, partial_volume, histogram_mode
         As for :func:`open_siff`.
     tau_bins, bin_width_ps, base_resolution_ps, storage_options, lock, chunk_bytes
         As for :func:`open_siff`.
@@ -627,7 +641,8 @@ def open_acquisition(
             if f.header.nvfd_text != files[0].header.nvfd_text:
                 raise ValueError(f"{f.name}: its ScanImage header differs from {files[0].name}; "
                                  "these files are not one acquisition")
-        return _build(files, managers, drop_variables=_drop_set(drop_variables), flim=flim,
+        return _build(files, managers, drop_variables=_drop_set(drop_variables),
+                      decode_times=decode_times, flim=flim,
                       partial_volume=partial_volume, histogram_mode=histogram_mode, lock=lock,
                       chunk_bytes=chunk_bytes, base_resolution_ps=base_resolution_ps,
                       tau_bins=tau_bins, bin_width_ps=bin_width_ps)

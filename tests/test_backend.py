@@ -216,6 +216,18 @@ def test_coordinates_and_attrs(siff_files):
         assert ds.intensity.encoding["source"] == t.path
 
 
+def test_decode_times_false_gives_int_ns(siff_files):
+    t = siff_files["partial_volume"]
+    with xr.open_dataset(t.path, engine="siff") as a, \
+            xr.open_dataset(t.path, engine="siff", decode_times=False) as b, \
+            xr.open_dataset(t.path, engine="siff", decode_cf=False) as c:
+        assert a.epoch.dtype == np.dtype("datetime64[ns]")
+        assert b.epoch.dtype == np.int64 and c.epoch.dtype == np.int64
+        np.testing.assert_array_equal(a.epoch.values.view(np.int64), b.epoch.values)
+    with pytest.raises(TypeError):  # counts have no fill value or scale to decode
+        xr.open_dataset(t.path, engine="siff", mask_and_scale=True)
+
+
 def test_pixel_index_coords_without_fov(tmp_path):
     t = write_siff(tmp_path / "nofov.siff", shape=(6, 5), n_timepoints=2,
                    header_extra={"SI.hRoiManager.imagingFovUm": "[]"})
