@@ -129,7 +129,7 @@ def s3_server():
 class _RangeServer:
     """A static HTTP server on 127.0.0.1 that honours Range requests and counts bytes."""
 
-    def __init__(self, root):
+    def __init__(self, root, tls_dir=None):
         import http.server
         import threading
 
@@ -182,13 +182,70 @@ class _RangeServer:
                 server.requests += 1
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "http"
+        self.client_ssl = None
+        if tls_dir is not None:
+            import ssl
+
+            cert, key = _self_signed_cert(tls_dir)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            self.client_ssl = ssl.create_default_context(cafile=cert)  # verifies the cert
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _self_signed_cert(directory):
+    """Write a self-signed certificate for 127.0.0.1; return (cert_path, key_path)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory,
+                                                                             "key.pem")
+    with open(cert_path, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def https_server(tmp_path, tmp_path_factory):
+    """Serve ``tmp_path`` over HTTPS on 127.0.0.1 with a throwaway self-signed certificate.
+
+    ``client_ssl`` is an SSL context trusting that certificate (pass it as the fsspec
+    ``ssl`` storage option).
+    """
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("cryptography")
+    srv = _RangeServer(str(tmp_path), tls_dir=str(tmp_path_factory.mktemp("tls")))
+    yield srv
+    srv.close()
 
 
 @pytest.fixture

@@ -45,6 +45,15 @@ def test_http_open_reads_only_header_and_ifds(http_server, big_frames):
         assert ds.attrs["source_file"] == url
 
 
+def test_https_with_verified_certificate(https_server, big_frames):
+    url = f"{https_server.url}/big.siff"
+    assert url.startswith("https://")
+    opts = {"ssl": https_server.client_ssl}
+    with xr.open_dataset(url, engine="siff", storage_options=opts, index_cache=False) as ds, \
+            xr.open_dataset(big_frames.path, engine="siff") as local:
+        xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+
+
 def test_http_cache_serves_repeated_reads(http_server, big_frames):
     url = f"{http_server.url}/big.siff"
     with SiffFile(url) as f:
