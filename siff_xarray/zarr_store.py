@@ -1,0 +1,784 @@
+"""The Zarr layer: lossless, parallel, resumable conversion of ``.siff`` files to Zarr v3.
+
+Layout of a converted store (see ``docs/zarr-layout.md``)::
+
+    /                    the Dataset of ``xr.open_dataset(src, engine="siff")``
+      intensity            (time, z, [repeat], channel, y, x) uint16, sharded, Blosc zstd
+      photon_count, histogram, frame_index, frame_present, event_*, coordinates, attrs
+    /photons             every photon of every file frame (flyback included);
+                         attrs: siff_zarr_version (1), source_bytes, layout, tau axis
+      arrival_time         (photon,) uint16 (uint32 if any arrival time needs it)
+      photon_start         (frame,) uint64   first photon of each file frame
+      photon_count         (frame,) uint32   photons of each file frame
+      encoding             (frame,) int8     0 raw, 1 compressed (as in the source)
+      description          (byte,) uint8     every frame's description text, concatenated
+      description_start    (frame,) uint64   and where each starts
+      description_length   (frame,) uint32
+      experiment_s, epoch_laser_ns, epoch_system_ns   (frame,) timestamps
+      flyback_intensity    (flyback, y, x) uint16   count images of flyback frames
+      flyback_frame        (flyback,) int64         their file frame indices
+
+Within a frame, photons are stored in pixel order (as compressed ``.siff`` frames
+are), so a photon's pixel follows from the frame's count image (``intensity`` for
+imaging frames, ``flyback_intensity`` for flyback frames): 2 bytes per photon.
+Only the order of photons *within* one pixel of a raw-encoded frame is not kept
+(it carries no information: every photon keeps its arrival time).
+
+Conversion runs in batches of whole intensity shards (a time range); each batch's
+photons start at an ``arrival_time`` shard boundary, so no two batches ever write
+the same chunk or shard and batches may run in any order, on any Dask scheduler.
+The root group's metadata (``zarr.json``) is written last: until then the store
+cannot be opened as a Zarr group, and :func:`open_converted` says the conversion is
+incomplete. Finished batches are recorded under ``.siff-progress/`` so that
+``resume=True`` redoes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import SiffFormatError
+
+__all__ = [
+    "SIFF_ZARR_VERSION",
+    "ConversionError",
+    "ConversionSummary",
+    "IncompleteStoreError",
+    "convert",
+    "open_converted",
+    "read_photons",
+    "verify",
+]
+
+log = logging.getLogger(__name__)
+
+SIFF_ZARR_VERSION = 1
+PROGRESS = ".siff-progress"
+PLAN_KEY = f"{PROGRESS}/plan.json"
+ROOT_KEY = f"{PROGRESS}/root-zarr.json"
+
+#: elements per ``arrival_time`` chunk and shard
+PHOTON_CHUNK = 1 << 20
+PHOTON_SHARD = 1 << 23
+
+
+class ConversionError(RuntimeError):
+    """A conversion could not be started or finished (the message says why)."""
+
+
+class IncompleteStoreError(ConversionError):
+    """The store is the partial result of an interrupted conversion."""
+
+
+class _NeedsWideArrivals(Exception):
+    """A batch found an arrival time above 65535: arrival_time must be uint32."""
+
+
+def _compressor() -> Any:
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+# ---------------------------------------------------------------------- stores
+
+
+def _fs_and_root(destination: str | os.PathLike[str],
+                 storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(destination), **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def _zarr_store(destination: str | os.PathLike[str],
+                storage_options: dict[str, Any] | None) -> Any:
+    from zarr.storage import FsspecStore, LocalStore
+
+    dst = os.fspath(destination)
+    if "://" not in dst or dst.startswith("file://"):
+        return LocalStore(dst.removeprefix("file://"))
+    return FsspecStore.from_url(dst, storage_options=storage_options or {})
+
+
+@dataclass
+class _Target:
+    """Where a store lives: an fsspec filesystem + root path, and the zarr store."""
+
+    destination: str
+    storage_options: dict[str, Any] | None
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = _fs_and_root(self.destination, self.storage_options)
+
+    def key(self, k: str) -> str:
+        return f"{self.root}/{k}"
+
+    def exists(self, k: str) -> bool:
+        return bool(self.fs.exists(self.key(k)))
+
+    def read_text(self, k: str) -> str:
+        return self.fs.cat_file(self.key(k)).decode()
+
+    def write_text(self, k: str, text: str) -> None:
+        path = self.key(k)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(path, text.encode())
+
+    def done_batches(self) -> set[int]:
+        try:
+            names = self.fs.ls(self.key(PROGRESS), detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(n.rsplit("-", 1)[1]) for n in names if n.rsplit("/", 1)[-1].startswith(
+            "batch-")}
+
+    def zarr(self) -> Any:
+        return _zarr_store(self.destination, self.storage_options)
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Plan:
+    """Everything a batch needs, as plain JSON-able values (shipped to workers)."""
+
+    source: str
+    source_options: dict[str, Any] | None
+    destination: str
+    destination_options: dict[str, Any] | None
+    shard_t: int                      # timepoints per batch (= intensity shard)
+    n_timepoints: int
+    batch_frames: list[list[int]]     # [first, stop) file frames of each batch
+    batch_base: list[int]             # first arrival_time element of each batch
+    flyback_base: list[int]           # first flyback_intensity row of each batch
+    arrival_dtype: str
+    n_photons_total: int
+    open_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_frames)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> _Plan:
+        return cls(**json.loads(text))
+
+
+def _roundup(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _chunking(vol_shape: tuple[int, ...], n_t: int, shard_bytes: int, chunk_bytes: int
+              ) -> tuple[int, int]:
+    """Timepoints per intensity chunk and per shard (a multiple of the chunk)."""
+    vol_bytes = int(np.prod(vol_shape, dtype=np.int64)) * 2
+    ct = max(1, min(n_t, chunk_bytes // max(vol_bytes, 1)))
+    st = max(ct, (shard_bytes // max(vol_bytes, 1)) // ct * ct)
+    st = min(st, _roundup(n_t, ct))
+    return ct, st
+
+
+# ---------------------------------------------------------------------- conversion
+
+
+@dataclass
+class ConversionSummary:
+    """What :func:`convert` did (also printed by the CLI)."""
+
+    source: str
+    destination: str
+    frames: int
+    photons: int
+    source_bytes: int
+    store_bytes: int
+    seconds: float
+    batches: int
+    batches_skipped: int
+
+    @property
+    def compression_ratio(self) -> float:
+        """Source size / store size."""
+        return self.source_bytes / self.store_bytes if self.store_bytes else float("nan")
+
+
+def _open_source(plan: _Plan) -> Any:
+    from .reader.siff_file import SiffFile
+
+    return SiffFile(plan.source, storage_options=plan.source_options, **plan.open_kwargs)
+
+
+def _write_batch(plan_json: str, b: int) -> tuple[int, int]:
+    """Convert batch ``b``; returns ``(frames, photons)``. Runs on any worker."""
+    import zarr
+
+    plan = _Plan.from_json(plan_json)
+    target = _Target(plan.destination, plan.destination_options)
+    store = target.zarr()
+    f0, f1 = plan.batch_frames[b]
+    frames = np.arange(f0, f1, dtype=np.int64)
+    with _open_source(plan) as f:
+        ip = f.im_params
+        starts, _pix, tau = f.photons_batch(frames)
+        if tau.size and int(tau.max()) > 65535 and plan.arrival_dtype == "uint16":
+            raise _NeedsWideArrivals
+        counts_img = f.read_frames(frames)
+        if (counts_img == np.iinfo(np.uint16).max).any():
+            cnt = np.diff(starts)
+            if (cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)).any():
+                raise ConversionError(
+                    f"{plan.source}: a pixel holds more than 65535 photons in one frame; its "
+                    "count does not fit the uint16 count image that locates photons")
+        hist = f.histograms(frames).astype(np.uint32) \
+            if f.has_photons and ip.num_bins is not None else None
+        loc = ip.locate(frames)
+    n = int(tau.size)
+    arr = zarr.open_array(store, path="photons/arrival_time", mode="r+")
+    base = plan.batch_base[b]
+    if n:
+        arr[base : base + n] = tau.astype(plan.arrival_dtype, copy=False)
+
+    # imaging frames -> their (time, z, [repeat], channel) cells; flyback frames -> rows
+    t = loc["timepoint"]
+    fly = loc["flyback"]
+    t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
+    inten = zarr.open_array(store, path="intensity", mode="r+")
+    repeat = inten.ndim == 6
+    shape = (t1 - t0, *inten.shape[1:])
+    block = np.zeros(shape, dtype=np.uint16)
+    pc = np.zeros(shape[:-2], dtype=np.uint32)
+    idx = (t[~fly] - t0, loc["slice"][~fly])
+    if repeat:
+        idx = (*idx, loc["repeat"][~fly])
+    idx = (*idx, loc["channel"][~fly])
+    block[idx] = counts_img[~fly]
+    pc[idx] = np.diff(starts)[~fly]
+    inten[t0:t1] = block
+    zarr.open_array(store, path="photon_count", mode="r+")[t0:t1] = pc
+    if hist is not None:
+        hblock = np.zeros((*shape[:-2], hist.shape[1]), dtype=np.uint32)
+        hblock[idx] = hist[~fly]
+        zarr.open_array(store, path="histogram", mode="r+")[t0:t1] = hblock
+    if fly.any():
+        r0 = plan.flyback_base[b]
+        zarr.open_array(store, path="photons/flyback_intensity", mode="r+")[
+            r0 : r0 + int(fly.sum())] = counts_img[fly]
+    target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": len(frames),
+                                                               "photons": n}))
+    return len(frames), n
+
+
+def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None,
+             shard_bytes: int, chunk_bytes: int, arrival_dtype: str) -> _Plan:
+    """Create every array (metadata and the small per-frame arrays); return the plan."""
+    import zarr
+
+    from .backend import open_siff
+    from .reader.siff_file import SiffFile
+
+    ds = open_siff(source, storage_options=source_options)
+    try:
+        with SiffFile(source, storage_options=source_options) as f:
+            if not f.has_photons or (f.index.encoding == 2).any():
+                raise ConversionError(
+                    f"{source}: holds intensity-only TIFF pages; only photon (.siff) frames "
+                    "can be converted to the photon layout yet")
+            ip = f.im_params
+            n_frames = f.num_frames
+            fmap = ds.frame_index.values
+            n_t = fmap.shape[0]
+            vol_shape = ds.intensity.shape[1:]
+            ct, st = _chunking(vol_shape, n_t, shard_bytes, chunk_bytes)
+            n_batches = -(-n_t // st)
+            # batch b: timepoints [b*st, (b+1)*st) = file frames [b*st*P, (b+1)*st*P)
+            p = ip.file_frames_per_volume
+            bounds = [min(b * st * p, n_frames) for b in range(n_batches)] + [n_frames]
+            batch_frames = [[bounds[b], bounds[b + 1]] for b in range(n_batches)]
+            counts = f.index.n_photons.astype(np.int64)
+            starts = np.zeros(n_frames, dtype=np.int64)
+            batch_base = []
+            end = 0
+            for f0, f1 in batch_frames:  # one iteration per batch (shard), not per frame
+                base = _roundup(end, PHOTON_SHARD)
+                batch_base.append(base)
+                c = counts[f0:f1]
+                starts[f0:f1] = base + np.concatenate([[0], np.cumsum(c)[:-1]]) if len(c) \
+                    else starts[f0:f1]
+                end = base + int(c.sum())
+            loc = ip.locate(np.arange(n_frames))
+            fly_frames = np.flatnonzero(loc["flyback"])
+            flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
+            ts = f.timestamps()
+            desc = f.frame_descriptions()
+            encoding = f.index.encoding.astype(np.int8)
+            h, w = f.frame_shape
+        total_len = max(end, 1)
+
+        # --- the root Dataset: metadata now, data by the batches
+        enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
+                     "compressors": (_compressor(),)}
+        template = ds.drop_vars([v for v in ("mean_arrival",) if v in ds])
+        lazy = [v for v in ("intensity", "photon_count", "histogram") if v in template]
+        for v in lazy:
+            template[v] = template[v].chunk({"time": st})
+        encoding_all: dict[str, dict[str, Any]] = {"intensity": enc_inten}
+        for v in ("photon_count", "histogram"):
+            if v in template:
+                encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
+                                   "compressors": (_compressor(),)}
+        source_bytes = int(f.header.file_size)
+        store = target.zarr()
+        template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
+                         consolidated=False, zarr_format=3)
+    finally:
+        ds.close()
+
+    # --- the photons group
+    grp = zarr.open_group(store, path="photons", mode="a")
+    grp.attrs.update({
+        "siff_zarr_version": SIFF_ZARR_VERSION,
+        "source_bytes": source_bytes,
+        "layout": "pixel-sorted",
+        "description": "every photon of every file frame; within a frame in pixel order; "
+                       "a photon's pixel follows from the frame's count image",
+        "tau_bin_ps": ip.picoseconds_per_bin if ip.picoseconds_per_bin is not None else -1.0,
+        "n_tau_bins": ip.num_bins if ip.num_bins is not None else -1,
+    })
+    grp.create_array("arrival_time", shape=(total_len,), dtype=arrival_dtype,
+                     chunks=(PHOTON_CHUNK,), shards=(PHOTON_SHARD,),
+                     compressors=(_compressor(),), fill_value=0, dimension_names=("photon",))
+
+    def small(name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
+        a = grp.create_array(name, shape=data.shape, dtype=data.dtype,
+                             chunks=data.shape if data.size else (1,) * data.ndim,
+                             compressors=(_compressor(),), dimension_names=dims)
+        if data.size:
+            a[...] = data
+
+    small("photon_start", starts.astype(np.uint64), ("frame",))
+    small("photon_count", counts.astype(np.uint32), ("frame",))
+    small("encoding", encoding, ("frame",))
+    small("experiment_s", ts.experiment_s, ("frame",))
+    small("epoch_laser_ns", ts.epoch_laser_ns, ("frame",))
+    small("epoch_system_ns", ts.epoch_system_ns, ("frame",))
+    raw = [d.encode("utf-8") for d in desc]
+    dlen = np.array([len(x) for x in raw], dtype=np.uint32)
+    dstart = np.concatenate([[0], np.cumsum(dlen, dtype=np.uint64)[:-1]]).astype(np.uint64)
+    small("description", np.frombuffer(b"".join(raw), dtype=np.uint8).copy(), ("byte",))
+    small("description_start", dstart, ("frame",))
+    small("description_length", dlen, ("frame",))
+    small("flyback_frame", fly_frames.astype(np.int64), ("flyback",))
+    per_batch_fly = max([np.searchsorted(fly_frames, f1) - np.searchsorted(fly_frames, f0)
+                         for f0, f1 in batch_frames] + [1])
+    grp.create_array("flyback_intensity", shape=(len(fly_frames), h, w), dtype=np.uint16,
+                     chunks=(int(per_batch_fly), h, w), compressors=(_compressor(),),
+                     fill_value=0, dimension_names=("flyback", "y", "x"))
+    # flyback rows of one batch must share no chunk with another batch's rows
+    if len(fly_frames) and any(fb % per_batch_fly for fb in flyback_base):
+        raise ConversionError("internal: flyback rows are not chunk-aligned")  # pragma: no cover
+
+    return _Plan(source=source, source_options=source_options,
+                 destination=target.destination, destination_options=target.storage_options,
+                 shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
+                 batch_base=batch_base, flyback_base=flyback_base,
+                 arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()))
+
+
+def _hide_root(target: _Target) -> None:
+    """Move the root group metadata aside: the store is not a group until finished."""
+    text = target.read_text("zarr.json")
+    target.write_text(ROOT_KEY, text)
+    target.fs.rm_file(target.key("zarr.json"))
+
+
+def _finish(target: _Target) -> None:
+    meta = json.loads(target.read_text(ROOT_KEY))
+    target.write_text("zarr.json", json.dumps(meta, indent=2))
+    target.fs.rm(target.key(PROGRESS), recursive=True)
+
+
+def _store_bytes(target: _Target) -> int:
+    try:
+        return int(target.fs.du(target.root))
+    except Exception:  # pragma: no cover - some filesystems cannot du
+        return 0
+
+
+def convert(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    scheduler: Any = "threads",
+    num_workers: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    target_options: dict[str, Any] | None = None,
+    shard_bytes: int = 64 * 2**20,
+    chunk_bytes: int = 2 * 2**20,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> ConversionSummary:
+    """Convert one ``.siff`` file to a Zarr v3 store, losslessly and in parallel.
+
+    Parameters
+    ----------
+    source
+        Local path or fsspec URL of the ``.siff`` file (opened read-only).
+    destination
+        Local path or fsspec URL of the store to create (e.g. ``s3://bucket/run.zarr``).
+    overwrite
+        Replace an existing store (a finished store is never replaced without it).
+    resume
+        Finish an interrupted conversion into ``destination``, redoing only the batches
+        that were not recorded as finished.
+    scheduler
+        Dask scheduler: ``"threads"`` (default), ``"processes"``, ``"sync"``, or a
+        ``dask.distributed.Client`` (or its address).
+    num_workers
+        Threads/processes for the local schedulers.
+    storage_options, target_options
+        fsspec options for the source and for the destination.
+    shard_bytes, chunk_bytes
+        Target sizes of an ``intensity`` shard (one batch) and chunk.
+    progress
+        Called as ``progress(batches_done, batches_total, photons_done)`` after each batch.
+
+    Returns
+    -------
+    ConversionSummary
+
+    Raises
+    ------
+    ConversionError
+        If the destination holds a store and neither ``overwrite`` nor ``resume`` is
+        given, or ``resume`` finds no interrupted conversion of this source.
+
+    """
+    t_start = time.perf_counter()
+    src = os.fspath(source)
+    target = _Target(os.fspath(destination), target_options)
+    finished = target.exists("zarr.json")
+    interrupted = target.exists(PLAN_KEY)
+    if finished and not overwrite:
+        raise ConversionError(f"{target.destination}: a finished store exists; pass "
+                              "overwrite=True (--overwrite) to replace it")
+    if resume and not overwrite:
+        if not interrupted:
+            raise ConversionError(f"{target.destination}: no interrupted conversion to resume")
+        plan = _Plan.from_json(target.read_text(PLAN_KEY))
+        if plan.source != src:
+            raise ConversionError(f"{target.destination}: was being converted from "
+                                  f"{plan.source}, not {src}")
+    else:
+        if interrupted and not overwrite:
+            raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
+                                  "pass resume=True (--resume) to finish it or overwrite=True "
+                                  "(--overwrite) to start again")
+        if target.fs.exists(target.root):
+            if not overwrite and target.fs.ls(target.root):
+                raise ConversionError(f"{target.destination}: exists and is not empty; pass "
+                                      "overwrite=True (--overwrite) to replace it")
+            target.fs.rm(target.root, recursive=True)
+        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint16")
+    try:
+        _, _, skipped = _run(plan, target, scheduler, num_workers, progress)
+    except _NeedsWideArrivals:
+        log.info("%s: arrival times above 65535; converting again with uint32", src)
+        target.fs.rm(target.root, recursive=True)
+        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint32")
+        _, _, skipped = _run(plan, target, scheduler, num_workers, progress)
+    _finish(target)
+    src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
+                    ["source_bytes"])
+    return ConversionSummary(source=src, destination=target.destination,
+                             frames=sum(b - a for a, b in plan.batch_frames),
+                             photons=plan.n_photons_total, source_bytes=src_bytes,
+                             store_bytes=_store_bytes(target),
+                             seconds=time.perf_counter() - t_start, batches=plan.n_batches,
+                             batches_skipped=skipped)
+
+
+def _start(src: str, target: _Target, storage_options: dict[str, Any] | None,
+           shard_bytes: int, chunk_bytes: int, arrival_dtype: str) -> _Plan:
+    plan = _prepare(src, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype)
+    _hide_root(target)
+    target.write_text(PLAN_KEY, plan.to_json())
+    return plan
+
+
+def _run(plan: _Plan, target: _Target, scheduler: Any, num_workers: int | None,
+         progress: Callable[[int, int, int], None] | None) -> tuple[int, int, int]:
+    import dask
+
+    done = target.done_batches()
+    todo = [b for b in range(plan.n_batches) if b not in done]
+    plan_json = plan.to_json()
+    frames = photons = 0
+    if todo:
+        tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b) for b in todo]
+        kwargs: dict[str, Any] = {}
+        if num_workers is not None:
+            kwargs["num_workers"] = num_workers
+        if isinstance(scheduler, str) and "://" in scheduler:
+            from dask.distributed import Client
+
+            with Client(scheduler) as client:
+                results = _compute(tasks, client, progress, plan, len(done))
+        elif not isinstance(scheduler, str):
+            results = _compute(tasks, scheduler, progress, plan, len(done))
+        else:
+            results = _compute_local(tasks, scheduler, kwargs, progress, plan, len(done))
+        frames = sum(r[0] for r in results)
+        photons = sum(r[1] for r in results)
+    missing = set(range(plan.n_batches)) - target.done_batches()
+    if missing:
+        raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "
+                              "finish")
+    return frames, photons, len(done)
+
+
+def _compute_local(tasks: list[Any], scheduler: str, kwargs: dict[str, Any],
+                   progress: Callable[[int, int, int], None] | None, plan: _Plan,
+                   already: int) -> list[tuple[int, int]]:
+    import dask
+
+    if progress is None:
+        return list(dask.compute(*tasks, scheduler=scheduler, **kwargs))
+    from dask.callbacks import Callback
+
+    state = {"done": already, "photons": 0}
+
+    def posttask(key: Any, result: Any, dsk: Any, st: Any, worker_id: Any) -> None:
+        if isinstance(result, tuple) and len(result) == 2:
+            state["done"] += 1
+            state["photons"] += int(result[1])
+            progress(state["done"], plan.n_batches, state["photons"])
+
+    with Callback(posttask=posttask):
+        return list(dask.compute(*tasks, scheduler=scheduler, **kwargs))
+
+
+def _compute(tasks: list[Any], client: Any, progress: Callable[[int, int, int], None] | None,
+             plan: _Plan, already: int) -> list[tuple[int, int]]:
+    from dask.distributed import as_completed
+
+    futures = client.compute(tasks)
+    results = []
+    done, photons = already, 0
+    for fut in as_completed(futures):
+        r = fut.result()
+        results.append(r)
+        done += 1
+        photons += int(r[1])
+        if progress is not None:
+            progress(done, plan.n_batches, photons)
+    return results
+
+
+# ---------------------------------------------------------------------- reading back
+
+
+def open_converted(store: str | os.PathLike[str], *,
+                   storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Open a converted store as an xarray Dataset (``xr.open_zarr`` with checks).
+
+    Raises
+    ------
+    IncompleteStoreError
+        If the store is the partial result of an interrupted conversion.
+
+    """
+    import xarray as xr
+
+    target = _Target(os.fspath(store), storage_options)
+    if target.exists(PLAN_KEY) or not target.exists("zarr.json"):
+        done = len(target.done_batches())
+        if target.exists(PLAN_KEY):
+            plan = _Plan.from_json(target.read_text(PLAN_KEY))
+            raise IncompleteStoreError(
+                f"{target.destination}: conversion from {plan.source} is incomplete "
+                f"({done} of {plan.n_batches} batches); run convert(..., resume=True) "
+                "(siff-xarray convert --resume) to finish it")
+        raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
+    kwargs.setdefault("consolidated", False)
+    return xr.open_zarr(target.zarr(), **kwargs)
+
+
+def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel_index, arrival_time)`` of one file frame, pixel-sorted, from either form.
+
+    ``source`` is a ``.siff`` path/URL, a :class:`~siff_xarray.SiffFile`, or a
+    converted store (path/URL ending in ``.zarr`` or holding ``photons/``). Both give
+    identical arrays (``uint32``) for the same frame.
+    """
+    from .reader.siff_file import SiffFile
+
+    if isinstance(source, SiffFile):
+        return source.photons(frame)
+    path = os.fspath(source)
+    target = _Target(path, storage_options)
+    if not target.exists("photons/zarr.json"):
+        with SiffFile(path, storage_options=storage_options) as f:
+            return f.photons(frame)
+    import zarr
+
+    store = target.zarr()
+    grp = zarr.open_group(store, path="photons", mode="r")
+    n_frames = grp["photon_count"].shape[0]
+    if not -n_frames <= frame < n_frames:
+        raise IndexError(f"{path}: frame {frame} out of range ({n_frames} frames)")
+    frame %= n_frames
+    start = int(grp["photon_start"][frame])
+    count = int(grp["photon_count"][frame])
+    tau = np.asarray(grp["arrival_time"][start : start + count]).astype(np.uint32)
+    counts = _count_image(store, grp, frame)
+    pix = np.repeat(np.arange(counts.size, dtype=np.uint32), counts.ravel())
+    if pix.size != count:
+        raise SiffFormatError(path, f"photons of frame {frame} do not match its count image "
+                              f"({pix.size} != {count})", None, frame)
+    return pix, tau
+
+
+def _count_image(store: Any, grp: Any, frame: int) -> np.ndarray:
+    import zarr
+
+    fly = np.asarray(grp["flyback_frame"][...])
+    k = int(np.searchsorted(fly, frame))
+    if k < fly.size and fly[k] == frame:
+        return np.asarray(grp["flyback_intensity"][k])
+    root = zarr.open_group(store, mode="r")
+    fmap = np.asarray(root["frame_index"][...])
+    where = np.argwhere(fmap == frame)
+    if not len(where):
+        raise SiffFormatError(str(store), "frame is neither an imaging nor a flyback frame",
+                              None, frame)
+    return np.asarray(root["intensity"][tuple(int(i) for i in where[0])])
+
+
+def _count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,
+                  shape: tuple[int, int]) -> np.ndarray:
+    """Count images of file frames ``fr`` from a store (imaging and flyback frames)."""
+    out = np.zeros((len(fr), *shape), dtype=np.uint16)
+    k = np.searchsorted(fly, fr)
+    is_fly = (k < fly.size) & (fly[np.minimum(k, max(fly.size - 1, 0))] == fr) if fly.size \
+        else np.zeros(len(fr), bool)
+    if is_fly.any():
+        rows = k[is_fly]
+        block = np.asarray(grp["flyback_intensity"][int(rows.min()) : int(rows.max()) + 1])
+        out[is_fly] = block[rows - rows.min()]
+    img = ~is_fly
+    if img.any():
+        p = pos[fr[img]]
+        t0, t1 = int(p[:, 0].min()), int(p[:, 0].max()) + 1
+        block = ds.intensity.isel(time=slice(t0, t1)).values
+        p = p.copy()
+        p[:, 0] -= t0
+        out[img] = block[tuple(p.T)]
+    return out
+
+
+def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
+           storage_options: dict[str, Any] | None = None,
+           target_options: dict[str, Any] | None = None,
+           batch_frames: int = 256) -> list[str]:
+    """Compare a converted store with its source, frame by frame; return the differences.
+
+    Checks every frame's photon count, its pixel-sorted (pixel, arrival time) pairs
+    (equal multisets), its timestamps and description text, and the header texts.
+    An empty list means the store holds exactly what the source holds.
+    """
+    import zarr
+
+    from .reader.siff_file import SiffFile
+
+    problems: list[str] = []
+    target = _Target(os.fspath(store), target_options)
+    ds = open_converted(store, storage_options=target_options)
+    zstore = target.zarr()
+    grp = zarr.open_group(zstore, path="photons", mode="r")
+    with SiffFile(os.fspath(source), storage_options=storage_options) as f:
+        n = f.num_frames
+        if grp["photon_count"].shape[0] != n:
+            return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
+        if ds.attrs.get("scanimage_header") != f.header.nvfd_text:
+            problems.append("ScanImage header text differs")
+        if ds.attrs.get("roi_json") != f.header.roi_text:
+            problems.append("ROI JSON text differs")
+        counts = np.asarray(grp["photon_count"][...]).astype(np.int64)
+        if not np.array_equal(counts, f.index.n_photons):
+            bad = np.flatnonzero(counts != f.index.n_photons)
+            problems.append(f"photon counts differ in {bad.size} frames (first {bad[0]})")
+        ts = f.timestamps()
+        for name, want in (("experiment_s", ts.experiment_s),
+                           ("epoch_laser_ns", ts.epoch_laser_ns),
+                           ("epoch_system_ns", ts.epoch_system_ns)):
+            got = np.asarray(grp[name][...])
+            if not np.array_equal(got, want, equal_nan=want.dtype.kind == "f"):
+                problems.append(f"{name} differs")
+        desc = bytes(np.asarray(grp["description"][...]))
+        dstart = np.asarray(grp["description_start"][...]).astype(np.int64)
+        dlen = np.asarray(grp["description_length"][...]).astype(np.int64)
+        src_desc = f.frame_descriptions()
+        bad_desc = [i for i in range(n) if desc[dstart[i]: dstart[i] + dlen[i]].decode(
+            "utf-8") != src_desc[i]] if len(src_desc) == n else list(range(n))
+        if bad_desc:
+            problems.append(f"descriptions differ in {len(bad_desc)} frames")
+        if not np.array_equal(np.asarray(grp["encoding"][...]), f.index.encoding):
+            problems.append("frame encodings differ")
+        # photons and count images, a batch of frames at a time, without per-frame loops
+        starts_z = np.asarray(grp["photon_start"][...]).astype(np.int64)
+        arr = grp["arrival_time"]
+        fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
+        fmap = ds.frame_index.values
+        pos = np.full((n, fmap.ndim), -1, dtype=np.int64)
+        ok = fmap >= 0
+        pos[fmap[ok]] = np.argwhere(ok)
+        for a in range(0, n, batch_frames):
+            fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
+            s_src, pix_src, tau_src = f.photons_batch(fr)
+            imgs = f.read_frames(fr)
+            imgs_z = _count_images(ds, grp, fr, pos, fly, imgs.shape[1:])
+            bad = np.flatnonzero((imgs_z != imgs).reshape(len(fr), -1).any(axis=1))
+            if bad.size:
+                problems.append(f"count images differ in {bad.size} frames (first "
+                                f"{int(fr[bad[0]])})")
+            c = counts[fr]
+            lo, hi = int(starts_z[fr].min()), int((starts_z[fr] + c).max())
+            block = np.asarray(arr[lo:hi]) if hi > lo else np.zeros(0, arr.dtype)
+            first = np.concatenate([[0], np.cumsum(c)[:-1]])
+            idx = np.arange(int(c.sum())) + np.repeat(starts_z[fr] - lo - first, c)
+            tau_z = block[idx].astype(np.uint32)
+            hw = imgs.shape[1] * imgs.shape[2]
+            pix_z = np.repeat(np.tile(np.arange(hw, dtype=np.uint32), len(fr)),
+                              imgs_z.reshape(-1))
+            frame_z = np.repeat(np.arange(len(fr)), c)
+            frame_s = np.repeat(np.arange(len(fr)), np.diff(s_src))
+            if pix_z.size != pix_src.size or not np.array_equal(pix_z, pix_src):
+                problems.append(f"photon pixels differ in frames {a}-{a + len(fr) - 1}")
+                continue
+            # equal multisets of arrival times within each (frame, pixel)
+            oz = np.lexsort((tau_z, pix_z, frame_z))
+            osrc = np.lexsort((tau_src, pix_src, frame_s))
+            if not np.array_equal(tau_z[oz], tau_src[osrc]):
+                diff = np.flatnonzero(tau_z[oz] != tau_src[osrc])
+                problems.append(f"arrival times differ (first in frame "
+                                f"{int(fr[frame_z[oz][diff[0]]])})")
+            if len(problems) > 50:
+                problems.append("... (stopped after 50 differences)")
+                break
+    ds.close()
+    return problems

@@ -1,0 +1,210 @@
+"""Zarr conversion: lossless layout, parallel byte-identical output, interruption and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from siff_xarray import zarr_store as zs
+from siff_xarray.synthetic import write_siff
+
+
+def _tree(root) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root``."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _small_shards(t) -> dict[str, int]:
+    """Shards of two volumes (chunks of one), so that files convert in several batches."""
+    h, w = t.shape
+    return {"shard_bytes": 2 * t.n_slices * t.frames_per_slice * len(t.channels) * h * w * 2,
+            "chunk_bytes": 1}
+
+
+@pytest.mark.parametrize("name", ["two_chan_slices_flyback", "partial_volume",
+                                  "frames_per_slice", "smallest_bright", "single_raw"])
+def test_convert_is_lossless(siff_files, tmp_path, name):
+    t = siff_files[name]
+    dst = tmp_path / "out.zarr"
+    summary = zs.convert(t.path, dst, **_small_shards(t))
+    assert summary.batches >= 2 and summary.frames == t.n_frames
+    assert summary.photons == len(t.arrival)
+    with zs.open_converted(dst) as ds, xr.open_dataset(t.path, engine="siff") as src:
+        xr.testing.assert_identical(ds.load(), src.load())
+        assert ds.intensity.encoding["shards"][0] == 2 * ds.intensity.encoding["chunks"][0]
+    with xr.open_zarr(dst, consolidated=False) as ds:  # plain xarray opens it too
+        assert ds.intensity.dtype == np.uint16
+    for fr in range(t.n_frames):  # every frame, flyback included
+        pix, tau = zs.read_photons(dst, fr)
+        tp, tt = t.photons(fr)
+        np.testing.assert_array_equal(pix, tp)
+        # within a pixel the order of photons is not kept: compare (pixel, arrival) multisets
+        np.testing.assert_array_equal(np.sort(pix.astype(np.int64) << 32 | tau),
+                                      np.sort(tp.astype(np.int64) << 32 | tt))
+        spix, stau = zs.read_photons(t.path, fr)  # the same function reads the .siff
+        np.testing.assert_array_equal(spix, pix)
+        np.testing.assert_array_equal(np.sort(spix.astype(np.int64) << 32 | stau),
+                                      np.sort(pix.astype(np.int64) << 32 | tau))
+    assert zs.verify(t.path, dst) == []
+
+
+def test_verify_finds_differences(siff_files, tmp_path):
+    import zarr
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "v.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    arr = zarr.open_array(str(dst), path="photons/arrival_time", mode="r+")
+    start = int(zarr.open_array(str(dst), path="photons/photon_start")[5])
+    arr[start] = int(arr[start]) + 1
+    problems = zs.verify(t.path, dst)
+    assert any("arrival times differ" in p and "frame 5" in p for p in problems)
+    inten = zarr.open_array(str(dst), path="intensity", mode="r+")
+    inten[0, 0, 0, 0, 0] = int(inten[0, 0, 0, 0, 0]) + 1
+    assert any("count images differ" in p for p in zs.verify(t.path, dst))
+
+
+def test_parallel_output_is_byte_identical(siff_files, tmp_path):
+    t = siff_files["frames_per_slice"]
+    one = tmp_path / "one.zarr"
+    many = tmp_path / "many.zarr"
+    zs.convert(t.path, one, scheduler="sync", **_small_shards(t))
+    zs.convert(t.path, many, scheduler="threads", num_workers=4, **_small_shards(t))
+    assert _tree(one) == _tree(many)
+
+
+def test_distributed_processes(siff_files, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    t = siff_files["two_chan_slices_flyback"]
+    ref = tmp_path / "ref.zarr"
+    zs.convert(t.path, ref, scheduler="sync", **_small_shards(t))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        out = tmp_path / "dist.zarr"
+        seen = []
+        zs.convert(t.path, out, scheduler=client, **_small_shards(t),
+                   progress=lambda done, total, ph: seen.append((done, total)))
+    assert _tree(out) == _tree(ref)
+    assert [d for d, _ in seen] == list(range(1, len(seen) + 1)) and seen[-1][0] == seen[-1][1]
+
+
+def test_existing_stores_are_protected(siff_files, tmp_path):
+    t = siff_files["single_compressed"]
+    dst = tmp_path / "p.zarr"
+    zs.convert(t.path, dst)
+    before = _tree(dst)
+    with pytest.raises(zs.ConversionError, match="finished store exists"):
+        zs.convert(t.path, dst)
+    with pytest.raises(zs.ConversionError, match="finished store exists"):
+        zs.convert(t.path, dst, resume=True)
+    assert _tree(dst) == before
+    zs.convert(t.path, dst, overwrite=True)
+    assert zs.verify(t.path, dst) == []
+    other = tmp_path / "not-a-store"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(zs.ConversionError, match="not empty"):
+        zs.convert(t.path, other)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_conversion_is_clearly_incomplete_and_resumes(siff_files, tmp_path,
+                                                                  monkeypatch):
+    t = siff_files["partial_volume"]
+    ref = tmp_path / "ref.zarr"
+    zs.convert(t.path, ref, scheduler="sync", **_small_shards(t))
+    dst = tmp_path / "cut.zarr"
+    real = zs._write_batch
+
+    def failing(plan_json, b):
+        if b == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(plan_json, b)
+
+    monkeypatch.setattr(zs, "_write_batch", failing)
+    with pytest.raises(KeyboardInterrupt):
+        zs.convert(t.path, dst, scheduler="sync", **_small_shards(t))
+    monkeypatch.setattr(zs, "_write_batch", real)
+    with pytest.raises(zs.IncompleteStoreError, match=r"incomplete \(1 of 2 batches\)"):
+        zs.open_converted(dst)
+    with pytest.raises(Exception):  # noqa: B017 - plain xarray cannot open it as a group
+        xr.open_zarr(dst, consolidated=False)
+    with pytest.raises(zs.ConversionError, match="resume"):
+        zs.convert(t.path, dst, **_small_shards(t))
+    summary = zs.convert(t.path, dst, resume=True, scheduler="sync")
+    assert summary.batches_skipped == 1
+    assert _tree(dst) == _tree(ref)
+    with pytest.raises(zs.ConversionError, match="no interrupted conversion"):
+        zs.convert(t.path, tmp_path / "fresh.zarr", resume=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_conversion_then_resume(tmp_path):
+    t = write_siff(tmp_path / "k.siff", shape=(16, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=24, photons_per_frame=500, seed=4)
+    shard = 2 * 2 * 2 * 16 * 16 * 2  # two volumes per batch (chunks of one): 12 batches
+    ref = tmp_path / "ref.zarr"
+    zs.convert(t.path, ref, scheduler="sync", shard_bytes=shard, chunk_bytes=1)
+    dst = tmp_path / "killed.zarr"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from siff_xarray import zarr_store as zs
+
+        def progress(done, total, photons):
+            print("batch", done, flush=True)
+            time.sleep(0.3)
+
+        zs.convert({t.path!r}, {str(dst)!r}, scheduler="sync", shard_bytes={shard},
+                   chunk_bytes=1, progress=progress)
+        print("finished", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("batch 3"):
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(zs.IncompleteStoreError, match="incomplete"):
+        zs.open_converted(dst)
+    before = os.stat(t.path).st_mtime_ns
+    zs.convert(t.path, dst, resume=True)
+    assert os.stat(t.path).st_mtime_ns == before  # the source is only read
+    assert zs.verify(t.path, dst) == []
+    assert _tree(dst) == _tree(ref)
+
+
+def test_wide_arrival_times_use_uint32(tmp_path):
+    import zarr
+
+    t = write_siff(tmp_path / "w.siff", shape=(8, 8), n_timepoints=3, tau_bins=30000,
+                   overflow_fraction=0.2, encoding="raw", photons_per_frame=300)
+    assert t.arrival.max() > 65535
+    dst = tmp_path / "w.zarr"
+    zs.convert(t.path, dst)
+    assert zarr.open_array(str(dst), path="photons/arrival_time").dtype == np.uint32
+    assert zs.verify(t.path, dst) == []
+
+
+def test_intensity_only_tiff_is_refused(tmp_path):
+    t = write_siff(tmp_path / "i.tif", shape=(6, 6), n_timepoints=2, format="tiff")
+    with pytest.raises(zs.ConversionError, match="intensity-only"):
+        zs.convert(t.path, tmp_path / "i.zarr")
+    assert not (tmp_path / "i.zarr").exists() or not any((tmp_path / "i.zarr").iterdir())
