@@ -16,6 +16,9 @@ SiffFormatError, SiffWarning
 open_siff, open_acquisition
     One file, or the numbered files of one acquisition, as a lazy xarray Dataset
     (``xr.open_dataset(path, engine="siff")`` is ``open_siff``).
+convert, verify, open_converted, read_photons
+    Lossless, parallel, resumable conversion to Zarr v3, its check, and reading
+    the result (``read_photons`` reads one frame's photons from either form).
 synthetic
     Writer of synthetic ScanImage-FLIM files with ground truth.
 """
@@ -25,13 +28,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import SiffFormatError, SiffWarning
+from .errors import ConversionError, IncompleteStoreError, SiffFormatError, SiffWarning
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "ImParams", "SiffFile", "SiffFormatError", "SiffWarning", "__version__", "open_acquisition",
-    "open_siff", "synthetic",
+    "ConversionError", "ImParams", "IncompleteStoreError", "SiffFile", "SiffFormatError",
+    "SiffWarning", "__version__", "convert", "open_acquisition", "open_converted", "open_siff",
+    "read_photons", "synthetic", "verify",
 ]
 
 _LAZY = {
@@ -40,6 +44,10 @@ _LAZY = {
     "synthetic": ("siff_xarray.synthetic", None),
     "open_siff": ("siff_xarray.backend", "open_siff"),
     "open_acquisition": ("siff_xarray.backend", "open_acquisition"),
+    "convert": ("siff_xarray.zarr_store", "convert"),
+    "open_converted": ("siff_xarray.zarr_store", "open_converted"),
+    "read_photons": ("siff_xarray.zarr_store", "read_photons"),
+    "verify": ("siff_xarray.zarr_store", "verify"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backend import open_acquisition, open_siff
     from .reader.imparams import ImParams
     from .reader.siff_file import SiffFile
+    from .zarr_store import convert, open_converted, read_photons, verify
 
 
 def __getattr__(name: str) -> Any:

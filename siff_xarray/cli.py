@@ -3,9 +3,12 @@
 Subcommands so far:
 
 * ``demo [DIR]``: write the built-in demo acquisition and run the main job on it;
-* ``info FILE``: print a summary of a ``.siff`` / ScanImage TIFF file (``--json``).
+* ``info FILE``: print a summary of a ``.siff`` / ScanImage TIFF file (``--json``);
+* ``convert SRC... DST``: lossless conversion to Zarr v3 (progress bar, summary);
+* ``verify SRC DST``: compare a converted store with its source.
 
-Errors in file content print one line (exit code 2) unless ``--debug`` is given.
+Errors in file content print one line (exit code 2) unless ``--debug`` is given;
+``verify`` exits with 1 when the store differs from the source.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import click
 
-from .errors import SiffFormatError
+from .errors import ConversionError, SiffFormatError
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -163,6 +166,85 @@ def info(file: str, as_json: bool) -> None:
         _print_summary(s)
 
 
+class _ProgressLine:
+    """One self-updating progress line on stderr: batches, frames, MB/s, ETA."""
+
+    def __init__(self, name: str, quiet: bool) -> None:
+        self.name = name
+        self.quiet = quiet
+        self.width = 24
+
+    def __call__(self, p: Any) -> None:
+        if self.quiet:
+            return
+        frac = p.batches_done / p.batches_total if p.batches_total else 1.0
+        bar = "#" * int(frac * self.width)
+        eta = f"{p.eta_s:.0f} s" if p.eta_s == p.eta_s else "?"
+        click.echo(f"\r{self.name} [{bar:<{self.width}}] {p.frames_done}/{p.frames_total} "
+                   f"frames, {p.mb_per_s:.0f} MB/s, ETA {eta}   ", nl=False, err=True)
+        if p.batches_done == p.batches_total:
+            click.echo("", err=True)
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.argument("destination")
+@click.option("--overwrite", is_flag=True, help="Replace existing stores.")
+@click.option("--resume", is_flag=True, help="Finish interrupted conversions.")
+@click.option("--scheduler", default="threads", show_default=True,
+              help="threads, processes, sync, or a dask.distributed scheduler address.")
+@click.option("--workers", type=int, default=None, help="Threads/processes (local schedulers).")
+@click.option("--shard-mb", type=float, default=64.0, show_default=True,
+              help="Target size of an intensity shard (one batch), MB.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume: bool,
+            scheduler: str, workers: int | None, shard_mb: float, quiet: bool) -> None:
+    """Convert SOURCES (.siff files, URLs or globs) to Zarr v3 stores under DESTINATION.
+
+    With one source and a DESTINATION ending in .zarr, DESTINATION is the store;
+    otherwise DESTINATION is a directory (or URL prefix) receiving NAME.zarr per file.
+    """
+    from .zarr_store import _expand_sources, convert_file, store_name
+
+    files: list[str] = []
+    for s in sources:
+        expanded = _expand_sources(s, None)
+        files.extend([s] if expanded is None else expanded)
+    if not files:
+        raise click.ClickException("no source files match")
+    single = len(files) == 1 and destination.rstrip("/").endswith(".zarr")
+    dst = destination.rstrip("/")
+    for src in files:
+        out = dst if single else f"{dst}/{store_name(src)}"
+        summary = convert_file(src, out, overwrite=overwrite, resume=resume,
+                               scheduler=scheduler, num_workers=workers,
+                               shard_bytes=int(shard_mb * 2**20),
+                               progress=_ProgressLine(src.rsplit("/", 1)[-1], quiet))
+        if not quiet:
+            click.echo(f"{summary.source} -> {summary.destination}: {summary.frames} frames, "
+                       f"{summary.photons} photons, {summary.source_bytes / 1e6:.1f} MB -> "
+                       f"{summary.store_bytes / 1e6:.1f} MB (x{summary.compression_ratio:.2f}) "
+                       f"in {summary.seconds:.1f} s"
+                       + (f" ({summary.batches_skipped} of {summary.batches} batches were "
+                          "already done)" if summary.batches_skipped else ""))
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("store")
+def verify(source: str, store: str) -> None:
+    """Compare STORE (a converted Zarr store) with SOURCE, frame by frame."""
+    from .zarr_store import verify as run_verify
+
+    problems = run_verify(source, store)
+    if problems:
+        for p in problems:
+            click.echo(f"DIFFERENT: {p}")
+        sys.exit(1)
+    click.echo(f"OK: {store} holds every photon, count image, timestamp and description "
+               f"of {source}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning file errors into one-line messages."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -173,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except (SiffFormatError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (SiffFormatError, ConversionError, FileNotFoundError, IsADirectoryError,
+            PermissionError) as e:
         if debug:
             raise
         click.echo(f"error: {e}", err=True)

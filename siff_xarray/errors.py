@@ -3,12 +3,14 @@
 Every problem with the *content* of a file is a :class:`SiffFormatError` (a
 ``ValueError``) whose message names the file, the byte offset (when one is
 known) and what is wrong, so that users can report or repair the file.
-Recoverable oddities are reported with :class:`SiffWarning`.
+Recoverable oddities are reported with :class:`SiffWarning`. Zarr conversions
+that cannot start or finish raise :class:`ConversionError`; opening the partial
+result of an interrupted one raises :class:`IncompleteStoreError`.
 """
 
 from __future__ import annotations
 
-__all__ = ["SiffFormatError", "SiffWarning"]
+__all__ = ["ConversionError", "IncompleteStoreError", "SiffFormatError", "SiffWarning"]
 
 
 class SiffFormatError(ValueError):
@@ -52,3 +54,11 @@ class SiffFormatError(ValueError):
 
 class SiffWarning(UserWarning):
     """Something in a file was unusual but could be handled (e.g. a truncated last frame)."""
+
+
+class ConversionError(RuntimeError):
+    """A Zarr conversion could not be started or finished (the message says why)."""
+
+
+class IncompleteStoreError(ConversionError):
+    """A Zarr store is the partial result of an interrupted conversion."""

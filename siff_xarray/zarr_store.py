@@ -39,20 +39,22 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import SiffFormatError
+from .errors import ConversionError, IncompleteStoreError, SiffFormatError
 
 __all__ = [
     "SIFF_ZARR_VERSION",
     "ConversionError",
     "ConversionSummary",
     "IncompleteStoreError",
+    "Progress",
     "convert",
+    "convert_file",
     "open_converted",
     "read_photons",
     "verify",
@@ -68,14 +70,6 @@ ROOT_KEY = f"{PROGRESS}/root-zarr.json"
 #: elements per ``arrival_time`` chunk and shard
 PHOTON_CHUNK = 1 << 20
 PHOTON_SHARD = 1 << 23
-
-
-class ConversionError(RuntimeError):
-    """A conversion could not be started or finished (the message says why)."""
-
-
-class IncompleteStoreError(ConversionError):
-    """The store is the partial result of an interrupted conversion."""
 
 
 class _NeedsWideArrivals(Exception):
@@ -162,6 +156,7 @@ class _Plan:
     batch_frames: list[list[int]]     # [first, stop) file frames of each batch
     batch_base: list[int]             # first arrival_time element of each batch
     flyback_base: list[int]           # first flyback_intensity row of each batch
+    batch_bytes: list[int]            # source bytes each batch reads (for progress)
     arrival_dtype: str
     n_photons_total: int
     open_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -215,14 +210,69 @@ class ConversionSummary:
         return self.source_bytes / self.store_bytes if self.store_bytes else float("nan")
 
 
+@dataclass
+class Progress:
+    """State of a running conversion, passed to the ``progress`` callback after each batch."""
+
+    batches_done: int
+    batches_total: int
+    frames_done: int
+    frames_total: int
+    bytes_done: int
+    bytes_total: int
+    photons_done: int
+    elapsed_s: float
+
+    @property
+    def mb_per_s(self) -> float:
+        """Source megabytes converted per second so far (this run)."""
+        return self.bytes_done / 1e6 / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        """Estimated seconds left (NaN before the first batch of this run)."""
+        rate = self.bytes_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return (self.bytes_total - self.bytes_done) / rate if rate > 0 else float("nan")
+
+
+class _Tracker:
+    """Accumulates batch results into :class:`Progress` and reports them."""
+
+    def __init__(self, plan: _Plan, done: set[int],
+                 callback: Callable[[Progress], None] | None) -> None:
+        self.plan = plan
+        self.callback = callback
+        self.t0 = time.perf_counter()
+        self.p = Progress(
+            batches_done=len(done), batches_total=plan.n_batches,
+            frames_done=sum(plan.batch_frames[b][1] - plan.batch_frames[b][0] for b in done),
+            frames_total=plan.batch_frames[-1][1] if plan.batch_frames else 0,
+            bytes_done=0, bytes_total=sum(plan.batch_bytes[b] for b in range(plan.n_batches)
+                                          if b not in done),
+            photons_done=0, elapsed_s=0.0)
+
+    def __call__(self, result: tuple[int, int, int]) -> None:
+        b, frames, photons = result
+        p = self.p
+        p.batches_done += 1
+        p.frames_done += frames
+        p.photons_done += photons
+        p.bytes_done += self.plan.batch_bytes[b]
+        p.elapsed_s = time.perf_counter() - self.t0
+        log.debug("batch %d of %d done (%d frames, %d photons)", b + 1, p.batches_total,
+                  frames, photons)
+        if self.callback is not None:
+            self.callback(p)
+
+
 def _open_source(plan: _Plan) -> Any:
     from .reader.siff_file import SiffFile
 
     return SiffFile(plan.source, storage_options=plan.source_options, **plan.open_kwargs)
 
 
-def _write_batch(plan_json: str, b: int) -> tuple[int, int]:
-    """Convert batch ``b``; returns ``(frames, photons)``. Runs on any worker."""
+def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
+    """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker."""
     import zarr
 
     plan = _Plan.from_json(plan_json)
@@ -278,7 +328,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int]:
             r0 : r0 + int(fly.sum())] = counts_img[fly]
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": len(frames),
                                                                "photons": n}))
-    return len(frames), n
+    return b, len(frames), n
 
 
 def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None,
@@ -321,6 +371,9 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
             loc = ip.locate(np.arange(n_frames))
             fly_frames = np.flatnonzero(loc["flyback"])
             flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
+            stop = f.index.data_stop
+            batch_bytes = [int(stop[f1 - 1] - f.index.ifd_offset[f0]) if f1 > f0 else 0
+                           for f0, f1 in batch_frames]
             ts = f.timestamps()
             desc = f.frame_descriptions()
             encoding = f.index.encoding.astype(np.int8)
@@ -393,7 +446,7 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
     return _Plan(source=source, source_options=source_options,
                  destination=target.destination, destination_options=target.storage_options,
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
-                 batch_base=batch_base, flyback_base=flyback_base,
+                 batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
                  arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()))
 
 
@@ -417,7 +470,53 @@ def _store_bytes(target: _Target) -> int:
         return 0
 
 
+def _expand_sources(sources: str | os.PathLike[str] | Sequence[Any],
+                    storage_options: dict[str, Any] | None) -> list[str] | None:
+    """Return the sources as a list, or None when ``sources`` names one file (no glob)."""
+    if isinstance(sources, (str, os.PathLike)):
+        text = os.fspath(sources)
+        if not any(ch in text for ch in "*?["):
+            return None
+        from .backend import _expand
+
+        return [os.fspath(p) for p in _expand(text, storage_options)]
+    return [os.fspath(p) for p in sources]
+
+
+def store_name(source: str) -> str:
+    """Default store name for a source file: its name with ``.zarr`` for the suffix."""
+    base = source.rstrip("/").rsplit("/", 1)[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return f"{stem}.zarr"
+
+
 def convert(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    destination: str | os.PathLike[str],
+    **kwargs: Any,
+) -> ConversionSummary | list[ConversionSummary]:
+    """Convert ``.siff`` files to Zarr v3 stores: one file, or a list / glob of them.
+
+    With one file (a path or URL without wildcards), ``destination`` is the store and
+    one :class:`ConversionSummary` is returned. With a list or a glob pattern,
+    ``destination`` is a directory (or URL prefix) that receives one store per file,
+    named by :func:`store_name`, and a list of summaries is returned. Keyword
+    arguments are those of :func:`convert_file`.
+    """
+    many = _expand_sources(source, kwargs.get("storage_options"))
+    if many is None:
+        return convert_file(source, destination, **kwargs)  # type: ignore[arg-type]
+    if not many:
+        raise ConversionError("no source files given")
+    names = [store_name(s) for s in many]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConversionError(f"several sources would become the same store {sorted(dup)[0]}")
+    dst = os.fspath(destination).rstrip("/")
+    return [convert_file(s, f"{dst}/{n}", **kwargs) for s, n in zip(many, names, strict=True)]
+
+
+def convert_file(
     source: str | os.PathLike[str],
     destination: str | os.PathLike[str],
     *,
@@ -429,7 +528,7 @@ def convert(
     target_options: dict[str, Any] | None = None,
     shard_bytes: int = 64 * 2**20,
     chunk_bytes: int = 2 * 2**20,
-    progress: Callable[[int, int, int], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> ConversionSummary:
     """Convert one ``.siff`` file to a Zarr v3 store, losslessly and in parallel.
 
@@ -454,7 +553,8 @@ def convert(
     shard_bytes, chunk_bytes
         Target sizes of an ``intensity`` shard (one batch) and chunk.
     progress
-        Called as ``progress(batches_done, batches_total, photons_done)`` after each batch.
+        Called with a :class:`Progress` after each batch (progress is also logged at
+        DEBUG level on the ``siff_xarray.zarr_store`` logger).
 
     Returns
     -------
@@ -494,12 +594,12 @@ def convert(
             target.fs.rm(target.root, recursive=True)
         plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint16")
     try:
-        _, _, skipped = _run(plan, target, scheduler, num_workers, progress)
+        skipped = _run(plan, target, scheduler, num_workers, progress)
     except _NeedsWideArrivals:
         log.info("%s: arrival times above 65535; converting again with uint32", src)
         target.fs.rm(target.root, recursive=True)
         plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint32")
-        _, _, skipped = _run(plan, target, scheduler, num_workers, progress)
+        skipped = _run(plan, target, scheduler, num_workers, progress)
     _finish(target)
     src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
                     ["source_bytes"])
@@ -520,72 +620,53 @@ def _start(src: str, target: _Target, storage_options: dict[str, Any] | None,
 
 
 def _run(plan: _Plan, target: _Target, scheduler: Any, num_workers: int | None,
-         progress: Callable[[int, int, int], None] | None) -> tuple[int, int, int]:
+         progress: Callable[[Progress], None] | None) -> int:
+    """Run the batches not yet recorded as done; return how many were skipped."""
     import dask
 
     done = target.done_batches()
     todo = [b for b in range(plan.n_batches) if b not in done]
+    tracker = _Tracker(plan, done, progress)
     plan_json = plan.to_json()
-    frames = photons = 0
     if todo:
         tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b) for b in todo]
-        kwargs: dict[str, Any] = {}
-        if num_workers is not None:
-            kwargs["num_workers"] = num_workers
         if isinstance(scheduler, str) and "://" in scheduler:
             from dask.distributed import Client
 
             with Client(scheduler) as client:
-                results = _compute(tasks, client, progress, plan, len(done))
+                _compute_distributed(tasks, client, tracker)
         elif not isinstance(scheduler, str):
-            results = _compute(tasks, scheduler, progress, plan, len(done))
+            _compute_distributed(tasks, scheduler, tracker)
         else:
-            results = _compute_local(tasks, scheduler, kwargs, progress, plan, len(done))
-        frames = sum(r[0] for r in results)
-        photons = sum(r[1] for r in results)
+            _compute_local(tasks, scheduler, num_workers, tracker)
     missing = set(range(plan.n_batches)) - target.done_batches()
     if missing:
         raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "
                               "finish")
-    return frames, photons, len(done)
+    return len(done)
 
 
-def _compute_local(tasks: list[Any], scheduler: str, kwargs: dict[str, Any],
-                   progress: Callable[[int, int, int], None] | None, plan: _Plan,
-                   already: int) -> list[tuple[int, int]]:
+def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
+                   tracker: _Tracker) -> None:
     import dask
-
-    if progress is None:
-        return list(dask.compute(*tasks, scheduler=scheduler, **kwargs))
     from dask.callbacks import Callback
 
-    state = {"done": already, "photons": 0}
+    kwargs: dict[str, Any] = {} if num_workers is None else {"num_workers": num_workers}
+    names = {t.key for t in tasks}
 
-    def posttask(key: Any, result: Any, dsk: Any, st: Any, worker_id: Any) -> None:
-        if isinstance(result, tuple) and len(result) == 2:
-            state["done"] += 1
-            state["photons"] += int(result[1])
-            progress(state["done"], plan.n_batches, state["photons"])
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if key in names:
+            tracker(result)
 
     with Callback(posttask=posttask):
-        return list(dask.compute(*tasks, scheduler=scheduler, **kwargs))
+        dask.compute(*tasks, scheduler=scheduler, **kwargs)
 
 
-def _compute(tasks: list[Any], client: Any, progress: Callable[[int, int, int], None] | None,
-             plan: _Plan, already: int) -> list[tuple[int, int]]:
+def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker) -> None:
     from dask.distributed import as_completed
 
-    futures = client.compute(tasks)
-    results = []
-    done, photons = already, 0
-    for fut in as_completed(futures):
-        r = fut.result()
-        results.append(r)
-        done += 1
-        photons += int(r[1])
-        if progress is not None:
-            progress(done, plan.n_batches, photons)
-    return results
+    for fut in as_completed(client.compute(tasks)):
+        tracker(fut.result())
 
 
 # ---------------------------------------------------------------------- reading back

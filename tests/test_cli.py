@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,36 @@ def test_bad_file_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "not a ScanImage file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "cli.zarr"
+    main(["convert", t.path, str(dst), "--shard-mb", "0.001"])
+    out, err = capsys.readouterr()
+    assert "frames" in err and "MB/s" in err and "ETA" in err  # the progress line
+    assert f"-> {dst}" in out and f"{t.n_frames} frames" in out and "photons" in out
+    main(["verify", t.path, str(dst)])
+    assert capsys.readouterr().out.startswith("OK:")
+    with pytest.raises(SystemExit) as e:  # a finished store is not overwritten
+        main(["convert", t.path, str(dst)])
+    assert e.value.code == 2
+    assert "overwrite" in capsys.readouterr().err
+    main(["convert", "--quiet", "--overwrite", t.path, str(dst)])
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    # several sources (a glob) into a directory: one store each
+    many = tmp_path / "many"
+    pattern = Path(siff_files["single_raw"].path).parent / "single_*.siff"
+    main(["convert", "--quiet", str(pattern), str(many)])
+    assert sorted(p.name for p in many.iterdir()) == ["single_compressed.zarr",
+                                                      "single_raw.zarr"]
+    # verify reports a damaged store with exit code 1
+    import zarr
+
+    arr = zarr.open_array(str(dst), path="photons/arrival_time", mode="r+")
+    arr[0] = int(arr[0]) + 1
+    with pytest.raises(SystemExit) as e:
+        main(["verify", t.path, str(dst)])
+    assert e.value.code == 1
+    assert "DIFFERENT" in capsys.readouterr().out

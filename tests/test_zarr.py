@@ -98,9 +98,11 @@ def test_distributed_processes(siff_files, tmp_path):
         out = tmp_path / "dist.zarr"
         seen = []
         zs.convert(t.path, out, scheduler=client, **_small_shards(t),
-                   progress=lambda done, total, ph: seen.append((done, total)))
+                   progress=lambda p: seen.append((p.batches_done, p.batches_total,
+                                                   p.frames_done, p.photons_done)))
     assert _tree(out) == _tree(ref)
-    assert [d for d, _ in seen] == list(range(1, len(seen) + 1)) and seen[-1][0] == seen[-1][1]
+    assert [s[0] for s in seen] == list(range(1, len(seen) + 1)) and seen[-1][0] == seen[-1][1]
+    assert seen[-1][2] == t.n_frames and seen[-1][3] == len(t.arrival)
 
 
 def test_existing_stores_are_protected(siff_files, tmp_path):
@@ -165,8 +167,8 @@ def test_sigkill_mid_conversion_then_resume(tmp_path):
         import sys, time
         from siff_xarray import zarr_store as zs
 
-        def progress(done, total, photons):
-            print("batch", done, flush=True)
+        def progress(p):
+            print("batch", p.batches_done, flush=True)
             time.sleep(0.3)
 
         zs.convert({t.path!r}, {str(dst)!r}, scheduler="sync", shard_bytes={shard},
