@@ -176,11 +176,13 @@ class SiffWriter:
 
     """
 
-    def __init__(self, f: BinaryIO, nvfd: str, roi: str, bigtiff: bool = True) -> None:
+    def __init__(self, f: BinaryIO, nvfd: str | bytes, roi: str | bytes,
+                 bigtiff: bool = True) -> None:
         self.f = f
         self.bigtiff = bigtiff
-        self._nvfd = nvfd.encode("ascii")
-        self._roi = roi.encode("ascii")
+        # header texts are read back as Latin-1, so Latin-1 writes them back byte for byte
+        self._nvfd = nvfd if isinstance(nvfd, bytes) else nvfd.encode("latin-1")
+        self._roi = roi if isinstance(roi, bytes) else roi.encode("latin-1")
         n, r = len(self._nvfd), len(self._roi)
         if bigtiff:
             head = b"II" + struct.pack("<HHHQ", 43, 8, 0, 32 + n + r)
@@ -204,7 +206,7 @@ class SiffWriter:
                 out.append(struct.pack("<HHII", tag, typ, count, value & 0xFFFFFFFF))
         return b"".join(out)
 
-    def write_frame(self, description: str, *, photons: np.ndarray | None = None,
+    def write_frame(self, description: str | bytes, *, photons: np.ndarray | None = None,
                     counts: np.ndarray | None = None, arrivals: np.ndarray | None = None,
                     image: np.ndarray | None = None, signed: bool = False) -> None:
         """Append one frame.
@@ -213,7 +215,7 @@ class SiffWriter:
         (compressed: u16 count image and u16 arrival times in pixel order), or
         ``image`` (a 16-bit TIFF page without tag 907).
         """
-        desc = description.encode("ascii")
+        desc = description if isinstance(description, bytes) else description.encode("ascii")
         if photons is not None:
             h, w = self._shape
             pre, data = b"", np.ascontiguousarray(photons, dtype="<u8").tobytes()

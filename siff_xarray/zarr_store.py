@@ -41,6 +41,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ __all__ = [
     "convert_file",
     "open_converted",
     "read_photons",
+    "to_siff",
     "verify",
 ]
 
@@ -117,6 +119,7 @@ class _Target:
         return f"{self.root}/{k}"
 
     def exists(self, k: str) -> bool:
+        self.fs.invalidate_cache()  # object stores cache listings; we need the truth
         return bool(self.fs.exists(self.key(k)))
 
     def read_text(self, k: str) -> str:
@@ -129,6 +132,7 @@ class _Target:
         self.fs.pipe_file(path, text.encode())
 
     def done_batches(self) -> set[int]:
+        self.fs.invalidate_cache()
         try:
             names = self.fs.ls(self.key(PROGRESS), detail=False)
         except FileNotFoundError:
@@ -375,7 +379,7 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
             batch_bytes = [int(stop[f1 - 1] - f.index.ifd_offset[f0]) if f1 > f0 else 0
                            for f0, f1 in batch_frames]
             ts = f.timestamps()
-            desc = f.frame_descriptions()
+            desc_bytes, dlen = _raw_descriptions(f)
             encoding = f.index.encoding.astype(np.int8)
             h, w = f.frame_shape
         total_len = max(end, 1)
@@ -427,12 +431,10 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
     small("experiment_s", ts.experiment_s, ("frame",))
     small("epoch_laser_ns", ts.epoch_laser_ns, ("frame",))
     small("epoch_system_ns", ts.epoch_system_ns, ("frame",))
-    raw = [d.encode("utf-8") for d in desc]
-    dlen = np.array([len(x) for x in raw], dtype=np.uint32)
     dstart = np.concatenate([[0], np.cumsum(dlen, dtype=np.uint64)[:-1]]).astype(np.uint64)
-    small("description", np.frombuffer(b"".join(raw), dtype=np.uint8).copy(), ("byte",))
+    small("description", desc_bytes, ("byte",))
     small("description_start", dstart, ("frame",))
-    small("description_length", dlen, ("frame",))
+    small("description_length", dlen.astype(np.uint32), ("frame",))
     small("flyback_frame", fly_frames.astype(np.int64), ("flyback",))
     per_batch_fly = max([np.searchsorted(fly_frames, f1) - np.searchsorted(fly_frames, f0)
                          for f0, f1 in batch_frames] + [1])
@@ -448,6 +450,15 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
                  arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()))
+
+
+def _raw_descriptions(f: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame's description bytes, concatenated, and their lengths (no decoding)."""
+    buf, off, ln = f._descriptions(np.arange(f.num_frames, dtype=np.int64))
+    ln = np.asarray(ln, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
+    idx = np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(np.asarray(off) - first, ln)
+    return np.asarray(buf)[idx].copy(), ln
 
 
 def _hide_root(target: _Target) -> None:
@@ -772,6 +783,68 @@ def _count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.nd
     return out
 
 
+def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
+            storage_options: dict[str, Any] | None = None, overwrite: bool = False,
+            batch_frames: int = 512) -> None:
+    """Write a converted store back as a ``.siff`` file that reads like its source.
+
+    Every frame gets its original description bytes and encoding (raw or compressed);
+    the header texts are the source's. Reading the result gives the same frames,
+    histograms, photons (as multisets within each pixel), timestamps and events.
+    """
+    import zarr
+
+    from .synthetic import SiffWriter
+
+    out = Path(os.fspath(path))
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out}: exists; pass overwrite=True to replace it")
+    target = _Target(os.fspath(store), storage_options)
+    ds = open_converted(store, storage_options=storage_options)
+    try:
+        zstore = target.zarr()
+        grp = zarr.open_group(zstore, path="photons", mode="r")
+        n = grp["photon_count"].shape[0]
+        counts = np.asarray(grp["photon_count"][...]).astype(np.int64)
+        starts_z = np.asarray(grp["photon_start"][...]).astype(np.int64)
+        enc = np.asarray(grp["encoding"][...])
+        desc = np.asarray(grp["description"][...])
+        dstart = np.asarray(grp["description_start"][...]).astype(np.int64)
+        dlen = np.asarray(grp["description_length"][...]).astype(np.int64)
+        fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
+        fmap = ds.frame_index.values
+        pos = np.full((n, fmap.ndim), -1, dtype=np.int64)
+        ok = fmap >= 0
+        pos[fmap[ok]] = np.argwhere(ok)
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        tmp = out.with_name(out.name + ".partial")
+        with open(tmp, "wb") as fh:
+            writer = SiffWriter(fh, ds.attrs["scanimage_header"], ds.attrs["roi_json"],
+                                bigtiff=bool(ds.attrs.get("bigtiff", 1)))
+            writer.set_shape(h, w)
+            for a in range(0, n, batch_frames):
+                fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
+                imgs = _count_images(ds, grp, fr, pos, fly, (h, w))
+                c = counts[fr]
+                lo, hi = int(starts_z[fr].min()), int((starts_z[fr] + c).max())
+                block = np.asarray(grp["arrival_time"][lo:hi]) if hi > lo else np.zeros(0)
+                for j, frame in enumerate(fr.tolist()):  # one IFD per frame must be written
+                    s0 = int(starts_z[frame] - lo)
+                    tau = block[s0 : s0 + int(c[j])]
+                    d = desc[dstart[frame] : dstart[frame] + dlen[frame]].tobytes()
+                    img = imgs[j]
+                    if enc[frame] == 1:
+                        writer.write_frame(d, counts=img, arrivals=tau.astype(np.uint16))
+                    else:
+                        pix = np.repeat(np.arange(h * w, dtype=np.uint64), img.ravel())
+                        rec = ((pix // w) << np.uint64(48)) | ((pix % w) << np.uint64(32)) | \
+                            tau.astype(np.uint64)
+                        writer.write_frame(d, photons=rec)
+        os.replace(tmp, out)
+    finally:
+        ds.close()
+
+
 def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
            storage_options: dict[str, Any] | None = None,
            target_options: dict[str, Any] | None = None,
@@ -810,14 +883,10 @@ def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
             got = np.asarray(grp[name][...])
             if not np.array_equal(got, want, equal_nan=want.dtype.kind == "f"):
                 problems.append(f"{name} differs")
-        desc = bytes(np.asarray(grp["description"][...]))
-        dstart = np.asarray(grp["description_start"][...]).astype(np.int64)
-        dlen = np.asarray(grp["description_length"][...]).astype(np.int64)
-        src_desc = f.frame_descriptions()
-        bad_desc = [i for i in range(n) if desc[dstart[i]: dstart[i] + dlen[i]].decode(
-            "utf-8") != src_desc[i]] if len(src_desc) == n else list(range(n))
-        if bad_desc:
-            problems.append(f"descriptions differ in {len(bad_desc)} frames")
+        src_desc, src_len = _raw_descriptions(f)
+        if not (np.array_equal(np.asarray(grp["description"][...]), src_desc)
+                and np.array_equal(np.asarray(grp["description_length"][...]), src_len)):
+            problems.append("frame descriptions differ")
         if not np.array_equal(np.asarray(grp["encoding"][...]), f.index.encoding):
             problems.append("frame encodings differ")
         # photons and count images, a batch of frames at a time, without per-frame loops

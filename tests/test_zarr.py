@@ -210,3 +210,66 @@ def test_intensity_only_tiff_is_refused(tmp_path):
     with pytest.raises(zs.ConversionError, match="intensity-only"):
         zs.convert(t.path, tmp_path / "i.zarr")
     assert not (tmp_path / "i.zarr").exists() or not any((tmp_path / "i.zarr").iterdir())
+
+
+def test_s3_to_s3_end_to_end(s3_server, tmp_path):
+    import s3fs
+
+    t = write_siff(tmp_path / "s3.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=5, extra_frames=2, photons_per_frame=400,
+                   events={4: ("go", 0.1)}, seed=6)
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("raw-data")
+    fs.mkdir("zarr-data")
+    fs.put(t.path, "raw-data/day1/s3.siff")
+    src = "s3://raw-data/day1/s3.siff"
+    dst = "s3://zarr-data/day1/s3.zarr"
+    summary = zs.convert(src, dst, storage_options=s3_server, target_options=s3_server,
+                         **_small_shards(t))
+    assert summary.batches >= 2 and summary.store_bytes > 0
+    with zs.open_converted(dst, storage_options=s3_server) as ds, \
+            xr.open_dataset(t.path, engine="siff") as local:
+        xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+        assert ds.attrs["source_file"] == src
+    with xr.open_zarr(dst, storage_options=s3_server, consolidated=False) as ds:
+        assert ds.sizes["time"] == 6
+    assert zs.verify(src, dst, storage_options=s3_server, target_options=s3_server) == []
+    pix, tau = zs.read_photons(dst, 3, storage_options=s3_server)
+    tp, tt = t.photons(3)
+    np.testing.assert_array_equal(pix, tp)
+    with pytest.raises(zs.ConversionError, match="finished store exists"):
+        zs.convert(src, dst, storage_options=s3_server, target_options=s3_server)
+
+
+@pytest.mark.parametrize("name", ["two_chan_slices_flyback", "classic_tiff", "smallest_bright",
+                                  "frames_per_slice"])
+def test_to_siff_round_trip(siff_files, tmp_path, name):
+    from siff_xarray import SiffFile
+
+    t = siff_files[name]
+    store = tmp_path / "rt.zarr"
+    zs.convert(t.path, store, **_small_shards(t))
+    back = tmp_path / "back.siff"
+    zs.to_siff(store, back)
+    with SiffFile(t.path) as a, SiffFile(back) as b:
+        assert b.num_frames == a.num_frames
+        assert b.header.nvfd_text == a.header.nvfd_text
+        assert b.header.roi_text == a.header.roi_text
+        assert b.header.bigtiff == a.header.bigtiff
+        np.testing.assert_array_equal(b.index.encoding, a.index.encoding)
+        np.testing.assert_array_equal(b.read_frames(), a.read_frames())
+        np.testing.assert_array_equal(b.histograms(), a.histograms())
+        assert b.frame_descriptions() == a.frame_descriptions()
+        ta, tb = a.timestamps(), b.timestamps()
+        np.testing.assert_array_equal(tb.epoch_laser_ns, ta.epoch_laser_ns)
+        assert [(e.frame, e.text) for e in tb.events] == [(e.frame, e.text) for e in ta.events]
+        sa, pa, qa = a.photons_batch()
+        sb, pb, qb = b.photons_batch()
+        np.testing.assert_array_equal(sa, sb)
+        np.testing.assert_array_equal(pa, pb)
+        key = np.repeat(np.arange(len(sa) - 1), np.diff(sa)).astype(np.int64) << 40
+        np.testing.assert_array_equal(np.sort(key | pa.astype(np.int64) << 20 | qa),
+                                      np.sort(key | pb.astype(np.int64) << 20 | qb))
+    assert zs.verify(back, store) == []  # the written file verifies against the store
+    with pytest.raises(zs.ConversionError, match="exists"):
+        zs.to_siff(store, back)
