@@ -237,6 +237,8 @@ def test_s3_to_s3_end_to_end(s3_server, tmp_path):
     pix, tau = zs.read_photons(dst, 3, storage_options=s3_server)
     tp, tt = t.photons(3)
     np.testing.assert_array_equal(pix, tp)
+    np.testing.assert_array_equal(np.sort(pix.astype(np.int64) << 32 | tau),
+                                  np.sort(tp.astype(np.int64) << 32 | tt))
     with pytest.raises(zs.ConversionError, match="finished store exists"):
         zs.convert(src, dst, storage_options=s3_server, target_options=s3_server)
 
