@@ -54,6 +54,7 @@ def _entry(data, ifd, tag):
     (lambda d: b"PK" + d[2:], "not a TIFF file"),
     (lambda d: d[:2] + struct.pack("<H", 44) + d[4:], "TIFF magic number 44"),
     (lambda d: d[:16] + struct.pack("<I", 1234) + d[20:], "not a ScanImage file"),
+    (lambda d: d[:8] + struct.pack("<Q", 2**63 + 5) + d[16:], "not a valid file offset"),
     (lambda d: d[:20] + struct.pack("<I", 9) + d[24:], "unsupported ScanImage TIFF version 9"),
     (lambda d: d[:24] + struct.pack("<I", 10**8) + d[28:], "truncated header"),
     (lambda d: d[:5], "not a TIFF file"),

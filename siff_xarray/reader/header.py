@@ -124,6 +124,9 @@ def read_header(source: ByteSource) -> FileHeader:
             f"text but the file ends at byte {source.size}",
             text_at,
         )
+    if first_ifd >= 2**63:  # not an offset any file can have (and no int64 holds it)
+        raise SiffFormatError(name, f"first IFD offset {first_ifd} is not a valid file offset",
+                              4)
     text = source.read(text_at, nvfd_len + roi_len)
     return FileHeader(
         bigtiff=magic == 43,
