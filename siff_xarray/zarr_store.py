@@ -163,6 +163,7 @@ class _Plan:
     batch_bytes: list[int]            # source bytes each batch reads (for progress)
     arrival_dtype: str
     n_photons_total: int
+    ome: bool = True
     open_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -275,6 +276,54 @@ def _open_source(plan: _Plan) -> Any:
     return SiffFile(plan.source, storage_options=plan.source_options, **plan.open_kwargs)
 
 
+def ome_repeats(block: np.ndarray) -> int:
+    """Repeats per slice folded into the OME time axis (1 without a ``repeat`` dim)."""
+    return block.shape[2] if block.ndim == 6 else 1
+
+
+def to_ome_order(block: np.ndarray) -> np.ndarray:
+    """``(time, z, [repeat], channel, y, x)`` -> NGFF ``(t, c, z, y, x)``.
+
+    Repeats of a slice become consecutive OME timepoints (they are taken one after
+    the other), so nothing is summed or dropped.
+    """
+    if block.ndim == 6:  # (t, z, r, c, y, x) -> (t, r, c, z, y, x) -> (t*r, c, z, y, x)
+        t, z, r, c, y, x = block.shape
+        return block.transpose(0, 2, 3, 1, 4, 5).reshape(t * r, c, z, y, x)
+    return block.transpose(0, 2, 1, 3, 4)
+
+
+def _ome_metadata(ds: Any, name: str) -> dict[str, Any]:
+    """NGFF 0.5 ``multiscales`` (and ``omero`` channel labels) for the ``ome`` group."""
+    reps = ds.sizes.get("repeat", 1)
+    t = ds["time"].values
+    dt = float(np.median(np.diff(t))) / reps if t.size > 1 else 1.0
+    z = ds["z"].values
+    dz = float(np.median(np.diff(z))) if z.size > 1 and np.all(np.diff(z) != 0) else 1.0
+    um = ds["y"].attrs.get("units") == "um"
+    dy = float(ds["y"].values[1] - ds["y"].values[0]) if ds.sizes["y"] > 1 else 1.0
+    dx = float(ds["x"].values[1] - ds["x"].values[0]) if ds.sizes["x"] > 1 else 1.0
+    space = {"type": "space", **({"unit": "micrometer"} if um else {})}
+    axes = [{"name": "t", "type": "time", "unit": "second"}, {"name": "c", "type": "channel"},
+            {"name": "z", **space}, {"name": "y", **space}, {"name": "x", **space}]
+    scale = [dt if dt > 0 else 1.0, 1.0, abs(dz), abs(dy), abs(dx)]
+    translation = [float(t[0]) if t.size else 0.0, 0.0, float(z[0]) if z.size else 0.0,
+                   float(ds["y"].values[0]), float(ds["x"].values[0])]
+    names = [str(n) for n in ds["channel_name"].values]
+    return {"ome": {
+        "version": "0.5",
+        "multiscales": [{
+            "name": name, "axes": axes,
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": scale},
+                {"type": "translation", "translation": translation}]}],
+        }],
+        "omero": {"channels": [
+            {"label": n, "active": True, "color": "FFFFFF",
+             "window": {"min": 0, "max": 65535, "start": 0, "end": 10}} for n in names]},
+    }}
+
+
 def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker."""
     import zarr
@@ -321,6 +370,9 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     block[idx] = counts_img[~fly]
     pc[idx] = np.diff(starts)[~fly]
     inten[t0:t1] = block
+    if plan.ome:
+        ome = zarr.open_array(store, path="ome/0", mode="r+")
+        ome[t0 * ome_repeats(block) : t1 * ome_repeats(block)] = to_ome_order(block)
     zarr.open_array(store, path="photon_count", mode="r+")[t0:t1] = pc
     if hist is not None:
         hblock = np.zeros((*shape[:-2], hist.shape[1]), dtype=np.uint32)
@@ -335,8 +387,23 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     return b, len(frames), n
 
 
+def _create_ome(store: Any, ds: Any, ct: int, st: int) -> None:
+    """Create the NGFF 0.5 image group ``ome`` (array ``0``: intensity as t, c, z, y, x)."""
+    import zarr
+
+    reps = ds.sizes.get("repeat", 1)
+    shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], ds.sizes["y"],
+             ds.sizes["x"])
+    grp = zarr.open_group(store, path="ome", mode="w",
+                          attributes=_ome_metadata(ds, str(ds.attrs.get("title", "intensity"))))
+    grp.create_array("0", shape=shape, dtype=np.uint16, chunks=(ct * reps, *shape[1:]),
+                     shards=(st * reps, *shape[1:]), compressors=(_compressor(),),
+                     fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
+
+
 def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None,
-             shard_bytes: int, chunk_bytes: int, arrival_dtype: str) -> _Plan:
+             shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool = True
+             ) -> _Plan:
     """Create every array (metadata and the small per-frame arrays); return the plan."""
     import zarr
 
@@ -400,6 +467,8 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
         store = target.zarr()
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3)
+        if ome:
+            _create_ome(store, ds, ct, st)
     finally:
         ds.close()
 
@@ -449,7 +518,7 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
                  destination=target.destination, destination_options=target.storage_options,
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
-                 arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()))
+                 arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome)
 
 
 def _raw_descriptions(f: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -539,6 +608,7 @@ def convert_file(
     target_options: dict[str, Any] | None = None,
     shard_bytes: int = 64 * 2**20,
     chunk_bytes: int = 2 * 2**20,
+    ome: bool = True,
     progress: Callable[[Progress], None] | None = None,
 ) -> ConversionSummary:
     """Convert one ``.siff`` file to a Zarr v3 store, losslessly and in parallel.
@@ -563,6 +633,10 @@ def convert_file(
         fsspec options for the source and for the destination.
     shard_bytes, chunk_bytes
         Target sizes of an ``intensity`` shard (one batch) and chunk.
+    ome
+        Also write ``ome/``: an OME-Zarr (NGFF 0.5) image of the intensity in NGFF's
+        ``(t, c, z, y, x)`` axis order, for napari and other OME-Zarr viewers (it
+        doubles the space the intensity takes; the photons are unaffected).
     progress
         Called with a :class:`Progress` after each batch (progress is also logged at
         DEBUG level on the ``siff_xarray.zarr_store`` logger).
@@ -603,13 +677,14 @@ def convert_file(
                 raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                       "overwrite=True (--overwrite) to replace it")
             target.fs.rm(target.root, recursive=True)
-        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint16")
+        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome)
     try:
         skipped = _run(plan, target, scheduler, num_workers, progress)
     except _NeedsWideArrivals:
         log.info("%s: arrival times above 65535; converting again with uint32", src)
         target.fs.rm(target.root, recursive=True)
-        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint32")
+        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint32",
+                      plan.ome)
         skipped = _run(plan, target, scheduler, num_workers, progress)
     _finish(target)
     src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
@@ -623,8 +698,9 @@ def convert_file(
 
 
 def _start(src: str, target: _Target, storage_options: dict[str, Any] | None,
-           shard_bytes: int, chunk_bytes: int, arrival_dtype: str) -> _Plan:
-    plan = _prepare(src, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype)
+           shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool) -> _Plan:
+    plan = _prepare(src, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype,
+                    ome)
     _hide_root(target)
     target.write_text(PLAN_KEY, plan.to_json())
     return plan

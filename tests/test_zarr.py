@@ -28,6 +28,20 @@ def _tree(root) -> dict[str, str]:
     return out
 
 
+def _check_ome(dst, ds):
+    """``ome/`` is a valid NGFF 0.5 image holding the intensity in (t, c, z, y, x) order."""
+    import zarr
+
+    grp = zarr.open_group(str(dst), path="ome", mode="r")
+    np.testing.assert_array_equal(grp["0"][...], zs.to_ome_order(ds.intensity.values))
+    ms = grp.attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["t", "c", "z", "y", "x"]
+    assert [c["label"] for c in grp.attrs["ome"]["omero"]["channels"]] == list(
+        ds.channel_name.values)
+    models = pytest.importorskip("ome_zarr_models.v05.image")
+    models.Image.from_zarr(grp)  # raises if the metadata break the NGFF 0.5 spec
+
+
 def _small_shards(t) -> dict[str, int]:
     """Shards of two volumes (chunks of one), so that files convert in several batches."""
     h, w = t.shape
@@ -48,6 +62,7 @@ def test_convert_is_lossless(siff_files, tmp_path, name):
         assert ds.intensity.encoding["shards"][0] == 2 * ds.intensity.encoding["chunks"][0]
     with xr.open_zarr(dst, consolidated=False) as ds:  # plain xarray opens it too
         assert ds.intensity.dtype == np.uint16
+        _check_ome(dst, ds)
     for fr in range(t.n_frames):  # every frame, flyback included
         pix, tau = zs.read_photons(dst, fr)
         tp, tt = t.photons(fr)
@@ -203,6 +218,13 @@ def test_wide_arrival_times_use_uint32(tmp_path):
     zs.convert(t.path, dst)
     assert zarr.open_array(str(dst), path="photons/arrival_time").dtype == np.uint32
     assert zs.verify(t.path, dst) == []
+
+
+def test_without_ome(siff_files, tmp_path):
+    t = siff_files["single_raw"]
+    zs.convert(t.path, tmp_path / "n.zarr", ome=False)
+    assert not (tmp_path / "n.zarr" / "ome").exists()
+    assert zs.verify(t.path, tmp_path / "n.zarr") == []
 
 
 def test_intensity_only_tiff_is_refused(tmp_path):
