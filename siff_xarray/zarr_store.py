@@ -324,67 +324,120 @@ def _ome_metadata(ds: Any, name: str) -> dict[str, Any]:
     }}
 
 
+class _ShardWriter:
+    """Streams values into a 1-D sharded array from a shard-aligned ``base``.
+
+    Only whole shards are written until :meth:`close` writes the remainder, so each
+    shard is written exactly once and at most one shard is buffered.
+    """
+
+    def __init__(self, arr: Any, base: int, dtype: str) -> None:
+        self.arr = arr
+        self.pos = base
+        self.dtype = dtype
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.parts.append(values.astype(self.dtype, copy=False))
+        self.buffered += values.size
+        if self.buffered >= PHOTON_SHARD:
+            data = np.concatenate(self.parts)
+            whole = data.size // PHOTON_SHARD * PHOTON_SHARD
+            self.arr[self.pos : self.pos + whole] = data[:whole]
+            self.pos += whole
+            self.parts = [data[whole:]]
+            self.buffered = data.size - whole
+
+    def close(self) -> None:
+        if self.buffered:
+            data = np.concatenate(self.parts)
+            self.arr[self.pos : self.pos + data.size] = data
+            self.pos += data.size
+        self.parts, self.buffered = [], 0
+
+
+#: source bytes decoded at a time inside a batch (bounds a worker's memory)
+SUB_BATCH_BYTES = 16 * 2**20
+
+
 def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
-    """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker."""
+    """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker.
+
+    The batch's frames are decoded in sub-batches of about :data:`SUB_BATCH_BYTES`
+    of source data; photons stream into whole ``arrival_time`` shards, so memory
+    stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
+    """
     import zarr
 
     plan = _Plan.from_json(plan_json)
     target = _Target(plan.destination, plan.destination_options)
     store = target.zarr()
     f0, f1 = plan.batch_frames[b]
-    frames = np.arange(f0, f1, dtype=np.int64)
-    with _open_source(plan) as f:
-        ip = f.im_params
-        starts, _pix, tau = f.photons_batch(frames)
-        if tau.size and int(tau.max()) > 65535 and plan.arrival_dtype == "uint16":
-            raise _NeedsWideArrivals
-        counts_img = f.read_frames(frames)
-        if (counts_img == np.iinfo(np.uint16).max).any():
-            cnt = np.diff(starts)
-            if (cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)).any():
-                raise ConversionError(
-                    f"{plan.source}: a pixel holds more than 65535 photons in one frame; its "
-                    "count does not fit the uint16 count image that locates photons")
-        hist = f.histograms(frames).astype(np.uint32) \
-            if f.has_photons and ip.num_bins is not None else None
-        loc = ip.locate(frames)
-    n = int(tau.size)
-    arr = zarr.open_array(store, path="photons/arrival_time", mode="r+")
-    base = plan.batch_base[b]
-    if n:
-        arr[base : base + n] = tau.astype(plan.arrival_dtype, copy=False)
-
-    # imaging frames -> their (time, z, [repeat], channel) cells; flyback frames -> rows
-    t = loc["timepoint"]
-    fly = loc["flyback"]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
     inten = zarr.open_array(store, path="intensity", mode="r+")
     repeat = inten.ndim == 6
     shape = (t1 - t0, *inten.shape[1:])
     block = np.zeros(shape, dtype=np.uint16)
     pc = np.zeros(shape[:-2], dtype=np.uint32)
-    idx = (t[~fly] - t0, loc["slice"][~fly])
-    if repeat:
-        idx = (*idx, loc["repeat"][~fly])
-    idx = (*idx, loc["channel"][~fly])
-    block[idx] = counts_img[~fly]
-    pc[idx] = np.diff(starts)[~fly]
+    hblock = None
+    fly_imgs: list[np.ndarray] = []
+    writer = _ShardWriter(zarr.open_array(store, path="photons/arrival_time", mode="r+"),
+                          plan.batch_base[b], plan.arrival_dtype)
+    n = 0
+    with _open_source(plan) as f:
+        ip = f.im_params
+        sizes = (f.index.data_stop - f.index.ifd_offset)[f0:f1]
+        # sub-batch boundaries: one decode call per ~SUB_BATCH_BYTES, not per frame
+        cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
+                              SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
+        edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
+        for s0, s1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+            frames = np.arange(s0, s1, dtype=np.int64)
+            starts, _pix, tau = f.photons_batch(frames)
+            if tau.size and int(tau.max()) > 65535 and plan.arrival_dtype == "uint16":
+                raise _NeedsWideArrivals
+            counts_img = f.read_frames(frames)
+            cnt = np.diff(starts)
+            if (counts_img == np.iinfo(np.uint16).max).any() and (
+                    cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)
+            ).any():
+                raise ConversionError(
+                    f"{plan.source}: a pixel holds more than 65535 photons in one frame; its "
+                    "count does not fit the uint16 count image that locates photons")
+            writer.append(tau)
+            n += int(tau.size)
+            loc = ip.locate(frames)
+            fly = loc["flyback"]
+            idx = (loc["timepoint"][~fly] - t0, loc["slice"][~fly])
+            if repeat:
+                idx = (*idx, loc["repeat"][~fly])
+            idx = (*idx, loc["channel"][~fly])
+            block[idx] = counts_img[~fly]
+            pc[idx] = cnt[~fly]
+            if f.has_photons and ip.num_bins is not None:
+                hist = f.histograms(frames).astype(np.uint32)
+                if hblock is None:
+                    hblock = np.zeros((*shape[:-2], hist.shape[1]), dtype=np.uint32)
+                hblock[idx] = hist[~fly]
+            if fly.any():
+                fly_imgs.append(counts_img[fly])
+    writer.close()
     inten[t0:t1] = block
     if plan.ome:
         ome = zarr.open_array(store, path="ome/0", mode="r+")
         ome[t0 * ome_repeats(block) : t1 * ome_repeats(block)] = to_ome_order(block)
     zarr.open_array(store, path="photon_count", mode="r+")[t0:t1] = pc
-    if hist is not None:
-        hblock = np.zeros((*shape[:-2], hist.shape[1]), dtype=np.uint32)
-        hblock[idx] = hist[~fly]
+    if hblock is not None:
         zarr.open_array(store, path="histogram", mode="r+")[t0:t1] = hblock
-    if fly.any():
+    if fly_imgs:
+        rows = np.concatenate(fly_imgs)
         r0 = plan.flyback_base[b]
         zarr.open_array(store, path="photons/flyback_intensity", mode="r+")[
-            r0 : r0 + int(fly.sum())] = counts_img[fly]
-    target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": len(frames),
+            r0 : r0 + len(rows)] = rows
+    target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
                                                                "photons": n}))
-    return b, len(frames), n
+    return b, f1 - f0, n
 
 
 def _create_ome(store: Any, ds: Any, ct: int, st: int) -> None:

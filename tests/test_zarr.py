@@ -147,9 +147,11 @@ def test_interrupted_conversion_is_clearly_incomplete_and_resumes(siff_files, tm
     zs.convert(t.path, ref, scheduler="sync", **_small_shards(t))
     dst = tmp_path / "cut.zarr"
     real = zs._write_batch
+    calls = []
 
-    def failing(plan_json, b):
-        if b == 1:
+    def failing(plan_json, b):  # the second batch to run (dask picks the order) is cut off
+        calls.append(b)
+        if len(calls) == 2:
             raise KeyboardInterrupt("simulated interruption")
         return real(plan_json, b)
 
@@ -297,3 +299,23 @@ def test_to_siff_round_trip(siff_files, tmp_path, name):
     assert zs.verify(back, store) == []  # the written file verifies against the store
     with pytest.raises(zs.ConversionError, match="exists"):
         zs.to_siff(store, back)
+
+
+def test_streaming_sub_batches_and_many_shards(siff_files, tmp_path, monkeypatch):
+    # tiny sub-batches and photon shards exercise the streaming writer on a small file
+    monkeypatch.setattr(zs, "SUB_BATCH_BYTES", 3000)
+    monkeypatch.setattr(zs, "PHOTON_SHARD", 1024)
+    monkeypatch.setattr(zs, "PHOTON_CHUNK", 256)
+    t = siff_files["smallest_bright"]
+    dst = tmp_path / "stream.zarr"
+    zs.convert(t.path, dst, scheduler="sync", **_small_shards(t))
+    assert zs.verify(t.path, dst) == []
+    import zarr
+
+    arr = zarr.open_array(str(dst), path="photons/arrival_time")
+    assert arr.shards == (1024,) and arr.shape[0] > 4 * 1024
+    for fr in range(t.n_frames):
+        pix, tau = zs.read_photons(dst, fr)
+        tp, tt = t.photons(fr)
+        np.testing.assert_array_equal(np.sort(pix.astype(np.int64) << 32 | tau),
+                                      np.sort(tp.astype(np.int64) << 32 | tt))
