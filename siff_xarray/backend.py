@@ -364,6 +364,8 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
 
     # per-frame timing from the frame descriptions (all files, in order)
     ts = [f.timestamps() for f in files]
+    for f in files:
+        f.release()  # reading every description mapped most of the file into the RSS
     exp_s = np.concatenate([t.experiment_s for t in ts])
     laser = np.concatenate([t.epoch_laser_ns for t in ts])
     safe = np.where(present, fmap, 0)

@@ -422,6 +422,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
                 hblock[idx] = hist[~fly]
             if fly.any():
                 fly_imgs.append(counts_img[fly])
+            f.release()  # keep the memory map's pages out of the RSS between sub-batches
     writer.close()
     inten[t0:t1] = block
     if plan.ome:
@@ -500,6 +501,7 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
                            for f0, f1 in batch_frames]
             ts = f.timestamps()
             desc_bytes, dlen = _raw_descriptions(f)
+            f.release()
             encoding = f.index.encoding.astype(np.int8)
             h, w = f.frame_shape
         total_len = max(end, 1)

@@ -172,6 +172,16 @@ class SiffFile:
                         tau_bins=self._tau_bins, bin_width_ps=self._bin_width_ps,
                         base_resolution_ps=self._base_resolution_ps, name=self.name)
 
+    def release(self) -> None:
+        """Drop the memory map's pages read so far from this process's RSS.
+
+        Pages of a memory-mapped file count in the resident set size once touched;
+        long streaming jobs (the Zarr converter) call this between batches so their
+        RSS stays bounded. Data are re-read from the page cache when needed. No-op
+        for remote files and file objects.
+        """
+        self._source.release()
+
     def close(self) -> None:
         """Release the file (arrays returned earlier stay valid: they are copies)."""
         self._source.close()
