@@ -578,11 +578,18 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
 
 def _raw_descriptions(f: Any) -> tuple[np.ndarray, np.ndarray]:
     """Every frame's description bytes, concatenated, and their lengths (no decoding)."""
-    buf, off, ln = f._descriptions(np.arange(f.num_frames, dtype=np.int64))
-    ln = np.asarray(ln, dtype=np.int64)
-    first = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
-    idx = np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(np.asarray(off) - first, ln)
-    return np.asarray(buf)[idx].copy(), ln
+    parts, lens = [], []
+    for a in range(0, f.num_frames, 2048):  # in chunks, releasing mapped pages in between
+        buf, off, ln = f._descriptions(np.arange(a, min(a + 2048, f.num_frames)))
+        ln = np.asarray(ln, dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
+        idx = np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(np.asarray(off) - first, ln)
+        parts.append(np.asarray(buf)[idx].copy())
+        lens.append(ln)
+        f.release()
+    if not parts:
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(parts), np.concatenate(lens)
 
 
 def _hide_root(target: _Target) -> None:

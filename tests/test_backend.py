@@ -295,6 +295,19 @@ def test_10000_frames_one_timepoint_decodes_only_its_frames(tmp_path, monkeypatc
         _ = ds.histogram.isel(time=10, z=2, channel=1).values
         assert spy.frames("histograms") == [int(ds.frame_index[10, 2, 1])]
         spy.calls.clear()
+        # 10 000 descriptions are parsed in chunks (releasing mapped pages in between):
+        # the result equals one parse over all of them
+        from siff_xarray.reader.frame_meta import parse_timestamps
+
+        with SiffFile(tmp_path / "long.siff", index_cache=False) as f:
+            every = np.arange(f.num_frames)
+            ref = parse_timestamps(*f._descriptions(every), every, f.name)
+            got = f.timestamps()
+            np.testing.assert_array_equal(got.experiment_s, ref.experiment_s)
+            np.testing.assert_array_equal(got.epoch_laser_ns, ref.epoch_laser_ns)
+            np.testing.assert_array_equal(got.epoch_system_ns, ref.epoch_system_ns)
+        np.testing.assert_array_equal(ds.frame_time.values.ravel(),
+                                      ref.experiment_s[ds.frame_index.values.ravel()])
         with xr.open_dataset(tmp_path / "long.siff", engine="siff", chunks={}) as dds:
             dds.intensity.isel(time=slice(5, 7)).sum().compute()
             want = dds.frame_index.isel(time=slice(5, 7)).values.ravel().tolist()

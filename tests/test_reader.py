@@ -419,3 +419,16 @@ def test_implausible_header_values(tmp_path):
         p.write_bytes(data)
         with SiffFile(p) as f, pytest.raises(SiffFormatError, match=match):
             f.histograms() if b"Tau" in key else f.lifetime_images()
+
+
+def test_windowed_walk_of_a_memory_map_equals_one_pass(truth, monkeypatch):
+    from siff_xarray.reader import ifd
+
+    with SiffFile(truth.path, index_cache=False) as f:
+        want = f.index
+    monkeypatch.setattr(ifd, "MAP_WINDOW", 512)  # many windows, page releases in between
+    with SiffFile(truth.path, index_cache=False) as f:
+        for name in ("ifd_offset", "strip_offset", "strip_bytes", "desc_offset",
+                     "desc_length", "encoding", "n_photons"):
+            np.testing.assert_array_equal(getattr(f.index, name), getattr(want, name))
+        np.testing.assert_array_equal(f.read_frames(), truth.intensity())

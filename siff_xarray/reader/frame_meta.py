@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import SiffFormatError
 
-__all__ = ["NAT", "Event", "FrameTimestamps", "find_values", "parse_description"]
+__all__ = ["NAT", "Event", "FrameTimestamps", "parse_description", "parse_timestamps"]
 
 NAT = np.iinfo(np.int64).min  #: missing epoch (the int64 value of ``numpy.datetime64('NaT')``)
 
@@ -32,43 +32,6 @@ KEY_EPOCH = b"epoch = "
 KEY_SYSTEM = b"mostRecentSystemTimestamp_epoch = "
 KEY_TEXT = b"Appended text = "
 KEY_TEXT_TIME = b"Text timestamp = "
-
-
-@numba.njit(cache=True, nogil=True)
-def _find_values(buf, desc_off, desc_len, needle, starts, stops):
-    """For each description, the span of the value of the first line starting with needle."""
-    m = needle.shape[0]
-    for i in range(desc_off.shape[0]):
-        starts[i] = -1
-        stops[i] = -1
-        lo = desc_off[i]
-        hi = lo + desc_len[i]
-        if lo < 0 or hi > buf.shape[0]:
-            continue
-        p = lo
-        while p + m <= hi:
-            if p == lo or buf[p - 1] == 10:
-                ok = True
-                for k in range(m):
-                    if buf[p + k] != needle[k]:
-                        ok = False
-                        break
-                if ok:
-                    s = p + m
-                    e = s
-                    while e < hi and buf[e] != 10 and buf[e] != 0:
-                        e += 1
-                    while s < e and (buf[s] == 32 or buf[s] == 9):
-                        s += 1
-                    while e > s and (buf[e - 1] == 32 or buf[e - 1] == 13 or buf[e - 1] == 9):
-                        e -= 1
-                    starts[i] = s
-                    stops[i] = e
-                    break
-            # jump to the next line
-            while p < hi and buf[p] != 10:
-                p += 1
-            p += 1
 
 
 _P10 = np.array([10.0**k for k in range(23)])
@@ -214,16 +177,6 @@ def _pack(buf, starts, stops, width, out):
         n = stops[i] - starts[i]
         for k in range(min(n, width)):
             out[i, k] = buf[starts[i] + k]
-
-
-def find_values(buf: np.ndarray, desc_off: np.ndarray, desc_len: np.ndarray,
-                key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(starts, stops)`` of ``key``'s value in each description (-1 if absent)."""
-    n = len(desc_off)
-    starts = np.empty(n, dtype=np.int64)
-    stops = np.empty(n, dtype=np.int64)
-    _find_values(buf, desc_off, desc_len, np.frombuffer(key, dtype=np.uint8), starts, stops)
-    return starts, stops
 
 
 def _numbers(buf: np.ndarray, starts: np.ndarray, stops: np.ndarray, dtype: type,

@@ -32,6 +32,7 @@ ENC_TIFF = 2  #: no tag 907: an ordinary 16-bit TIFF page (ScanImage intensity .
 ENCODING_NAMES = {ENC_RAW: "raw", ENC_COMPRESSED: "compressed", ENC_TIFF: "tiff"}
 
 MAX_ENTRIES = 4096  # no sane TIFF page has more tags than this
+MAP_WINDOW = 64 * 2**20  # bytes of a memory map walked between page releases
 MAX_PIXELS = 1 << 24  # 4096 x 4096: larger frames are treated as corrupt
 
 # columns of the raw walk table
@@ -220,15 +221,11 @@ class FrameIndex:
 
 def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int, int, int]:
     """Run the walker over the whole chain; return (table, status, pos, detail)."""
-    buf = source.buffer()
-    cap = 1024 if buf is None else max(16, min(source.size // 256 + 16, 1 << 22))
+    whole = source.buffer()
+    cap = 1024 if whole is None else max(16, min(source.size // 256 + 16, 1 << 22))
     out = np.empty((cap, N_COLS), dtype=np.int64)
     pos, count, monotonic = header.first_ifd, 0, True
-    window = source.ifd_window
-    if buf is not None:
-        buf_start = 0
-    else:
-        buf, buf_start = np.empty(0, dtype=np.uint8), 0
+    buf, buf_start = np.empty(0, dtype=np.uint8), 0
     while True:
         status, pos, count, monotonic, detail = _walk(
             buf, buf_start, header.file_size, pos, count, out, header.bigtiff,
@@ -238,9 +235,16 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
             out = np.concatenate([out, np.empty_like(out)])
             continue
         if status == S_MORE:
-            size = max(window, int(detail))
-            buf = np.frombuffer(source.read(pos, size), dtype=np.uint8)
-            buf_start = pos
+            if whole is not None:
+                # a memory map is walked through windows (views, no copies), dropping the
+                # pages of each finished window so the RSS stays bounded on huge files
+                source.release()
+                size = max(MAP_WINDOW, int(detail))
+                buf, buf_start = whole[pos : pos + size], pos
+            else:
+                size = max(source.ifd_window, int(detail))
+                buf = np.frombuffer(source.read(pos, size), dtype=np.uint8)
+                buf_start = pos
             continue
         return out[:count].copy(), int(status), int(pos), int(detail)
 

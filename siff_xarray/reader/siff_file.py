@@ -44,6 +44,7 @@ __all__ = ["SiffFile"]
 FrameSelection = Sequence[int] | np.ndarray | slice | int | None
 Shifts = Mapping[int, tuple[int, int]] | np.ndarray | None
 HistogramMode = Literal["drop", "clip", "corrosiff", "wrap"]
+_DESC_CHUNK = 2048  # frames whose descriptions are parsed between page releases
 
 
 class SiffFile:
@@ -647,8 +648,21 @@ class SiffFile:
         return gathered, base, ln
 
     def _parse_timestamps(self, f: np.ndarray) -> FrameTimestamps:
-        buf, off, ln = self._descriptions(f)
-        return parse_timestamps(buf, off, ln, f, self.name)
+        if not self.is_local or len(f) <= _DESC_CHUNK:
+            buf, off, ln = self._descriptions(f)
+            return parse_timestamps(buf, off, ln, f, self.name)
+        # one description per frame maps ~64 KiB of the file each (fault-around): parse
+        # in chunks and drop the pages in between so the RSS does not grow with the file
+        parts = []
+        for a in range(0, len(f), _DESC_CHUNK):
+            sub = f[a : a + _DESC_CHUNK]
+            buf, off, ln = self._descriptions(sub)
+            parts.append(parse_timestamps(buf, off, ln, sub, self.name))
+            self._source.release()
+        return FrameTimestamps(f, np.concatenate([p.experiment_s for p in parts]),
+                               np.concatenate([p.epoch_laser_ns for p in parts]),
+                               np.concatenate([p.epoch_system_ns for p in parts]),
+                               [e for p in parts for e in p.events])
 
     def timestamps(self, frames: FrameSelection = None) -> FrameTimestamps:
         """Experiment time (s), laser and system epochs (int64 ns) and events of frames."""
