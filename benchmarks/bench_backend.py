@@ -16,7 +16,6 @@ we are faster), best of ``--repeats``, in this one process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,20 +25,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_reader import best, make_file  # noqa: E402
+from bench_reader import best, parse_args, session_file  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--volumes", type=int, default=700)
-    ap.add_argument("--photons", type=float, default=24000)
-    ap.add_argument("--path", type=Path, default=None)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    path = args.path or HERE / "_data" / f"session_{args.volumes}v_{args.photons:g}p.siff"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        make_file(path, args.volumes, args.photons)
+    args = parse_args(__doc__)
+    path = session_file(args.volumes, args.photons, args.path)
 
     import corrosiffpy
     import dask

@@ -16,7 +16,6 @@ copy, and the naive ``xr.open_dataset(engine="siff", chunks={}).intensity.to_zar
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_reader import make_file  # noqa: E402
+from bench_reader import parse_args, session_file  # noqa: E402
 
 
 def run(code: str) -> tuple[float, float]:
@@ -47,17 +46,8 @@ def du(path: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--volumes", type=int, default=700)
-    ap.add_argument("--photons", type=float, default=24000)
-    args = ap.parse_args()
-    files = []
-    for vols in (args.volumes, 2 * args.volumes):
-        p = HERE / "_data" / f"session_{vols}v_{args.photons:g}p.siff"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if not p.exists():
-            make_file(p, vols, args.photons)
-        files.append(p)
+    args = parse_args(__doc__)
+    files = [session_file(v, args.photons) for v in (args.volumes, 2 * args.volumes)]
 
     rows = []
     with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:

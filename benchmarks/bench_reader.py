@@ -62,17 +62,28 @@ def fresh_process(code: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def session_file(volumes: int, photons: float, path: Path | None = None) -> Path:
+    """The benchmark file for these settings, written on first use."""
+    path = path or HERE / "_data" / f"session_{volumes}v_{photons:g}p.siff"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        make_file(path, volumes, photons)
+    return path
+
+
+def parse_args(doc: str) -> argparse.Namespace:
+    """Command-line options shared by the benchmark scripts."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--volumes", type=int, default=700)
     ap.add_argument("--photons", type=float, default=24000)
     ap.add_argument("--path", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    path = args.path or HERE / "_data" / f"session_{args.volumes}v_{args.photons:g}p.siff"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        make_file(path, args.volumes, args.photons)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    path = session_file(args.volumes, args.photons, args.path)
 
     import corrosiffpy
 

@@ -546,8 +546,8 @@ def open_siff(
     chunk_bytes
         Target size of the preferred (Dask) chunks; chunks hold whole frames.
     index_cache
-        Persistent frame-index cache: ``None`` (default) for remote files only,
-        ``True``/a directory to always use it, ``False`` never (see
+        Persistent frame-index cache: ``None`` (default) for paths and URLs (not file
+        objects), a directory to use that one, ``False`` never (see
         :class:`~siff_xarray.SiffFile`).
 
     Returns
@@ -556,14 +556,28 @@ def open_siff(
         See the module docstring and ``docs/dataset.md`` for the layout.
 
     """
-    files, managers = _open_files([filename_or_obj], storage_options, tau_bins, bin_width_ps,
+    return _open([filename_or_obj], drop_variables=drop_variables, decode_times=decode_times,
+                 flim=flim, partial_volume=partial_volume, histogram_mode=histogram_mode,
+                 tau_bins=tau_bins, bin_width_ps=bin_width_ps,
+                 base_resolution_ps=base_resolution_ps, storage_options=storage_options,
+                 lock=lock, chunk_bytes=chunk_bytes, index_cache=index_cache)
+
+
+def _open(sources: Sequence[Any], *, storage_options: dict[str, Any] | None,
+          tau_bins: int | None, bin_width_ps: float | None, base_resolution_ps: float,
+          index_cache: bool | str | os.PathLike[str] | None,
+          drop_variables: str | Iterable[str] | None, **build: Any) -> xr.Dataset:
+    """Open ``sources`` (one file, or the parts of one acquisition) and build the Dataset."""
+    files, managers = _open_files(sources, storage_options, tau_bins, bin_width_ps,
                                   base_resolution_ps, index_cache)
     try:
+        for f in files[1:]:
+            if f.header.nvfd_text != files[0].header.nvfd_text:
+                raise ValueError(f"{f.name}: its ScanImage header differs from {files[0].name}; "
+                                 "these files are not one acquisition")
         return _build(files, managers, drop_variables=_drop_set(drop_variables),
-                      decode_times=decode_times, flim=flim,
-                      partial_volume=partial_volume, histogram_mode=histogram_mode, lock=lock,
-                      chunk_bytes=chunk_bytes, base_resolution_ps=base_resolution_ps,
-                      tau_bins=tau_bins, bin_width_ps=bin_width_ps)
+                      base_resolution_ps=base_resolution_ps, tau_bins=tau_bins,
+                      bin_width_ps=bin_width_ps, **build)
     except BaseException:
         for m in managers:
             m.close()
@@ -635,20 +649,8 @@ def open_acquisition(
         If the files' ScanImage headers or frame shapes differ (not one acquisition).
 
     """
-    sources = _expand(paths_or_glob, storage_options)
-    files, managers = _open_files(sources, storage_options, tau_bins, bin_width_ps,
-                                  base_resolution_ps, index_cache)
-    try:
-        for f in files[1:]:
-            if f.header.nvfd_text != files[0].header.nvfd_text:
-                raise ValueError(f"{f.name}: its ScanImage header differs from {files[0].name}; "
-                                 "these files are not one acquisition")
-        return _build(files, managers, drop_variables=_drop_set(drop_variables),
-                      decode_times=decode_times, flim=flim,
-                      partial_volume=partial_volume, histogram_mode=histogram_mode, lock=lock,
-                      chunk_bytes=chunk_bytes, base_resolution_ps=base_resolution_ps,
-                      tau_bins=tau_bins, bin_width_ps=bin_width_ps)
-    except BaseException:
-        for m in managers:
-            m.close()
-        raise
+    return _open(_expand(paths_or_glob, storage_options), drop_variables=drop_variables,
+                 decode_times=decode_times, flim=flim, partial_volume=partial_volume,
+                 histogram_mode=histogram_mode, tau_bins=tau_bins, bin_width_ps=bin_width_ps,
+                 base_resolution_ps=base_resolution_ps, storage_options=storage_options,
+                 lock=lock, chunk_bytes=chunk_bytes, index_cache=index_cache)
