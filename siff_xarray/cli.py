@@ -201,10 +201,12 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
             scheduler: str, workers: int | None, shard_mb: float, quiet: bool) -> None:
     """Convert SOURCES (.siff files, URLs or globs) to Zarr v3 stores under DESTINATION.
 
-    With one source and a DESTINATION ending in .zarr, DESTINATION is the store;
-    otherwise DESTINATION is a directory (or URL prefix) receiving NAME.zarr per file.
+    The numbered parts of a split acquisition (NAME_00001.siff, NAME_00002.siff...)
+    become one store. With one acquisition and a DESTINATION ending in .zarr,
+    DESTINATION is the store; otherwise DESTINATION is a directory (or URL prefix)
+    receiving NAME.zarr per acquisition.
     """
-    from .zarr_store import _expand_sources, convert_file, store_name
+    from .zarr_store import _expand_sources, convert_file, group_acquisitions, store_name
 
     files: list[str] = []
     for s in sources:
@@ -212,14 +214,15 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
         files.extend([s] if expanded is None else expanded)
     if not files:
         raise click.ClickException("no source files match")
-    single = len(files) == 1 and destination.rstrip("/").endswith(".zarr")
+    groups = group_acquisitions(files)
+    single = len(groups) == 1 and destination.rstrip("/").endswith(".zarr")
     dst = destination.rstrip("/")
-    for src in files:
-        out = dst if single else f"{dst}/{store_name(src)}"
-        summary = convert_file(src, out, overwrite=overwrite, resume=resume,
-                               scheduler=scheduler, num_workers=workers,
-                               shard_bytes=int(shard_mb * 2**20),
-                               progress=_ProgressLine(src.rsplit("/", 1)[-1], quiet))
+    for group in groups:
+        out = dst if single else f"{dst}/{store_name(group[0])}"
+        summary = convert_file(group if len(group) > 1 else group[0], out,
+                               overwrite=overwrite, resume=resume, scheduler=scheduler,
+                               num_workers=workers, shard_bytes=int(shard_mb * 2**20),
+                               progress=_ProgressLine(store_name(group[0]), quiet))
         if not quiet:
             click.echo(f"{summary.source} -> {summary.destination}: {summary.frames} frames, "
                        f"{summary.photons} photons, {summary.source_bytes / 1e6:.1f} MB -> "

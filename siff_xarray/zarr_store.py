@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ __all__ = [
     "Progress",
     "convert",
     "convert_file",
+    "group_acquisitions",
     "open_converted",
     "read_photons",
     "to_siff",
@@ -144,6 +146,103 @@ class _Target:
         return _zarr_store(self.destination, self.storage_options)
 
 
+# ---------------------------------------------------------------------- sources
+
+
+class _Acquisition:
+    """One or more ``.siff`` files read as one frame sequence (split acquisitions).
+
+    Offers the parts of :class:`~siff_xarray.SiffFile` the converter needs, addressed
+    by acquisition frame. Requests must be ascending (they are frame ranges).
+    """
+
+    def __init__(self, sources: Sequence[str], storage_options: dict[str, Any] | None
+                 ) -> None:
+        from .reader.imparams import ImParams
+        from .reader.siff_file import SiffFile
+
+        self.files: list[Any] = []
+        try:
+            for src in sources:
+                self.files.append(SiffFile(src, storage_options=storage_options))
+        except BaseException:
+            self.close()
+            raise
+        first = self.files[0]
+        for f in self.files[1:]:
+            if f.header.nvfd_text != first.header.nvfd_text or (
+                    f.num_frames and f.frame_shape != first.frame_shape):
+                self.close()
+                raise ConversionError(f"{f.name}: its header or frame shape differs from "
+                                      f"{first.name}; these files are not one acquisition")
+        counts = [f.num_frames for f in self.files]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_frames = int(self.offsets[-1])
+        self.header = first.header
+        self.file_size = sum(f.header.file_size for f in self.files)
+        self.frame_shape = first.frame_shape
+        self.has_photons = all(f.has_photons for f in self.files)
+        self.n_photons = np.concatenate([f.index.n_photons for f in self.files])
+        self.encoding = np.concatenate([f.index.encoding for f in self.files])
+        self.frame_bytes = np.concatenate([f.index.data_stop - f.index.ifd_offset
+                                           for f in self.files])
+        self.im_params = ImParams(first.metadata, self.num_frames, first.frame_shape,
+                                  first.roi_groups, name=first.name)
+
+    def _pieces(self, frames: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+        file_of = np.searchsorted(self.offsets, frames, side="right") - 1
+        return [(self.files[k], frames[file_of == k] - self.offsets[k])
+                for k in np.unique(file_of).tolist()]
+
+    def photons_batch(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        starts, pix, tau, base = [np.zeros(1, np.int64)], [], [], 0
+        for f, local in self._pieces(frames):
+            s, p, t = f.photons_batch(local)
+            starts.append(s[1:] + base)
+            base += int(s[-1])
+            pix.append(p)
+            tau.append(t)
+        empty = np.zeros(0, np.uint32)
+        return (np.concatenate(starts), np.concatenate(pix) if pix else empty,
+                np.concatenate(tau) if tau else empty)
+
+    def read_frames(self, frames: np.ndarray) -> np.ndarray:
+        return np.concatenate([f.read_frames(local) for f, local in self._pieces(frames)])
+
+    def histograms(self, frames: np.ndarray) -> np.ndarray:
+        return np.concatenate([f.histograms(local) for f, local in self._pieces(frames)])
+
+    def timestamps(self) -> Any:
+        from .reader.frame_meta import Event, FrameTimestamps
+
+        ts = [f.timestamps() for f in self.files]
+        events = [Event(int(e.frame + off), e.text, e.time_s)
+                  for t, off in zip(ts, self.offsets[:-1].tolist(), strict=True)
+                  for e in t.events]
+        return FrameTimestamps(np.arange(self.num_frames),
+                               np.concatenate([t.experiment_s for t in ts]),
+                               np.concatenate([t.epoch_laser_ns for t in ts]),
+                               np.concatenate([t.epoch_system_ns for t in ts]), events)
+
+    def raw_descriptions(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = [_raw_descriptions(f) for f in self.files]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def release(self) -> None:
+        for f in self.files:
+            f.release()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> _Acquisition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # ---------------------------------------------------------------------- the plan
 
 
@@ -151,7 +250,7 @@ class _Target:
 class _Plan:
     """Everything a batch needs, as plain JSON-able values (shipped to workers)."""
 
-    source: str
+    sources: list[str]
     source_options: dict[str, Any] | None
     destination: str
     destination_options: dict[str, Any] | None
@@ -270,10 +369,8 @@ class _Tracker:
             self.callback(p)
 
 
-def _open_source(plan: _Plan) -> Any:
-    from .reader.siff_file import SiffFile
-
-    return SiffFile(plan.source, storage_options=plan.source_options, **plan.open_kwargs)
+def _open_source(plan: _Plan) -> _Acquisition:
+    return _Acquisition(plan.sources, plan.source_options)
 
 
 def ome_repeats(block: np.ndarray) -> int:
@@ -387,7 +484,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     n = 0
     with _open_source(plan) as f:
         ip = f.im_params
-        sizes = (f.index.data_stop - f.index.ifd_offset)[f0:f1]
+        sizes = f.frame_bytes[f0:f1]
         # sub-batch boundaries: one decode call per ~SUB_BATCH_BYTES, not per frame
         cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
                               SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
@@ -403,8 +500,8 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
                     cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)
             ).any():
                 raise ConversionError(
-                    f"{plan.source}: a pixel holds more than 65535 photons in one frame; its "
-                    "count does not fit the uint16 count image that locates photons")
+                    f"{plan.sources[0]}: a pixel holds more than 65535 photons in one frame; "
+                    "its count does not fit the uint16 count image that locates photons")
             writer.append(tau)
             n += int(tau.size)
             loc = ip.locate(frames)
@@ -455,22 +552,22 @@ def _create_ome(store: Any, ds: Any, ct: int, st: int) -> None:
                      fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
 
 
-def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None,
+def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any] | None,
              shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool = True
              ) -> _Plan:
     """Create every array (metadata and the small per-frame arrays); return the plan."""
     import zarr
 
-    from .backend import open_siff
-    from .reader.siff_file import SiffFile
+    from .backend import open_acquisition, open_siff
 
-    ds = open_siff(source, storage_options=source_options)
+    ds = (open_siff(sources[0], storage_options=source_options) if len(sources) == 1
+          else open_acquisition(sources, storage_options=source_options))
     try:
-        with SiffFile(source, storage_options=source_options) as f:
-            if not f.has_photons or (f.index.encoding == 2).any():
+        with _Acquisition(sources, source_options) as f:
+            if not f.has_photons or (f.encoding == 2).any():
                 raise ConversionError(
-                    f"{source}: holds intensity-only TIFF pages; only photon (.siff) frames "
-                    "can be converted to the photon layout yet")
+                    f"{sources[0]}: holds intensity-only TIFF pages; only photon (.siff) "
+                    "frames can be converted to the photon layout yet")
             ip = f.im_params
             n_frames = f.num_frames
             fmap = ds.frame_index.values
@@ -482,7 +579,7 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
             p = ip.file_frames_per_volume
             bounds = [min(b * st * p, n_frames) for b in range(n_batches)] + [n_frames]
             batch_frames = [[bounds[b], bounds[b + 1]] for b in range(n_batches)]
-            counts = f.index.n_photons.astype(np.int64)
+            counts = f.n_photons.astype(np.int64)
             starts = np.zeros(n_frames, dtype=np.int64)
             batch_base = []
             end = 0
@@ -496,14 +593,13 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
             loc = ip.locate(np.arange(n_frames))
             fly_frames = np.flatnonzero(loc["flyback"])
             flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
-            stop = f.index.data_stop
-            batch_bytes = [int(stop[f1 - 1] - f.index.ifd_offset[f0]) if f1 > f0 else 0
-                           for f0, f1 in batch_frames]
+            batch_bytes = [int(f.frame_bytes[f0:f1].sum()) for f0, f1 in batch_frames]
             ts = f.timestamps()
-            desc_bytes, dlen = _raw_descriptions(f)
+            desc_bytes, dlen = f.raw_descriptions()
             f.release()
-            encoding = f.index.encoding.astype(np.int8)
+            encoding = f.encoding.astype(np.int8)
             h, w = f.frame_shape
+            source_bytes = int(f.file_size)
         total_len = max(end, 1)
 
         # --- the root Dataset: metadata now, data by the batches
@@ -518,7 +614,6 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
             if v in template:
                 encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
                                    "compressors": (_compressor(),)}
-        source_bytes = int(f.header.file_size)
         store = target.zarr()
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3)
@@ -569,7 +664,7 @@ def _prepare(source: str, target: _Target, source_options: dict[str, Any] | None
     if len(fly_frames) and any(fb % per_batch_fly for fb in flyback_base):
         raise ConversionError("internal: flyback rows are not chunk-aligned")  # pragma: no cover
 
-    return _Plan(source=source, source_options=source_options,
+    return _Plan(sources=list(sources), source_options=source_options,
                  destination=target.destination, destination_options=target.storage_options,
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
@@ -626,10 +721,40 @@ def _expand_sources(sources: str | os.PathLike[str] | Sequence[Any],
 
 
 def store_name(source: str) -> str:
-    """Default store name for a source file: its name with ``.zarr`` for the suffix."""
+    """Default store name for a source file: its name with ``.zarr`` for the suffix.
+
+    Parts of a split acquisition (``run_00002.siff``) are named after the acquisition
+    (``run.zarr``).
+    """
     base = source.rstrip("/").rsplit("/", 1)[-1]
+    m = _PART.match(base)
+    if m:
+        return f"{m.group('stem')}.zarr"
     stem = base.rsplit(".", 1)[0] if "." in base else base
     return f"{stem}.zarr"
+
+
+_PART = re.compile(r"^(?P<stem>.+)_(?P<num>\d{5})\.siff$", re.IGNORECASE)
+
+
+def group_acquisitions(sources: Sequence[str]) -> list[list[str]]:
+    """Group files into acquisitions: ``name_00001.siff``, ``name_00002.siff``... form one.
+
+    Parts are ordered by their number; other files stand alone. Groups keep the order
+    in which their first file appears.
+    """
+    groups: dict[str, list[str]] = {}
+    for src in sources:
+        head, _, base = src.rstrip("/").rpartition("/")
+        m = _PART.match(base)
+        key = f"{head}/{m.group('stem')}" if m else src
+        groups.setdefault(key, []).append(src)
+    out = []
+    for members in groups.values():
+        members = sorted(set(members), key=lambda p: (
+            int(m.group("num")) if (m := _PART.match(p.rsplit("/", 1)[-1])) else 0, p))
+        out.append(members)
+    return out
 
 
 def convert(
@@ -637,29 +762,33 @@ def convert(
     destination: str | os.PathLike[str],
     **kwargs: Any,
 ) -> ConversionSummary | list[ConversionSummary]:
-    """Convert ``.siff`` files to Zarr v3 stores: one file, or a list / glob of them.
+    """Convert ``.siff`` files to Zarr v3 stores, one store per acquisition.
 
     With one file (a path or URL without wildcards), ``destination`` is the store and
-    one :class:`ConversionSummary` is returned. With a list or a glob pattern,
-    ``destination`` is a directory (or URL prefix) that receives one store per file,
-    named by :func:`store_name`, and a list of summaries is returned. Keyword
-    arguments are those of :func:`convert_file`.
+    one :class:`ConversionSummary` is returned. With a list or a glob pattern, the
+    files are grouped into acquisitions (:func:`group_acquisitions`: the numbered
+    parts ``name_00001.siff``, ``name_00002.siff``... of a split acquisition become
+    one store), ``destination`` is a directory (or URL prefix) receiving one store per
+    acquisition named by :func:`store_name`, and a list of summaries is returned.
+    Keyword arguments are those of :func:`convert_file`.
     """
     many = _expand_sources(source, kwargs.get("storage_options"))
     if many is None:
         return convert_file(source, destination, **kwargs)  # type: ignore[arg-type]
     if not many:
         raise ConversionError("no source files given")
-    names = [store_name(s) for s in many]
+    groups = group_acquisitions(many)
+    names = [store_name(g[0]) for g in groups]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConversionError(f"several sources would become the same store {sorted(dup)[0]}")
     dst = os.fspath(destination).rstrip("/")
-    return [convert_file(s, f"{dst}/{n}", **kwargs) for s, n in zip(many, names, strict=True)]
+    return [convert_file(g if len(g) > 1 else g[0], f"{dst}/{n}", **kwargs)
+            for g, n in zip(groups, names, strict=True)]
 
 
 def convert_file(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     destination: str | os.PathLike[str],
     *,
     overwrite: bool = False,
@@ -673,12 +802,14 @@ def convert_file(
     ome: bool = True,
     progress: Callable[[Progress], None] | None = None,
 ) -> ConversionSummary:
-    """Convert one ``.siff`` file to a Zarr v3 store, losslessly and in parallel.
+    """Convert one ``.siff`` file (or one split acquisition) to a Zarr v3 store, losslessly.
 
     Parameters
     ----------
     source
-        Local path or fsspec URL of the ``.siff`` file (opened read-only).
+        Local path or fsspec URL of the ``.siff`` file (opened read-only), or the
+        ordered parts of one acquisition (``name_00001.siff``, ...), which become one
+        store with frames numbered across the parts (as :func:`open_acquisition`).
     destination
         Local path or fsspec URL of the store to create (e.g. ``s3://bucket/run.zarr``).
     overwrite
@@ -715,7 +846,11 @@ def convert_file(
 
     """
     t_start = time.perf_counter()
-    src = os.fspath(source)
+    srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
+            else [os.fspath(x) for x in source])
+    if not srcs:
+        raise ConversionError("no source files given")
+    src = srcs[0] if len(srcs) == 1 else f"{srcs[0]} (+{len(srcs) - 1} more parts)"
     target = _Target(os.fspath(destination), target_options)
     finished = target.exists("zarr.json")
     interrupted = target.exists(PLAN_KEY)
@@ -726,9 +861,9 @@ def convert_file(
         if not interrupted:
             raise ConversionError(f"{target.destination}: no interrupted conversion to resume")
         plan = _Plan.from_json(target.read_text(PLAN_KEY))
-        if plan.source != src:
+        if plan.sources != srcs:
             raise ConversionError(f"{target.destination}: was being converted from "
-                                  f"{plan.source}, not {src}")
+                                  f"{plan.sources}, not {srcs}")
     else:
         if interrupted and not overwrite:
             raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
@@ -739,13 +874,13 @@ def convert_file(
                 raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                       "overwrite=True (--overwrite) to replace it")
             target.fs.rm(target.root, recursive=True)
-        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome)
+        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome)
     try:
         skipped = _run(plan, target, scheduler, num_workers, progress)
     except _NeedsWideArrivals:
         log.info("%s: arrival times above 65535; converting again with uint32", src)
         target.fs.rm(target.root, recursive=True)
-        plan = _start(src, target, storage_options, shard_bytes, chunk_bytes, "uint32",
+        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                       plan.ome)
         skipped = _run(plan, target, scheduler, num_workers, progress)
     _finish(target)
@@ -759,9 +894,9 @@ def convert_file(
                              batches_skipped=skipped)
 
 
-def _start(src: str, target: _Target, storage_options: dict[str, Any] | None,
+def _start(srcs: list[str], target: _Target, storage_options: dict[str, Any] | None,
            shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool) -> _Plan:
-    plan = _prepare(src, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype,
+    plan = _prepare(srcs, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype,
                     ome)
     _hide_root(target)
     target.write_text(PLAN_KEY, plan.to_json())
@@ -839,7 +974,7 @@ def open_converted(store: str | os.PathLike[str], *,
         if target.exists(PLAN_KEY):
             plan = _Plan.from_json(target.read_text(PLAN_KEY))
             raise IncompleteStoreError(
-                f"{target.destination}: conversion from {plan.source} is incomplete "
+                f"{target.destination}: conversion from {plan.sources[0]} is incomplete "
                 f"({done} of {plan.n_batches} batches); run convert(..., resume=True) "
                 "(siff-xarray convert --resume) to finish it")
         raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
@@ -983,7 +1118,8 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
         ds.close()
 
 
-def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
+def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+           store: str | os.PathLike[str], *,
            storage_options: dict[str, Any] | None = None,
            target_options: dict[str, Any] | None = None,
            batch_frames: int = 256) -> list[str]:
@@ -991,18 +1127,19 @@ def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
 
     Checks every frame's photon count, its pixel-sorted (pixel, arrival time) pairs
     (equal multisets), its timestamps and description text, and the header texts.
-    An empty list means the store holds exactly what the source holds.
+    An empty list means the store holds exactly what the source holds. ``source``
+    may be the ordered parts of a split acquisition converted into one store.
     """
     import zarr
 
-    from .reader.siff_file import SiffFile
-
+    srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
+            else [os.fspath(x) for x in source])
     problems: list[str] = []
     target = _Target(os.fspath(store), target_options)
     ds = open_converted(store, storage_options=target_options)
     zstore = target.zarr()
     grp = zarr.open_group(zstore, path="photons", mode="r")
-    with SiffFile(os.fspath(source), storage_options=storage_options) as f:
+    with _Acquisition(srcs, storage_options) as f:
         n = f.num_frames
         if grp["photon_count"].shape[0] != n:
             return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
@@ -1011,8 +1148,8 @@ def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
         if ds.attrs.get("roi_json") != f.header.roi_text:
             problems.append("ROI JSON text differs")
         counts = np.asarray(grp["photon_count"][...]).astype(np.int64)
-        if not np.array_equal(counts, f.index.n_photons):
-            bad = np.flatnonzero(counts != f.index.n_photons)
+        if not np.array_equal(counts, f.n_photons):
+            bad = np.flatnonzero(counts != f.n_photons)
             problems.append(f"photon counts differ in {bad.size} frames (first {bad[0]})")
         ts = f.timestamps()
         for name, want in (("experiment_s", ts.experiment_s),
@@ -1021,11 +1158,11 @@ def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
             got = np.asarray(grp[name][...])
             if not np.array_equal(got, want, equal_nan=want.dtype.kind == "f"):
                 problems.append(f"{name} differs")
-        src_desc, src_len = _raw_descriptions(f)
+        src_desc, src_len = f.raw_descriptions()
         if not (np.array_equal(np.asarray(grp["description"][...]), src_desc)
                 and np.array_equal(np.asarray(grp["description_length"][...]), src_len)):
             problems.append("frame descriptions differ")
-        if not np.array_equal(np.asarray(grp["encoding"][...]), f.index.encoding):
+        if not np.array_equal(np.asarray(grp["encoding"][...]), f.encoding):
             problems.append("frame encodings differ")
         # photons and count images, a batch of frames at a time, without per-frame loops
         starts_z = np.asarray(grp["photon_start"][...]).astype(np.int64)
@@ -1068,5 +1205,6 @@ def verify(source: str | os.PathLike[str], store: str | os.PathLike[str], *,
             if len(problems) > 50:
                 problems.append("... (stopped after 50 differences)")
                 break
+            f.release()
     ds.close()
     return problems

@@ -319,3 +319,40 @@ def test_streaming_sub_batches_and_many_shards(siff_files, tmp_path, monkeypatch
         tp, tt = t.photons(fr)
         np.testing.assert_array_equal(np.sort(pix.astype(np.int64) << 32 | tau),
                                       np.sort(tp.astype(np.int64) << 32 | tt))
+
+
+def test_split_acquisition_becomes_one_store(tmp_path):
+    from siff_xarray import SiffFile, open_acquisition
+
+    kw = dict(shape=(8, 6), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=6,
+              extra_frames=2, events={3: ("a", 0.1), 20: ("b", None)}, seed=11,
+              encoding="mixed", photons_per_frame=200)
+    whole = write_siff(tmp_path / "whole.siff", **kw)
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    split = write_siff(parts_dir / "run.siff", frames_per_file=7, **kw)  # volumes straddle
+    other = write_siff(parts_dir / "single.siff", shape=(8, 6), n_timepoints=2, seed=1)
+    out = tmp_path / "out"
+    summaries = zs.convert(str(parts_dir / "*.siff"), out, **_small_shards(whole))
+    assert sorted(p.name for p in out.iterdir()) == ["run.zarr", "single.zarr"]
+    assert [s.frames for s in summaries] == [whole.n_frames, other.n_frames]
+    store = out / "run.zarr"
+    with zs.open_converted(store) as ds, open_acquisition(split.paths) as acq, \
+            xr.open_dataset(whole.path, engine="siff") as one:
+        xr.testing.assert_identical(ds.load(), acq.load())
+        xr.testing.assert_equal(ds.drop_attrs(), one.drop_attrs())
+    for fr in range(whole.n_frames):
+        pix, tau = zs.read_photons(store, fr)
+        tp, tt = whole.photons(fr)
+        np.testing.assert_array_equal(np.sort(pix.astype(np.int64) << 32 | tau),
+                                      np.sort(tp.astype(np.int64) << 32 | tt))
+    assert zs.verify(split.paths, store) == []
+    assert zs.verify(split.paths[::-1], store) != []  # the order of the parts matters
+    back = tmp_path / "joined.siff"
+    zs.to_siff(store, back)  # the parts written back as one file
+    with SiffFile(back) as b, SiffFile(whole.path) as w:
+        np.testing.assert_array_equal(b.read_frames(), w.read_frames())
+        assert b.frame_descriptions() == w.frame_descriptions()
+    assert zs.group_acquisitions(["d/x_00002.siff", "d/x_00001.siff", "d/y.siff",
+                                  "e/x_00001.siff"]) == [
+        ["d/x_00001.siff", "d/x_00002.siff"], ["d/y.siff"], ["e/x_00001.siff"]]
