@@ -28,6 +28,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from . import accessor  # noqa: F401 - registers ``ds.siff`` (imports only numpy, xarray)
 from .errors import ConversionError, IncompleteStoreError, SiffFormatError, SiffWarning
 
 __version__ = "0.1.0.dev0"
