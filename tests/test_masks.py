@@ -1,0 +1,102 @@
+"""ds.siff.sum_mask / sum_masks: kernel and xarray paths against numpy and corrosiffpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import open_corrosiff
+
+from siff_xarray import zarr_store as zs
+
+
+def _brute(ds, m, is_3d):
+    """numpy: photons inside each mask from the (registered) intensity."""
+    inten = (ds.siff.apply_shifts() if "shift_y" in ds else ds).intensity.values.astype(
+        np.int64)  # (t, z, [r], c, y, x)
+    if is_3d:  # (M, z, y, x): each plane its own mask, then sum over z
+        zaxis = 1
+        inten = np.moveaxis(inten, zaxis, -3)  # (t, [r], c, z, y, x)
+        return np.einsum("...zyx,mzyx->m...", inten, m.astype(np.int64))
+    return np.einsum("...yx,myx->m...", inten, m[:, 0].astype(np.int64))
+
+
+@pytest.mark.parametrize("name", ["two_chan_slices_flyback", "frames_per_slice",
+                                  "partial_volume"])
+def test_sum_masks_paths_agree_with_numpy(siff_files, rng, name):
+    t = siff_files[name]
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        h, w, nz = ds.sizes["y"], ds.sizes["x"], ds.sizes["z"]
+        masks = rng.random((4, h, w)) > 0.6
+        k = ds.siff.sum_masks(masks, method="kernel")
+        x = ds.siff.sum_masks(masks, method="xarray")
+        assert k.dims[:3] == ("roi", "time", "z") and "channel" in k.dims
+        np.testing.assert_array_equal(k.values, x.values)
+        np.testing.assert_array_equal(k.values, _brute(ds, masks[:, None], False))
+        m3 = rng.random((3, nz, h, w)) > 0.5
+        k3 = ds.siff.sum_masks(m3, method="kernel")
+        assert "z" not in k3.dims
+        np.testing.assert_array_equal(k3.values, ds.siff.sum_masks(m3, method="xarray").values)
+        np.testing.assert_array_equal(k3.values, _brute(ds, m3, True))
+        one = ds.siff.sum_mask(masks[0], channel=int(ds.channel[0]))
+        assert "roi" not in one.dims and "channel" not in one.dims
+        np.testing.assert_array_equal(one.values, k.isel(roi=0).sel(channel=ds.channel[0]))
+
+
+def test_label_images_and_dataarrays(siff_files):
+    t = siff_files["two_chan_slices_flyback"]
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        labels = np.zeros((h, w), dtype=np.int32)
+        labels[:4, :5] = 7
+        labels[6:, 3:] = 2
+        out = ds.siff.sum_masks(labels)
+        assert list(out.roi.values) == [2, 7]
+        np.testing.assert_array_equal(out.sel(roi=7).values,
+                                      ds.siff.sum_mask(labels == 7).values)
+        da = xr.DataArray(np.stack([labels == 2, labels == 7]), dims=("roi", "y", "x"),
+                          coords={"roi": ["b", "a"]})
+        named = ds.siff.sum_masks(da)
+        assert list(named.roi.values) == ["b", "a"]
+        np.testing.assert_array_equal(named.values, out.values)
+        with pytest.raises(ValueError, match="do not fit"):
+            ds.siff.sum_masks(np.ones((3, 2, 2), bool))
+
+
+def test_sum_masks_with_shifts_equals_corrosiff(siff_files, rng):
+    t = siff_files["two_chan_slices_flyback"]
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        shifts = xr.Dataset({
+            "shift_y": (("time", "z"), rng.integers(0, h, (ds.sizes["time"], ds.sizes["z"]))),
+            "shift_x": (("time", "z"), rng.integers(0, w, (ds.sizes["time"], ds.sizes["z"]))),
+        })
+        reg = ds.assign(shift_y=shifts.shift_y, shift_x=shifts.shift_x)
+        masks = rng.random((3, h, w)) > 0.5
+        k = reg.siff.sum_masks(masks, method="kernel")
+        np.testing.assert_array_equal(k.values, reg.siff.sum_masks(masks, method="xarray"))
+        np.testing.assert_array_equal(k.values, _brute(reg, masks[:, None], False))
+        # corrosiffpy, same frames and the same (non-negative) shifts
+        c = open_corrosiff(t.path)
+        frames = ds.frame_index.values.reshape(-1)
+        sy = np.broadcast_to(shifts.shift_y.values[..., None], ds.frame_index.shape).ravel()
+        sx = np.broadcast_to(shifts.shift_x.values[..., None], ds.frame_index.shape).ravel()
+        reg_dict = {int(f): (int(a), int(b)) for f, a, b in zip(frames, sy, sx, strict=True)}
+        theirs = c.sum_rois(masks, frames=frames.tolist(), registration=reg_dict)
+        np.testing.assert_array_equal(k.values.reshape(3, -1), theirs)
+
+
+def test_sum_masks_on_a_converted_store(siff_files, tmp_path, rng):
+    t = siff_files["frames_per_slice"]
+    zs.convert(t.path, tmp_path / "m.zarr")
+    with zs.open_converted(tmp_path / "m.zarr") as z, \
+            xr.open_dataset(t.path, engine="siff") as ds:
+        masks = rng.random((2, ds.sizes["y"], ds.sizes["x"])) > 0.5
+        with pytest.raises(ValueError, match="kernel"):
+            z.siff.sum_masks(masks, method="kernel")
+        np.testing.assert_array_equal(z.siff.sum_masks(masks).values,
+                                      ds.siff.sum_masks(masks).values)
+    with xr.open_dataset(t.path, engine="siff", chunks={}) as dds:
+        lazy = dds.siff.sum_masks(masks, method="xarray")
+        assert lazy.chunks is not None
+        np.testing.assert_array_equal(lazy.values, ds.siff.sum_masks(masks).values)
