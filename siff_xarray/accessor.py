@@ -244,10 +244,9 @@ class SiffAccessor:
         first = [d for d in ("roi", "time", "z", "repeat", "channel") if d in out.dims]
         return out.transpose(*first)
 
-    def _sum_kernel(self, src: str, m: np.ndarray, labels: np.ndarray, is_3d: bool,
-                    sel: dict[str, Any]) -> xr.DataArray:
-        from .reader.siff_file import SiffFile
-
+    def _frames(self, sel: dict[str, Any]) -> tuple[xr.DataArray, np.ndarray, np.ndarray,
+                                                     np.ndarray | None]:
+        """Frame map for the selection, its existing frames, and their shifts."""
         ds = self._ds
         fmap = ds.frame_index.sel(sel)
         frames = fmap.values.reshape(-1)
@@ -258,14 +257,121 @@ class SiffAccessor:
             sy = sy.transpose(*fmap.dims).values.reshape(-1)
             sx = sx.transpose(*fmap.dims).values.reshape(-1)
             shifts = np.stack([sy, sx], axis=1)[ok]
+        return fmap, frames[ok], ok, shifts
+
+    @staticmethod
+    def _place(values: np.ndarray, fmap: xr.DataArray, ok: np.ndarray, labels: np.ndarray,
+               extra_dims: tuple[str, ...] = (), extra_coords: dict[str, Any] | None = None,
+               fill: Any = 0) -> xr.DataArray:
+        """Put ``(M, F_ok, *extra)`` results back on the ``(roi, *frame dims, *extra)`` grid."""
+        m, extra = values.shape[0], values.shape[2:]
+        out = np.full((m, ok.size, *extra), fill, dtype=values.dtype)
+        out[:, ok] = values
+        coords = {"roi": labels, **{k: v for k, v in fmap.coords.items()
+                                    if set(v.dims) <= set(fmap.dims)}}
+        coords.update(extra_coords or {})
+        return xr.DataArray(out.reshape(m, *fmap.shape, *extra),
+                            dims=("roi", *fmap.dims, *extra_dims), coords=coords)
+
+    def _sum_kernel(self, src: str, m: np.ndarray, labels: np.ndarray, is_3d: bool,
+                    sel: dict[str, Any]) -> xr.DataArray:
+        from .reader.siff_file import SiffFile
+
+        fmap, frames, ok, shifts = self._frames(sel)
         with SiffFile(src) as f:
-            got = f.sum_masks(m, frames[ok], shifts=shifts)  # (M, F): one decode per frame
-        out = np.zeros((len(labels), frames.size), dtype=np.int64)
-        out[:, ok] = got
-        arr = xr.DataArray(out.reshape(len(labels), *fmap.shape), dims=("roi", *fmap.dims),
-                           coords={"roi": labels, **{k: v for k, v in fmap.coords.items()
-                                                     if set(v.dims) <= set(fmap.dims)}})
+            got = f.sum_masks(m, frames, shifts=shifts)  # (M, F): one decode per frame
+        arr = self._place(got, fmap, ok, labels)
         return arr.sum("z") if is_3d else arr
+
+    def _need_source(self, what: str) -> str:
+        src = self._source_file()
+        if src is None:
+            raise ValueError(f"{what} reduces photons, which needs a Dataset opened from the "
+                             ".siff file (frame_index present, intensity not registered in "
+                             "place); for a converted store use siff_xarray.read_photons")
+        return src
+
+    def histogram(self, mask: Any = None, *, channel: int | None = None,
+                  mode: Literal["drop", "clip", "wrap", "corrosiff"] = "drop"
+                  ) -> xr.DataArray:
+        """Arrival-time histograms per frame, of the whole frame or of each ROI.
+
+        Parameters
+        ----------
+        mask
+            ``None`` (the Dataset's per-frame ``histogram``), or masks as in
+            :meth:`sum_masks`: the photons inside each mask, from the source file in
+            one decode per frame (registered when the Dataset holds shifts).
+        channel
+            ScanImage channel number; default every channel.
+        mode
+            Arrival times beyond the last bin, as in ``SiffFile.histograms``.
+
+        Returns
+        -------
+        xarray.DataArray
+            Counts with ``tau`` last (bin centres, ns) and ``attrs["frequency"]``, the
+            laser frequency in MHz (phasorpy's conventions).
+
+        """
+        from .reader.siff_file import SiffFile
+
+        ds = self._ds
+        sel = {} if channel is None else {"channel": channel}
+        if mask is None:
+            out = ds.histogram.sel(sel)
+        else:
+            src = self._need_source("histogram(mask)")
+            m, labels, is_3d = self._normalise_masks(mask, single=False)
+            fmap, frames, ok, shifts = self._frames(sel)
+            with SiffFile(src) as f:
+                got = f.masks_histograms(m, frames, shifts=shifts, mode=mode,
+                                         n_bins=ds.sizes.get("tau"))
+            out = self._place(got, fmap, ok, labels, ("tau",), {"tau": ds["tau"]})
+            if is_3d:
+                out = out.sum("z")
+        out = out.copy()
+        out.name = "histogram"
+        out.attrs = {"long_name": "photon arrival-time histogram", "units": "photons"}
+        if "laser_period_ns" in ds.attrs:
+            out.attrs["frequency"] = 1000.0 / float(ds.attrs["laser_period_ns"])
+        return out.transpose(..., "tau")
+
+    def lifetime(self, mask: Any = None, *, offset: float = 0.0, channel: int | None = None
+                 ) -> xr.DataArray:
+        """Empirical lifetime: mean photon arrival time minus ``offset``, in ns.
+
+        With ``mask=None`` per pixel ``(time, z, ..., y, x)`` (NaN where no photon);
+        with masks (as in :meth:`sum_masks`) per ROI and frame, pooling the ROI's
+        photons. Computed from photons in the reader's Numba kernels (registered
+        when the Dataset holds shifts); arrival times count from the start of their
+        bin, as ``SiffFile.lifetime_images`` does.
+        """
+        from .reader.siff_file import SiffFile
+
+        ds = self._ds
+        sel = {} if channel is None else {"channel": channel}
+        src = self._need_source("lifetime")
+        fmap, frames, ok, shifts = self._frames(sel)
+        with SiffFile(src) as f:
+            bin_ns = f.im_params.picoseconds_per_bin / 1000.0
+            if mask is None:
+                img = f.lifetime_images(frames, shifts=shifts, units="ns", dtype=np.float32)
+                out = self._place(img[None], fmap, ok, np.array([0]), ("y", "x"),
+                                  {"y": ds["y"], "x": ds["x"]}, fill=np.nan)
+                out = out.isel(roi=0, drop=True) - offset
+            else:
+                m, labels, is_3d = self._normalise_masks(mask, single=False)
+                total, counts = f.sum_masks_flim(m, frames, shifts=shifts)
+                s = self._place(total, fmap, ok, labels)
+                c = self._place(counts, fmap, ok, labels)
+                if is_3d:
+                    s, c = s.sum("z"), c.sum("z")
+                out = (s / c.where(c > 0)) * bin_ns - offset
+        out.name = "lifetime"
+        out.attrs = {"long_name": "mean photon arrival time minus offset", "units": "ns",
+                     "offset_ns": offset}
+        return out
 
     def apply_shifts(self, shifts: xr.Dataset | None = None) -> xr.Dataset:
         """Return the Dataset with ``intensity`` (and ``mean_arrival``) registered, lazily.

@@ -94,9 +94,46 @@ def test_sum_masks_on_a_converted_store(siff_files, tmp_path, rng):
         masks = rng.random((2, ds.sizes["y"], ds.sizes["x"])) > 0.5
         with pytest.raises(ValueError, match="kernel"):
             z.siff.sum_masks(masks, method="kernel")
+        with pytest.raises(ValueError, match="read_photons"):
+            z.siff.lifetime(masks)
+        np.testing.assert_array_equal(z.siff.histogram().values, ds.histogram.values)
         np.testing.assert_array_equal(z.siff.sum_masks(masks).values,
                                       ds.siff.sum_masks(masks).values)
     with xr.open_dataset(t.path, engine="siff", chunks={}) as dds:
         lazy = dds.siff.sum_masks(masks, method="xarray")
         assert lazy.chunks is not None
         np.testing.assert_array_equal(lazy.values, ds.siff.sum_masks(masks).values)
+
+
+def test_histogram_and_lifetime_per_roi(siff_files, rng):
+    t = siff_files["two_chan_slices_flyback"]
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        whole = ds.siff.histogram()
+        np.testing.assert_array_equal(whole.values, ds.histogram.values)
+        assert whole.dims[-1] == "tau"
+        assert whole.attrs["frequency"] == pytest.approx(1000 / ds.attrs["laser_period_ns"])
+        masks = rng.random((2, h, w)) > 0.5
+        hist = ds.siff.histogram(masks)
+        assert hist.dims == ("roi", "time", "z", "channel", "tau")
+        life = ds.siff.lifetime(masks, offset=0.5)
+        bin_ns = t.bin_width_ps / 1000
+        fmap = ds.frame_index.values
+        for idx in [(0, 0, 0), (2, 1, 1), (4, 2, 0)]:
+            fr = fmap[idx]
+            pix, tau = t.photons(fr)
+            for r in range(2):
+                inside = masks[r].ravel()[pix]
+                want = np.bincount(tau[inside & (tau < t.tau_bins)], minlength=t.tau_bins)
+                np.testing.assert_array_equal(hist.values[(r, *idx)], want)
+                np.testing.assert_allclose(life.values[(r, *idx)],
+                                           tau[inside].mean() * bin_ns - 0.5)
+        ones = ds.siff.histogram(np.ones((1, h, w), bool)).isel(roi=0)
+        np.testing.assert_array_equal(ones.values, ds.histogram.values)
+        per_pixel = ds.siff.lifetime()
+        assert per_pixel.dims == ("time", "z", "channel", "y", "x")
+        from siff_xarray import SiffFile
+
+        with SiffFile(t.path) as f:
+            want = f.lifetime_images(fmap.ravel(), units="ns", dtype=np.float32)
+        np.testing.assert_allclose(per_pixel.values.reshape(want.shape), want, equal_nan=True)

@@ -432,3 +432,25 @@ def test_windowed_walk_of_a_memory_map_equals_one_pass(truth, monkeypatch):
                      "desc_length", "encoding", "n_photons"):
             np.testing.assert_array_equal(getattr(f.index, name), getattr(want, name))
         np.testing.assert_array_equal(f.read_frames(), truth.intensity())
+
+
+def test_masks_histograms_equal_truth(truth, rng):
+    with SiffFile(truth.path) as f:
+        if not f.has_photons or (f.index.encoding == 2).any():
+            pytest.skip("no photons")
+        h, w = truth.shape
+        frames = np.arange(truth.n_frames)
+        masks = rng.random((3, h, w)) > 0.5
+        shifts = rng.integers(-h, h, (truth.n_frames, 2))
+        got = f.masks_histograms(masks, frames, shifts=shifts)
+        nb = truth.tau_bins
+        assert got.shape == (3, truth.n_frames, nb)
+        for fr in range(0, truth.n_frames, 3):
+            pix, tau = truth.photons(fr)
+            y, x = (pix // w + shifts[fr, 0]) % h, (pix % w + shifts[fr, 1]) % w
+            for m in range(3):
+                keep = masks[m, y, x] & (tau < nb)
+                np.testing.assert_array_equal(got[m, fr], np.bincount(tau[keep], minlength=nb))
+        # whole-frame masks give the per-frame histograms
+        full = f.masks_histograms(np.ones((1, h, w), bool), frames, mode="clip")
+        np.testing.assert_array_equal(full[0], f.histograms(frames, mode="clip"))

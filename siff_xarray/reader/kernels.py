@@ -452,6 +452,71 @@ def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
                         out_sin[r, i] += a_sin[s]
 
 
+def _mask_histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr,
+                     set_idx, mode, out, status):
+    """Arrival histograms of the photons inside each mask, per frame: out (M, F, bins).
+
+    Photons accumulate per mask-set and bin (see :func:`_sum_masks`), then per mask,
+    so a photon costs one add whatever the number of masks.
+    """
+    n = enc.shape[0]
+    n_sets = set_ptr.shape[0] - 1
+    nbins = out.shape[2]
+    for c in prange(nchunks):
+        acc = np.zeros((n_sets, nbins), dtype=np.int64)
+        used = np.zeros(n_sets, dtype=np.int64)
+        lo, hi = _chunk(c, nchunks, n)
+        for i in range(lo, hi):
+            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
+            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
+                status[i] = ST_OUT_OF_BOUNDS
+                continue
+            st = ST_OK
+            base = plane[i] * h * w
+            if enc[i] == ENC_COMPRESSED:
+                img, arr, ok = _compressed(buf, off[i], nb[i], h, w)
+                if not ok:
+                    status[i] = ST_MISMATCH
+                    continue
+                k = 0
+                for y in range(h):
+                    dst = base + _wrap(y + dy, h) * w
+                    for x in range(w):
+                        nq = np.int64(img[y * w + x])
+                        if nq == 0:
+                            continue
+                        s = setid[dst + _wrap(x + dx, w)]
+                        used[s] += nq
+                        for j in range(k, k + nq):
+                            b = _bin(np.int64(arr[j]), nbins, mode)
+                            if b >= 0:
+                                acc[s, b] += 1
+                        k += nq
+            else:
+                rec = _u64s(buf, off[i], nb[i] // 8)
+                for k in range(rec.shape[0]):
+                    q = _raw_pixel(rec[k], h, w, dy, dx)
+                    if q < 0:
+                        st = ST_BAD_PIXEL
+                        break
+                    s = setid[base + q]
+                    used[s] += 1
+                    b = _bin(_raw_tau(rec[k]), nbins, mode)
+                    if b >= 0:
+                        acc[s, b] += 1
+            status[i] = st
+            for s in range(n_sets):
+                if used[s] == 0:
+                    continue
+                if st == ST_OK:
+                    for j in range(set_ptr[s], set_ptr[s + 1]):
+                        r = set_idx[j]
+                        for b in range(nbins):
+                            out[r, i, b] += acc[s, b]
+                acc[s, :] = 0
+                used[s] = 0
+
+
 @numba.njit(**_JIT)
 def _decode_photons(buf, enc, off, nbytes, h, w, pix, tau):
     """Fill ``pix``/``tau`` with each photon's pixel and arrival bin; return (n, status).
@@ -520,7 +585,8 @@ def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, 
 
 _KERNELS = {
     f.__name__.lstrip("_"): (numba.njit(parallel=True, **_JIT)(f), numba.njit(**_JIT)(f))
-    for f in (_intensity, _sum_masks, _histograms, _pixel_flim, _mask_flim, _photons)
+    for f in (_intensity, _sum_masks, _histograms, _pixel_flim, _mask_flim, _photons,
+              _mask_histograms)
 }
 _PARALLEL_LOCK = threading.Lock()
 
