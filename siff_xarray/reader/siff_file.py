@@ -425,6 +425,17 @@ class SiffFile:
                                   "n_bins= (or tau_bins= when opening)")
         return nb
 
+    def _hist_mode(self, mode: str, n_bins: int | None) -> tuple[int, int]:
+        """Kernel mode code and bin count for a histogram ``mode``."""
+        modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
+                 "corrosiff": K.MODE_WRAP}
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+        nb = self._n_bins(n_bins)
+        if mode == "corrosiff" and n_bins is None:
+            nb += 2
+        return modes[mode], nb
+
     def histograms(
         self,
         frames: FrameSelection = None,
@@ -456,20 +467,14 @@ class SiffFile:
             ``int64`` ``(F, n_bins)``; with ``return_overflow`` also ``(F,)``.
 
         """
-        modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
-                 "corrosiff": K.MODE_WRAP}
-        if mode not in modes:
-            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
-        nb = self._n_bins(n_bins)
-        if mode == "corrosiff" and n_bins is None:
-            nb += 2
+        kmode, nb = self._hist_mode(mode, n_bins)
         f = self._frames(frames)
         args, _, _ = self._frame_args(f, photons=True)
         out = np.zeros((len(f), nb), dtype=np.int64)
         overflow = np.zeros(len(f), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("histograms", *args, modes[mode], out, overflow, status)
+            K.run("histograms", *args, kmode, out, overflow, status)
         self._check(status, f)
         return (out, overflow) if return_overflow else out
 
@@ -497,20 +502,14 @@ class SiffFile:
             ``int64`` ``(M, F, n_bins)``; each frame is decoded once for all masks.
 
         """
-        modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
-                 "corrosiff": K.MODE_WRAP}
-        if mode not in modes:
-            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
-        nb = self._n_bins(n_bins)
-        if mode == "corrosiff" and n_bins is None:
-            nb += 2
+        kmode, nb = self._hist_mode(mode, n_bins)
         f = self._frames(frames)
         args, shape, _ = self._frame_args(f, shifts, photons=True)
         encoded, n_masks = self._masks(masks, f, shape, stack=True)
         out = np.zeros((n_masks, len(f), nb), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("mask_histograms", *args, *encoded, modes[mode], out, status)
+            K.run("mask_histograms", *args, *encoded, kmode, out, status)
         self._check(status, f)
         return out
 
