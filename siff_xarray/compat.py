@@ -1,0 +1,247 @@
+"""SiffPy's ``SiffReader`` API on top of siff-xarray, for existing notebooks.
+
+``from siff_xarray.compat import SiffReader`` replaces ``from siffpy import SiffReader``
+for the calls the users' notebooks make: ``open``/``close``, ``get_frames`` (with
+``registration_dict``), ``im_params`` and its frame lists, ``register``,
+``registration_dict``, ``registration_info`` (``yx_shifts``, ``reference_frames``),
+``sum_mask``/``sum_masks`` (and their FLIM versions), ``get_histogram``, ``get_time``
+and ``t_axis``. Argument names and output shapes follow SiffPy; the SiffPy bugs listed
+in ``docs/migration.md`` are not reproduced:
+
+* registration dictionaries need not cover every requested frame (frames without an
+  entry are read unshifted instead of raising);
+* 3-D masks pick each frame's plane from its z position, not from its position in
+  the request, and a list of 3-D masks stays a list of 3-D masks;
+* ``color_channel`` of the mask methods is 1-based as in SiffPy, everything else
+  0-based, as in SiffPy (kept for compatibility, documented).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RegistrationInfo", "SiffReader"]
+
+
+@dataclass
+class RegistrationInfo:
+    """What a registration produced (SiffPy's ``RegistrationInfo`` fields)."""
+
+    filename: str
+    registration_type: str
+    registration_color: int
+    yx_shifts: dict[int, tuple[int, int]] = field(default_factory=dict)
+    reference_frames: np.ndarray | None = None
+
+    def __str__(self) -> str:
+        return f"RegistrationType.{self.registration_type.capitalize()} RegistrationInfo " \
+               f"for {self.filename}"
+
+
+class SiffReader:
+    """SiffPy-compatible reader (see the module docstring)."""
+
+    def __init__(self, filename: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        self._file: Any = None
+        self.filename = ""
+        self._registration_info: RegistrationInfo | None = None
+        if filename is not None:
+            self.open(filename, **kwargs)
+
+    # ------------------------------------------------------------------ file
+
+    def open(self, filename: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Open a ``.siff`` (or ScanImage ``.tif``) file; keyword args go to ``SiffFile``."""
+        from .reader.siff_file import SiffFile
+
+        self.close()
+        self._file = SiffFile(filename, **kwargs)
+        self.filename = os.fspath(filename)
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+        self._file = None
+        self.filename = ""
+        self._registration_info = None
+
+    @property
+    def opened(self) -> bool:
+        """True while a file is open."""
+        return self._file is not None
+
+    def _f(self) -> Any:
+        if self._file is None:
+            raise RuntimeError("no file is open; call SiffReader.open(path) first")
+        return self._file
+
+    def __repr__(self) -> str:
+        return f"SiffReader({self.filename!r})" if self.opened else "SiffReader (no file open)"
+
+    @property
+    def im_params(self) -> Any:
+        """The file's :class:`~siff_xarray.ImParams` (SiffPy's frame lists)."""
+        return self._f().im_params
+
+    @property
+    def all_frames(self) -> list[int]:
+        """SiffPy's ``all_frames``: ``flatten_by_timepoints()`` (colour 0, full volumes)."""
+        return self.im_params.flatten_by_timepoints()
+
+    @property
+    def series_shape(self) -> tuple[int, ...]:
+        """``(-1, *im_params.volume)``."""
+        return (-1, *self.im_params.volume)
+
+    # ------------------------------------------------------------------ registration
+
+    @property
+    def registration_info(self) -> RegistrationInfo:
+        """The registration made by :meth:`register` (``AttributeError`` if none)."""
+        if self._registration_info is None:
+            raise AttributeError("no registration: call SiffReader.register() first")
+        return self._registration_info
+
+    @registration_info.setter
+    def registration_info(self, info: RegistrationInfo) -> None:
+        if not isinstance(info, RegistrationInfo):
+            raise TypeError("registration_info must be a RegistrationInfo")
+        self._registration_info = info
+
+    @property
+    def registration_dict(self) -> dict[int, tuple[int, int]] | None:
+        """``{frame: (dy, dx)}`` of the current registration, or ``None``."""
+        info = self._registration_info
+        return None if info is None else info.yx_shifts
+
+    @property
+    def reference_frames(self) -> np.ndarray | None:
+        """Reference images of the current registration, or ``None``."""
+        info = self._registration_info
+        return None if info is None else info.reference_frames
+
+    def register(self, registration_method: str = "siffpy", alignment_color_channel: int = 0,
+                 **kwargs: Any) -> dict[int, tuple[int, int]]:
+        """Register every imaging frame; return (and keep) ``{frame: (dy, dx)}``.
+
+        ``registration_method="siffpy"`` runs siff-xarray's native method
+        (:meth:`siff_xarray.accessor.SiffAccessor.register`); the shifts of the
+        alignment channel apply to every channel of the same scan. Shifts are
+        stored non-negative (``0 <= dy < H``), as SiffPy stores them. Keyword
+        arguments go to ``ds.siff.register`` (e.g. ``max_shift``).
+        """
+        from .backend import open_siff
+
+        if registration_method != "siffpy":
+            raise ValueError(f"registration_method {registration_method!r} is not available "
+                             "in siff-xarray's SiffReader; use 'siffpy' (the native method)")
+        f = self._f()
+        ip = f.im_params
+        channel = ip.colors[alignment_color_channel]
+        with open_siff(f._open_args[0]) as ds:
+            reg = ds.siff.register(channel=channel, **kwargs)
+            fmap = ds.frame_index  # (time, z, [repeat], channel)
+            sy, sx = (v.broadcast_like(fmap).transpose(*fmap.dims).values
+                      for v in (reg.shift_y, reg.shift_x))
+            frames = fmap.values
+        h, w = f.frame_shape
+        ok = frames >= 0
+        shifts = {int(fr): (int(a) % h, int(b) % w)
+                  for fr, a, b in zip(frames[ok], sy[ok], sx[ok], strict=True)}
+        self._registration_info = RegistrationInfo(
+            filename=self.filename, registration_type="siffpy",
+            registration_color=alignment_color_channel, yx_shifts=shifts,
+            reference_frames=np.squeeze(reg.reference.values.astype(np.float32)))
+        return shifts
+
+    def _shifts(self, registration_dict: Any) -> Mapping[int, tuple[int, int]] | None:
+        if registration_dict is None:
+            return self.registration_dict
+        if isinstance(registration_dict, RegistrationInfo):
+            return registration_dict.yx_shifts
+        if isinstance(registration_dict, Mapping) and "yx_shifts" in registration_dict:
+            return registration_dict["yx_shifts"]
+        return registration_dict
+
+    # ------------------------------------------------------------------ data
+
+    def get_frames(self, frames: Sequence[int] | None = None,
+                   registration_dict: Any = None) -> np.ndarray:
+        """``uint16 (n, y, x)`` photon counts; ``frames=None`` means every frame (IFD)."""
+        return self._f().read_frames(frames, shifts=self._shifts(registration_dict))
+
+    def _mask_frames(self, timepoint_start: int, timepoint_end: int | None,
+                     z_index: int | None, color_channel: int) -> list[int]:
+        return self.im_params.flatten_by_timepoints(
+            timepoint_start, timepoint_end, reference_z=z_index,
+            color_channel=color_channel - 1)
+
+    def sum_mask(self, mask: Any, timepoint_start: int = 0, timepoint_end: int | None = None,
+                 z_index: int | None = None, color_channel: int = 1,
+                 registration_dict: Any = None, return_framewise: bool = False
+                 ) -> np.ndarray:
+        """Photons in ``mask`` per frame (2-D mask) or per volume (3-D ``(Z, y, x)`` mask).
+
+        As in SiffPy: frames come from ``flatten_by_timepoints`` for ``color_channel``
+        (1-based); a 2-D mask gives one value per frame, a 3-D mask one value per
+        timepoint (the sum over planes) unless ``return_framewise``.
+        """
+        m = np.asarray(mask)
+        if isinstance(mask, list) or m.ndim > 3:
+            return self.sum_masks(mask, timepoint_start, timepoint_end, z_index,
+                                  color_channel, registration_dict, return_framewise)
+        return self.sum_masks(m[None], timepoint_start, timepoint_end, z_index, color_channel,
+                              registration_dict, return_framewise)[0]
+
+    def sum_masks(self, masks: Any, timepoint_start: int = 0, timepoint_end: int | None = None,
+                  z_index: int | None = None, color_channel: int = 1,
+                  registration_dict: Any = None, return_framewise: bool = False
+                  ) -> np.ndarray:
+        """:meth:`sum_mask` for several masks at once (each frame is read once)."""
+        f = self._f()
+        m = np.stack([np.asarray(x) for x in masks]) if isinstance(masks, list) \
+            else np.asarray(masks)
+        frames = self._mask_frames(timepoint_start, timepoint_end, z_index, color_channel)
+        out = f.sum_masks(m, frames, shifts=self._frame_shifts(frames, registration_dict))
+        if m.ndim == 4 and not return_framewise:
+            z = self.im_params.num_slices * self.im_params.frames_per_slice \
+                if z_index is None else 1
+            out = out.reshape(out.shape[0], -1, z).sum(axis=2)
+        return out
+
+    def _frame_shifts(self, frames: Sequence[int], registration_dict: Any
+                      ) -> np.ndarray | None:
+        shifts = self._shifts(registration_dict)
+        if not shifts:
+            return None
+        return np.array([shifts.get(int(fr), (0, 0)) for fr in frames], dtype=np.int64)
+
+    def get_histogram(self, frames: Sequence[int] | None = None, framewise: bool = False
+                      ) -> np.ndarray:
+        """Arrival histograms with corrosiff's bins (``Tau_bins + 2``), summed or per frame."""
+        h = self._f().histograms(frames, mode="corrosiff").astype(np.uint64)
+        return h if framewise else h.sum(axis=0)
+
+    def get_time(self, frames: Sequence[int] | None = None,
+                 reference_time: str = "experiment") -> np.ndarray:
+        """Frame times: experiment seconds, or the laser-clock epoch (int64 ns, exact)."""
+        ts = self._f().timestamps(frames)
+        if reference_time == "experiment":
+            return ts.experiment_s
+        if reference_time == "epoch":
+            return ts.epoch_laser_ns
+        raise ValueError("reference_time must be 'experiment' or 'epoch'")
+
+    def t_axis(self, timepoint_start: int = 0, timepoint_end: int | None = None,
+               reference_z: int | None = 0, reference_time: str = "experiment"
+               ) -> np.ndarray:
+        """Time of each timepoint: the time of slice ``reference_z``'s frame (colour 0)."""
+        frames = self.im_params.flatten_by_timepoints(timepoint_start, timepoint_end,
+                                                      reference_z=reference_z)
+        return self.get_time(frames, reference_time)

@@ -1,0 +1,135 @@
+"""The SiffPy walkthrough (../shared/seed/siffpy-introduction.txt) run through compat.SiffReader.
+
+The seed's code is reproduced with the import and file path changed and plotting
+left out, on a synthetic file with the seed's layout (256 x 128 pixels, channels 1
+and 2, 6 slices + 1 flyback frame, here 12 volumes instead of 6736). Every printed
+quantity that does not depend on the data is checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from siff_xarray.compat import RegistrationInfo, SiffReader
+from siff_xarray.synthetic import write_siff
+
+SEED_FLAT = [0, 2, 4, 6, 8, 10, 14, 16, 18, 20, 22, 24, 28, 30, 32, 34, 36, 38, 42, 44, 46, 48,
+             50, 52, 56, 58, 60, 62, 64, 66, 70, 72, 74, 76, 78, 80, 84, 86, 88, 90, 92, 94, 98,
+             100, 102, 104, 106, 108, 112, 114, 116, 118, 120, 122, 126, 128, 130, 132, 134, 136]
+N_T = 12
+
+
+@pytest.fixture(scope="module")
+def seed_file(tmp_path_factory):
+    return write_siff(tmp_path_factory.mktemp("seed") / "FB_1.siff", shape=(256, 128),
+                      channels=(1, 2), n_slices=6, n_flyback=1, n_timepoints=N_T,
+                      photons_per_frame=30000, channel_brightness=(1.0, 0.0), max_shift=2,
+                      encoding="compressed", seed=21)
+
+
+def test_seed_walkthrough(seed_file, capsys):
+    file_path = seed_file.path
+
+    # File I/O
+    sr = SiffReader()
+    sr.open(file_path)
+    sr = SiffReader(file_path)
+    first_few_frame_indices = list(range(8))
+    first_frames = sr.get_frames(frames=first_few_frame_indices)
+    assert first_frames.shape == (8, 256, 128) and first_frames.dtype == np.uint16
+    assert first_frames[1::2].sum() == 0  # "two color channels but only one with signal"
+
+    # ImParams and figuring out which frames to load
+    im_par = sr.im_params
+    print(im_par)
+    print(im_par.FastZ)
+    out = capsys.readouterr().out
+    assert "FastZ" in out and "numDiscardFlybackFrames : 1" in out
+    assert "discardFlybackFrames : True" in out and "waveformType : sawtooth" in out
+    assert im_par.flatten_by_timepoints(timepoint_start=0, timepoint_end=10) == SEED_FLAT
+    assert im_par.flatten_by_timepoints(timepoint_start=0, timepoint_end=10,
+                                        reference_z=3) == [6, 20, 34, 48, 62, 76, 90, 104,
+                                                           118, 132]
+    assert im_par.framelist_by_color(color_channel=0, lower_bound_timepoint=0,
+                                     upper_bound_timepoint=10) == SEED_FLAT
+    assert im_par.framelist_by_slices(color_channel=0, lower_bound=0, upper_bound=5,
+                                      slices=[2]) == [4, 18, 32, 46, 60]
+    slice_frames = sr.get_frames(frames=im_par.framelist_by_slices(color_channel=0,
+                                                                   slices=[3]))
+    assert slice_frames.shape == (N_T, 256, 128)
+    full_session = (
+        sr
+        .get_frames(frames=sr.im_params.flatten_by_timepoints(color_channel=None))
+        .reshape(sr.im_params.array_shape)
+    )
+    assert [
+        f"{dim_name}: {dim_val}"
+        for dim_name, dim_val in zip(("timepoints", "slices", "channels", "rows", "columns"),
+                                     full_session.shape, strict=True)
+    ] == [f"timepoints: {N_T}", "slices: 6", "channels: 2", "rows: 256", "columns: 128"]
+
+    # Registration
+    registration_dict = sr.register(registration_method="siffpy", alignment_color_channel=0)
+    reg_info = sr.registration_info
+    assert registration_dict is sr.registration_dict is reg_info.yx_shifts
+    assert str(reg_info) == f"RegistrationType.Siffpy RegistrationInfo for {file_path}"
+    assert isinstance(reg_info, RegistrationInfo)
+    assert len(reg_info.reference_frames) == 6  # one reference per plane
+    assert all(0 <= dy < 256 and 0 <= dx < 128 for dy, dx in registration_dict.values())
+    assert set(registration_dict) == set(sr.im_params.all_frames)  # every imaging frame
+    registered_frames = sr.get_frames(frames=first_few_frame_indices,
+                                      registration_dict=reg_info.yx_shifts)
+    assert registered_frames.shape == (8, 256, 128)
+    # registration helps: registered frames match their plane's reference better than raw
+    # ones (shift accuracy against known motion is tested in test_registration.py)
+    for z in range(6):
+        frames = sr.im_params.framelist_by_slice(0, z)
+        ref = reg_info.reference_frames[z].ravel()
+        raw = sr.get_frames(frames=frames, registration_dict={}).reshape(len(frames), -1)
+        reg = sr.get_frames(frames=frames).reshape(len(frames), -1)  # stored registration
+        corr = [np.mean([np.corrcoef(x, ref)[0, 1] for x in a]) for a in (raw, reg)]
+        assert corr[1] >= corr[0]
+    with pytest.raises(ValueError, match="not available"):
+        sr.register(registration_method="suite2p", alignment_color_channel=0)
+
+    # Masking methods
+    mask = np.ones(sr.im_params.shape, dtype=bool)
+    mask[mask.shape[0] // 2:, ...] = False
+    collapsed = sr.sum_mask(mask)
+    assert collapsed.shape == (N_T * 6,)  # one value per frame, as SiffPy gives
+    framewise = sr.sum_mask(mask)
+    from_raw = (
+        sr.get_frames(
+            frames=sr.im_params.flatten_by_timepoints(),
+            registration_dict=sr.registration_dict
+        )
+        * mask
+    ).sum(axis=(-1, -2))
+    assert (from_raw == framewise).all()
+
+    base_mask = np.zeros(sr.im_params.single_channel_volume, dtype=bool)
+    base_mask[..., :base_mask.shape[-1] // 10] = True
+    masks = [
+        np.roll(base_mask, i * base_mask.shape[-1] // 10, axis=-1)
+        for i in range(10)
+    ]
+    summed = sr.sum_masks(masks)
+    assert summed.shape == (10, N_T)  # 3-D masks: one value per timepoint
+    frames = (
+        sr.get_frames(frames=sr.im_params.flatten_by_timepoints())
+        .reshape(-1, *sr.im_params.single_channel_volume)
+    )
+    np.testing.assert_array_equal(
+        summed, np.array([frames[:, submask].sum(axis=-1) for submask in masks]))
+
+    # time axis and histograms
+    t = sr.t_axis()
+    assert t.shape == (N_T,) and np.all(np.diff(t) > 0)
+    assert sr.t_axis(reference_z=None).shape == (N_T * 6,)
+    assert sr.get_histogram().shape == (629 + 2,)
+    assert sr.get_histogram(frames=[0, 2], framewise=True).shape == (2, 629 + 2)
+    sr.close()
+    assert not sr.opened
+    with pytest.raises(RuntimeError, match="no file is open"):
+        sr.get_frames()
