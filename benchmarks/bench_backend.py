@@ -25,7 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_reader import best, parse_args, session_file  # noqa: E402
+from bench_reader import best, parse_args, print_ratio_table, session_file  # noqa: E402
 
 
 def main() -> None:
@@ -89,11 +89,7 @@ def main() -> None:
     size = path.stat().st_size
     print(f"\nfile: {path.name}, {size / 1e9:.2f} GB, {len(frames)} frames in the Dataset, "
           f"{os.cpu_count()} CPU(s); best of {r}\n")
-    print("| operation | siff-xarray (s) | corrosiffpy + numpy (s) | ratio | target |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ours_t, theirs_t, target in rows:
-        tgt = "" if target is None else f"<= {target:g}"
-        print(f"| {name} | {ours_t:.3f} | {theirs_t:.3f} | {ours_t / theirs_t:.2f} | {tgt} |")
+    print_ratio_table(rows, "corrosiffpy + numpy (s)")
 
 
 if __name__ == "__main__":

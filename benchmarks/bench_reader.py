@@ -81,6 +81,15 @@ def parse_args(doc: str) -> argparse.Namespace:
     return ap.parse_args()
 
 
+def print_ratio_table(rows: list[tuple], theirs: str) -> None:
+    """Print ``(name, ours_s, theirs_s, target)`` rows as a markdown table with ratios."""
+    print(f"| operation | siff-xarray (s) | {theirs} | ratio | target |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ours_t, theirs_t, target in rows:
+        tgt = "" if target is None else f"<= {target:g}"
+        print(f"| {name} | {ours_t:.3f} | {theirs_t:.3f} | {ours_t / theirs_t:.2f} | {tgt} |")
+
+
 def main() -> None:
     args = parse_args(__doc__)
     path = session_file(args.volumes, args.photons, args.path)
@@ -150,12 +159,7 @@ def main() -> None:
     size = path.stat().st_size
     print(f"\nfile: {path.name}, {size / 1e9:.2f} GB, {n} frames, "
           f"{os.cpu_count()} CPU(s); best of {r}\n")
-    print("| operation | siff-xarray (s) | corrosiffpy (s) | ratio | target |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ours_t, theirs_t, target in rows:
-        ratio = ours_t / theirs_t
-        tgt = "" if target is None else f"<= {target:g}"
-        print(f"| {name} | {ours_t:.3f} | {theirs_t:.3f} | {ratio:.2f} | {tgt} |")
+    print_ratio_table(rows, "corrosiffpy (s)")
     print(f"| first call in a fresh process (warm Numba cache) | {first_ours:.2f} | "
           f"{first_theirs:.2f} | {first_ours / first_theirs:.2f} | <= 2 s |")
     print(f"| plain read of the file ({size / plain / 1e9:.1f} GB/s) | {plain:.3f} | | | |")
