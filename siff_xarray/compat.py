@@ -173,8 +173,14 @@ class SiffReader:
 
     def get_frames(self, frames: Sequence[int] | None = None,
                    registration_dict: Any = None) -> np.ndarray:
-        """``uint16 (n, y, x)`` photon counts; ``frames=None`` means every frame (IFD)."""
-        return self._f().read_frames(frames, shifts=self._shifts(registration_dict))
+        """``uint16 (n, y, x)`` photon counts; ``frames=None`` means every frame (IFD).
+
+        Frames without an entry in the registration (e.g. flyback frames) are read
+        unshifted; SiffPy raised instead.
+        """
+        f = self._f()
+        frames = list(range(f.num_frames)) if frames is None else frames
+        return f.read_frames(frames, shifts=self._frame_shifts(frames, registration_dict))
 
     def _mask_frames(self, timepoint_start: int, timepoint_end: int | None,
                      z_index: int | None, color_channel: int) -> list[int]:
@@ -217,10 +223,12 @@ class SiffReader:
 
     def _frame_shifts(self, frames: Sequence[int], registration_dict: Any
                       ) -> np.ndarray | None:
+        from .reader.siff_file import shifts_for_frames
+
         shifts = self._shifts(registration_dict)
         if not shifts:
             return None
-        return np.array([shifts.get(int(fr), (0, 0)) for fr in frames], dtype=np.int64)
+        return shifts_for_frames(shifts, np.asarray(frames, dtype=np.int64))[0]
 
     def get_histogram(self, frames: Sequence[int] | None = None, framewise: bool = False
                       ) -> np.ndarray:

@@ -81,6 +81,13 @@ def test_seed_walkthrough(seed_file, capsys):
     registered_frames = sr.get_frames(frames=first_few_frame_indices,
                                       registration_dict=reg_info.yx_shifts)
     assert registered_frames.shape == (8, 256, 128)
+    # every frame, flyback included, with the stored registration (SiffPy raised here);
+    # frames without a shift (flyback) are read as they are
+    everything = sr.get_frames()
+    assert everything.shape == (seed_file.n_frames, 256, 128)
+    fly = sr.im_params.flyback_frames
+    np.testing.assert_array_equal(everything[fly], sr.get_frames(frames=fly,
+                                                                 registration_dict={}))
     # registration helps: registered frames match their plane's reference better than raw
     # ones (shift accuracy against known motion is tested in test_registration.py)
     for z in range(6):

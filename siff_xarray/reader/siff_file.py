@@ -236,11 +236,11 @@ class SiffFile:
             z = np.zeros(n, dtype=np.int64)
             return z, z.copy()
         if isinstance(shifts, Mapping):
-            missing = [int(x) for x in f if int(x) not in shifts]
-            if missing:
-                raise ValueError(f"{self.name}: no shift given for frame(s) {missing[:10]}"
-                                 f"{' ...' if len(missing) > 10 else ''}")
-            arr = np.array([shifts[int(x)] for x in f], dtype=np.int64).reshape(n, 2)
+            arr, found = shifts_for_frames(shifts, f)
+            if not found.all():
+                missing = f[~found][:10].tolist()
+                raise ValueError(f"{self.name}: no shift given for frame(s) {missing}"
+                                 f"{' ...' if (~found).sum() > 10 else ''}")
         else:
             arr = np.asarray(shifts)
             if arr.dtype.kind not in "iu" or arr.shape != (n, 2):
@@ -736,6 +736,26 @@ class SiffFile:
     def is_local(self) -> bool:
         """True when the file is memory-mapped from local disk."""
         return isinstance(self._source, LocalSource)
+
+
+def shifts_for_frames(shifts: Mapping[int, tuple[int, int]], frames: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Look up ``{frame: (dy, dx)}`` for many frames at once (no Python loop per frame).
+
+    Returns ``(shifts (F, 2) int64, found (F,) bool)``; missing frames get ``(0, 0)``.
+    """
+    f = np.asarray(frames, dtype=np.int64).reshape(-1)
+    out = np.zeros((f.size, 2), dtype=np.int64)
+    if not len(shifts):
+        return out, np.zeros(f.size, dtype=bool)
+    keys = np.fromiter(shifts.keys(), dtype=np.int64, count=len(shifts))
+    vals = np.asarray(list(shifts.values()), dtype=np.int64).reshape(-1, 2)
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    pos = np.minimum(np.searchsorted(keys, f), keys.size - 1)
+    found = keys[pos] == f
+    out[found] = vals[pos[found]]
+    return out, found
 
 
 def _mask_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
