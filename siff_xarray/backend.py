@@ -35,6 +35,7 @@ from xarray.core import indexing
 
 from . import __version__
 from .errors import SiffWarning
+from .reader.acquisition import Acquisition
 from .reader.ifd import ENC_TIFF
 from .reader.imparams import ImParams
 from .reader.siff_file import SiffFile
@@ -336,19 +337,12 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
                          f"{histogram_mode!r}")
     first = files[0]
     names = [f.name for f in files]
-    counts = np.array([f.num_frames for f in files], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    n_total = int(offsets[-1])
-    if n_total == 0:
-        raise ValueError(f"{first.name}: the file holds no frames")
-    shape = first.frame_shape
-    for f in files[1:]:
-        if f.num_frames and f.frame_shape != shape:
-            raise ValueError(f"{f.name}: frame shape {f.frame_shape} differs from {shape} in "
-                             f"{first.name}; these files are not one acquisition")
-    ip = ImParams(first.metadata, n_total, shape, first.roi_groups, tau_bins=tau_bins,
-                  bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
-                  name=first.name)
+    acq = Acquisition(files)  # checks that the parts belong together; numbers their frames
+    offsets = acq.offsets
+    counts = np.diff(offsets)
+    shape = acq.frame_shape
+    ip = acq.im_params(tau_bins=tau_bins, bin_width_ps=bin_width_ps,
+                       base_resolution_ps=base_resolution_ps)
     if len(files) == 1:
         _warn_if_continuation(first, ip)
     drop = set(drop_variables)
@@ -363,11 +357,9 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
     present = fmap >= 0
 
     # per-frame timing from the frame descriptions (all files, in order)
-    ts = [f.timestamps() for f in files]
-    for f in files:
-        f.release()  # reading every description mapped most of the file into the RSS
-    exp_s = np.concatenate([t.experiment_s for t in ts])
-    laser = np.concatenate([t.epoch_laser_ns for t in ts])
+    ts = acq.timestamps()
+    acq.release()  # reading every description mapped most of the file into the RSS
+    exp_s, laser = ts.experiment_s, ts.epoch_laser_ns
     safe = np.where(present, fmap, 0)
     frame_time = np.where(present, exp_s[safe], np.nan)
     epoch = np.where(present, laser[safe], np.iinfo(np.int64).min)
@@ -423,12 +415,9 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
         data_vars["frame_present"] = xr.Variable(frame_dims, present,
                                                  {"long_name": "frame was written"})
 
-    events = [e for t in ts for e in t.events]
+    events = ts.events  # frames already numbered across the parts
     if events and not {"event_time", "event_frame", "event_text"} <= drop:
         ev_frame = np.array([e.frame for e in events], dtype=np.int64)
-        # event frames are per file: make them acquisition frames
-        ev_file = np.repeat(np.arange(len(files)), [len(t.events) for t in ts])
-        ev_frame = ev_frame + offsets[ev_file]
         ev = {
             "event_time": xr.Variable("event", np.array([e.time_s for e in events], float),
                                       {"long_name": "appended text timestamp", "units": "s"}),
@@ -571,10 +560,6 @@ def _open(sources: Sequence[Any], *, storage_options: dict[str, Any] | None,
     files, managers = _open_files(sources, storage_options, tau_bins, bin_width_ps,
                                   base_resolution_ps, index_cache)
     try:
-        for f in files[1:]:
-            if f.header.nvfd_text != files[0].header.nvfd_text:
-                raise ValueError(f"{f.name}: its ScanImage header differs from {files[0].name}; "
-                                 "these files are not one acquisition")
         return _build(files, managers, drop_variables=_drop_set(drop_variables),
                       base_resolution_ps=base_resolution_ps, tau_bins=tau_bins,
                       bin_width_ps=bin_width_ps, **build)

@@ -41,13 +41,14 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import ConversionError, IncompleteStoreError, SiffFormatError
+from .reader.acquisition import Acquisition
 
 __all__ = [
     "SIFF_ZARR_VERSION",
@@ -146,103 +147,6 @@ class _Target:
         return _zarr_store(self.destination, self.storage_options)
 
 
-# ---------------------------------------------------------------------- sources
-
-
-class _Acquisition:
-    """One or more ``.siff`` files read as one frame sequence (split acquisitions).
-
-    Offers the parts of :class:`~siff_xarray.SiffFile` the converter needs, addressed
-    by acquisition frame. Requests must be ascending (they are frame ranges).
-    """
-
-    def __init__(self, sources: Sequence[str], storage_options: dict[str, Any] | None
-                 ) -> None:
-        from .reader.imparams import ImParams
-        from .reader.siff_file import SiffFile
-
-        self.files: list[Any] = []
-        try:
-            for src in sources:
-                self.files.append(SiffFile(src, storage_options=storage_options))
-        except BaseException:
-            self.close()
-            raise
-        first = self.files[0]
-        for f in self.files[1:]:
-            if f.header.nvfd_text != first.header.nvfd_text or (
-                    f.num_frames and f.frame_shape != first.frame_shape):
-                self.close()
-                raise ConversionError(f"{f.name}: its header or frame shape differs from "
-                                      f"{first.name}; these files are not one acquisition")
-        counts = [f.num_frames for f in self.files]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.num_frames = int(self.offsets[-1])
-        self.header = first.header
-        self.file_size = sum(f.header.file_size for f in self.files)
-        self.frame_shape = first.frame_shape
-        self.has_photons = all(f.has_photons for f in self.files)
-        self.n_photons = np.concatenate([f.index.n_photons for f in self.files])
-        self.encoding = np.concatenate([f.index.encoding for f in self.files])
-        self.frame_bytes = np.concatenate([f.index.data_stop - f.index.ifd_offset
-                                           for f in self.files])
-        self.im_params = ImParams(first.metadata, self.num_frames, first.frame_shape,
-                                  first.roi_groups, name=first.name)
-
-    def _pieces(self, frames: np.ndarray) -> list[tuple[Any, np.ndarray]]:
-        file_of = np.searchsorted(self.offsets, frames, side="right") - 1
-        return [(self.files[k], frames[file_of == k] - self.offsets[k])
-                for k in np.unique(file_of).tolist()]
-
-    def photons_batch(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        starts, pix, tau, base = [np.zeros(1, np.int64)], [], [], 0
-        for f, local in self._pieces(frames):
-            s, p, t = f.photons_batch(local)
-            starts.append(s[1:] + base)
-            base += int(s[-1])
-            pix.append(p)
-            tau.append(t)
-        empty = np.zeros(0, np.uint32)
-        return (np.concatenate(starts), np.concatenate(pix) if pix else empty,
-                np.concatenate(tau) if tau else empty)
-
-    def read_frames(self, frames: np.ndarray) -> np.ndarray:
-        return np.concatenate([f.read_frames(local) for f, local in self._pieces(frames)])
-
-    def histograms(self, frames: np.ndarray) -> np.ndarray:
-        return np.concatenate([f.histograms(local) for f, local in self._pieces(frames)])
-
-    def timestamps(self) -> Any:
-        from .reader.frame_meta import Event, FrameTimestamps
-
-        ts = [f.timestamps() for f in self.files]
-        events = [Event(int(e.frame + off), e.text, e.time_s)
-                  for t, off in zip(ts, self.offsets[:-1].tolist(), strict=True)
-                  for e in t.events]
-        return FrameTimestamps(np.arange(self.num_frames),
-                               np.concatenate([t.experiment_s for t in ts]),
-                               np.concatenate([t.epoch_laser_ns for t in ts]),
-                               np.concatenate([t.epoch_system_ns for t in ts]), events)
-
-    def raw_descriptions(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = [_raw_descriptions(f) for f in self.files]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    def release(self) -> None:
-        for f in self.files:
-            f.release()
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> _Acquisition:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 # ---------------------------------------------------------------------- the plan
 
 
@@ -263,7 +167,6 @@ class _Plan:
     arrival_dtype: str
     n_photons_total: int
     ome: bool = True
-    open_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_batches(self) -> int:
@@ -369,8 +272,8 @@ class _Tracker:
             self.callback(p)
 
 
-def _open_source(plan: _Plan) -> _Acquisition:
-    return _Acquisition(plan.sources, plan.source_options)
+def _open_source(plan: _Plan) -> Acquisition:
+    return Acquisition.open(plan.sources, plan.source_options)
 
 
 def ome_repeats(block: np.ndarray) -> int:
@@ -483,7 +386,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
                           plan.batch_base[b], plan.arrival_dtype)
     n = 0
     with _open_source(plan) as f:
-        ip = f.im_params
+        ip = f.im_params()
         sizes = f.frame_bytes[f0:f1]
         # sub-batch boundaries: one decode call per ~SUB_BATCH_BYTES, not per frame
         cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
@@ -563,12 +466,12 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
     ds = (open_siff(sources[0], storage_options=source_options) if len(sources) == 1
           else open_acquisition(sources, storage_options=source_options))
     try:
-        with _Acquisition(sources, source_options) as f:
+        with Acquisition.open(sources, source_options) as f:
             if not f.has_photons or (f.encoding == 2).any():
                 raise ConversionError(
                     f"{sources[0]}: holds intensity-only TIFF pages; only photon (.siff) "
                     "frames can be converted to the photon layout yet")
-            ip = f.im_params
+            ip = f.im_params()
             n_frames = f.num_frames
             fmap = ds.frame_index.values
             n_t = fmap.shape[0]
@@ -595,7 +498,7 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
             flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
             batch_bytes = [int(f.frame_bytes[f0:f1].sum()) for f0, f1 in batch_frames]
             ts = f.timestamps()
-            desc_bytes, dlen = f.raw_descriptions()
+            desc_bytes, dlen = f.description_bytes()
             f.release()
             encoding = f.encoding.astype(np.int8)
             h, w = f.frame_shape
@@ -669,22 +572,6 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
                  arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome)
-
-
-def _raw_descriptions(f: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Every frame's description bytes, concatenated, and their lengths (no decoding)."""
-    parts, lens = [], []
-    for a in range(0, f.num_frames, 2048):  # in chunks, releasing mapped pages in between
-        buf, off, ln = f._descriptions(np.arange(a, min(a + 2048, f.num_frames)))
-        ln = np.asarray(ln, dtype=np.int64)
-        first = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
-        idx = np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(np.asarray(off) - first, ln)
-        parts.append(np.asarray(buf)[idx].copy())
-        lens.append(ln)
-        f.release()
-    if not parts:
-        return np.zeros(0, np.uint8), np.zeros(0, np.int64)
-    return np.concatenate(parts), np.concatenate(lens)
 
 
 def _hide_root(target: _Target) -> None:
@@ -1139,7 +1026,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     ds = open_converted(store, storage_options=target_options)
     zstore = target.zarr()
     grp = zarr.open_group(zstore, path="photons", mode="r")
-    with _Acquisition(srcs, storage_options) as f:
+    with Acquisition.open(srcs, storage_options) as f:
         n = f.num_frames
         if grp["photon_count"].shape[0] != n:
             return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
@@ -1158,7 +1045,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             got = np.asarray(grp[name][...])
             if not np.array_equal(got, want, equal_nan=want.dtype.kind == "f"):
                 problems.append(f"{name} differs")
-        src_desc, src_len = f.raw_descriptions()
+        src_desc, src_len = f.description_bytes()
         if not (np.array_equal(np.asarray(grp["description"][...]), src_desc)
                 and np.array_equal(np.asarray(grp["description_length"][...]), src_len)):
             problems.append("frame descriptions differ")

@@ -721,6 +721,27 @@ class SiffFile:
         """All appended-text events in the file (frame, text, experiment time)."""
         return self.timestamps().events
 
+    def description_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every frame's raw description bytes, concatenated, and their lengths (int64).
+
+        Read in chunks of frames, releasing mapped pages in between (see
+        :meth:`release`), so the RSS does not grow with the file.
+        """
+        parts, lens = [], []
+        for a in range(0, self.num_frames, _DESC_CHUNK):
+            buf, off, ln = self._descriptions(np.arange(a, min(a + _DESC_CHUNK,
+                                                                self.num_frames)))
+            ln = np.asarray(ln, dtype=np.int64)
+            first = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
+            idx = np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(
+                np.asarray(off) - first, ln)
+            parts.append(np.asarray(buf)[idx].copy())
+            lens.append(ln)
+            self.release()
+        if not parts:
+            return np.zeros(0, np.uint8), np.zeros(0, np.int64)
+        return np.concatenate(parts), np.concatenate(lens)
+
     def frame_descriptions(self, frames: FrameSelection = None) -> list[str]:
         """Raw description text of each frame (UTF-8, undecodable bytes replaced)."""
         f = self._frames(frames)

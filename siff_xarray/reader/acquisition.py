@@ -1,0 +1,173 @@
+"""Several files of one acquisition read as one frame sequence.
+
+ScanImage splits long acquisitions into numbered files (``name_00001.siff``, ...)
+of a fixed number of frames; a volume may start in one file and end in the next.
+:class:`Acquisition` numbers the frames of all parts in order (``offsets[k]`` is
+part ``k``'s first frame), checks that the parts belong together, and offers the
+frame bookkeeping, timestamps and decoding of :class:`SiffFile` addressed by
+acquisition frame. The xarray backend and the Zarr converter both build on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .frame_meta import Event, FrameTimestamps
+from .imparams import ImParams
+from .siff_file import SiffFile
+
+__all__ = ["Acquisition"]
+
+
+class Acquisition:
+    """Open :class:`SiffFile` parts of one acquisition, in order.
+
+    Parameters
+    ----------
+    files
+        The parts, already open. They are closed by :meth:`close` only when
+        ``owns`` is true (as with :meth:`open`).
+
+    Raises
+    ------
+    ValueError
+        If a part's ScanImage header or frame shape differs from the first's, or
+        the parts hold no frame at all.
+
+    """
+
+    def __init__(self, files: Sequence[SiffFile], *, owns: bool = False) -> None:
+        self.files = list(files)
+        self._owns = owns
+        first = self.files[0]
+        for f in self.files[1:]:
+            if f.header.nvfd_text != first.header.nvfd_text:
+                raise ValueError(f"{f.name}: its ScanImage header differs from {first.name}; "
+                                 "these files are not one acquisition")
+            if f.num_frames and first.num_frames and f.frame_shape != first.frame_shape:
+                raise ValueError(f"{f.name}: frame shape {f.frame_shape} differs from "
+                                 f"{first.frame_shape} in {first.name}; these files are not "
+                                 "one acquisition")
+        counts = [f.num_frames for f in self.files]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_frames = int(self.offsets[-1])
+        if self.num_frames == 0:
+            raise ValueError(f"{first.name}: the file holds no frames")
+        self.header = first.header
+        self.frame_shape = first.frame_shape
+
+    @classmethod
+    def open(cls, sources: Sequence[Any], storage_options: dict[str, Any] | None = None
+             ) -> Acquisition:
+        """Open every part (paths or URLs) and own them."""
+        files: list[SiffFile] = []
+        try:
+            for src in sources:
+                files.append(SiffFile(src, storage_options=storage_options))
+            return cls(files, owns=True)
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def im_params(self, **overrides: Any) -> ImParams:
+        """Frame bookkeeping over all parts (``tau_bins=`` etc. as for :class:`ImParams`)."""
+        first = self.files[0]
+        return ImParams(first.metadata, self.num_frames, self.frame_shape, first.roi_groups,
+                        name=first.name, **overrides)
+
+    @property
+    def file_size(self) -> int:
+        """Total bytes of all parts."""
+        return sum(f.header.file_size for f in self.files)
+
+    @property
+    def has_photons(self) -> bool:
+        """True when every part stores photons."""
+        return all(f.has_photons for f in self.files)
+
+    def _cat(self, name: str) -> np.ndarray:
+        return np.concatenate([getattr(f.index, name) for f in self.files])
+
+    @property
+    def n_photons(self) -> np.ndarray:
+        """Photons of each frame (from the IFDs)."""
+        return self._cat("n_photons")
+
+    @property
+    def encoding(self) -> np.ndarray:
+        """Encoding of each frame (``ENC_RAW``, ``ENC_COMPRESSED``, ``ENC_TIFF``)."""
+        return self._cat("encoding")
+
+    @property
+    def frame_bytes(self) -> np.ndarray:
+        """Bytes from each frame's IFD to the end of its data."""
+        return self._cat("data_stop") - self._cat("ifd_offset")
+
+    # ------------------------------------------------------------------ data
+
+    def _pieces(self, frames: np.ndarray) -> list[tuple[SiffFile, np.ndarray]]:
+        """Split ascending acquisition frames into (part, local frames)."""
+        frames = np.asarray(frames, dtype=np.int64)
+        file_of = np.searchsorted(self.offsets, frames, side="right") - 1
+        return [(self.files[k], frames[file_of == k] - self.offsets[k])
+                for k in np.unique(file_of).tolist()]
+
+    def photons_batch(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`SiffFile.photons_batch` (frames ascending)."""
+        starts, pix, tau, base = [np.zeros(1, np.int64)], [], [], 0
+        for f, local in self._pieces(frames):
+            s, p, t = f.photons_batch(local)
+            starts.append(s[1:] + base)
+            base += int(s[-1])
+            pix.append(p)
+            tau.append(t)
+        empty = np.zeros(0, np.uint32)
+        return (np.concatenate(starts), np.concatenate(pix) if pix else empty,
+                np.concatenate(tau) if tau else empty)
+
+    def read_frames(self, frames: np.ndarray) -> np.ndarray:
+        """As :meth:`SiffFile.read_frames` (frames ascending)."""
+        return np.concatenate([f.read_frames(local) for f, local in self._pieces(frames)])
+
+    def histograms(self, frames: np.ndarray) -> np.ndarray:
+        """As :meth:`SiffFile.histograms` (frames ascending)."""
+        return np.concatenate([f.histograms(local) for f, local in self._pieces(frames)])
+
+    def timestamps(self) -> FrameTimestamps:
+        """Timestamps of every frame; event frames are acquisition frames."""
+        ts = [f.timestamps() for f in self.files]
+        events = [Event(int(e.frame + off), e.text, e.time_s)
+                  for t, off in zip(ts, self.offsets[:-1].tolist(), strict=True)
+                  for e in t.events]
+        return FrameTimestamps(np.arange(self.num_frames),
+                               np.concatenate([t.experiment_s for t in ts]),
+                               np.concatenate([t.epoch_laser_ns for t in ts]),
+                               np.concatenate([t.epoch_system_ns for t in ts]), events)
+
+    def description_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every frame's description bytes, concatenated, and their lengths."""
+        parts = [f.description_bytes() for f in self.files]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def release(self) -> None:
+        """Release mapped pages of every part (see :meth:`SiffFile.release`)."""
+        for f in self.files:
+            f.release()
+
+    def close(self) -> None:
+        """Close the parts if this object opened them."""
+        if self._owns:
+            for f in self.files:
+                f.close()
+
+    def __enter__(self) -> Acquisition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
