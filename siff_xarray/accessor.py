@@ -175,9 +175,17 @@ class SiffAccessor:
         return m.astype(bool), labels, is_3d
 
     def _source_file(self) -> str | None:
-        src = self._ds.intensity.encoding.get("source")
-        if isinstance(src, str) and (("://" in src) or os.path.isfile(src)) and \
-                "frame_index" in self._ds and "registered" not in self._ds.intensity.attrs:
+        """Return the local ``.siff`` behind this Dataset, if its frames can be read from it.
+
+        Not for converted stores, registered-in-place intensity, acquisitions of
+        several files (``frame_index`` then counts frames across the parts), or URLs
+        (the Dataset does not carry their storage options).
+        """
+        ds = self._ds
+        src = ds.intensity.encoding.get("source")
+        if (isinstance(src, str) and "://" not in src and os.path.isfile(src)
+                and "frame_index" in ds and "registered" not in ds.intensity.attrs
+                and "file_frame_offsets" not in ds.attrs):
             return src
         return None
 
@@ -226,8 +234,8 @@ class SiffAccessor:
             raise ValueError(f"method must be 'auto', 'kernel' or 'xarray', got {method!r}")
         src = self._source_file()
         if method == "kernel" and src is None:
-            raise ValueError("method='kernel' needs a Dataset opened from a .siff file "
-                             "(with frame_index and unregistered intensity)")
+            raise ValueError("method='kernel' needs a Dataset opened from one local .siff "
+                             "file (with frame_index and unregistered intensity)")
         sel = {} if channel is None else {"channel": channel}
         if method == "xarray" or (method == "auto" and src is None):
             data = ds.siff.apply_shifts() if "shift_y" in ds else ds
@@ -286,9 +294,9 @@ class SiffAccessor:
     def _need_source(self, what: str) -> str:
         src = self._source_file()
         if src is None:
-            raise ValueError(f"{what} reduces photons, which needs a Dataset opened from the "
-                             ".siff file (frame_index present, intensity not registered in "
-                             "place); for a converted store use siff_xarray.read_photons")
+            raise ValueError(f"{what} reduces photons, which needs a Dataset opened from one "
+                             "local .siff file (frame_index present, intensity not registered "
+                             "in place); for a converted store use siff_xarray.read_photons")
         return src
 
     def histogram(self, mask: Any = None, *, channel: int | None = None,

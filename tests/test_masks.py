@@ -167,3 +167,20 @@ def test_phasor_matches_phasorpy_and_calibrates(tmp_path, rng):
         assert float(cal.s.mean()) == pytest.approx(wt / (1 + wt**2), abs=0.02)
         raw = ds.siff.phasor(whole)  # uncalibrated: the IRF delay rotates it far away
         assert abs(float(raw.g.mean()) - 1 / (1 + wt**2)) > 0.1
+
+
+def test_split_acquisitions_use_the_xarray_path(tmp_path, rng):
+    from siff_xarray import open_acquisition
+
+    kw = dict(shape=(8, 6), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=5,
+              seed=4, photons_per_frame=300)
+    whole = write_siff(tmp_path / "whole.siff", **kw)
+    split = write_siff(tmp_path / "run.siff", frames_per_file=7, **kw)
+    masks = rng.random((2, 8, 6)) > 0.5
+    with open_acquisition(split.paths) as acq, xr.open_dataset(whole.path,
+                                                               engine="siff") as one:
+        # frame_index counts across the parts: the first part alone must not be used
+        np.testing.assert_array_equal(acq.siff.sum_masks(masks).values,
+                                      one.siff.sum_masks(masks).values)
+        with pytest.raises(ValueError, match=r"one local \.siff"):
+            acq.siff.lifetime(masks)
