@@ -36,7 +36,7 @@ class SiffAccessor:
     def register(
         self,
         channel: int | None = None,
-        method: str = "phase",
+        method: Literal["phase", "suite2p"] = "phase",
         reference: xr.DataArray | np.ndarray | None = None,
         *,
         max_shift: int | None = None,
@@ -44,7 +44,10 @@ class SiffAccessor:
         n_reference_frames: int = 300,
         smooth_sigma: float = 2.0,
         whiten: float = 0.0,
+        regularize_sigma: float = 0.0,
         batch_frames: int = 512,
+        device: Any = None,
+        suite2p_settings: dict[str, Any] | None = None,
     ) -> xr.Dataset:
         """Estimate rigid shifts of every frame, plane by plane.
 
@@ -55,31 +58,48 @@ class SiffAccessor:
             default: the first channel. The shifts apply to all channels.
         method
             ``"phase"``: FFT correlation against an iteratively refined reference
-            per plane (:func:`siff_xarray.registration.register_frames`).
+            per plane (:mod:`siff_xarray.registration`; numpy only).
+            ``"suite2p"``: suite2p 1.x's rigid registration and reference
+            (:mod:`siff_xarray.registration_suite2p`; needs the ``suite2p`` extra).
         reference
             ``(z, y, x)`` reference images to align to, instead of building them.
         max_shift
-            Largest shift searched (pixels; default a quarter of the frame).
+            Largest shift searched (pixels; default a quarter of the frame for
+            ``"phase"``, suite2p's ``maxregshift`` for ``"suite2p"``).
         n_iter, n_reference_frames
-            Reference refinement iterations, and how many frames (evenly spaced in
-            time) build the reference.
+            Reference refinement iterations (``"phase"``), and how many frames
+            (evenly spaced in time) build the reference.
         smooth_sigma, whiten
-            Correlation smoothing (pixels) and spectral whitening (0 = plain
-            cross-correlation, 1 = phase correlation).
+            ``"phase"``: correlation smoothing (pixels) and spectral whitening (0 =
+            plain cross-correlation, 1 = phase correlation).
+        regularize_sigma
+            ``"phase"``: pool the correlation of neighbouring planes of the same
+            volume with Gaussian weights of this width (in planes) before taking
+            each plane's peak (:func:`~siff_xarray.registration.regularize_planes`);
+            0 (default) registers planes independently.
         batch_frames
-            Frames decoded and registered at a time (bounds memory).
+            Frames decoded and registered at a time when the Dataset is not
+            chunked (bounds memory). A Dask-backed Dataset is registered chunk by
+            chunk in parallel, and the shifts stay lazy.
+        device, suite2p_settings
+            ``"suite2p"``: torch device (default CUDA if available, else CPU) and
+            overrides of suite2p's registration settings.
 
         Returns
         -------
         xarray.Dataset
-            ``shift_y``, ``shift_x`` (int64) and ``quality`` (correlation peak) over
+            ``shift_y``, ``shift_x`` (int64) and ``quality`` (correlation peak; 0
+            for frames without photons, which get zero shifts) over
             ``(time, z, [repeat])``, and ``reference`` ``(z, y, x)``.
 
         """
-        from .registration import phase_shifts, register_frames
+        from functools import partial
 
-        if method != "phase":
-            raise ValueError(f"unknown registration method {method!r}; available: 'phase'")
+        if method not in ("phase", "suite2p"):
+            raise ValueError(f"unknown registration method {method!r}; "
+                             "available: 'phase', 'suite2p'")
+        if method == "suite2p" and regularize_sigma:
+            raise ValueError("regularize_sigma applies to method='phase' only")
         ds = self._ds
         if channel is None:
             channel = int(ds.channel.values[0])
@@ -88,40 +108,43 @@ class SiffAccessor:
                              f"{ds.channel.values.tolist()})")
         img = ds.intensity.sel(channel=channel)
         other = [d for d in img.dims if d not in ("time", "z", "y", "x")]  # repeat
-        img = img.transpose("z", "time", *other, "y", "x")
+        img = img.transpose("time", *other, "z", "y", "x")
         nz, nt = img.sizes["z"], img.sizes["time"]
-        frames_per_t = int(np.prod([img.sizes[d] for d in other], dtype=np.int64))
-        n = nt * frames_per_t
         h, w = img.sizes["y"], img.sizes["x"]
-        shifts = np.zeros((nz, n, 2), dtype=np.int64)
-        quality = np.zeros((nz, n))
-        refs = np.zeros((nz, h, w))
-        for k in range(nz):  # one pass per plane; frames are processed in batches
-            plane = img.isel(z=k)
-            if reference is not None:
-                refs[k] = np.asarray(reference)[k]
-            else:
-                pick = np.unique(np.linspace(0, nt - 1, min(nt, n_reference_frames)
-                                             ).round().astype(int))
-                sample = plane.isel(time=pick).values.reshape(-1, h, w)
-                _, refs[k], _ = register_frames(sample, n_iter=n_iter, max_shift=max_shift,
-                                                smooth_sigma=smooth_sigma)
-            step = max(1, batch_frames // frames_per_t)
-            for a in range(0, nt, step):
-                block = plane.isel(time=slice(a, a + step)).values.reshape(-1, h, w)
-                s, q = phase_shifts(block, refs[k], max_shift=max_shift,
-                                    smooth_sigma=smooth_sigma, whiten=whiten)
-                shifts[k, a * frames_per_t : a * frames_per_t + len(s)] = s
-                quality[k, a * frames_per_t : a * frames_per_t + len(s)] = q
-        shape = (nz, nt, *[img.sizes[d] for d in other])
-        dims = ("z", "time", *other)
+        opts: dict[str, Any] = (
+            {"max_shift": max_shift, "smooth_sigma": smooth_sigma, "whiten": whiten}
+            if method == "phase" else
+            {"max_shift": max_shift, "device": device, "settings": suite2p_settings})
+        if reference is not None:
+            refs = np.asarray(reference, dtype=np.float64)
+            if refs.shape != (nz, h, w):
+                raise ValueError(f"reference of shape {refs.shape}; expected {(nz, h, w)}")
+        else:
+            pick = np.unique(np.linspace(0, nt - 1, min(nt, n_reference_frames)
+                                         ).round().astype(int))
+            sample = np.asarray(img.isel(time=pick).values).reshape(-1, nz, h, w)
+            refs = _build_references(sample, method, n_iter, regularize_sigma, opts)
+        align = partial(_align_block, refs=refs, method=method, opts=opts,
+                        regularize_sigma=regularize_sigma)
+        data = img.data
+        if not isinstance(data, np.ndarray) and hasattr(data, "map_blocks"):  # dask
+            data = data.rechunk({data.ndim - 3: -1, data.ndim - 2: -1, data.ndim - 1: -1})
+            res = data.map_blocks(align, drop_axis=data.ndim - 1,
+                                  chunks=(*data.chunks[:-2], (3,)), dtype=np.float64)
+        else:
+            frames_per_t = int(np.prod([img.sizes[d] for d in other], dtype=np.int64))
+            step = max(1, batch_frames // max(1, frames_per_t * nz))
+            res = np.concatenate([align(np.asarray(img.isel(time=slice(a, a + step)).values))
+                                  for a in range(0, nt, step)]) if nt else \
+                np.zeros((0, *[img.sizes[d] for d in other], nz, 3))
+        dims = ("time", *other, "z")
         attrs = {"convention": SHIFT_CONVENTION, "units": "pixel", "channel": channel,
                  "method": method}
         out = xr.Dataset(
             {
-                "shift_y": (dims, shifts[..., 0].reshape(shape), attrs),
-                "shift_x": (dims, shifts[..., 1].reshape(shape), attrs),
-                "quality": (dims, quality.reshape(shape),
+                "shift_y": (dims, res[..., 0].astype(np.int64), attrs),
+                "shift_x": (dims, res[..., 1].astype(np.int64), attrs),
+                "quality": (dims, res[..., 2],
                             {"long_name": "correlation peak of the registration"}),
                 "reference": (("z", "y", "x"), refs,
                               {"long_name": "registration reference", "channel": channel}),
@@ -491,3 +514,46 @@ def calibrate_phasor(g: Any, s: Any, reference: tuple[Any, Any], reference_lifet
     scale = np.hypot(g0, s0) / np.hypot(gr, sr)
     c, si = scale * np.cos(dphi), scale * np.sin(dphi)
     return g * c - s * si, g * si + s * c
+
+
+def _build_references(frames: np.ndarray, method: str, n_iter: int, regularize_sigma: float,
+                      opts: dict[str, Any]) -> np.ndarray:
+    """Build references ``(z, y, x)`` from sample volumes ``(N, z, y, x)``."""
+    if method == "suite2p":
+        from .registration_suite2p import suite2p_reference
+
+        return np.stack([suite2p_reference(frames[:, k], **opts)
+                         for k in range(frames.shape[1])])
+    from .registration import register_planes
+
+    return register_planes(frames, n_iter=n_iter, regularize_sigma=regularize_sigma,
+                           **opts)[1]
+
+
+def _align_block(block: np.ndarray, refs: np.ndarray, method: str, opts: dict[str, Any],
+                 regularize_sigma: float) -> np.ndarray:
+    """Shifts and quality of frames ``(..., z, y, x)`` against per-plane ``refs``.
+
+    Returns ``float64 (..., z, 3)``: ``shift_y``, ``shift_x``, ``quality``. Frames
+    without photons get zero shifts and quality 0.
+    """
+    nz, h, w = block.shape[-3:]
+    lead = block.shape[:-3]
+    flat = block.reshape(-1, nz, h, w)
+    if method == "suite2p":
+        from .registration_suite2p import suite2p_shifts
+
+        parts = [suite2p_shifts(flat[:, k], refs[k], **opts) for k in range(nz)]
+        shifts = np.stack([p[0] for p in parts])
+        quality = np.stack([p[2] for p in parts])
+    else:
+        from .registration import register_planes
+
+        shifts, _, quality = register_planes(flat, reference=refs,
+                                             regularize_sigma=regularize_sigma, **opts)
+        shifts, quality = shifts.transpose(1, 0, 2), quality.T  # (z, N, 2), (z, N)
+    empty = ~flat.reshape(flat.shape[0], nz, -1).any(axis=2).T  # (z, N)
+    shifts[empty] = 0
+    quality = np.where(empty, 0.0, quality)
+    out = np.concatenate([shifts.astype(np.float64), quality[..., None]], axis=-1)
+    return out.transpose(1, 0, 2).reshape(*lead, nz, 3)

@@ -130,22 +130,26 @@ class SiffReader:
                  **kwargs: Any) -> dict[int, tuple[int, int]]:
         """Register every imaging frame; return (and keep) ``{frame: (dy, dx)}``.
 
-        ``registration_method="siffpy"`` runs siff-xarray's native method
-        (:meth:`siff_xarray.accessor.SiffAccessor.register`); the shifts of the
-        alignment channel apply to every channel of the same scan. Shifts are
-        stored non-negative (``0 <= dy < H``), as SiffPy stores them. Keyword
-        arguments go to ``ds.siff.register`` (e.g. ``max_shift``).
+        ``registration_method="siffpy"`` runs siff-xarray's native method and
+        ``"suite2p"`` suite2p 1.x's rigid registration
+        (:meth:`siff_xarray.accessor.SiffAccessor.register` with ``method="phase"``
+        or ``"suite2p"``); the shifts of the alignment channel apply to every
+        channel of the same scan. Shifts are stored non-negative (``0 <= dy <
+        H``), as SiffPy stores them. Keyword arguments go to ``ds.siff.register``
+        (e.g. ``max_shift``, ``regularize_sigma``, ``suite2p_settings``).
         """
         from .backend import open_siff
 
-        if registration_method != "siffpy":
+        methods = {"siffpy": "phase", "suite2p": "suite2p"}
+        if registration_method not in methods:
             raise ValueError(f"registration_method {registration_method!r} is not available "
-                             "in siff-xarray's SiffReader; use 'siffpy' (the native method)")
+                             f"in siff-xarray's SiffReader; use one of {sorted(methods)}")
         f = self._f()
         ip = f.im_params
         channel = ip.colors[alignment_color_channel]
         with open_siff(f._open_args[0]) as ds:
-            reg = ds.siff.register(channel=channel, **kwargs)
+            reg = ds.siff.register(channel=channel, method=methods[registration_method],
+                                   **kwargs)
             fmap = ds.frame_index  # (time, z, [repeat], channel)
             sy, sx = (v.broadcast_like(fmap).transpose(*fmap.dims).values
                       for v in (reg.shift_y, reg.shift_x))
@@ -155,7 +159,7 @@ class SiffReader:
         shifts = {int(fr): (int(a) % h, int(b) % w)
                   for fr, a, b in zip(frames[ok], sy[ok], sx[ok], strict=True)}
         self._registration_info = RegistrationInfo(
-            filename=self.filename, registration_type="siffpy",
+            filename=self.filename, registration_type=registration_method,
             registration_color=alignment_color_channel, yx_shifts=shifts,
             reference_frames=np.squeeze(reg.reference.values.astype(np.float32)))
         return shifts

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["apply_shifts", "phase_shifts", "register_frames"]
+__all__ = [
+    "apply_shifts", "correlation_windows", "peak_shifts", "phase_shifts", "register_frames",
+    "register_planes", "regularize_planes",
+]
 
 
 def _lowpass(shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -25,6 +28,71 @@ def _lowpass(shape: tuple[int, int], sigma: float) -> np.ndarray:
     fy = np.fft.fftfreq(shape[0])[:, None]
     fx = np.fft.rfftfreq(shape[1])[None, :]
     return np.exp(-2 * (np.pi * sigma) ** 2 * (fy**2 + fx**2))
+
+
+def correlation_windows(frames: np.ndarray, reference: np.ndarray, *,
+                        max_shift: int | None = None, smooth_sigma: float = 2.0,
+                        whiten: float = 0.0, batch: int = 256
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smoothed cross-correlation of each frame with ``reference`` near zero lag.
+
+    Returns ``(windows, dy, dx)``: ``windows[..., i, j]`` is the correlation at the
+    frame's displacement ``(dy[i], dx[j])`` relative to the reference (rolling the
+    frame by ``(-dy[i], -dx[j])`` aligns it). Parameters as in :func:`phase_shifts`.
+    """
+    frames = np.asarray(frames)
+    h, w = frames.shape[-2:]
+    if reference.shape != (h, w):
+        raise ValueError(f"reference shape {reference.shape} does not match frames {(h, w)}")
+    lead = frames.shape[:-2]
+    flat = frames.reshape(-1, h, w)
+    m = max_shift if max_shift is not None else min(h, w) // 4
+    my, mx = min(m, h // 2 - 1 if h > 2 else 0), min(m, w // 2 - 1 if w > 2 else 0)
+    ref = np.asarray(reference, dtype=np.float64)
+    fref = np.conj(np.fft.rfft2(ref - ref.mean()))
+    lp = _lowpass((h, w), smooth_sigma)
+    dy = np.arange(-my, my + 1)
+    dx = np.arange(-mx, mx + 1)
+    iy, ix = np.meshgrid(dy % h, dx % w, indexing="ij")
+    out = np.empty((flat.shape[0], dy.size, dx.size))
+    for a in range(0, flat.shape[0], batch):  # one vectorised FFT per batch of frames
+        f = flat[a : a + batch].astype(np.float64)
+        f = f - f.mean(axis=(1, 2), keepdims=True)
+        cross = np.fft.rfft2(f) * fref
+        if whiten:
+            mag = np.abs(cross)
+            cross /= (mag + 1e-6 * mag.max(axis=(1, 2), keepdims=True) + 1e-30) ** whiten
+        corr = np.fft.irfft2(cross * lp, s=(h, w))
+        out[a : a + batch] = corr[:, iy, ix]
+    return out.reshape(*lead, dy.size, dx.size), dy, dx
+
+
+def peak_shifts(windows: np.ndarray, dy: np.ndarray, dx: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Shifts (``int64 (..., 2)``) and peak heights of :func:`correlation_windows` output."""
+    lead = windows.shape[:-2]
+    win = windows.reshape(-1, dy.size * dx.size)
+    best = win.argmax(axis=1) if win.shape[0] else np.zeros(0, dtype=np.int64)
+    # the correlation peaks at the frame's displacement d; rolling by -d aligns it
+    shifts = np.stack([-dy[best // dx.size], -dx[best % dx.size]], axis=1).astype(np.int64)
+    quality = win[np.arange(win.shape[0]), best]
+    return shifts.reshape(*lead, 2), quality.reshape(lead)
+
+
+def regularize_planes(windows: np.ndarray, sigma: float) -> np.ndarray:
+    """Mix correlation windows ``(Z, ...)`` of neighbouring planes with Gaussian weights.
+
+    Plane ``k`` gets ``sum_j exp(-(k - j)**2 / (2 sigma**2)) * windows[j]`` (weights
+    normalised): planes of one volume, imaged within milliseconds, move together,
+    so pooling their evidence steadies planes with few photons. ``sigma`` is in
+    planes; 0 leaves the windows unchanged.
+    """
+    if sigma <= 0 or windows.shape[0] < 2:
+        return windows
+    z = np.arange(windows.shape[0])
+    wts = np.exp(-((z[:, None] - z[None, :]) ** 2) / (2.0 * sigma**2))
+    wts /= wts.sum(axis=1, keepdims=True)
+    return np.tensordot(wts, windows, axes=(1, 0))
 
 
 def phase_shifts(frames: np.ndarray, reference: np.ndarray, *, max_shift: int | None = None,
@@ -57,39 +125,9 @@ def phase_shifts(frames: np.ndarray, reference: np.ndarray, *, max_shift: int | 
         reference; ``quality``: the height of the correlation peak (higher is surer).
 
     """
-    frames = np.asarray(frames)
-    h, w = frames.shape[-2:]
-    if reference.shape != (h, w):
-        raise ValueError(f"reference shape {reference.shape} does not match frames {(h, w)}")
-    lead = frames.shape[:-2]
-    flat = frames.reshape(-1, h, w)
-    m = max_shift if max_shift is not None else min(h, w) // 4
-    my, mx = min(m, h // 2 - 1 if h > 2 else 0), min(m, w // 2 - 1 if w > 2 else 0)
-    ref = reference.astype(np.float64)
-    fref = np.conj(np.fft.rfft2(ref - ref.mean()))
-    lp = _lowpass((h, w), smooth_sigma)
-    # candidate displacements, as indices into the correlation image
-    dy = np.arange(-my, my + 1)
-    dx = np.arange(-mx, mx + 1)
-    iy, ix = np.meshgrid(dy % h, dx % w, indexing="ij")
-    shifts = np.zeros((flat.shape[0], 2), dtype=np.int64)
-    quality = np.zeros(flat.shape[0])
-    for a in range(0, flat.shape[0], batch):  # one vectorised FFT per batch of frames
-        f = flat[a : a + batch].astype(np.float64)
-        f = f - f.mean(axis=(1, 2), keepdims=True)
-        cross = np.fft.rfft2(f) * fref
-        if whiten:
-            mag = np.abs(cross)
-            cross /= (mag + 1e-6 * mag.max(axis=(1, 2), keepdims=True) + 1e-30) ** whiten
-        corr = np.fft.irfft2(cross * lp, s=(h, w))
-        win = corr[:, iy, ix].reshape(corr.shape[0], -1)
-        best = win.argmax(axis=1)
-        # the correlation peaks at the displacement d of the frame relative to the
-        # reference; rolling the frame by -d aligns it
-        shifts[a : a + batch, 0] = -dy[best // dx.size]
-        shifts[a : a + batch, 1] = -dx[best % dx.size]
-        quality[a : a + batch] = win[np.arange(win.shape[0]), best]
-    return shifts.reshape(*lead, 2), quality.reshape(lead)
+    win, dy, dx = correlation_windows(frames, reference, max_shift=max_shift,
+                                      smooth_sigma=smooth_sigma, whiten=whiten, batch=batch)
+    return peak_shifts(win, dy, dx)
 
 
 def apply_shifts(frames: np.ndarray, shifts: np.ndarray) -> np.ndarray:
@@ -117,22 +155,92 @@ def register_frames(frames: np.ndarray, *, n_iter: int = 3, max_shift: int | Non
     ``reference``, it starts from the mean frame; each iteration registers every
     frame and averages the best-correlated ``top_fraction`` of the registered
     frames into the next reference. Shifts are relative to the final reference.
+    One plane of :func:`register_planes`.
     """
     frames = np.asarray(frames)
-    ref = frames.mean(axis=0) if reference is None else np.asarray(reference, float)
-    shifts, quality = phase_shifts(frames, ref, max_shift=max_shift,
-                                   smooth_sigma=smooth_sigma)
+    ref = None if reference is None else np.asarray(reference, float)[None]
+    shifts, refs, quality = register_planes(frames[:, None], n_iter=n_iter, max_shift=max_shift,
+                                            smooth_sigma=smooth_sigma,
+                                            top_fraction=top_fraction, reference=ref)
+    return shifts[:, 0], refs[0], quality[:, 0]
+
+
+def _initial_references(frames: np.ndarray, smooth_sigma: float, pooled: bool,
+                        n_sample: int = 200, n_best: int = 20) -> np.ndarray:
+    """Sharp starting references ``(Z, H, W)`` from frames ``(N, Z, H, W)``.
+
+    The mean of all frames is blurred by the motion, and refinement from a blurred
+    start can settle between two positions. Instead (as suite2p does), take the
+    frame whose ``n_best`` most similar frames (correlation of smoothed frames, up
+    to ``n_sample`` frames evenly spaced) are most similar, and average it with
+    them: frames caught at nearly the same position. With ``pooled``, the
+    similarities of all planes are added, so all planes start from the same frames.
+    """
+    n, nz, h, w = frames.shape
+    pick = np.unique(np.linspace(0, n - 1, min(n, n_sample)).round().astype(int))
+    lp = _lowpass((h, w), max(smooth_sigma, 1.0))
+    sm = np.fft.irfft2(np.fft.rfft2(frames[pick].astype(np.float64)) * lp, s=(h, w))
+    sm = sm.reshape(len(pick), nz, -1)
+    sm -= sm.mean(axis=2, keepdims=True)
+    sm /= np.linalg.norm(sm, axis=2, keepdims=True) + 1e-12
+    corr = np.einsum("izp,jzp->zij", sm, sm)  # (Z, n, n)
+    k = min(n_best, len(pick))
+    refs = np.empty((nz, h, w))
+    groups = [corr.sum(axis=0)] if pooled else list(corr)
+    for z in range(nz):
+        c = groups[0 if pooled else z]
+        top = np.argsort(-c, axis=1)[:, :k]  # each frame's k most similar (itself first)
+        seed = int(np.argmax(np.take_along_axis(c, top, axis=1).sum(axis=1)))
+        refs[z] = frames[pick[top[seed]], z].mean(axis=0)
+    return refs
+
+
+def register_planes(frames: np.ndarray, *, n_iter: int = 3, max_shift: int | None = None,
+                    smooth_sigma: float = 2.0, whiten: float = 0.0,
+                    regularize_sigma: float = 0.0, top_fraction: float = 0.5,
+                    reference: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Register volumes ``(N, Z, H, W)`` plane by plane, with refined references.
+
+    Each plane's reference starts from its mean frame; every iteration registers
+    all frames (pooling neighbouring planes' correlations when
+    ``regularize_sigma > 0``, see :func:`regularize_planes`) and averages each
+    plane's best-correlated ``top_fraction`` of registered frames into its next
+    reference. Pooling during the refinement keeps the planes' references
+    mutually aligned, which the pooled alignment relies on. Finally the shifts
+    are centred so that the median frame of each plane (of all planes, when
+    pooling) is not moved.
+
+    Returns ``(shifts (N, Z, 2), references (Z, H, W), quality (N, Z))``.
+    """
+    frames = np.asarray(frames)
+    n, nz = frames.shape[:2]
+    opts = {"max_shift": max_shift, "smooth_sigma": smooth_sigma, "whiten": whiten}
+
+    def align(refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        got = [correlation_windows(frames[:, k], refs[k], **opts) for k in range(nz)]
+        wins = regularize_planes(np.stack([g[0] for g in got]), regularize_sigma)
+        s, q = peak_shifts(wins, got[0][1], got[0][2])  # (Z, N, 2), (Z, N)
+        return s.transpose(1, 0, 2), q.T
+
+    refs = _initial_references(frames, smooth_sigma, regularize_sigma > 0) \
+        if reference is None else np.asarray(reference, float)
+    shifts, quality = align(refs)
     if reference is not None:
-        return shifts, ref, quality
+        return shifts, refs, quality
+    k = max(1, round(top_fraction * n))
     for _ in range(n_iter):
-        k = max(1, round(top_fraction * len(frames)))
-        best = np.argsort(quality)[::-1][:k]
-        ref = apply_shifts(frames[best], shifts[best]).mean(axis=0)
-        shifts, quality = phase_shifts(frames, ref, max_shift=max_shift,
-                                       smooth_sigma=smooth_sigma)
-    # centre the shifts so that the median frame is not moved
-    centre = np.round(np.median(shifts, axis=0)).astype(np.int64)
+        refs = np.stack([
+            apply_shifts(frames[best, z], shifts[best, z]).mean(axis=0)
+            for z, best in enumerate(np.argsort(-quality, axis=0)[:k].T)])
+        shifts, quality = align(refs)
+    # centre the shifts so that the median frame of each plane is not moved (of all
+    # planes together when pooling, so that the references stay mutually aligned)
+    pooled = regularize_sigma > 0 and nz > 1
+    centre = np.round(np.median(shifts.reshape(-1, 2) if pooled else shifts, axis=0)
+                      ).astype(np.int64)
+    centre = np.broadcast_to(centre, (nz, 2))
     if centre.any():
-        ref = apply_shifts(ref[None], -centre[None])[0]
+        refs = apply_shifts(refs, -centre)
         shifts = shifts - centre
-    return shifts, ref, quality
+    return shifts, refs, quality

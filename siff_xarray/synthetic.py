@@ -364,6 +364,7 @@ def write_siff(
     tau_bins: int = 629,
     bin_resolution: int = 2,
     max_shift: int = 0,
+    motion: Literal["scan", "volume"] = "scan",
     frame_period_s: float = 0.016,
     start_epoch_ns: int = 1_713_382_945_498_920_800,
     events: Mapping[int, tuple[str, float | None]] | None = None,
@@ -413,6 +414,10 @@ def write_siff(
     max_shift
         Largest rigid motion (pixels, each axis); motion is a random walk of one
         pixel steps per scan (all channels of a scan share its position).
+    motion
+        ``"scan"`` (default): the walk takes a step every scan; ``"volume"``: one
+        step per volume, so all planes of a volume share a position (fast
+        volumetric imaging, where motion between planes is negligible).
     frame_period_s, start_epoch_ns
         Timing of the scans; the laser-clock epoch of the first frame.
     events
@@ -449,6 +454,8 @@ def write_siff(
     m = max_shift
     scenes = [_scene(rng, h + 2 * m, w + 2 * m, n_cells) for _ in range(n_slices)]
     # motion: a clipped random walk per scan (the channels of one scan share it)
+    if motion not in ("scan", "volume"):
+        raise ValueError(f"motion must be 'scan' or 'volume', got {motion!r}")
     n_scans = -(-n_frames // c)
     steps = rng.integers(-1, 2, size=(n_scans, 2)) if m else np.zeros((n_scans, 2), int)
     scan_shift = np.zeros((n_scans, 2), dtype=np.int64)
@@ -496,7 +503,7 @@ def write_siff(
             ch = r % c
             fly = r >= v
             zslice = 0 if fly else (r // c) // frames_per_slice
-            sy, sx = scan_shift[scan]
+            sy, sx = scan_shift[scan if motion == "scan" else vol]
             if not fly:
                 shifts[fr] = (sy, sx)
             scene = scenes[zslice][m + sy : m + sy + h, m + sx : m + sx + w]

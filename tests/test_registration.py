@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from siff_xarray import SiffFile
-from siff_xarray.registration import apply_shifts, phase_shifts, register_frames
+from siff_xarray.registration import (
+    apply_shifts,
+    phase_shifts,
+    register_frames,
+    regularize_planes,
+)
 from siff_xarray.synthetic import write_siff
 
 
@@ -86,3 +91,68 @@ def test_accessor_register_and_apply(tmp_path):
         np.testing.assert_array_equal(z.shift_y.values, reg.shift_y.values)
         np.testing.assert_array_equal(z.siff.apply_shifts().intensity.values,
                                       np.asarray(want))  # shifts are not applied twice
+
+
+def _exact_fraction(est: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of frames whose shift equals the truth up to one constant offset."""
+    _, counts = np.unique(est - truth, axis=0, return_counts=True)
+    return counts.max() / len(est)
+
+
+def test_regularize_planes_pools_neighbours():
+    rng = np.random.default_rng(1)
+    win = rng.random((5, 7, 3, 3))
+    np.testing.assert_array_equal(regularize_planes(win, 0.0), win)
+    pooled = regularize_planes(win, 1.0)
+    w = np.exp(-((np.arange(5)[:, None] - np.arange(5)[None]) ** 2) / 2.0)
+    w /= w.sum(1, keepdims=True)
+    np.testing.assert_allclose(pooled[2], np.tensordot(w[2], win, axes=(0, 0)))
+
+
+def test_regularisation_across_planes_recovers_dim_planes(tmp_path):
+    import xarray as xr
+
+    # all planes of a volume share the motion; at 2000 photons per 96x64 frame some
+    # planes of this scene hold too little structure to be registered on their own
+    t = write_siff(tmp_path / "vol.siff", shape=(96, 64), n_slices=4, n_flyback=1,
+                   n_timepoints=150, photons_per_frame=2000, max_shift=3, motion="volume",
+                   seed=5, encoding="compressed")
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        fmap = ds.frame_index.isel(channel=0).values
+        alone = ds.siff.register(max_shift=6)
+        pooled = ds.siff.register(max_shift=6, regularize_sigma=3.0)
+    def score(reg):
+        est = np.stack([reg.shift_y.values, reg.shift_x.values], axis=-1)
+        return [_exact_fraction(est[:, k], t.shifts[fmap[:, k]]) for k in range(4)]
+    a, p = score(alone), score(pooled)
+    assert min(a) < 0.8, a  # the weakest plane fails on its own ...
+    assert min(p) >= 0.9, p  # ... and is recovered with its neighbours' help
+    # pooled planes of one volume agree with each other
+    assert (pooled.shift_y.diff("z") == 0).mean() > 0.95
+    with pytest.raises(ValueError, match="phase"):
+        ds.siff.register(method="suite2p", regularize_sigma=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:The specified chunks separate the stored chunks")
+def test_register_chunked_dataset_is_lazy_and_equal(tmp_path):
+    import xarray as xr
+
+    t = write_siff(tmp_path / "lazy.siff", shape=(64, 48), n_slices=2, n_flyback=1,
+                   n_timepoints=40, photons_per_frame=3000, max_shift=2, seed=2,
+                   encoding="compressed", extra_frames=1)
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        eager = ds.siff.register(max_shift=4)
+        ref = eager.reference
+    with xr.open_dataset(t.path, engine="siff", chunks={"time": 8}) as dds:
+        lazy = dds.siff.register(max_shift=4, reference=ref.values)
+        assert lazy.shift_y.chunks is not None  # nothing aligned yet
+        xr.testing.assert_identical(lazy.compute(), eager)
+        # frames of the partial last volume that were never acquired get zero shifts
+        missing = ~dds.frame_present.isel(channel=0).values
+        assert missing.any()
+        assert (eager.shift_y.values[missing] == 0).all()
+        assert (eager.quality.values[missing] == 0).all()
+    with pytest.raises(ValueError, match="reference of shape"):
+        ds.siff.register(reference=np.zeros((3, 64, 48)))
+    with pytest.raises(ValueError, match="unknown registration method"):
+        ds.siff.register(method="caiman")
