@@ -98,7 +98,7 @@ def test_seed_walkthrough(seed_file, capsys):
         corr = [np.mean([np.corrcoef(x, ref)[0, 1] for x in a]) for a in (raw, reg)]
         assert corr[1] >= corr[0]
     with pytest.raises(ValueError, match="not available"):
-        sr.register(registration_method="suite2p", alignment_color_channel=0)
+        sr.register(registration_method="caiman", alignment_color_channel=0)
 
     # Masking methods
     mask = np.ones(sr.im_params.shape, dtype=bool)

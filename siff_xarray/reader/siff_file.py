@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import numpy as np
 
@@ -37,17 +36,14 @@ from .ifd import ENC_TIFF, ENCODING_NAMES, FrameIndex, build_frame_index
 from .imparams import MULTIHARP_BASE_RESOLUTION_PS, ImParams
 from .index_cache import default_cache_dir, load_index, save_index
 from .metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
+from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
 from .source import ByteSource, FsspecSource, LocalSource, open_source
 
-__all__ = ["SiffFile"]
-
-FrameSelection = Sequence[int] | np.ndarray | slice | int | None
-Shifts = Mapping[int, tuple[int, int]] | np.ndarray | None
-HistogramMode = Literal["drop", "clip", "corrosiff", "wrap"]
+__all__ = ["SiffFile", "shifts_for_frames"]
 _DESC_CHUNK = 2048  # frames whose descriptions are parsed between page releases
 
 
-class SiffFile:
+class SiffFile(PhotonReductions):
     """A ScanImage-FLIM ``.siff`` (or ScanImage ``.tif``) file, open for reading.
 
     Parameters
@@ -204,23 +200,6 @@ class SiffFile:
 
     # ------------------------------------------------------------------ selection helpers
 
-    def _frames(self, frames: FrameSelection) -> np.ndarray:
-        n = self.num_frames
-        if frames is None:
-            return np.arange(n, dtype=np.int64)
-        if isinstance(frames, slice):
-            return np.arange(n, dtype=np.int64)[frames]
-        f = np.asarray(frames)
-        if f.dtype.kind not in "iu" and not (f.size == 0):
-            raise TypeError(f"frame indices must be integers, got {f.dtype}")
-        f = f.astype(np.int64).reshape(-1)
-        f = np.where(f < 0, f + n, f)
-        bad = f[(f < 0) | (f >= n)]
-        if bad.size:
-            raise IndexError(f"{self.name}: frame {int(bad[0])} out of range "
-                             f"(the file has {n} frames)")
-        return f
-
     def _shape_of(self, f: np.ndarray) -> tuple[int, int]:
         if f.size == 0:
             return self.frame_shape if self.num_frames else (0, 0)
@@ -228,26 +207,6 @@ class SiffFile:
         if (h != h[0]).any() or (w != w[0]).any():
             raise SiffFormatError(self.name, "the requested frames have different shapes")
         return int(h[0]), int(w[0])
-
-    def _shifts(self, shifts: Shifts, f: np.ndarray, shape: tuple[int, int]
-                ) -> tuple[np.ndarray, np.ndarray]:
-        n = len(f)
-        if shifts is None or (isinstance(shifts, Mapping) and len(shifts) == 0):
-            z = np.zeros(n, dtype=np.int64)
-            return z, z.copy()
-        if isinstance(shifts, Mapping):
-            arr, found = shifts_for_frames(shifts, f)
-            if not found.all():
-                missing = f[~found][:10].tolist()
-                raise ValueError(f"{self.name}: no shift given for frame(s) {missing}"
-                                 f"{' ...' if (~found).sum() > 10 else ''}")
-        else:
-            arr = np.asarray(shifts)
-            if arr.dtype.kind not in "iu" or arr.shape != (n, 2):
-                raise ValueError(f"shifts must be a mapping frame -> (dy, dx) or an integer "
-                                 f"array of shape ({n}, 2), got {arr.dtype} {arr.shape}")
-            arr = arr.astype(np.int64)
-        return arr[:, 0] % shape[0], arr[:, 1] % shape[1]
 
     def _gather(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Buffer and strip offsets (in that buffer) for frames ``f``."""
@@ -278,403 +237,39 @@ class SiffFile:
         maxn = int(idx.n_photons[f].max()) if f.size else 0
         return args, shape, max(maxn, 1)
 
-    def _check(self, status: np.ndarray, f: np.ndarray) -> None:
-        bad = np.flatnonzero((status != K.ST_OK) & (status != K.ST_SATURATED))
-        if bad.size:
-            i = int(bad[0])
-            frame, code = int(f[i]), int(status[i])
-            what = {
-                K.ST_BAD_PIXEL: "a photon's pixel coordinates lie outside the frame",
-                K.ST_MISMATCH: "the count image is inconsistent with the photon block "
-                               f"({int(self.index.strip_bytes[frame])} bytes)",
-                K.ST_OUT_OF_BOUNDS: "frame data lies outside the file",
-            }.get(code, f"decoder status {code}")
-            raise SiffFormatError(self.name, what, int(self.index.strip_offset[frame]), frame)
-        sat = np.flatnonzero(status == K.ST_SATURATED)
-        if sat.size:
-            warnings.warn(f"{self.name}: {sat.size} frame(s) have pixels with more than 65535 "
-                          f"photons (first: frame {int(f[sat[0]])}); uint16 values saturate",
-                          SiffWarning, stacklevel=3)
+    # ------------------------------------------------------------------ reduction hooks
 
-    # ------------------------------------------------------------------ intensity
+    def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
+        ip = self.im_params
+        if n_planes != ip.num_slices:
+            raise ValueError(f"3-D masks have {n_planes} planes but the file has "
+                             f"{ip.num_slices} slices")
+        pos = ip.locate(f)
+        if pos["flyback"].any():
+            bad = int(f[np.flatnonzero(pos["flyback"])[0]])
+            raise ValueError(f"frame {bad} is a flyback frame: it has no z plane for a "
+                             "3-D mask")
+        return pos["slice"].astype(np.int64)
 
-    def read_frames(self, frames: FrameSelection = None, shifts: Shifts = None) -> np.ndarray:
-        """Photon-count (intensity) images.
+    def _default_n_bins(self) -> int | None:
+        return self.im_params.num_bins
 
-        Parameters
-        ----------
-        frames
-            File frame indices (default: all frames, flyback included).
-        shifts
-            Registration: mapping ``frame -> (dy, dx)`` covering every requested
-            frame, or an integer array of shape ``(F, 2)``. Each frame is returned
-            as ``numpy.roll(frame, (dy, dx), axis=(0, 1))``, for any sign and size.
+    def _picoseconds_per_bin(self) -> float | None:
+        return self.im_params.picoseconds_per_bin
 
-        Returns
-        -------
-        numpy.ndarray
-            ``uint16`` of shape ``(F, H, W)`` (``int16`` for TIFF files storing
-            signed samples).
+    def _n_photons(self, f: np.ndarray) -> np.ndarray:
+        return self.index.n_photons[f]
 
-        """
-        f = self._frames(frames)
-        args, (h, w), _ = self._frame_args(f, shifts)
-        out = np.empty((len(f), h, w), dtype=np.uint16)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("intensity", *args, out.reshape(len(f), h * w), status)
-        self._check(status, f)
-        if len(f) and (self.index.encoding[f] == ENC_TIFF).all() and self.index.signed[f].all():
-            return out.view(np.int16)
-        return out
+    def _signed(self, f: np.ndarray) -> bool:
+        return bool((self.index.encoding[f] == ENC_TIFF).all() and self.index.signed[f].all())
 
-    def _masks(self, masks: Any, f: np.ndarray, shape: tuple[int, int], stack: bool
-               ) -> tuple[tuple[np.ndarray, ...], int]:
-        """Normalise masks to (M, Z, H, W) and encode them for the kernels.
-
-        Returns ``((plane, setid, set_ptr, set_idx), n_masks)``: the mask plane of
-        each frame, the mask-set id of every (plane, pixel), and the masks of each set.
-        """
-        if isinstance(masks, (list, tuple)):
-            m = np.stack([np.asarray(x) for x in masks]) if len(masks) else np.zeros((0, *shape))
-            if m.ndim == 3:
-                m = m[:, None]
-        else:
-            m = np.asarray(masks)
-            if m.ndim == 2:
-                m = m[None, None]
-            elif m.ndim == 3:
-                m = m[:, None] if stack else m[None]
-            elif m.ndim != 4 or not stack:
-                raise ValueError(f"masks must be 2-D or 3-D (or a stack of them), got shape "
-                                 f"{m.shape}")
-        if m.ndim != 4 or m.shape[-2:] != shape:
-            raise ValueError(f"mask shape {m.shape[-2:]} does not match the frame shape {shape}")
-        m = m.astype(bool, copy=False)
-        n_masks, zm = m.shape[0], m.shape[1]
-        if zm == 1:
-            plane = np.zeros(len(f), dtype=np.int64)
-        else:
-            ip = self.im_params
-            if zm != ip.num_slices:
-                raise ValueError(f"3-D masks have {zm} planes but the file has "
-                                 f"{ip.num_slices} slices")
-            pos = ip.locate(f)
-            if pos["flyback"].any():
-                bad = int(f[np.flatnonzero(pos["flyback"])[0]])
-                raise ValueError(f"frame {bad} is a flyback frame: it has no z plane for a "
-                                 "3-D mask")
-            plane = pos["slice"].astype(np.int64)
-        return (plane, *_mask_sets(m)), n_masks
-
-    def sum_masks(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None
-                  ) -> np.ndarray:
-        """Photon counts inside each mask, per frame, reading each frame once.
-
-        Parameters
-        ----------
-        masks
-            A stack of masks with the mask axis first: ``(M, H, W)`` 2-D masks
-            (applied to every frame) or ``(M, Z, H, W)`` 3-D masks (plane chosen by
-            each frame's slice); a single ``(H, W)`` mask; or a list of 2-D or 3-D
-            masks. Non-zero means inside.
-        frames, shifts
-            As in :meth:`read_frames`; masks apply to the registered frames.
-
-        Returns
-        -------
-        numpy.ndarray
-            ``int64`` of shape ``(M, F)``.
-
-        """
-        f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts)
-        encoded, n_masks = self._masks(masks, f, shape, stack=True)
-        out = np.zeros((n_masks, len(f)), dtype=np.int64)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("sum_masks", *args, *encoded, out, status)
-        self._check(status, f)
-        return out
-
-    def sum_mask(self, mask: Any, frames: FrameSelection = None, shifts: Shifts = None
-                 ) -> np.ndarray:
-        """Photon counts inside one mask per frame, ``(F,)``.
-
-        ``mask`` is ``(H, W)`` or a 3-D ``(Z, H, W)`` volume mask whose plane is
-        chosen by each frame's slice.
-        """
-        f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts)
-        encoded, _ = self._masks(mask, f, shape, stack=False)
-        out = np.zeros((1, len(f)), dtype=np.int64)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("sum_masks", *args, *encoded, out, status)
-        self._check(status, f)
-        return out[0]
-
-    # ------------------------------------------------------------------ FLIM
-
-    def _n_bins(self, n_bins: int | None) -> int:
-        if n_bins is not None:
-            return int(n_bins)
-        nb = self.im_params.num_bins
-        if nb is None or nb <= 0:
-            raise SiffFormatError(self.name, "the header has no usable Tau_bins; pass "
-                                  "n_bins= (or tau_bins= when opening)")
-        return nb
-
-    def _hist_mode(self, mode: str, n_bins: int | None) -> tuple[int, int]:
-        """Kernel mode code and bin count for a histogram ``mode``."""
-        modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
-                 "corrosiff": K.MODE_WRAP}
-        if mode not in modes:
-            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
-        nb = self._n_bins(n_bins)
-        if mode == "corrosiff" and n_bins is None:
-            nb += 2
-        return modes[mode], nb
-
-    def histograms(
-        self,
-        frames: FrameSelection = None,
-        *,
-        mode: HistogramMode = "drop",
-        n_bins: int | None = None,
-        return_overflow: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Arrival-time histogram of each frame.
-
-        Parameters
-        ----------
-        frames
-            File frame indices (default: all).
-        mode
-            Treatment of arrival times ``>= n_bins``: ``"drop"`` (default; not
-            binned, counted in the overflow), ``"clip"`` (into the last bin, also
-            counted), ``"wrap"`` (modulo ``n_bins``), or ``"corrosiff"``
-            (``n_bins = Tau_bins + 2`` and modulo, bin for bin what corrosiffpy
-            returns).
-        n_bins
-            Number of bins (default ``Tau_bins`` from the header).
-        return_overflow
-            Also return the per-frame count of arrival times ``>= n_bins``.
-
-        Returns
-        -------
-        numpy.ndarray
-            ``int64`` ``(F, n_bins)``; with ``return_overflow`` also ``(F,)``.
-
-        """
-        kmode, nb = self._hist_mode(mode, n_bins)
-        f = self._frames(frames)
-        args, _, _ = self._frame_args(f, photons=True)
-        out = np.zeros((len(f), nb), dtype=np.int64)
-        overflow = np.zeros(len(f), dtype=np.int64)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("histograms", *args, kmode, out, overflow, status)
-        self._check(status, f)
-        return (out, overflow) if return_overflow else out
-
-    def masks_histograms(
-        self,
-        masks: Any,
-        frames: FrameSelection = None,
-        shifts: Shifts = None,
-        *,
-        mode: HistogramMode = "drop",
-        n_bins: int | None = None,
-    ) -> np.ndarray:
-        """Arrival-time histogram of the photons inside each mask, per frame.
-
-        Parameters
-        ----------
-        masks, frames, shifts
-            As in :meth:`sum_masks` (masks apply to the registered frames).
-        mode, n_bins
-            As in :meth:`histograms`.
-
-        Returns
-        -------
-        numpy.ndarray
-            ``int64`` ``(M, F, n_bins)``; each frame is decoded once for all masks.
-
-        """
-        kmode, nb = self._hist_mode(mode, n_bins)
-        f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts, photons=True)
-        encoded, n_masks = self._masks(masks, f, shape, stack=True)
-        out = np.zeros((n_masks, len(f), nb), dtype=np.int64)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("mask_histograms", *args, *encoded, kmode, out, status)
-        self._check(status, f)
-        return out
-
-    def _lut(self, harmonic: float, period_bins: int | None) -> tuple[np.ndarray, np.ndarray]:
-        period = self._n_bins(period_bins)
-        angle = 2 * np.pi * harmonic * np.arange(period) / period
-        return np.cos(angle), np.sin(angle)
-
-    def _to_units(self, bins: np.ndarray, units: str) -> np.ndarray:
-        if units == "bins":
-            return bins
-        if units != "ns":
-            raise ValueError(f"units must be 'ns' or 'bins', got {units!r}")
-        ps = self.im_params.picoseconds_per_bin
-        if ps is None:
-            raise SiffFormatError(self.name, "the header has no binResolution; pass "
-                                  "bin_width_ps= when opening, or use units='bins'")
-        bins *= ps / 1000.0
-        return bins
-
-    def _pixel_flim(self, frames: FrameSelection, shifts: Shifts, want: str, offset: float,
-                    harmonic: float, period_bins: int | None, dtype: type,
-                    counts: bool = False) -> tuple[np.ndarray | None, ...]:
-        f = self._frames(frames)
-        args, (h, w), _ = self._frame_args(f, shifts, photons=True)
-        n = len(f)
-        none = np.zeros((0, 0), dtype=dtype)
-        mean = np.empty((n, h * w), dtype=dtype) if want == "mean" else none
-        g = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
-        s = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
-        cnt = np.empty((n, h * w) if counts else (0, 0), dtype=np.int32)
-        cos, sin = self._lut(harmonic, period_bins) if want == "phasor" else (np.ones(1),
-                                                                             np.zeros(1))
-        status = np.zeros(n, dtype=np.int8)
-        if n:
-            K.run("pixel_flim", *args, cos, sin, float(offset), mean, g, s, cnt, status)
-        self._check(status, f)
-        shape = (n, h, w)
-        return mean.reshape(shape) if want == "mean" else None, \
-            g.reshape(shape) if want == "phasor" else None, \
-            s.reshape(shape) if want == "phasor" else None, \
-            cnt.reshape(shape) if counts else None
-
-    def lifetime_images(
-        self,
-        frames: FrameSelection = None,
-        shifts: Shifts = None,
-        *,
-        units: Literal["ns", "bins"] = "ns",
-        offset_bins: float = 0.0,
-        dtype: type = np.float64,
-        return_intensity: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Per-pixel empirical lifetime: mean photon arrival time, NaN where empty.
-
-        Parameters
-        ----------
-        frames, shifts
-            As in :meth:`read_frames`.
-        units
-            ``"ns"`` (default) or ``"bins"``.
-        offset_bins
-            Subtracted from the mean arrival (e.g. the IRF offset), in bins.
-        dtype
-            ``float64`` (default) or ``float32``.
-        return_intensity
-            Also return the photon counts ``(F, H, W)`` ``int32``.
-
-        """
-        mean, _, _, cnt = self._pixel_flim(frames, shifts, "mean", offset_bins, 1.0, None, dtype,
-                                           counts=return_intensity)
-        mean = self._to_units(mean, units)
-        return (mean, cnt) if return_intensity else mean
-
-    def phasor_images(
-        self,
-        frames: FrameSelection = None,
-        shifts: Shifts = None,
-        *,
-        harmonic: float = 1.0,
-        period_bins: int | None = None,
-        dtype: type = np.float64,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-pixel phasor ``(g, s)``: mean of ``cos``/``sin`` of ``2 pi h tau / P``.
-
-        ``P`` is ``period_bins`` (default ``Tau_bins``: one laser period). NaN
-        where a pixel has no photon. No calibration is applied.
-        """
-        _, g, s, _ = self._pixel_flim(frames, shifts, "phasor", 0.0, harmonic, period_bins,
-                                      dtype)
-        return g, s
-
-    def _mask_flim(self, masks: Any, frames: FrameSelection, shifts: Shifts, phasor: bool,
-                   harmonic: float, period_bins: int | None) -> tuple[np.ndarray, ...]:
-        f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts, photons=True)
-        encoded, n_masks = self._masks(masks, f, shape, stack=True)
-        n = len(f)
-        cnt = np.zeros((n_masks, n), dtype=np.int64)
-        tsum = np.zeros((n_masks, n), dtype=np.int64)
-        shp = (n_masks, n) if phasor else (0, 0)
-        gsum, ssum = np.zeros(shp), np.zeros(shp)
-        cos, sin = self._lut(harmonic, period_bins) if phasor else (np.ones(1), np.zeros(1))
-        status = np.zeros(n, dtype=np.int8)
-        if n:
-            K.run("mask_flim", *args, *encoded, cos, sin, cnt, tsum, gsum, ssum, status)
-        self._check(status, f)
-        return cnt, tsum, gsum, ssum
-
-    def sum_masks_flim(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Sum of arrival times (bins) and photon count inside each mask, per frame.
-
-        The empirical lifetime of mask ``m`` in frame ``i`` is
-        ``arrival_sum[m, i] / counts[m, i]`` bins. Masks as in :meth:`sum_masks`.
-
-        Returns
-        -------
-        arrival_sum, counts
-            ``int64`` arrays of shape ``(M, F)``.
-
-        """
-        cnt, tsum, _, _ = self._mask_flim(masks, frames, shifts, False, 1.0, None)
-        return tsum, cnt
-
-    def masks_phasor(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None,
-                     *, harmonic: float = 1.0, period_bins: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Phasor ``(g, s)`` of the photons inside each mask, and their count, ``(M, F)``."""
-        cnt, _, gsum, ssum = self._mask_flim(masks, frames, shifts, True, harmonic, period_bins)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return gsum / cnt, ssum / cnt, cnt
-
-    # ------------------------------------------------------------------ photons
-
-    def photons_batch(self, frames: FrameSelection = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Photons of several frames, each frame's photons sorted by pixel.
-
-        Returns
-        -------
-        starts
-            ``int64`` ``(F + 1,)``: frame ``i``'s photons are ``starts[i]:starts[i+1]``.
-        pixel_index
-            ``uint32``: ``y * W + x`` of each photon.
-        arrival
-            ``uint32``: arrival-time bin of each photon.
-
-        """
-        f = self._frames(frames)
-        args, _, maxn = self._frame_args(f, photons=True)
-        starts = np.zeros(len(f) + 1, dtype=np.int64)
-        np.cumsum(self.index.n_photons[f], out=starts[1:])
-        pix = np.empty(int(starts[-1]), dtype=np.uint32)
-        tau = np.empty(int(starts[-1]), dtype=np.uint32)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("photons", *args, maxn, starts, pix, tau, status)
-        self._check(status, f)
-        return starts, pix, tau
-
-    def photons(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(pixel_index, arrival)`` of one frame's photons, sorted by pixel (``uint32``)."""
-        _, pix, tau = self.photons_batch([frame])
-        return pix, tau
+    def _failure(self, frame: int, code: int) -> tuple[str, int | None]:
+        what, _ = super()._failure(frame, code)
+        if code == K.ST_MISMATCH:
+            what += f" ({int(self.index.strip_bytes[frame])} bytes)"
+        elif code == K.ST_OUT_OF_BOUNDS:
+            what = "frame data lies outside the file"
+        return what, int(self.index.strip_offset[frame])
 
     # ------------------------------------------------------------------ metadata per frame
 
@@ -757,49 +352,6 @@ class SiffFile:
     def is_local(self) -> bool:
         """True when the file is memory-mapped from local disk."""
         return isinstance(self._source, LocalSource)
-
-
-def shifts_for_frames(shifts: Mapping[int, tuple[int, int]], frames: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Look up ``{frame: (dy, dx)}`` for many frames at once (no Python loop per frame).
-
-    Returns ``(shifts (F, 2) int64, found (F,) bool)``; missing frames get ``(0, 0)``.
-    """
-    f = np.asarray(frames, dtype=np.int64).reshape(-1)
-    out = np.zeros((f.size, 2), dtype=np.int64)
-    if not len(shifts):
-        return out, np.zeros(f.size, dtype=bool)
-    keys = np.fromiter(shifts.keys(), dtype=np.int64, count=len(shifts))
-    vals = np.asarray(list(shifts.values()), dtype=np.int64).reshape(-1, 2)
-    order = np.argsort(keys, kind="stable")
-    keys, vals = keys[order], vals[order]
-    pos = np.minimum(np.searchsorted(keys, f), keys.size - 1)
-    found = keys[pos] == f
-    out[found] = vals[pos[found]]
-    return out, found
-
-
-def _mask_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode boolean masks ``(M, Z, H, W)`` as mask sets for the kernels.
-
-    Every (plane, pixel) gets the id of the combination of masks containing it
-    (``setid``, length ``Z*H*W``); set ``s`` holds masks
-    ``set_idx[set_ptr[s]:set_ptr[s+1]]``.
-    """
-    n_masks = m.shape[0]
-    n_px = int(np.prod(m.shape[1:]))
-    if n_masks == 0:
-        return np.zeros(n_px, np.int64), np.zeros(2, np.int64), np.zeros(0, np.int64)
-    flat = np.ascontiguousarray(m.reshape(n_masks, n_px).T)
-    packed = np.ascontiguousarray(np.packbits(flat, axis=1))
-    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
-    uniq, setid = np.unique(keys, return_inverse=True)
-    members = np.unpackbits(uniq.view(np.uint8).reshape(len(uniq), -1), axis=1,
-                            count=n_masks).astype(bool)
-    rows, cols = np.nonzero(members)
-    set_ptr = np.zeros(len(uniq) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(uniq)), out=set_ptr[1:])
-    return setid.reshape(-1).astype(np.int64), set_ptr, cols.astype(np.int64)
 
 
 def _reopen(path: Any, storage_options: Any, tau_bins: Any, bin_width_ps: Any,

@@ -1,0 +1,540 @@
+"""Photon reductions shared by every photon source: a ``.siff`` file or a converted store.
+
+:class:`PhotonReductions` holds the public reduction methods (intensity images,
+multi-mask sums, arrival-time histograms, per-pixel and per-mask lifetimes and
+phasors, photon lists). They run the Numba kernels of :mod:`.kernels` on a frame
+description (a byte buffer and per-frame encoding, offset, length, shape and
+shift) that the concrete source provides through a few hooks:
+
+* ``name`` and ``num_frames``;
+* ``_frame_args(frames, shifts, photons)``: the kernel arguments for frames;
+* ``_frame_planes(frames, n_planes)``: each frame's z plane (for 3-D masks);
+* ``_default_n_bins()``, ``_picoseconds_per_bin()``: the arrival-time axis;
+* ``_n_photons(frames)``, ``_signed(frames)``, ``_failure(frame, status)``.
+
+:class:`~siff_xarray.reader.siff_file.SiffFile` provides them from the file's
+frame index; :class:`~siff_xarray.zarr_photons.StorePhotons` rebuilds compressed
+frames from a converted Zarr store, so both give identical results.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import SiffFormatError, SiffWarning
+from . import kernels as K
+
+__all__ = ["FrameSelection", "HistogramMode", "PhotonReductions", "Shifts", "shifts_for_frames"]
+
+FrameSelection = Sequence[int] | np.ndarray | slice | int | None
+Shifts = Mapping[int, tuple[int, int]] | np.ndarray | None
+HistogramMode = Literal["drop", "clip", "corrosiff", "wrap"]
+
+
+class PhotonReductions:
+    """Reductions over the photons of frames; see the module docstring for the hooks."""
+
+    name: str
+    num_frames: int
+
+    # ------------------------------------------------------------------ hooks
+
+    def _frame_args(self, f: np.ndarray, shifts: Shifts = None, photons: bool = False
+                    ) -> tuple[tuple, tuple[int, int], int]:
+        """Return kernel arguments (buffer + 7 per-frame arrays), frame shape, max photons."""
+        raise NotImplementedError
+
+    def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
+        """Return the z plane (slice index) of each frame, for masks of ``n_planes`` planes."""
+        raise NotImplementedError
+
+    def _default_n_bins(self) -> int | None:
+        """Arrival-time bins per laser period (``Tau_bins``), if known."""
+        raise NotImplementedError
+
+    def _picoseconds_per_bin(self) -> float | None:
+        """Width of one arrival-time bin, if known."""
+        raise NotImplementedError
+
+    def _n_photons(self, f: np.ndarray) -> np.ndarray:
+        """Photons stored in each frame."""
+        raise NotImplementedError
+
+    def _signed(self, f: np.ndarray) -> bool:
+        """Tell whether the frames hold signed 16-bit samples (some ScanImage TIFFs)."""
+        return False
+
+    def _failure(self, frame: int, code: int) -> tuple[str, int | None]:
+        """Message and byte offset for a kernel failure status on ``frame``."""
+        return {
+            K.ST_BAD_PIXEL: "a photon's pixel coordinates lie outside the frame",
+            K.ST_MISMATCH: "the count image is inconsistent with the photon block",
+            K.ST_OUT_OF_BOUNDS: "frame data lies outside the buffer",
+        }.get(code, f"decoder status {code}"), None
+
+    # ------------------------------------------------------------------ selection helpers
+
+    def _frames(self, frames: FrameSelection) -> np.ndarray:
+        n = self.num_frames
+        if frames is None:
+            return np.arange(n, dtype=np.int64)
+        if isinstance(frames, slice):
+            return np.arange(n, dtype=np.int64)[frames]
+        f = np.asarray(frames)
+        if f.dtype.kind not in "iu" and not (f.size == 0):
+            raise TypeError(f"frame indices must be integers, got {f.dtype}")
+        f = f.astype(np.int64).reshape(-1)
+        f = np.where(f < 0, f + n, f)
+        bad = f[(f < 0) | (f >= n)]
+        if bad.size:
+            raise IndexError(f"{self.name}: frame {int(bad[0])} out of range "
+                             f"(the file has {n} frames)")
+        return f
+
+    def _shifts(self, shifts: Shifts, f: np.ndarray, shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        n = len(f)
+        if shifts is None or (isinstance(shifts, Mapping) and len(shifts) == 0):
+            z = np.zeros(n, dtype=np.int64)
+            return z, z.copy()
+        if isinstance(shifts, Mapping):
+            arr, found = shifts_for_frames(shifts, f)
+            if not found.all():
+                missing = f[~found][:10].tolist()
+                raise ValueError(f"{self.name}: no shift given for frame(s) {missing}"
+                                 f"{' ...' if (~found).sum() > 10 else ''}")
+        else:
+            arr = np.asarray(shifts)
+            if arr.dtype.kind not in "iu" or arr.shape != (n, 2):
+                raise ValueError(f"shifts must be a mapping frame -> (dy, dx) or an integer "
+                                 f"array of shape ({n}, 2), got {arr.dtype} {arr.shape}")
+            arr = arr.astype(np.int64)
+        return arr[:, 0] % shape[0], arr[:, 1] % shape[1]
+
+    def _check(self, status: np.ndarray, f: np.ndarray) -> None:
+        bad = np.flatnonzero((status != K.ST_OK) & (status != K.ST_SATURATED))
+        if bad.size:
+            i = int(bad[0])
+            frame, code = int(f[i]), int(status[i])
+            what, offset = self._failure(frame, code)
+            raise SiffFormatError(self.name, what, offset, frame)
+        sat = np.flatnonzero(status == K.ST_SATURATED)
+        if sat.size:
+            warnings.warn(f"{self.name}: {sat.size} frame(s) have pixels with more than 65535 "
+                          f"photons (first: frame {int(f[sat[0]])}); uint16 values saturate",
+                          SiffWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ intensity
+
+    def read_frames(self, frames: FrameSelection = None, shifts: Shifts = None) -> np.ndarray:
+        """Photon-count (intensity) images.
+
+        Parameters
+        ----------
+        frames
+            File frame indices (default: all frames, flyback included).
+        shifts
+            Registration: mapping ``frame -> (dy, dx)`` covering every requested
+            frame, or an integer array of shape ``(F, 2)``. Each frame is returned
+            as ``numpy.roll(frame, (dy, dx), axis=(0, 1))``, for any sign and size.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``uint16`` of shape ``(F, H, W)`` (``int16`` for TIFF files storing
+            signed samples).
+
+        """
+        f = self._frames(frames)
+        args, (h, w), _ = self._frame_args(f, shifts)
+        out = np.empty((len(f), h, w), dtype=np.uint16)
+        status = np.zeros(len(f), dtype=np.int8)
+        if len(f):
+            K.run("intensity", *args, out.reshape(len(f), h * w), status)
+        self._check(status, f)
+        return out.view(np.int16) if len(f) and self._signed(f) else out
+
+    def _masks(self, masks: Any, f: np.ndarray, shape: tuple[int, int], stack: bool
+               ) -> tuple[tuple[np.ndarray, ...], int]:
+        """Normalise masks to (M, Z, H, W) and encode them for the kernels.
+
+        Returns ``((plane, setid, set_ptr, set_idx), n_masks)``: the mask plane of
+        each frame, the mask-set id of every (plane, pixel), and the masks of each set.
+        """
+        if isinstance(masks, (list, tuple)):
+            m = np.stack([np.asarray(x) for x in masks]) if len(masks) else np.zeros((0, *shape))
+            if m.ndim == 3:
+                m = m[:, None]
+        else:
+            m = np.asarray(masks)
+            if m.ndim == 2:
+                m = m[None, None]
+            elif m.ndim == 3:
+                m = m[:, None] if stack else m[None]
+            elif m.ndim != 4 or not stack:
+                raise ValueError(f"masks must be 2-D or 3-D (or a stack of them), got shape "
+                                 f"{m.shape}")
+        if m.ndim != 4 or m.shape[-2:] != shape:
+            raise ValueError(f"mask shape {m.shape[-2:]} does not match the frame shape {shape}")
+        m = m.astype(bool, copy=False)
+        n_masks, zm = m.shape[0], m.shape[1]
+        plane = np.zeros(len(f), dtype=np.int64) if zm == 1 else self._frame_planes(f, zm)
+        return (plane, *_mask_sets(m)), n_masks
+
+    def sum_masks(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None
+                  ) -> np.ndarray:
+        """Photon counts inside each mask, per frame, reading each frame once.
+
+        Parameters
+        ----------
+        masks
+            A stack of masks with the mask axis first: ``(M, H, W)`` 2-D masks
+            (applied to every frame) or ``(M, Z, H, W)`` 3-D masks (plane chosen by
+            each frame's slice); a single ``(H, W)`` mask; or a list of 2-D or 3-D
+            masks. Non-zero means inside.
+        frames, shifts
+            As in :meth:`read_frames`; masks apply to the registered frames.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``int64`` of shape ``(M, F)``.
+
+        """
+        f = self._frames(frames)
+        args, shape, _ = self._frame_args(f, shifts)
+        encoded, n_masks = self._masks(masks, f, shape, stack=True)
+        out = np.zeros((n_masks, len(f)), dtype=np.int64)
+        status = np.zeros(len(f), dtype=np.int8)
+        if len(f):
+            K.run("sum_masks", *args, *encoded, out, status)
+        self._check(status, f)
+        return out
+
+    def sum_mask(self, mask: Any, frames: FrameSelection = None, shifts: Shifts = None
+                 ) -> np.ndarray:
+        """Photon counts inside one mask per frame, ``(F,)``.
+
+        ``mask`` is ``(H, W)`` or a 3-D ``(Z, H, W)`` volume mask whose plane is
+        chosen by each frame's slice.
+        """
+        f = self._frames(frames)
+        args, shape, _ = self._frame_args(f, shifts)
+        encoded, _ = self._masks(mask, f, shape, stack=False)
+        out = np.zeros((1, len(f)), dtype=np.int64)
+        status = np.zeros(len(f), dtype=np.int8)
+        if len(f):
+            K.run("sum_masks", *args, *encoded, out, status)
+        self._check(status, f)
+        return out[0]
+
+    # ------------------------------------------------------------------ FLIM
+
+    def _n_bins(self, n_bins: int | None) -> int:
+        if n_bins is not None:
+            return int(n_bins)
+        nb = self._default_n_bins()
+        if nb is None or nb <= 0:
+            raise SiffFormatError(self.name, "the header has no usable Tau_bins; pass "
+                                  "n_bins= (or tau_bins= when opening)")
+        return nb
+
+    def _hist_mode(self, mode: str, n_bins: int | None) -> tuple[int, int]:
+        """Kernel mode code and bin count for a histogram ``mode``."""
+        modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
+                 "corrosiff": K.MODE_WRAP}
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+        nb = self._n_bins(n_bins)
+        if mode == "corrosiff" and n_bins is None:
+            nb += 2
+        return modes[mode], nb
+
+    def histograms(
+        self,
+        frames: FrameSelection = None,
+        *,
+        mode: HistogramMode = "drop",
+        n_bins: int | None = None,
+        return_overflow: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Arrival-time histogram of each frame.
+
+        Parameters
+        ----------
+        frames
+            File frame indices (default: all).
+        mode
+            Treatment of arrival times ``>= n_bins``: ``"drop"`` (default; not
+            binned, counted in the overflow), ``"clip"`` (into the last bin, also
+            counted), ``"wrap"`` (modulo ``n_bins``), or ``"corrosiff"``
+            (``n_bins = Tau_bins + 2`` and modulo, bin for bin what corrosiffpy
+            returns).
+        n_bins
+            Number of bins (default ``Tau_bins`` from the header).
+        return_overflow
+            Also return the per-frame count of arrival times ``>= n_bins``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``int64`` ``(F, n_bins)``; with ``return_overflow`` also ``(F,)``.
+
+        """
+        kmode, nb = self._hist_mode(mode, n_bins)
+        f = self._frames(frames)
+        args, _, _ = self._frame_args(f, photons=True)
+        out = np.zeros((len(f), nb), dtype=np.int64)
+        overflow = np.zeros(len(f), dtype=np.int64)
+        status = np.zeros(len(f), dtype=np.int8)
+        if len(f):
+            K.run("histograms", *args, kmode, out, overflow, status)
+        self._check(status, f)
+        return (out, overflow) if return_overflow else out
+
+    def masks_histograms(
+        self,
+        masks: Any,
+        frames: FrameSelection = None,
+        shifts: Shifts = None,
+        *,
+        mode: HistogramMode = "drop",
+        n_bins: int | None = None,
+    ) -> np.ndarray:
+        """Arrival-time histogram of the photons inside each mask, per frame.
+
+        Parameters
+        ----------
+        masks, frames, shifts
+            As in :meth:`sum_masks` (masks apply to the registered frames).
+        mode, n_bins
+            As in :meth:`histograms`.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``int64`` ``(M, F, n_bins)``; each frame is decoded once for all masks.
+
+        """
+        kmode, nb = self._hist_mode(mode, n_bins)
+        f = self._frames(frames)
+        args, shape, _ = self._frame_args(f, shifts, photons=True)
+        encoded, n_masks = self._masks(masks, f, shape, stack=True)
+        out = np.zeros((n_masks, len(f), nb), dtype=np.int64)
+        status = np.zeros(len(f), dtype=np.int8)
+        if len(f):
+            K.run("mask_histograms", *args, *encoded, kmode, out, status)
+        self._check(status, f)
+        return out
+
+    def _lut(self, harmonic: float, period_bins: int | None) -> tuple[np.ndarray, np.ndarray]:
+        period = self._n_bins(period_bins)
+        angle = 2 * np.pi * harmonic * np.arange(period) / period
+        return np.cos(angle), np.sin(angle)
+
+    def _to_units(self, bins: np.ndarray, units: str) -> np.ndarray:
+        if units == "bins":
+            return bins
+        if units != "ns":
+            raise ValueError(f"units must be 'ns' or 'bins', got {units!r}")
+        ps = self._picoseconds_per_bin()
+        if ps is None:
+            raise SiffFormatError(self.name, "the header has no binResolution; pass "
+                                  "bin_width_ps= when opening, or use units='bins'")
+        bins *= ps / 1000.0
+        return bins
+
+    def _pixel_flim(self, frames: FrameSelection, shifts: Shifts, want: str, offset: float,
+                    harmonic: float, period_bins: int | None, dtype: type,
+                    counts: bool = False) -> tuple[np.ndarray | None, ...]:
+        f = self._frames(frames)
+        args, (h, w), _ = self._frame_args(f, shifts, photons=True)
+        n = len(f)
+        none = np.zeros((0, 0), dtype=dtype)
+        mean = np.empty((n, h * w), dtype=dtype) if want == "mean" else none
+        g = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
+        s = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
+        cnt = np.empty((n, h * w) if counts else (0, 0), dtype=np.int32)
+        cos, sin = self._lut(harmonic, period_bins) if want == "phasor" else (np.ones(1),
+                                                                             np.zeros(1))
+        status = np.zeros(n, dtype=np.int8)
+        if n:
+            K.run("pixel_flim", *args, cos, sin, float(offset), mean, g, s, cnt, status)
+        self._check(status, f)
+        shape = (n, h, w)
+        return mean.reshape(shape) if want == "mean" else None, \
+            g.reshape(shape) if want == "phasor" else None, \
+            s.reshape(shape) if want == "phasor" else None, \
+            cnt.reshape(shape) if counts else None
+
+    def lifetime_images(
+        self,
+        frames: FrameSelection = None,
+        shifts: Shifts = None,
+        *,
+        units: Literal["ns", "bins"] = "ns",
+        offset_bins: float = 0.0,
+        dtype: type = np.float64,
+        return_intensity: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Per-pixel empirical lifetime: mean photon arrival time, NaN where empty.
+
+        Parameters
+        ----------
+        frames, shifts
+            As in :meth:`read_frames`.
+        units
+            ``"ns"`` (default) or ``"bins"``.
+        offset_bins
+            Subtracted from the mean arrival (e.g. the IRF offset), in bins.
+        dtype
+            ``float64`` (default) or ``float32``.
+        return_intensity
+            Also return the photon counts ``(F, H, W)`` ``int32``.
+
+        """
+        mean, _, _, cnt = self._pixel_flim(frames, shifts, "mean", offset_bins, 1.0, None, dtype,
+                                           counts=return_intensity)
+        mean = self._to_units(mean, units)
+        return (mean, cnt) if return_intensity else mean
+
+    def phasor_images(
+        self,
+        frames: FrameSelection = None,
+        shifts: Shifts = None,
+        *,
+        harmonic: float = 1.0,
+        period_bins: int | None = None,
+        dtype: type = np.float64,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel phasor ``(g, s)``: mean of ``cos``/``sin`` of ``2 pi h tau / P``.
+
+        ``P`` is ``period_bins`` (default ``Tau_bins``: one laser period). NaN
+        where a pixel has no photon. No calibration is applied.
+        """
+        _, g, s, _ = self._pixel_flim(frames, shifts, "phasor", 0.0, harmonic, period_bins,
+                                      dtype)
+        return g, s
+
+    def _mask_flim(self, masks: Any, frames: FrameSelection, shifts: Shifts, phasor: bool,
+                   harmonic: float, period_bins: int | None) -> tuple[np.ndarray, ...]:
+        f = self._frames(frames)
+        args, shape, _ = self._frame_args(f, shifts, photons=True)
+        encoded, n_masks = self._masks(masks, f, shape, stack=True)
+        n = len(f)
+        cnt = np.zeros((n_masks, n), dtype=np.int64)
+        tsum = np.zeros((n_masks, n), dtype=np.int64)
+        shp = (n_masks, n) if phasor else (0, 0)
+        gsum, ssum = np.zeros(shp), np.zeros(shp)
+        cos, sin = self._lut(harmonic, period_bins) if phasor else (np.ones(1), np.zeros(1))
+        status = np.zeros(n, dtype=np.int8)
+        if n:
+            K.run("mask_flim", *args, *encoded, cos, sin, cnt, tsum, gsum, ssum, status)
+        self._check(status, f)
+        return cnt, tsum, gsum, ssum
+
+    def sum_masks_flim(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Sum of arrival times (bins) and photon count inside each mask, per frame.
+
+        The empirical lifetime of mask ``m`` in frame ``i`` is
+        ``arrival_sum[m, i] / counts[m, i]`` bins. Masks as in :meth:`sum_masks`.
+
+        Returns
+        -------
+        arrival_sum, counts
+            ``int64`` arrays of shape ``(M, F)``.
+
+        """
+        cnt, tsum, _, _ = self._mask_flim(masks, frames, shifts, False, 1.0, None)
+        return tsum, cnt
+
+    def masks_phasor(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None,
+                     *, harmonic: float = 1.0, period_bins: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Phasor ``(g, s)`` of the photons inside each mask, and their count, ``(M, F)``."""
+        cnt, _, gsum, ssum = self._mask_flim(masks, frames, shifts, True, harmonic, period_bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return gsum / cnt, ssum / cnt, cnt
+
+    # ------------------------------------------------------------------ photons
+
+    def photons_batch(self, frames: FrameSelection = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Photons of several frames, each frame's photons sorted by pixel.
+
+        Returns
+        -------
+        starts
+            ``int64`` ``(F + 1,)``: frame ``i``'s photons are ``starts[i]:starts[i+1]``.
+        pixel_index
+            ``uint32``: ``y * W + x`` of each photon.
+        arrival
+            ``uint32``: arrival-time bin of each photon.
+
+        """
+        f = self._frames(frames)
+        args, _, maxn = self._frame_args(f, photons=True)
+        starts = np.zeros(len(f) + 1, dtype=np.int64)
+        np.cumsum(self._n_photons(f), out=starts[1:])
+        pix = np.empty(int(starts[-1]), dtype=np.uint32)
+        tau = np.empty(int(starts[-1]), dtype=np.uint32)
+        status = np.zeros(len(f), dtype=np.int8)
+        if len(f):
+            K.run("photons", *args, maxn, starts, pix, tau, status)
+        self._check(status, f)
+        return starts, pix, tau
+
+    def photons(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixel_index, arrival)`` of one frame's photons, sorted by pixel (``uint32``)."""
+        _, pix, tau = self.photons_batch([frame])
+        return pix, tau
+
+
+def shifts_for_frames(shifts: Mapping[int, tuple[int, int]], frames: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Look up ``{frame: (dy, dx)}`` for many frames at once (no Python loop per frame).
+
+    Returns ``(shifts (F, 2) int64, found (F,) bool)``; missing frames get ``(0, 0)``.
+    """
+    f = np.asarray(frames, dtype=np.int64).reshape(-1)
+    out = np.zeros((f.size, 2), dtype=np.int64)
+    if not len(shifts):
+        return out, np.zeros(f.size, dtype=bool)
+    keys = np.fromiter(shifts.keys(), dtype=np.int64, count=len(shifts))
+    vals = np.asarray(list(shifts.values()), dtype=np.int64).reshape(-1, 2)
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    pos = np.minimum(np.searchsorted(keys, f), keys.size - 1)
+    found = keys[pos] == f
+    out[found] = vals[pos[found]]
+    return out, found
+
+
+def _mask_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode boolean masks ``(M, Z, H, W)`` as mask sets for the kernels.
+
+    Every (plane, pixel) gets the id of the combination of masks containing it
+    (``setid``, length ``Z*H*W``); set ``s`` holds masks
+    ``set_idx[set_ptr[s]:set_ptr[s+1]]``.
+    """
+    n_masks = m.shape[0]
+    n_px = int(np.prod(m.shape[1:]))
+    if n_masks == 0:
+        return np.zeros(n_px, np.int64), np.zeros(2, np.int64), np.zeros(0, np.int64)
+    flat = np.ascontiguousarray(m.reshape(n_masks, n_px).T)
+    packed = np.ascontiguousarray(np.packbits(flat, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    uniq, setid = np.unique(keys, return_inverse=True)
+    members = np.unpackbits(uniq.view(np.uint8).reshape(len(uniq), -1), axis=1,
+                            count=n_masks).astype(bool)
+    rows, cols = np.nonzero(members)
+    set_ptr = np.zeros(len(uniq) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(uniq)), out=set_ptr[1:])
+    return setid.reshape(-1).astype(np.int64), set_ptr, cols.astype(np.int64)
+
+
