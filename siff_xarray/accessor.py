@@ -11,6 +11,7 @@ Shift convention: the registered frame is
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Literal
 
@@ -200,15 +201,14 @@ class SiffAccessor:
     def _source_file(self) -> str | None:
         """Return the local ``.siff`` behind this Dataset, if its frames can be read from it.
 
-        Not for converted stores, registered-in-place intensity, acquisitions of
-        several files (``frame_index`` then counts frames across the parts), or URLs
-        (the Dataset does not carry their storage options).
+        Not for converted stores, acquisitions of several files (``frame_index``
+        then counts frames across the parts), or URLs (the Dataset does not carry
+        their storage options).
         """
         ds = self._ds
         src = ds.intensity.encoding.get("source")
         if (isinstance(src, str) and "://" not in src and os.path.isfile(src)
-                and "frame_index" in ds and "registered" not in ds.intensity.attrs
-                and "file_frame_offsets" not in ds.attrs):
+                and "frame_index" in ds and "file_frame_offsets" not in ds.attrs):
             return src
         return None
 
@@ -226,10 +226,12 @@ class SiffAccessor:
         channel
             ScanImage channel number to sum; default: every channel (kept as a dim).
         method
-            ``"kernel"``: decode the source ``.siff`` once for all masks in the
-            reader's Numba kernel (Datasets from ``engine="siff"``); ``"xarray"``:
-            reduce ``intensity`` (lazy under Dask; converted stores); ``"auto"``
-            picks the kernel when the source file is at hand.
+            ``"kernel"``: one pass over each frame's photons for all masks in the
+            reader's Numba kernel (the source ``.siff``, or a converted store's
+            photons); ``"xarray"``: reduce ``intensity``; ``"auto"`` picks the
+            kernel for ``.siff`` sources and ``"xarray"`` otherwise (a store's
+            compressed intensity is cheaper to read than its photons). Both are
+            lazy on a Dask-backed Dataset.
 
         Returns
         -------
@@ -255,12 +257,8 @@ class SiffAccessor:
         m, labels, is_3d = self._normalise_masks(masks, single)
         if method not in ("auto", "kernel", "xarray"):
             raise ValueError(f"method must be 'auto', 'kernel' or 'xarray', got {method!r}")
-        src = self._source_file()
-        if method == "kernel" and src is None:
-            raise ValueError("method='kernel' needs a Dataset opened from one local .siff "
-                             "file (with frame_index and unregistered intensity)")
         sel = {} if channel is None else {"channel": channel}
-        if method == "xarray" or (method == "auto" and src is None):
+        if method == "xarray" or (method == "auto" and self._source_file() is None):
             data = ds.siff.apply_shifts() if "shift_y" in ds else ds
             inten = data.intensity.sel(sel)
             md = xr.DataArray(m.astype(np.int64), dims=("roi", "z", "y", "x"),
@@ -269,58 +267,102 @@ class SiffAccessor:
                 md = md.isel(z=0, drop=True)
             out = xr.dot(inten.astype(np.int64), md, dim=["y", "x", *(["z"] if is_3d else [])])
         else:
-            out = self._sum_kernel(src, m, labels, is_3d, sel)
+            out = self._sum_kernel(m, labels, is_3d, sel)
         out.name = "photons_in_roi"
         out.attrs = {"long_name": "photons inside the mask", "units": "photons"}
         first = [d for d in ("roi", "time", "z", "repeat", "channel") if d in out.dims]
         return out.transpose(*first)
 
-    def _frames(self, sel: dict[str, Any]) -> tuple[xr.DataArray, np.ndarray, np.ndarray,
-                                                     np.ndarray | None]:
-        """Frame map for the selection, its existing frames, and their shifts."""
+    def _photon_source(self, what: str) -> tuple[str, str, dict[str, Any] | None]:
+        """Where this Dataset's photons are: ``(kind, path, storage_options)``.
+
+        ``("siff", path, None)`` for a Dataset opened from one local ``.siff``;
+        ``("store", path_or_url, options)`` for a converted store (opened with
+        :func:`~siff_xarray.open_converted` or ``xr.open_zarr(path)``).
+        """
+        from .zarr_photons import is_converted_store
+
+        ds = self._ds
+        if "frame_index" in ds:
+            src = self._source_file()
+            if src is not None:
+                return "siff", src, None
+            store = ds.encoding.get("source")
+            opts = ds.encoding.get("storage_options")
+            if isinstance(store, str) and is_converted_store(store, opts):
+                return "store", store, opts
+        raise ValueError(f"{what} reduces photons, which needs a Dataset opened from one "
+                         "local .siff file or from a converted store (with frame_index); "
+                         "this Dataset has neither (for photons of a .siff at a URL, use "
+                         "siff_xarray.SiffFile with storage options)")
+
+    def _frame_grid(self, sel: dict[str, Any]) -> tuple[xr.DataArray, np.ndarray | None]:
+        """File frame of every (time, z, ..., channel) cell, and its shift ``(..., 2)``."""
         ds = self._ds
         fmap = ds.frame_index.sel(sel)
-        frames = fmap.values.reshape(-1)
-        ok = frames >= 0
         shifts = None
         if "shift_y" in ds:
             sy, sx = xr.broadcast(ds.shift_y, ds.shift_x, fmap)[:2]
-            sy = sy.transpose(*fmap.dims).values.reshape(-1)
-            sx = sx.transpose(*fmap.dims).values.reshape(-1)
-            shifts = np.stack([sy, sx], axis=1)[ok]
-        return fmap, frames[ok], ok, shifts
+            shifts = np.stack([np.asarray(sy.transpose(*fmap.dims).values),
+                               np.asarray(sx.transpose(*fmap.dims).values)], axis=-1)
+        return fmap, shifts
 
-    @staticmethod
-    def _place(values: np.ndarray, fmap: xr.DataArray, ok: np.ndarray, labels: np.ndarray,
-               extra_dims: tuple[str, ...] = (), extra_coords: dict[str, Any] | None = None,
-               fill: Any = 0) -> xr.DataArray:
-        """Put ``(M, F_ok, *extra)`` results back on the ``(roi, *frame dims, *extra)`` grid."""
-        m, extra = values.shape[0], values.shape[2:]
-        out = np.full((m, ok.size, *extra), fill, dtype=values.dtype)
-        out[:, ok] = values
-        coords = {"roi": labels, **{k: v for k, v in fmap.coords.items()
-                                    if set(v.dims) <= set(fmap.dims)}}
-        coords.update(extra_coords or {})
-        return xr.DataArray(out.reshape(m, *fmap.shape, *extra),
-                            dims=("roi", *fmap.dims, *extra_dims), coords=coords)
+    def _photon_reduce(self, what: str, op: str, sel: dict[str, Any], masks: Any = None,
+                       **kw: Any) -> xr.DataArray:
+        """Run a photon reduction over the frames of ``sel``, eagerly or lazily with Dask.
 
-    def _sum_kernel(self, src: str, m: np.ndarray, labels: np.ndarray, is_3d: bool,
+        Returns ``(part, roi, *frame dims, *extra)``: see :func:`_reduce_block`. A
+        Dask-backed Dataset gives a Dask-backed result with one task per ``time``
+        chunk of ``intensity``; otherwise frames are reduced in blocks of about
+        ``4096`` frames (bounded memory).
+        """
+        import dask
+        import dask.array as da
+
+        ds = self._ds
+        spec = self._photon_source(what)
+        fmap, shifts = self._frame_grid(sel)
+        fm = np.asarray(fmap.values)
+        layout = _op_layout(op, kw, ds)
+        n_parts, extra, dtype = layout
+        n_roi = 1 if masks is None else masks.shape[0]
+        t_axis = fmap.dims.index("time")
+        chunks = ds.intensity.chunks
+        if chunks is not None:
+            bounds = np.cumsum((0, *chunks[ds.intensity.dims.index("time")]))
+        else:
+            per_t = max(1, fm.size // max(1, fm.shape[t_axis]))
+            bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, 4096 // per_t)),
+                           fm.shape[t_axis]]
+        blocks = []
+        for a, b in itertools.pairwise(bounds):
+            idx = [slice(None)] * fm.ndim
+            idx[t_axis] = slice(int(a), int(b))
+            fb = fm[tuple(idx)]
+            sb = None if shifts is None else shifts[tuple(idx)]
+            if chunks is None:
+                blocks.append(_reduce_block(spec, op, fb, sb, masks, kw, layout))
+            else:
+                shape = (n_parts, n_roi, *fb.shape, *extra)
+                task = dask.delayed(_reduce_block, pure=True)(spec, op, fb, sb, masks, kw,
+                                                              layout)
+                blocks.append(da.from_delayed(task, shape=shape, dtype=dtype))
+        if blocks:
+            data = (np.concatenate if chunks is None else da.concatenate)(blocks,
+                                                                          axis=2 + t_axis)
+        else:
+            data = np.zeros((n_parts, n_roi, *fm.shape, *extra), dtype=dtype)
+        coords = {k: v for k, v in fmap.coords.items() if set(v.dims) <= set(fmap.dims)}
+        dims = ("part", "roi", *fmap.dims, *_extra_dims(op))
+        for d in _extra_dims(op):
+            coords[d] = ds[d]
+        return xr.DataArray(data, dims=dims, coords=coords)
+
+    def _sum_kernel(self, m: np.ndarray, labels: np.ndarray, is_3d: bool,
                     sel: dict[str, Any]) -> xr.DataArray:
-        from .reader.siff_file import SiffFile
-
-        fmap, frames, ok, shifts = self._frames(sel)
-        with SiffFile(src) as f:
-            got = f.sum_masks(m, frames, shifts=shifts)  # (M, F): one decode per frame
-        arr = self._place(got, fmap, ok, labels)
+        arr = self._photon_reduce("sum_masks", "sum_masks", sel, m).isel(part=0, drop=True)
+        arr = arr.assign_coords(roi=labels)
         return arr.sum("z") if is_3d else arr
-
-    def _need_source(self, what: str) -> str:
-        src = self._source_file()
-        if src is None:
-            raise ValueError(f"{what} reduces photons, which needs a Dataset opened from one "
-                             "local .siff file (frame_index present, intensity not registered "
-                             "in place); for a converted store use siff_xarray.read_photons")
-        return src
 
     def histogram(self, mask: Any = None, *, channel: int | None = None,
                   mode: Literal["drop", "clip", "wrap", "corrosiff"] = "drop"
@@ -331,8 +373,10 @@ class SiffAccessor:
         ----------
         mask
             ``None`` (the Dataset's per-frame ``histogram``), or masks as in
-            :meth:`sum_masks`: the photons inside each mask, from the source file in
-            one decode per frame (registered when the Dataset holds shifts).
+            :meth:`sum_masks`: the photons inside each mask, from the source
+            ``.siff`` or the converted store, in one pass over each frame's photons
+            for all masks (registered when the Dataset holds shifts). Lazy when the
+            Dataset is Dask-backed.
         channel
             ScanImage channel number; default every channel.
         mode
@@ -345,20 +389,15 @@ class SiffAccessor:
             laser frequency in MHz (phasorpy's conventions).
 
         """
-        from .reader.siff_file import SiffFile
-
         ds = self._ds
         sel = {} if channel is None else {"channel": channel}
         if mask is None:
             out = ds.histogram.sel(sel)
         else:
-            src = self._need_source("histogram(mask)")
             m, labels, is_3d = self._normalise_masks(mask, single=False)
-            fmap, frames, ok, shifts = self._frames(sel)
-            with SiffFile(src) as f:
-                got = f.masks_histograms(m, frames, shifts=shifts, mode=mode,
-                                         n_bins=ds.sizes.get("tau"))
-            out = self._place(got, fmap, ok, labels, ("tau",), {"tau": ds["tau"]})
+            out = self._photon_reduce("histogram(mask)", "histograms", sel, m, mode=mode,
+                                      n_bins=ds.sizes.get("tau"))
+            out = out.isel(part=0, drop=True).assign_coords(roi=labels)
             if is_3d:
                 out = out.sum("z")
         out = out.copy()
@@ -374,31 +413,25 @@ class SiffAccessor:
 
         With ``mask=None`` per pixel ``(time, z, ..., y, x)`` (NaN where no photon);
         with masks (as in :meth:`sum_masks`) per ROI and frame, pooling the ROI's
-        photons. Computed from photons in the reader's Numba kernels (registered
-        when the Dataset holds shifts); arrival times count from the start of their
-        bin, as ``SiffFile.lifetime_images`` does.
+        photons. Computed from photons (of the source ``.siff`` or the converted
+        store) in the reader's Numba kernels, registered when the Dataset holds
+        shifts, lazily when it is Dask-backed; arrival times count from the start of
+        their bin, as ``SiffFile.lifetime_images`` does.
         """
-        from .reader.siff_file import SiffFile
-
         ds = self._ds
         sel = {} if channel is None else {"channel": channel}
-        src = self._need_source("lifetime")
-        fmap, frames, ok, shifts = self._frames(sel)
-        with SiffFile(src) as f:
-            bin_ns = f.im_params.picoseconds_per_bin / 1000.0
-            if mask is None:
-                img = f.lifetime_images(frames, shifts=shifts, units="ns", dtype=np.float32)
-                out = self._place(img[None], fmap, ok, np.array([0]), ("y", "x"),
-                                  {"y": ds["y"], "x": ds["x"]}, fill=np.nan)
-                out = out.isel(roi=0, drop=True) - offset
-            else:
-                m, labels, is_3d = self._normalise_masks(mask, single=False)
-                total, counts = f.sum_masks_flim(m, frames, shifts=shifts)
-                s = self._place(total, fmap, ok, labels)
-                c = self._place(counts, fmap, ok, labels)
-                if is_3d:
-                    s, c = s.sum("z"), c.sum("z")
-                out = (s / c.where(c > 0)) * bin_ns - offset
+        if mask is None:
+            out = self._photon_reduce("lifetime", "pixel_mean", sel).isel(
+                part=0, roi=0, drop=True) - offset
+        else:
+            m, labels, is_3d = self._normalise_masks(mask, single=False)
+            parts = self._photon_reduce("lifetime", "mask_flim", sel, m, phasor=False)
+            parts = parts.assign_coords(roi=labels)
+            if is_3d:
+                parts = parts.sum("z")
+            c, s = parts.isel(part=0, drop=True), parts.isel(part=1, drop=True)
+            bin_ns = float(ds.attrs["tau_bin_ps"]) / 1000.0
+            out = (s / c.where(c > 0)) * bin_ns - offset
         out.name = "lifetime"
         out.attrs = {"long_name": "mean photon arrival time minus offset", "units": "ns",
                      "offset_ns": offset}
@@ -416,6 +449,7 @@ class SiffAccessor:
         measured the same way) and its ``reference_lifetime`` (ns), the result is
         calibrated: rotated and scaled so that the reference lands on the
         single-exponential phasor of its lifetime (removing the IRF delay and width).
+        Works on ``.siff`` Datasets and converted stores, lazily under Dask.
 
         Returns
         -------
@@ -424,29 +458,21 @@ class SiffAccessor:
             :meth:`lifetime`.
 
         """
-        from .reader.siff_file import SiffFile
-
         ds = self._ds
         sel = {} if channel is None else {"channel": channel}
-        src = self._need_source("phasor")
-        fmap, frames, ok, shifts = self._frames(sel)
-        with SiffFile(src) as f:
-            if mask is None:
-                g, s_, n = f._pixel_flim(frames, shifts, "phasor", 0.0, harmonic, None,
-                                         np.float64, counts=True)[1:]
-                coords = {"y": ds["y"], "x": ds["x"]}
-                parts = [self._place(a[None], fmap, ok, np.array([0]), ("y", "x"), coords,
-                                     fill=fill).isel(roi=0, drop=True)
-                         for a, fill in ((g, np.nan), (s_, np.nan), (n, 0))]
-            else:
-                m, labels, is_3d = self._normalise_masks(mask, single=False)
-                cnt, _, gsum, ssum = f._mask_flim(m, frames, shifts, True, harmonic, None)
-                sums = [self._place(a, fmap, ok, labels) for a in (gsum, ssum, cnt)]
-                if is_3d:
-                    sums = [a.sum("z") for a in sums]
-                n = sums[2]
-                parts = [sums[0] / n.where(n > 0), sums[1] / n.where(n > 0), n]
-        g_da, s_da, n_da = parts
+        if mask is None:
+            parts = self._photon_reduce("phasor", "pixel_phasor", sel,
+                                        harmonic=harmonic).isel(roi=0, drop=True)
+            g_da, s_da, n_da = (parts.isel(part=k, drop=True) for k in range(3))
+        else:
+            m, labels, is_3d = self._normalise_masks(mask, single=False)
+            parts = self._photon_reduce("phasor", "mask_flim", sel, m, phasor=True,
+                                        harmonic=harmonic).assign_coords(roi=labels)
+            if is_3d:
+                parts = parts.sum("z")
+            n_da = parts.isel(part=0, drop=True)
+            nz = n_da.where(n_da > 0)
+            g_da, s_da = parts.isel(part=2, drop=True) / nz, parts.isel(part=3, drop=True) / nz
         attrs = {"harmonic": harmonic}
         if "laser_period_ns" in ds.attrs:
             attrs["frequency"] = 1000.0 / float(ds.attrs["laser_period_ns"])
@@ -557,3 +583,79 @@ def _align_block(block: np.ndarray, refs: np.ndarray, method: str, opts: dict[st
     quality = np.where(empty, 0.0, quality)
     out = np.concatenate([shifts.astype(np.float64), quality[..., None]], axis=-1)
     return out.transpose(1, 0, 2).reshape(*lead, nz, 3)
+
+
+# ---------------------------------------------------------------------- photon blocks
+
+def _extra_dims(op: str) -> tuple[str, ...]:
+    return {"histograms": ("tau",), "pixel_mean": ("y", "x"),
+            "pixel_phasor": ("y", "x")}.get(op, ())
+
+
+def _op_layout(op: str, kw: dict[str, Any], ds: xr.Dataset) -> tuple[int, tuple[int, ...], Any]:
+    """Return the number of result parts, extra trailing shape and dtype of a reduction."""
+    if op == "sum_masks":
+        return 1, (), np.dtype(np.int64)
+    if op == "histograms":
+        return 1, (int(kw["n_bins"]),), np.dtype(np.int64)
+    if op == "mask_flim":
+        return (4 if kw["phasor"] else 2), (), np.dtype(np.float64)
+    hw = (ds.sizes["y"], ds.sizes["x"])
+    if op == "pixel_mean":
+        return 1, hw, np.dtype(np.float32)
+    return 3, hw, np.dtype(np.float64)  # pixel_phasor
+
+
+def _open_photons(spec: tuple[str, str, dict[str, Any] | None]) -> Any:
+    kind, path, opts = spec
+    if kind == "siff":
+        from .reader.siff_file import SiffFile
+
+        return SiffFile(path)
+    from .zarr_photons import StorePhotons
+
+    return StorePhotons(path, storage_options=opts)
+
+
+def _reduce_block(spec: tuple[str, str, dict[str, Any] | None], op: str, fmap: np.ndarray,
+                  shifts: np.ndarray | None, masks: np.ndarray | None, kw: dict[str, Any],
+                  layout: tuple[int, tuple[int, ...], Any]) -> np.ndarray:
+    """Reduce the photons of the frames ``fmap`` (file frame per cell; -1 = missing).
+
+    Returns ``(part, roi, *fmap.shape, *extra)``; missing cells hold 0 (NaN for
+    per-pixel lifetimes and phasors). Parts: ``sum_masks`` photons;
+    ``histograms`` counts per bin; ``mask_flim`` photons, arrival sum (bins)
+    [, cos sum, sin sum]; ``pixel_mean`` mean arrival (ns); ``pixel_phasor`` g, s,
+    photons. ``layout`` is :func:`_op_layout`'s. Opens the source itself, so it
+    runs on any Dask worker.
+    """
+    n_parts, extra, dtype = layout
+    frames = fmap.reshape(-1)
+    ok = frames >= 0
+    n_roi = 1 if masks is None else masks.shape[0]
+    fill = np.nan if op in ("pixel_mean", "pixel_phasor") else 0
+    out = np.full((n_parts, n_roi, frames.size, *extra), fill, dtype=dtype)
+    if ok.any():
+        f = frames[ok]
+        sh = None if shifts is None else shifts.reshape(-1, 2)[ok]
+        with _open_photons(spec) as src:
+            if op == "sum_masks":
+                parts = [src.sum_masks(masks, f, shifts=sh)]
+            elif op == "histograms":
+                parts = [src.masks_histograms(masks, f, shifts=sh, mode=kw["mode"],
+                                              n_bins=kw["n_bins"])]
+            elif op == "mask_flim":
+                cnt, tsum, g, s = src._mask_flim(masks, f, sh, kw["phasor"],
+                                                 kw.get("harmonic", 1), None)
+                parts = [cnt, tsum, g, s] if kw["phasor"] else [cnt, tsum]
+            elif op == "pixel_mean":
+                parts = [src.lifetime_images(f, shifts=sh, units="ns", dtype=np.float32)[None]]
+            else:
+                _, g, s, n = src._pixel_flim(f, sh, "phasor", 0.0, kw["harmonic"], None,
+                                             np.float64, counts=True)
+                parts = [g[None], s[None], n[None]]
+        for k, part in enumerate(parts):
+            out[k][:, ok] = part
+        if op == "pixel_phasor":
+            out[2][:, ~ok] = 0
+    return out.reshape(n_parts, n_roi, *fmap.shape, *extra)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConversionError, IncompleteStoreError, SiffFormatError
+from .errors import ConversionError, IncompleteStoreError
 from .reader.acquisition import Acquisition
 
 __all__ = [
@@ -866,7 +866,12 @@ def open_converted(store: str | os.PathLike[str], *,
                 "(siff-xarray convert --resume) to finish it")
         raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
     kwargs.setdefault("consolidated", False)
-    return xr.open_zarr(target.zarr(), **kwargs)
+    ds = xr.open_zarr(target.zarr(), **kwargs)
+    # where the photons are, for ds.siff's photon reductions
+    ds.encoding["source"] = target.destination
+    if storage_options:
+        ds.encoding["storage_options"] = storage_options
+    return ds
 
 
 def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | None = None
@@ -886,39 +891,10 @@ def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | N
     if not target.exists("photons/zarr.json"):
         with SiffFile(path, storage_options=storage_options) as f:
             return f.photons(frame)
-    import zarr
+    from .zarr_photons import StorePhotons
 
-    store = target.zarr()
-    grp = zarr.open_group(store, path="photons", mode="r")
-    n_frames = grp["photon_count"].shape[0]
-    if not -n_frames <= frame < n_frames:
-        raise IndexError(f"{path}: frame {frame} out of range ({n_frames} frames)")
-    frame %= n_frames
-    start = int(grp["photon_start"][frame])
-    count = int(grp["photon_count"][frame])
-    tau = np.asarray(grp["arrival_time"][start : start + count]).astype(np.uint32)
-    counts = _count_image(store, grp, frame)
-    pix = np.repeat(np.arange(counts.size, dtype=np.uint32), counts.ravel())
-    if pix.size != count:
-        raise SiffFormatError(path, f"photons of frame {frame} do not match its count image "
-                              f"({pix.size} != {count})", None, frame)
-    return pix, tau
-
-
-def _count_image(store: Any, grp: Any, frame: int) -> np.ndarray:
-    import zarr
-
-    fly = np.asarray(grp["flyback_frame"][...])
-    k = int(np.searchsorted(fly, frame))
-    if k < fly.size and fly[k] == frame:
-        return np.asarray(grp["flyback_intensity"][k])
-    root = zarr.open_group(store, mode="r")
-    fmap = np.asarray(root["frame_index"][...])
-    where = np.argwhere(fmap == frame)
-    if not len(where):
-        raise SiffFormatError(str(store), "frame is neither an imaging nor a flyback frame",
-                              None, frame)
-    return np.asarray(root["intensity"][tuple(int(i) for i in where[0])])
+    with StorePhotons(path, storage_options=storage_options) as p:
+        return p.photons(frame)
 
 
 def _count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,

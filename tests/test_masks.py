@@ -87,23 +87,55 @@ def test_sum_masks_with_shifts_equals_corrosiff(siff_files, rng):
         np.testing.assert_array_equal(k.values.reshape(3, -1), theirs)
 
 
-def test_sum_masks_on_a_converted_store(siff_files, tmp_path, rng):
-    t = siff_files["frames_per_slice"]
+@pytest.mark.filterwarnings("ignore:The specified chunks separate the stored chunks")
+def test_photon_reductions_on_a_converted_store(siff_files, tmp_path, rng):
+    t = siff_files["two_chan_slices_flyback"]
     zs.convert(t.path, tmp_path / "m.zarr")
     with zs.open_converted(tmp_path / "m.zarr") as z, \
             xr.open_dataset(t.path, engine="siff") as ds:
-        masks = rng.random((2, ds.sizes["y"], ds.sizes["x"])) > 0.5
-        with pytest.raises(ValueError, match="kernel"):
-            z.siff.sum_masks(masks, method="kernel")
-        with pytest.raises(ValueError, match="read_photons"):
-            z.siff.lifetime(masks)
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        masks = rng.random((2, h, w)) > 0.5
+        labels3d = rng.integers(0, 3, (ds.sizes["z"], h, w))
+        sh = xr.Dataset({"shift_y": (("time", "z"), rng.integers(-3, 4, (ds.sizes["time"],
+                                                                        ds.sizes["z"]))),
+                         "shift_x": (("time", "z"), rng.integers(-3, 4, (ds.sizes["time"],
+                                                                        ds.sizes["z"])))})
+        pairs = [(z, ds), (z.siff.apply_shifts(sh), ds.siff.apply_shifts(sh))]
+        for a, b in pairs:  # store vs .siff, unregistered and registered
+            for m in (masks, labels3d):
+                xr.testing.assert_identical(a.siff.sum_masks(m, method="kernel"),
+                                            b.siff.sum_masks(m))
+                xr.testing.assert_identical(a.siff.histogram(m), b.siff.histogram(m))
+                xr.testing.assert_identical(a.siff.lifetime(m, offset=1.0),
+                                            b.siff.lifetime(m, offset=1.0))
+                # raw-encoded frames sum cosines in photon order, the store in pixel order
+                xr.testing.assert_allclose(a.siff.phasor(m), b.siff.phasor(m), rtol=1e-12)
+            xr.testing.assert_identical(a.siff.lifetime(), b.siff.lifetime())
+            xr.testing.assert_allclose(a.siff.phasor(harmonic=2), b.siff.phasor(harmonic=2),
+                                       rtol=1e-12)
+            np.testing.assert_array_equal(a.siff.sum_masks(masks).values,
+                                          b.siff.sum_masks(masks).values)
         np.testing.assert_array_equal(z.siff.histogram().values, ds.histogram.values)
-        np.testing.assert_array_equal(z.siff.sum_masks(masks).values,
-                                      ds.siff.sum_masks(masks).values)
-    with xr.open_dataset(t.path, engine="siff", chunks={}) as dds:
-        lazy = dds.siff.sum_masks(masks, method="xarray")
-        assert lazy.chunks is not None
-        np.testing.assert_array_equal(lazy.values, ds.siff.sum_masks(masks).values)
+    # Dask-backed Datasets give lazy results, one task per time chunk, equal to eager ones
+    with zs.open_converted(tmp_path / "m.zarr", chunks={"time": 2}) as lz, \
+            xr.open_dataset(t.path, engine="siff", chunks={}) as dds:
+        for lazy_ds in (lz, dds):
+            lazy = [lazy_ds.siff.sum_masks(masks, method="kernel"),
+                    lazy_ds.siff.histogram(masks), lazy_ds.siff.lifetime(masks),
+                    lazy_ds.siff.lifetime(), lazy_ds.siff.phasor(masks).photons]
+            assert all(x.chunks is not None for x in lazy)
+            eager = [ds.siff.sum_masks(masks), ds.siff.histogram(masks),
+                     ds.siff.lifetime(masks), ds.siff.lifetime(), ds.siff.phasor(masks).photons]
+            for x, y in zip(lazy, eager, strict=True):
+                xr.testing.assert_identical(x.compute(), y)
+    # a Dataset with neither a .siff nor a store behind it says so
+    plain = ds.load().copy()
+    plain.encoding = {}
+    plain.intensity.encoding = {}
+    with pytest.raises(ValueError, match="converted store"):
+        plain.siff.lifetime(masks)
+    with pytest.raises(ValueError, match="converted store"):
+        plain.siff.sum_masks(masks, method="kernel")
 
 
 def test_histogram_and_lifetime_per_roi(siff_files, rng):

@@ -356,3 +356,68 @@ def test_split_acquisition_becomes_one_store(tmp_path):
     assert zs.group_acquisitions(["d/x_00002.siff", "d/x_00001.siff", "d/y.siff",
                                   "e/x_00001.siff"]) == [
         ["d/x_00001.siff", "d/x_00002.siff"], ["d/y.siff"], ["e/x_00001.siff"]]
+
+
+def _same_reductions(a, b, rng) -> None:
+    """Every photon reduction of two photon sources (SiffFile / StorePhotons) agrees."""
+    fr = np.arange(a.num_frames)
+    h, w = a._frame_args(fr[:1])[1]
+    sh = rng.integers(-5, 6, (fr.size, 2))
+    m = rng.random((3, h, w)) > 0.5
+    checks = {
+        "read_frames": lambda s: s.read_frames(fr, shifts=sh),
+        "histograms": lambda s: s.histograms(fr, mode="clip", return_overflow=True),
+        "masks_histograms": lambda s: s.masks_histograms(m, fr, shifts=sh),
+        "sum_masks": lambda s: s.sum_masks(m, fr, shifts=sh),
+        "lifetime_images": lambda s: s.lifetime_images(fr, shifts=sh, units="bins"),
+        "sum_masks_flim": lambda s: s.sum_masks_flim(m, fr, shifts=sh),
+        "photons_batch": lambda s: s.photons_batch(fr[::-1]),
+    }
+    for name, fn in checks.items():
+        x, y = fn(a), fn(b)
+        for u, v in zip(*((x, y) if isinstance(x, tuple) else ((x,), (y,))), strict=True):
+            np.testing.assert_array_equal(u, v, err_msg=name)
+    for u, v in zip(a.phasor_images(fr, shifts=sh), b.phasor_images(fr, shifts=sh),
+                    strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-12)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_store_photons_equal_the_source(tmp_path, rng, wide):
+    from siff_xarray import SiffFile
+    from siff_xarray.zarr_photons import StorePhotons
+
+    kw = ({"tau_bins": 30000, "overflow_fraction": 0.2, "encoding": "raw"} if wide else
+          {"encoding": "mixed"})
+    t = write_siff(tmp_path / "p.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=5, extra_frames=3, photons_per_frame=400, **kw)
+    dst = tmp_path / "p.zarr"
+    zs.convert(t.path, dst)
+    with SiffFile(t.path) as a, StorePhotons(dst) as b:
+        assert b.num_frames == a.num_frames and "p.zarr" in repr(b)
+        _same_reductions(a, b, rng)
+        # 3-D masks take each imaging frame's plane; flyback frames have none
+        imaging = np.flatnonzero(~a.im_params.locate(np.arange(a.num_frames))["flyback"])
+        m3 = rng.random((2, 2, 16, 12)) > 0.5
+        np.testing.assert_array_equal(a.sum_masks(m3, imaging), b.sum_masks(m3, imaging))
+        with pytest.raises(ValueError, match="flyback"):
+            b.sum_masks(m3, [4])  # frames 4 and 5: the flyback scan (2 channels)
+        with pytest.raises(IndexError, match=r"p\.zarr"):
+            b.photons(a.num_frames)
+
+
+def test_store_photons_refuse_inconsistent_stores(siff_files, tmp_path):
+    import zarr
+
+    from siff_xarray.errors import SiffFormatError
+    from siff_xarray.zarr_photons import StorePhotons
+
+    t = siff_files["frames_per_slice"]
+    dst = tmp_path / "bad.zarr"
+    zs.convert(t.path, dst)
+    counts = zarr.open_array(str(dst), path="photons/photon_count", mode="r+")
+    counts[0] = int(counts[0]) + 1  # damage: the count image no longer matches
+    with StorePhotons(dst) as p, pytest.raises(SiffFormatError, match="photon_count"):
+        p.histograms([0])
+    with pytest.raises(FileNotFoundError, match="not a converted"):
+        StorePhotons(tmp_path)

@@ -1,0 +1,193 @@
+"""Photon reductions on a converted Zarr store, identical to those on the source ``.siff``.
+
+A converted store keeps each frame's count image (``intensity``, or
+``photons/flyback_intensity``) and its arrival times in pixel order
+(``photons/arrival_time``): exactly a compressed ``.siff`` frame, split in two.
+:class:`StorePhotons` reassembles the requested frames into that layout in memory
+(vectorised, one covering read of ``arrival_time`` per run of frames) and hands
+them to the same Numba kernels as :class:`~siff_xarray.SiffFile`, through
+:class:`~siff_xarray.reader.reductions.PhotonReductions`. So histograms, lifetimes,
+phasors, mask sums and photon lists of a store equal the source's, frame for frame.
+Stores whose arrival times need ``uint32`` are reassembled as raw photon records.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import SiffFormatError
+from .reader.ifd import ENC_COMPRESSED, ENC_RAW
+from .reader.reductions import PhotonReductions, Shifts
+
+__all__ = ["StorePhotons", "is_converted_store"]
+
+_GAP = 1 << 20  # arrival times skipped rather than split into another read
+
+
+def is_converted_store(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Tell whether ``path`` (local or URL) is a converted store with a ``photons`` group."""
+    from .zarr_store import _Target
+
+    try:
+        return _Target(path, storage_options).exists("photons/zarr.json")
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+class StorePhotons(PhotonReductions):
+    """The photons of a converted store, with :class:`SiffFile`'s reduction methods.
+
+    Parameters
+    ----------
+    store
+        Path or fsspec URL of a store written by :func:`siff_xarray.convert`.
+    storage_options
+        fsspec options for URLs.
+
+    Examples
+    --------
+    >>> with StorePhotons("run.zarr") as p:                 # doctest: +SKIP
+    ...     hist = p.masks_histograms(masks, frames=range(100))
+
+    """
+
+    def __init__(self, store: str | os.PathLike[str], *,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        import zarr
+
+        from .zarr_store import _Target, open_converted
+
+        self._target = _Target(os.fspath(store), storage_options)
+        self.name = self._target.destination
+        self._ds = open_converted(store, storage_options=storage_options, chunks=None)
+        try:
+            grp = zarr.open_group(self._target.zarr(), path="photons", mode="r")
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            self._ds.close()
+            raise FileNotFoundError(f"{self.name}: no photons group (not a converted "
+                                    "siff-xarray store?)") from exc
+        self._grp = grp
+        self._arrivals = grp["arrival_time"]
+        self._start = np.asarray(grp["photon_start"][...]).astype(np.int64)
+        self._count = np.asarray(grp["photon_count"][...]).astype(np.int64)
+        self._fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
+        self.num_frames = int(self._count.size)
+        fmap = self._ds.frame_index.values
+        self._fmap_dims = self._ds.frame_index.dims
+        self._pos = np.full((self.num_frames, fmap.ndim), -1, dtype=np.int64)
+        ok = (fmap >= 0) & (fmap < self.num_frames)
+        self._pos[fmap[ok]] = np.argwhere(ok)
+        self._shape = (int(self._ds.sizes["y"]), int(self._ds.sizes["x"]))
+        self._wide = np.dtype(self._arrivals.dtype).itemsize > 2
+
+    def close(self) -> None:
+        """Release the store."""
+        self._ds.close()
+
+    def __enter__(self) -> StorePhotons:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<StorePhotons {self.name!r}: {self.num_frames} frames>"
+
+    # ------------------------------------------------------------------ hooks
+
+    def _default_n_bins(self) -> int | None:
+        v = self._ds.attrs.get("n_tau_bins")
+        return None if v is None else int(v)
+
+    def _picoseconds_per_bin(self) -> float | None:
+        v = self._ds.attrs.get("tau_bin_ps")
+        return None if v is None else float(v)
+
+    def _n_photons(self, f: np.ndarray) -> np.ndarray:
+        return self._count[f]
+
+    def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
+        nz = int(self._ds.sizes["z"])
+        if n_planes != nz:
+            raise ValueError(f"3-D masks have {n_planes} planes but the store has {nz}")
+        z = self._pos[f, self._fmap_dims.index("z")]
+        if (z < 0).any():
+            bad = int(f[np.flatnonzero(z < 0)[0]])
+            raise ValueError(f"frame {bad} is a flyback frame: it has no z plane for a "
+                             "3-D mask")
+        return z
+
+    def _count_images(self, f: np.ndarray) -> np.ndarray:
+        from .zarr_store import _count_images
+
+        return _count_images(self._ds, self._grp, f, self._pos, self._fly, self._shape)
+
+    def _read_arrivals(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Arrival times of frames (given their first photon and count), concatenated."""
+        total = int(counts.sum())
+        out = np.empty(total, dtype=self._arrivals.dtype)
+        if total == 0:
+            return out
+        keep = counts > 0
+        s, c = starts[keep], counts[keep]
+        order = np.argsort(s, kind="stable")
+        lo, hi = s[order], (s + c)[order]
+        # merge overlapping or nearby intervals into covering reads
+        reach = np.maximum.accumulate(hi)
+        new = np.r_[True, lo[1:] > reach[:-1] + _GAP]
+        run = np.cumsum(new) - 1
+        r_lo = lo[new]
+        r_hi = np.zeros(r_lo.size, dtype=np.int64)
+        np.maximum.at(r_hi, run, hi)
+        blocks = [np.asarray(self._arrivals[int(a) : int(b)]) for a, b in zip(r_lo, r_hi,
+                                                                              strict=True)]
+        base = np.zeros(len(blocks) + 1, dtype=np.int64)
+        np.cumsum([b.size for b in blocks], out=base[1:])
+        flat = np.concatenate(blocks)
+        # photon j of frame i (in request order) sits at global index starts[i] + j
+        first = np.zeros(c.size + 1, dtype=np.int64)
+        np.cumsum(counts[keep], out=first[1:])
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        frame_run = run[inv]  # the covering read of each frame
+        glob = np.repeat(s, c) + (np.arange(first[-1]) - np.repeat(first[:-1], c))
+        out[:] = flat[glob - np.repeat(r_lo[frame_run] - base[frame_run], c)]
+        return out
+
+    def _frame_args(self, f: np.ndarray, shifts: Shifts = None, photons: bool = False
+                    ) -> tuple[tuple, tuple[int, int], int]:
+        h, w = self._shape
+        hw = h * w
+        sy, sx = self._shifts(shifts, f, self._shape)
+        n = self._count[f]
+        imgs = self._count_images(f).reshape(len(f), hw)
+        have = imgs.sum(axis=1, dtype=np.int64)
+        bad = np.flatnonzero(have != n)
+        if bad.size:
+            i = int(bad[0])
+            raise SiffFormatError(self.name, f"the count image holds {int(have[i])} photons "
+                                  f"but photon_count says {int(n[i])}", None, int(f[i]))
+        tau = self._read_arrivals(self._start[f], n)
+        first = np.zeros(len(f) + 1, dtype=np.int64)
+        np.cumsum(n, out=first[1:])
+        within = np.arange(first[-1]) - np.repeat(first[:-1], n)
+        ones = np.ones(len(f), dtype=np.int64)
+        if not self._wide:  # compressed layout: count image then arrival times (u16)
+            words = np.zeros(len(f) + 1, dtype=np.int64)
+            np.cumsum(hw + n, out=words[1:])
+            buf16 = np.empty(int(words[-1]), dtype=np.uint16)
+            buf16[(words[:-1, None] + np.arange(hw)[None]).ravel()] = imgs.ravel()
+            buf16[np.repeat(words[:-1] + hw, n) + within] = tau
+            buf = buf16.view(np.uint8)
+            enc, off, nbytes = ENC_COMPRESSED * ones, 2 * (words[:-1] + hw), 2 * n
+        else:  # raw photon records: y << 48 | x << 32 | arrival
+            pix = np.repeat(np.tile(np.arange(hw, dtype=np.uint64), len(f)), imgs.ravel())
+            rec = ((pix // np.uint64(w)) << np.uint64(48)) | \
+                ((pix % np.uint64(w)) << np.uint64(32)) | tau.astype(np.uint64)
+            buf = rec.view(np.uint8)
+            enc, off, nbytes = ENC_RAW * ones, 8 * first[:-1], 8 * n
+        args = (buf, enc, off, nbytes, h * ones, w * ones, sy, sx)
+        return args, (h, w), max(int(n.max()) if len(f) else 0, 1)
