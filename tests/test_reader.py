@@ -454,3 +454,13 @@ def test_masks_histograms_equal_truth(truth, rng):
         # whole-frame masks give the per-frame histograms
         full = f.masks_histograms(np.ones((1, h, w), bool), frames, mode="clip")
         np.testing.assert_array_equal(full[0], f.histograms(frames, mode="clip"))
+
+
+def test_closed_file_says_so(siff_files):
+    f = SiffFile(siff_files["single_raw"].path)
+    f.read_frames([0])
+    f.close()
+    for call in (lambda: f.read_frames([0]), lambda: f.histograms([0]),
+                 lambda: f.photons(0)):
+        with pytest.raises(ValueError, match="closed"):
+            call()

@@ -210,6 +210,8 @@ class SiffFile(PhotonReductions):
 
     def _gather(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Buffer and strip offsets (in that buffer) for frames ``f``."""
+        if self._source.closed:
+            raise ValueError(f"{self.name}: the file is closed")
         idx = self.index
         buf = self._source.buffer()
         if buf is not None:

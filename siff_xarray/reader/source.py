@@ -39,6 +39,12 @@ class ByteSource:
 
     name: str
     size: int
+    _closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset`` (fewer only at end of file)."""
@@ -99,6 +105,7 @@ class ByteSource:
 
     def close(self) -> None:
         """Release the underlying file."""
+        self._closed = True
 
     def __enter__(self) -> ByteSource:
         return self
@@ -157,6 +164,7 @@ class LocalSource(ByteSource):
 
     def close(self) -> None:
         """Unmap and close (arrays handed out earlier must not be used afterwards)."""
+        self._closed = True
         self._array = np.empty(0, dtype=np.uint8)
         if self._mmap is not None:
             # BufferError: a view is still exported (e.g. a caller kept a slice); the
@@ -204,6 +212,7 @@ class FileObjectSource(ByteSource):
 
     def close(self) -> None:
         """Close the file object if this source opened it."""
+        self._closed = True
         if self._owns:
             self._f.close()
 
@@ -287,6 +296,7 @@ class FsspecSource(ByteSource):
 
     def close(self) -> None:
         """Drop the cache (fsspec filesystems need no closing)."""
+        self._closed = True
         with self._lock:
             self._cache.clear()
             self._cached = 0
