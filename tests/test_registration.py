@@ -168,3 +168,20 @@ def test_known_motion_on_held_out_frames(tmp_path):
     _, ref, _ = register_frames(frames[0::2], max_shift=8)
     held_out, _ = phase_shifts(frames[1::2], ref, max_shift=8)
     assert _exact_fraction(held_out, t.shifts[1::2]) >= 0.95
+
+
+def test_register_a_converted_store_like_the_source(tmp_path):
+    import xarray as xr
+
+    from siff_xarray import zarr_store as zs
+
+    t = write_siff(tmp_path / "c.siff", shape=(64, 48), n_slices=2, n_flyback=1,
+                   n_timepoints=30, photons_per_frame=3000, max_shift=2, seed=4,
+                   encoding="compressed")
+    zs.convert(t.path, tmp_path / "c.zarr")
+    with xr.open_dataset(t.path, engine="siff") as ds, \
+            zs.open_converted(tmp_path / "c.zarr") as z:
+        a, b = ds.siff.register(max_shift=4), z.siff.register(max_shift=4)
+        xr.testing.assert_identical(a, b.compute())
+        np.testing.assert_array_equal(ds.siff.apply_shifts(a).intensity.values,
+                                      z.siff.apply_shifts(b).intensity.values)
