@@ -10,7 +10,7 @@ run. Indexing one decodes only the frames the index selects. Everything pickles
 
 Layout (see ``docs/dataset.md``)::
 
-    intensity     (time, z, [repeat], channel, y, x)  uint16   lazy
+    intensity     (time, z, [repeat], channel, y, x)  uint16   lazy (int16: signed TIFFs)
     photon_count  (time, z, [repeat], channel)        uint32   lazy (cheap: from the IFDs)
     histogram     (time, z, [repeat], channel, tau)   uint32   lazy (files with photons)
     mean_arrival  (time, z, [repeat], channel, y, x)  float32  lazy, ``flim=True`` only
@@ -391,7 +391,9 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
         data_vars[name] = xr.Variable(dims, indexing.LazilyIndexedArray(arr), attrs,
                                       encoding=enc)
 
-    lazy("intensity", "intensity", ("y", "x"), (h, w), np.uint16,
+    # ScanImage TIFFs of signed samples (offset-subtracted) read as int16, as SiffFile does
+    signed = bool(acq.num_frames and (acq.encoding == ENC_TIFF).all() and acq.signed.all())
+    lazy("intensity", "intensity", ("y", "x"), (h, w), np.int16 if signed else np.uint16,
          {"long_name": "photon count per pixel", "units": "photons"})
     lazy("photon_count", "photon_count", (), (), np.uint32,
          {"long_name": "photons in the frame", "units": "photons"})

@@ -354,6 +354,7 @@ def write_siff(
     encoding: Encoding | Callable[[int, int], str] = "smallest",
     bigtiff: bool = True,
     format: Literal["siff", "tiff"] = "siff",
+    tiff_signed: bool = False,
     photons_per_frame: float = 2000.0,
     channel_brightness: Sequence[float] | None = None,
     flyback_brightness: float = 0.2,
@@ -399,6 +400,9 @@ def write_siff(
         BigTIFF (default) or classic TIFF container.
     format
         ``"siff"`` (photons) or ``"tiff"`` (ScanImage intensity-only TIFF).
+    tiff_signed
+        With ``format="tiff"``: signed 16-bit pages holding ``counts - 3`` (ScanImage
+        subtracts a channel offset, so values can be negative).
     photons_per_frame
         Mean photons in a frame of the brightest channel.
     channel_brightness
@@ -538,7 +542,11 @@ def write_siff(
                 event_list.append((fr, text, np.nan if t_ev is None else float(t_ev)))
             if format == "tiff":
                 enc = "tiff"
-                writer.write_frame(desc, image=np.minimum(counts, 65535).reshape(h, w))
+                if tiff_signed:
+                    writer.write_frame(desc, image=np.clip(counts.astype(np.int64) - 3, -32768,
+                                                           32767).reshape(h, w), signed=True)
+                else:
+                    writer.write_frame(desc, image=np.minimum(counts, 65535).reshape(h, w))
             else:
                 if callable(encoding):
                     enc = encoding(fr, n)

@@ -8,7 +8,9 @@ A converted store keeps each frame's count image (``intensity``, or
 them to the same Numba kernels as :class:`~siff_xarray.SiffFile`, through
 :class:`~siff_xarray.reader.reductions.PhotonReductions`. So histograms, lifetimes,
 phasors, mask sums and photon lists of a store equal the source's, frame for frame.
-Stores whose arrival times need ``uint32`` are reassembled as raw photon records.
+Stores whose arrival times need ``uint32`` are reassembled as raw photon records;
+stores of intensity-only TIFFs as TIFF pages (intensity and mask sums work; photon
+reductions raise, as they do on the TIFF).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SiffFormatError
-from .reader.ifd import ENC_COMPRESSED, ENC_RAW
+from .reader.ifd import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from .reader.reductions import PhotonReductions, Shifts
 
 __all__ = ["StorePhotons", "is_converted_store"]
@@ -74,6 +76,9 @@ class StorePhotons(PhotonReductions):
         self._start = np.asarray(grp["photon_start"][...]).astype(np.int64)
         self._count = np.asarray(grp["photon_count"][...]).astype(np.int64)
         self._fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
+        self._enc = np.asarray(grp["encoding"][...]).astype(np.int64)
+        self._signed_pages = (np.asarray(grp["signed"][...]).astype(bool) if "signed" in grp
+                              else np.zeros(self._enc.size, dtype=bool))
         self.num_frames = int(self._count.size)
         fmap = self._ds.frame_index.values
         self._fmap_dims = self._ds.frame_index.dims
@@ -108,6 +113,9 @@ class StorePhotons(PhotonReductions):
 
     def _n_photons(self, f: np.ndarray) -> np.ndarray:
         return self._count[f]
+
+    def _signed(self, f: np.ndarray) -> bool:
+        return bool((self._enc[f] == ENC_TIFF).all() and self._signed_pages[f].all())
 
     def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
         nz = int(self._ds.sizes["z"])
@@ -161,11 +169,17 @@ class StorePhotons(PhotonReductions):
                     ) -> tuple[tuple, tuple[int, int], int]:
         h, w = self._shape
         hw = h * w
+        tiff = self._enc[f] == ENC_TIFF
+        if photons and tiff.any():
+            raise SiffFormatError(self.name, "frame is a plain TIFF page without photon "
+                                  "arrival times", frame=int(f[np.flatnonzero(tiff)[0]]))
         sy, sx = self._shifts(shifts, f, self._shape)
         n = self._count[f]
         imgs = self._count_images(f).reshape(len(f), hw)
+        if imgs.dtype != np.uint16:  # signed TIFF samples: the kernels read raw 16 bits
+            imgs = imgs.view(np.uint16)
         have = imgs.sum(axis=1, dtype=np.int64)
-        bad = np.flatnonzero(have != n)
+        bad = np.flatnonzero((have != n) & ~tiff)
         if bad.size:
             i = int(bad[0])
             raise SiffFormatError(self.name, f"the count image holds {int(have[i])} photons "
@@ -183,6 +197,8 @@ class StorePhotons(PhotonReductions):
             buf16[np.repeat(words[:-1] + hw, n) + within] = tau
             buf = buf16.view(np.uint8)
             enc, off, nbytes = ENC_COMPRESSED * ones, 2 * (words[:-1] + hw), 2 * n
+            # TIFF pages: the image alone, read where it starts
+            enc, off = np.where(tiff, ENC_TIFF, enc), np.where(tiff, 2 * words[:-1], off)
         else:  # raw photon records: y << 48 | x << 32 | arrival
             pix = np.repeat(np.tile(np.arange(hw, dtype=np.uint64), len(f)), imgs.ravel())
             rec = ((pix // np.uint64(w)) << np.uint64(48)) | \

@@ -49,6 +49,7 @@ import numpy as np
 
 from .errors import ConversionError, IncompleteStoreError
 from .reader.acquisition import Acquisition
+from .reader.ifd import ENC_TIFF
 
 __all__ = [
     "SIFF_ZARR_VERSION",
@@ -167,6 +168,8 @@ class _Plan:
     arrival_dtype: str
     n_photons_total: int
     ome: bool = True
+    intensity_only: bool = False      # ScanImage intensity-only TIFF: pages, no photons
+    intensity_dtype: str = "uint16"   # int16 for TIFF pages of signed samples
 
     @property
     def n_batches(self) -> int:
@@ -378,7 +381,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     inten = zarr.open_array(store, path="intensity", mode="r+")
     repeat = inten.ndim == 6
     shape = (t1 - t0, *inten.shape[1:])
-    block = np.zeros(shape, dtype=np.uint16)
+    block = np.zeros(shape, dtype=plan.intensity_dtype)
     pc = np.zeros(shape[:-2], dtype=np.uint32)
     hblock = None
     fly_imgs: list[np.ndarray] = []
@@ -394,12 +397,16 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
         edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
         for s0, s1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
             frames = np.arange(s0, s1, dtype=np.int64)
-            starts, _pix, tau = f.photons_batch(frames)
+            counts_img = f.read_frames(frames)
+            if plan.intensity_only:  # TIFF pages: the photon count is the image sum
+                tau = np.zeros(0, dtype=np.uint32)
+                cnt = counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.uint64)
+            else:
+                starts, _pix, tau = f.photons_batch(frames)
+                cnt = np.diff(starts)
             if tau.size and int(tau.max()) > 65535 and plan.arrival_dtype == "uint16":
                 raise _NeedsWideArrivals
-            counts_img = f.read_frames(frames)
-            cnt = np.diff(starts)
-            if (counts_img == np.iinfo(np.uint16).max).any() and (
+            if not plan.intensity_only and (counts_img == np.iinfo(np.uint16).max).any() and (
                     cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)
             ).any():
                 raise ConversionError(
@@ -450,7 +457,8 @@ def _create_ome(store: Any, ds: Any, ct: int, st: int) -> None:
              ds.sizes["x"])
     grp = zarr.open_group(store, path="ome", mode="w",
                           attributes=_ome_metadata(ds, str(ds.attrs.get("title", "intensity"))))
-    grp.create_array("0", shape=shape, dtype=np.uint16, chunks=(ct * reps, *shape[1:]),
+    grp.create_array("0", shape=shape, dtype=ds.intensity.dtype,
+                     chunks=(ct * reps, *shape[1:]),
                      shards=(st * reps, *shape[1:]), compressors=(_compressor(),),
                      fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
 
@@ -467,10 +475,13 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
           else open_acquisition(sources, storage_options=source_options))
     try:
         with Acquisition.open(sources, source_options) as f:
-            if not f.has_photons or (f.encoding == 2).any():
+            tiff = f.encoding == ENC_TIFF
+            if tiff.any() and not tiff.all():
                 raise ConversionError(
-                    f"{sources[0]}: holds intensity-only TIFF pages; only photon (.siff) "
-                    "frames can be converted to the photon layout yet")
+                    f"{sources[0]}: mixes intensity-only TIFF pages with photon frames; "
+                    "convert files of one kind at a time")
+            intensity_only = bool(tiff.all()) and tiff.size > 0
+            signed = f.signed.astype(np.int8)
             ip = f.im_params()
             n_frames = f.num_frames
             fmap = ds.frame_index.values
@@ -504,6 +515,7 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
             h, w = f.frame_shape
             source_bytes = int(f.file_size)
         total_len = max(end, 1)
+        inten_dtype = str(ds.intensity.dtype)
 
         # --- the root Dataset: metadata now, data by the batches
         enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
@@ -530,7 +542,7 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
     grp.attrs.update({
         "siff_zarr_version": SIFF_ZARR_VERSION,
         "source_bytes": source_bytes,
-        "layout": "pixel-sorted",
+        "layout": "intensity-only" if intensity_only else "pixel-sorted",
         "description": "every photon of every file frame; within a frame in pixel order; "
                        "a photon's pixel follows from the frame's count image",
         "tau_bin_ps": ip.picoseconds_per_bin if ip.picoseconds_per_bin is not None else -1.0,
@@ -560,7 +572,9 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
     small("flyback_frame", fly_frames.astype(np.int64), ("flyback",))
     per_batch_fly = max([np.searchsorted(fly_frames, f1) - np.searchsorted(fly_frames, f0)
                          for f0, f1 in batch_frames] + [1])
-    grp.create_array("flyback_intensity", shape=(len(fly_frames), h, w), dtype=np.uint16,
+    if intensity_only:
+        small("signed", signed, ("frame",))
+    grp.create_array("flyback_intensity", shape=(len(fly_frames), h, w), dtype=inten_dtype,
                      chunks=(int(per_batch_fly), h, w), compressors=(_compressor(),),
                      fill_value=0, dimension_names=("flyback", "y", "x"))
     # flyback rows of one batch must share no chunk with another batch's rows
@@ -571,7 +585,8 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
                  destination=target.destination, destination_options=target.storage_options,
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
-                 arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome)
+                 arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome,
+                 intensity_only=intensity_only, intensity_dtype=inten_dtype)
 
 
 def _hide_root(target: _Target) -> None:
@@ -900,7 +915,7 @@ def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | N
 def _count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,
                   shape: tuple[int, int]) -> np.ndarray:
     """Count images of file frames ``fr`` from a store (imaging and flyback frames)."""
-    out = np.zeros((len(fr), *shape), dtype=np.uint16)
+    out = np.zeros((len(fr), *shape), dtype=ds.intensity.dtype)
     k = np.searchsorted(fly, fr)
     is_fly = (k < fly.size) & (fly[np.minimum(k, max(fly.size - 1, 0))] == fr) if fly.size \
         else np.zeros(len(fr), bool)
@@ -948,6 +963,7 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
         dstart = np.asarray(grp["description_start"][...]).astype(np.int64)
         dlen = np.asarray(grp["description_length"][...]).astype(np.int64)
         fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
+        signed = np.asarray(grp["signed"][...]) if "signed" in grp else np.zeros(n, np.int8)
         fmap = ds.frame_index.values
         pos = np.full((n, fmap.ndim), -1, dtype=np.int64)
         ok = fmap >= 0
@@ -969,7 +985,9 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
                     tau = block[s0 : s0 + int(c[j])]
                     d = desc[dstart[frame] : dstart[frame] + dlen[frame]].tobytes()
                     img = imgs[j]
-                    if enc[frame] == 1:
+                    if enc[frame] == ENC_TIFF:
+                        writer.write_frame(d, image=img, signed=bool(signed[frame]))
+                    elif enc[frame] == 1:
                         writer.write_frame(d, counts=img, arrivals=tau.astype(np.uint16))
                     else:
                         pix = np.repeat(np.arange(h * w, dtype=np.uint64), img.ravel())
@@ -1027,6 +1045,9 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             problems.append("frame descriptions differ")
         if not np.array_equal(np.asarray(grp["encoding"][...]), f.encoding):
             problems.append("frame encodings differ")
+        intensity_only = grp.attrs.get("layout") == "intensity-only"
+        if intensity_only and not np.array_equal(np.asarray(grp["signed"][...]), f.signed):
+            problems.append("TIFF sample formats differ")
         # photons and count images, a batch of frames at a time, without per-frame loops
         starts_z = np.asarray(grp["photon_start"][...]).astype(np.int64)
         arr = grp["arrival_time"]
@@ -1037,13 +1058,15 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         pos[fmap[ok]] = np.argwhere(ok)
         for a in range(0, n, batch_frames):
             fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
-            s_src, pix_src, tau_src = f.photons_batch(fr)
             imgs = f.read_frames(fr)
             imgs_z = _count_images(ds, grp, fr, pos, fly, imgs.shape[1:])
             bad = np.flatnonzero((imgs_z != imgs).reshape(len(fr), -1).any(axis=1))
             if bad.size:
                 problems.append(f"count images differ in {bad.size} frames (first "
                                 f"{int(fr[bad[0]])})")
+            if intensity_only:  # TIFF pages: the count images are everything
+                continue
+            s_src, pix_src, tau_src = f.photons_batch(fr)
             c = counts[fr]
             lo, hi = int(starts_z[fr].min()), int((starts_z[fr] + c).max())
             block = np.asarray(arr[lo:hi]) if hi > lo else np.zeros(0, arr.dtype)

@@ -464,3 +464,21 @@ def test_closed_file_says_so(siff_files):
                  lambda: f.photons(0)):
         with pytest.raises(ValueError, match="closed"):
             call()
+
+
+def test_signed_tiff_pages(tmp_path, rng):
+    import xarray as xr
+
+    t = write_siff(tmp_path / "s.tif", shape=(7, 5), n_slices=2, n_timepoints=3,
+                   format="tiff", tiff_signed=True, photons_per_frame=40)
+    with SiffFile(t.path) as f:
+        frames = f.read_frames()
+        assert frames.dtype == np.int16 and (frames < 0).any()
+        masks = rng.random((3, 7, 5)) > 0.5
+        sh = rng.integers(-4, 5, (len(frames), 2))
+        want = np.einsum("fyx,myx->mf", f.read_frames(shifts=sh).astype(np.int64), masks)
+        np.testing.assert_array_equal(f.sum_masks(masks, shifts=sh), want)
+        np.testing.assert_array_equal(f.sum_mask(masks[0], shifts=sh), want[0])
+    with xr.open_dataset(t.path, engine="siff") as ds:  # the Dataset says int16 too
+        assert ds.intensity.dtype == np.int16
+        np.testing.assert_array_equal(ds.intensity.values.reshape(-1, 7, 5), frames)

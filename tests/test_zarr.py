@@ -229,11 +229,43 @@ def test_without_ome(siff_files, tmp_path):
     assert zs.verify(t.path, tmp_path / "n.zarr") == []
 
 
-def test_intensity_only_tiff_is_refused(tmp_path):
-    t = write_siff(tmp_path / "i.tif", shape=(6, 6), n_timepoints=2, format="tiff")
-    with pytest.raises(zs.ConversionError, match="intensity-only"):
-        zs.convert(t.path, tmp_path / "i.zarr")
-    assert not (tmp_path / "i.zarr").exists() or not any((tmp_path / "i.zarr").iterdir())
+@pytest.mark.parametrize("signed", [False, True])
+def test_intensity_only_tiff(tmp_path, signed):
+    t = write_siff(tmp_path / "i.tif", shape=(6, 5), n_slices=2, n_flyback=1, n_timepoints=4,
+                   extra_frames=1, format="tiff", tiff_signed=signed, photons_per_frame=60)
+    dst = tmp_path / "i.zarr"
+    zs.convert(t.path, dst)
+    with zs.open_converted(dst) as z, xr.open_dataset(t.path, engine="siff") as ds:
+        assert z.intensity.dtype == (np.int16 if signed else np.uint16)
+        if signed:
+            assert (ds.intensity.values < 0).any()
+        xr.testing.assert_identical(z.load(), ds.load())
+        _check_ome(dst, ds)
+    assert zs.verify(t.path, dst) == []
+    back = tmp_path / "back.tif"
+    zs.to_siff(dst, back)
+    assert zs.verify(back, dst) == []
+    from siff_xarray import SiffFile
+
+    with SiffFile(t.path) as a, SiffFile(back) as b:
+        np.testing.assert_array_equal(a.read_frames(), b.read_frames())
+        assert (b.frame_encodings == "tiff").all()
+    # pages have no photons: photon reductions say so
+    from siff_xarray.errors import SiffFormatError
+
+    with zs.open_converted(dst) as z:
+        with pytest.raises(SiffFormatError, match="TIFF"):
+            z.siff.lifetime().compute()
+        masks = np.random.default_rng(0).random((2, 6, 5)) > 0.5
+        xr.testing.assert_identical(z.siff.sum_masks(masks, method="kernel").compute(),
+                                    z.siff.sum_masks(masks, method="xarray").compute())
+
+
+def test_mixed_tiff_and_photon_parts_are_refused(tmp_path):
+    a = write_siff(tmp_path / "i.tif", shape=(6, 6), n_timepoints=2, format="tiff")
+    b = write_siff(tmp_path / "p.siff", shape=(6, 6), n_timepoints=2)
+    with pytest.raises(zs.ConversionError, match="mixes"):
+        zs.convert_file([a.path, b.path], tmp_path / "m.zarr")
 
 
 def test_s3_to_s3_end_to_end(s3_server, tmp_path):

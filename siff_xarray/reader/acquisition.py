@@ -105,6 +105,11 @@ class Acquisition:
         return self._cat("encoding")
 
     @property
+    def signed(self) -> np.ndarray:
+        """Whether each frame is a TIFF page of signed samples."""
+        return self._cat("signed")
+
+    @property
     def frame_bytes(self) -> np.ndarray:
         """Bytes from each frame's IFD to the end of its data."""
         return self._cat("data_stop") - self._cat("ifd_offset")

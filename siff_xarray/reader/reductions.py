@@ -205,15 +205,7 @@ class PhotonReductions:
             ``int64`` of shape ``(M, F)``.
 
         """
-        f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts)
-        encoded, n_masks = self._masks(masks, f, shape, stack=True)
-        out = np.zeros((n_masks, len(f)), dtype=np.int64)
-        status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("sum_masks", *args, *encoded, out, status)
-        self._check(status, f)
-        return out
+        return self._sum_masks(masks, frames, shifts, stack=True)
 
     def sum_mask(self, mask: Any, frames: FrameSelection = None, shifts: Shifts = None
                  ) -> np.ndarray:
@@ -222,15 +214,21 @@ class PhotonReductions:
         ``mask`` is ``(H, W)`` or a 3-D ``(Z, H, W)`` volume mask whose plane is
         chosen by each frame's slice.
         """
+        return self._sum_masks(mask, frames, shifts, stack=False)[0]
+
+    def _sum_masks(self, masks: Any, frames: FrameSelection, shifts: Shifts, stack: bool
+                   ) -> np.ndarray:
         f = self._frames(frames)
         args, shape, _ = self._frame_args(f, shifts)
-        encoded, _ = self._masks(mask, f, shape, stack=False)
-        out = np.zeros((1, len(f)), dtype=np.int64)
+        encoded, n_masks = self._masks(masks, f, shape, stack=stack)
+        out = np.zeros((n_masks, len(f)), dtype=np.int64)
+        if len(f) and self._signed(f):  # the kernels read unsigned samples
+            return _dense_set_sums(self.read_frames(f, shifts), *encoded, n_masks)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
             K.run("sum_masks", *args, *encoded, out, status)
         self._check(status, f)
-        return out[0]
+        return out
 
     # ------------------------------------------------------------------ FLIM
 
@@ -538,3 +536,18 @@ def _mask_sets(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return setid.reshape(-1).astype(np.int64), set_ptr, cols.astype(np.int64)
 
 
+def _dense_set_sums(frames: np.ndarray, plane: np.ndarray, setid: np.ndarray,
+                    set_ptr: np.ndarray, set_idx: np.ndarray, n_masks: int) -> np.ndarray:
+    """Mask sums ``(M, F)`` of dense (e.g. signed) frames ``(F, H, W)``, vectorised.
+
+    Pixels are summed per mask-set (as the kernels do), then sets per mask.
+    """
+    n, hw = frames.shape[0], frames.shape[1] * frames.shape[2]
+    n_sets = set_ptr.size - 1
+    ids = setid[plane[:, None] * hw + np.arange(hw)[None, :]]
+    key = (np.arange(n)[:, None] * n_sets + ids).ravel()
+    per_set = np.bincount(key, weights=frames.reshape(n, hw).ravel().astype(np.float64),
+                          minlength=n * n_sets).reshape(n, n_sets)
+    member = np.zeros((n_sets, n_masks))
+    member[np.repeat(np.arange(n_sets), np.diff(set_ptr)), set_idx] = 1.0
+    return np.rint(per_set @ member).T.astype(np.int64)
