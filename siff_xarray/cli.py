@@ -196,9 +196,13 @@ class _ProgressLine:
 @click.option("--workers", type=int, default=None, help="Threads/processes (local schedulers).")
 @click.option("--shard-mb", type=float, default=64.0, show_default=True,
               help="Target size of an intensity shard (one batch), MB.")
+@click.option("--no-ome", is_flag=True, help="Do not write the OME-Zarr image (ome/).")
+@click.option("--ome-levels", type=click.IntRange(min=1), default=None,
+              help="OME pyramid levels (default: halve y and x down to 32 pixels).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume: bool,
-            scheduler: str, workers: int | None, shard_mb: float, quiet: bool) -> None:
+            scheduler: str, workers: int | None, shard_mb: float, no_ome: bool,
+            ome_levels: int | None, quiet: bool) -> None:
     """Convert SOURCES (.siff files, URLs or globs) to Zarr v3 stores under DESTINATION.
 
     The numbered parts of a split acquisition (NAME_00001.siff, NAME_00002.siff...)
@@ -222,6 +226,7 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
         summary = convert_file(group if len(group) > 1 else group[0], out,
                                overwrite=overwrite, resume=resume, scheduler=scheduler,
                                num_workers=workers, shard_bytes=int(shard_mb * 2**20),
+                               ome=not no_ome, ome_levels=ome_levels,
                                progress=_ProgressLine(store_name(group[0]), quiet))
         if not quiet:
             click.echo(f"{summary.source} -> {summary.destination}: {summary.frames} frames, "

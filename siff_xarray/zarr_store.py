@@ -168,6 +168,7 @@ class _Plan:
     arrival_dtype: str
     n_photons_total: int
     ome: bool = True
+    ome_levels: int = 1               # OME pyramid levels (0 = full resolution)
     intensity_only: bool = False      # ScanImage intensity-only TIFF: pages, no photons
     intensity_dtype: str = "uint16"   # int16 for TIFF pages of signed samples
 
@@ -296,7 +297,32 @@ def to_ome_order(block: np.ndarray) -> np.ndarray:
     return block.transpose(0, 2, 1, 3, 4)
 
 
-def _ome_metadata(ds: Any, name: str) -> dict[str, Any]:
+def downsample2(block: np.ndarray) -> np.ndarray:
+    """Halve the last two axes by 2 x 2 means (edges repeated for odd sizes), same dtype."""
+    h, w = block.shape[-2:]
+    pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    b = np.pad(block, pad, mode="edge") if h % 2 or w % 2 else block
+    b = b.reshape(*b.shape[:-2], b.shape[-2] // 2, 2, b.shape[-1] // 2, 2)
+    return np.rint(b.mean(axis=(-3, -1))).astype(block.dtype)
+
+
+def pyramid_levels(h: int, w: int, requested: int | None = None, smallest: int = 32) -> int:
+    """Return the OME pyramid's level count.
+
+    ``requested`` if given, else halve until a side would drop below ``smallest``
+    pixels (at most 6 levels, at least 1).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"ome_levels must be at least 1, got {requested}")
+        return int(requested)
+    levels = 1
+    while levels < 6 and min(h, w) // 2**levels >= smallest:
+        levels += 1
+    return levels
+
+
+def _ome_metadata(ds: Any, name: str, levels: int = 1) -> dict[str, Any]:
     """NGFF 0.5 ``multiscales`` (and ``omero`` channel labels) for the ``ome`` group."""
     reps = ds.sizes.get("repeat", 1)
     t = ds["time"].values
@@ -317,9 +343,14 @@ def _ome_metadata(ds: Any, name: str) -> dict[str, Any]:
         "version": "0.5",
         "multiscales": [{
             "name": name, "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": scale},
-                {"type": "translation", "translation": translation}]}],
+            "datasets": [{"path": str(k), "coordinateTransformations": [
+                {"type": "scale", "scale": [*scale[:3], scale[3] * 2**k, scale[4] * 2**k]},
+                {"type": "translation", "translation": [
+                    *translation[:3], translation[3] + (2**k - 1) / 2 * dy,
+                    translation[4] + (2**k - 1) / 2 * dx]}]} for k in range(levels)],
+            "type": "mean",
+            "metadata": {"description": "each level halves y and x by 2 x 2 means of the "
+                                        "level before (rounded)"},
         }],
         "omero": {"channels": [
             {"label": n, "active": True, "color": "FFFFFF",
@@ -433,8 +464,12 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     writer.close()
     inten[t0:t1] = block
     if plan.ome:
-        ome = zarr.open_array(store, path="ome/0", mode="r+")
-        ome[t0 * ome_repeats(block) : t1 * ome_repeats(block)] = to_ome_order(block)
+        level = to_ome_order(block)
+        r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
+        for k in range(plan.ome_levels):  # the same time range, so a whole shard per level
+            if k:
+                level = downsample2(level)
+            zarr.open_array(store, path=f"ome/{k}", mode="r+")[r0:r1] = level
     zarr.open_array(store, path="photon_count", mode="r+")[t0:t1] = pc
     if hblock is not None:
         zarr.open_array(store, path="histogram", mode="r+")[t0:t1] = hblock
@@ -448,24 +483,30 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     return b, f1 - f0, n
 
 
-def _create_ome(store: Any, ds: Any, ct: int, st: int) -> None:
-    """Create the NGFF 0.5 image group ``ome`` (array ``0``: intensity as t, c, z, y, x)."""
+def _create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
+    """Create the NGFF 0.5 image group ``ome``: arrays ``0``, ``1``, ... (t, c, z, y, x).
+
+    Level 0 is the intensity; level ``k`` halves y and x ``k`` times. Every level
+    shards time like the intensity, so each conversion batch writes whole shards.
+    """
     import zarr
 
     reps = ds.sizes.get("repeat", 1)
-    shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], ds.sizes["y"],
-             ds.sizes["x"])
-    grp = zarr.open_group(store, path="ome", mode="w",
-                          attributes=_ome_metadata(ds, str(ds.attrs.get("title", "intensity"))))
-    grp.create_array("0", shape=shape, dtype=ds.intensity.dtype,
-                     chunks=(ct * reps, *shape[1:]),
-                     shards=(st * reps, *shape[1:]), compressors=(_compressor(),),
-                     fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
+    h, w = ds.sizes["y"], ds.sizes["x"]
+    grp = zarr.open_group(store, path="ome", mode="w", attributes=_ome_metadata(
+        ds, str(ds.attrs.get("title", "intensity")), levels))
+    for k in range(levels):
+        shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
+        grp.create_array(str(k), shape=shape, dtype=ds.intensity.dtype,
+                         chunks=(ct * reps, *shape[1:]),
+                         shards=(st * reps, *shape[1:]), compressors=(_compressor(),),
+                         fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
+        h, w = -(-h // 2), -(-w // 2)
 
 
 def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any] | None,
-             shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool = True
-             ) -> _Plan:
+             shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool = True,
+             ome_levels: int | None = None) -> _Plan:
     """Create every array (metadata and the small per-frame arrays); return the plan."""
     import zarr
 
@@ -532,8 +573,9 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
         store = target.zarr()
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3)
+        levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
         if ome:
-            _create_ome(store, ds, ct, st)
+            _create_ome(store, ds, ct, st, levels)
     finally:
         ds.close()
 
@@ -586,7 +628,8 @@ def _prepare(sources: list[str], target: _Target, source_options: dict[str, Any]
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
                  arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome,
-                 intensity_only=intensity_only, intensity_dtype=inten_dtype)
+                 ome_levels=levels, intensity_only=intensity_only,
+                 intensity_dtype=inten_dtype)
 
 
 def _hide_root(target: _Target) -> None:
@@ -702,6 +745,7 @@ def convert_file(
     shard_bytes: int = 64 * 2**20,
     chunk_bytes: int = 2 * 2**20,
     ome: bool = True,
+    ome_levels: int | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> ConversionSummary:
     """Convert one ``.siff`` file (or one split acquisition) to a Zarr v3 store, losslessly.
@@ -732,6 +776,9 @@ def convert_file(
         Also write ``ome/``: an OME-Zarr (NGFF 0.5) image of the intensity in NGFF's
         ``(t, c, z, y, x)`` axis order, for napari and other OME-Zarr viewers (it
         doubles the space the intensity takes; the photons are unaffected).
+    ome_levels
+        Levels of its multiscale pyramid (each halves y and x by 2 x 2 means); default:
+        halve while both sides stay at least 32 pixels (256 x 128 frames: 3 levels).
     progress
         Called with a :class:`Progress` after each batch (progress is also logged at
         DEBUG level on the ``siff_xarray.zarr_store`` logger).
@@ -776,14 +823,15 @@ def convert_file(
                 raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                       "overwrite=True (--overwrite) to replace it")
             target.fs.rm(target.root, recursive=True)
-        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome)
+        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
+                      ome_levels)
     try:
         skipped = _run(plan, target, scheduler, num_workers, progress)
     except _NeedsWideArrivals:
         log.info("%s: arrival times above 65535; converting again with uint32", src)
         target.fs.rm(target.root, recursive=True)
         plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
-                      plan.ome)
+                      plan.ome, plan.ome_levels)
         skipped = _run(plan, target, scheduler, num_workers, progress)
     _finish(target)
     src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
@@ -797,9 +845,10 @@ def convert_file(
 
 
 def _start(srcs: list[str], target: _Target, storage_options: dict[str, Any] | None,
-           shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool) -> _Plan:
+           shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
+           ome_levels: int | None = None) -> _Plan:
     plan = _prepare(srcs, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype,
-                    ome)
+                    ome, ome_levels)
     _hide_root(target)
     target.write_text(PLAN_KEY, plan.to_json())
     return plan

@@ -67,9 +67,12 @@ def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
         main(["convert", t.path, str(dst)])
     assert e.value.code == 2
     assert "overwrite" in capsys.readouterr().err
-    main(["convert", "--quiet", "--overwrite", t.path, str(dst)])
+    main(["convert", "--quiet", "--overwrite", "--ome-levels", "2", t.path, str(dst)])
     out, err = capsys.readouterr()
     assert out == "" and err == ""
+    assert (dst / "ome" / "1" / "zarr.json").exists()
+    main(["convert", "--quiet", "--overwrite", "--no-ome", t.path, str(tmp_path / "n.zarr")])
+    assert not (tmp_path / "n.zarr" / "ome").exists()
     # several sources (a glob) into a directory: one store each
     many = tmp_path / "many"
     pattern = Path(siff_files["single_raw"].path).parent / "single_*.siff"

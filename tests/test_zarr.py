@@ -33,13 +33,57 @@ def _check_ome(dst, ds):
     import zarr
 
     grp = zarr.open_group(str(dst), path="ome", mode="r")
-    np.testing.assert_array_equal(grp["0"][...], zs.to_ome_order(ds.intensity.values))
+    level = zs.to_ome_order(ds.intensity.values)
+    np.testing.assert_array_equal(grp["0"][...], level)
     ms = grp.attrs["ome"]["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["t", "c", "z", "y", "x"]
+    for k, d in enumerate(ms["datasets"]):  # the pyramid: 2 x 2 means of the level before
+        assert d["path"] == str(k)
+        if k:
+            level = zs.downsample2(level)
+        np.testing.assert_array_equal(grp[str(k)][...], level)
+        scale = d["coordinateTransformations"][0]["scale"]
+        assert scale[3:] == [s * 2**k for s in ms["datasets"][0][
+            "coordinateTransformations"][0]["scale"][3:]]
     assert [c["label"] for c in grp.attrs["ome"]["omero"]["channels"]] == list(
         ds.channel_name.values)
     models = pytest.importorskip("ome_zarr_models.v05.image")
     models.Image.from_zarr(grp)  # raises if the metadata break the NGFF 0.5 spec
+
+
+def test_downsample_and_pyramid_levels():
+    a = np.arange(2 * 5 * 3, dtype=np.uint16).reshape(2, 5, 3)
+    d = zs.downsample2(a)
+    assert d.shape == (2, 3, 2) and d.dtype == np.uint16
+    padded = np.pad(a.astype(float), [(0, 0), (0, 1), (0, 1)], mode="edge")
+    want = padded.reshape(2, 3, 2, 2, 2).mean(axis=(2, 4))
+    np.testing.assert_array_equal(d, np.rint(want))
+    signed = zs.downsample2(np.array([[-3, -1], [1, -5]], dtype=np.int16))
+    assert signed.dtype == np.int16 and signed.item() == -2
+    assert zs.pyramid_levels(256, 128) == 3  # 256x128, 128x64, 64x32
+    assert zs.pyramid_levels(16, 12) == 1
+    assert zs.pyramid_levels(16, 12, 3) == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        zs.pyramid_levels(16, 12, 0)
+
+
+def test_ome_pyramid(tmp_path):
+    t = write_siff(tmp_path / "big.siff", shape=(70, 66), n_slices=2, n_timepoints=3,
+                   photons_per_frame=3000)
+    dst = tmp_path / "big.zarr"
+    zs.convert(t.path, dst)
+    import zarr
+
+    grp = zarr.open_group(str(dst), path="ome", mode="r")
+    assert [grp[str(k)].shape[-2:] for k in range(2)] == [(70, 66), (35, 33)]
+    assert "2" not in grp
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        _check_ome(dst, ds)
+    zs.convert(t.path, dst, overwrite=True, ome_levels=3)
+    grp = zarr.open_group(str(dst), path="ome", mode="r")
+    assert grp["2"].shape[-2:] == (18, 17)
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        _check_ome(dst, ds)
 
 
 def _small_shards(t) -> dict[str, int]:
