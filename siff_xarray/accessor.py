@@ -486,6 +486,56 @@ class SiffAccessor:
         return xr.Dataset({"g": g_da.assign_attrs(attrs), "s": s_da.assign_attrs(attrs),
                            "photons": n_da.astype(np.int64)})
 
+    def arrival_times(self, frame: int | None = None, **indexers: Any) -> xr.Dataset:
+        """One frame's photons: pixel and arrival time of each, from the ``.siff`` or store.
+
+        Parameters
+        ----------
+        frame
+            A file frame index (flyback frames included), or ``None`` to pick the
+            frame with ``indexers``.
+        **indexers
+            Positional indexers (``time=``, ``z=``, ``channel=``, ``repeat=``) that
+            select exactly one frame of the Dataset, as for ``isel``.
+
+        Returns
+        -------
+        xarray.Dataset
+            Along ``photon``, in pixel order: ``y``, ``x`` (pixel indices, registered
+            when the Dataset holds shifts: a photon moves with its pixel),
+            ``arrival_bin`` and ``arrival_time`` (ns, from the start of the bin), and
+            ``frame`` as an attribute. The same for a ``.siff`` and its converted store.
+
+        """
+        ds = self._ds
+        shift = (0, 0)
+        if frame is None:
+            cell = ds.frame_index.isel(indexers)
+            if cell.size != 1:
+                raise ValueError(f"indexers {indexers} select {cell.size} frames, not one")
+            frame = int(cell.values.reshape(-1)[0])
+            if frame < 0:
+                raise ValueError(f"indexers {indexers} select a frame that was never acquired")
+            if "shift_y" in ds:
+                sel = {k: v for k, v in indexers.items() if k in ds.shift_y.dims}
+                shift = (int(ds.shift_y.isel(sel).values.reshape(-1)[0]),
+                         int(ds.shift_x.isel(sel).values.reshape(-1)[0]))
+        elif indexers:
+            raise ValueError("give a file frame index or indexers, not both")
+        spec = self._photon_source("arrival_times")
+        with _open_photons(spec) as src:
+            pix, tau = src.photons(int(frame))
+        h, w = ds.sizes["y"], ds.sizes["x"]
+        y = (pix.astype(np.int64) // w + shift[0]) % h
+        x = (pix.astype(np.int64) % w + shift[1]) % w
+        bin_ns = float(ds.attrs.get("tau_bin_ps", np.nan)) / 1000.0
+        return xr.Dataset(
+            {"y": ("photon", y), "x": ("photon", x),
+             "arrival_bin": ("photon", tau),
+             "arrival_time": ("photon", tau * bin_ns,
+                              {"units": "ns", "long_name": "arrival time from the bin start"})},
+            attrs={"frame": int(frame), "shift": list(shift)})
+
     def apply_shifts(self, shifts: xr.Dataset | None = None) -> xr.Dataset:
         """Return the Dataset with ``intensity`` (and ``mean_arrival``) registered, lazily.
 

@@ -216,3 +216,31 @@ def test_split_acquisitions_use_the_xarray_path(tmp_path, rng):
                                       one.siff.sum_masks(masks).values)
         with pytest.raises(ValueError, match=r"one local \.siff"):
             acq.siff.lifetime(masks)
+
+
+def test_arrival_times_from_siff_and_store(siff_files, tmp_path):
+    t = siff_files["two_chan_slices_flyback"]
+    zs.convert(t.path, tmp_path / "a.zarr")
+    with zs.open_converted(tmp_path / "a.zarr") as z, \
+            xr.open_dataset(t.path, engine="siff") as ds:
+        fr = int(ds.frame_index.isel(time=1, z=1, channel=0))
+        a = ds.siff.arrival_times(time=1, z=1, channel=0)
+        xr.testing.assert_identical(a, z.siff.arrival_times(time=1, z=1, channel=0))
+        xr.testing.assert_identical(a, ds.siff.arrival_times(fr))
+        assert a.attrs["frame"] == fr
+        # the photons rebuild the frame's count image
+        img = np.zeros((ds.sizes["y"], ds.sizes["x"]), np.int64)
+        np.add.at(img, (a.y.values, a.x.values), 1)
+        np.testing.assert_array_equal(img, ds.intensity.isel(time=1, z=1, channel=0).values)
+        # with shifts, photons move with their pixel
+        sh = xr.Dataset({"shift_y": (("time", "z"), np.full((ds.sizes["time"], 3), -2)),
+                         "shift_x": (("time", "z"), np.full((ds.sizes["time"], 3), 5))})
+        moved = ds.siff.apply_shifts(sh)
+        b = moved.siff.arrival_times(time=1, z=1, channel=0)
+        img2 = np.zeros_like(img)
+        np.add.at(img2, (b.y.values, b.x.values), 1)
+        np.testing.assert_array_equal(img2, moved.intensity.isel(time=1, z=1, channel=0))
+        with pytest.raises(ValueError, match="not one"):
+            ds.siff.arrival_times(time=1)
+        with pytest.raises(ValueError, match="not both"):
+            ds.siff.arrival_times(3, time=1)
