@@ -1,14 +1,16 @@
 """The ``siff-xarray`` command line.
 
-Subcommands so far:
+Subcommands (built on click; ``--help`` on each):
 
 * ``demo [DIR]``: write the built-in demo acquisition and run the main job on it;
-* ``info FILE``: print a summary of a ``.siff`` / ScanImage TIFF file (``--json``);
+* ``info FILE``: a summary of a ``.siff`` / ScanImage TIFF (rich tables, ``--json``);
 * ``convert SRC... DST``: lossless conversion to Zarr v3 (progress bar, summary);
-* ``verify SRC DST``: compare a converted store with its source.
+* ``verify SRC DST``: compare a converted store with its source;
+* ``to-tiff SRC OUT``: the intensity as a ScanImage-style TIFF;
+* ``register SRC``: motion registration; shifts saved next to the data.
 
-Errors in file content print one line (exit code 2) unless ``--debug`` is given;
-``verify`` exits with 1 when the store differs from the source.
+Errors print one line, with the path of a log file holding the traceback (exit code
+2), unless ``--debug`` is given; ``verify`` exits with 1 when the store differs.
 """
 
 from __future__ import annotations
@@ -87,37 +89,64 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         }
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    # a wide console when not on a terminal, so that tables do not wrap in logs
+    return Console(width=None if sys.stdout.isatty() else 120, highlight=False, markup=False)
+
+
 def _print_summary(s: dict[str, Any]) -> None:
-    click.echo(f"{s['file']}")
-    click.echo(f"  {s['frames']} frames of {s['frame_shape'][0]} x {s['frame_shape'][1]} "
-               f"pixels ({s['container']}, {s['size_bytes'] / 1e6:.1f} MB, encodings "
-               f"{s['encodings']})")
-    click.echo(f"  dimensions (time, z, [repeat], channel, y, x): {tuple(s['array_shape'])}"
-               + (f" + {s['partial_volume_frames']} frames of a partial volume"
-                  if s["partial_volume_frames"] else ""))
-    names = ", ".join(f"{c} ({n})" for c, n in zip(s["channels"], s["channel_names"],
-                                                  strict=True))
-    click.echo(f"  channels: {names}")
-    click.echo(f"  z planes (um): {s['z_um']}; frames per slice {s['frames_per_slice']}; "
-               f"flyback frames per volume {s['flyback_frames_per_volume']}")
+    """Print :func:`summarize`'s result as rich tables."""
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title=s["file"], show_header=False, title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("")
+    fh, fw = s["frame_shape"]
+    enc = ", ".join(f"{k} {v}" for k, v in s["encodings"].items())
+    t.add_row("file", f"{s['size_bytes'] / 1e6:.1f} MB, {s['container']}, ScanImage TIFF "
+                      f"version {s['scanimage_tiff_version']}")
+    t.add_row("frames", f"{s['frames']} of {fh} x {fw} pixels ({enc})")
+    dims = f"{tuple(s['array_shape'])}"
+    if s["partial_volume_frames"]:
+        dims += f" + {s['partial_volume_frames']} frames of a partial volume"
+    t.add_row("dimensions (time, z, [repeat], channel, y, x)", dims)
+    t.add_row("channels", ", ".join(f"{c} ({n})" for c, n in zip(
+        s["channels"], s["channel_names"], strict=True)))
+    t.add_row("z planes (um)", ", ".join(f"{z:g}" for z in s["z_um"]))
+    t.add_row("frames per slice", str(s["frames_per_slice"]))
+    t.add_row("flyback frames per volume", str(s["flyback_frames_per_volume"]))
+    t.add_row("timepoints", str(s["timepoints"]))
     fp, vp = s["frame_period_s"], s["volume_period_s"]
-    click.echo(f"  timing: frame period {fp * 1e3:.2f} ms, volume period {vp * 1e3:.2f} ms, "
-               f"duration {s['duration_s']:.3f} s, start {s['start_epoch_laser']}"
-               if fp and vp else f"  timing: duration {s['duration_s']:.3f} s")
+    if fp and vp:
+        t.add_row("frame rate", f"{1 / fp:.2f} Hz (period {fp * 1e3:.2f} ms)")
+        t.add_row("volume rate", f"{1 / vp:.2f} Hz (period {vp * 1e3:.2f} ms)")
+    t.add_row("duration", f"{s['duration_s']:.3f} s")
+    t.add_row("start (laser clock)", str(s["start_epoch_laser"]))
     if s["tau_bins"]:
-        click.echo(f"  FLIM: {s['tau_bins']} arrival-time bins of {s['bin_width_ps']:g} ps "
-                   f"({s['tau_bins'] * (s['bin_width_ps'] or 0) / 1000:.2f} ns)")
+        t.add_row("FLIM", f"{s['tau_bins']} arrival-time bins of {s['bin_width_ps']:g} ps "
+                          f"({s['tau_bins'] * (s['bin_width_ps'] or 0) / 1000:.2f} ns)")
     if s["photons_per_frame"]:
         p = s["photons_per_frame"]
-        click.echo(f"  photons per frame: min {p['min']}, median {p['median']:g}, "
-                   f"max {p['max']}")
-    for e in s["events"]:
-        click.echo(f"  event at frame {e['frame']} ({e['time_s']:.3f} s): {e['text']}")
-    click.echo("  mean photons per pixel per plane:")
-    for pl in s["planes"]:
-        click.echo(f"    slice {pl['slice']} (z = {pl['z_um']:g} um), channel "
-                   f"{pl['channel']}: {pl['mean_photons_per_pixel']:.4f} "
-                   f"({pl['frames']} frames)")
+        t.add_row("photons per frame", f"min {p['min']}, median {p['median']:g}, "
+                                       f"max {p['max']}")
+    con.print(t)
+    if s["events"]:
+        ev = Table(title="appended events", title_justify="left")
+        for col in ("frame", "time (s)", "text"):
+            ev.add_column(col, justify="right" if col != "text" else "left")
+        for e in s["events"]:
+            ev.add_row(str(e["frame"]), f"{e['time_s']:.3f}", e["text"])
+        con.print(ev)
+    pl = Table(title="mean photons per pixel per plane", title_justify="left")
+    for col in ("slice", "z (um)", "channel", "frames", "photons / pixel"):
+        pl.add_column(col, justify="right")
+    for p in s["planes"]:
+        pl.add_row(str(p["slice"]), f"{p['z_um']:g}", str(p["channel"]), str(p["frames"]),
+                   f"{p['mean_photons_per_pixel']:.4f}")
+    con.print(pl)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,7 +187,12 @@ def demo(directory: str) -> None:
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(file: str, as_json: bool) -> None:
-    """Summarize FILE (.siff or ScanImage TIFF)."""
+    """Summarize FILE (.siff or ScanImage TIFF; a path or URL).
+
+    Frames, encodings, size, channels, planes and z positions, flyback, timepoints,
+    frame and volume rates, duration, start time, FLIM bins, photons per frame,
+    appended events, and the mean photons per pixel of every plane.
+    """
     s = summarize(file)
     if as_json:
         click.echo(json.dumps(s, indent=2))
@@ -253,6 +287,89 @@ def verify(source: str, store: str) -> None:
                f"of {source}")
 
 
+@cli.command("to-tiff")
+@click.argument("source")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def to_tiff(source: str, output: str, overwrite: bool) -> None:
+    """Write the photon counts of SOURCE as a ScanImage-style TIFF (OUTPUT).
+
+    Every frame, flyback included, becomes a 16-bit page with its original
+    description, after SOURCE's ScanImage header: what ScanImage writes without FLIM.
+    """
+    from .export import to_tiff as run
+
+    n = run(source, output, overwrite=overwrite)
+    click.echo(f"{source} -> {output}: {n} frames")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--channel", type=int, default=None,
+              help="ScanImage channel number to align on (default: the first).")
+@click.option("--method", type=click.Choice(["phase", "suite2p"]), default="phase",
+              show_default=True, help="Native FFT correlation, or suite2p 1.x.")
+@click.option("--max-shift", type=int, default=None, help="Largest shift searched (pixels).")
+@click.option("--regularize-sigma", type=float, default=0.0, show_default=True,
+              help="Pool neighbouring planes (Gaussian width in planes; 0: independent).")
+@click.option("--output", type=click.Path(), default=None,
+              help="Where to write the shifts (.zarr or .nc); default SOURCE.shifts.zarr.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def register(source: str, channel: int | None, method: str, max_shift: int | None,
+             regularize_sigma: float, output: str | None, overwrite: bool) -> None:
+    """Register SOURCE (a .siff or a converted .zarr) and save its shifts beside it.
+
+    The output holds shift_y, shift_x, quality over (time, z) and the reference
+    images; apply them with ds.siff.apply_shifts(xr.open_zarr(OUTPUT)).
+    """
+    import xarray as xr
+
+    from .zarr_photons import is_converted_store
+    from .zarr_store import open_converted
+
+    out = output or f"{source.rstrip('/')}.shifts.zarr"
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    opened = (open_converted(source) if is_converted_store(source)
+              else xr.open_dataset(source, engine="siff"))
+    with opened as ds:
+        reg = ds.siff.register(channel=channel, method=method, max_shift=max_shift,
+                               regularize_sigma=regularize_sigma).compute()
+    reg.attrs.update({"source": source, "convention": reg.shift_y.attrs["convention"]})
+    if out.endswith(".nc"):
+        reg.to_netcdf(out, mode="w")
+    else:
+        reg.to_zarr(out, mode="w", consolidated=False)
+    n = reg.sizes["time"] * reg.sizes["z"]
+    click.echo(f"{source}: {n} frames registered ({method}); shifts y {int(reg.shift_y.min())}"
+               f"..{int(reg.shift_y.max())}, x {int(reg.shift_x.min())}.."
+               f"{int(reg.shift_x.max())} pixels -> {out}")
+
+
+def _log_path() -> Path:
+    """Where the CLI records full tracebacks of the errors it reports in one line."""
+    env = os.environ.get("SIFF_XARRAY_LOG_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or
+                                      Path.home() / ".cache") / "siff-xarray"
+    return base / "siff-xarray.log"
+
+
+def _log_error(exc: BaseException) -> Path | None:
+    import datetime
+    import traceback
+
+    path = _log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(f"--- {datetime.datetime.now().isoformat()} siff-xarray "
+                     f"{' '.join(sys.argv[1:])}\n")
+            fh.write("".join(traceback.format_exception(exc)))
+        return path
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning file errors into one-line messages."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -264,10 +381,11 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (SiffFormatError, ConversionError, FileNotFoundError, IsADirectoryError,
-            PermissionError) as e:
+            PermissionError, ValueError, OSError, ImportError) as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        log = _log_error(e)
+        click.echo(f"error: {e}" + (f" (details: {log})" if log else ""), err=True)
         sys.exit(2)
 
 

@@ -7,25 +7,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from siff_xarray.cli import main
 
 
 def test_demo_and_info(tmp_path, capsys):
+    from siff_xarray.cli import summarize
+
     main(["demo", str(tmp_path / "d")])
     out = capsys.readouterr().out
-    assert "dimensions (time, z, [repeat], channel, y, x): (40, 3, 2, 128, 64)" in out
+    assert "dimensions (time, z, [repeat], channel, y, x)" in out
+    assert "(40, 3, 2, 128, 64) + 2 frames of a partial volume" in out
     assert "629 arrival-time bins of 20 ps" in out
-    assert "mean photons per pixel per plane" in out and "slice 2 (z = 20 um)" in out
+    assert "mean photons per pixel per plane" in out and "stimulus off" in out
+    assert "frame rate" in out and "62.50 Hz" in out and "volume rate" in out
     assert "engine='siff'" in out and "intensity      (time, z, channel, y, x) uint16" in out
     # the dask plane means printed after the Dataset agree with the kernel's
-    kernel = [float(line.split(": ")[1].split()[0]) for line in out.splitlines()
-              if line.strip().startswith("slice ")]
+    kernel = [p["mean_photons_per_pixel"] for p in summarize(tmp_path / "d" / "demo.siff")[
+        "planes"]]
     dask_line = next(line for line in out.splitlines() if "(dask)" in line)
     dask_means = [float(v) for v in dask_line.split(": ", 1)[1].strip("[] ").replace(
         "[", "").replace("]", "").split(",")]
     assert dask_means == pytest.approx(kernel, abs=1e-4)
+    for p in summarize(tmp_path / "d" / "demo.siff")["planes"]:  # the plane table
+        assert f"{p['mean_photons_per_pixel']:.4f}" in out
     main(["info", "--json", str(tmp_path / "d" / "demo.siff")])
     s = json.loads(capsys.readouterr().out)
     assert s["frames"] == 322 and s["channels"] == [1, 2] and s["timepoints"] == 40
@@ -45,13 +52,78 @@ def test_demo_and_info(tmp_path, capsys):
 
 
 def test_bad_file_one_line_error(tmp_path):
+    import os
+
     bad = tmp_path / "bad.siff"
     bad.write_bytes(b"II*\x00" + bytes(100))
+    env = {**os.environ, "SIFF_XARRAY_LOG_DIR": str(tmp_path / "logs")}
     r = subprocess.run([sys.executable, "-m", "siff_xarray.cli", "info", str(bad)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "not a ScanImage file" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    log = tmp_path / "logs" / "siff-xarray.log"
+    assert f"(details: {log})" in r.stderr
+    assert "Traceback" in log.read_text() and "SiffFormatError" in log.read_text()
+    r = subprocess.run([sys.executable, "-m", "siff_xarray.cli", "--debug", "info", str(bad)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "siff_xarray.cli", "info", "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--json" in r.stdout
+
+
+def test_to_tiff_command(siff_files, tmp_path, capsys):
+    import xarray as xr
+
+    from siff_xarray import SiffFile
+
+    t = siff_files["two_chan_slices_flyback"]
+    out = tmp_path / "out.tif"
+    main(["to-tiff", t.path, str(out)])
+    assert f"{t.n_frames} frames" in capsys.readouterr().out
+    with SiffFile(t.path) as a, SiffFile(out) as b:
+        assert not b.has_photons and (b.frame_encodings == "tiff").all()
+        np.testing.assert_array_equal(a.read_frames(), b.read_frames())
+        assert a.frame_descriptions() == b.frame_descriptions()
+        assert a.header.nvfd_text == b.header.nvfd_text
+    with xr.open_dataset(t.path, engine="siff") as ds, \
+            xr.open_dataset(out, engine="siff") as tif:
+        xr.testing.assert_identical(ds.intensity, tif.intensity.assign_attrs(
+            ds.intensity.attrs))
+        np.testing.assert_array_equal(ds.epoch.values, tif.epoch.values)
+    with pytest.raises(SystemExit) as e:  # never overwritten silently
+        main(["to-tiff", t.path, str(out)])
+    assert e.value.code == 2 and "overwrite" in capsys.readouterr().err
+    main(["to-tiff", "--overwrite", t.path, str(out)])
+
+
+def test_register_command(tmp_path, capsys):
+    import xarray as xr
+
+    from siff_xarray import zarr_store as zs
+    from siff_xarray.synthetic import write_siff
+
+    t = write_siff(tmp_path / "r.siff", shape=(64, 48), n_slices=2, n_flyback=1,
+                   n_timepoints=30, photons_per_frame=3000, max_shift=2, seed=4,
+                   encoding="compressed")
+    main(["register", t.path, "--max-shift", "4"])
+    out = tmp_path / "r.siff.shifts.zarr"
+    assert str(out) in capsys.readouterr().out
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        want = ds.siff.register(max_shift=4)
+    with xr.open_zarr(out, consolidated=False) as got:
+        np.testing.assert_array_equal(got.shift_y.values, want.shift_y.values)
+        np.testing.assert_array_equal(got.reference.values, want.reference.values)
+    with pytest.raises(SystemExit) as e:
+        main(["register", t.path])
+    assert e.value.code == 1 and "exists" in capsys.readouterr().err
+    # a converted store, to NetCDF
+    zs.convert(t.path, tmp_path / "r.zarr")
+    main(["register", str(tmp_path / "r.zarr"), "--max-shift", "4", "--output",
+          str(tmp_path / "s.nc")])
+    with xr.open_dataset(tmp_path / "s.nc") as got:
+        np.testing.assert_array_equal(got.shift_x.values, want.shift_x.values)
 
 
 def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
