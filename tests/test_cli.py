@@ -160,3 +160,13 @@ def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
         main(["verify", t.path, str(dst)])
     assert e.value.code == 1
     assert "DIFFERENT" in capsys.readouterr().out
+
+
+def test_info_on_a_url(siff_files, http_server, capsys):
+    import shutil
+
+    t = siff_files["frames_per_slice"]
+    shutil.copy(t.path, Path(http_server.root) / "remote.siff")
+    main(["info", "--json", f"{http_server.url}/remote.siff"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["frames"] == t.n_frames and s["file"].endswith("remote.siff")
