@@ -40,6 +40,10 @@ from .reader.ifd import ENC_TIFF
 from .reader.imparams import ImParams
 from .reader.siff_file import SiffFile
 
+#: variable-length strings, marked so that writers (to_zarr of a Dask-backed Dataset)
+#: know the dtype without loading the values
+_VLEN_STR = np.dtype(object, metadata={"element_type": str})
+
 __all__ = ["SiffBackendArray", "open_acquisition", "open_siff"]
 
 PartialVolume = Literal["keep", "drop"]
@@ -425,7 +429,8 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
                                       {"long_name": "appended text timestamp", "units": "s"}),
             "event_frame": xr.Variable("event", ev_frame,
                                        {"long_name": "frame the text was appended to"}),
-            "event_text": xr.Variable("event", np.array([e.text for e in events], dtype=object),
+            "event_text": xr.Variable("event", np.array([e.text for e in events],
+                                                        dtype=_VLEN_STR),
                                       {"long_name": "appended text"}),
         }
         data_vars.update({k: v for k, v in ev.items() if k not in drop})
@@ -437,7 +442,7 @@ def _build(files: list[SiffFile], managers: list[Any], *, drop_variables: Iterab
                                                "units": "um"}),
         "channel": xr.Variable("channel", np.asarray(ip.colors, dtype=np.int64),
                                {"long_name": "ScanImage channel number"}),
-        "channel_name": xr.Variable("channel", np.array(ip.channel_names, dtype=object)),
+        "channel_name": xr.Variable("channel", np.array(ip.channel_names, dtype=_VLEN_STR)),
         **_yx_coords(ip),
         "frame_time": xr.Variable(frame_dims, frame_time, {
             "long_name": "experiment time of the frame", "units": "s"}),
