@@ -196,3 +196,36 @@ def test_fuzz_mutations_only_raise_siff_format_error(tmp_path, small, data):
         warnings.simplefilter("ignore")
         with contextlib.suppress(SiffFormatError):
             _exercise(path)
+
+
+@pytest.mark.parametrize("window", [4096, 16])
+def test_pread_walk_equals_memory_map_and_byte_range_walks(siff_files, tmp_path, monkeypatch,
+                                                           window):
+    """Local files walk their IFDs with pread; the other two walkers must agree."""
+    import dataclasses
+
+    from siff_xarray.reader import ifd
+    from siff_xarray.reader.header import read_header
+    from siff_xarray.reader.source import FileObjectSource, LocalSource
+
+    monkeypatch.setattr(ifd, "PREAD_WINDOW", window)  # 16: every IFD needs a bigger read
+    paths = [siff_files[k].path for k in ("single_raw", "two_chan_slices_flyback",
+                                          "classic_tiff")]
+    cut = tmp_path / "cut.siff"  # and a file cut off inside its last frame
+    data = open(paths[1], "rb").read()
+    cut.write_bytes(data[: len(data) - 300])
+    for path in [*paths, str(cut)]:
+        with LocalSource(path) as src:
+            header = read_header(src)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                by_pread = ifd.build_frame_index(src, header)
+                monkeypatch.setattr(src, "fileno", lambda: None)
+                by_map = ifd.build_frame_index(src, header)
+        with open(path, "rb") as fh, FileObjectSource(fh) as src, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            by_range = ifd.build_frame_index(src, read_header(src))
+        for other in (by_map, by_range):
+            for f in dataclasses.fields(ifd.FrameIndex):
+                np.testing.assert_array_equal(getattr(by_pread, f.name),
+                                              getattr(other, f.name), err_msg=f.name)

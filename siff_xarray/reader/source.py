@@ -63,6 +63,10 @@ class ByteSource:
         """Cheap identity of this version of the file (modification time, ETag...), or ''."""
         return ""
 
+    def fileno(self) -> int | None:
+        """Return the OS file descriptor of a local file (for ``pread``), or ``None``."""
+        return None
+
     def release(self) -> None:
         """Drop this process's hold on pages read so far (memory maps only)."""
 
@@ -152,6 +156,12 @@ class LocalSource(ByteSource):
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             with contextlib.suppress(OSError, ValueError):
                 self._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def fileno(self) -> int | None:
+        """Return the open file's descriptor."""
+        if self._closed:
+            raise ValueError(f"{self.name}: the file is closed")
+        return self._file.fileno()
 
     def fingerprint(self) -> str:
         """Device, inode and modification time: an in-place rewrite changes it."""
