@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,7 +213,7 @@ def test_pread_walk_equals_memory_map_and_byte_range_walks(siff_files, tmp_path,
     paths = [siff_files[k].path for k in ("single_raw", "two_chan_slices_flyback",
                                           "classic_tiff")]
     cut = tmp_path / "cut.siff"  # and a file cut off inside its last frame
-    data = open(paths[1], "rb").read()
+    data = Path(paths[1]).read_bytes()
     cut.write_bytes(data[: len(data) - 300])
     for path in [*paths, str(cut)]:
         with LocalSource(path) as src:
@@ -229,3 +230,21 @@ def test_pread_walk_equals_memory_map_and_byte_range_walks(siff_files, tmp_path,
             for f in dataclasses.fields(ifd.FrameIndex):
                 np.testing.assert_array_equal(getattr(by_pread, f.name),
                                               getattr(other, f.name), err_msg=f.name)
+
+
+def test_descriptions_by_pread_equal_memory_map(siff_files, tmp_path, monkeypatch):
+    ev = write_siff(tmp_path / "ev.siff", shape=(8, 6), n_timepoints=5,
+                    events={2: ("go", 0.05), 4: ("stop", None)})
+    for path in (siff_files["two_chan_slices_flyback"].path,
+                 siff_files["classic_tiff"].path, ev.path):
+        with SiffFile(path, index_cache=False) as a:
+            by_pread = a.description_bytes(), a.timestamps()
+            monkeypatch.setattr(a._source, "fileno", lambda: None)
+            by_map = a.description_bytes(), a.timestamps()
+        for u, v in zip(by_pread[0], by_map[0], strict=True):
+            np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(by_pread[1].epoch_laser_ns, by_map[1].epoch_laser_ns)
+        a_ev, m_ev = by_pread[1].events, by_map[1].events
+        assert [(e.frame, e.text) for e in a_ev] == [(e.frame, e.text) for e in m_ev]
+        np.testing.assert_array_equal([e.time_s for e in a_ev], [e.time_s for e in m_ev])
+    assert [e.text for e in a_ev] == ["go", "stop"]

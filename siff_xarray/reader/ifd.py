@@ -207,6 +207,39 @@ if os.name == "posix":
             n_buf = got
 
 
+    @numba.njit(cache=True, nogil=True)
+    def _pread_gather(fd, starts, lengths, base, out):
+        """Read ``lengths[i]`` bytes at ``starts[i]`` into ``out[base[i]:]``.
+
+        Returns the index of the first short or failed read, or -1.
+        """
+        for i in range(starts.shape[0]):
+            n = lengths[i]
+            if n <= 0:
+                continue
+            got = _pread(np.intc(fd), out[base[i]:].ctypes.data, n, starts[i])
+            if got != n:
+                return i
+        return -1
+
+
+def pread_ranges(fd: int, starts: np.ndarray, lengths: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Read many byte ranges of a local file into one buffer with ``pread`` (POSIX).
+
+    Returns ``(buf, base, failed)``: range ``i`` is ``buf[base[i]:base[i] + lengths[i]]``;
+    ``failed`` is the first range that could not be read whole, or -1.
+    """
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 0)
+    base = np.zeros(lengths.size, dtype=np.int64)
+    if lengths.size:
+        np.cumsum(lengths[:-1], out=base[1:])
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    failed = _pread_gather(fd, np.asarray(starts, dtype=np.int64), lengths, base, out) \
+        if lengths.size else -1
+    return out, base, int(failed)
+
+
 @dataclass(frozen=True)
 class FrameIndex:
     """Per-frame byte layout of a file; every array has one entry per frame.

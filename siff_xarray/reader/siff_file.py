@@ -32,7 +32,7 @@ from ..errors import SiffFormatError, SiffWarning
 from . import kernels as K
 from .frame_meta import FrameTimestamps, parse_description, parse_timestamps
 from .header import FileHeader, read_header
-from .ifd import ENC_TIFF, ENCODING_NAMES, FrameIndex, build_frame_index
+from .ifd import ENC_TIFF, ENCODING_NAMES, FrameIndex, build_frame_index, pread_ranges
 from .imparams import MULTIHARP_BASE_RESOLUTION_PS, ImParams
 from .index_cache import default_cache_dir, load_index, save_index
 from .metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
@@ -277,8 +277,15 @@ class SiffFile(PhotonReductions):
 
     def _descriptions(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = self.index
-        buf = self._source.buffer()
         off, ln = idx.desc_offset[f], idx.desc_length[f]
+        fd = self._source.fileno() if os.name == "posix" else None
+        if fd is not None:  # one pread per description: no page faults, nothing mapped
+            buf, base, failed = pread_ranges(fd, off, ln)
+            if failed >= 0:
+                raise SiffFormatError(self.name, "frame description lies outside the file",
+                                      int(off[failed]), int(f[failed]))
+            return buf, base, ln
+        buf = self._source.buffer()
         if buf is not None:
             return buf, off, ln
         gathered, base = self._source.read_ranges(off, off + ln)
