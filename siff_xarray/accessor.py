@@ -326,8 +326,11 @@ class SiffAccessor:
         layout = _op_layout(op, kw, ds)
         n_parts, extra, dtype = layout
         n_roi = 1 if masks is None else masks.shape[0]
+        if "time" not in fmap.dims:  # e.g. after isel(time=0): one block
+            fm, fmap = fm[None], fmap.expand_dims("time")
+            shifts = None if shifts is None else shifts[None]
         t_axis = fmap.dims.index("time")
-        chunks = ds.intensity.chunks
+        chunks = ds.intensity.chunks if "time" in ds.intensity.dims else None
         if chunks is not None:
             bounds = np.cumsum((0, *chunks[ds.intensity.dims.index("time")]))
         else:
@@ -356,7 +359,8 @@ class SiffAccessor:
         dims = ("part", "roi", *fmap.dims, *_extra_dims(op))
         for d in _extra_dims(op):
             coords[d] = ds[d]
-        return xr.DataArray(data, dims=dims, coords=coords)
+        out = xr.DataArray(data, dims=dims, coords=coords)
+        return out if "time" in self._ds.frame_index.sel(sel).dims else out.isel(time=0)
 
     def _sum_kernel(self, m: np.ndarray, labels: np.ndarray, is_3d: bool,
                     sel: dict[str, Any]) -> xr.DataArray:
@@ -430,8 +434,7 @@ class SiffAccessor:
             if is_3d:
                 parts = parts.sum("z")
             c, s = parts.isel(part=0, drop=True), parts.isel(part=1, drop=True)
-            bin_ns = float(ds.attrs["tau_bin_ps"]) / 1000.0
-            out = (s / c.where(c > 0)) * bin_ns - offset
+            out = (s / c.where(c > 0)) * _bin_ns(ds) - offset
         out.name = "lifetime"
         out.attrs = {"long_name": "mean photon arrival time minus offset", "units": "ns",
                      "offset_ns": offset}
@@ -528,7 +531,7 @@ class SiffAccessor:
         h, w = ds.sizes["y"], ds.sizes["x"]
         y = (pix.astype(np.int64) // w + shift[0]) % h
         x = (pix.astype(np.int64) % w + shift[1]) % w
-        bin_ns = float(ds.attrs.get("tau_bin_ps", np.nan)) / 1000.0
+        bin_ns = _bin_ns(ds)
         return xr.Dataset(
             {"y": ("photon", y), "x": ("photon", x),
              "arrival_bin": ("photon", tau),
@@ -636,6 +639,16 @@ def _align_block(block: np.ndarray, refs: np.ndarray, method: str, opts: dict[st
 
 
 # ---------------------------------------------------------------------- photon blocks
+
+def _bin_ns(ds: xr.Dataset) -> float:
+    """Width of one arrival-time bin in ns, from the attributes or the ``tau`` axis."""
+    if "tau_bin_ps" in ds.attrs:
+        return float(ds.attrs["tau_bin_ps"]) / 1000.0
+    if "tau" in ds.coords and ds.sizes["tau"] > 1:
+        return float(ds["tau"].values[1] - ds["tau"].values[0])
+    raise ValueError("the arrival-time bin width is unknown: the Dataset has neither a "
+                     "tau_bin_ps attribute nor a tau coordinate")
+
 
 def _extra_dims(op: str) -> tuple[str, ...]:
     return {"histograms": ("tau",), "pixel_mean": ("y", "x"),

@@ -244,3 +244,16 @@ def test_arrival_times_from_siff_and_store(siff_files, tmp_path):
             ds.siff.arrival_times(time=1)
         with pytest.raises(ValueError, match="not both"):
             ds.siff.arrival_times(3, time=1)
+
+
+def test_photon_reductions_on_one_timepoint_and_without_attrs(siff_files, rng):
+    t = siff_files["two_chan_slices_flyback"]
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        masks = rng.random((2, ds.sizes["y"], ds.sizes["x"])) > 0.5
+        full = ds.siff.lifetime(masks)
+        one = ds.isel(time=2).siff.lifetime(masks)
+        assert "time" not in one.dims
+        xr.testing.assert_identical(one, full.isel(time=2))
+        bare = ds.copy()
+        bare.attrs = {k: v for k, v in ds.attrs.items() if k != "tau_bin_ps"}
+        xr.testing.assert_allclose(bare.siff.lifetime(masks), full)
