@@ -606,7 +606,7 @@ def _build_references(frames: np.ndarray, method: str, n_iter: int, regularize_s
     from .registration import register_planes
 
     return register_planes(frames, n_iter=n_iter, regularize_sigma=regularize_sigma,
-                           **opts)[1]
+                           return_shifts=False, **opts)[1]
 
 
 def _align_block(block: np.ndarray, refs: np.ndarray, method: str, opts: dict[str, Any],

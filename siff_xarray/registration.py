@@ -202,36 +202,69 @@ def _initial_references(frames: np.ndarray, smooth_sigma: float, pooled: bool,
 def register_planes(frames: np.ndarray, *, n_iter: int = 3, max_shift: int | None = None,
                     smooth_sigma: float = 2.0, whiten: float = 0.0,
                     regularize_sigma: float = 0.0, top_fraction: float = 0.5,
-                    reference: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    reference: np.ndarray | None = None, refine_frames: int = 100,
+                    return_shifts: bool = True
+                    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """Register volumes ``(N, Z, H, W)`` plane by plane, with refined references.
 
-    Each plane's reference starts from its mean frame; every iteration registers
-    all frames (pooling neighbouring planes' correlations when
-    ``regularize_sigma > 0``, see :func:`regularize_planes`) and averages each
-    plane's best-correlated ``top_fraction`` of registered frames into its next
-    reference. Pooling during the refinement keeps the planes' references
-    mutually aligned, which the pooled alignment relies on. Finally the shifts
-    are centred so that the median frame of each plane (of all planes, when
-    pooling) is not moved.
+    Each plane's reference starts from the frames most similar to each other
+    (:func:`_initial_references`); every iteration registers the frames (pooling
+    neighbouring planes' correlations when ``regularize_sigma > 0``, see
+    :func:`regularize_planes`) and averages each plane's best-correlated
+    ``top_fraction`` of registered frames into its next reference. The first
+    ``n_iter - 1`` iterations use at most ``refine_frames`` evenly spaced frames; the
+    last uses them all. Pooling during the refinement keeps the planes' references
+    mutually aligned, which the pooled alignment relies on. Finally the shifts are
+    centred so that the median frame of each plane (of all planes, when pooling) is
+    not moved.
 
-    Returns ``(shifts (N, Z, 2), references (Z, H, W), quality (N, Z))``.
+    Returns ``(shifts (N, Z, 2), references (Z, H, W), quality (N, Z))``; with
+    ``return_shifts=False`` only the references (the final alignment of every frame
+    is skipped: ``(None, references, None)``).
     """
     frames = np.asarray(frames)
     n, nz = frames.shape[:2]
     opts = {"max_shift": max_shift, "smooth_sigma": smooth_sigma, "whiten": whiten}
 
-    def align(refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        got = [correlation_windows(frames[:, k], refs[k], **opts) for k in range(nz)]
+    def align(refs: np.ndarray, idx: np.ndarray | slice = slice(None)
+              ) -> tuple[np.ndarray, np.ndarray]:
+        got = [correlation_windows(frames[idx, k], refs[k], **opts) for k in range(nz)]
         wins = regularize_planes(np.stack([g[0] for g in got]), regularize_sigma)
         s, q = peak_shifts(wins, got[0][1], got[0][2])  # (Z, N, 2), (Z, N)
         return s.transpose(1, 0, 2), q.T
 
-    refs = _initial_references(frames, smooth_sigma, regularize_sigma > 0) \
-        if reference is None else np.asarray(reference, float)
-    shifts, quality = align(refs)
+    def average(idx: np.ndarray, shifts: np.ndarray, quality: np.ndarray) -> np.ndarray:
+        k = max(1, round(top_fraction * len(idx)))
+        return np.stack([
+            apply_shifts(frames[idx[best], z], shifts[best, z]).mean(axis=0)
+            for z, best in enumerate(np.argsort(-quality, axis=0)[:k].T)])
+
     if reference is not None:
+        refs = np.asarray(reference, float)
+        shifts, quality = align(refs)
         return shifts, refs, quality
+    sub = np.unique(np.linspace(0, n - 1, min(n, max(refine_frames, 1))).round().astype(int))
+    refs = _initial_references(frames, smooth_sigma, regularize_sigma > 0)
+    shifts, quality = align(refs, sub)
+    for _ in range(max(n_iter - 1, 0)):  # refine on the subset
+        refs = average(sub, shifts, quality)
+        shifts, quality = align(refs, sub)
+    if n_iter > 0:  # the last refinement uses every frame
+        everything = np.arange(n)
+        shifts, quality = align(refs) if len(sub) < n else (shifts, quality)
+        refs = average(everything, shifts, quality)
+    # centre on the median frame of each plane (of all planes together when pooling, so
+    # that the references stay mutually aligned); the median of the last alignment
+    pooled = regularize_sigma > 0 and nz > 1
+    centre = np.round(np.median(shifts.reshape(-1, 2) if pooled else shifts, axis=0)
+                      ).astype(np.int64)
+    centre = np.broadcast_to(centre, (nz, 2))
+    if centre.any():
+        refs = apply_shifts(refs, -centre)
+    if not return_shifts:
+        return None, refs, None
+    shifts, quality = align(refs)
+    return shifts, refs, quality
     k = max(1, round(top_fraction * n))
     for _ in range(n_iter):
         refs = np.stack([
