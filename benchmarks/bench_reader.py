@@ -156,6 +156,11 @@ def main() -> None:
     first_theirs = min(fresh_process(code_theirs) for _ in range(2))
     plain = best(plain_read, r)
 
+    def floor() -> None:  # what any float64 (F, H, W) result costs to allocate and write
+        np.empty((n, h, w)).fill(0.0)
+
+    floor_t = best(floor, r)
+
     size = path.stat().st_size
     print(f"\nfile: {path.name}, {size / 1e9:.2f} GB, {n} frames, "
           f"{os.cpu_count()} CPU(s); best of {r}\n")
@@ -163,6 +168,8 @@ def main() -> None:
     print(f"| first call in a fresh process (warm Numba cache) | {first_ours:.2f} | "
           f"{first_theirs:.2f} | {first_ours / first_theirs:.2f} | <= 2 s |")
     print(f"| plain read of the file ({size / plain / 1e9:.1f} GB/s) | {plain:.3f} | | | |")
+    print(f"| memory floor of a float64 (frames, y, x) result: allocate + fill | {floor_t:.3f} "
+          f"| | {floor_t / rows[-1][2]:.2f} | |")
 
 
 if __name__ == "__main__":
