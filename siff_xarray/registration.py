@@ -265,19 +265,3 @@ def register_planes(frames: np.ndarray, *, n_iter: int = 3, max_shift: int | Non
         return None, refs, None
     shifts, quality = align(refs)
     return shifts, refs, quality
-    k = max(1, round(top_fraction * n))
-    for _ in range(n_iter):
-        refs = np.stack([
-            apply_shifts(frames[best, z], shifts[best, z]).mean(axis=0)
-            for z, best in enumerate(np.argsort(-quality, axis=0)[:k].T)])
-        shifts, quality = align(refs)
-    # centre the shifts so that the median frame of each plane is not moved (of all
-    # planes together when pooling, so that the references stay mutually aligned)
-    pooled = regularize_sigma > 0 and nz > 1
-    centre = np.round(np.median(shifts.reshape(-1, 2) if pooled else shifts, axis=0)
-                      ).astype(np.int64)
-    centre = np.broadcast_to(centre, (nz, 2))
-    if centre.any():
-        refs = apply_shifts(refs, -centre)
-        shifts = shifts - centre
-    return shifts, refs, quality
