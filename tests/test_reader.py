@@ -184,6 +184,36 @@ def test_lifetime_and_phasor_images(truth):
             np.testing.assert_allclose(s1, pc.imag, equal_nan=True, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["positive", "negative", "large"])
+def test_pixel_images_with_shifts_are_numpy_roll(truth, rng, kind):
+    """Mean-only (the fast path), mean + counts and phasor images all move like numpy.roll."""
+    h, w = truth.shape
+    lo, hi = {"positive": (0, max(h, w)), "negative": (-max(h, w), 0),
+              "large": (-5 * max(h, w), 5 * max(h, w))}[kind]
+    shifts = {i: (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
+              for i in range(truth.n_frames)}
+    with SiffFile(truth.path) as f:
+        if f.frame_encodings[0] == "tiff":
+            pytest.skip("intensity-only")
+        mean = f.lifetime_images(units="bins", shifts=shifts)
+        mean2, cnt = f.lifetime_images(units="bins", shifts=shifts, return_intensity=True)
+        g, s = f.phasor_images(shifts=shifts)
+    for i in range(truth.n_frames):
+        pix, tau = truth.photons(i)
+        n = np.bincount(pix, minlength=h * w).reshape(h, w)
+        tsum = np.bincount(pix, weights=tau, minlength=h * w).reshape(h, w)
+        ang = 2 * np.pi * (tau % truth.tau_bins) / truth.tau_bins
+        gs = np.bincount(pix, np.cos(ang), h * w).reshape(h, w)
+        with np.errstate(invalid="ignore"):
+            want = np.roll(tsum / n, shifts[i], axis=(0, 1))
+            want_g = np.roll(gs / n, shifts[i], axis=(0, 1))
+        np.testing.assert_array_equal(mean[i], want)
+        np.testing.assert_array_equal(mean2[i], want)
+        np.testing.assert_array_equal(cnt[i], np.roll(n, shifts[i], axis=(0, 1)))
+        np.testing.assert_allclose(g[i], want_g, atol=1e-12)
+        assert np.array_equal(np.isnan(s[i]), np.isnan(want_g))
+
+
 def test_mask_flim_and_phasor(truth, rng):
     h, w = truth.shape
     masks = rng.random((3, h, w)) > 0.5
