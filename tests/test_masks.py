@@ -257,3 +257,27 @@ def test_photon_reductions_on_one_timepoint_and_without_attrs(siff_files, rng):
         bare = ds.copy()
         bare.attrs = {k: v for k, v in ds.attrs.items() if k != "tau_bin_ps"}
         xr.testing.assert_allclose(bare.siff.lifetime(masks), full)
+
+
+def test_more_mask_sets_than_uint16_ids(tmp_path, rng):
+    """Over 65536 distinct mask combinations switch the set ids to uint32; sums stay exact."""
+    from siff_xarray import SiffFile
+    from siff_xarray.reader.reductions import _mask_sets
+
+    t = write_siff(tmp_path / "wide.siff", shape=(320, 256), n_timepoints=2,
+                   photons_per_frame=50_000, encoding="mixed", seed=3)
+    masks = rng.random((20, 320, 256)) > 0.5
+    setid, set_ptr, _ = _mask_sets(masks[:, None])
+    assert len(set_ptr) - 1 > 1 << 16 and setid.dtype == np.uint32
+    assert _mask_sets(masks[:3, None])[0].dtype == np.uint16
+    inten = t.intensity().astype(np.int64)
+    want = np.einsum("fyx,myx->mf", inten, masks.astype(np.int64))
+    with SiffFile(t.path) as f:
+        np.testing.assert_array_equal(f.sum_masks(masks), want)
+        tsum, cnt = f.sum_masks_flim(masks)
+        np.testing.assert_array_equal(cnt, want)
+        for i in range(2):
+            pix, tau = t.photons(i)
+            np.testing.assert_array_equal(
+                tsum[:, i], masks.reshape(20, -1)[:, pix].astype(np.int64) @ tau)
+        np.testing.assert_array_equal(f.masks_histograms(masks, mode="wrap").sum(axis=-1), want)
