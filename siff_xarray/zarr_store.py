@@ -640,9 +640,36 @@ def _hide_root(target: _Target) -> None:
 
 
 def _finish(target: _Target) -> None:
+    """Publish the store: write the root metadata, with every node's consolidated."""
     meta = json.loads(target.read_text(ROOT_KEY))
+    meta["consolidated_metadata"] = _consolidated(target)
     target.write_text("zarr.json", json.dumps(meta, indent=2))
     target.fs.rm(target.key(PROGRESS), recursive=True)
+
+
+def _consolidated(target: _Target) -> dict[str, Any]:
+    """Every node's metadata under the root, as zarr-python consolidates it.
+
+    Built here rather than by ``zarr.consolidate_metadata`` so that the root
+    ``zarr.json`` is written once, last, already consolidated: ``xr.open_zarr``
+    then opens the store with one metadata read and no fallback warning, and an
+    interruption never leaves a half-rewritten root. (Consolidated metadata is a
+    zarr-python convention, not yet part of the Zarr v3 specification; readers
+    that do not know it ignore it: ``must_understand`` is false.)
+    """
+    target.fs.invalidate_cache()
+    names = sorted(p for p in target.fs.find(target.root) if p.endswith("/zarr.json"))
+    keys = [n[len(target.root) + 1 : -len("/zarr.json")] for n in names]
+    keys = [k for k in keys if k and not k.startswith(PROGRESS)]
+    texts = target.fs.cat([target.key(f"{k}/zarr.json") for k in keys])
+    metadata = {}
+    for k in keys:
+        node = json.loads(texts[target.key(f"{k}/zarr.json")])
+        if node.get("node_type") == "group":
+            node["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                             "metadata": {}}
+        metadata[k] = node
+    return {"kind": "inline", "must_understand": False, "metadata": metadata}
 
 
 def _store_bytes(target: _Target) -> int:
@@ -929,7 +956,8 @@ def open_converted(store: str | os.PathLike[str], *,
                 f"({done} of {plan.n_batches} batches); run convert(..., resume=True) "
                 "(siff-xarray convert --resume) to finish it")
         raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
-    kwargs.setdefault("consolidated", False)
+    # stores of this version hold consolidated metadata; older ones fall back (warning)
+    kwargs.setdefault("consolidated", None)
     ds = xr.open_zarr(target.zarr(), **kwargs)
     # where the photons are, for ds.siff's photon reductions
     ds.encoding["source"] = target.destination

@@ -115,9 +115,10 @@ def s3_server():
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the moto S3 server did not start") from None
                 time.sleep(0.2)
+        # s3fs's instance cache stays on, as for users: instances made with
+        # skip_instance_cache are never closed and leave aiohttp sessions behind
         yield {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": url},
-               "skip_instance_cache": True}
+               "client_kwargs": {"endpoint_url": url}}
     finally:
         proc.terminate()
         try:

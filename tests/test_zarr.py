@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,10 @@ def test_convert_is_lossless(siff_files, tmp_path, name):
     with zs.open_converted(dst) as ds, xr.open_dataset(t.path, engine="siff") as src:
         xr.testing.assert_identical(ds.load(), src.load())
         assert ds.intensity.encoding["shards"][0] == 2 * ds.intensity.encoding["chunks"][0]
-    with xr.open_zarr(dst, consolidated=False) as ds:  # plain xarray opens it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated metadata: no fallback warning
+        ds = xr.open_zarr(dst)  # plain xarray opens it too
+    with ds:
         assert ds.intensity.dtype == np.uint16
         _check_ome(dst, ds)
     for fr in range(t.n_frames):  # every frame, flyback included
@@ -119,6 +123,29 @@ def test_convert_is_lossless(siff_files, tmp_path, name):
         np.testing.assert_array_equal(np.sort(spix.astype(np.int64) << 32 | stau),
                                       np.sort(pix.astype(np.int64) << 32 | tau))
     assert zs.verify(t.path, dst) == []
+
+
+def test_root_holds_zarr_pythons_consolidated_metadata(siff_files, tmp_path):
+    """The root zarr.json equals what zarr.consolidate_metadata would write."""
+    import json
+    import shutil
+
+    import zarr
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "c.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    ours = json.loads((dst / "zarr.json").read_text())
+    assert {"photons", "photons/arrival_time", "intensity", "ome", "ome/0"} <= set(
+        ours["consolidated_metadata"]["metadata"])
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(dst, copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not part of the Zarr v3 specification"
+        zarr.consolidate_metadata(str(copy))
+    assert json.loads((copy / "zarr.json").read_text()) == ours
+    assert zarr.open_group(str(dst), mode="r", use_consolidated=True)["photons/photon_count"]\
+        .shape == (t.n_frames,)
 
 
 def test_verify_finds_differences(siff_files, tmp_path):
@@ -331,7 +358,10 @@ def test_s3_to_s3_end_to_end(s3_server, tmp_path):
             xr.open_dataset(t.path, engine="siff") as local:
         xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
         assert ds.attrs["source_file"] == src
-    with xr.open_zarr(dst, storage_options=s3_server, consolidated=False) as ds:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(dst, storage_options=s3_server)  # consolidated: no warning
+    with ds:
         assert ds.sizes["time"] == 6
     assert zs.verify(src, dst, storage_options=s3_server, target_options=s3_server) == []
     pix, tau = zs.read_photons(dst, 3, storage_options=s3_server)
