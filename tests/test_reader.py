@@ -37,13 +37,18 @@ def test_frame_selection_order_and_negative(truth, rng):
             f.read_frames([truth.n_frames])
 
 
-@pytest.mark.parametrize("kind", ["positive", "negative", "large"])
-def test_shifts_are_numpy_roll(truth, rng, kind):
+def _random_shifts(truth, rng, kind: str) -> dict[int, tuple[int, int]]:
+    """One (dy, dx) per frame: all positive, all negative, or up to 5 frame sizes either way."""
     h, w = truth.shape
     lo, hi = {"positive": (0, max(h, w)), "negative": (-max(h, w), 0),
               "large": (-5 * max(h, w), 5 * max(h, w))}[kind]
-    shifts = {i: (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
-              for i in range(truth.n_frames)}
+    return {i: (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
+            for i in range(truth.n_frames)}
+
+
+@pytest.mark.parametrize("kind", ["positive", "negative", "large"])
+def test_shifts_are_numpy_roll(truth, rng, kind):
+    shifts = _random_shifts(truth, rng, kind)
     with SiffFile(truth.path) as f:
         got = f.read_frames(shifts=shifts)
     raw = truth.intensity()
@@ -187,11 +192,8 @@ def test_lifetime_and_phasor_images(truth):
 @pytest.mark.parametrize("kind", ["positive", "negative", "large"])
 def test_pixel_images_with_shifts_are_numpy_roll(truth, rng, kind):
     """Mean-only (the fast path), mean + counts and phasor images all move like numpy.roll."""
+    shifts = _random_shifts(truth, rng, kind)
     h, w = truth.shape
-    lo, hi = {"positive": (0, max(h, w)), "negative": (-max(h, w), 0),
-              "large": (-5 * max(h, w), 5 * max(h, w))}[kind]
-    shifts = {i: (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
-              for i in range(truth.n_frames)}
     with SiffFile(truth.path) as f:
         if f.frame_encodings[0] == "tiff":
             pytest.skip("intensity-only")
