@@ -103,6 +103,56 @@ def test_ifd_errors(tmp_path, small):
         SiffFile(_write(tmp_path, bytes(d)))
 
 
+@pytest.mark.parametrize("where,value,match", [
+    # 8-byte values of 2**63 and more read as negative int64s: an entry count the walker
+    # once took for a small one, then read the next-IFD offset before its buffer
+    ("count", 2**64 - 5, "claims 18446744073709551611 entries"),
+    ("count", 2**63, "claims 9223372036854775808 entries"),
+    # offsets near 2**63: their sums with lengths overflowed int64 and passed the checks
+    ("strip_offset", 2**63 - 1, "past the end of the file"),
+    ("strip_bytes", 2**63 - 8, "past the end of the file"),
+])
+def test_values_near_int64_limits_are_format_errors(tmp_path, small, monkeypatch, where,
+                                                     value, match):
+    _, data = small
+    ifd = _ifd_offsets(data)[1]
+    d = bytearray(data)
+    at = {"count": ifd, "strip_offset": _entry(data, ifd, 273) + 12,
+          "strip_bytes": _entry(data, ifd, 279) + 12}[where]
+    struct.pack_into("<Q", d, at, value)
+    path = _write(tmp_path, bytes(d))
+    for walker in range(3):
+        with pytest.raises(SiffFormatError, match=match):
+            _open_one_walker(path, monkeypatch, walker)
+
+
+def _open_one_walker(path, monkeypatch, walker: int):
+    """Open ``path`` with one IFD walker: 0 pread (local), 1 memory map, 2 file object."""
+    from siff_xarray.reader.source import LocalSource
+
+    if walker == 2:
+        with open(path, "rb") as fh:
+            SiffFile(fh, index_cache=False).close()
+        return
+    with monkeypatch.context() as m:
+        if walker == 1:
+            m.setattr(LocalSource, "fileno", lambda self: None)
+        SiffFile(path, index_cache=False).close()
+
+
+@pytest.mark.parametrize("walker", [0, 1, 2])
+def test_next_ifd_offset_near_int64_limit_is_a_cut_off_file(tmp_path, small, monkeypatch,
+                                                            walker):
+    """A next-IFD offset of 2**63 - 1 lies past the end: the chain ends there (cut off)."""
+    _, data = small
+    ifds = _ifd_offsets(data)
+    (n,) = struct.unpack_from("<Q", data, ifds[1])
+    d = bytearray(data)
+    struct.pack_into("<Q", d, ifds[1] + 8 + 20 * n, 2**63 - 1)
+    with pytest.warns(SiffWarning, match="recovered 2 complete frames"):
+        _open_one_walker(_write(tmp_path, bytes(d)), monkeypatch, walker)
+
+
 def test_count_image_inconsistent(tmp_path, small):
     t, data = small
     i = int(np.flatnonzero(t.encodings == "compressed")[0])
@@ -192,6 +242,40 @@ def test_fuzz_mutations_only_raise_siff_format_error(tmp_path, small, data):
             del d[max(pos, 1):]
         else:
             d[pos : pos + 16] = bytes(min(16, len(d) - pos))
+    path = _write(tmp_path, bytes(d), "fuzz.siff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(SiffFormatError):
+            _exercise(path)
+
+
+_BOUNDARY = [0, 1, 7, 2**15, 2**16 - 1, 2**31, 2**32 - 1, 2**62, 2**63 - 1, 2**63,
+             2**64 - 8, 2**64 - 1]
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_ifd_fields_only_raise_siff_format_error(tmp_path, small, data):
+    """Structure-aware fuzzing: boundary values written into IFD fields.
+
+    Random byte mutations rarely hit the 8-byte fields whose values near 2**63 once
+    overflowed the walker's int64 arithmetic; here every mutation lands in an IFD.
+    """
+    _, original = small
+    d = bytearray(original)
+    ifds = _ifd_offsets(original)
+    size = len(original)
+    for _ in range(data.draw(st.integers(1, 4), label="n_mutations")):
+        ifd = data.draw(st.sampled_from(ifds), label="ifd")
+        (n,) = struct.unpack_from("<Q", original, ifd)
+        field = data.draw(st.sampled_from(["count", "next", "type", "tcount", "value"]))
+        k = data.draw(st.integers(0, n - 1), label="entry")
+        at = {"count": ifd, "next": ifd + 8 + 20 * n, "type": ifd + 8 + 20 * k + 2,
+              "tcount": ifd + 8 + 20 * k + 4, "value": ifd + 8 + 20 * k + 12}[field]
+        value = data.draw(st.sampled_from([*_BOUNDARY, size, size - 1, size // 2, *ifds]))
+        width = 2 if field == "type" else 8
+        struct.pack_into("<H" if width == 2 else "<Q", d, at, value % 2 ** (8 * width))
     path = _write(tmp_path, bytes(d), "fuzz.siff")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

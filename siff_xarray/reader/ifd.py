@@ -88,19 +88,20 @@ def _walk(buf, buf_start, file_size, pos, count, out, bigtiff, header_end, monot
     while pos != 0:
         if pos < header_end:
             return S_INTO_HEADER, pos, count, monotonic, 0
-        if pos + cnt_sz > file_size:
+        # comparisons are written so that no sum can overflow: pos may be up to 2**63 - 1
+        if pos > file_size - cnt_sz:
             return S_TRUNC, pos, count, monotonic, 0
-        if pos < buf_start or pos + cnt_sz > buf_end:
+        if pos < buf_start or pos > buf_end - cnt_sz:
             return S_MORE, pos, count, monotonic, cnt_sz
         n = _uint(buf, pos - buf_start, cnt_sz)
         if n == 0:
             return S_ZERO_IFD, pos, count, monotonic, 0
-        if n > MAX_ENTRIES:
+        if n < 0 or n > MAX_ENTRIES:  # negative: an 8-byte count of 2**63 or more
             return S_TOO_MANY, pos, count, monotonic, n
         size = cnt_sz + n * ent_sz + osz
-        if pos + size > file_size:
+        if pos > file_size - size:
             return S_TRUNC, pos, count, monotonic, 0
-        if pos + size > buf_end:
+        if pos > buf_end - size:
             return S_MORE, pos, count, monotonic, size
         # cycle check: offsets normally increase strictly; otherwise search earlier ones
         if count > 0 and pos <= out[count - 1, C_IFD]:
@@ -353,7 +354,7 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
     if status == S_INTO_HEADER:
         raise SiffFormatError(name, "IFD offset points into the file header", pos, len(table))
     if status == S_TOO_MANY:
-        raise SiffFormatError(name, f"IFD claims {detail} entries; file is corrupt", pos,
+        raise SiffFormatError(name, f"IFD claims {detail % 2**64} entries; file is corrupt", pos,
                               len(table))
     if status == S_BAD_TYPE:
         raise SiffFormatError(name, f"IFD entry has unknown TIFF field type {detail}", pos,
@@ -392,7 +393,6 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
     encoding = encoding.astype(np.int8)
     image_bytes = 2 * width * height
     data_start = np.where(encoding == ENC_COMPRESSED, strip_off - image_bytes, strip_off)
-    data_stop = strip_off + strip_bytes
 
     # TIFF pages: only what ScanImage writes (one uncompressed strip of 16-bit samples)
     tiff = encoding == ENC_TIFF
@@ -428,7 +428,10 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
                               "inside the header", int(table[i, C_IFD]), i)
 
     # data past the end of the file: allowed only for the last frame (cut-off acquisition)
-    past = (data_stop > header.file_size) | (desc_off + desc_len > header.file_size)
+    # (written without sums: offsets and lengths may each be up to 2**63 - 1)
+    size = header.file_size
+    past = ((strip_off > size) | (strip_bytes > size - strip_off)
+            | (desc_off > size) | (desc_len > size - desc_off))
     bad = np.flatnonzero(past)
     if bad.size:
         i = int(bad[0])

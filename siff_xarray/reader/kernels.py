@@ -72,11 +72,13 @@ def _wrap(v, n):
 
 @numba.njit(**_JIT)
 def _in_bounds(buf, enc, off, nbytes, h, w):
-    start = off - 2 * h * w if enc == ENC_COMPRESSED else off
-    stop = off + nbytes
-    if enc == ENC_TIFF:
-        stop = off + 2 * h * w
-    return start >= 0 and nbytes >= 0 and stop <= buf.shape[0]
+    """Return whether the frame's bytes lie inside ``buf`` (no sum can overflow int64)."""
+    if h < 0 or w < 0 or h > 65535 or w > 65535 or nbytes < 0:
+        return False
+    image = 2 * h * w
+    start = off - image if enc == ENC_COMPRESSED else off
+    length = image if enc == ENC_TIFF else nbytes
+    return start >= 0 and off <= buf.shape[0] and length <= buf.shape[0] - off
 
 
 @numba.njit(**_JIT)
