@@ -196,12 +196,18 @@ def _numbers(buf: np.ndarray, starts: np.ndarray, stops: np.ndarray, dtype: type
     except (ValueError, OverflowError):
         conv = float if dtype is np.float64 else int
         for j, t in enumerate(text.tolist()):
+            problem = None
             try:
-                conv(t)
+                v = conv(t)
             except (ValueError, OverflowError):
+                problem = "a non-numeric"
+            else:
+                if conv is int and not -(2**63) <= v < 2**63:
+                    problem = "an out-of-range (beyond int64)"
+            if problem:
                 frame = int(frames[np.flatnonzero(present)[j]])
                 raise SiffFormatError(
-                    name, f"frame description has a non-numeric {key.decode().strip(' =')} "
+                    name, f"frame description has {problem} {key.decode().strip(' =')} "
                     f"value {t!r}", int(s[j]), frame) from None
         raise
     return out
