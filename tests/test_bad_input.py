@@ -202,6 +202,22 @@ def test_cut_inside_data_of_last_frame(tmp_path, small):
     f.close()
 
 
+def test_file_without_frames(tmp_path, small):
+    """A header with no IFD (acquisition stopped before its first frame) opens empty."""
+    import xarray as xr
+
+    _, data = small
+    path = _write(tmp_path, data[:8] + struct.pack("<Q", 0) + data[16:])
+    with SiffFile(path) as f:
+        assert f.num_frames == 0
+        assert f.read_frames().shape[0] == 0
+        with pytest.raises(SiffFormatError, match="holds no frames") as ei:
+            _ = f.frame_shape
+        assert "f.siff" in str(ei.value)
+    with pytest.raises(SiffFormatError, match="f.siff.*holds no frames"):
+        xr.open_dataset(path, engine="siff")
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         SiffFile(tmp_path / "nope.siff")

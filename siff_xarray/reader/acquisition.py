@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SiffFormatError
 from .frame_meta import Event, FrameTimestamps
 from .imparams import ImParams
 from .siff_file import SiffFile
@@ -47,17 +48,19 @@ class Acquisition:
             if f.header.nvfd_text != first.header.nvfd_text:
                 raise ValueError(f"{f.name}: its ScanImage header differs from {first.name}; "
                                  "these files are not one acquisition")
-            if f.num_frames and first.num_frames and f.frame_shape != first.frame_shape:
+        filled = [f for f in self.files if f.num_frames]
+        for f in filled[1:]:
+            if f.frame_shape != filled[0].frame_shape:
                 raise ValueError(f"{f.name}: frame shape {f.frame_shape} differs from "
-                                 f"{first.frame_shape} in {first.name}; these files are not "
-                                 "one acquisition")
+                                 f"{filled[0].frame_shape} in {filled[0].name}; these files "
+                                 "are not one acquisition")
         counts = [f.num_frames for f in self.files]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_frames = int(self.offsets[-1])
         if self.num_frames == 0:
-            raise ValueError(f"{first.name}: the file holds no frames")
+            raise SiffFormatError(first.name, "the acquisition holds no frames")
         self.header = first.header
-        self.frame_shape = first.frame_shape
+        self.frame_shape = filled[0].frame_shape
 
     @classmethod
     def open(cls, sources: Sequence[Any], storage_options: dict[str, Any] | None = None

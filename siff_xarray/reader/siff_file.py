@@ -133,12 +133,13 @@ class SiffFile(PhotonReductions):
 
         Raises
         ------
-        ValueError
-            If frames of different shapes are stored (then ask per frame via ``index``).
+        SiffFormatError
+            If the file holds no frames, or frames of different shapes (then ask per
+            frame via ``index``).
 
         """
         if self.num_frames == 0:
-            raise ValueError(f"{self.name}: the file holds no frames")
+            raise SiffFormatError(self.name, "the file holds no frames")
         h, w = self.index.height, self.index.width
         if (h != h[0]).any() or (w != w[0]).any():
             raise SiffFormatError(self.name, "frames have different shapes; request frames "
