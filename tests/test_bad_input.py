@@ -214,7 +214,7 @@ def test_file_without_frames(tmp_path, small):
         with pytest.raises(SiffFormatError, match="holds no frames") as ei:
             _ = f.frame_shape
         assert "f.siff" in str(ei.value)
-    with pytest.raises(SiffFormatError, match="f.siff.*holds no frames"):
+    with pytest.raises(SiffFormatError, match=r"f\.siff.*holds no frames"):
         xr.open_dataset(path, engine="siff")
 
 

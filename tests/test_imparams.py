@@ -138,3 +138,25 @@ def test_seed_layout_file(tmp_path):
         assert ip.flatten_by_timepoints(0, 3) == SEED_FLAT[:18]
         assert f.read_frames(ip.framelist_by_slices(color_channel=0, slices=[3])).shape == \
             (3, 256, 128)
+
+
+def test_unusable_header_values():
+    """Corrupt header values: a clear error where one is needed, ``None``/defaults elsewhere."""
+    from siff_xarray.errors import SiffFormatError
+
+    text = scanimage_header(height=4, width=6, n_slices=3)
+    bad = (text.replace("pixelsPerLine = 6", "pixelsPerLine = '5ASI.hRoiMan'")
+           .replace("scanZoomFactor = 2.0", "scanZoomFactor = 'x'")
+           .replace("scanFramePeriod = 0.016", "scanFramePeriod = NaN")
+           .replace("zsRelative = [0.0 10.0 20.0]", "zsRelative = {'a' 'b' 'c'}")
+           .replace("channelSave = 1", "channelSave = 1e300"))
+    ip = ImParams(parse_nvfd(bad), 0, None, name="f.siff")  # no frames: sizes from the header
+    assert ip.ysize == 4
+    with pytest.raises(SiffFormatError, match=r"f\.siff.*pixelsPerLine .* is not a frame size"):
+        _ = ip.xsize
+    assert ip.zoom is None and ip.dt_frame is None
+    assert ip.z_vals is None
+    np.testing.assert_array_equal(ip.z_positions, [0.0, 10.0, 20.0])  # from the step size
+    assert ip.colors == [1]
+    # with frames, the IFDs give the shape and the bad header size is never needed
+    assert ImParams(parse_nvfd(bad), 6, (4, 6)).shape == (4, 6)

@@ -48,6 +48,13 @@ def _as_count(v: Any, default: int) -> int:
     return int(min(v, 10 * MAX_LAYOUT))
 
 
+def _as_float(v: Any) -> float | None:
+    """Return a header value as a finite float, or ``None`` when it is not a finite number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        return None
+    return float(v)
+
+
 def _module_name(part: str) -> str:
     """ScanImage's ``hFastZ`` becomes ``FastZ`` (SiffPy's attribute names)."""
     return part[1:] if len(part) > 1 and part[0] == "h" and part[1].isupper() else part
@@ -204,7 +211,7 @@ class ImParams:
             return [1]
         arr = np.atleast_1d(np.asarray(v)).ravel()
         if arr.dtype.kind not in "iuf" or arr.size == 0 or arr.size > 10 * MAX_LAYOUT \
-                or not np.isfinite(arr).all():
+                or not np.isfinite(arr).all() or (arr < 0).any() or (arr > 2**31).any():
             return [1]
         return [int(x) for x in arr]
 
@@ -325,14 +332,22 @@ class ImParams:
         """Lines per frame (from the IFDs; header ``linesPerFrame`` as fallback)."""
         if self._frame_shape is not None:
             return int(self._frame_shape[0])
-        return int(self._get("SI.hRoiManager.linesPerFrame", 0))
+        return self._header_size("SI.hRoiManager.linesPerFrame")
 
     @property
     def xsize(self) -> int:
         """Pixels per line (from the IFDs; header ``pixelsPerLine`` as fallback)."""
         if self._frame_shape is not None:
             return int(self._frame_shape[1])
-        return int(self._get("SI.hRoiManager.pixelsPerLine", 0))
+        return self._header_size("SI.hRoiManager.pixelsPerLine")
+
+    def _header_size(self, key: str) -> int:
+        """Return a frame size from the header: 0 when absent, SiffFormatError if not a size."""
+        v = self._get(key, 0)
+        f = _as_float(v)
+        if f is None or f < 0 or f > 65535 or f != int(f):
+            raise SiffFormatError(self.name, f"header value {key} = {v!r} is not a frame size")
+        return int(f)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -380,9 +395,12 @@ class ImParams:
         if not self.stack_enabled:
             return None
         v = self._get("SI.hStackManager.zsRelative")
-        arr = np.asarray(v, dtype=float).ravel() if isinstance(v, (np.ndarray, list, int,
-                                                                  float)) else None
-        return None if arr is None else arr.tolist()
+        if not isinstance(v, (np.ndarray, list, int, float)):
+            return None
+        try:
+            return np.asarray(v, dtype=float).ravel().tolist()
+        except (TypeError, ValueError):  # e.g. a cell array holding text
+            return None
 
     @property
     def z_positions(self) -> np.ndarray:
@@ -394,8 +412,8 @@ class ImParams:
 
     @property
     def zoom(self) -> float | None:
-        """Scan zoom factor."""
-        return self._get("SI.hRoiManager.scanZoomFactor")
+        """Scan zoom factor (None when absent or not a number)."""
+        return _as_float(self._get("SI.hRoiManager.scanZoomFactor"))
 
     @property
     def imaging_fov(self) -> np.ndarray | None:
@@ -417,8 +435,8 @@ class ImParams:
 
     @property
     def dt_frame(self) -> float | None:
-        """Frame period in s (``scanFramePeriod``)."""
-        return self._get("SI.hRoiManager.scanFramePeriod")
+        """Frame period in s (``scanFramePeriod``; None when absent or not a number)."""
+        return _as_float(self._get("SI.hRoiManager.scanFramePeriod"))
 
     @property
     def dt_volume(self) -> float | None:
