@@ -247,7 +247,7 @@ def test_fuzz_mutations_only_raise_siff_format_error(tmp_path, small, data):
     _, original = small
     d = bytearray(original)
     for _ in range(data.draw(st.integers(1, 8), label="n_mutations")):
-        kind = data.draw(st.sampled_from(["byte", "u64", "truncate", "zero_run"]))
+        kind = data.draw(st.sampled_from(["byte", "u64", "truncate", "zero_run", "value"]))
         pos = data.draw(st.integers(0, len(d) - 1))
         if kind == "byte":
             d[pos] = data.draw(st.integers(0, 255))
@@ -256,6 +256,12 @@ def test_fuzz_mutations_only_raise_siff_format_error(tmp_path, small, data):
                 [0, 1, 2**16, 2**31, 2**63 - 1, 2**64 - 1, len(d) // 2, pos])))
         elif kind == "truncate":
             del d[max(pos, 1):]
+        elif kind == "value":  # the value of the next `key = value` (header or description)
+            at = d.find(b" = ", pos)
+            if at >= 0:
+                text = data.draw(st.binary(min_size=1, max_size=25) | st.text(
+                    "0123456789-+.eEnaNIf x[];{}'\n", min_size=1, max_size=25).map(str.encode))
+                d[at + 3 : at + 3 + len(text)] = text
         else:
             d[pos : pos + 16] = bytes(min(16, len(d) - pos))
     path = _write(tmp_path, bytes(d), "fuzz.siff")
