@@ -41,18 +41,17 @@ MAX_LAYOUT = 100_000  # channels, slices or frames per slice
 MAX_TAU_BINS = 1 << 20
 
 
-def _as_count(v: Any, default: int) -> int:
-    """Return a header value used as a count: a finite number >= 1 (clamped), else ``default``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 1:
-        return default
-    return int(min(v, 10 * MAX_LAYOUT))
-
-
 def _as_float(v: Any) -> float | None:
     """Return a header value as a finite float, or ``None`` when it is not a finite number."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
         return None
     return float(v)
+
+
+def _as_count(v: Any, default: int) -> int:
+    """Return a header value used as a count: a finite number >= 1 (clamped), else ``default``."""
+    f = _as_float(v)
+    return default if f is None or f < 1 else int(min(f, 10 * MAX_LAYOUT))
 
 
 def _module_name(part: str) -> str:
