@@ -218,6 +218,20 @@ def test_file_without_frames(tmp_path, small):
         xr.open_dataset(path, engine="siff")
 
 
+def test_acquisition_whose_first_part_has_no_frames(tmp_path):
+    """The frame shape comes from the first part that has frames; all empty is an error."""
+    from siff_xarray.reader.acquisition import Acquisition
+
+    split = write_siff(tmp_path / "run.siff", shape=(8, 6), n_timepoints=4, frames_per_file=2)
+    data = Path(split.paths[0]).read_bytes()
+    empty = _write(tmp_path, data[:8] + struct.pack("<Q", 0) + data[16:], "run_00000.siff")
+    with Acquisition.open([empty, *split.paths[1:]]) as acq:
+        assert acq.frame_shape == (8, 6)
+        assert acq.num_frames == 2
+    with pytest.raises(SiffFormatError, match="acquisition holds no frames"):
+        Acquisition.open([empty, empty])
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         SiffFile(tmp_path / "nope.siff")
