@@ -25,13 +25,12 @@ synthetic
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import accessor  # noqa: F401 - registers ``ds.siff`` (imports only numpy, xarray)
+from ._lazy import lazy_getattr
+from ._version import __version__
 from .errors import ConversionError, IncompleteStoreError, SiffFormatError, SiffWarning
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "ConversionError", "ImParams", "IncompleteStoreError", "SiffFile", "SiffFormatError",
@@ -40,34 +39,27 @@ __all__ = [
 ]
 
 _LAZY = {
-    "SiffFile": ("siff_xarray.reader.siff_file", "SiffFile"),
-    "ImParams": ("siff_xarray.reader.imparams", "ImParams"),
-    "synthetic": ("siff_xarray.synthetic", None),
-    "open_siff": ("siff_xarray.backend", "open_siff"),
-    "open_acquisition": ("siff_xarray.backend", "open_acquisition"),
-    "convert": ("siff_xarray.zarr_store", "convert"),
-    "open_converted": ("siff_xarray.zarr_store", "open_converted"),
-    "read_photons": ("siff_xarray.zarr_store", "read_photons"),
-    "verify": ("siff_xarray.zarr_store", "verify"),
+    "SiffFile": ".reader.siff_file",
+    "ImParams": ".format.imparams",
+    "synthetic": ".synthetic:",
+    "open_siff": ".backend.open",
+    "open_acquisition": ".backend.open",
+    "convert": ".store.converter",
+    "open_converted": ".store.read",
+    "read_photons": ".store.read",
+    "verify": ".store.verifier",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import synthetic
-    from .backend import open_acquisition, open_siff
-    from .reader.imparams import ImParams
+    from .backend.open import open_acquisition, open_siff
+    from .format.imparams import ImParams
     from .reader.siff_file import SiffFile
-    from .zarr_store import convert, open_converted, read_photons, verify
+    from .store.converter import convert
+    from .store.read import open_converted, read_photons
+    from .store.verifier import verify
 
-
-def __getattr__(name: str) -> Any:
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'siff_xarray' has no attribute {name!r}") from None
-    mod = import_module(module)
-    value = mod if attr is None else getattr(mod, attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

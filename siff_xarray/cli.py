@@ -244,12 +244,12 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
     DESTINATION is the store; otherwise DESTINATION is a directory (or URL prefix)
     receiving NAME.zarr per acquisition.
     """
-    from .zarr_store import _expand_sources, convert_file, group_acquisitions, store_name
+    from ._paths import expand
+    from .store import convert_file, group_acquisitions, store_name
 
     files: list[str] = []
     for s in sources:
-        expanded = _expand_sources(s, None)
-        files.extend([s] if expanded is None else expanded)
+        files.extend(os.fspath(p) for p in expand(s))
     if not files:
         raise click.ClickException("no source files match")
     groups = group_acquisitions(files)
@@ -276,7 +276,7 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
 @click.argument("store")
 def verify(source: str, store: str) -> None:
     """Compare STORE (a converted Zarr store) with SOURCE, frame by frame."""
-    from .zarr_store import verify as run_verify
+    from .store import verify as run_verify
 
     problems = run_verify(source, store)
     if problems:
@@ -297,7 +297,7 @@ def to_tiff(source: str, output: str, overwrite: bool) -> None:
     Every frame, flyback included, becomes a 16-bit page with its original
     description, after SOURCE's ScanImage header: what ScanImage writes without FLIM.
     """
-    from .export import to_tiff as run
+    from .store import to_tiff as run
 
     n = run(source, output, overwrite=overwrite)
     click.echo(f"{source} -> {output}: {n} frames")
@@ -324,8 +324,7 @@ def register(source: str, channel: int | None, method: str, max_shift: int | Non
     """
     import xarray as xr
 
-    from .zarr_photons import is_converted_store
-    from .zarr_store import open_converted
+    from .store import is_converted_store, open_converted
 
     out = output or f"{source.rstrip('/')}.shifts.zarr"
     if os.path.exists(out) and not overwrite:

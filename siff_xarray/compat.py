@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ._options import histogram_length
+
 __all__ = ["FlimTrace", "RegistrationInfo", "SiffReader"]
 
 
@@ -189,7 +191,7 @@ class SiffReader:
         f = self._f()
         ip = f.im_params
         channel = ip.colors[alignment_color_channel]
-        with open_siff(f._open_args[0]) as ds:
+        with open_siff(f.path, storage_options=f.options.storage) as ds:
             reg = ds.siff.register(channel=channel, method=methods[registration_method],
                                    **kwargs)
             fmap = ds.frame_index  # (time, z, [repeat], channel)
@@ -319,7 +321,7 @@ class SiffReader:
             life, cnt = f.lifetime_images(frames, shifts=shifts, units="bins",
                                           offset_bins=off, return_intensity=True)
         elif method == "phasor":
-            period = f._n_bins(None) + 2
+            period = histogram_length(f.n_tau_bins, "corrosiff")
             g, s = f.phasor_images(frames, shifts=shifts, period_bins=period)
             life = (g + 1j * s) * np.exp(-2j * np.pi * off / period)
             cnt = f.read_frames(frames, shifts=shifts)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 
-from .reader.header import SCANIMAGE_MAGIC
+from .format.writer import SiffWriter
 
 __all__ = ["SiffWriter", "SyntheticTruth", "make_demo", "scanimage_header", "write_siff"]
 
@@ -157,116 +156,6 @@ def roi_json(height: int, width: int, fov_um: float = 300.0) -> str:
 
 
 # ----------------------------------------------------------------------------- writer
-
-_TAGS_SIFF = (256, 257, 258, 259, 262, 270, 273, 274, 277, 278, 279, 282, 283, 284, 296, 305,
-              315, 339, 907)
-
-
-class SiffWriter:
-    """Stream frames into a ``.siff`` (or ScanImage intensity ``.tif``) file.
-
-    Parameters
-    ----------
-    f
-        Binary file opened for writing.
-    nvfd, roi
-        Header texts (ASCII).
-    bigtiff
-        BigTIFF (default; what ScanImage-FLIM writes) or classic TIFF.
-
-    """
-
-    def __init__(self, f: BinaryIO, nvfd: str | bytes, roi: str | bytes,
-                 bigtiff: bool = True) -> None:
-        self.f = f
-        self.bigtiff = bigtiff
-        # header texts are read back as Latin-1, so Latin-1 writes them back byte for byte
-        self._nvfd = nvfd if isinstance(nvfd, bytes) else nvfd.encode("latin-1")
-        self._roi = roi if isinstance(roi, bytes) else roi.encode("latin-1")
-        n, r = len(self._nvfd), len(self._roi)
-        if bigtiff:
-            head = b"II" + struct.pack("<HHHQ", 43, 8, 0, 32 + n + r)
-        else:
-            head = b"II" + struct.pack("<HI", 42, 24 + n + r)
-        head += struct.pack("<IIII", SCANIMAGE_MAGIC, 4, n, r)
-        self._nvfd_at = len(head)
-        f.write(head + self._nvfd + self._roi)
-        self._pos = len(head) + n + r
-        self._last_next_at: int | None = None  # where the previous IFD's next pointer sits
-
-    def _entries(self, tags: Mapping[int, tuple[int, int, int]]) -> bytes:
-        out = []
-        for tag in sorted(tags):
-            typ, count, value = tags[tag]
-            if self.bigtiff:
-                out.append(struct.pack("<HHQQ", tag, typ, count, value))
-            else:
-                if typ == 16:  # LONG8 does not exist in classic TIFF
-                    typ = 4
-                out.append(struct.pack("<HHII", tag, typ, count, value & 0xFFFFFFFF))
-        return b"".join(out)
-
-    def write_frame(self, description: str | bytes, *, photons: np.ndarray | None = None,
-                    counts: np.ndarray | None = None, arrivals: np.ndarray | None = None,
-                    image: np.ndarray | None = None, signed: bool = False) -> None:
-        """Append one frame.
-
-        Exactly one of: ``photons`` (raw u64 records), ``counts`` + ``arrivals``
-        (compressed: u16 count image and u16 arrival times in pixel order), or
-        ``image`` (a 16-bit TIFF page without tag 907).
-        """
-        desc = description if isinstance(description, bytes) else description.encode("ascii")
-        if photons is not None:
-            h, w = self._shape
-            pre, data = b"", np.ascontiguousarray(photons, dtype="<u8").tobytes()
-            siff, bps = 0, 64
-        elif counts is not None:
-            h, w = counts.shape
-            pre = np.ascontiguousarray(counts, dtype="<u2").tobytes()
-            data = np.ascontiguousarray(arrivals, dtype="<u2").tobytes()
-            siff, bps = 1, 16
-        elif image is not None:
-            h, w = image.shape
-            pre, data = b"", np.ascontiguousarray(image, dtype="<i2" if signed else "<u2"
-                                                  ).tobytes()
-            siff, bps = None, 16
-        else:
-            raise ValueError("write_frame needs photons, counts+arrivals or image")
-        n_tags = len(_TAGS_SIFF) - (siff is None)
-        ifd_size = (16 + 20 * n_tags) if self.bigtiff else (6 + 12 * n_tags)
-        desc_off = self._pos + ifd_size
-        strip_off = desc_off + len(desc) + len(pre)
-        tags = {
-            256: (4, 1, w), 257: (4, 1, h), 258: (3, 1, bps), 259: (3, 1, 1), 262: (3, 1, 1),
-            270: (2, len(desc), desc_off), 273: (16, 1, strip_off), 274: (3, 1, 1),
-            277: (3, 1, 1), 278: (4, 1, h), 279: (16, 1, len(data)), 282: (5, 1, 0),
-            283: (5, 1, 0), 284: (3, 1, 1), 296: (3, 1, 3),
-            305: (2, len(self._nvfd), self._nvfd_at),
-            315: (2, len(self._roi), self._nvfd_at + len(self._nvfd)),
-            339: (3, 1, 2 if signed else 1),
-        }
-        if siff is not None:
-            tags[907] = (1, 1, siff)
-        # link the previous IFD to this one
-        if self._last_next_at is not None:
-            self.f.seek(self._last_next_at)
-            self.f.write(struct.pack("<Q" if self.bigtiff else "<I", self._pos))
-            self.f.seek(self._pos)
-        if self.bigtiff:
-            ifd = struct.pack("<Q", n_tags) + self._entries(tags) + struct.pack("<Q", 0)
-        else:
-            ifd = struct.pack("<H", n_tags) + self._entries(tags) + struct.pack("<I", 0)
-        assert len(ifd) == ifd_size
-        self._last_next_at = self._pos + ifd_size - (8 if self.bigtiff else 4)
-        self.f.write(ifd + desc + pre + data)
-        self._pos = strip_off + len(data)
-        if not self.bigtiff and self._pos >= 2**32:
-            raise ValueError("classic TIFF files cannot exceed 4 GiB; use bigtiff=True")
-
-    def set_shape(self, height: int, width: int) -> None:
-        """Frame shape used for raw-photon frames."""
-        self._shape = (height, width)
-
 
 # ----------------------------------------------------------------------------- simulation
 

@@ -63,7 +63,7 @@ def references(source: str | os.PathLike[str], *,
     from zarr.storage import MemoryStore
 
     from .backend import open_siff
-    from .reader.ifd import ENC_COMPRESSED
+    from .format.constants import ENC_COMPRESSED
     from .reader.siff_file import SiffFile
 
     path = os.fspath(source)

@@ -14,8 +14,8 @@ from conftest import open_corrosiff
 
 import siff_xarray
 from siff_xarray import SiffFile, SiffFormatError
-from siff_xarray._entrypoint import SiffBackendEntrypoint
 from siff_xarray.backend import open_acquisition, open_siff
+from siff_xarray.backend.entrypoint import SiffBackendEntrypoint
 from siff_xarray.synthetic import write_siff
 
 
@@ -224,8 +224,15 @@ def test_decode_times_false_gives_int_ns(siff_files):
         assert a.epoch.dtype == np.dtype("datetime64[ns]")
         assert b.epoch.dtype == np.int64 and c.epoch.dtype == np.int64
         np.testing.assert_array_equal(a.epoch.values.view(np.int64), b.epoch.values)
-    with pytest.raises(TypeError):  # counts have no fill value or scale to decode
-        xr.open_dataset(t.path, engine="siff", mask_and_scale=True)
+    # xarray's CF decoder keywords: nothing in a siff Dataset is CF-encoded, so they are
+    # accepted and change nothing; cftime epochs are refused with a reason
+    with xr.open_dataset(t.path, engine="siff", mask_and_scale=True, decode_timedelta=True,
+                         concat_characters=True, decode_coords=True) as d:
+        xr.testing.assert_identical(d.load(), a.load())
+    with pytest.raises(ValueError, match="use_cftime=True is not supported"):
+        xr.open_dataset(t.path, engine="siff", use_cftime=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'flimm'.*options are"):
+        siff_xarray.open_siff(t.path, flimm=True)
 
 
 def test_pixel_index_coords_without_fov(tmp_path):

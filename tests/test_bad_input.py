@@ -325,8 +325,8 @@ def test_pread_walk_equals_memory_map_and_byte_range_walks(siff_files, tmp_path,
     """Local files walk their IFDs with pread; the other two walkers must agree."""
     import dataclasses
 
+    from siff_xarray.format.header import read_header
     from siff_xarray.reader import ifd
-    from siff_xarray.reader.header import read_header
     from siff_xarray.reader.source import FileObjectSource, LocalSource
 
     monkeypatch.setattr(ifd, "PREAD_WINDOW", window)  # 16: every IFD needs a bigger read

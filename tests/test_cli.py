@@ -101,7 +101,7 @@ def test_to_tiff_command(siff_files, tmp_path, capsys):
 def test_register_command(tmp_path, capsys):
     import xarray as xr
 
-    from siff_xarray import zarr_store as zs
+    from siff_xarray import store as zs
     from siff_xarray.synthetic import write_siff
 
     t = write_siff(tmp_path / "r.siff", shape=(64, 48), n_slices=2, n_flyback=1,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from siff_xarray import SiffFile
-from siff_xarray.reader.imparams import ImParams
-from siff_xarray.reader.metadata import parse_nvfd
+from siff_xarray.format.imparams import ImParams
+from siff_xarray.format.metadata import parse_nvfd
 from siff_xarray.synthetic import scanimage_header, write_siff
 
 SEED_FLAT = [0, 2, 4, 6, 8, 10, 14, 16, 18, 20, 22, 24, 28, 30, 32, 34, 36, 38, 42, 44, 46, 48,

@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 from conftest import open_corrosiff
 
-from siff_xarray import zarr_store as zs
+from siff_xarray import store as zs
 from siff_xarray.synthetic import write_siff
 
 

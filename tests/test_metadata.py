@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from siff_xarray import SiffFile
-from siff_xarray.reader.metadata import (
+from siff_xarray.format.metadata import (
     MatlabParseError,
     parse_matlab_value,
     parse_nvfd,

@@ -173,7 +173,7 @@ def test_known_motion_on_held_out_frames(tmp_path):
 def test_register_a_converted_store_like_the_source(tmp_path):
     import xarray as xr
 
-    from siff_xarray import zarr_store as zs
+    from siff_xarray import store as zs
 
     t = write_siff(tmp_path / "c.siff", shape=(64, 48), n_slices=2, n_flyback=1,
                    n_timepoints=30, photons_per_frame=3000, max_shift=2, seed=4,

@@ -16,7 +16,7 @@ if sys.version_info[:2] == (3, 11):
 else:  # torch 2.14.1 is only on this machine's disk for 3.11
     pytest.importorskip("suite2p")
 
-from siff_xarray.registration_suite2p import (
+from siff_xarray.registration.suite2p import (
     suite2p_reference,
     suite2p_settings,
     suite2p_shifts,

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from siff_xarray import zarr_store as zs
+from siff_xarray import store as zs
+from siff_xarray.errors import ConversionError, IncompleteStoreError
 from siff_xarray.synthetic import write_siff
 
 
@@ -196,9 +197,9 @@ def test_existing_stores_are_protected(siff_files, tmp_path):
     dst = tmp_path / "p.zarr"
     zs.convert(t.path, dst)
     before = _tree(dst)
-    with pytest.raises(zs.ConversionError, match="finished store exists"):
+    with pytest.raises(ConversionError, match="finished store exists"):
         zs.convert(t.path, dst)
-    with pytest.raises(zs.ConversionError, match="finished store exists"):
+    with pytest.raises(ConversionError, match="finished store exists"):
         zs.convert(t.path, dst, resume=True)
     assert _tree(dst) == before
     zs.convert(t.path, dst, overwrite=True)
@@ -206,7 +207,7 @@ def test_existing_stores_are_protected(siff_files, tmp_path):
     other = tmp_path / "not-a-store"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(zs.ConversionError, match="not empty"):
+    with pytest.raises(ConversionError, match="not empty"):
         zs.convert(t.path, other)
     assert (other / "notes.txt").read_text() == "keep me"
 
@@ -217,7 +218,9 @@ def test_interrupted_conversion_is_clearly_incomplete_and_resumes(siff_files, tm
     ref = tmp_path / "ref.zarr"
     zs.convert(t.path, ref, scheduler="sync", **_small_shards(t))
     dst = tmp_path / "cut.zarr"
-    real = zs._write_batch
+    from siff_xarray.store import converter as conv
+
+    real = conv._write_batch
     calls = []
 
     def failing(plan_json, b):  # the second batch to run (dask picks the order) is cut off
@@ -226,20 +229,20 @@ def test_interrupted_conversion_is_clearly_incomplete_and_resumes(siff_files, tm
             raise KeyboardInterrupt("simulated interruption")
         return real(plan_json, b)
 
-    monkeypatch.setattr(zs, "_write_batch", failing)
+    monkeypatch.setattr(conv, "_write_batch", failing)
     with pytest.raises(KeyboardInterrupt):
         zs.convert(t.path, dst, scheduler="sync", **_small_shards(t))
-    monkeypatch.setattr(zs, "_write_batch", real)
-    with pytest.raises(zs.IncompleteStoreError, match=r"incomplete \(1 of 2 batches\)"):
+    monkeypatch.setattr(conv, "_write_batch", real)
+    with pytest.raises(IncompleteStoreError, match=r"incomplete \(1 of 2 batches\)"):
         zs.open_converted(dst)
     with pytest.raises(Exception):  # noqa: B017 - plain xarray cannot open it as a group
         xr.open_zarr(dst, consolidated=False)
-    with pytest.raises(zs.ConversionError, match="resume"):
+    with pytest.raises(ConversionError, match="resume"):
         zs.convert(t.path, dst, **_small_shards(t))
     summary = zs.convert(t.path, dst, resume=True, scheduler="sync")
     assert summary.batches_skipped == 1
     assert _tree(dst) == _tree(ref)
-    with pytest.raises(zs.ConversionError, match="no interrupted conversion"):
+    with pytest.raises(ConversionError, match="no interrupted conversion"):
         zs.convert(t.path, tmp_path / "fresh.zarr", resume=True)
 
 
@@ -253,7 +256,7 @@ def test_sigkill_mid_conversion_then_resume(tmp_path):
     dst = tmp_path / "killed.zarr"
     script = textwrap.dedent(f"""
         import sys, time
-        from siff_xarray import zarr_store as zs
+        from siff_xarray import store as zs
 
         def progress(p):
             print("batch", p.batches_done, flush=True)
@@ -272,7 +275,7 @@ def test_sigkill_mid_conversion_then_resume(tmp_path):
     finally:
         proc.wait(60)
     assert proc.returncode == -signal.SIGKILL
-    with pytest.raises(zs.IncompleteStoreError, match="incomplete"):
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
         zs.open_converted(dst)
     before = os.stat(t.path).st_mtime_ns
     zs.convert(t.path, dst, resume=True)
@@ -335,7 +338,7 @@ def test_intensity_only_tiff(tmp_path, signed):
 def test_mixed_tiff_and_photon_parts_are_refused(tmp_path):
     a = write_siff(tmp_path / "i.tif", shape=(6, 6), n_timepoints=2, format="tiff")
     b = write_siff(tmp_path / "p.siff", shape=(6, 6), n_timepoints=2)
-    with pytest.raises(zs.ConversionError, match="mixes"):
+    with pytest.raises(ConversionError, match="mixes"):
         zs.convert_file([a.path, b.path], tmp_path / "m.zarr")
 
 
@@ -369,7 +372,7 @@ def test_s3_to_s3_end_to_end(s3_server, tmp_path):
     np.testing.assert_array_equal(pix, tp)
     np.testing.assert_array_equal(np.sort(pix.astype(np.int64) << 32 | tau),
                                   np.sort(tp.astype(np.int64) << 32 | tt))
-    with pytest.raises(zs.ConversionError, match="finished store exists"):
+    with pytest.raises(ConversionError, match="finished store exists"):
         zs.convert(src, dst, storage_options=s3_server, target_options=s3_server)
 
 
@@ -403,15 +406,17 @@ def test_to_siff_round_trip(siff_files, tmp_path, name):
         np.testing.assert_array_equal(np.sort(key | pa.astype(np.int64) << 20 | qa),
                                       np.sort(key | pb.astype(np.int64) << 20 | qb))
     assert zs.verify(back, store) == []  # the written file verifies against the store
-    with pytest.raises(zs.ConversionError, match="exists"):
+    with pytest.raises(ConversionError, match="exists"):
         zs.to_siff(store, back)
 
 
 def test_streaming_sub_batches_and_many_shards(siff_files, tmp_path, monkeypatch):
     # tiny sub-batches and photon shards exercise the streaming writer on a small file
-    monkeypatch.setattr(zs, "SUB_BATCH_BYTES", 3000)
-    monkeypatch.setattr(zs, "PHOTON_SHARD", 1024)
-    monkeypatch.setattr(zs, "PHOTON_CHUNK", 256)
+    from siff_xarray.store import converter as conv
+
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 3000)
+    monkeypatch.setattr(conv, "PHOTON_SHARD", 1024)
+    monkeypatch.setattr(conv, "PHOTON_CHUNK", 256)
     t = siff_files["smallest_bright"]
     dst = tmp_path / "stream.zarr"
     zs.convert(t.path, dst, scheduler="sync", **_small_shards(t))
@@ -491,7 +496,7 @@ def _same_reductions(a, b, rng) -> None:
 @pytest.mark.parametrize("wide", [False, True])
 def test_store_photons_equal_the_source(tmp_path, rng, wide):
     from siff_xarray import SiffFile
-    from siff_xarray.zarr_photons import StorePhotons
+    from siff_xarray.store import StorePhotons
 
     kw = ({"tau_bins": 30000, "overflow_fraction": 0.2, "encoding": "raw"} if wide else
           {"encoding": "mixed"})
@@ -516,7 +521,7 @@ def test_store_photons_refuse_inconsistent_stores(siff_files, tmp_path):
     import zarr
 
     from siff_xarray.errors import SiffFormatError
-    from siff_xarray.zarr_photons import StorePhotons
+    from siff_xarray.store import StorePhotons
 
     t = siff_files["frames_per_slice"]
     dst = tmp_path / "bad.zarr"

@@ -14,7 +14,7 @@ index_cache persistent cache of frame indices and timestamps
 acquisition the parts of a split acquisition as one frame sequence
 """
 
-from .imparams import ImParams
+from ..format.imparams import ImParams
 from .siff_file import SiffFile
 
 __all__ = ["ImParams", "SiffFile"]

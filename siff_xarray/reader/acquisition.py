@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import SiffFormatError
+from ..format.imparams import ImParams
 from .frame_meta import Event, FrameTimestamps
-from .imparams import ImParams
 from .siff_file import SiffFile
 
 __all__ = ["Acquisition"]

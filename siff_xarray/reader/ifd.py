@@ -23,15 +23,13 @@ import numpy as np
 from numba import types
 
 from ..errors import SiffFormatError, SiffWarning
-from .header import FileHeader
+from ..format import constants as C
+from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
+from ..format.header import FileHeader
 from .source import ByteSource
 
-__all__ = ["ENC_COMPRESSED", "ENC_RAW", "ENC_TIFF", "FrameIndex", "build_frame_index"]
+__all__ = ["FrameIndex", "build_frame_index"]
 
-ENC_RAW = 0  #: tag 907 = 0: list of u64 photon records
-ENC_COMPRESSED = 1  #: tag 907 = 1: u16 count image + u16 arrival times in pixel order
-ENC_TIFF = 2  #: no tag 907: an ordinary 16-bit TIFF page (ScanImage intensity .tif)
-ENCODING_NAMES = {ENC_RAW: "raw", ENC_COMPRESSED: "compressed", ENC_TIFF: "tiff"}
 
 MAX_ENTRIES = 4096  # no sane TIFF page has more tags than this
 MAP_WINDOW = 64 * 2**20  # bytes of a memory map walked between page releases
@@ -52,8 +50,7 @@ S_IO = 20  #: a read of the file failed (pread returned an error)
 
 # byte size of each TIFF field type (0 = unknown type)
 _TYPE_SIZE = np.zeros(32, dtype=np.int64)
-for _t, _s in {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
-               13: 4, 16: 8, 17: 8, 18: 8}.items():
+for _t, _s in C.TIFF_TYPE_SIZES.items():
     _TYPE_SIZE[_t] = _s
 
 
@@ -143,29 +140,29 @@ def _walk(buf, buf_start, file_size, pos, count, out, bigtiff, header_end, monot
             tsz = type_size[typ]
             inline = tcount >= 0 and tcount <= osz // tsz
             value = _uint(buf, vpos, min(tsz, 8)) if inline else _uint(buf, vpos, osz)
-            if tag == 256:
+            if tag == C.TAG_IMAGE_WIDTH:
                 out[count, C_WIDTH] = value
-            elif tag == 257:
+            elif tag == C.TAG_IMAGE_LENGTH:
                 out[count, C_HEIGHT] = value
-            elif tag == 258:
+            elif tag == C.TAG_BITS_PER_SAMPLE:
                 out[count, C_BPS] = value if tcount == 1 else -2
-            elif tag == 259:
+            elif tag == C.TAG_COMPRESSION:
                 out[count, C_COMPRESSION] = value
-            elif tag == 270:
+            elif tag == C.TAG_IMAGE_DESCRIPTION:
                 out[count, C_DESC_COUNT] = tcount
                 if typ == 2 and inline:
                     out[count, C_DESC_OFF] = vpos + buf_start
                     out[count, C_DESC_INLINE] = 1
                 else:
                     out[count, C_DESC_OFF] = _uint(buf, vpos, osz)
-            elif tag == 273:
+            elif tag == C.TAG_STRIP_OFFSETS:
                 out[count, C_STRIP_OFF] = value
                 out[count, C_STRIP_COUNT] = tcount
-            elif tag == 279:
+            elif tag == C.TAG_STRIP_BYTE_COUNTS:
                 out[count, C_STRIP_BYTES] = value
-            elif tag == 339:
+            elif tag == C.TAG_SAMPLE_FORMAT:
                 out[count, C_SAMPLEFMT] = value
-            elif tag == 907:
+            elif tag == C.TAG_SIFF_COMPRESS:
                 out[count, C_SIFF] = value
         nxt = _uint(buf, base + n * ent_sz, osz)
         out[count, C_NEXT] = nxt

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..format.header import FileHeader
 from .frame_meta import Event, FrameTimestamps
-from .header import FileHeader
 from .ifd import _TYPE_SIZE as TYPE_SIZE
 from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex, _walk
 from .source import ByteSource

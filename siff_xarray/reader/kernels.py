@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .ifd import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
+from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 
 __all__ = [
     "MODE_CLIP", "MODE_DROP", "MODE_WRAP", "ST_BAD_PIXEL", "ST_MISMATCH", "ST_OK",

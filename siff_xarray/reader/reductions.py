@@ -13,7 +13,7 @@ shift) that the concrete source provides through a few hooks:
 * ``_n_photons(frames)``, ``_signed(frames)``, ``_failure(frame, status)``.
 
 :class:`~siff_xarray.reader.siff_file.SiffFile` provides them from the file's
-frame index; :class:`~siff_xarray.zarr_photons.StorePhotons` rebuilds compressed
+frame index; :class:`~siff_xarray.store.StorePhotons` rebuilds compressed
 frames from a converted Zarr store, so both give identical results.
 """
 
@@ -25,14 +25,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._options import HistogramMode, histogram_length
 from ..errors import SiffFormatError, SiffWarning
 from . import kernels as K
 
-__all__ = ["FrameSelection", "HistogramMode", "PhotonReductions", "Shifts", "shifts_for_frames"]
+__all__ = ["FrameSelection", "PhotonReductions", "Shifts", "shifts_for_frames"]
 
 FrameSelection = Sequence[int] | np.ndarray | slice | int | None
 Shifts = Mapping[int, tuple[int, int]] | np.ndarray | None
-HistogramMode = Literal["drop", "clip", "corrosiff", "wrap"]
 
 
 class PhotonReductions:
@@ -241,6 +241,18 @@ class PhotonReductions:
                                   "n_bins= (or tau_bins= when opening)")
         return nb
 
+    @property
+    def n_tau_bins(self) -> int:
+        """Arrival-time bins per laser period (``Tau_bins``, or the override given at open).
+
+        Raises
+        ------
+        SiffFormatError
+            If the header has no usable ``Tau_bins`` and none was given.
+
+        """
+        return self._n_bins(None)
+
     def _hist_mode(self, mode: str, n_bins: int | None) -> tuple[int, int]:
         """Kernel mode code and bin count for a histogram ``mode``."""
         modes = {"drop": K.MODE_DROP, "clip": K.MODE_CLIP, "wrap": K.MODE_WRAP,
@@ -248,8 +260,8 @@ class PhotonReductions:
         if mode not in modes:
             raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
         nb = self._n_bins(n_bins)
-        if mode == "corrosiff" and n_bins is None:
-            nb += 2
+        if n_bins is None:
+            nb = histogram_length(nb, mode)
         return modes[mode], nb
 
     def histograms(
@@ -408,18 +420,35 @@ class PhotonReductions:
         harmonic: float = 1.0,
         period_bins: int | None = None,
         dtype: type = np.float64,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        return_intensity: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-pixel phasor ``(g, s)``: mean of ``cos``/``sin`` of ``2 pi h tau / P``.
 
         ``P`` is ``period_bins`` (default ``Tau_bins``: one laser period). NaN
-        where a pixel has no photon. No calibration is applied.
+        where a pixel has no photon. No calibration is applied. With
+        ``return_intensity``, also the photon counts ``(F, H, W)`` ``int32``.
         """
-        _, g, s, _ = self._pixel_flim(frames, shifts, "phasor", 0.0, harmonic, period_bins,
-                                      dtype)
-        return g, s
+        _, g, s, cnt = self._pixel_flim(frames, shifts, "phasor", 0.0, harmonic, period_bins,
+                                        dtype, counts=return_intensity)
+        return (g, s, cnt) if return_intensity else (g, s)
 
-    def _mask_flim(self, masks: Any, frames: FrameSelection, shifts: Shifts, phasor: bool,
-                   harmonic: float, period_bins: int | None) -> tuple[np.ndarray, ...]:
+    def masks_flim_sums(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None,
+                        *, phasor: bool = False, harmonic: float = 1.0,
+                        period_bins: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Photon count, arrival sum (bins) and phasor sums inside each mask, per frame.
+
+        The raw sums every per-mask lifetime and phasor is made from; they add up
+        across frames and files (a pooled lifetime is ``sum(arrival_sum) /
+        sum(counts)``). Masks as in :meth:`sum_masks`.
+
+        Returns
+        -------
+        counts, arrival_sum, cos_sum, sin_sum
+            ``(M, F)`` arrays (``int64``, ``int64``, ``float64``, ``float64``); the
+            phasor sums are empty ``(0, 0)`` arrays unless ``phasor`` is true.
+
+        """
         f = self._frames(frames)
         args, shape, _ = self._frame_args(f, shifts, photons=True)
         encoded, n_masks = self._masks(masks, f, shape, stack=True)
@@ -448,14 +477,15 @@ class PhotonReductions:
             ``int64`` arrays of shape ``(M, F)``.
 
         """
-        cnt, tsum, _, _ = self._mask_flim(masks, frames, shifts, False, 1.0, None)
+        cnt, tsum, _, _ = self.masks_flim_sums(masks, frames, shifts)
         return tsum, cnt
 
     def masks_phasor(self, masks: Any, frames: FrameSelection = None, shifts: Shifts = None,
                      *, harmonic: float = 1.0, period_bins: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Phasor ``(g, s)`` of the photons inside each mask, and their count, ``(M, F)``."""
-        cnt, _, gsum, ssum = self._mask_flim(masks, frames, shifts, True, harmonic, period_bins)
+        cnt, _, gsum, ssum = self.masks_flim_sums(masks, frames, shifts, phasor=True,
+                                                  harmonic=harmonic, period_bins=period_bins)
         with np.errstate(invalid="ignore", divide="ignore"):
             return gsum / cnt, ssum / cnt, cnt
 

@@ -28,14 +28,16 @@ from typing import IO, Any
 
 import numpy as np
 
+from .._options import FileOptions
 from ..errors import SiffFormatError, SiffWarning
+from ..format.constants import ENC_TIFF, ENCODING_NAMES, MULTIHARP_BASE_RESOLUTION_PS
+from ..format.header import FileHeader, read_header
+from ..format.imparams import ImParams
+from ..format.metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
 from . import kernels as K
 from .frame_meta import FrameTimestamps, parse_description, parse_timestamps
-from .header import FileHeader, read_header
-from .ifd import ENC_TIFF, ENCODING_NAMES, FrameIndex, build_frame_index, pread_ranges
-from .imparams import MULTIHARP_BASE_RESOLUTION_PS, ImParams
+from .ifd import FrameIndex, build_frame_index, pread_ranges
 from .index_cache import default_cache_dir, load_index, save_index
-from .metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
 from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
 from .source import ByteSource, FsspecSource, LocalSource, open_source
 
@@ -83,8 +85,10 @@ class SiffFile(PhotonReductions):
         base_resolution_ps: float = MULTIHARP_BASE_RESOLUTION_PS,
         index_cache: bool | str | os.PathLike[str] | None = None,
     ) -> None:
-        self._open_args = (path_or_fileobj, storage_options, tau_bins, bin_width_ps,
-                           base_resolution_ps, index_cache)
+        self.options = FileOptions(storage_options=storage_options, tau_bins=tau_bins,
+                                   bin_width_ps=bin_width_ps,
+                                   base_resolution_ps=base_resolution_ps, index_cache=index_cache)
+        self._path_or_fileobj = path_or_fileobj
         self._source = open_source(path_or_fileobj, storage_options)
         self._all_timestamps: FrameTimestamps | None = None
         try:
@@ -96,9 +100,15 @@ class SiffFile(PhotonReductions):
         except BaseException:
             self._source.close()
             raise
-        self._tau_bins = tau_bins
-        self._bin_width_ps = bin_width_ps
-        self._base_resolution_ps = base_resolution_ps
+
+    @classmethod
+    def from_options(cls, path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,
+                     options: FileOptions) -> SiffFile:
+        """Open a file with the options of an open call (see :class:`FileOptions`)."""
+        return cls(path_or_fileobj, storage_options=options.storage,
+                   tau_bins=options.tau_bins, bin_width_ps=options.bin_width_ps,
+                   base_resolution_ps=options.base_resolution_ps,
+                   index_cache=options.index_cache)
 
     def _load_index(self, index_cache: bool | str | os.PathLike[str] | None) -> FrameIndex:
         if index_cache is None:
@@ -116,6 +126,11 @@ class SiffFile(PhotonReductions):
         return index
 
     # ------------------------------------------------------------------ basics
+
+    @property
+    def path(self) -> str | os.PathLike[str] | IO[bytes] | ByteSource:
+        """What the file was opened from: a path, URL or file object."""
+        return self._path_or_fileobj
 
     @property
     def name(self) -> str:
@@ -167,8 +182,8 @@ class SiffFile(PhotonReductions):
             except ValueError:
                 shape = (int(self.index.height[0]), int(self.index.width[0]))
         return ImParams(self.metadata, self.num_frames, shape, self.roi_groups,
-                        tau_bins=self._tau_bins, bin_width_ps=self._bin_width_ps,
-                        base_resolution_ps=self._base_resolution_ps, name=self.name)
+                        tau_bins=self.options.tau_bins, bin_width_ps=self.options.bin_width_ps,
+                        base_resolution_ps=self.options.base_resolution_ps, name=self.name)
 
     def release(self) -> None:
         """Drop the memory map's pages read so far from this process's RSS.
@@ -194,10 +209,10 @@ class SiffFile(PhotonReductions):
         return f"<SiffFile {self.name!r}: {self.num_frames} frames>"
 
     def __reduce__(self):
-        path = self._open_args[0]
+        path = self._path_or_fileobj
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError("a SiffFile opened from a file object cannot be pickled")
-        return (_reopen, self._open_args)
+        return (_reopen, (path, self.options))
 
     # ------------------------------------------------------------------ selection helpers
 
@@ -364,10 +379,7 @@ class SiffFile(PhotonReductions):
         return isinstance(self._source, LocalSource)
 
 
-def _reopen(path: Any, storage_options: Any, tau_bins: Any, bin_width_ps: Any,
-            base_resolution_ps: Any, index_cache: Any = None) -> SiffFile:
+def _reopen(path: Any, options: FileOptions) -> SiffFile:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SiffWarning)
-        return SiffFile(path, storage_options=storage_options, tau_bins=tau_bins,
-                        bin_width_ps=bin_width_ps, base_resolution_ps=base_resolution_ps,
-                        index_cache=index_cache)
+        return SiffFile.from_options(path, options)

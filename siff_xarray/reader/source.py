@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .._paths import is_remote, local_path
 from ..errors import SiffFormatError
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
@@ -312,10 +313,6 @@ class FsspecSource(ByteSource):
             self._cached = 0
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path or "::" in path
-
-
 def open_source(
     path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,
     storage_options: dict[str, Any] | None = None,
@@ -338,10 +335,8 @@ def open_source(
         return path_or_fileobj
     if isinstance(path_or_fileobj, (str, os.PathLike)):
         path = os.fspath(path_or_fileobj)
-        if _is_url(path) and not path.startswith("file://"):
+        if is_remote(path):
             return FsspecSource(path, storage_options, cache_bytes)
-        if path.startswith("file://"):
-            path = path[len("file://") :]
-        return LocalSource(path)
+        return LocalSource(local_path(path))
     return FileObjectSource(path_or_fileobj)
 

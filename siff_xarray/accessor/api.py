@@ -1,22 +1,25 @@
-"""The ``ds.siff`` accessor: analysis on Datasets from ``engine="siff"`` or converted stores.
+"""The ``ds.siff`` accessor (:class:`SiffAccessor`): the user-facing analysis methods.
 
-So far: rigid motion registration (:meth:`SiffAccessor.register`, native FFT
-method), lazy application of shifts (:meth:`SiffAccessor.apply_shifts`), and ROI
-sums (:meth:`SiffAccessor.sum_mask`, :meth:`SiffAccessor.sum_masks`), which on a
-Dataset opened from a ``.siff`` decode each frame once for all masks in the reader's
-Numba kernel, and otherwise reduce ``intensity`` with xarray (lazily under Dask).
-Shift convention: the registered frame is
+Rigid motion registration (:meth:`SiffAccessor.register`, native or suite2p),
+lazy application of shifts (:meth:`SiffAccessor.apply_shifts`), ROI sums
+(:meth:`SiffAccessor.sum_masks`), and photon reductions per pixel or ROI
+(:meth:`SiffAccessor.histogram`, :meth:`SiffAccessor.lifetime`,
+:meth:`SiffAccessor.phasor`, :meth:`SiffAccessor.arrival_times`) computed from the
+source ``.siff`` or a converted store's photons through
+:mod:`siff_xarray.accessor.reductions`. Shift convention: the registered frame is
 ``numpy.roll(raw, (shift_y, shift_x), axis=(-2, -1))``, for any sign.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
+
+from .._paths import is_remote
+from .reductions import PhotonSource, bin_ns, reduce_photons
 
 __all__ = ["SiffAccessor", "calibrate_phasor"]
 
@@ -59,9 +62,9 @@ class SiffAccessor:
             default: the first channel. The shifts apply to all channels.
         method
             ``"phase"``: FFT correlation against an iteratively refined reference
-            per plane (:mod:`siff_xarray.registration`; numpy only).
+            per plane (:mod:`siff_xarray.registration.phase`; numpy only).
             ``"suite2p"``: suite2p 1.x's rigid registration and reference
-            (:mod:`siff_xarray.registration_suite2p`; needs the ``suite2p`` extra).
+            (:mod:`siff_xarray.registration.suite2p`; needs the ``suite2p`` extra).
         reference
             ``(z, y, x)`` reference images to align to, instead of building them.
         max_shift
@@ -96,6 +99,8 @@ class SiffAccessor:
         """
         from functools import partial
 
+        from ..registration.blocks import align_block, build_references
+
         if method not in ("phase", "suite2p"):
             raise ValueError(f"unknown registration method {method!r}; "
                              "available: 'phase', 'suite2p'")
@@ -124,8 +129,8 @@ class SiffAccessor:
             pick = np.unique(np.linspace(0, nt - 1, min(nt, n_reference_frames)
                                          ).round().astype(int))
             sample = np.asarray(img.isel(time=pick).values).reshape(-1, nz, h, w)
-            refs = _build_references(sample, method, n_iter, regularize_sigma, opts)
-        align = partial(_align_block, refs=refs, method=method, opts=opts,
+            refs = build_references(sample, method, n_iter, regularize_sigma, opts)
+        align = partial(align_block, refs=refs, method=method, opts=opts,
                         regularize_sigma=regularize_sigma)
         data = img.data
         if not isinstance(data, np.ndarray) and hasattr(data, "map_blocks"):  # dask
@@ -207,7 +212,7 @@ class SiffAccessor:
         """
         ds = self._ds
         src = ds.intensity.encoding.get("source")
-        if (isinstance(src, str) and "://" not in src and os.path.isfile(src)
+        if (isinstance(src, str) and not is_remote(src) and os.path.isfile(src)
                 and "frame_index" in ds and "file_frame_offsets" not in ds.attrs):
             return src
         return None
@@ -273,24 +278,23 @@ class SiffAccessor:
         first = [d for d in ("roi", "time", "z", "repeat", "channel") if d in out.dims]
         return out.transpose(*first)
 
-    def _photon_source(self, what: str) -> tuple[str, str, dict[str, Any] | None]:
-        """Where this Dataset's photons are: ``(kind, path, storage_options)``.
+    def _photon_source(self, what: str) -> PhotonSource:
+        """Where this Dataset's photons are: one local ``.siff`` or a converted store.
 
-        ``("siff", path, None)`` for a Dataset opened from one local ``.siff``;
-        ``("store", path_or_url, options)`` for a converted store (opened with
-        :func:`~siff_xarray.open_converted` or ``xr.open_zarr(path)``).
+        A converted store is one opened with :func:`~siff_xarray.open_converted`
+        or ``xr.open_zarr(path)``.
         """
-        from .zarr_photons import is_converted_store
+        from ..store.read import is_converted_store
 
         ds = self._ds
         if "frame_index" in ds:
             src = self._source_file()
             if src is not None:
-                return "siff", src, None
+                return PhotonSource("siff", src)
             store = ds.encoding.get("source")
             opts = ds.encoding.get("storage_options")
             if isinstance(store, str) and is_converted_store(store, opts):
-                return "store", store, opts
+                return PhotonSource("store", store, opts)
         raise ValueError(f"{what} reduces photons, which needs a Dataset opened from one "
                          "local .siff file or from a converted store (with frame_index); "
                          "this Dataset has neither (for photons of a .siff at a URL, use "
@@ -309,58 +313,10 @@ class SiffAccessor:
 
     def _photon_reduce(self, what: str, op: str, sel: dict[str, Any], masks: Any = None,
                        **kw: Any) -> xr.DataArray:
-        """Run a photon reduction over the frames of ``sel``, eagerly or lazily with Dask.
-
-        Returns ``(part, roi, *frame dims, *extra)``: see :func:`_reduce_block`. A
-        Dask-backed Dataset gives a Dask-backed result with one task per ``time``
-        chunk of ``intensity``; otherwise frames are reduced in blocks of about
-        ``4096`` frames (bounded memory).
-        """
-        import dask
-        import dask.array as da
-
-        ds = self._ds
-        spec = self._photon_source(what)
+        """Run photon reduction ``op`` (see :data:`REDUCTIONS`) over the frames of ``sel``."""
         fmap, shifts = self._frame_grid(sel)
-        fm = np.asarray(fmap.values)
-        layout = _op_layout(op, kw, ds)
-        n_parts, extra, dtype = layout
-        n_roi = 1 if masks is None else masks.shape[0]
-        if "time" not in fmap.dims:  # e.g. after isel(time=0): one block
-            fm, fmap = fm[None], fmap.expand_dims("time")
-            shifts = None if shifts is None else shifts[None]
-        t_axis = fmap.dims.index("time")
-        chunks = ds.intensity.chunks if "time" in ds.intensity.dims else None
-        if chunks is not None:
-            bounds = np.cumsum((0, *chunks[ds.intensity.dims.index("time")]))
-        else:
-            per_t = max(1, fm.size // max(1, fm.shape[t_axis]))
-            bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, 4096 // per_t)),
-                           fm.shape[t_axis]]
-        blocks = []
-        for a, b in itertools.pairwise(bounds):
-            idx = [slice(None)] * fm.ndim
-            idx[t_axis] = slice(int(a), int(b))
-            fb = fm[tuple(idx)]
-            sb = None if shifts is None else shifts[tuple(idx)]
-            if chunks is None:
-                blocks.append(_reduce_block(spec, op, fb, sb, masks, kw, layout))
-            else:
-                shape = (n_parts, n_roi, *fb.shape, *extra)
-                task = dask.delayed(_reduce_block, pure=True)(spec, op, fb, sb, masks, kw,
-                                                              layout)
-                blocks.append(da.from_delayed(task, shape=shape, dtype=dtype))
-        if blocks:
-            data = (np.concatenate if chunks is None else da.concatenate)(blocks,
-                                                                          axis=2 + t_axis)
-        else:
-            data = np.zeros((n_parts, n_roi, *fm.shape, *extra), dtype=dtype)
-        coords = {k: v for k, v in fmap.coords.items() if set(v.dims) <= set(fmap.dims)}
-        dims = ("part", "roi", *fmap.dims, *_extra_dims(op))
-        for d in _extra_dims(op):
-            coords[d] = ds[d]
-        out = xr.DataArray(data, dims=dims, coords=coords)
-        return out if "time" in self._ds.frame_index.sel(sel).dims else out.isel(time=0)
+        return reduce_photons(self._ds, self._photon_source(what), op, fmap, shifts, masks,
+                              **kw)
 
     def _sum_kernel(self, m: np.ndarray, labels: np.ndarray, is_3d: bool,
                     sel: dict[str, Any]) -> xr.DataArray:
@@ -434,7 +390,7 @@ class SiffAccessor:
             if is_3d:
                 parts = parts.sum("z")
             c, s = parts.isel(part=0, drop=True), parts.isel(part=1, drop=True)
-            out = (s / c.where(c > 0)) * _bin_ns(ds) - offset
+            out = (s / c.where(c > 0)) * bin_ns(ds) - offset
         out.name = "lifetime"
         out.attrs = {"long_name": "mean photon arrival time minus offset", "units": "ns",
                      "offset_ns": offset}
@@ -525,17 +481,16 @@ class SiffAccessor:
                          int(ds.shift_x.isel(sel).values.reshape(-1)[0]))
         elif indexers:
             raise ValueError("give a file frame index or indexers, not both")
-        spec = self._photon_source("arrival_times")
-        with _open_photons(spec) as src:
+        with self._photon_source("arrival_times").open() as src:
             pix, tau = src.photons(int(frame))
         h, w = ds.sizes["y"], ds.sizes["x"]
         y = (pix.astype(np.int64) // w + shift[0]) % h
         x = (pix.astype(np.int64) % w + shift[1]) % w
-        bin_ns = _bin_ns(ds)
+        width = bin_ns(ds)
         return xr.Dataset(
             {"y": ("photon", y), "x": ("photon", x),
              "arrival_bin": ("photon", tau),
-             "arrival_time": ("photon", tau * bin_ns,
+             "arrival_time": ("photon", tau * width,
                               {"units": "ns", "long_name": "arrival time from the bin start"})},
             attrs={"frame": int(frame), "shift": list(shift)})
 
@@ -549,7 +504,7 @@ class SiffAccessor:
         twice. Works on numpy- and dask-backed Datasets; nothing is decoded until
         the data are used.
         """
-        from .registration import apply_shifts as roll_frames
+        from ..registration import apply_shifts as roll_frames
 
         ds = self._ds
         src = ds if shifts is None else shifts
@@ -593,132 +548,3 @@ def calibrate_phasor(g: Any, s: Any, reference: tuple[Any, Any], reference_lifet
     scale = np.hypot(g0, s0) / np.hypot(gr, sr)
     c, si = scale * np.cos(dphi), scale * np.sin(dphi)
     return g * c - s * si, g * si + s * c
-
-
-def _build_references(frames: np.ndarray, method: str, n_iter: int, regularize_sigma: float,
-                      opts: dict[str, Any]) -> np.ndarray:
-    """Build references ``(z, y, x)`` from sample volumes ``(N, z, y, x)``."""
-    if method == "suite2p":
-        from .registration_suite2p import suite2p_reference
-
-        return np.stack([suite2p_reference(frames[:, k], **opts)
-                         for k in range(frames.shape[1])])
-    from .registration import register_planes
-
-    return register_planes(frames, n_iter=n_iter, regularize_sigma=regularize_sigma,
-                           return_shifts=False, **opts)[1]
-
-
-def _align_block(block: np.ndarray, refs: np.ndarray, method: str, opts: dict[str, Any],
-                 regularize_sigma: float) -> np.ndarray:
-    """Shifts and quality of frames ``(..., z, y, x)`` against per-plane ``refs``.
-
-    Returns ``float64 (..., z, 3)``: ``shift_y``, ``shift_x``, ``quality``. Frames
-    without photons get zero shifts and quality 0.
-    """
-    nz, h, w = block.shape[-3:]
-    lead = block.shape[:-3]
-    flat = block.reshape(-1, nz, h, w)
-    if method == "suite2p":
-        from .registration_suite2p import suite2p_shifts
-
-        parts = [suite2p_shifts(flat[:, k], refs[k], **opts) for k in range(nz)]
-        shifts = np.stack([p[0] for p in parts])
-        quality = np.stack([p[2] for p in parts])
-    else:
-        from .registration import register_planes
-
-        shifts, _, quality = register_planes(flat, reference=refs,
-                                             regularize_sigma=regularize_sigma, **opts)
-        shifts, quality = shifts.transpose(1, 0, 2), quality.T  # (z, N, 2), (z, N)
-    empty = ~flat.reshape(flat.shape[0], nz, -1).any(axis=2).T  # (z, N)
-    shifts[empty] = 0
-    quality = np.where(empty, 0.0, quality)
-    out = np.concatenate([shifts.astype(np.float64), quality[..., None]], axis=-1)
-    return out.transpose(1, 0, 2).reshape(*lead, nz, 3)
-
-
-# ---------------------------------------------------------------------- photon blocks
-
-def _bin_ns(ds: xr.Dataset) -> float:
-    """Width of one arrival-time bin in ns, from the attributes or the ``tau`` axis."""
-    if "tau_bin_ps" in ds.attrs:
-        return float(ds.attrs["tau_bin_ps"]) / 1000.0
-    if "tau" in ds.coords and ds.sizes["tau"] > 1:
-        return float(ds["tau"].values[1] - ds["tau"].values[0])
-    raise ValueError("the arrival-time bin width is unknown: the Dataset has neither a "
-                     "tau_bin_ps attribute nor a tau coordinate")
-
-
-def _extra_dims(op: str) -> tuple[str, ...]:
-    return {"histograms": ("tau",), "pixel_mean": ("y", "x"),
-            "pixel_phasor": ("y", "x")}.get(op, ())
-
-
-def _op_layout(op: str, kw: dict[str, Any], ds: xr.Dataset) -> tuple[int, tuple[int, ...], Any]:
-    """Return the number of result parts, extra trailing shape and dtype of a reduction."""
-    if op == "sum_masks":
-        return 1, (), np.dtype(np.int64)
-    if op == "histograms":
-        return 1, (int(kw["n_bins"]),), np.dtype(np.int64)
-    if op == "mask_flim":
-        return (4 if kw["phasor"] else 2), (), np.dtype(np.float64)
-    hw = (ds.sizes["y"], ds.sizes["x"])
-    if op == "pixel_mean":
-        return 1, hw, np.dtype(np.float32)
-    return 3, hw, np.dtype(np.float64)  # pixel_phasor
-
-
-def _open_photons(spec: tuple[str, str, dict[str, Any] | None]) -> Any:
-    kind, path, opts = spec
-    if kind == "siff":
-        from .reader.siff_file import SiffFile
-
-        return SiffFile(path)
-    from .zarr_photons import StorePhotons
-
-    return StorePhotons(path, storage_options=opts)
-
-
-def _reduce_block(spec: tuple[str, str, dict[str, Any] | None], op: str, fmap: np.ndarray,
-                  shifts: np.ndarray | None, masks: np.ndarray | None, kw: dict[str, Any],
-                  layout: tuple[int, tuple[int, ...], Any]) -> np.ndarray:
-    """Reduce the photons of the frames ``fmap`` (file frame per cell; -1 = missing).
-
-    Returns ``(part, roi, *fmap.shape, *extra)``; missing cells hold 0 (NaN for
-    per-pixel lifetimes and phasors). Parts: ``sum_masks`` photons;
-    ``histograms`` counts per bin; ``mask_flim`` photons, arrival sum (bins)
-    [, cos sum, sin sum]; ``pixel_mean`` mean arrival (ns); ``pixel_phasor`` g, s,
-    photons. ``layout`` is :func:`_op_layout`'s. Opens the source itself, so it
-    runs on any Dask worker.
-    """
-    n_parts, extra, dtype = layout
-    frames = fmap.reshape(-1)
-    ok = frames >= 0
-    n_roi = 1 if masks is None else masks.shape[0]
-    fill = np.nan if op in ("pixel_mean", "pixel_phasor") else 0
-    out = np.full((n_parts, n_roi, frames.size, *extra), fill, dtype=dtype)
-    if ok.any():
-        f = frames[ok]
-        sh = None if shifts is None else shifts.reshape(-1, 2)[ok]
-        with _open_photons(spec) as src:
-            if op == "sum_masks":
-                parts = [src.sum_masks(masks, f, shifts=sh)]
-            elif op == "histograms":
-                parts = [src.masks_histograms(masks, f, shifts=sh, mode=kw["mode"],
-                                              n_bins=kw["n_bins"])]
-            elif op == "mask_flim":
-                cnt, tsum, g, s = src._mask_flim(masks, f, sh, kw["phasor"],
-                                                 kw.get("harmonic", 1), None)
-                parts = [cnt, tsum, g, s] if kw["phasor"] else [cnt, tsum]
-            elif op == "pixel_mean":
-                parts = [src.lifetime_images(f, shifts=sh, units="ns", dtype=np.float32)[None]]
-            else:
-                _, g, s, n = src._pixel_flim(f, sh, "phasor", 0.0, kw["harmonic"], None,
-                                             np.float64, counts=True)
-                parts = [g[None], s[None], n[None]]
-        for k, part in enumerate(parts):
-            out[k][:, ok] = part
-        if op == "pixel_phasor":
-            out[2][:, ~ok] = 0
-    return out.reshape(n_parts, n_roi, *fmap.shape, *extra)

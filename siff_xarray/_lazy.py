@@ -1,0 +1,62 @@
+"""Lazy attributes of package faces, and deprecated aliases of moved modules.
+
+Packages whose modules pull in Numba, Zarr or Dask expose their public names
+through :func:`lazy_getattr`, so that importing the package (which xarray does
+for every installed backend when it lists engines) stays cheap. Modules that
+moved keep their old import path through :func:`deprecated_getattr`.
+
+Import rule: the standard library only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from importlib import import_module
+from typing import Any
+
+__all__ = ["deprecated_getattr", "lazy_getattr"]
+
+
+def lazy_getattr(package: str, table: Mapping[str, str], namespace: dict[str, Any]
+                 ) -> Callable[[str], Any]:
+    """Return a module ``__getattr__`` importing ``name`` from ``table[name]`` on first use.
+
+    ``table`` maps public names to module paths (relative to ``package``); a path
+    of the form ``"module:"`` returns the module itself. The value is cached in
+    ``namespace`` (the package's globals), so the lookup runs once per name.
+    """
+
+    def __getattr__(name: str) -> Any:
+        try:
+            target = table[name]
+        except KeyError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        module, sep, attr = target.partition(":")
+        mod = import_module(module, package)
+        value = mod if sep and not attr else getattr(mod, attr or name)
+        namespace[name] = value
+        return value
+
+    return __getattr__
+
+
+def deprecated_getattr(old: str, new: Iterable[str]) -> Callable[[str], Any]:
+    """Return a module ``__getattr__`` that finds names in the ``new`` modules, with a warning.
+
+    Used by modules that moved: ``import siff_xarray.zarr_store as zs; zs.convert``
+    keeps working and says where ``convert`` lives now.
+    """
+    modules = tuple(new)
+
+    def __getattr__(name: str) -> Any:
+        for module in modules:
+            mod = import_module(module)
+            if hasattr(mod, name):
+                warnings.warn(f"{old} is deprecated; use {module}.{name}", DeprecationWarning,
+                              stacklevel=2)
+                return getattr(mod, name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved to "
+                             f"{' / '.join(modules)})")
+
+    return __getattr__

@@ -1,0 +1,196 @@
+"""Photon reductions behind ``ds.siff``: a table of reductions and the blocks that run them.
+
+Each :class:`Reduction` says what one photon reduction returns (how many parts,
+its trailing dimensions, dtype and fill value for frames never acquired) and how
+to compute it on a photon source (:class:`~siff_xarray.SiffFile` or
+:class:`~siff_xarray.store.StorePhotons`, whose public methods do the work in
+the reader's Numba kernels). :func:`reduce_photons` lays the Dataset's frames
+out in blocks along ``time`` (one Dask task per ``time`` chunk of a Dask-backed
+Dataset) and :func:`reduce_block` runs one block; it opens the source itself,
+so it runs on any Dask worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["REDUCTIONS", "PhotonSource", "Reduction", "bin_ns", "reduce_block",
+           "reduce_photons"]
+
+
+@dataclass(frozen=True)
+class PhotonSource:
+    """Where a Dataset's photons are: one local ``.siff`` or a converted store."""
+
+    kind: str  # "siff" or "store"
+    path: str
+    storage_options: dict[str, Any] | None = None
+
+    def open(self) -> Any:
+        """Open the source (a context manager with the photon-reduction methods)."""
+        if self.kind == "siff":
+            from ..reader.siff_file import SiffFile
+
+            return SiffFile(self.path, storage_options=self.storage_options)
+        from ..store.read import StorePhotons
+
+        return StorePhotons(self.path, storage_options=self.storage_options)
+
+
+Runner = Callable[[Any, Any, np.ndarray, Any, dict[str, Any]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """One photon reduction: its result layout and how to compute it on a source.
+
+    ``run(source, masks, frames, shifts, kw)`` returns a list of ``parts(kw)``
+    arrays, each ``(roi, frames, *extra)`` (``roi`` of length 1 without masks).
+    """
+
+    run: Runner
+    parts: Callable[[dict[str, Any]], int]
+    extra_dims: tuple[str, ...]
+    dtype: np.dtype
+    fill: float = 0.0
+
+    def extra_shape(self, kw: dict[str, Any], ds: xr.Dataset) -> tuple[int, ...]:
+        """Sizes of the trailing dimensions for ``kw`` on ``ds``."""
+        return tuple(int(kw["n_bins"]) if d == "tau" else int(ds.sizes[d])
+                     for d in self.extra_dims)
+
+
+def _sum_masks(src: Any, masks: Any, f: np.ndarray, sh: Any, kw: dict[str, Any]
+               ) -> list[np.ndarray]:
+    return [src.sum_masks(masks, f, shifts=sh)]
+
+
+def _histograms(src: Any, masks: Any, f: np.ndarray, sh: Any, kw: dict[str, Any]
+                ) -> list[np.ndarray]:
+    return [src.masks_histograms(masks, f, shifts=sh, mode=kw["mode"], n_bins=kw["n_bins"])]
+
+
+def _mask_flim(src: Any, masks: Any, f: np.ndarray, sh: Any, kw: dict[str, Any]
+               ) -> list[np.ndarray]:
+    cnt, tsum, g, s = src.masks_flim_sums(masks, f, sh, phasor=kw["phasor"],
+                                          harmonic=kw.get("harmonic", 1))
+    return [cnt, tsum, g, s] if kw["phasor"] else [cnt, tsum]
+
+
+def _pixel_mean(src: Any, masks: Any, f: np.ndarray, sh: Any, kw: dict[str, Any]
+                ) -> list[np.ndarray]:
+    return [src.lifetime_images(f, shifts=sh, units="ns", dtype=np.float32)[None]]
+
+
+def _pixel_phasor(src: Any, masks: Any, f: np.ndarray, sh: Any, kw: dict[str, Any]
+                  ) -> list[np.ndarray]:
+    g, s, n = src.phasor_images(f, shifts=sh, harmonic=kw["harmonic"], return_intensity=True)
+    return [g[None], s[None], n[None]]
+
+
+#: every photon reduction ``ds.siff`` runs, by name. Parts: ``sum_masks`` photons;
+#: ``histograms`` counts per bin; ``mask_flim`` photons, arrival sum (bins) [, cos sum,
+#: sin sum]; ``pixel_mean`` mean arrival (ns); ``pixel_phasor`` g, s, photons.
+REDUCTIONS: dict[str, Reduction] = {
+    "sum_masks": Reduction(_sum_masks, lambda kw: 1, (), np.dtype(np.int64)),
+    "histograms": Reduction(_histograms, lambda kw: 1, ("tau",), np.dtype(np.int64)),
+    "mask_flim": Reduction(_mask_flim, lambda kw: 4 if kw["phasor"] else 2, (),
+                           np.dtype(np.float64)),
+    "pixel_mean": Reduction(_pixel_mean, lambda kw: 1, ("y", "x"), np.dtype(np.float32),
+                            np.nan),
+    "pixel_phasor": Reduction(_pixel_phasor, lambda kw: 3, ("y", "x"), np.dtype(np.float64),
+                              np.nan),
+}
+
+
+def bin_ns(ds: xr.Dataset) -> float:
+    """Width of one arrival-time bin in ns, from the attributes or the ``tau`` axis."""
+    if "tau_bin_ps" in ds.attrs:
+        return float(ds.attrs["tau_bin_ps"]) / 1000.0
+    if "tau" in ds.coords and ds.sizes["tau"] > 1:
+        return float(ds["tau"].values[1] - ds["tau"].values[0])
+    raise ValueError("the arrival-time bin width is unknown: the Dataset has neither a "
+                     "tau_bin_ps attribute nor a tau coordinate")
+
+
+def reduce_block(source: PhotonSource, op: str, fmap: np.ndarray, shifts: np.ndarray | None,
+                 masks: np.ndarray | None, kw: dict[str, Any],
+                 extra: tuple[int, ...]) -> np.ndarray:
+    """Reduce the photons of the frames ``fmap`` (file frame per cell; -1 = missing).
+
+    Returns ``(part, roi, *fmap.shape, *extra)``; missing cells hold the
+    reduction's fill value (a pixel phasor's photon count: 0).
+    """
+    red = REDUCTIONS[op]
+    n_parts = red.parts(kw)
+    frames = fmap.reshape(-1)
+    ok = frames >= 0
+    n_roi = 1 if masks is None else masks.shape[0]
+    out = np.full((n_parts, n_roi, frames.size, *extra), red.fill, dtype=red.dtype)
+    if ok.any():
+        sh = None if shifts is None else shifts.reshape(-1, 2)[ok]
+        with source.open() as src:
+            parts = red.run(src, masks, frames[ok], sh, kw)
+        for k, part in enumerate(parts):
+            out[k][:, ok] = part
+        if op == "pixel_phasor":
+            out[2][:, ~ok] = 0
+    return out.reshape(n_parts, n_roi, *fmap.shape, *extra)
+
+
+def reduce_photons(ds: xr.Dataset, source: PhotonSource, op: str, fmap: xr.DataArray,
+                   shifts: np.ndarray | None, masks: np.ndarray | None = None,
+                   **kw: Any) -> xr.DataArray:
+    """Run reduction ``op`` over the frames of ``fmap``, eagerly or lazily with Dask.
+
+    Returns ``(part, roi, *fmap.dims, *extra dims)``. A Dask-backed ``ds`` gives a
+    Dask-backed result with one task per ``time`` chunk of ``intensity``;
+    otherwise frames are reduced in blocks of about 4096 frames (bounded memory).
+    """
+    import dask
+    import dask.array as da
+
+    red = REDUCTIONS[op]
+    n_parts = red.parts(kw)
+    extra = red.extra_shape(kw, ds)
+    fm = np.asarray(fmap.values)
+    n_roi = 1 if masks is None else masks.shape[0]
+    had_time = "time" in fmap.dims
+    if not had_time:  # e.g. after isel(time=0): one block
+        fm, fmap = fm[None], fmap.expand_dims("time")
+        shifts = None if shifts is None else shifts[None]
+    t_axis = fmap.dims.index("time")
+    chunks = ds.intensity.chunks if "time" in ds.intensity.dims else None
+    if chunks is not None:
+        bounds = np.cumsum((0, *chunks[ds.intensity.dims.index("time")]))
+    else:
+        per_t = max(1, fm.size // max(1, fm.shape[t_axis]))
+        bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, 4096 // per_t)),
+                       fm.shape[t_axis]]
+    blocks = []
+    for a, b in itertools.pairwise(bounds):
+        idx = [slice(None)] * fm.ndim
+        idx[t_axis] = slice(int(a), int(b))
+        fb = fm[tuple(idx)]
+        sb = None if shifts is None else shifts[tuple(idx)]
+        if chunks is None:
+            blocks.append(reduce_block(source, op, fb, sb, masks, kw, extra))
+        else:
+            task = dask.delayed(reduce_block, pure=True)(source, op, fb, sb, masks, kw, extra)
+            blocks.append(da.from_delayed(task, shape=(n_parts, n_roi, *fb.shape, *extra),
+                                          dtype=red.dtype))
+    if blocks:
+        data = (np.concatenate if chunks is None else da.concatenate)(blocks, axis=2 + t_axis)
+    else:
+        data = np.zeros((n_parts, n_roi, *fm.shape, *extra), dtype=red.dtype)
+    coords = {k: v for k, v in fmap.coords.items() if set(v.dims) <= set(fmap.dims)}
+    for d in red.extra_dims:
+        coords[d] = ds[d]
+    out = xr.DataArray(data, dims=("part", "roi", *fmap.dims, *red.extra_dims), coords=coords)
+    return out if had_time else out.isel(time=0)

@@ -1,0 +1,642 @@
+"""Lossless, parallel, resumable conversion of ``.siff`` files to Zarr v3 stores.
+
+Conversion runs in batches of whole intensity shards (a time range); each batch's
+photons start at an ``arrival_time`` shard boundary, so no two batches ever write
+the same chunk or shard and batches may run in any order, on any Dask scheduler.
+The root group's metadata (``zarr.json``) is written last: until then the store
+cannot be opened as a Zarr group, and :func:`~siff_xarray.store.open_converted`
+says the conversion is incomplete. Finished batches are recorded under
+``.siff-progress/`` so that ``resume=True`` redoes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._paths import expand, has_glob, is_remote
+from ..errors import ConversionError
+from ..format.constants import ENC_TIFF
+from ..reader.acquisition import Acquisition
+from .layout import (
+    PHOTON_CHUNK,
+    PHOTON_SHARD,
+    PLAN_KEY,
+    PROGRESS,
+    ROOT_KEY,
+    SIFF_ZARR_VERSION,
+    Plan,
+    Target,
+    chunking,
+    compressor,
+    group_acquisitions,
+    roundup,
+    store_name,
+)
+from .ome import create_ome, downsample2, ome_repeats, pyramid_levels, to_ome_order
+
+__all__ = ["ConversionSummary", "Progress", "convert", "convert_file"]
+
+log = logging.getLogger("siff_xarray.store")
+
+class _NeedsWideArrivals(Exception):
+    """A batch found an arrival time above 65535: arrival_time must be uint32."""
+
+
+@dataclass
+class ConversionSummary:
+    """What :func:`convert` did (also printed by the CLI)."""
+
+    source: str
+    destination: str
+    frames: int
+    photons: int
+    source_bytes: int
+    store_bytes: int
+    seconds: float
+    batches: int
+    batches_skipped: int
+
+    @property
+    def compression_ratio(self) -> float:
+        """Source size / store size."""
+        return self.source_bytes / self.store_bytes if self.store_bytes else float("nan")
+
+
+@dataclass
+class Progress:
+    """State of a running conversion, passed to the ``progress`` callback after each batch."""
+
+    batches_done: int
+    batches_total: int
+    frames_done: int
+    frames_total: int
+    bytes_done: int
+    bytes_total: int
+    photons_done: int
+    elapsed_s: float
+
+    @property
+    def mb_per_s(self) -> float:
+        """Source megabytes converted per second so far (this run)."""
+        return self.bytes_done / 1e6 / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        """Estimated seconds left (NaN before the first batch of this run)."""
+        rate = self.bytes_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return (self.bytes_total - self.bytes_done) / rate if rate > 0 else float("nan")
+
+
+class _Tracker:
+    """Accumulates batch results into :class:`Progress` and reports them."""
+
+    def __init__(self, plan: Plan, done: set[int],
+                 callback: Callable[[Progress], None] | None) -> None:
+        self.plan = plan
+        self.callback = callback
+        self.t0 = time.perf_counter()
+        self.p = Progress(
+            batches_done=len(done), batches_total=plan.n_batches,
+            frames_done=sum(plan.batch_frames[b][1] - plan.batch_frames[b][0] for b in done),
+            frames_total=plan.batch_frames[-1][1] if plan.batch_frames else 0,
+            bytes_done=0, bytes_total=sum(plan.batch_bytes[b] for b in range(plan.n_batches)
+                                          if b not in done),
+            photons_done=0, elapsed_s=0.0)
+
+    def __call__(self, result: tuple[int, int, int]) -> None:
+        b, frames, photons = result
+        p = self.p
+        p.batches_done += 1
+        p.frames_done += frames
+        p.photons_done += photons
+        p.bytes_done += self.plan.batch_bytes[b]
+        p.elapsed_s = time.perf_counter() - self.t0
+        log.debug("batch %d of %d done (%d frames, %d photons)", b + 1, p.batches_total,
+                  frames, photons)
+        if self.callback is not None:
+            self.callback(p)
+
+
+def _open_source(plan: Plan) -> Acquisition:
+    return Acquisition.open(plan.sources, plan.source_options)
+
+
+class _ShardWriter:
+    """Streams values into a 1-D sharded array from a shard-aligned ``base``.
+
+    Only whole shards are written until :meth:`close` writes the remainder, so each
+    shard is written exactly once and at most one shard is buffered.
+    """
+
+    def __init__(self, arr: Any, base: int, dtype: str) -> None:
+        self.arr = arr
+        self.pos = base
+        self.dtype = dtype
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.parts.append(values.astype(self.dtype, copy=False))
+        self.buffered += values.size
+        if self.buffered >= PHOTON_SHARD:
+            data = np.concatenate(self.parts)
+            whole = data.size // PHOTON_SHARD * PHOTON_SHARD
+            self.arr[self.pos : self.pos + whole] = data[:whole]
+            self.pos += whole
+            self.parts = [data[whole:]]
+            self.buffered = data.size - whole
+
+    def close(self) -> None:
+        if self.buffered:
+            data = np.concatenate(self.parts)
+            self.arr[self.pos : self.pos + data.size] = data
+            self.pos += data.size
+        self.parts, self.buffered = [], 0
+
+
+#: source bytes decoded at a time inside a batch (bounds a worker's memory)
+SUB_BATCH_BYTES = 16 * 2**20
+
+
+def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
+    """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker.
+
+    The batch's frames are decoded in sub-batches of about :data:`SUB_BATCH_BYTES`
+    of source data; photons stream into whole ``arrival_time`` shards, so memory
+    stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
+    """
+    import zarr
+
+    plan = Plan.from_json(plan_json)
+    target = Target(plan.destination, plan.destination_options)
+    store = target.zarr()
+    f0, f1 = plan.batch_frames[b]
+    t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
+    inten = zarr.open_array(store, path="intensity", mode="r+")
+    repeat = inten.ndim == 6
+    shape = (t1 - t0, *inten.shape[1:])
+    block = np.zeros(shape, dtype=plan.intensity_dtype)
+    pc = np.zeros(shape[:-2], dtype=np.uint32)
+    hblock = None
+    fly_imgs: list[np.ndarray] = []
+    writer = _ShardWriter(zarr.open_array(store, path="photons/arrival_time", mode="r+"),
+                          plan.batch_base[b], plan.arrival_dtype)
+    n = 0
+    with _open_source(plan) as f:
+        ip = f.im_params()
+        sizes = f.frame_bytes[f0:f1]
+        # sub-batch boundaries: one decode call per ~SUB_BATCH_BYTES, not per frame
+        cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
+                              SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
+        edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
+        for s0, s1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+            frames = np.arange(s0, s1, dtype=np.int64)
+            counts_img = f.read_frames(frames)
+            if plan.intensity_only:  # TIFF pages: the photon count is the image sum
+                tau = np.zeros(0, dtype=np.uint32)
+                cnt = counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.uint64)
+            else:
+                starts, _pix, tau = f.photons_batch(frames)
+                cnt = np.diff(starts)
+            if tau.size and int(tau.max()) > 65535 and plan.arrival_dtype == "uint16":
+                raise _NeedsWideArrivals
+            if not plan.intensity_only and (counts_img == np.iinfo(np.uint16).max).any() and (
+                    cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)
+            ).any():
+                raise ConversionError(
+                    f"{plan.sources[0]}: a pixel holds more than 65535 photons in one frame; "
+                    "its count does not fit the uint16 count image that locates photons")
+            writer.append(tau)
+            n += int(tau.size)
+            loc = ip.locate(frames)
+            fly = loc["flyback"]
+            idx = (loc["timepoint"][~fly] - t0, loc["slice"][~fly])
+            if repeat:
+                idx = (*idx, loc["repeat"][~fly])
+            idx = (*idx, loc["channel"][~fly])
+            block[idx] = counts_img[~fly]
+            pc[idx] = cnt[~fly]
+            if f.has_photons and ip.num_bins is not None:
+                hist = f.histograms(frames).astype(np.uint32)
+                if hblock is None:
+                    hblock = np.zeros((*shape[:-2], hist.shape[1]), dtype=np.uint32)
+                hblock[idx] = hist[~fly]
+            if fly.any():
+                fly_imgs.append(counts_img[fly])
+            f.release()  # keep the memory map's pages out of the RSS between sub-batches
+    writer.close()
+    inten[t0:t1] = block
+    if plan.ome:
+        level = to_ome_order(block)
+        r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
+        for k in range(plan.ome_levels):  # the same time range, so a whole shard per level
+            if k:
+                level = downsample2(level)
+            zarr.open_array(store, path=f"ome/{k}", mode="r+")[r0:r1] = level
+    zarr.open_array(store, path="photon_count", mode="r+")[t0:t1] = pc
+    if hblock is not None:
+        zarr.open_array(store, path="histogram", mode="r+")[t0:t1] = hblock
+    if fly_imgs:
+        rows = np.concatenate(fly_imgs)
+        r0 = plan.flyback_base[b]
+        zarr.open_array(store, path="photons/flyback_intensity", mode="r+")[
+            r0 : r0 + len(rows)] = rows
+    target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
+                                                               "photons": n}))
+    return b, f1 - f0, n
+
+
+def _prepare(sources: list[str], target: Target, source_options: dict[str, Any] | None,
+             shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool = True,
+             ome_levels: int | None = None) -> Plan:
+    """Create every array (metadata and the small per-frame arrays); return the plan."""
+    import zarr
+
+    from ..backend import open_acquisition, open_siff
+
+    ds = (open_siff(sources[0], storage_options=source_options) if len(sources) == 1
+          else open_acquisition(sources, storage_options=source_options))
+    try:
+        with Acquisition.open(sources, source_options) as f:
+            tiff = f.encoding == ENC_TIFF
+            if tiff.any() and not tiff.all():
+                raise ConversionError(
+                    f"{sources[0]}: mixes intensity-only TIFF pages with photon frames; "
+                    "convert files of one kind at a time")
+            intensity_only = bool(tiff.all()) and tiff.size > 0
+            signed = f.signed.astype(np.int8)
+            ip = f.im_params()
+            n_frames = f.num_frames
+            fmap = ds.frame_index.values
+            n_t = fmap.shape[0]
+            vol_shape = ds.intensity.shape[1:]
+            ct, st = chunking(vol_shape, n_t, shard_bytes, chunk_bytes)
+            n_batches = -(-n_t // st)
+            # batch b: timepoints [b*st, (b+1)*st) = file frames [b*st*P, (b+1)*st*P)
+            p = ip.file_frames_per_volume
+            bounds = [min(b * st * p, n_frames) for b in range(n_batches)] + [n_frames]
+            batch_frames = [[bounds[b], bounds[b + 1]] for b in range(n_batches)]
+            counts = f.n_photons.astype(np.int64)
+            starts = np.zeros(n_frames, dtype=np.int64)
+            batch_base = []
+            end = 0
+            for f0, f1 in batch_frames:  # one iteration per batch (shard), not per frame
+                base = roundup(end, PHOTON_SHARD)
+                batch_base.append(base)
+                c = counts[f0:f1]
+                starts[f0:f1] = base + np.concatenate([[0], np.cumsum(c)[:-1]]) if len(c) \
+                    else starts[f0:f1]
+                end = base + int(c.sum())
+            loc = ip.locate(np.arange(n_frames))
+            fly_frames = np.flatnonzero(loc["flyback"])
+            flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
+            batch_bytes = [int(f.frame_bytes[f0:f1].sum()) for f0, f1 in batch_frames]
+            ts = f.timestamps()
+            desc_bytes, dlen = f.description_bytes()
+            f.release()
+            encoding = f.encoding.astype(np.int8)
+            h, w = f.frame_shape
+            source_bytes = int(f.file_size)
+        total_len = max(end, 1)
+        inten_dtype = str(ds.intensity.dtype)
+
+        # --- the root Dataset: metadata now, data by the batches
+        enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
+                     "compressors": (compressor(),)}
+        template = ds.drop_vars([v for v in ("mean_arrival",) if v in ds])
+        lazy = [v for v in ("intensity", "photon_count", "histogram") if v in template]
+        for v in lazy:
+            template[v] = template[v].chunk({"time": st})
+        encoding_all: dict[str, dict[str, Any]] = {"intensity": enc_inten}
+        for v in ("photon_count", "histogram"):
+            if v in template:
+                encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
+                                   "compressors": (compressor(),)}
+        store = target.zarr()
+        template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
+                         consolidated=False, zarr_format=3)
+        levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
+        if ome:
+            create_ome(store, ds, ct, st, levels)
+    finally:
+        ds.close()
+
+    # --- the photons group
+    grp = zarr.open_group(store, path="photons", mode="a")
+    grp.attrs.update({
+        "siff_zarr_version": SIFF_ZARR_VERSION,
+        "source_bytes": source_bytes,
+        "layout": "intensity-only" if intensity_only else "pixel-sorted",
+        "description": "every photon of every file frame; within a frame in pixel order; "
+                       "a photon's pixel follows from the frame's count image",
+        "tau_bin_ps": ip.picoseconds_per_bin if ip.picoseconds_per_bin is not None else -1.0,
+        "n_tau_bins": ip.num_bins if ip.num_bins is not None else -1,
+    })
+    grp.create_array("arrival_time", shape=(total_len,), dtype=arrival_dtype,
+                     chunks=(PHOTON_CHUNK,), shards=(PHOTON_SHARD,),
+                     compressors=(compressor(),), fill_value=0, dimension_names=("photon",))
+
+    def small(name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
+        a = grp.create_array(name, shape=data.shape, dtype=data.dtype,
+                             chunks=data.shape if data.size else (1,) * data.ndim,
+                             compressors=(compressor(),), dimension_names=dims)
+        if data.size:
+            a[...] = data
+
+    small("photon_start", starts.astype(np.uint64), ("frame",))
+    small("photon_count", counts.astype(np.uint32), ("frame",))
+    small("encoding", encoding, ("frame",))
+    small("experiment_s", ts.experiment_s, ("frame",))
+    small("epoch_laser_ns", ts.epoch_laser_ns, ("frame",))
+    small("epoch_system_ns", ts.epoch_system_ns, ("frame",))
+    dstart = np.concatenate([[0], np.cumsum(dlen, dtype=np.uint64)[:-1]]).astype(np.uint64)
+    small("description", desc_bytes, ("byte",))
+    small("description_start", dstart, ("frame",))
+    small("description_length", dlen.astype(np.uint32), ("frame",))
+    small("flyback_frame", fly_frames.astype(np.int64), ("flyback",))
+    per_batch_fly = max([np.searchsorted(fly_frames, f1) - np.searchsorted(fly_frames, f0)
+                         for f0, f1 in batch_frames] + [1])
+    if intensity_only:
+        small("signed", signed, ("frame",))
+    grp.create_array("flyback_intensity", shape=(len(fly_frames), h, w), dtype=inten_dtype,
+                     chunks=(int(per_batch_fly), h, w), compressors=(compressor(),),
+                     fill_value=0, dimension_names=("flyback", "y", "x"))
+    # flyback rows of one batch must share no chunk with another batch's rows
+    if len(fly_frames) and any(fb % per_batch_fly for fb in flyback_base):
+        raise ConversionError("internal: flyback rows are not chunk-aligned")  # pragma: no cover
+
+    return Plan(sources=list(sources), source_options=source_options,
+                 destination=target.destination, destination_options=target.storage_options,
+                 shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
+                 batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
+                 arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome,
+                 ome_levels=levels, intensity_only=intensity_only,
+                 intensity_dtype=inten_dtype)
+
+
+def _hide_root(target: Target) -> None:
+    """Move the root group metadata aside: the store is not a group until finished."""
+    text = target.read_text("zarr.json")
+    target.write_text(ROOT_KEY, text)
+    target.fs.rm_file(target.key("zarr.json"))
+
+
+def _finish(target: Target) -> None:
+    """Publish the store: write the root metadata, with every node's consolidated."""
+    meta = json.loads(target.read_text(ROOT_KEY))
+    meta["consolidated_metadata"] = _consolidated(target)
+    target.write_text("zarr.json", json.dumps(meta, indent=2))
+    target.fs.rm(target.key(PROGRESS), recursive=True)
+
+
+def _consolidated(target: Target) -> dict[str, Any]:
+    """Every node's metadata under the root, as zarr-python consolidates it.
+
+    Built here rather than by ``zarr.consolidate_metadata`` so that the root
+    ``zarr.json`` is written once, last, already consolidated: ``xr.open_zarr``
+    then opens the store with one metadata read and no fallback warning, and an
+    interruption never leaves a half-rewritten root. (Consolidated metadata is a
+    zarr-python convention, not yet part of the Zarr v3 specification; readers
+    that do not know it ignore it: ``must_understand`` is false.)
+    """
+    target.fs.invalidate_cache()
+    names = sorted(p for p in target.fs.find(target.root) if p.endswith("/zarr.json"))
+    keys = [n[len(target.root) + 1 : -len("/zarr.json")] for n in names]
+    keys = [k for k in keys if k and not k.startswith(PROGRESS)]
+    texts = target.fs.cat([target.key(f"{k}/zarr.json") for k in keys])
+    metadata = {}
+    for k in keys:
+        node = json.loads(texts[target.key(f"{k}/zarr.json")])
+        if node.get("node_type") == "group":
+            node["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
+                                             "metadata": {}}
+        metadata[k] = node
+    return {"kind": "inline", "must_understand": False, "metadata": metadata}
+
+
+def _store_bytes(target: Target) -> int:
+    try:
+        return int(target.fs.du(target.root))
+    except Exception:  # pragma: no cover - some filesystems cannot du
+        return 0
+
+
+def _expand_sources(sources: str | os.PathLike[str] | Sequence[Any],
+                    storage_options: dict[str, Any] | None) -> list[str] | None:
+    """Return the sources as a list, or None when ``sources`` names one file (no glob)."""
+    if isinstance(sources, (str, os.PathLike)):
+        text = os.fspath(sources)
+        if not has_glob(text):
+            return None
+        return [os.fspath(p) for p in expand(text, storage_options)]
+    return [os.fspath(p) for p in sources]
+
+
+def convert(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    destination: str | os.PathLike[str],
+    **kwargs: Any,
+) -> ConversionSummary | list[ConversionSummary]:
+    """Convert ``.siff`` files to Zarr v3 stores, one store per acquisition.
+
+    With one file (a path or URL without wildcards), ``destination`` is the store and
+    one :class:`ConversionSummary` is returned. With a list or a glob pattern, the
+    files are grouped into acquisitions (:func:`group_acquisitions`: the numbered
+    parts ``name_00001.siff``, ``name_00002.siff``... of a split acquisition become
+    one store), ``destination`` is a directory (or URL prefix) receiving one store per
+    acquisition named by :func:`store_name`, and a list of summaries is returned.
+    Keyword arguments are those of :func:`convert_file`.
+    """
+    many = _expand_sources(source, kwargs.get("storage_options"))
+    if many is None:
+        return convert_file(source, destination, **kwargs)  # type: ignore[arg-type]
+    if not many:
+        raise ConversionError("no source files given")
+    groups = group_acquisitions(many)
+    names = [store_name(g[0]) for g in groups]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConversionError(f"several sources would become the same store {sorted(dup)[0]}")
+    dst = os.fspath(destination).rstrip("/")
+    return [convert_file(g if len(g) > 1 else g[0], f"{dst}/{n}", **kwargs)
+            for g, n in zip(groups, names, strict=True)]
+
+
+def convert_file(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    destination: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    scheduler: Any = "threads",
+    num_workers: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    target_options: dict[str, Any] | None = None,
+    shard_bytes: int = 64 * 2**20,
+    chunk_bytes: int = 2 * 2**20,
+    ome: bool = True,
+    ome_levels: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+) -> ConversionSummary:
+    """Convert one ``.siff`` file (or one split acquisition) to a Zarr v3 store, losslessly.
+
+    Parameters
+    ----------
+    source
+        Local path or fsspec URL of the ``.siff`` file (opened read-only), or the
+        ordered parts of one acquisition (``name_00001.siff``, ...), which become one
+        store with frames numbered across the parts (as :func:`open_acquisition`).
+    destination
+        Local path or fsspec URL of the store to create (e.g. ``s3://bucket/run.zarr``).
+    overwrite
+        Replace an existing store (a finished store is never replaced without it).
+    resume
+        Finish an interrupted conversion into ``destination``, redoing only the batches
+        that were not recorded as finished.
+    scheduler
+        Dask scheduler: ``"threads"`` (default), ``"processes"``, ``"sync"``, or a
+        ``dask.distributed.Client`` (or its address).
+    num_workers
+        Threads/processes for the local schedulers.
+    storage_options, target_options
+        fsspec options for the source and for the destination.
+    shard_bytes, chunk_bytes
+        Target sizes of an ``intensity`` shard (one batch) and chunk.
+    ome
+        Also write ``ome/``: an OME-Zarr (NGFF 0.5) image of the intensity in NGFF's
+        ``(t, c, z, y, x)`` axis order, for napari and other OME-Zarr viewers (it
+        doubles the space the intensity takes; the photons are unaffected).
+    ome_levels
+        Levels of its multiscale pyramid (each halves y and x by 2 x 2 means); default:
+        halve while both sides stay at least 32 pixels (256 x 128 frames: 3 levels).
+    progress
+        Called with a :class:`Progress` after each batch (progress is also logged at
+        DEBUG level on the ``siff_xarray.store`` logger).
+
+    Returns
+    -------
+    ConversionSummary
+
+    Raises
+    ------
+    ConversionError
+        If the destination holds a store and neither ``overwrite`` nor ``resume`` is
+        given, or ``resume`` finds no interrupted conversion of this source.
+
+    """
+    t_start = time.perf_counter()
+    srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
+            else [os.fspath(x) for x in source])
+    if not srcs:
+        raise ConversionError("no source files given")
+    src = srcs[0] if len(srcs) == 1 else f"{srcs[0]} (+{len(srcs) - 1} more parts)"
+    target = Target(os.fspath(destination), target_options)
+    finished = target.exists("zarr.json")
+    interrupted = target.exists(PLAN_KEY)
+    if finished and not overwrite:
+        raise ConversionError(f"{target.destination}: a finished store exists; pass "
+                              "overwrite=True (--overwrite) to replace it")
+    if resume and not overwrite:
+        if not interrupted:
+            raise ConversionError(f"{target.destination}: no interrupted conversion to resume")
+        plan = Plan.from_json(target.read_text(PLAN_KEY))
+        if plan.sources != srcs:
+            raise ConversionError(f"{target.destination}: was being converted from "
+                                  f"{plan.sources}, not {srcs}")
+    else:
+        if interrupted and not overwrite:
+            raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
+                                  "pass resume=True (--resume) to finish it or overwrite=True "
+                                  "(--overwrite) to start again")
+        if target.fs.exists(target.root):
+            if not overwrite and target.fs.ls(target.root):
+                raise ConversionError(f"{target.destination}: exists and is not empty; pass "
+                                      "overwrite=True (--overwrite) to replace it")
+            target.fs.rm(target.root, recursive=True)
+        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
+                      ome_levels)
+    try:
+        skipped = _run(plan, target, scheduler, num_workers, progress)
+    except _NeedsWideArrivals:
+        log.info("%s: arrival times above 65535; converting again with uint32", src)
+        target.fs.rm(target.root, recursive=True)
+        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
+                      plan.ome, plan.ome_levels)
+        skipped = _run(plan, target, scheduler, num_workers, progress)
+    _finish(target)
+    src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
+                    ["source_bytes"])
+    return ConversionSummary(source=src, destination=target.destination,
+                             frames=sum(b - a for a, b in plan.batch_frames),
+                             photons=plan.n_photons_total, source_bytes=src_bytes,
+                             store_bytes=_store_bytes(target),
+                             seconds=time.perf_counter() - t_start, batches=plan.n_batches,
+                             batches_skipped=skipped)
+
+
+def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
+           shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
+           ome_levels: int | None = None) -> Plan:
+    plan = _prepare(srcs, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype,
+                    ome, ome_levels)
+    _hide_root(target)
+    target.write_text(PLAN_KEY, plan.to_json())
+    return plan
+
+
+def _run(plan: Plan, target: Target, scheduler: Any, num_workers: int | None,
+         progress: Callable[[Progress], None] | None) -> int:
+    """Run the batches not yet recorded as done; return how many were skipped."""
+    import dask
+
+    done = target.done_batches()
+    todo = [b for b in range(plan.n_batches) if b not in done]
+    tracker = _Tracker(plan, done, progress)
+    plan_json = plan.to_json()
+    if todo:
+        tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b) for b in todo]
+        if isinstance(scheduler, str) and is_remote(scheduler):
+            from dask.distributed import Client
+
+            with Client(scheduler) as client:
+                _compute_distributed(tasks, client, tracker)
+        elif not isinstance(scheduler, str):
+            _compute_distributed(tasks, scheduler, tracker)
+        else:
+            _compute_local(tasks, scheduler, num_workers, tracker)
+    missing = set(range(plan.n_batches)) - target.done_batches()
+    if missing:
+        raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "
+                              "finish")
+    return len(done)
+
+
+def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
+                   tracker: _Tracker) -> None:
+    import dask
+    from dask.callbacks import Callback
+
+    kwargs: dict[str, Any] = {} if num_workers is None else {"num_workers": num_workers}
+    names = {t.key for t in tasks}
+
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if key in names:
+            tracker(result)
+
+    with Callback(posttask=posttask):
+        dask.compute(*tasks, scheduler=scheduler, **kwargs)
+
+
+def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker) -> None:
+    from dask.distributed import as_completed
+
+    for fut in as_completed(client.compute(tasks)):
+        tracker(fut.result())

@@ -1,0 +1,191 @@
+"""Layout of a converted store: its keys, chunking, naming, and where it lives.
+
+A converted store (see ``docs/zarr-layout.md`` and :mod:`siff_xarray.store`) is
+reached through a :class:`Target` (an fsspec filesystem and root path, plus the
+zarr store object); a conversion is described by a :class:`Plan` of plain JSON
+values that every batch (on any Dask worker) reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._paths import is_remote, local_path
+
+__all__ = [
+    "PHOTON_CHUNK", "PHOTON_SHARD", "PLAN_KEY", "PROGRESS", "ROOT_KEY", "SIFF_ZARR_VERSION",
+    "Plan", "Target", "chunking", "compressor", "group_acquisitions", "roundup", "store_name",
+]
+
+SIFF_ZARR_VERSION = 1
+PROGRESS = ".siff-progress"
+PLAN_KEY = f"{PROGRESS}/plan.json"
+ROOT_KEY = f"{PROGRESS}/root-zarr.json"
+#: elements per ``arrival_time`` chunk and shard
+PHOTON_CHUNK = 1 << 20
+PHOTON_SHARD = 1 << 23
+
+
+def compressor() -> Any:
+    """Return the codec of every array: Blosc zstd level 5 with bit shuffle."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def _fs_and_root(destination: str | os.PathLike[str],
+                 storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(destination), **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def _zarr_store(destination: str | os.PathLike[str],
+                storage_options: dict[str, Any] | None) -> Any:
+    from zarr.storage import FsspecStore, LocalStore
+
+    dst = os.fspath(destination)
+    if not is_remote(dst):
+        return LocalStore(local_path(dst))
+    return FsspecStore.from_url(dst, storage_options=storage_options or {})
+
+
+@dataclass
+class Target:
+    """Where a store lives: an fsspec filesystem + root path, and the zarr store."""
+
+    destination: str
+    storage_options: dict[str, Any] | None
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = _fs_and_root(self.destination, self.storage_options)
+
+    def key(self, k: str) -> str:
+        """Full filesystem path of store key ``k``."""
+        return f"{self.root}/{k}"
+
+    def exists(self, k: str) -> bool:
+        """Tell whether key ``k`` exists (listing caches are bypassed)."""
+        self.fs.invalidate_cache()  # object stores cache listings; we need the truth
+        return bool(self.fs.exists(self.key(k)))
+
+    def read_text(self, k: str) -> str:
+        """Return the text stored at key ``k``."""
+        return self.fs.cat_file(self.key(k)).decode()
+
+    def write_text(self, k: str, text: str) -> None:
+        """Store ``text`` at key ``k``."""
+        path = self.key(k)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(path, text.encode())
+
+    def done_batches(self) -> set[int]:
+        """Batches of a running conversion recorded as finished."""
+        self.fs.invalidate_cache()
+        try:
+            names = self.fs.ls(self.key(PROGRESS), detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(n.rsplit("-", 1)[1]) for n in names if n.rsplit("/", 1)[-1].startswith(
+            "batch-")}
+
+    def zarr(self) -> Any:
+        """Return the zarr store object (``LocalStore`` or ``FsspecStore``)."""
+        return _zarr_store(self.destination, self.storage_options)
+
+
+@dataclass
+class Plan:
+    """Everything a batch needs, as plain JSON-able values (shipped to workers)."""
+
+    sources: list[str]
+    source_options: dict[str, Any] | None
+    destination: str
+    destination_options: dict[str, Any] | None
+    shard_t: int                      # timepoints per batch (= intensity shard)
+    n_timepoints: int
+    batch_frames: list[list[int]]     # [first, stop) file frames of each batch
+    batch_base: list[int]             # first arrival_time element of each batch
+    flyback_base: list[int]           # first flyback_intensity row of each batch
+    batch_bytes: list[int]            # source bytes each batch reads (for progress)
+    arrival_dtype: str
+    n_photons_total: int
+    ome: bool = True
+    ome_levels: int = 1               # OME pyramid levels (0 = full resolution)
+    intensity_only: bool = False      # ScanImage intensity-only TIFF: pages, no photons
+    intensity_dtype: str = "uint16"   # int16 for TIFF pages of signed samples
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batches."""
+        return len(self.batch_frames)
+
+    def to_json(self) -> str:
+        """Return the plan as JSON (shipped to workers, kept for ``resume``)."""
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Read a plan written by :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+
+def roundup(x: int, m: int) -> int:
+    """``x`` rounded up to a multiple of ``m``."""
+    return -(-x // m) * m
+
+
+def chunking(vol_shape: tuple[int, ...], n_t: int, shard_bytes: int, chunk_bytes: int
+             ) -> tuple[int, int]:
+    """Timepoints per intensity chunk and per shard (a multiple of the chunk)."""
+    vol_bytes = int(np.prod(vol_shape, dtype=np.int64)) * 2
+    ct = max(1, min(n_t, chunk_bytes // max(vol_bytes, 1)))
+    st = max(ct, (shard_bytes // max(vol_bytes, 1)) // ct * ct)
+    st = min(st, roundup(n_t, ct))
+    return ct, st
+
+
+def store_name(source: str) -> str:
+    """Default store name for a source file: its name with ``.zarr`` for the suffix.
+
+    Parts of a split acquisition (``run_00002.siff``) are named after the acquisition
+    (``run.zarr``).
+    """
+    base = source.rstrip("/").rsplit("/", 1)[-1]
+    m = _PART.match(base)
+    if m:
+        return f"{m.group('stem')}.zarr"
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return f"{stem}.zarr"
+
+
+_PART = re.compile(r"^(?P<stem>.+)_(?P<num>\d{5})\.siff$", re.IGNORECASE)
+
+
+def group_acquisitions(sources: Sequence[str]) -> list[list[str]]:
+    """Group files into acquisitions: ``name_00001.siff``, ``name_00002.siff``... form one.
+
+    Parts are ordered by their number; other files stand alone. Groups keep the order
+    in which their first file appears.
+    """
+    groups: dict[str, list[str]] = {}
+    for src in sources:
+        head, _, base = src.rstrip("/").rpartition("/")
+        m = _PART.match(base)
+        key = f"{head}/{m.group('stem')}" if m else src
+        groups.setdefault(key, []).append(src)
+    out = []
+    for members in groups.values():
+        members = sorted(set(members), key=lambda p: (
+            int(m.group("num")) if (m := _PART.match(p.rsplit("/", 1)[-1])) else 0, p))
+        out.append(members)
+    return out

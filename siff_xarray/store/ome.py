@@ -1,0 +1,114 @@
+"""The OME-Zarr (NGFF 0.5) image of a converted store: axis order, pyramid, metadata.
+
+The ``ome`` group holds the intensity in NGFF's ``(t, c, z, y, x)`` order at
+several resolutions (each level 2 x 2 means of the one before), for napari and
+other OME-Zarr viewers. Conversion batches write whole shards of every level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .layout import compressor
+
+__all__ = ["create_ome", "downsample2", "ome_repeats", "pyramid_levels", "to_ome_order"]
+
+def ome_repeats(block: np.ndarray) -> int:
+    """Repeats per slice folded into the OME time axis (1 without a ``repeat`` dim)."""
+    return block.shape[2] if block.ndim == 6 else 1
+
+
+def to_ome_order(block: np.ndarray) -> np.ndarray:
+    """``(time, z, [repeat], channel, y, x)`` -> NGFF ``(t, c, z, y, x)``.
+
+    Repeats of a slice become consecutive OME timepoints (they are taken one after
+    the other), so nothing is summed or dropped.
+    """
+    if block.ndim == 6:  # (t, z, r, c, y, x) -> (t, r, c, z, y, x) -> (t*r, c, z, y, x)
+        t, z, r, c, y, x = block.shape
+        return block.transpose(0, 2, 3, 1, 4, 5).reshape(t * r, c, z, y, x)
+    return block.transpose(0, 2, 1, 3, 4)
+
+
+def downsample2(block: np.ndarray) -> np.ndarray:
+    """Halve the last two axes by 2 x 2 means (edges repeated for odd sizes), same dtype."""
+    h, w = block.shape[-2:]
+    pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    b = np.pad(block, pad, mode="edge") if h % 2 or w % 2 else block
+    b = b.reshape(*b.shape[:-2], b.shape[-2] // 2, 2, b.shape[-1] // 2, 2)
+    return np.rint(b.mean(axis=(-3, -1))).astype(block.dtype)
+
+
+def pyramid_levels(h: int, w: int, requested: int | None = None, smallest: int = 32) -> int:
+    """Return the OME pyramid's level count.
+
+    ``requested`` if given, else halve until a side would drop below ``smallest``
+    pixels (at most 6 levels, at least 1).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"ome_levels must be at least 1, got {requested}")
+        return int(requested)
+    levels = 1
+    while levels < 6 and min(h, w) // 2**levels >= smallest:
+        levels += 1
+    return levels
+
+
+def _ome_metadata(ds: Any, name: str, levels: int = 1) -> dict[str, Any]:
+    """NGFF 0.5 ``multiscales`` (and ``omero`` channel labels) for the ``ome`` group."""
+    reps = ds.sizes.get("repeat", 1)
+    t = ds["time"].values
+    dt = float(np.median(np.diff(t))) / reps if t.size > 1 else 1.0
+    z = ds["z"].values
+    dz = float(np.median(np.diff(z))) if z.size > 1 and np.all(np.diff(z) != 0) else 1.0
+    um = ds["y"].attrs.get("units") == "um"
+    dy = float(ds["y"].values[1] - ds["y"].values[0]) if ds.sizes["y"] > 1 else 1.0
+    dx = float(ds["x"].values[1] - ds["x"].values[0]) if ds.sizes["x"] > 1 else 1.0
+    space = {"type": "space", **({"unit": "micrometer"} if um else {})}
+    axes = [{"name": "t", "type": "time", "unit": "second"}, {"name": "c", "type": "channel"},
+            {"name": "z", **space}, {"name": "y", **space}, {"name": "x", **space}]
+    scale = [dt if dt > 0 else 1.0, 1.0, abs(dz), abs(dy), abs(dx)]
+    translation = [float(t[0]) if t.size else 0.0, 0.0, float(z[0]) if z.size else 0.0,
+                   float(ds["y"].values[0]), float(ds["x"].values[0])]
+    names = [str(n) for n in ds["channel_name"].values]
+    return {"ome": {
+        "version": "0.5",
+        "multiscales": [{
+            "name": name, "axes": axes,
+            "datasets": [{"path": str(k), "coordinateTransformations": [
+                {"type": "scale", "scale": [*scale[:3], scale[3] * 2**k, scale[4] * 2**k]},
+                {"type": "translation", "translation": [
+                    *translation[:3], translation[3] + (2**k - 1) / 2 * dy,
+                    translation[4] + (2**k - 1) / 2 * dx]}]} for k in range(levels)],
+            "type": "mean",
+            "metadata": {"description": "each level halves y and x by 2 x 2 means of the "
+                                        "level before (rounded)"},
+        }],
+        "omero": {"channels": [
+            {"label": n, "active": True, "color": "FFFFFF",
+             "window": {"min": 0, "max": 65535, "start": 0, "end": 10}} for n in names]},
+    }}
+
+
+def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
+    """Create the NGFF 0.5 image group ``ome``: arrays ``0``, ``1``, ... (t, c, z, y, x).
+
+    Level 0 is the intensity; level ``k`` halves y and x ``k`` times. Every level
+    shards time like the intensity, so each conversion batch writes whole shards.
+    """
+    import zarr
+
+    reps = ds.sizes.get("repeat", 1)
+    h, w = ds.sizes["y"], ds.sizes["x"]
+    grp = zarr.open_group(store, path="ome", mode="w", attributes=_ome_metadata(
+        ds, str(ds.attrs.get("title", "intensity")), levels))
+    for k in range(levels):
+        shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
+        grp.create_array(str(k), shape=shape, dtype=ds.intensity.dtype,
+                         chunks=(ct * reps, *shape[1:]),
+                         shards=(st * reps, *shape[1:]), compressors=(compressor(),),
+                         fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
+        h, w = -(-h // 2), -(-w // 2)

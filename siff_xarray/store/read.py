@@ -1,0 +1,290 @@
+"""Reading a converted store back: the Dataset, one frame's photons, and photon reductions.
+
+:func:`open_converted` opens the root Dataset (``xr.open_zarr`` with checks).
+:class:`StorePhotons` gives a store :class:`~siff_xarray.SiffFile`'s photon
+reductions: a converted store keeps each frame's count image (``intensity``, or
+``photons/flyback_intensity``) and its arrival times in pixel order
+(``photons/arrival_time``), exactly a compressed ``.siff`` frame split in two, so
+the requested frames are reassembled into that layout in memory (vectorised, one
+covering read of ``arrival_time`` per run of frames) and handed to the same
+Numba kernels through :class:`~siff_xarray.reader.reductions.PhotonReductions`.
+Histograms, lifetimes, phasors, mask sums and photon lists of a store therefore
+equal the source's, frame for frame. Stores whose arrival times need ``uint32``
+are reassembled as raw photon records; stores of intensity-only TIFFs as TIFF
+pages (intensity and mask sums work; photon reductions raise, as on the TIFF).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..errors import IncompleteStoreError, SiffFormatError
+from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
+from ..reader.reductions import PhotonReductions, Shifts
+from .layout import PLAN_KEY, Plan, Target
+
+__all__ = ["StorePhotons", "count_images", "frame_positions", "is_converted_store",
+           "open_converted", "read_photons"]
+
+
+def frame_positions(fmap: np.ndarray, n_frames: int) -> np.ndarray:
+    """Invert a Dataset's ``frame_index``: the ``(n_frames, ndim)`` cell of each file frame.
+
+    Frames that no cell holds (flyback frames, frames beyond the map) get -1.
+    """
+    pos = np.full((n_frames, fmap.ndim), -1, dtype=np.int64)
+    ok = (fmap >= 0) & (fmap < n_frames)
+    pos[fmap[ok]] = np.argwhere(ok)
+    return pos
+
+
+def open_converted(store: str | os.PathLike[str], *,
+                   storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Open a converted store as an xarray Dataset (``xr.open_zarr`` with checks).
+
+    Raises
+    ------
+    IncompleteStoreError
+        If the store is the partial result of an interrupted conversion.
+
+    """
+    import xarray as xr
+
+    target = Target(os.fspath(store), storage_options)
+    if target.exists(PLAN_KEY) or not target.exists("zarr.json"):
+        done = len(target.done_batches())
+        if target.exists(PLAN_KEY):
+            plan = Plan.from_json(target.read_text(PLAN_KEY))
+            raise IncompleteStoreError(
+                f"{target.destination}: conversion from {plan.sources[0]} is incomplete "
+                f"({done} of {plan.n_batches} batches); run convert(..., resume=True) "
+                "(siff-xarray convert --resume) to finish it")
+        raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
+    # stores of this version hold consolidated metadata; older ones fall back (warning)
+    kwargs.setdefault("consolidated", None)
+    ds = xr.open_zarr(target.zarr(), **kwargs)
+    # where the photons are, for ds.siff's photon reductions
+    ds.encoding["source"] = target.destination
+    if storage_options:
+        ds.encoding["storage_options"] = storage_options
+    return ds
+
+
+def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel_index, arrival_time)`` of one file frame, pixel-sorted, from either form.
+
+    ``source`` is a ``.siff`` path/URL, a :class:`~siff_xarray.SiffFile`, or a
+    converted store (path/URL ending in ``.zarr`` or holding ``photons/``). Both give
+    identical arrays (``uint32``) for the same frame.
+    """
+    from ..reader.siff_file import SiffFile
+
+    if isinstance(source, SiffFile):
+        return source.photons(frame)
+    path = os.fspath(source)
+    target = Target(path, storage_options)
+    if not target.exists("photons/zarr.json"):
+        with SiffFile(path, storage_options=storage_options) as f:
+            return f.photons(frame)
+    with StorePhotons(path, storage_options=storage_options) as p:
+        return p.photons(frame)
+
+
+def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,
+                  shape: tuple[int, int]) -> np.ndarray:
+    """Count images of file frames ``fr`` from a store (imaging and flyback frames)."""
+    out = np.zeros((len(fr), *shape), dtype=ds.intensity.dtype)
+    k = np.searchsorted(fly, fr)
+    is_fly = (k < fly.size) & (fly[np.minimum(k, max(fly.size - 1, 0))] == fr) if fly.size \
+        else np.zeros(len(fr), bool)
+    if is_fly.any():
+        rows = k[is_fly]
+        block = np.asarray(grp["flyback_intensity"][int(rows.min()) : int(rows.max()) + 1])
+        out[is_fly] = block[rows - rows.min()]
+    img = ~is_fly
+    if img.any():
+        p = pos[fr[img]]
+        t0, t1 = int(p[:, 0].min()), int(p[:, 0].max()) + 1
+        block = ds.intensity.isel(time=slice(t0, t1)).values
+        p = p.copy()
+        p[:, 0] -= t0
+        out[img] = block[tuple(p.T)]
+    return out
+
+
+_GAP = 1 << 20  # arrival times skipped rather than split into another read
+
+
+def is_converted_store(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Tell whether ``path`` (local or URL) is a converted store with a ``photons`` group."""
+    try:
+        return Target(path, storage_options).exists("photons/zarr.json")
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+class StorePhotons(PhotonReductions):
+    """The photons of a converted store, with :class:`SiffFile`'s reduction methods.
+
+    Parameters
+    ----------
+    store
+        Path or fsspec URL of a store written by :func:`siff_xarray.convert`.
+    storage_options
+        fsspec options for URLs.
+
+    Examples
+    --------
+    >>> with StorePhotons("run.zarr") as p:                 # doctest: +SKIP
+    ...     hist = p.masks_histograms(masks, frames=range(100))
+
+    """
+
+    def __init__(self, store: str | os.PathLike[str], *,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        import zarr
+
+        self._target = Target(os.fspath(store), storage_options)
+        self.name = self._target.destination
+        self._ds = open_converted(store, storage_options=storage_options, chunks=None)
+        try:
+            grp = zarr.open_group(self._target.zarr(), path="photons", mode="r")
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            self._ds.close()
+            raise FileNotFoundError(f"{self.name}: no photons group (not a converted "
+                                    "siff-xarray store?)") from exc
+        self._grp = grp
+        self._arrivals = grp["arrival_time"]
+        self._start = np.asarray(grp["photon_start"][...]).astype(np.int64)
+        self._count = np.asarray(grp["photon_count"][...]).astype(np.int64)
+        self._fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
+        self._enc = np.asarray(grp["encoding"][...]).astype(np.int64)
+        self._signed_pages = (np.asarray(grp["signed"][...]).astype(bool) if "signed" in grp
+                              else np.zeros(self._enc.size, dtype=bool))
+        self.num_frames = int(self._count.size)
+        self._fmap_dims = self._ds.frame_index.dims
+        self._pos = frame_positions(self._ds.frame_index.values, self.num_frames)
+        self._shape = (int(self._ds.sizes["y"]), int(self._ds.sizes["x"]))
+        self._wide = np.dtype(self._arrivals.dtype).itemsize > 2
+
+    def close(self) -> None:
+        """Release the store."""
+        self._ds.close()
+
+    def __enter__(self) -> StorePhotons:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<StorePhotons {self.name!r}: {self.num_frames} frames>"
+
+    # ------------------------------------------------------------------ hooks
+
+    def _default_n_bins(self) -> int | None:
+        v = self._ds.attrs.get("n_tau_bins")
+        return None if v is None else int(v)
+
+    def _picoseconds_per_bin(self) -> float | None:
+        v = self._ds.attrs.get("tau_bin_ps")
+        return None if v is None else float(v)
+
+    def _n_photons(self, f: np.ndarray) -> np.ndarray:
+        return self._count[f]
+
+    def _signed(self, f: np.ndarray) -> bool:
+        return bool((self._enc[f] == ENC_TIFF).all() and self._signed_pages[f].all())
+
+    def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
+        nz = int(self._ds.sizes["z"])
+        if n_planes != nz:
+            raise ValueError(f"3-D masks have {n_planes} planes but the store has {nz}")
+        z = self._pos[f, self._fmap_dims.index("z")]
+        if (z < 0).any():
+            bad = int(f[np.flatnonzero(z < 0)[0]])
+            raise ValueError(f"frame {bad} is a flyback frame: it has no z plane for a "
+                             "3-D mask")
+        return z
+
+    def _count_images(self, f: np.ndarray) -> np.ndarray:
+        return count_images(self._ds, self._grp, f, self._pos, self._fly, self._shape)
+
+    def _read_arrivals(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Arrival times of frames (given their first photon and count), concatenated."""
+        total = int(counts.sum())
+        out = np.empty(total, dtype=self._arrivals.dtype)
+        if total == 0:
+            return out
+        keep = counts > 0
+        s, c = starts[keep], counts[keep]
+        order = np.argsort(s, kind="stable")
+        lo, hi = s[order], (s + c)[order]
+        # merge overlapping or nearby intervals into covering reads
+        reach = np.maximum.accumulate(hi)
+        new = np.r_[True, lo[1:] > reach[:-1] + _GAP]
+        run = np.cumsum(new) - 1
+        r_lo = lo[new]
+        r_hi = np.zeros(r_lo.size, dtype=np.int64)
+        np.maximum.at(r_hi, run, hi)
+        blocks = [np.asarray(self._arrivals[int(a) : int(b)]) for a, b in zip(r_lo, r_hi,
+                                                                              strict=True)]
+        base = np.zeros(len(blocks) + 1, dtype=np.int64)
+        np.cumsum([b.size for b in blocks], out=base[1:])
+        flat = np.concatenate(blocks)
+        # photon j of frame i (in request order) sits at global index starts[i] + j
+        first = np.zeros(c.size + 1, dtype=np.int64)
+        np.cumsum(counts[keep], out=first[1:])
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        frame_run = run[inv]  # the covering read of each frame
+        glob = np.repeat(s, c) + (np.arange(first[-1]) - np.repeat(first[:-1], c))
+        out[:] = flat[glob - np.repeat(r_lo[frame_run] - base[frame_run], c)]
+        return out
+
+    def _frame_args(self, f: np.ndarray, shifts: Shifts = None, photons: bool = False
+                    ) -> tuple[tuple, tuple[int, int], int]:
+        h, w = self._shape
+        hw = h * w
+        tiff = self._enc[f] == ENC_TIFF
+        if photons and tiff.any():
+            raise SiffFormatError(self.name, "frame is a plain TIFF page without photon "
+                                  "arrival times", frame=int(f[np.flatnonzero(tiff)[0]]))
+        sy, sx = self._shifts(shifts, f, self._shape)
+        n = self._count[f]
+        imgs = self._count_images(f).reshape(len(f), hw)
+        if imgs.dtype != np.uint16:  # signed TIFF samples: the kernels read raw 16 bits
+            imgs = imgs.view(np.uint16)
+        have = imgs.sum(axis=1, dtype=np.int64)
+        bad = np.flatnonzero((have != n) & ~tiff)
+        if bad.size:
+            i = int(bad[0])
+            raise SiffFormatError(self.name, f"the count image holds {int(have[i])} photons "
+                                  f"but photon_count says {int(n[i])}", None, int(f[i]))
+        tau = self._read_arrivals(self._start[f], n)
+        first = np.zeros(len(f) + 1, dtype=np.int64)
+        np.cumsum(n, out=first[1:])
+        within = np.arange(first[-1]) - np.repeat(first[:-1], n)
+        ones = np.ones(len(f), dtype=np.int64)
+        if not self._wide:  # compressed layout: count image then arrival times (u16)
+            words = np.zeros(len(f) + 1, dtype=np.int64)
+            np.cumsum(hw + n, out=words[1:])
+            buf16 = np.empty(int(words[-1]), dtype=np.uint16)
+            buf16[(words[:-1, None] + np.arange(hw)[None]).ravel()] = imgs.ravel()
+            buf16[np.repeat(words[:-1] + hw, n) + within] = tau
+            buf = buf16.view(np.uint8)
+            enc, off, nbytes = ENC_COMPRESSED * ones, 2 * (words[:-1] + hw), 2 * n
+            # TIFF pages: the image alone, read where it starts
+            enc, off = np.where(tiff, ENC_TIFF, enc), np.where(tiff, 2 * words[:-1], off)
+        else:  # raw photon records: y << 48 | x << 32 | arrival
+            pix = np.repeat(np.tile(np.arange(hw, dtype=np.uint64), len(f)), imgs.ravel())
+            rec = ((pix // np.uint64(w)) << np.uint64(48)) | \
+                ((pix % np.uint64(w)) << np.uint64(32)) | tau.astype(np.uint64)
+            buf = rec.view(np.uint8)
+            enc, off, nbytes = ENC_RAW * ones, 8 * first[:-1], 8 * n
+        args = (buf, enc, off, nbytes, h * ones, w * ones, sy, sx)
+        return args, (h, w), max(int(n.max()) if len(f) else 0, 1)
