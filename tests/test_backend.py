@@ -82,7 +82,7 @@ def test_entrypoint_module_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, xarray as xr; xr.backends.list_engines(); "
+    code = ("import sys, xarray as xr, siff_xarray; xr.backends.list_engines(); "
             "heavy = [m for m in ('numba', 'dask', 'zarr', 'siff_xarray.reader') "
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

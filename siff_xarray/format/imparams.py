@@ -59,7 +59,17 @@ def _module_name(part: str) -> str:
     return part[1:] if len(part) > 1 and part[0] == "h" and part[1].isupper() else part
 
 
-class ScanImageModule:
+class _ItemsAsAttributes:
+    """``obj[key]`` is ``obj.key`` (a KeyError where the attribute is missing)."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError as e:
+            raise KeyError(key) from e
+
+
+class ScanImageModule(_ItemsAsAttributes):
     """Attribute-style view of one ScanImage settings section (``im_params.FastZ``)."""
 
     def __init__(self, name: str, tree: dict[str, Any]) -> None:
@@ -76,12 +86,6 @@ class ScanImageModule:
         if key in self._submodules:
             return self._submodules[key]
         raise AttributeError(f"ScanImage module {self._name} has no parameter {key!r}")
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError as e:
-            raise KeyError(key) from e
 
     def __contains__(self, key: str) -> bool:
         return key in self._params or key in self._submodules
@@ -120,7 +124,7 @@ class FramePosition:
     complete: bool  #: False for a frame of an incomplete final volume
 
 
-class ImParams:
+class ImParams(_ItemsAsAttributes):
     """Acquisition layout computed from the ScanImage header and the frame count.
 
     Parameters
@@ -180,12 +184,6 @@ class ImParams:
         if key in modules:
             return modules[key]
         raise AttributeError(f"ImParams has no attribute or ScanImage module {key!r}")
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError as e:
-            raise KeyError(key) from e
 
     @property
     def modules(self) -> list[str]:
@@ -445,31 +443,34 @@ class ImParams:
 
     # ---------------------------------------------------------------- FLIM axis
 
+    def _flim_setting(self, key: str, lo: float, hi: float, override: str) -> int | None:
+        """Return a FLIM header number (``Tau_bins``, ``binResolution``) checked for range.
+
+        ``None`` when absent or not a number; a :class:`SiffFormatError` naming the
+        key and the ``override`` keyword when implausible.
+        """
+        hit = self.metadata.find(key)
+        if not hit or not isinstance(hit[1], (int, float)) or isinstance(hit[1], bool):
+            return None
+        if not lo <= hit[1] <= hi:
+            raise SiffFormatError(self.name, f"implausible {hit[0]} = {hit[1]} in the header "
+                                  f"(pass {override}= to override)")
+        return int(hit[1])
+
     @property
     def num_bins(self) -> int | None:
         """Arrival-time bins per laser period (``Tau_bins``, or the override)."""
         if self._tau_bins is not None:
             return int(self._tau_bins)
-        hit = self.metadata.find("Tau_bins")
-        if not hit or not isinstance(hit[1], (int, float)) or isinstance(hit[1], bool):
-            return None
-        if not 1 <= hit[1] <= MAX_TAU_BINS:
-            raise SiffFormatError(self.name, f"implausible {hit[0]} = {hit[1]} in the header "
-                                  "(pass tau_bins= to override)")
-        return int(hit[1])
+        return self._flim_setting("Tau_bins", 1, MAX_TAU_BINS, "tau_bins")
 
     @property
     def picoseconds_per_bin(self) -> float | None:
         """Bin width in ps: ``base_resolution_ps * 2**binResolution`` (or the override)."""
         if self._bin_width_ps is not None:
             return float(self._bin_width_ps)
-        hit = self.metadata.find("binResolution")
-        if not hit or not isinstance(hit[1], (int, float)) or isinstance(hit[1], bool):
-            return None
-        if not -10 <= hit[1] <= 30:
-            raise SiffFormatError(self.name, f"implausible {hit[0]} = {hit[1]} in the header "
-                                  "(pass bin_width_ps= to override)")
-        return self.base_resolution_ps * 2 ** int(hit[1])
+        res = self._flim_setting("binResolution", -10, 30, "bin_width_ps")
+        return None if res is None else self.base_resolution_ps * 2**res
 
     @property
     def arrival_time_bins(self) -> np.ndarray:

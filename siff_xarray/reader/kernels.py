@@ -6,26 +6,39 @@ encoding, strip offset, strip length, height, width and shift ``(sy, sx)``
 (already reduced to ``0 <= sy < H``, ``0 <= sx < W``). A photon at ``(y, x)``
 lands at ``((y + sy) mod H, (x + sx) mod W)``: exactly ``numpy.roll``.
 
-Two decode helpers do all the byte-level work:
+The byte-level work is written once, in helpers each kernel calls per frame:
 
-* :func:`_decode_intensity` fills a per-pixel count image (no arrival times read);
-* :func:`_decode_photons` fills ``pix`` / ``tau`` arrays, one entry per photon.
+* :func:`_frame` bounds-checks a frame (every kernel's prologue);
+* :func:`_raw_decode` is the one loop over a raw frame's photon records: it
+  decodes them (pixel shifted and checked, arrival time) into scratch arrays
+  that the kernels then reduce; :func:`_frame_photons` turns a frame of any
+  encoding into that photon list (the mask-histogram, mask-lifetime and
+  photon-list kernels are single loops over it);
+* :func:`_dest_map` maps each pixel of a count image (a compressed frame's, or a
+  TIFF page) to its shifted position, so the kernels walk images as flat arrays;
+* :func:`_compressed`, :func:`_roll_copy`, :func:`_to_masks` (per-mask-set sums
+  to masks) and the scalar :func:`_raw_pixel`, :func:`_bin`, :func:`_hist_bin`.
 
-The public kernels loop over frames (in parallel chunks, each chunk owning its
-scratch buffers) and reduce the decoded frame. They never read or write out of
-bounds: every offset is checked and problems are reported per frame in a
-``status`` array (see ``ST_*``) that the Python layer turns into errors.
+No helper that takes an array is called per photon or per pixel (such a call
+costs reference-count updates that dwarf the work), so each kernel's inner
+loop is its own short reduction over decoded photons or image pixels. The
+kernels loop over frames in parallel chunks, each chunk owning its scratch
+buffers. They never read or write out of bounds: every offset is checked and
+problems are reported per frame in a ``status`` array (see ``ST_*``) that the
+Python layer turns into errors.
 
-Each kernel is compiled twice from the same source, parallel and serial; the
-:func:`run` helper uses the parallel build when no other thread is inside one
-(Numba's default ``workqueue`` threading layer must not be entered from two
-threads at once), so calls from dask worker threads are always safe.
+Each kernel is compiled twice from the same source, parallel and serial, each
+with its own cache entry; the :func:`run` helper uses the parallel build when
+no other thread is inside one (Numba's default ``workqueue`` threading layer
+must not be entered from two threads at once), so calls from dask worker
+threads are always safe.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import types
 
 import numba
 import numpy as np
@@ -51,6 +64,9 @@ _JIT = {"cache": True, "nogil": True}
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is
     raise ImportError("siff-xarray decodes little-endian data with native views and needs a "
                       "little-endian CPU")
+
+
+# --------------------------------------------------------------------------- byte views
 
 
 @numba.njit(**_JIT)
@@ -97,13 +113,6 @@ def _consistent(cnt, nbytes):
 
 
 @numba.njit(**_JIT)
-def _compressed(buf, off, nbytes, h, w):
-    """Count image and arrival times of a compressed frame, and whether they agree."""
-    img = _u16s(buf, off - 2 * h * w, h * w)
-    return img, _u16s(buf, off, nbytes // 2), _consistent(img, nbytes)
-
-
-@numba.njit(**_JIT)
 def _raw_pixel(rec, h, w, sy, sx):
     """Shifted pixel index of a raw photon record, or -1 if outside the frame."""
     y = np.int64(rec >> np.uint64(48))
@@ -119,128 +128,176 @@ def _raw_tau(rec):
     return np.int64(rec & np.uint64(0xFFFFFFFF))
 
 
-@numba.njit(**_JIT)
-def _run_sums(arr, k, nq, phasor, cos_lut, sin_lut):
-    """Sum of the arrival bins ``arr[k:k+nq]`` (one pixel's run) and of their phasors."""
-    period = cos_lut.shape[0]
-    ts = 0
-    gs = 0.0
-    ss = 0.0
-    for j in range(k, k + nq):
-        t = np.int64(arr[j])
-        ts += t
-        if phasor:
-            b = t % period
-            gs += cos_lut[b]
-            ss += sin_lut[b]
-    return ts, gs, ss
-
-
-@numba.njit(**_JIT)
-def _chunk(c, nchunks, n):
-    return c * n // nchunks, (c + 1) * n // nchunks
-
-
 def _nchunks(n: int) -> int:
     return max(1, min(n, 4 * numba.get_num_threads()))
 
 
-# --------------------------------------------------------------------------- kernels
+# --------------------------------------------------------------------------- one frame
+#
+# Helpers that take arrays are called once per frame (a call passing arrays costs
+# reference-count updates, so nothing per photon or per pixel takes an array).
 
 
-def _intensity(buf, enc, off, nb, hh, ww, sy, sx, nchunks, out, status):
-    """Photon-count images; ``out`` is ``(F, H*W)`` uint16 (a view of (F, H, W))."""
-    n = enc.shape[0]
-    for c in prange(nchunks):
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
-            row = out[i]
-            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
-                status[i] = ST_OUT_OF_BOUNDS
-                continue
-            st = ST_OK
-            if enc[i] == ENC_RAW:
-                row[:] = 0
-                rec = _u64s(buf, off[i], nb[i] // 8)
-                for k in range(rec.shape[0]):
-                    q = _raw_pixel(rec[k], h, w, dy, dx)
-                    if q < 0:
-                        st = ST_BAD_PIXEL
-                        break
-                    if row[q] == 65535:
-                        st = ST_SATURATED
-                    else:
-                        row[q] += 1
-            else:
-                img = _image_u16(buf, enc[i], off[i], h, w)
-                if enc[i] == ENC_COMPRESSED and not _consistent(img, nb[i]):
-                    st = ST_MISMATCH
-                elif dy == 0 and dx == 0:
-                    row[:] = img
-                else:
-                    for y in range(h):
-                        src = y * w
-                        dst = _wrap(y + dy, h) * w
-                        row[dst + dx : dst + w] = img[src : src + w - dx]
-                        row[dst : dst + dx] = img[src + w - dx : src + w]
-            status[i] = st
+@numba.njit(**_JIT)
+def _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status):
+    """Frame ``i``'s ``(ok, h, w, dy, dx)``; records ``ST_OUT_OF_BOUNDS`` when it is not ok."""
+    h, w = hh[i], ww[i]
+    ok = _in_bounds(buf, enc[i], off[i], nb[i], h, w)
+    if not ok:
+        status[i] = ST_OUT_OF_BOUNDS
+    return ok, h, w, sy[i], sx[i]
 
 
-def _sum_masks(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr, set_idx,
-               out, status):
-    """Photon counts per mask: each pixel maps to the set of masks that contain it.
+@numba.njit(**_JIT)
+def _workspace(hw):
+    """Per-chunk scratch of the photon kernels: raw photons, destination map, its key."""
+    return (np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64),
+            np.empty(max(hw, 1), dtype=np.int64), np.full(4, -1, dtype=np.int64))
 
-    ``setid[plane * H*W + pixel]`` is the pixel's mask-set; ``set_ptr``/``set_idx``
-    list each set's masks. A photon costs one add whatever the number of masks.
+
+@numba.njit(**_JIT)
+def _scratch(pix, tau, n):
+    """Photon scratch arrays of at least ``n`` entries (``pix``/``tau`` or larger new ones)."""
+    if n <= pix.shape[0]:
+        return pix, tau
+    m = max(n, 2 * pix.shape[0])
+    return np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+
+
+@numba.njit(**_JIT)
+def _raw_decode(buf, off, nb, h, w, dy, dx, pix, tau):
+    """Decode a raw frame's records into ``pix`` (shifted pixel) and ``tau`` (arrival).
+
+    The one loop over raw photon records: returns ``(m, status)``, ``m`` the photons
+    decoded (in file order), ``ST_BAD_PIXEL`` at the first record outside the frame.
     """
-    n = enc.shape[0]
-    n_sets = set_ptr.shape[0] - 1
-    for c in prange(nchunks):
-        acc = np.zeros(n_sets, dtype=np.int64)
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
-            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
-                status[i] = ST_OUT_OF_BOUNDS
-                continue
-            st = ST_OK
-            base = plane[i] * h * w
-            acc[:] = 0
-            if enc[i] == ENC_RAW:
-                rec = _u64s(buf, off[i], nb[i] // 8)
-                for k in range(rec.shape[0]):
-                    q = _raw_pixel(rec[k], h, w, dy, dx)
-                    if q < 0:
-                        st = ST_BAD_PIXEL
-                        break
-                    acc[setid[base + q]] += 1
-            else:
-                img = _image_u16(buf, enc[i], off[i], h, w)
-                total = 0
-                if dy == 0 and dx == 0:
-                    for p in range(h * w):
-                        v = np.int64(img[p])
-                        total += v
-                        acc[setid[base + p]] += v
-                else:
-                    for y in range(h):
-                        dst = base + _wrap(y + dy, h) * w
-                        src = y * w
-                        for x in range(w):
-                            v = np.int64(img[src + x])
-                            total += v
-                            acc[setid[dst + _wrap(x + dx, w)]] += v
-                if enc[i] == ENC_COMPRESSED and 2 * total != nb[i]:
-                    st = ST_MISMATCH
-            status[i] = st
-            if st != ST_OK:
-                continue
-            for s in range(n_sets):
-                v = acc[s]
-                if v:
-                    for j in range(set_ptr[s], set_ptr[s + 1]):
-                        out[set_idx[j], i] += v
+    rec = _u64s(buf, off, nb // 8)
+    for k in range(rec.shape[0]):
+        q = _raw_pixel(rec[k], h, w, dy, dx)
+        if q < 0:
+            return k, ST_BAD_PIXEL
+        pix[k] = q
+        tau[k] = _raw_tau(rec[k])
+    return rec.shape[0], ST_OK
+
+
+@numba.njit(**_JIT)
+def _raw_counts(buf, off, nb, h, w, dy, dx, row):
+    """Count a raw frame's photons per (shifted) pixel into the zeroed uint16 ``row``.
+
+    Returns ``ST_BAD_PIXEL`` at the first record outside the frame, else
+    ``ST_SATURATED`` if a pixel reached 65535 photons, else ``ST_OK``.
+    """
+    rec = _u64s(buf, off, nb // 8)
+    st = ST_OK
+    for k in range(rec.shape[0]):
+        q = _raw_pixel(rec[k], h, w, dy, dx)
+        if q < 0:
+            return ST_BAD_PIXEL
+        if row[q] == 65535:
+            st = ST_SATURATED
+        else:
+            row[q] += 1
+    return st
+
+
+@numba.njit(**_JIT)
+def _dest_map(h, w, dy, dx, dmap, last):
+    """Fill ``dmap[p]`` with where source pixel ``p`` lands after the shift ``(dy, dx)``.
+
+    ``last`` remembers the ``(h, w, dy, dx)`` the map was built for, so runs of frames
+    with one shift (unregistered reads) build it once.
+    """
+    if last[0] == h and last[1] == w and last[2] == dy and last[3] == dx:
+        return
+    for y in range(h):
+        dst = _wrap(y + dy, h) * w
+        for x in range(w):
+            dmap[y * w + x] = dst + _wrap(x + dx, w)
+    last[0], last[1], last[2], last[3] = h, w, dy, dx
+
+
+@numba.njit(**_JIT)
+def _compressed(buf, off, nb, h, w, dy, dx, dmap, last):
+    """Count image and arrival block of a compressed frame, and whether they agree.
+
+    Also makes ``dmap`` the frame's destination map (see :func:`_dest_map`).
+    """
+    img = _u16s(buf, off - 2 * h * w, h * w)
+    _dest_map(h, w, dy, dx, dmap, last)
+    return img, _u16s(buf, off, nb // 2), _consistent(img, nb)
+
+
+@numba.njit(**_JIT)
+def _frame_photons(frames, i, status, pix, tau, dmap, last):
+    """Decode frame ``i``'s photons, whatever its encoding, into ``(pix, tau)``.
+
+    The one place a frame becomes a photon list: shifted pixel and arrival bin of
+    every photon (raw frames in file order, compressed frames in pixel order).
+    Returns ``(m, pix, tau)``, the scratch grown as needed; ``m`` is -1 (and
+    ``status[i]`` says why) when the frame is out of bounds, inconsistent or holds a
+    photon outside the frame; a TIFF page has no photons (``m`` = 0). ``frames`` is
+    the kernels' frame description ``(buf, enc, off, nb, hh, ww, sy, sx)``.
+    """
+    buf, enc, off, nb, hh, ww, sy, sx = frames
+    ok, h, w, dy, dx = _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status)
+    if not ok:
+        return -1, pix, tau
+    if enc[i] == ENC_RAW:
+        pix, tau = _scratch(pix, tau, nb[i] // 8)
+        m, st = _raw_decode(buf, off[i], nb[i], h, w, dy, dx, pix, tau)
+    elif enc[i] == ENC_COMPRESSED:
+        pix, tau = _scratch(pix, tau, nb[i] // 2)
+        img, arr, consistent = _compressed(buf, off[i], nb[i], h, w, dy, dx, dmap, last)
+        m, st = (arr.shape[0], ST_OK) if consistent else (0, ST_MISMATCH)
+        if consistent:
+            k = 0
+            for p in range(h * w):
+                q = dmap[p]
+                for _ in range(np.int64(img[p])):
+                    pix[k] = q
+                    tau[k] = arr[k]
+                    k += 1
+    else:
+        m, st = 0, ST_OK
+    status[i] = st
+    return (m if st == ST_OK else -1), pix, tau
+
+
+@numba.njit(**_JIT)
+def _roll_copy(img, row, h, w, dy, dx):
+    """Copy image ``img`` into ``row`` (both flat ``h * w``), rolled by ``(dy, dx)``."""
+    if dy == 0 and dx == 0:
+        row[:] = img
+        return
+    for y in range(h):
+        src = y * w
+        dst = _wrap(y + dy, h) * w
+        row[dst + dx : dst + w] = img[src : src + w - dx]
+        row[dst : dst + dx] = img[src + w - dx : src + w]
+
+
+@numba.njit(**_JIT)
+def _to_masks(acc, set_ptr, set_idx, out, i):
+    """Add per-mask-set sums ``acc[s, :]`` of frame ``i`` to ``out[mask, i, :]``.
+
+    ``set_ptr``/``set_idx`` list the masks of each set (CSR), so a photon costs one
+    add per set, whatever the number of masks. Sets that gathered nothing are
+    skipped. (Scalar loops: there may be thousands of sets.)
+    """
+    nk = acc.shape[1]
+    for s in range(acc.shape[0]):
+        used = False
+        for b in range(nk):
+            if acc[s, b] != 0:
+                used = True
+                break
+        if not used:
+            continue
+        for j in range(set_ptr[s], set_ptr[s + 1]):
+            r = set_idx[j]
+            for b in range(nk):
+                out[r, i, b] += acc[s, b]
 
 
 @numba.njit(**_JIT)
@@ -253,6 +310,82 @@ def _bin(t, nbins, mode):
     return -1 if mode == MODE_DROP else nbins - 1
 
 
+# --------------------------------------------------------------------------- kernels
+
+
+def _intensity(buf, enc, off, nb, hh, ww, sy, sx, nchunks, out, status):
+    """Photon-count images; ``out`` is ``(F, H*W)`` uint16 (a view of (F, H, W))."""
+    n = enc.shape[0]
+    for c in prange(nchunks):
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            ok, h, w, dy, dx = _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status)
+            if not ok:
+                continue
+            row = out[i]
+            if enc[i] == ENC_RAW:
+                row[:] = 0
+                status[i] = _raw_counts(buf, off[i], nb[i], h, w, dy, dx, row)
+                continue
+            img = _image_u16(buf, enc[i], off[i], h, w)
+            if enc[i] == ENC_COMPRESSED and not _consistent(img, nb[i]):
+                status[i] = ST_MISMATCH
+                continue
+            _roll_copy(img, row, h, w, dy, dx)
+            status[i] = ST_OK
+
+
+def _sum_masks(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr, set_idx,
+               out, status):
+    """Photon counts per mask: each pixel maps to the set of masks that contain it.
+
+    ``setid[plane * H*W + pixel]`` is the pixel's mask-set; ``set_ptr``/``set_idx``
+    list each set's masks. A photon costs one add whatever the number of masks.
+    Compressed frames and TIFF pages are summed from their count image alone.
+    """
+    n = enc.shape[0]
+    n_sets = set_ptr.shape[0] - 1
+    hw = hh.max() * ww.max() if n else 0
+    out3 = out.reshape(out.shape[0], out.shape[1], 1)
+    for c in prange(nchunks):
+        acc = np.zeros((n_sets, 1), dtype=np.int64)
+        pix, tau, dmap, last = _workspace(hw)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            ok, h, w, dy, dx = _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status)
+            if not ok:
+                continue
+            base = plane[i] * h * w
+            acc[:] = 0
+            if enc[i] == ENC_RAW:
+                pix, tau = _scratch(pix, tau, nb[i] // 8)
+                m, st = _raw_decode(buf, off[i], nb[i], h, w, dy, dx, pix, tau)
+                for k in range(m):
+                    acc[setid[base + pix[k]], 0] += 1
+            else:
+                img = _image_u16(buf, enc[i], off[i], h, w)
+                total = 0
+                if dy == 0 and dx == 0:  # unregistered: no destination map needed
+                    for p in range(h * w):
+                        total += np.int64(img[p])
+                        acc[setid[base + p], 0] += np.int64(img[p])
+                else:
+                    _dest_map(h, w, dy, dx, dmap, last)
+                    for p in range(h * w):
+                        total += np.int64(img[p])
+                        acc[setid[base + dmap[p]], 0] += np.int64(img[p])
+                st = ST_MISMATCH if enc[i] == ENC_COMPRESSED and 2 * total != nb[i] else ST_OK
+            status[i] = st
+            if st == ST_OK:
+                _to_masks(acc, set_ptr, set_idx, out3, i)
+
+
+@numba.njit(**_JIT)
+def _hist_bin(t, nbins, mode):
+    """``(bin, beyond)``: the bin of arrival ``t`` (-1: dropped) and 1 if ``t >= nbins``."""
+    if t < nbins:
+        return t, 0
+    return _bin(t, nbins, mode), 1
+
+
 def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, mode, out, overflow, status):
     """Arrival histograms; reads only the arrival times (pixels are not needed).
 
@@ -261,38 +394,33 @@ def _histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, mode, out, overflow,
     """
     n = enc.shape[0]
     nbins = out.shape[1]
+    hw = hh.max() * ww.max() if n else 0
     for c in prange(nchunks):
         sub = np.zeros(4 * nbins, dtype=np.int64)
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            if not _in_bounds(buf, enc[i], off[i], nb[i], hh[i], ww[i]):
-                status[i] = ST_OUT_OF_BOUNDS
+        _, _, dmap, last = _workspace(hw)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            ok, h, w, _, _ = _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status)
+            if not ok:
                 continue
-            status[i] = ST_OK
             over = 0
             if enc[i] == ENC_RAW:
                 rec = _u64s(buf, off[i], nb[i] // 8)
                 for k in range(rec.shape[0]):
-                    t = _raw_tau(rec[k])
-                    if t >= nbins:
-                        over += 1
-                        t = _bin(t, nbins, mode)
-                        if t < 0:
-                            continue
-                    sub[(k & 3) * nbins + t] += 1
+                    b, beyond = _hist_bin(_raw_tau(rec[k]), nbins, mode)
+                    over += beyond
+                    if b >= 0:
+                        sub[(k & 3) * nbins + b] += 1
             elif enc[i] == ENC_COMPRESSED:
-                _, arr, ok = _compressed(buf, off[i], nb[i], hh[i], ww[i])
-                if not ok:
+                _, arr, consistent = _compressed(buf, off[i], nb[i], h, w, 0, 0, dmap, last)
+                if not consistent:
                     status[i] = ST_MISMATCH
                     continue
                 for k in range(arr.shape[0]):
-                    t = np.int64(arr[k])
-                    if t >= nbins:
-                        over += 1
-                        t = _bin(t, nbins, mode)
-                        if t < 0:
-                            continue
-                    sub[(k & 3) * nbins + t] += 1
+                    b, beyond = _hist_bin(np.int64(arr[k]), nbins, mode)
+                    over += beyond
+                    if b >= 0:
+                        sub[(k & 3) * nbins + b] += 1
+            status[i] = ST_OK
             overflow[i] = 0 if mode == MODE_WRAP else over
             for b in range(nbins):
                 out[i, b] = sub[b] + sub[nbins + b] + sub[2 * nbins + b] + sub[3 * nbins + b]
@@ -308,10 +436,10 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
 
     Compiled with NumPy's error model, so ``0 / 0`` is NaN and the per-pixel
     loops need no branch for empty pixels. Compressed frames are reduced in one
-    pass over the count image: without phasors, through a running sum of the
-    arrival block (a pixel's sum is the difference of two entries), with
-    phasors, run by run. Raw frames scatter into float scratch arrays that are
-    reset while the outputs are written.
+    pass over the count image: a pixel's arrival sum is the difference of two
+    entries of a running sum of the arrival block (phasors go run by run). Raw
+    frames scatter into float scratch arrays that are reset while the outputs
+    are written.
     """
     n = enc.shape[0]
     period = cos_lut.shape[0]
@@ -325,79 +453,64 @@ def _pixel_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, cos_lut, sin_lut, of
         gsum = np.zeros(max(hw, 1) if want_phasor else 1, dtype=np.float64)
         ssum = np.zeros(max(hw, 1) if want_phasor else 1, dtype=np.float64)
         csum = np.empty(1, dtype=np.int64)  # running arrival sums, grown on demand
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
-            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
-                status[i] = ST_OUT_OF_BOUNDS
+        pix, tau, dmap, last = _workspace(hw)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            ok, h, w, dy, dx = _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status)
+            if not ok:
                 continue
             st = ST_OK
             if enc[i] == ENC_COMPRESSED:
-                img, arr, ok = _compressed(buf, off[i], nb[i], h, w)
-                if not ok:
+                img, arr, consistent = _compressed(buf, off[i], nb[i], h, w, dy, dx, dmap, last)
+                if not consistent:
                     status[i] = ST_MISMATCH
                     continue
-                if not want_phasor:
-                    m = arr.shape[0]
-                    if m >= csum.shape[0]:
-                        csum = np.empty(max(m + 1, 2 * csum.shape[0]), dtype=np.int64)
-                    acc = 0
-                    csum[0] = 0
-                    for j in range(m):
-                        acc += np.int64(arr[j])
-                        csum[j + 1] = acc
+                if arr.shape[0] >= csum.shape[0]:  # (np.empty: np.zeros here would be
+                    # turned into a parfor and hoisted out of the frame loop)
+                    csum = np.empty(max(arr.shape[0] + 1, 2 * csum.shape[0]), dtype=np.int64)
+                csum[0] = 0
+                for j in range(arr.shape[0]):
+                    csum[j + 1] = csum[j] + np.int64(arr[j])
                 k = 0
-                for y in range(h):
-                    row = _wrap(y + dy, h) * w
-                    src = y * w
-                    if not want_phasor and want_mean and not want_count:
-                        # the common case as plain loops: x < w - dx, then the wrapped rest
-                        for x in range(w - dx):
-                            e = k + np.int64(img[src + x])
-                            out_mean[i, row + x + dx] = (csum[e] - csum[k]) / (e - k) - offset
-                            k = e
-                        for x in range(w - dx, w):
-                            e = k + np.int64(img[src + x])
-                            out_mean[i, row + x + dx - w] = (csum[e] - csum[k]) / (e - k) - offset
-                            k = e
-                        continue
-                    for x in range(w):
-                        q = row + _wrap(x + dx, w)
-                        nq = np.int64(img[src + x])
-                        if want_phasor:
-                            ts, gs, ss = _run_sums(arr, k, nq, True, cos_lut, sin_lut)
-                        else:
-                            ts, gs, ss = csum[k + nq] - csum[k], 0.0, 0.0
-                        k += nq
+                if want_mean and not want_phasor and not want_count:  # the common case
+                    for p in range(h * w):
+                        e = k + np.int64(img[p])
+                        out_mean[i, dmap[p]] = (csum[e] - csum[k]) / (e - k) - offset
+                        k = e
+                else:
+                    for p in range(h * w):
+                        q = dmap[p]
+                        nq = np.int64(img[p])
                         if want_count:
                             out_count[i, q] = nq
                         if want_mean:
-                            out_mean[i, q] = ts / nq - offset
+                            out_mean[i, q] = (csum[k + nq] - csum[k]) / nq - offset
                         if want_phasor:
+                            gs, ss = 0.0, 0.0
+                            for j in range(k, k + nq):
+                                b = np.int64(arr[j]) % period
+                                gs += cos_lut[b]
+                                ss += sin_lut[b]
                             out_g[i, q] = gs / nq
                             out_s[i, q] = ss / nq
+                        k += nq
             else:  # raw (TIFF pages were rejected before)
-                rec = _u64s(buf, off[i], nb[i] // 8)
-                for k in range(rec.shape[0]):
-                    q = _raw_pixel(rec[k], h, w, dy, dx)
-                    if q < 0:
-                        st = ST_BAD_PIXEL
-                        break
-                    t = _raw_tau(rec[k])
+                pix, tau = _scratch(pix, tau, nb[i] // 8)
+                m, st = _raw_decode(buf, off[i], nb[i], h, w, dy, dx, pix, tau)
+                for k in range(m):
+                    q, t = pix[k], tau[k]
                     cnt[q] += 1.0
                     tsum[q] += t
                     if want_phasor:
-                        b = t % period
-                        gsum[q] += cos_lut[b]
-                        ssum[q] += sin_lut[b]
-                if want_mean and not want_phasor and not want_count:
-                    for q in range(h * w):  # the common case, as one plain loop
+                        gsum[q] += cos_lut[t % period]
+                        ssum[q] += sin_lut[t % period]
+                if want_mean and not want_phasor and not want_count:  # the common case
+                    for q in range(h * w):  # one plain (vectorised) loop
                         out_mean[i, q] = tsum[q] / cnt[q] - offset
                         cnt[q] = 0.0
                         tsum[q] = 0.0
                     status[i] = st
                     continue
-                for q in range(h * w):  # write outputs and reset the scratch
+                for q in range(h * w):  # write the outputs and reset the scratch
                     nq = cnt[q]
                     if want_count:
                         out_count[i, q] = np.int32(nq)
@@ -419,79 +532,39 @@ def _mask_flim(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr
 
     Photons accumulate per mask-set (see :func:`_sum_masks`), then per mask.
     """
+    frames = (buf, enc, off, nb, hh, ww, sy, sx)
     n = enc.shape[0]
     n_sets = set_ptr.shape[0] - 1
     period = cos_lut.shape[0]
     phasor = out_cos.shape[0] > 0
+    hw = hh.max() * ww.max() if n else 0
+    counts = out_count.reshape(out_count.shape[0], out_count.shape[1], 1)
+    sums = out_sum.reshape(out_sum.shape[0], out_sum.shape[1], 1)
+    coss = out_cos.reshape(out_cos.shape[0], out_cos.shape[1], 1)
+    sins = out_sin.reshape(out_sin.shape[0], out_sin.shape[1], 1)
     for c in prange(nchunks):
-        a_cnt = np.zeros(n_sets, dtype=np.int64)
-        a_sum = np.zeros(n_sets, dtype=np.int64)
-        a_cos = np.zeros(n_sets, dtype=np.float64)
-        a_sin = np.zeros(n_sets, dtype=np.float64)
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
-            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
-                status[i] = ST_OUT_OF_BOUNDS
+        a_int = np.zeros((2, n_sets, 1), dtype=np.int64)  # photons, arrival sum
+        a_phs = np.zeros((2, n_sets if phasor else 0, 1), dtype=np.float64)  # cos, sin
+        pix, tau, dmap, last = _workspace(hw)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            m, pix, tau = _frame_photons(frames, i, status, pix, tau, dmap, last)
+            if m < 0:
                 continue
-            st = ST_OK
-            base = plane[i] * h * w
-            a_cnt[:] = 0
-            a_sum[:] = 0
-            a_cos[:] = 0.0
-            a_sin[:] = 0.0
-            if enc[i] == ENC_COMPRESSED:
-                img, arr, ok = _compressed(buf, off[i], nb[i], h, w)
-                if not ok:
-                    status[i] = ST_MISMATCH
-                    continue
-                k = 0
-                for y in range(h):
-                    dst = base + _wrap(y + dy, h) * w
-                    for x in range(w):
-                        nq = np.int64(img[y * w + x])
-                        if nq == 0:
-                            continue
-                        s = setid[dst + _wrap(x + dx, w)]
-                        if phasor:
-                            ts, gs, ss = _run_sums(arr, k, nq, True, cos_lut, sin_lut)
-                        else:  # a plain sum, written out (see _pixel_flim)
-                            ts, gs, ss = 0, 0.0, 0.0
-                            for j in range(k, k + nq):
-                                ts += np.int64(arr[j])
-                        a_cnt[s] += nq
-                        a_sum[s] += ts
-                        a_cos[s] += gs
-                        a_sin[s] += ss
-                        k += nq
-            else:
-                rec = _u64s(buf, off[i], nb[i] // 8)
-                for k in range(rec.shape[0]):
-                    q = _raw_pixel(rec[k], h, w, dy, dx)
-                    if q < 0:
-                        st = ST_BAD_PIXEL
-                        break
-                    s = setid[base + q]
-                    t = _raw_tau(rec[k])
-                    a_cnt[s] += 1
-                    a_sum[s] += t
-                    if phasor:
-                        b = t % period
-                        a_cos[s] += cos_lut[b]
-                        a_sin[s] += sin_lut[b]
-            status[i] = st
-            if st != ST_OK:
-                continue
-            for s in range(n_sets):
-                if a_cnt[s] == 0:
-                    continue
-                for j in range(set_ptr[s], set_ptr[s + 1]):
-                    r = set_idx[j]
-                    out_count[r, i] += a_cnt[s]
-                    out_sum[r, i] += a_sum[s]
-                    if phasor:
-                        out_cos[r, i] += a_cos[s]
-                        out_sin[r, i] += a_sin[s]
+            a_int[:] = 0
+            a_phs[:] = 0.0
+            ids = setid[plane[i] * hh[i] * ww[i] :]
+            for k in range(m):
+                s, t = ids[pix[k]], tau[k]
+                a_int[0, s, 0] += 1
+                a_int[1, s, 0] += t
+                if phasor:
+                    a_phs[0, s, 0] += cos_lut[t % period]
+                    a_phs[1, s, 0] += sin_lut[t % period]
+            _to_masks(a_int[0], set_ptr, set_idx, counts, i)
+            _to_masks(a_int[1], set_ptr, set_idx, sums, i)
+            if phasor:
+                _to_masks(a_phs[0], set_ptr, set_idx, coss, i)
+                _to_masks(a_phs[1], set_ptr, set_idx, sins, i)
 
 
 def _mask_histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, set_ptr,
@@ -501,116 +574,51 @@ def _mask_histograms(buf, enc, off, nb, hh, ww, sy, sx, nchunks, plane, setid, s
     Photons accumulate per mask-set and bin (see :func:`_sum_masks`), then per mask,
     so a photon costs one add whatever the number of masks.
     """
+    frames = (buf, enc, off, nb, hh, ww, sy, sx)
     n = enc.shape[0]
     n_sets = set_ptr.shape[0] - 1
     nbins = out.shape[2]
+    hw = hh.max() * ww.max() if n else 0
     for c in prange(nchunks):
+        pix, tau, dmap, last = _workspace(hw)
         acc = np.zeros((n_sets, nbins), dtype=np.int64)
-        used = np.zeros(n_sets, dtype=np.int64)
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            h, w, dy, dx = hh[i], ww[i], sy[i], sx[i]
-            if not _in_bounds(buf, enc[i], off[i], nb[i], h, w):
-                status[i] = ST_OUT_OF_BOUNDS
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            m, pix, tau = _frame_photons(frames, i, status, pix, tau, dmap, last)
+            if m < 0:
                 continue
-            st = ST_OK
-            base = plane[i] * h * w
-            if enc[i] == ENC_COMPRESSED:
-                img, arr, ok = _compressed(buf, off[i], nb[i], h, w)
-                if not ok:
-                    status[i] = ST_MISMATCH
-                    continue
-                k = 0
-                for y in range(h):
-                    dst = base + _wrap(y + dy, h) * w
-                    for x in range(w):
-                        nq = np.int64(img[y * w + x])
-                        if nq == 0:
-                            continue
-                        s = setid[dst + _wrap(x + dx, w)]
-                        used[s] += nq
-                        for j in range(k, k + nq):
-                            b = _bin(np.int64(arr[j]), nbins, mode)
-                            if b >= 0:
-                                acc[s, b] += 1
-                        k += nq
-            else:
-                rec = _u64s(buf, off[i], nb[i] // 8)
-                for k in range(rec.shape[0]):
-                    q = _raw_pixel(rec[k], h, w, dy, dx)
-                    if q < 0:
-                        st = ST_BAD_PIXEL
-                        break
-                    s = setid[base + q]
-                    used[s] += 1
-                    b = _bin(_raw_tau(rec[k]), nbins, mode)
-                    if b >= 0:
-                        acc[s, b] += 1
-            status[i] = st
-            for s in range(n_sets):
-                if used[s] == 0:
-                    continue
-                if st == ST_OK:
-                    for j in range(set_ptr[s], set_ptr[s + 1]):
-                        r = set_idx[j]
-                        for b in range(nbins):
-                            out[r, i, b] += acc[s, b]
-                acc[s, :] = 0
-                used[s] = 0
-
-
-@numba.njit(**_JIT)
-def _decode_photons(buf, enc, off, nbytes, h, w, pix, tau):
-    """Fill ``pix``/``tau`` with each photon's pixel and arrival bin; return (n, status).
-
-    Compressed frames come out in pixel order; raw frames in file order.
-    """
-    if enc == ENC_RAW:
-        rec = _u64s(buf, off, nbytes // 8)
-        for k in range(rec.shape[0]):
-            q = _raw_pixel(rec[k], h, w, 0, 0)
-            if q < 0:
-                return k, ST_BAD_PIXEL
-            pix[k] = q
-            tau[k] = _raw_tau(rec[k])
-        return rec.shape[0], ST_OK
-    img, arr, ok = _compressed(buf, off, nbytes, h, w)
-    if not ok:
-        return 0, ST_MISMATCH
-    k = 0
-    for q in range(h * w):
-        for _ in range(img[q]):
-            pix[k] = q
-            tau[k] = arr[k]
-            k += 1
-    return k, ST_OK
+            acc[:] = 0
+            ids = setid[plane[i] * hh[i] * ww[i] :]
+            for k in range(m):
+                b = _bin(tau[k], nbins, mode)
+                if b >= 0:
+                    acc[ids[pix[k]], b] += 1
+            _to_masks(acc, set_ptr, set_idx, out, i)
 
 
 def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, out_tau,
              status):
-    """Photons of each frame, sorted by pixel (stable), written at ``starts[i]``."""
+    """Photons of each frame, sorted by pixel (stable), written at ``starts[i]``.
+
+    Compressed frames store their photons in pixel order already; raw frames are
+    counting-sorted by pixel.
+    """
+    frames = (buf, enc, off, nb, hh, ww, sy, sx)
     n = enc.shape[0]
     hw = hh.max() * ww.max() if n else 0
     for c in prange(nchunks):
-        pix = np.empty(maxn, dtype=np.int64)
-        tau = np.empty(maxn, dtype=np.int64)
         hist = np.empty(hw + 1, dtype=np.int64)
-        lo, hi = _chunk(c, nchunks, n)
-        for i in range(lo, hi):
-            if not _in_bounds(buf, enc[i], off[i], nb[i], hh[i], ww[i]):
-                status[i] = ST_OUT_OF_BOUNDS
-                continue
-            m, st = _decode_photons(buf, enc[i], off[i], nb[i], hh[i], ww[i], pix, tau)
-            if st == ST_OK and m != starts[i + 1] - starts[i]:
-                st = ST_MISMATCH
-            status[i] = st
-            if st != ST_OK:
+        pix, tau, dmap, last = _workspace(hw)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            m, pix, tau = _frame_photons(frames, i, status, pix, tau, dmap, last)
+            if m < 0:
                 continue
             s0 = starts[i]
+            if m != starts[i + 1] - s0:
+                status[i] = ST_MISMATCH
+                continue
             if enc[i] == ENC_COMPRESSED:  # already in pixel order
-                for k in range(m):
-                    out_pix[s0 + k] = pix[k]
-                    out_tau[s0 + k] = tau[k]
+                out_pix[s0 : s0 + m] = pix[:m]
+                out_tau[s0 : s0 + m] = tau[:m]
                 continue
             npx = hh[i] * ww[i]
             hist[: npx + 1] = 0
@@ -627,11 +635,27 @@ def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, 
 
 #: kernels whose per-pixel divisions rely on ``0 / 0 -> NaN`` (no ZeroDivisionError)
 _NUMPY_ERRORS = {"_pixel_flim"}
+
+
+def _compile(f, parallel: bool):
+    """Compile kernel ``f``, parallel or serial, each with its own on-disk cache entry.
+
+    Numba keys its cache by function name and bytecode, not by compile options, so
+    the two builds of one function would load each other's cached code (a warm
+    cache could hand the serial build the parallel code that must not be entered
+    from two threads at once). A copy of the function under another qualified
+    name gets its own cache file.
+    """
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
+                           f.__closure__)
+    g.__qualname__ = f"{f.__qualname__}_{'parallel' if parallel else 'serial'}"
+    g.__doc__ = f.__doc__
+    opts = {"error_model": "numpy"} if f.__name__ in _NUMPY_ERRORS else {}
+    return numba.njit(parallel=parallel, **_JIT, **opts)(g)
+
+
 _KERNELS = {
-    f.__name__.lstrip("_"): tuple(
-        numba.njit(parallel=par, **_JIT,
-                   **({"error_model": "numpy"} if f.__name__ in _NUMPY_ERRORS else {}))(f)
-        for par in (True, False))
+    f.__name__.lstrip("_"): (_compile(f, True), _compile(f, False))
     for f in (_intensity, _sum_masks, _histograms, _pixel_flim, _mask_flim, _photons,
               _mask_histograms)
 }

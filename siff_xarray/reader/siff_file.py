@@ -199,15 +199,6 @@ class SiffFile(PhotonReductions):
         """Release the file (arrays returned earlier stay valid: they are copies)."""
         self._source.close()
 
-    def __enter__(self) -> SiffFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<SiffFile {self.name!r}: {self.num_frames} frames>"
-
     def __reduce__(self):
         path = self._path_or_fileobj
         if not isinstance(path, (str, os.PathLike)):

@@ -175,15 +175,6 @@ class StorePhotons(PhotonReductions):
         """Release the store."""
         self._ds.close()
 
-    def __enter__(self) -> StorePhotons:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<StorePhotons {self.name!r}: {self.num_frames} frames>"
-
     # ------------------------------------------------------------------ hooks
 
     def _default_n_bins(self) -> int | None:
