@@ -507,3 +507,22 @@ def test_open_mfdataset_volume_aligned_files(tmp_path):
         np.testing.assert_array_equal(mf.histogram.values, one.histogram.values)
         np.testing.assert_allclose(mf.time.values, one.time.values)
         np.testing.assert_array_equal(mf.epoch.values, one.epoch.values)
+
+
+def test_relative_path_opens_the_same_file_from_another_directory(siff_files, tmp_path,
+                                                                  monkeypatch):
+    # a Dask worker started in another working directory unpickles the graph there
+    t = siff_files["two_chan_slices_flyback"]
+    here = Path(t.path).parent
+    monkeypatch.chdir(here)
+    rel = os.path.basename(t.path)
+    with xr.open_dataset(rel, engine="siff", chunks={}) as ds:
+        assert ds.attrs["source_file"] == str(here / rel)
+        assert ds.intensity.encoding["source"] == str(here / rel)
+        blob = pickle.dumps(ds.intensity.sum(("y", "x")))
+        want = ds.intensity.sum(("y", "x")).compute()
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = pickle.loads(blob).compute(scheduler="sync")
+    xr.testing.assert_identical(got, want)
