@@ -262,7 +262,10 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
                                num_workers=workers, shard_bytes=int(shard_mb * 2**20),
                                ome=not no_ome, ome_levels=ome_levels,
                                progress=_ProgressLine(store_name(group[0]), quiet))
-        if not quiet:
+        if not quiet and summary.already_complete:
+            click.echo(f"{summary.source} -> {summary.destination}: already complete "
+                       f"({summary.frames} frames, {summary.photons} photons)")
+        elif not quiet:
             click.echo(f"{summary.source} -> {summary.destination}: {summary.frames} frames, "
                        f"{summary.photons} photons, {summary.source_bytes / 1e6:.1f} MB -> "
                        f"{summary.store_bytes / 1e6:.1f} MB (x{summary.compression_ratio:.2f}) "

@@ -139,6 +139,8 @@ def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
         main(["convert", t.path, str(dst)])
     assert e.value.code == 2
     assert "overwrite" in capsys.readouterr().err
+    main(["convert", "--resume", t.path, str(dst)])  # re-running a batch job is harmless
+    assert "already complete" in capsys.readouterr().out
     main(["convert", "--quiet", "--overwrite", "--ome-levels", "2", t.path, str(dst)])
     out, err = capsys.readouterr()
     assert out == "" and err == ""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from siff_xarray import SiffFile
 from siff_xarray import store as zs
 from siff_xarray.errors import ConversionError, IncompleteStoreError
 from siff_xarray.synthetic import write_siff
@@ -199,8 +200,14 @@ def test_existing_stores_are_protected(siff_files, tmp_path):
     before = _tree(dst)
     with pytest.raises(ConversionError, match="finished store exists"):
         zs.convert(t.path, dst)
-    with pytest.raises(ConversionError, match="finished store exists"):
-        zs.convert(t.path, dst, resume=True)
+    # resume is idempotent: a finished store of this source is "already complete"
+    again = zs.convert(t.path, dst, resume=True)
+    assert again.already_complete and again.batches == 0
+    assert again.frames == SiffFile(t.path).num_frames
+    assert _tree(dst) == before
+    other_src = write_siff(tmp_path / "other.siff", shape=(8, 8), n_timepoints=2, seed=9)
+    with pytest.raises(ConversionError, match="was being converted from"):
+        zs.convert(other_src.path, dst, resume=True)
     assert _tree(dst) == before
     zs.convert(t.path, dst, overwrite=True)
     assert zs.verify(t.path, dst) == []
@@ -532,3 +539,91 @@ def test_store_photons_refuse_inconsistent_stores(siff_files, tmp_path):
         p.histograms([0])
     with pytest.raises(FileNotFoundError, match="not a converted"):
         StorePhotons(tmp_path)
+
+
+_PHASES = ["started", "prepared", "metadata", "planned", "finishing", "published"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", _PHASES)
+def test_sigkill_at_every_phase_never_leaves_a_finished_looking_store(tmp_path, phase):
+    t = write_siff(tmp_path / "p.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=300, seed=5)
+    ref = tmp_path / "ref.zarr"
+    zs.convert(t.path, ref, scheduler="sync", **_small_shards(t))
+    dst = tmp_path / "killed.zarr"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from siff_xarray.store import converter as conv
+
+        def die(name):
+            if name == {phase!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        conv._phase = die
+        conv.convert_file({t.path!r}, {str(dst)!r}, scheduler="sync",
+                          **{_small_shards(t)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if phase != "published":  # until the root is published, plain Zarr sees no group
+        with pytest.raises(Exception):  # noqa: B017 - zarr's own "no group" error
+            xr.open_zarr(dst, consolidated=False)
+    with pytest.raises(IncompleteStoreError, match="resume"):
+        zs.open_converted(dst)
+    with pytest.raises(IncompleteStoreError):
+        zs.verify(t.path, dst)
+    with pytest.raises(ConversionError, match="resume"):
+        zs.convert(t.path, dst)
+    zs.convert(t.path, dst, resume=True, scheduler="sync")
+    assert zs.verify(t.path, dst) == []
+    assert _tree(dst) == _tree(ref)
+
+
+def test_a_full_disk_while_publishing_leaves_a_resumable_store(siff_files, tmp_path,
+                                                               monkeypatch):
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    t = siff_files["partial_volume"]
+    dst = tmp_path / "full.zarr"
+    real = LocalFileSystem.pipe_file
+
+    def full(self, path, value, *args, **kwargs):
+        if str(path).endswith("zarr.json.partial"):
+            real(self, path, value[: len(value) // 3], *args, **kwargs)  # a part lands
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        zs.convert(t.path, dst, scheduler="sync")
+    monkeypatch.setattr(LocalFileSystem, "pipe_file", real)
+    assert not (dst / "zarr.json").exists()
+    with pytest.raises(IncompleteStoreError, match=r"\((\d+) of \1 batches\)"):
+        zs.open_converted(dst)
+    zs.convert(t.path, dst, resume=True)
+    assert zs.verify(t.path, dst) == []
+
+
+def test_a_source_that_changes_stops_the_conversion(tmp_path):
+    kw = {"shape": (12, 10), "channels": (1, 2), "n_slices": 2, "n_flyback": 1,
+          "n_timepoints": 6, "photons_per_frame": 300}
+    t = write_siff(tmp_path / "c.siff", seed=1, **kw)
+    dst = tmp_path / "c.zarr"
+
+    def replace_after_first_batch(p):  # another acquisition of the same layout
+        if p.batches_done == 1:
+            write_siff(tmp_path / "c.siff", seed=2, **kw)
+
+    with pytest.raises(ConversionError, match="changed since the conversion started"):
+        zs.convert(t.path, dst, scheduler="sync", progress=replace_after_first_batch,
+                   **_small_shards(t))
+    with pytest.raises(IncompleteStoreError):
+        zs.open_converted(dst)
+    with pytest.raises(ConversionError, match="changed since the conversion started"):
+        zs.convert(t.path, dst, resume=True, scheduler="sync")
+    zs.convert(t.path, dst, overwrite=True, scheduler="sync", **_small_shards(t))
+    assert zs.verify(t.path, dst) == []

@@ -11,6 +11,7 @@ says the conversion is incomplete. Finished batches are recorded under
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._paths import expand, has_glob, is_remote
+from .._paths import expand, has_glob, is_remote, normalize
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
@@ -32,6 +33,7 @@ from .layout import (
     PROGRESS,
     ROOT_KEY,
     SIFF_ZARR_VERSION,
+    STARTED_KEY,
     Plan,
     Target,
     chunking,
@@ -63,6 +65,7 @@ class ConversionSummary:
     seconds: float
     batches: int
     batches_skipped: int
+    already_complete: bool = False  #: ``resume`` found the store finished: nothing done
 
     @property
     def compression_ratio(self) -> float:
@@ -177,6 +180,8 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
 
     plan = Plan.from_json(plan_json)
     target = Target(plan.destination, plan.destination_options)
+    context = f"{plan.destination}: batch {b}"
+    _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
     store = target.zarr()
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
@@ -249,15 +254,19 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
         r0 = plan.flyback_base[b]
         zarr.open_array(store, path="photons/flyback_intensity", mode="r+")[
             r0 : r0 + len(rows)] = rows
+    _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
                                                                "photons": n}))
     return b, f1 - f0, n
 
 
-def _prepare(sources: list[str], target: Target, source_options: dict[str, Any] | None,
-             shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool = True,
-             ome_levels: int | None = None) -> Plan:
-    """Create every array (metadata and the small per-frame arrays); return the plan."""
+def _prepare(sources: list[str], target: Target, build: Target,
+             source_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
+             arrival_dtype: str, ome: bool = True, ome_levels: int | None = None) -> Plan:
+    """Create every array (metadata and the small per-frame arrays) in ``build``.
+
+    Returns the plan of the conversion into ``target``.
+    """
     import zarr
 
     from ..backend import open_acquisition, open_siff
@@ -320,7 +329,7 @@ def _prepare(sources: list[str], target: Target, source_options: dict[str, Any] 
             if v in template:
                 encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
                                    "compressors": (compressor(),)}
-        store = target.zarr()
+        store = build.zarr()
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3)
         levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
@@ -382,18 +391,15 @@ def _prepare(sources: list[str], target: Target, source_options: dict[str, Any] 
                  intensity_dtype=inten_dtype)
 
 
-def _hide_root(target: Target) -> None:
-    """Move the root group metadata aside: the store is not a group until finished."""
-    text = target.read_text("zarr.json")
-    target.write_text(ROOT_KEY, text)
-    target.fs.rm_file(target.key("zarr.json"))
-
-
 def _finish(target: Target) -> None:
     """Publish the store: write the root metadata, with every node's consolidated."""
     meta = json.loads(target.read_text(ROOT_KEY))
     meta["consolidated_metadata"] = _consolidated(target)
-    target.write_text("zarr.json", json.dumps(meta, indent=2))
+    _phase("finishing")
+    # atomically: a full disk leaves a temporary key, never a truncated root; until the
+    # progress records are gone the store still counts as unfinished (resume redoes this)
+    target.write_text("zarr.json", json.dumps(meta, indent=2), atomic=True)
+    _phase("published")
     target.fs.rm(target.key(PROGRESS), recursive=True)
 
 
@@ -539,18 +545,27 @@ def convert_file(
         raise ConversionError("no source files given")
     src = srcs[0] if len(srcs) == 1 else f"{srcs[0]} (+{len(srcs) - 1} more parts)"
     target = Target(os.fspath(destination), target_options)
-    finished = target.exists("zarr.json")
-    interrupted = target.exists(PLAN_KEY)
+    interrupted = target.interrupted()
+    finished = not interrupted and target.exists("zarr.json")
     if finished and not overwrite:
+        if resume:  # idempotent: a batch job can simply be run again
+            return _already_complete(srcs, src, target, storage_options, t_start)
         raise ConversionError(f"{target.destination}: a finished store exists; pass "
                               "overwrite=True (--overwrite) to replace it")
     if resume and not overwrite:
         if not interrupted:
             raise ConversionError(f"{target.destination}: no interrupted conversion to resume")
-        plan = Plan.from_json(target.read_text(PLAN_KEY))
-        if plan.sources != srcs:
-            raise ConversionError(f"{target.destination}: was being converted from "
-                                  f"{plan.sources}, not {srcs}")
+        if target.exists(PLAN_KEY):
+            plan = Plan.from_json(target.read_text(PLAN_KEY))
+            _same_sources(target, plan.sources, srcs)
+            _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint,
+                               f"{target.destination}: cannot resume")
+        else:  # interrupted before the first batch: nothing to keep, start again
+            started = json.loads(target.read_text(STARTED_KEY))
+            _same_sources(target, started["sources"], srcs)
+            log.info("%s: interrupted before its first batch; starting again", src)
+            target.fs.rm(target.root, recursive=True)
+            plan = _start(srcs, target, storage_options, **started["layout"])
     else:
         if interrupted and not overwrite:
             raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
@@ -585,11 +600,117 @@ def convert_file(
 def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
            shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
            ome_levels: int | None = None) -> Plan:
-    plan = _prepare(srcs, target, storage_options, shard_bytes, chunk_bytes, arrival_dtype,
-                    ome, ome_levels)
-    _hide_root(target)
+    """Lay out a new store: marker, metadata and small arrays, plan (in that order).
+
+    The metadata are built in a local temporary directory and then copied in, the
+    root ``zarr.json`` under ``.siff-progress/``: the store is never a readable Zarr
+    group before :func:`_finish`, and from its first byte on it is marked as an
+    unfinished conversion (``open_converted`` and ``verify`` say so; ``resume``
+    finishes or restarts it), whatever moment a kill or a full disk strikes.
+    """
+    import tempfile
+
+    fingerprint = _fingerprint(srcs, storage_options)
+    layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
+              "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
+    target.write_text(STARTED_KEY, json.dumps({"sources": srcs, "fingerprint": fingerprint,
+                                               "layout": layout}))
+    _phase("started")
+    with tempfile.TemporaryDirectory(prefix="siff-xarray-") as tmp:
+        build = Target(tmp, None)
+        plan = _prepare(srcs, target, build, storage_options, shard_bytes, chunk_bytes,
+                        arrival_dtype, ome, ome_levels)
+        _phase("prepared")
+        files = {}
+        for path in build.fs.find(build.root):
+            key = path[len(build.root) + 1 :]
+            files[target.key(ROOT_KEY if key == "zarr.json" else key)] = build.fs.cat_file(path)
+    for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
+        target.fs.makedirs(parent, exist_ok=True)
+    target.fs.pipe(files)
+    _phase("metadata")
+    plan.fingerprint = fingerprint
     target.write_text(PLAN_KEY, plan.to_json())
+    _phase("planned")
     return plan
+
+
+def _phase(name: str) -> None:
+    """Mark a phase of a conversion (a no-op; the fault tests kill the process here)."""
+
+
+def _same_sources(target: Target, recorded: list[str], srcs: list[str]) -> None:
+    if [normalize(s) for s in recorded] != [normalize(s) for s in srcs]:
+        raise ConversionError(f"{target.destination}: was being converted from {recorded}, "
+                              f"not {srcs}")
+
+
+#: bytes read from each end of a source for its fingerprint
+_FINGERPRINT_BYTES = 1 << 16
+
+
+def _fingerprint(sources: list[str], options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Identity of each source: size, modification stamp, digest of its first and last 64 KiB.
+
+    A conversion records it in its plan and checks it before every batch (and on
+    resume), so a source that is replaced, grows or is rewritten while being
+    converted stops the conversion instead of mixing two files in one store.
+    """
+    import fsspec
+
+    out = []
+    for src in sources:
+        fs, path = fsspec.core.url_to_fs(src, **(options or {}))
+        info = fs.info(path)
+        size = int(info["size"])
+        stamp = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified",
+                                              "last_modified") if info.get(k) is not None), "")
+        with fs.open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read(_FINGERPRINT_BYTES))
+            fh.seek(max(0, size - _FINGERPRINT_BYTES))
+            digest.update(fh.read(_FINGERPRINT_BYTES))
+        out.append({"source": src, "size": size, "stamp": stamp, "sha256": digest.hexdigest()})
+    return out
+
+
+def _check_fingerprint(sources: list[str], options: dict[str, Any] | None,
+                       recorded: list[dict[str, Any]] | None, context: str) -> None:
+    """Raise ConversionError if a source is no longer the file the conversion started from."""
+    if recorded is None:  # a plan written before fingerprints existed
+        return
+    for was, now in zip(recorded, _fingerprint(sources, options), strict=True):
+        changed = [k for k in ("size", "stamp", "sha256") if was.get(k) != now[k]]
+        if changed:
+            what = ", ".join(f"{k} {was.get(k)} -> {now[k]}" if k != "sha256" else
+                             "content" for k in changed)
+            raise ConversionError(f"{context}: {now['source']} changed since the conversion "
+                                  f"started ({what}); the store would mix two files. Convert "
+                                  "it again with overwrite=True (--overwrite)")
+
+
+def _already_complete(srcs: list[str], src: str, target: Target,
+                      storage_options: dict[str, Any] | None, t_start: float
+                      ) -> ConversionSummary:
+    """Summary of a finished store of ``srcs`` (``resume`` on a complete store)."""
+    import zarr
+
+    root = json.loads(target.read_text("zarr.json"))
+    recorded = root.get("attributes", {}).get("source_file")
+    recorded = recorded if isinstance(recorded, list) else [recorded]
+    _same_sources(target, [str(r) for r in recorded], srcs)
+    grp = zarr.open_group(target.zarr(), path="photons", mode="r")
+    sizes = sum(f["size"] for f in _fingerprint(srcs, storage_options))
+    if int(grp.attrs["source_bytes"]) != sizes:
+        raise ConversionError(f"{target.destination}: a finished store of {src} exists, but "
+                              f"of {grp.attrs['source_bytes']} bytes; the source now has "
+                              f"{sizes}. Pass overwrite=True (--overwrite) to convert again")
+    counts = np.asarray(grp["photon_count"][...])
+    log.info("%s: already complete", target.destination)
+    return ConversionSummary(source=src, destination=target.destination,
+                             frames=int(counts.size), photons=int(counts.sum()),
+                             source_bytes=sizes, store_bytes=_store_bytes(target),
+                             seconds=time.perf_counter() - t_start, batches=0,
+                             batches_skipped=0, already_complete=True)
 
 
 def _run(plan: Plan, target: Target, scheduler: Any, num_workers: int | None,

@@ -21,6 +21,7 @@ from .._paths import is_remote, local_path
 
 __all__ = [
     "PHOTON_CHUNK", "PHOTON_SHARD", "PLAN_KEY", "PROGRESS", "ROOT_KEY", "SIFF_ZARR_VERSION",
+    "STARTED_KEY",
     "Plan", "Target", "chunking", "compressor", "group_acquisitions", "roundup", "store_name",
 ]
 
@@ -28,6 +29,8 @@ SIFF_ZARR_VERSION = 1
 PROGRESS = ".siff-progress"
 PLAN_KEY = f"{PROGRESS}/plan.json"
 ROOT_KEY = f"{PROGRESS}/root-zarr.json"
+#: written before anything else: the store is an unfinished conversion from then on
+STARTED_KEY = f"{PROGRESS}/started.json"
 #: elements per ``arrival_time`` chunk and shard
 PHOTON_CHUNK = 1 << 20
 PHOTON_SHARD = 1 << 23
@@ -81,12 +84,30 @@ class Target:
         """Return the text stored at key ``k``."""
         return self.fs.cat_file(self.key(k)).decode()
 
-    def write_text(self, k: str, text: str) -> None:
-        """Store ``text`` at key ``k``."""
+    def write_text(self, k: str, text: str, *, atomic: bool = False) -> None:
+        """Store ``text`` at key ``k``.
+
+        ``atomic``: write a temporary key first and move it into place, so that
+        readers see the old content or the new one, never a part (a disk that
+        fills up leaves the temporary key, not a truncated ``k``).
+        """
         path = self.key(k)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(path, text.encode())
+        if not atomic:
+            self.fs.pipe_file(path, text.encode())
+            return
+        tmp = f"{path}.partial"
+        self.fs.pipe_file(tmp, text.encode())
+        self.fs.mv(tmp, path)
+
+    def interrupted(self) -> bool:
+        """Tell whether the store is an unfinished (or interrupted) conversion."""
+        return self.exists(STARTED_KEY) or self.exists(PLAN_KEY)
+
+    def finished(self) -> bool:
+        """Tell whether the store is a finished conversion."""
+        return self.exists("zarr.json") and not self.interrupted()
 
     def done_batches(self) -> set[int]:
         """Batches of a running conversion recorded as finished."""
@@ -123,6 +144,7 @@ class Plan:
     ome_levels: int = 1               # OME pyramid levels (0 = full resolution)
     intensity_only: bool = False      # ScanImage intensity-only TIFF: pages, no photons
     intensity_dtype: str = "uint16"   # int16 for TIFF pages of signed samples
+    fingerprint: list[dict[str, Any]] | None = None  # of the sources (see converter)
 
     @property
     def n_batches(self) -> int:

@@ -16,6 +16,7 @@ pages (intensity and mask sums work; photon reductions raise, as on the TIFF).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from ..errors import IncompleteStoreError, SiffFormatError
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
-from .layout import PLAN_KEY, Plan, Target
+from .layout import PLAN_KEY, STARTED_KEY, Plan, Target
 
 __all__ = ["StorePhotons", "count_images", "frame_positions", "is_converted_store",
            "open_converted", "read_photons"]
@@ -54,14 +55,20 @@ def open_converted(store: str | os.PathLike[str], *,
     import xarray as xr
 
     target = Target(os.fspath(store), storage_options)
-    if target.exists(PLAN_KEY) or not target.exists("zarr.json"):
-        done = len(target.done_batches())
+    if target.interrupted() or not target.exists("zarr.json"):
         if target.exists(PLAN_KEY):
+            done = len(target.done_batches())
             plan = Plan.from_json(target.read_text(PLAN_KEY))
             raise IncompleteStoreError(
                 f"{target.destination}: conversion from {plan.sources[0]} is incomplete "
                 f"({done} of {plan.n_batches} batches); run convert(..., resume=True) "
                 "(siff-xarray convert --resume) to finish it")
+        if target.exists(STARTED_KEY):
+            sources = json.loads(target.read_text(STARTED_KEY))["sources"]
+            raise IncompleteStoreError(
+                f"{target.destination}: conversion from {sources[0]} was interrupted before "
+                "its first batch; run convert(..., resume=True) (siff-xarray convert "
+                "--resume) to start it again")
         raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
     # stores of this version hold consolidated metadata; older ones fall back (warning)
     kwargs.setdefault("consolidated", None)
