@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -368,3 +371,36 @@ def test_descriptions_by_pread_equal_memory_map(siff_files, tmp_path, monkeypatc
         assert [(e.frame, e.text) for e in a_ev] == [(e.frame, e.text) for e in m_ev]
         np.testing.assert_array_equal([e.time_s for e in a_ev], [e.time_s for e in m_ev])
     assert [e.text for e in a_ev] == ["go", "stop"]
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_file_changed_under_an_open_dataset_is_an_error_not_a_crash(tmp_path, change):
+    # in a subprocess: reading a memory map past the end of a shrunk file is a SIGBUS
+    t = write_siff(tmp_path / "open.siff", shape=(32, 32), n_timepoints=300, seed=3)
+    script = textwrap.dedent(f"""
+        import os
+        import xarray as xr
+        from siff_xarray import SiffFormatError
+
+        p = {t.path!r}
+        ds = xr.open_dataset(p, engine="siff")
+        first = int(ds.intensity[:10].sum())
+        if {change!r} == "truncate":
+            os.truncate(p, os.path.getsize(p) // 4)
+        else:  # same size, other bytes, a later modification time
+            data = bytearray(open(p, "rb").read())
+            data[-1000:] = bytes(1000)
+            with open(p, "r+b") as fh:
+                fh.write(data)
+            st = os.stat(p)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        try:
+            ds.intensity[150:].sum().values
+        except SiffFormatError as e:
+            print("SiffFormatError:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    want = "shrank" if change == "truncate" else "modified in place"
+    assert "SiffFormatError" in out.stdout and want in out.stdout and t.path in out.stdout

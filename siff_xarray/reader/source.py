@@ -126,7 +126,9 @@ class LocalSource(ByteSource):
         self.name = os.fspath(path)
         self._file = open(self.name, "rb")  # noqa: SIM115 - closed in close()
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            st = os.fstat(self._file.fileno())
+            self.size = st.st_size
+            self._mtime_ns = st.st_mtime_ns
             if self.size:
                 self._mmap: mmap.mmap | None = mmap.mmap(
                     self._file.fileno(), 0, access=mmap.ACCESS_READ
@@ -143,7 +145,27 @@ class LocalSource(ByteSource):
         """Return up to ``length`` bytes at ``offset``."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
+        self.check_unchanged()
         return self._array[offset : offset + length].tobytes()
+
+    def check_unchanged(self) -> None:
+        """Raise SiffFormatError if the file shrank or was rewritten since it was opened.
+
+        Reading a memory map past the end of a file that shrank kills the process
+        (SIGBUS), so every access to the map checks first (one ``fstat``). A file
+        that only grew (an acquisition still being written) is fine: the frames
+        indexed at open are unchanged. A change during a single decode is not seen.
+        """
+        if self._closed:
+            raise ValueError(f"{self.name}: the file is closed")
+        st = os.fstat(self._file.fileno())
+        if st.st_size < self.size:
+            raise SiffFormatError(self.name, f"the file shrank from {self.size} to "
+                                  f"{st.st_size} bytes since it was opened (truncated or "
+                                  "rewritten while open); open it again")
+        if st.st_size == self.size and st.st_mtime_ns != self._mtime_ns:
+            raise SiffFormatError(self.name, "the file was modified in place since it was "
+                                  "opened; open it again")
 
     def release(self) -> None:
         """Unmap the pages touched so far from this process (``MADV_DONTNEED``).
@@ -170,7 +192,8 @@ class LocalSource(ByteSource):
         return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
 
     def buffer(self) -> np.ndarray:
-        """Return the memory map as a read-only ``uint8`` array."""
+        """Return the memory map as a read-only ``uint8`` array (after :meth:`check_unchanged`)."""
+        self.check_unchanged()
         return self._array
 
     def close(self) -> None:
