@@ -627,3 +627,25 @@ def test_a_source_that_changes_stops_the_conversion(tmp_path):
         zs.convert(t.path, dst, resume=True, scheduler="sync")
     zs.convert(t.path, dst, overwrite=True, scheduler="sync", **_small_shards(t))
     assert zs.verify(t.path, dst) == []
+
+
+def test_verify_compares_attributes_coordinates_and_eager_variables(siff_files, tmp_path):
+    import json
+
+    import zarr
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "a.zarr"
+    zs.convert(t.path, dst)
+    assert zs.verify(t.path, dst) == []
+    root = dst / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"]["tau_bin_ps"] = 2 * meta["attributes"]["tau_bin_ps"]  # lifetimes x2
+    root.write_text(json.dumps(meta))
+    z = zarr.open_array(str(dst), path="z", mode="r+")
+    z[:] = z[:] + 1.0
+    zarr.open_array(str(dst), path="frame_present", mode="r+")[0] = False
+    problems = zs.verify(t.path, dst)
+    assert any(p.startswith("attribute tau_bin_ps differs") for p in problems)
+    assert "coordinate z differs" in problems
+    assert "variable frame_present differs" in problems

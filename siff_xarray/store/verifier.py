@@ -41,6 +41,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             n = f.num_frames
             if grp["photon_count"].shape[0] != n:
                 return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
+            problems.extend(_dataset_differences(ds, srcs, storage_options))
             if ds.attrs.get("scanimage_header") != f.header.nvfd_text:
                 problems.append("ScanImage header text differs")
             if ds.attrs.get("roi_json") != f.header.roi_text:
@@ -109,3 +110,64 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     finally:
         ds.close()
     return problems
+
+
+#: attributes that name the source file: a moved or renamed source differs there only
+_NAMING_ATTRS = ("source_file", "title")
+#: eager variables of the Dataset (the lazy ones are compared frame by frame)
+_EAGER = ("frame_index", "frame_present", "event_time", "event_frame", "event_text")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind == "M" and b.dtype.kind == "M":
+        return bool(np.array_equal(a.view(np.int64), b.view(np.int64)))
+    if a.dtype.kind == "f" and b.dtype.kind == "f":
+        return bool(np.array_equal(a, b, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def _dataset_differences(store_ds: Any, srcs: list[str],
+                         storage_options: dict[str, Any] | None) -> list[str]:
+    """Differences between the store's root Dataset and the source's, beyond the photons.
+
+    Every attribute (but the ones naming the source file), every coordinate (values,
+    dims, attributes) and the eager variables: a changed ``tau_bin_ps`` or ``z``
+    would change every lifetime or position computed from the store.
+    """
+    from ..backend import open_acquisition, open_siff
+
+    src = (open_siff(srcs[0], storage_options=storage_options) if len(srcs) == 1
+           else open_acquisition(srcs, storage_options=storage_options))
+    out = []
+    with src:
+        for k in sorted(set(src.attrs) | set(store_ds.attrs)):
+            if k in _NAMING_ATTRS:
+                continue
+            want, got = _plain(src.attrs.get(k)), _plain(store_ds.attrs.get(k))
+            if want != got:
+                out.append(f"attribute {k} differs: source {want!r:.60}, store {got!r:.60}")
+        names = sorted(set(src.coords) | {v for v in _EAGER if v in src})
+        for name in names:
+            kind = "coordinate" if name in src.coords else "variable"
+            if name not in store_ds.variables:
+                out.append(f"{kind} {name} is missing from the store")
+                continue
+            a, b = src[name], store_ds[name]
+            if a.dims != b.dims or not _same_values(a.values, b.values):
+                out.append(f"{kind} {name} differs")
+            elif _plain(dict(a.attrs)) != _plain(dict(b.attrs)):
+                out.append(f"{kind} {name}: attributes differ")
+    return out
