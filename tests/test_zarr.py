@@ -17,7 +17,7 @@ import xarray as xr
 
 from siff_xarray import SiffFile
 from siff_xarray import store as zs
-from siff_xarray.errors import ConversionError, IncompleteStoreError
+from siff_xarray.errors import ConversionError, IncompleteStoreError, SiffFormatError
 from siff_xarray.synthetic import write_siff
 
 
@@ -649,3 +649,24 @@ def test_verify_compares_attributes_coordinates_and_eager_variables(siff_files, 
     assert any(p.startswith("attribute tau_bin_ps differs") for p in problems)
     assert "coordinate z differs" in problems
     assert "variable frame_present differs" in problems
+
+
+def test_every_chunk_is_checksummed_and_a_damaged_one_is_an_error(siff_files, tmp_path):
+    import json
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "crc.zarr"
+    zs.convert(t.path, dst)
+    arrays = [p for p in dst.rglob("zarr.json")
+              if json.loads(p.read_text()).get("node_type") == "array"]
+    assert len(arrays) > 20
+    for p in arrays:
+        assert "crc32c" in p.read_text(), p.parent  # every array, coordinates included
+    shard = dst / "photons" / "arrival_time" / "c" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10  # one flipped bit inside compressed arrival times
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SiffFormatError, match=r"photons/arrival_time: a chunk is damaged"):
+        zs.read_photons(dst, 3)
+    with pytest.raises(SiffFormatError, match="damaged"):
+        zs.verify(t.path, dst)

@@ -37,7 +37,7 @@ from .layout import (
     Plan,
     Target,
     chunking,
-    compressor,
+    compressors,
     group_acquisitions,
     roundup,
     store_name,
@@ -319,7 +319,7 @@ def _prepare(sources: list[str], target: Target, build: Target,
 
         # --- the root Dataset: metadata now, data by the batches
         enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
-                     "compressors": (compressor(),)}
+                     "compressors": compressors()}
         template = ds.drop_vars([v for v in ("mean_arrival",) if v in ds])
         lazy = [v for v in ("intensity", "photon_count", "histogram") if v in template]
         for v in lazy:
@@ -328,7 +328,9 @@ def _prepare(sources: list[str], target: Target, build: Target,
         for v in ("photon_count", "histogram"):
             if v in template:
                 encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
-                                   "compressors": (compressor(),)}
+                                   "compressors": compressors()}
+        for v in template.variables:  # coordinates and eager variables: checksummed too
+            encoding_all.setdefault(str(v), {"compressors": compressors()})
         store = build.zarr()
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3)
@@ -351,12 +353,12 @@ def _prepare(sources: list[str], target: Target, build: Target,
     })
     grp.create_array("arrival_time", shape=(total_len,), dtype=arrival_dtype,
                      chunks=(PHOTON_CHUNK,), shards=(PHOTON_SHARD,),
-                     compressors=(compressor(),), fill_value=0, dimension_names=("photon",))
+                     compressors=compressors(), fill_value=0, dimension_names=("photon",))
 
     def small(name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
         a = grp.create_array(name, shape=data.shape, dtype=data.dtype,
                              chunks=data.shape if data.size else (1,) * data.ndim,
-                             compressors=(compressor(),), dimension_names=dims)
+                             compressors=compressors(), dimension_names=dims)
         if data.size:
             a[...] = data
 
@@ -376,7 +378,7 @@ def _prepare(sources: list[str], target: Target, build: Target,
     if intensity_only:
         small("signed", signed, ("frame",))
     grp.create_array("flyback_intensity", shape=(len(fly_frames), h, w), dtype=inten_dtype,
-                     chunks=(int(per_batch_fly), h, w), compressors=(compressor(),),
+                     chunks=(int(per_batch_fly), h, w), compressors=compressors(),
                      fill_value=0, dimension_names=("flyback", "y", "x"))
     # flyback rows of one batch must share no chunk with another batch's rows
     if len(fly_frames) and any(fb % per_batch_fly for fb in flyback_base):

@@ -22,7 +22,7 @@ from .._paths import is_remote, local_path
 __all__ = [
     "PHOTON_CHUNK", "PHOTON_SHARD", "PLAN_KEY", "PROGRESS", "ROOT_KEY", "SIFF_ZARR_VERSION",
     "STARTED_KEY",
-    "Plan", "Target", "chunking", "compressor", "group_acquisitions", "roundup", "store_name",
+    "Plan", "Target", "chunking", "compressors", "group_acquisitions", "roundup", "store_name",
 ]
 
 SIFF_ZARR_VERSION = 1
@@ -36,11 +36,15 @@ PHOTON_CHUNK = 1 << 20
 PHOTON_SHARD = 1 << 23
 
 
-def compressor() -> Any:
-    """Return the codec of every array: Blosc zstd level 5 with bit shuffle."""
-    from zarr.codecs import BloscCodec
+def compressors() -> tuple[Any, ...]:
+    """Return the bytes codecs of every chunk: Blosc zstd 5 + bit shuffle, then CRC32C.
 
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+    The checksum makes a damaged chunk an error when it is read instead of wrong
+    values (sharded arrays also checksum their shard index).
+    """
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
 
 
 def _fs_and_root(destination: str | os.PathLike[str],

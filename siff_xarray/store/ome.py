@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import compressor
+from .layout import compressors
 
 __all__ = ["create_ome", "downsample2", "ome_repeats", "pyramid_levels", "to_ome_order"]
 
@@ -109,6 +109,6 @@ def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
         shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
         grp.create_array(str(k), shape=shape, dtype=ds.intensity.dtype,
                          chunks=(ct * reps, *shape[1:]),
-                         shards=(st * reps, *shape[1:]), compressors=(compressor(),),
+                         shards=(st * reps, *shape[1:]), compressors=compressors(),
                          fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
         h, w = -(-h // 2), -(-w // 2)

@@ -27,7 +27,7 @@ from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
 from .layout import PLAN_KEY, STARTED_KEY, Plan, Target
 
-__all__ = ["StorePhotons", "count_images", "frame_positions", "is_converted_store",
+__all__ = ["StorePhotons", "checked", "count_images", "frame_positions", "is_converted_store",
            "open_converted", "read_photons"]
 
 
@@ -101,6 +101,22 @@ def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | N
         return p.photons(frame)
 
 
+def checked(read: Any, store: str, what: str) -> np.ndarray:
+    """Run ``read()`` (a read of store data) and name the store when a chunk is damaged.
+
+    Every chunk carries a CRC32C checksum; zarr reports a mismatch as a bare
+    ValueError, which becomes a :class:`SiffFormatError` naming the store and array.
+    """
+    try:
+        return np.asarray(read())
+    except ValueError as e:
+        if "checksum" not in str(e):
+            raise
+        raise SiffFormatError(store, f"{what}: a chunk is damaged (its checksum does not "
+                              "match); restore the store from a copy or convert the source "
+                              "again") from e
+
+
 def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,
                   shape: tuple[int, int]) -> np.ndarray:
     """Count images of file frames ``fr`` from a store (imaging and flyback frames)."""
@@ -110,13 +126,15 @@ def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.nda
         else np.zeros(len(fr), bool)
     if is_fly.any():
         rows = k[is_fly]
-        block = np.asarray(grp["flyback_intensity"][int(rows.min()) : int(rows.max()) + 1])
+        block = checked(lambda: grp["flyback_intensity"][int(rows.min()) : int(rows.max()) + 1],
+                        str(ds.encoding.get("source", "store")), "photons/flyback_intensity")
         out[is_fly] = block[rows - rows.min()]
     img = ~is_fly
     if img.any():
         p = pos[fr[img]]
         t0, t1 = int(p[:, 0].min()), int(p[:, 0].max()) + 1
-        block = ds.intensity.isel(time=slice(t0, t1)).values
+        block = checked(lambda: ds.intensity.isel(time=slice(t0, t1)).values,
+                        str(ds.encoding.get("source", "store")), "intensity")
         p = p.copy()
         p[:, 0] -= t0
         out[img] = block[tuple(p.T)]
@@ -229,8 +247,8 @@ class StorePhotons(PhotonReductions):
         r_lo = lo[new]
         r_hi = np.zeros(r_lo.size, dtype=np.int64)
         np.maximum.at(r_hi, run, hi)
-        blocks = [np.asarray(self._arrivals[int(a) : int(b)]) for a, b in zip(r_lo, r_hi,
-                                                                              strict=True)]
+        blocks = [checked(lambda a=a, b=b: self._arrivals[int(a) : int(b)], self.name,
+                          "photons/arrival_time") for a, b in zip(r_lo, r_hi, strict=True)]
         base = np.zeros(len(blocks) + 1, dtype=np.int64)
         np.cumsum([b.size for b in blocks], out=base[1:])
         flat = np.concatenate(blocks)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..reader.acquisition import Acquisition
 from .layout import Target
-from .read import count_images, frame_positions, open_converted
+from .read import checked, count_images, frame_positions, open_converted
 
 __all__ = ["verify"]
 
@@ -84,7 +84,9 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                 s_src, pix_src, tau_src = f.photons_batch(fr)
                 c = counts[fr]
                 lo, hi = int(starts_z[fr].min()), int((starts_z[fr] + c).max())
-                block = np.asarray(arr[lo:hi]) if hi > lo else np.zeros(0, arr.dtype)
+                block = (checked(lambda lo=lo, hi=hi: arr[lo:hi], target.destination,
+                                 "photons/arrival_time") if hi > lo
+                         else np.zeros(0, arr.dtype))
                 first = np.concatenate([[0], np.cumsum(c)[:-1]])
                 idx = np.arange(int(c.sum())) + np.repeat(starts_z[fr] - lo - first, c)
                 tau_z = block[idx].astype(np.uint32)
