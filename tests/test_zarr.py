@@ -670,3 +670,24 @@ def test_every_chunk_is_checksummed_and_a_damaged_one_is_an_error(siff_files, tm
         zs.read_photons(dst, 3)
     with pytest.raises(SiffFormatError, match="damaged"):
         zs.verify(t.path, dst)
+
+
+def test_verify_and_to_siff_memory_is_bounded_by_the_data_not_the_frame_size(tmp_path,
+                                                                              monkeypatch):
+    import tracemalloc
+
+    from siff_xarray.store import layout
+
+    t = write_siff(tmp_path / "big.siff", shape=(512, 256), n_timepoints=24,
+                   photons_per_frame=200, seed=2)
+    dst = tmp_path / "big.zarr"
+    zs.convert(t.path, dst)
+    monkeypatch.setattr(layout, "BATCH_PIXELS", 4 * 512 * 256)  # 4 such frames per batch
+    tracemalloc.start()
+    assert zs.verify(t.path, dst, batch_frames=256) == []
+    zs.to_siff(dst, tmp_path / "back.siff", batch_frames=512)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # measured: 9 MB with 4-frame batches, 51 MB when all 24 frames go in one batch (the
+    # old behaviour: batch_frames alone, which at 4096 x 4096 meant tens of GB)
+    assert peak < 20 * 2**20, peak

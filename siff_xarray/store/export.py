@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ConversionError, SiffWarning
 from ..format.constants import ENC_COMPRESSED, ENC_TIFF
 from ..format.writer import SiffWriter
-from .layout import Target
+from .layout import Target, frames_per_batch
 from .read import count_images, frame_positions, open_converted
 
 __all__ = ["to_siff", "to_tiff"]
@@ -63,6 +63,7 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
             writer = SiffWriter(fh, ds.attrs["scanimage_header"], ds.attrs["roi_json"],
                                 bigtiff=bool(ds.attrs.get("bigtiff", 1)))
             writer.set_shape(h, w)
+            batch_frames = frames_per_batch(batch_frames, h * w)
             for a in range(0, n, batch_frames):
                 fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
                 imgs = count_images(ds, grp, fr, pos, fly, (h, w))
@@ -129,6 +130,7 @@ def to_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *,
             with open(tmp, "wb") as fh:
                 writer = SiffWriter(fh, f.header.nvfd_text, f.header.roi_text, bigtiff=big)
                 writer.set_shape(*f.frame_shape)
+                batch_frames = frames_per_batch(batch_frames, f.frame_shape[0] * f.frame_shape[1])
                 for a in range(0, n, batch_frames):
                     frames = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
                     with warnings.catch_warnings(record=True) as caught:

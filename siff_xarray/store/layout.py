@@ -20,9 +20,22 @@ import numpy as np
 from .._paths import is_remote, local_path
 
 __all__ = [
-    "PHOTON_CHUNK", "PHOTON_SHARD", "PLAN_KEY", "PROGRESS", "ROOT_KEY", "SIFF_ZARR_VERSION",
+    "BATCH_PIXELS",
+    "PHOTON_CHUNK",
+    "PHOTON_SHARD",
+    "PLAN_KEY",
+    "PROGRESS",
+    "ROOT_KEY",
+    "SIFF_ZARR_VERSION",
     "STARTED_KEY",
-    "Plan", "Target", "chunking", "compressors", "group_acquisitions", "roundup", "store_name",
+    "Plan",
+    "Target",
+    "chunking",
+    "compressors",
+    "frames_per_batch",
+    "group_acquisitions",
+    "roundup",
+    "store_name",
 ]
 
 SIFF_ZARR_VERSION = 1
@@ -34,6 +47,16 @@ STARTED_KEY = f"{PROGRESS}/started.json"
 #: elements per ``arrival_time`` chunk and shard
 PHOTON_CHUNK = 1 << 20
 PHOTON_SHARD = 1 << 23
+
+
+#: pixels (frames x frame size) handled at a time when a store is checked or written back:
+#: bounds memory by the data, whatever the frame size (4096 x 4096 frames: one frame)
+BATCH_PIXELS = 1 << 24
+
+
+def frames_per_batch(batch_frames: int, frame_pixels: int) -> int:
+    """At most ``batch_frames`` frames, and no more than :data:`BATCH_PIXELS` pixels."""
+    return max(1, min(batch_frames, BATCH_PIXELS // max(frame_pixels, 1)))
 
 
 def compressors() -> tuple[Any, ...]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..reader.acquisition import Acquisition
-from .layout import Target
+from .layout import Target, frames_per_batch
 from .read import checked, count_images, frame_positions, open_converted
 
 __all__ = ["verify"]
@@ -71,6 +71,8 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             arr = grp["arrival_time"]
             fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
             pos = frame_positions(ds.frame_index.values, n)
+            h, w = ds.sizes["y"], ds.sizes["x"]
+            batch_frames = frames_per_batch(batch_frames, h * w)
             for a in range(0, n, batch_frames):
                 fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
                 imgs = f.read_frames(fr)
