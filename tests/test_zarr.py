@@ -691,3 +691,21 @@ def test_verify_and_to_siff_memory_is_bounded_by_the_data_not_the_frame_size(tmp
     # measured: 9 MB with 4-frame batches, 51 MB when all 24 frames go in one batch (the
     # old behaviour: batch_frames alone, which at 4096 x 4096 meant tens of GB)
     assert peak < 20 * 2**20, peak
+
+
+def test_verify_finds_deleted_chunks(tmp_path):
+    t = write_siff(tmp_path / "m.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=300, seed=3)
+    dst = tmp_path / "m.zarr"
+    zs.convert(t.path, dst, shard_bytes=2 * 2 * 2 * 12 * 10 * 2 * 2, chunk_bytes=1)
+    assert zs.verify(t.path, dst) == []
+
+    def stored(path):
+        return sorted(p for p in (dst / path / "c").rglob("*") if p.is_file())
+
+    assert len(stored("intensity")) == 2 and len(stored("photons/arrival_time")) == 2
+    stored("intensity")[1].unlink()  # zarr reads a missing chunk as zeros, silently
+    stored("photons/arrival_time")[-1].unlink()
+    problems = zs.verify(t.path, dst)
+    assert "intensity: 1 of 2 stored chunks are missing" in problems[0]
+    assert "photons/arrival_time: 1 of 2 stored chunks are missing" in problems[1]

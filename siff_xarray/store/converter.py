@@ -169,6 +169,17 @@ class _ShardWriter:
 SUB_BATCH_BYTES = 16 * 2**20
 
 
+def _open_for_batch(store: Any, path: str) -> Any:
+    """Open array ``path`` for a batch's writes, storing chunks even when they hold only zeros.
+
+    Every chunk the layout says exists is then in the store, so :func:`verify` can
+    tell a deleted chunk (which zarr would read as zeros) from an empty one.
+    """
+    import zarr
+
+    return zarr.open_array(store, path=path, mode="r+").with_config({"write_empty_chunks": True})
+
+
 def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker.
 
@@ -176,8 +187,6 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     of source data; photons stream into whole ``arrival_time`` shards, so memory
     stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
     """
-    import zarr
-
     plan = Plan.from_json(plan_json)
     target = Target(plan.destination, plan.destination_options)
     context = f"{plan.destination}: batch {b}"
@@ -185,14 +194,14 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     store = target.zarr()
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
-    inten = zarr.open_array(store, path="intensity", mode="r+")
+    inten = _open_for_batch(store, "intensity")
     repeat = inten.ndim == 6
     shape = (t1 - t0, *inten.shape[1:])
     block = np.zeros(shape, dtype=plan.intensity_dtype)
     pc = np.zeros(shape[:-2], dtype=np.uint32)
     hblock = None
     fly_imgs: list[np.ndarray] = []
-    writer = _ShardWriter(zarr.open_array(store, path="photons/arrival_time", mode="r+"),
+    writer = _ShardWriter(_open_for_batch(store, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype)
     n = 0
     with _open_source(plan) as f:
@@ -245,14 +254,14 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
         for k in range(plan.ome_levels):  # the same time range, so a whole shard per level
             if k:
                 level = downsample2(level)
-            zarr.open_array(store, path=f"ome/{k}", mode="r+")[r0:r1] = level
-    zarr.open_array(store, path="photon_count", mode="r+")[t0:t1] = pc
+            _open_for_batch(store, f"ome/{k}")[r0:r1] = level
+    _open_for_batch(store, "photon_count")[t0:t1] = pc
     if hblock is not None:
-        zarr.open_array(store, path="histogram", mode="r+")[t0:t1] = hblock
+        _open_for_batch(store, "histogram")[t0:t1] = hblock
     if fly_imgs:
         rows = np.concatenate(fly_imgs)
         r0 = plan.flyback_base[b]
-        zarr.open_array(store, path="photons/flyback_intensity", mode="r+")[
+        _open_for_batch(store, "photons/flyback_intensity")[
             r0 : r0 + len(rows)] = rows
     _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,

@@ -42,6 +42,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             if grp["photon_count"].shape[0] != n:
                 return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
             problems.extend(_dataset_differences(ds, srcs, storage_options))
+            problems.extend(_missing_chunks(target, grp))
             if ds.attrs.get("scanimage_header") != f.header.nvfd_text:
                 problems.append("ScanImage header text differs")
             if ds.attrs.get("roi_json") != f.header.roi_text:
@@ -174,4 +175,59 @@ def _dataset_differences(store_ds: Any, srcs: list[str],
                 out.append(f"{kind} {name} differs")
             elif _plain(dict(a.attrs)) != _plain(dict(b.attrs)):
                 out.append(f"{kind} {name}: attributes differ")
+    return out
+
+
+def _stored(target: Target, path: str) -> int:
+    """Count the chunk (or shard) objects stored for array ``path``."""
+    target.fs.invalidate_cache()
+    try:
+        return len(target.fs.find(target.key(f"{path}/c")))
+    except FileNotFoundError:  # pragma: no cover - find returns [] on most filesystems
+        return 0
+
+
+def _missing_chunks(target: Target, grp: Any) -> list[str]:
+    """Chunks that the layout says exist but the store lacks (zarr would read them as 0).
+
+    Every chunk of the frame arrays and the OME levels, the flyback rows, and every
+    ``arrival_time`` shard that holds photons is written by the conversion (empty
+    ones too), so a missing one was deleted or lost.
+    """
+    import zarr
+
+    zstore = target.zarr()
+    out = []
+
+    def check(path: str, expected: int) -> None:
+        have = _stored(target, path)
+        if have < expected:
+            out.append(f"{path}: {expected - have} of {expected} stored chunks are missing "
+                       "(deleted or lost; zarr would read them as zeros); convert again")
+
+    def outer_grid(a: Any) -> int:
+        outer = a.shards or a.chunks
+        return int(np.prod([-(-n // c) for n, c in zip(a.shape, outer, strict=True)]))
+
+    root = zarr.open_group(zstore, mode="r")
+    for path in ("intensity", "photon_count", "histogram"):
+        if path in root:
+            check(path, outer_grid(root[path]))
+    if "ome" in root:
+        for level in sorted(root["ome"].array_keys()):
+            check(f"ome/{level}", outer_grid(root["ome"][level]))
+    fly = grp["flyback_intensity"]
+    if fly.shape[0]:
+        check("photons/flyback_intensity", outer_grid(fly))
+    counts = np.asarray(grp["photon_count"][...]).astype(np.int64)
+    starts = np.asarray(grp["photon_start"][...]).astype(np.int64)
+    arr = grp["arrival_time"]
+    size = (arr.shards or arr.chunks)[0]
+    has = counts > 0
+    if has.any() and grp.attrs.get("layout") != "intensity-only":
+        n_outer = -(-arr.shape[0] // size)
+        mark = np.zeros(n_outer + 1, dtype=np.int64)
+        np.add.at(mark, starts[has] // size, 1)
+        np.add.at(mark, (starts[has] + counts[has] - 1) // size + 1, -1)
+        check("photons/arrival_time", int((np.cumsum(mark)[:n_outer] > 0).sum()))
     return out
