@@ -233,10 +233,12 @@ class _ProgressLine:
 @click.option("--no-ome", is_flag=True, help="Do not write the OME-Zarr image (ome/).")
 @click.option("--ome-levels", type=click.IntRange(min=1), default=None,
               help="OME pyramid levels (default: halve y and x down to 32 pixels).")
+@click.option("--allow-truncated", is_flag=True,
+              help="Convert the complete frames of a file cut off mid-write (or damaged).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume: bool,
             scheduler: str, workers: int | None, shard_mb: float, no_ome: bool,
-            ome_levels: int | None, quiet: bool) -> None:
+            ome_levels: int | None, allow_truncated: bool, quiet: bool) -> None:
     """Convert SOURCES (.siff files, URLs or globs) to Zarr v3 stores under DESTINATION.
 
     The numbered parts of a split acquisition (NAME_00001.siff, NAME_00002.siff...)
@@ -260,6 +262,7 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
         summary = convert_file(group if len(group) > 1 else group[0], out,
                                overwrite=overwrite, resume=resume, scheduler=scheduler,
                                num_workers=workers, shard_bytes=int(shard_mb * 2**20),
+                               allow_truncated=allow_truncated,
                                ome=not no_ome, ome_levels=ome_levels,
                                progress=_ProgressLine(store_name(group[0]), quiet))
         if not quiet and summary.already_complete:

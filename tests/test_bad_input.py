@@ -404,3 +404,53 @@ def test_a_file_changed_under_an_open_dataset_is_an_error_not_a_crash(tmp_path, 
     assert out.returncode == 0, out.stderr
     want = "shrank" if change == "truncate" else "modified in place"
     assert "SiffFormatError" in out.stdout and want in out.stdout and t.path in out.stdout
+
+
+def test_a_broken_ifd_chain_is_reported_not_taken_for_the_whole_file(tmp_path, small):
+    from siff_xarray import store as zs
+    from siff_xarray.errors import ConversionError
+
+    _, data = small
+    ifds = _ifd_offsets(data)
+    d = bytearray(data)
+    (n,) = struct.unpack_from("<Q", d, ifds[2])
+    struct.pack_into("<Q", d, ifds[2] + 8 + 20 * n, 0)  # the chain ends after frame 2
+    broken = _write(tmp_path, bytes(d), "broken.siff")
+    with pytest.warns(SiffWarning, match="looks damaged rather than cut off"):
+        f = SiffFile(broken, index_cache=tmp_path / "cache")
+    with f:
+        assert f.num_frames == 3 and f.unread_bytes == len(data) - ifds[3]
+    # warned again when the frame index comes from the cache
+    with pytest.warns(SiffWarning, match="looks damaged.*recovered 3 complete frames"):
+        SiffFile(broken, index_cache=tmp_path / "cache").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SiffWarning)
+        with pytest.raises(ConversionError, match="allow_truncated"):
+            zs.convert(broken, tmp_path / "b.zarr")
+        zs.convert(broken, tmp_path / "b.zarr", allow_truncated=True)
+        assert zs.verify(broken, tmp_path / "b.zarr") == []
+
+
+def test_an_absurd_entry_count_is_not_taken_for_a_cut_off_file(tmp_path):
+    t = write_siff(tmp_path / "big.siff", shape=(16, 16), n_timepoints=24,
+                   photons_per_frame=400, seed=1)
+    data = Path(t.path).read_bytes()
+    ifds = _ifd_offsets(data)
+    d = bytearray(data)
+    struct.pack_into("<Q", d, ifds[3], 4096)  # 4096 entries run past the end of the file
+    with pytest.warns(SiffWarning, match="looks damaged rather than cut off"):
+        SiffFile(_write(tmp_path, bytes(d)), index_cache=False).close()
+
+
+def test_a_cut_off_file_converts_only_when_allowed(tmp_path, small):
+    from siff_xarray import store as zs
+    from siff_xarray.errors import ConversionError
+
+    t, data = small
+    cut = _write(tmp_path, data[:-3], "cut.siff")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SiffWarning)
+        with pytest.raises(ConversionError, match=r"cut off mid-write.*--allow-truncated"):
+            zs.convert(cut, tmp_path / "c.zarr")
+        summary = zs.convert(cut, tmp_path / "c.zarr", allow_truncated=True)
+    assert summary.frames == t.n_frames - 1

@@ -9,26 +9,26 @@ pickle, sliced per request, never holding a file handle.
 Validation happens here, once per file, so the decode kernels can trust the
 offsets they are given (they still bounds-check). A frame whose bytes run past
 the end of the file is accepted only as the *last* frame of the chain, where it
-means the acquisition was cut off mid-write: it is dropped with a warning.
+means the acquisition was cut off mid-write: it is dropped (``SiffFile`` warns about
+every byte after the last frame it indexes; :func:`unread_bytes`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, fields
 
 import numba
 import numpy as np
 from numba import types
 
-from ..errors import SiffFormatError, SiffWarning
+from ..errors import SiffFormatError
 from ..format import constants as C
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..format.header import FileHeader
 from .source import ByteSource
 
-__all__ = ["FrameIndex", "build_frame_index"]
+__all__ = ["FrameIndex", "build_frame_index", "unread_bytes"]
 
 
 MAX_ENTRIES = 4096  # no sane TIFF page has more tags than this
@@ -335,6 +335,27 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
         return out[:count].copy(), int(status), int(pos), int(detail)
 
 
+def _unread_tail(ifd: np.ndarray, data_start: np.ndarray, data_end: np.ndarray,
+                 desc_end: np.ndarray, file_size: int) -> int:
+    """Bytes of the file after the last byte any indexed frame uses (0: nothing unread)."""
+    if ifd.size == 0:
+        return 0
+    end = max(int(data_end.max()), int(desc_end.max()), int(ifd.max()), int(data_start.max()))
+    return max(0, int(file_size) - end)
+
+
+def unread_bytes(index: FrameIndex, file_size: int) -> int:
+    """Count the bytes after the last frame of ``index`` (0 for a whole file).
+
+    They are a frame cut off mid-write, or frames that a broken IFD chain does not
+    reach.
+    """
+    image = np.where(index.encoding == ENC_COMPRESSED, 2 * index.height * index.width, 0)
+    return _unread_tail(index.ifd_offset, index.strip_offset - image,
+                        index.strip_offset + index.strip_bytes,
+                        index.desc_offset + index.desc_length, file_size)
+
+
 def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
     """Walk the IFD chain of ``source`` and validate every frame's layout.
 
@@ -343,7 +364,7 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
     SiffFormatError
         For out-of-range or cyclic IFD offsets, unknown tag types, missing
         required tags, invalid compression flags and data blocks that do not
-        fit the file. A cut-off last frame is dropped with a :class:`SiffWarning`.
+        fit the file. A cut-off last frame is dropped (see :func:`unread_bytes`).
 
     """
     name = source.name
@@ -435,14 +456,7 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
         if i != n - 1:
             raise SiffFormatError(name, f"frame data runs past the end of the file "
                                   f"({header.file_size} bytes)", int(strip_off[i]), i)
-        truncated = True
         n -= 1
-    if truncated:
-        warnings.warn(
-            f"{name}: the file ends inside a frame (acquisition cut off mid-write?); "
-            f"recovered {n} complete frame{'s' if n != 1 else ''}",
-            SiffWarning, stacklevel=3,
-        )
     sl = slice(0, n)
     n_photons = np.where(encoding == ENC_RAW, strip_bytes // 8,
                          np.where(encoding == ENC_COMPRESSED, strip_bytes // 2, 0))

@@ -36,7 +36,7 @@ from ..format.imparams import ImParams
 from ..format.metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
 from . import kernels as K
 from .frame_meta import FrameTimestamps, parse_description, parse_timestamps
-from .ifd import FrameIndex, build_frame_index, pread_ranges
+from .ifd import FrameIndex, build_frame_index, pread_ranges, unread_bytes
 from .index_cache import default_cache_dir, load_index, save_index
 from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
 from .source import ByteSource, FsspecSource, LocalSource, open_source
@@ -94,12 +94,41 @@ class SiffFile(PhotonReductions):
         try:
             self.header: FileHeader = read_header(self._source)
             self.index: FrameIndex = self._load_index(index_cache)
+            self._warn_unread()
             self.metadata: ScanImageMetadata = parse_nvfd(self.header.nvfd_text)
             self.roi_groups: dict[str, RoiGroup] = parse_roi_groups(self.header.roi_text,
                                                                      self._source.name)
         except BaseException:
             self._source.close()
             raise
+
+    @property
+    def unread_bytes(self) -> int:
+        """Bytes after the last frame the IFD chain reaches (0 for a whole file).
+
+        A frame cut off mid-write (the acquisition stopped), or, when it is more than
+        a couple of frames, frames that a damaged IFD chain does not reach.
+        """
+        return unread_bytes(self.index, self.header.file_size)
+
+    def _warn_unread(self) -> None:
+        tail = self.unread_bytes
+        if not tail:
+            return
+        n = self.num_frames
+        idx = self.index
+        # a frame cut off mid-write leaves less than one frame; more is a damaged chain
+        span = max(int((idx.strip_offset + idx.strip_bytes - idx.ifd_offset).max()), 1)
+        plural = "s" if n != 1 else ""
+        if tail > 2 * span + 4096:
+            msg = (f"the IFD chain stops after frame {n - 1} with {tail} bytes (about "
+                   f"{tail // span} frames) left in the file: it looks damaged rather than "
+                   f"cut off mid-write; recovered {n} complete frame{plural}, the rest is not "
+                   "read")
+        else:
+            msg = (f"the file ends inside a frame (acquisition cut off mid-write?); "
+                   f"recovered {n} complete frame{plural}")
+        warnings.warn(f"{self.name}: {msg}", SiffWarning, stacklevel=3)
 
     @classmethod
     def from_options(cls, path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,

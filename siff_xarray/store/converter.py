@@ -502,6 +502,7 @@ def convert_file(
     ome: bool = True,
     ome_levels: int | None = None,
     progress: Callable[[Progress], None] | None = None,
+    allow_truncated: bool = False,
 ) -> ConversionSummary:
     """Convert one ``.siff`` file (or one split acquisition) to a Zarr v3 store, losslessly.
 
@@ -534,6 +535,11 @@ def convert_file(
     ome_levels
         Levels of its multiscale pyramid (each halves y and x by 2 x 2 means); default:
         halve while both sides stay at least 32 pixels (256 x 128 frames: 3 levels).
+    allow_truncated
+        Convert the complete frames of a source that has bytes after its last frame
+        (an acquisition cut off mid-write, or a damaged IFD chain that hides frames);
+        by default such a source is refused, so that a store is never mistaken for
+        the whole file (``SiffFile.unread_bytes`` tells how much is left out).
     progress
         Called with a :class:`Progress` after each batch (progress is also logged at
         DEBUG level on the ``siff_xarray.store`` logger).
@@ -587,6 +593,8 @@ def convert_file(
                 raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                       "overwrite=True (--overwrite) to replace it")
             target.fs.rm(target.root, recursive=True)
+        if not allow_truncated:
+            _refuse_unread_bytes(srcs, storage_options)
         plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
                       ome_levels)
     try:
@@ -606,6 +614,26 @@ def convert_file(
                              store_bytes=_store_bytes(target),
                              seconds=time.perf_counter() - t_start, batches=plan.n_batches,
                              batches_skipped=skipped)
+
+
+def _refuse_unread_bytes(srcs: list[str], storage_options: dict[str, Any] | None) -> None:
+    """Raise ConversionError for a source with bytes after the last frame it indexes."""
+    import warnings
+
+    from ..errors import SiffWarning
+    from ..reader.siff_file import SiffFile
+
+    for path in srcs:
+        with warnings.catch_warnings():  # reported here, as an error
+            warnings.simplefilter("ignore", SiffWarning)
+            with SiffFile(path, storage_options=storage_options) as f:
+                tail, n = f.unread_bytes, f.num_frames
+        if tail:
+            raise ConversionError(
+                f"{path}: {tail} bytes after its last complete frame (frame {n - 1}) would "
+                "not be converted: the acquisition was cut off mid-write, or the file is "
+                "damaged. Pass allow_truncated=True (--allow-truncated) to convert the "
+                f"{n} complete frames")
 
 
 def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
