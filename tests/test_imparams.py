@@ -148,8 +148,7 @@ def test_unusable_header_values():
     bad = (text.replace("pixelsPerLine = 6", "pixelsPerLine = '5ASI.hRoiMan'")
            .replace("scanZoomFactor = 2.0", "scanZoomFactor = 'x'")
            .replace("scanFramePeriod = 0.016", "scanFramePeriod = NaN")
-           .replace("zsRelative = [0.0 10.0 20.0]", "zsRelative = {'a' 'b' 'c'}")
-           .replace("channelSave = 1", "channelSave = 1e300"))
+           .replace("zsRelative = [0.0 10.0 20.0]", "zsRelative = {'a' 'b' 'c'}"))
     ip = ImParams(parse_nvfd(bad), 0, None, name="f.siff")  # no frames: sizes from the header
     assert ip.ysize == 4
     with pytest.raises(SiffFormatError, match=r"f\.siff.*pixelsPerLine .* is not a frame size"):
@@ -157,6 +156,9 @@ def test_unusable_header_values():
     assert ip.zoom is None and ip.dt_frame is None
     assert ip.z_vals is None
     np.testing.assert_array_equal(ip.z_positions, [0.0, 10.0, 20.0])  # from the step size
-    assert ip.colors == [1]
+    # layout metadata is never guessed: a channel list that is not one is an error
+    with pytest.raises(SiffFormatError, match=r"f\.siff.*channelSave = 1e300 .* channel"):
+        ImParams(parse_nvfd(bad.replace("channelSave = 1", "channelSave = 1e300")), 0, None,
+                 name="f.siff")
     # with frames, the IFDs give the shape and the bad header size is never needed
     assert ImParams(parse_nvfd(bad), 6, (4, 6)).shape == (4, 6)

@@ -164,3 +164,53 @@ def test_fast_timestamp_parsing_equals_python(text):
     ts = parse_timestamps(*args)
     assert ts.experiment_s[0] == want_f or (np.isnan(want_f) and np.isnan(ts.experiment_s[0]))
     assert ts.epoch_laser_ns[0] == want_i
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("SI.hChannels.channelSave", "[-1;0]", r"channelSave = \[-1;0\] .* channel numbers"),
+    ("SI.hStackManager.actualNumSlices", "Inf", "actualNumSlices = Inf .* whole number"),
+    ("SI.hStackManager.actualNumSlices", "1" * 5000, "actualNumSlices = 1111.* whole number"),
+    ("SI.hStackManager.framesPerSlice", "0.5", "framesPerSlice = 0.5 .* whole number"),
+])
+def test_unusable_layout_metadata_is_an_error_naming_the_key(tmp_path, key, value, match):
+    import xarray as xr
+
+    from siff_xarray.errors import SiffFormatError
+    from siff_xarray.synthetic import write_siff
+
+    t = write_siff(tmp_path / "l.siff", shape=(8, 8), n_slices=2, n_timepoints=2,
+                   header_extra={key: value})
+    with pytest.raises(SiffFormatError, match=rf"l\.siff: SI\..*{match}"):
+        xr.open_dataset(t.path, engine="siff")
+
+
+def test_unusable_optional_metadata_keeps_the_file_readable(tmp_path):
+    import xarray as xr
+
+    from siff_xarray.synthetic import write_siff
+
+    t = write_siff(tmp_path / "o.siff", shape=(8, 8), n_slices=2, n_timepoints=2,
+                   header_extra={"SI.hScan2D.someSetting": "7" * 5000})
+    with xr.open_dataset(t.path, engine="siff") as ds:  # a 5000-digit number: kept as text
+        np.testing.assert_array_equal(ds.intensity.values, ds.intensity.values)
+        assert ds.sizes["z"] == 2
+    with SiffFile(t.path) as f:
+        assert f.metadata.flat["SI.hScan2D.someSetting"] == "7" * 5000
+
+
+def test_roi_fields_of_the_wrong_type_are_ignored_with_a_warning():
+    import json
+
+    from siff_xarray.errors import SiffWarning
+
+    doc = {"RoiGroups": {"imagingRoiGroup": {"name": "g", "rois": {"name": "r", "scanfields": {
+        "centerXY": [0, 0], "sizeXY": [1, 1], "rotationDegrees": "abc",
+        "pixelResolutionXY": [float("nan"), float("inf")], "affine": [[1, 0], [0]],
+        "enable": 1}}}}}
+    text = json.dumps(doc).replace("NaN", "NaN").replace("Infinity", "Infinity")
+    with pytest.warns(SiffWarning, match=r"f\.siff: .*affine, pixelResolutionXY, "
+                                         r"rotationDegrees"):
+        groups = parse_roi_groups(text, "f.siff")
+    sf = groups["imagingRoiGroup"].rois[0].scanfields[0]
+    assert sf.rotation_degrees == 0.0 and sf.pixel_resolution_xy is None and sf.affine is None
+    assert sf.center_xy == (0.0, 0.0) and sf.size_xy == (1.0, 1.0)

@@ -48,12 +48,6 @@ def _as_float(v: Any) -> float | None:
     return float(v)
 
 
-def _as_count(v: Any, default: int) -> int:
-    """Return a header value used as a count: a finite number >= 1 (clamped), else ``default``."""
-    f = _as_float(v)
-    return default if f is None or f < 1 else int(min(f, 10 * MAX_LAYOUT))
-
-
 def _module_name(part: str) -> str:
     """ScanImage's ``hFastZ`` becomes ``FastZ`` (SiffPy's attribute names)."""
     return part[1:] if len(part) > 1 and part[0] == "h" and part[1].isupper() else part
@@ -190,6 +184,27 @@ class ImParams(_ItemsAsAttributes):
         """Names of the ScanImage modules present in the header."""
         return list(self._modules)
 
+    def _unusable(self, key: str, value: Any, what: str, why: str) -> SiffFormatError:
+        text = self.metadata.raw.get(key)
+        shown = text.strip() if isinstance(text, str) else repr(value)
+        shown = shown if len(shown) < 60 else shown[:57] + "..."
+        return SiffFormatError(self.name, f"{key} = {shown} in the header is not {what}; "
+                               f"it decides {why}, so the file cannot be read without it")
+
+    def _layout_count(self, key: str, default: int) -> int:
+        """Return a count that decides how frames form volumes (``default`` when absent).
+
+        A present value must be a whole number (>= 1, or >= 0 for flyback frames);
+        anything else is a SiffFormatError naming the key, never a silent guess.
+        """
+        v = self._get(key)
+        if v is None:
+            return default
+        f = _as_float(v)
+        if f is None or f < min(default, 1) or f != round(f):
+            raise self._unusable(key, v, "a whole number", "how frames form volumes")
+        return int(min(f, 10 * MAX_LAYOUT))
+
     def _validate(self) -> None:
         c, z, r = self.num_colors, self.num_slices, self.frames_per_slice
         b = self.num_discard_flyback_frames
@@ -208,8 +223,10 @@ class ImParams(_ItemsAsAttributes):
             return [1]
         arr = np.atleast_1d(np.asarray(v)).ravel()
         if arr.dtype.kind not in "iuf" or arr.size == 0 or arr.size > 10 * MAX_LAYOUT \
-                or not np.isfinite(arr).all() or (arr < 0).any() or (arr > 2**31).any():
-            return [1]
+                or not np.isfinite(arr).all() or (arr < 1).any() or (arr > 2**31).any() \
+                or (arr != np.round(arr)).any():
+            raise self._unusable("SI.hChannels.channelSave", v, "a list of channel numbers",
+                                 "which frame belongs to which channel")
         return [int(x) for x in arr]
 
     channels = colors
@@ -253,15 +270,17 @@ class ImParams(_ItemsAsAttributes):
             self._get("SI.hStackManager.stackZEndPos")
         if start is not None and end is not None and np.array_equal(start, end):
             return 1
-        n = self._get("SI.hStackManager.actualNumSlices", self._get("SI.hStackManager.numSlices"))
-        return _as_count(n, 1)
+        key = "SI.hStackManager.actualNumSlices"
+        if self._get(key) is None:
+            key = "SI.hStackManager.numSlices"
+        return self._layout_count(key, 1)
 
     @property
     def frames_per_slice(self) -> int:
         """Frames acquired per slice per volume (``R``, ScanImage ``framesPerSlice``)."""
         if not self.stack_enabled:
             return 1
-        return _as_count(self._get("SI.hStackManager.framesPerSlice", 1), 1)
+        return self._layout_count("SI.hStackManager.framesPerSlice", 1)
 
     @property
     def discard_frames(self) -> bool:
@@ -274,7 +293,7 @@ class ImParams(_ItemsAsAttributes):
         """Flyback frames per volume in the file, all channels counted (``B``)."""
         if not self.discard_frames:
             return 0
-        return _as_count(self._get("SI.hFastZ.numDiscardFlybackFrames", 0), 0) * self.num_colors
+        return self._layout_count("SI.hFastZ.numDiscardFlybackFrames", 0) * self.num_colors
 
     @property
     def frames_per_volume(self) -> int:

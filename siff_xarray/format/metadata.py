@@ -133,6 +133,8 @@ class _Parser:
         text = m.group()
         if any(c in text for c in ".eE"):
             return float(text)
+        if len(text) > 1000:  # Python refuses int() of > 4300 digits; no setting has 1000
+            raise self.error(f"an integer of {len(text)} digits")
         return int(text)
 
     def container(self, open_: str, close: str) -> Any:
@@ -328,20 +330,53 @@ class Scanfield:
     raw: dict[str, Any] = field(repr=False)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Scanfield:
-        """Build from one JSON scanfield object."""
+    def from_json(cls, d: dict[str, Any], problems: list[str] | None = None) -> Scanfield:
+        """Build from one JSON scanfield object.
+
+        Fields of the wrong type (text, NaN or infinite numbers, ragged matrices) are
+        left out (``None``, rotation 0) and their names appended to ``problems``.
+        """
+        bad = problems if problems is not None else []
+
+        def number(v: Any) -> float:
+            f = float(v)  # TypeError/ValueError for text, lists, ...
+            if not math.isfinite(f):
+                raise ValueError(v)
+            return f
+
         def pair(key: str, typ: type) -> Any:
             v = d.get(key)
-            return tuple(typ(x) for x in v) if isinstance(v, list) and len(v) == 2 else None
+            if v is None:
+                return None
+            try:
+                if not isinstance(v, list) or len(v) != 2:
+                    raise ValueError(v)
+                return tuple(typ(number(x)) for x in v)
+            except (TypeError, ValueError, OverflowError):
+                bad.append(key)
+                return None
 
         def mat(key: str) -> np.ndarray | None:
             v = d.get(key)
-            return np.asarray(v, dtype=float) if isinstance(v, list) else None
+            if v is None:
+                return None
+            try:
+                m = np.asarray(v, dtype=float)
+                if not isinstance(v, list) or m.ndim != 2 or not np.isfinite(m).all():
+                    raise ValueError(v)
+                return m
+            except (TypeError, ValueError):
+                bad.append(key)
+                return None
 
+        try:
+            rotation = number(d.get("rotationDegrees") or 0.0)
+        except (TypeError, ValueError, OverflowError):
+            bad.append("rotationDegrees")
+            rotation = 0.0
         return cls(
             center_xy=pair("centerXY", float), size_xy=pair("sizeXY", float),
-            rotation_degrees=float(d.get("rotationDegrees") or 0.0),
-            pixel_resolution_xy=pair("pixelResolutionXY", int),
+            rotation_degrees=rotation, pixel_resolution_xy=pair("pixelResolutionXY", int),
             enable=bool(d.get("enable", 1)), affine=mat("affine"),
             pixel_to_ref_transform=mat("pixelToRefTransform"), raw=d,
         )
@@ -385,6 +420,7 @@ def parse_roi_groups(text: str, source: str = "<file>") -> dict[str, RoiGroup]:
     out: dict[str, RoiGroup] = {}
     if not isinstance(groups, dict):
         return out
+    problems: list[str] = []
     for kind, g in groups.items():
         for k, gd in enumerate(_as_list(g)):
             if not isinstance(gd, dict):
@@ -392,9 +428,13 @@ def parse_roi_groups(text: str, source: str = "<file>") -> dict[str, RoiGroup]:
             rois = []
             for r in _as_list(gd.get("rois")):
                 if isinstance(r, dict):
-                    sfs = [Scanfield.from_json(s) for s in _as_list(r.get("scanfields"))
-                           if isinstance(s, dict)]
+                    sfs = [Scanfield.from_json(s, problems)
+                           for s in _as_list(r.get("scanfields")) if isinstance(s, dict)]
                     rois.append(Roi(name=str(r.get("name") or ""), scanfields=sfs, raw=r))
             key = kind if k == 0 else f"{kind}_{k}"
             out[key] = RoiGroup(name=str(gd.get("name") or ""), rois=rois, raw=gd)
+    if problems:
+        warnings.warn(f"{source}: ROI-group JSON fields of the wrong type are ignored: "
+                      f"{', '.join(sorted(set(problems)))} (the photons are unaffected; the "
+                      "header's field of view is used instead)", SiffWarning, stacklevel=3)
     return out
