@@ -10,7 +10,10 @@ result of an interrupted one raises :class:`IncompleteStoreError`.
 
 from __future__ import annotations
 
-__all__ = ["ConversionError", "IncompleteStoreError", "SiffFormatError", "SiffWarning"]
+__all__ = [
+    "ConversionError", "IncompleteStoreError", "RemoteAccessError", "SiffFormatError",
+    "SiffWarning",
+]
 
 
 class SiffFormatError(ValueError):
@@ -62,3 +65,18 @@ class ConversionError(RuntimeError):
 
 class IncompleteStoreError(ConversionError):
     """A Zarr store is the partial result of an interrupted conversion."""
+
+
+class RemoteAccessError(OSError):
+    """A remote file or store could not be reached (timeout, refused, no credentials).
+
+    The message names the URL and what to check.
+    """
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        super().__init__(f"{url}: {problem}")
+
+    def __reduce__(self):  # keep the fields through pickling (dask workers)
+        return (type(self), (self.url, self.problem))

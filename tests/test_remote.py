@@ -190,3 +190,60 @@ def test_index_cache_local_and_invalidation(tmp_path):
     ro.write_text("x")
     with SiffFile(t.path, index_cache=ro / "sub") as f:
         np.testing.assert_array_equal(f.read_frames(), t.intensity())
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback server that accepts connections and never answers (bounded: 60 s)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept():
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def test_a_server_that_never_answers_is_a_clear_error_not_a_hang(silent_server,
+                                                                   monkeypatch):
+    from siff_xarray import _remote
+    from siff_xarray.errors import RemoteAccessError
+
+    monkeypatch.setattr(_remote, "READ_TIMEOUT_S", 1.0)  # the default is 60 s
+    url = f"{silent_server}/run.siff"
+    t0 = time.monotonic()
+    with pytest.raises(RemoteAccessError, match=rf"{url}: the server did not answer in time"):
+        xr.open_dataset(url, engine="siff", index_cache=False)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_refused_port_is_a_clear_error():
+    import socket
+
+    from siff_xarray.errors import RemoteAccessError
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    url = f"http://127.0.0.1:{port}/run.siff"
+    with pytest.raises(RemoteAccessError, match=rf"{url}: the server cannot be reached"):
+        SiffFile(url, index_cache=False)

@@ -30,6 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._paths import is_remote, local_path
+from .._remote import remote_error, with_timeouts
 from ..errors import SiffFormatError
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
@@ -267,8 +268,15 @@ class FsspecSource(ByteSource):
         import fsspec
 
         self.name = url
-        self._fs, self._path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        info = self._fs.info(self._path)
+        try:
+            self._fs, self._path = fsspec.core.url_to_fs(
+                url, **with_timeouts(url, storage_options))
+            info = self._fs.info(self._path)
+        except Exception as exc:
+            err = remote_error(url, exc)
+            if err is None:
+                raise
+            raise err from exc
         if info.get("type") == "directory":
             raise IsADirectoryError(f"{url}: is a directory")
         size = info.get("size")
@@ -282,6 +290,16 @@ class FsspecSource(ByteSource):
         #: bytes requested from the filesystem so far (for tests and benchmarks)
         self.bytes_fetched = 0
 
+    def _network(self, call: Any) -> Any:
+        """Run a request; a timeout or unreachable server becomes a RemoteAccessError."""
+        try:
+            return call()
+        except Exception as exc:
+            err = remote_error(self.name, exc)
+            if err is None:
+                raise
+            raise err from exc
+
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset``."""
         if offset < 0 or length < 0:
@@ -289,7 +307,7 @@ class FsspecSource(ByteSource):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        out = self._fs.cat_file(self._path, start=offset, end=end)
+        out = self._network(lambda: self._fs.cat_file(self._path, start=offset, end=end))
         self.bytes_fetched += len(out)
         return bytes(out)
 
@@ -305,8 +323,9 @@ class FsspecSource(ByteSource):
                 self._cache.move_to_end(k)
         todo = [k for k in dict.fromkeys(keys) if k not in found]
         if todo:
-            got = self._fs.cat_ranges([self._path] * len(todo), [a for a, _ in todo],
-                                      [b for _, b in todo], on_error="raise")
+            got = self._network(lambda: self._fs.cat_ranges(
+                [self._path] * len(todo), [a for a, _ in todo], [b for _, b in todo],
+                on_error="raise"))
             for k, data in zip(todo, got, strict=True):
                 if isinstance(data, BaseException):
                     raise data

@@ -1,0 +1,80 @@
+"""Timeouts and retries for remote files, set in one place.
+
+fsspec's HTTP and S3 filesystems wait without a limit by default: an endpoint that
+accepts a connection and never answers hangs a call forever. :func:`with_timeouts`
+adds a connect and a read timeout (and, for S3, retries with backoff) to a URL's
+storage options, unless the caller set their own. :func:`remote_error` turns the
+errors of an unreachable or silent server into one :class:`RemoteAccessError` that
+names the URL.
+
+Import rule: the standard library only (aiohttp lazily, for HTTP URLs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .errors import RemoteAccessError
+
+__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "remote_error", "with_timeouts"]
+
+#: seconds to establish a connection
+CONNECT_TIMEOUT_S = 10.0
+#: seconds without a byte from the server before a request fails
+READ_TIMEOUT_S = 60.0
+#: attempts per S3 request (botocore's standard retry mode, exponential backoff)
+RETRIES = 4
+
+
+def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Return ``storage_options`` with this package's timeouts where the caller set none."""
+    opts = dict(storage_options or {})
+    protocol = url.split("://", 1)[0].lower() if "://" in url else ""
+    if protocol in ("http", "https"):
+        client = dict(opts.get("client_kwargs") or {})
+        if "timeout" not in client:
+            import aiohttp
+
+            client["timeout"] = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S,
+                                                      sock_read=READ_TIMEOUT_S)
+        opts["client_kwargs"] = client
+    elif protocol in ("s3", "s3a"):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+        config.setdefault("read_timeout", READ_TIMEOUT_S)
+        config.setdefault("retries", {"max_attempts": RETRIES, "mode": "standard"})
+        opts["config_kwargs"] = config
+    return opts
+
+
+def remote_error(url: str, exc: BaseException) -> RemoteAccessError | None:
+    """Return a RemoteAccessError naming ``url`` for a network failure, else None.
+
+    The exception and its causes are examined (fsspec's HTTP filesystem reports a
+    timeout as a FileNotFoundError raised from it).
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        err = _network_error(url, exc)
+        if err is not None:
+            return err
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _network_error(url: str, exc: BaseException) -> RemoteAccessError | None:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return RemoteAccessError(url, "the server did not answer in time (timeout); check "
+                                 "the URL and the network, or raise the timeout through "
+                                 "storage_options")
+    if isinstance(exc, ConnectionError) or type(exc).__name__ in (
+            "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+            "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+            "ConnectionClosedError"):
+        return RemoteAccessError(url, f"the server cannot be reached ({exc})")
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return RemoteAccessError(url, "no credentials for this bucket; configure them or "
+                                 "pass storage_options={'anon': True} for a public one")
+    return None
