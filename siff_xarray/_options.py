@@ -74,16 +74,16 @@ class FileOptions:
         """``storage_options`` as a plain dict (for fsspec), or None."""
         return None if self.storage_options is None else dict(self.storage_options)
 
+    def _key(self) -> tuple[Any, ...]:
+        # storage_options may hold dicts (unhashable): compare them by their JSON text
+        return (_frozen_key(self.storage), self.tau_bins, self.bin_width_ps,
+                self.base_resolution_ps, self.index_cache)
+
     def __hash__(self) -> int:
-        return hash((_frozen_key(self.storage), self.tau_bins, self.bin_width_ps,
-                     self.base_resolution_ps, self.index_cache))
+        return hash(self._key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FileOptions) and hash(self) == hash(other) and (
-            _frozen_key(self.storage) == _frozen_key(other.storage)
-            and (self.tau_bins, self.bin_width_ps, self.base_resolution_ps, self.index_cache)
-            == (other.tau_bins, other.bin_width_ps, other.base_resolution_ps,
-                other.index_cache))
+        return isinstance(other, FileOptions) and self._key() == other._key()
 
 
 @dataclass(frozen=True)
