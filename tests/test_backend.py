@@ -432,18 +432,27 @@ def test_file_objects_and_fsspec_urls(siff_files):
     t = siff_files["partial_volume"]
     with xr.open_dataset(t.path, engine="siff") as ref:
         want = ref.load()
+    present = want.source_frame.values >= 0
+
+    def same(ds: xr.Dataset, location: str) -> None:
+        # everything equal; source_file names where each frame can be opened again
+        xr.testing.assert_equal(ds.drop_vars("source_file"), want.drop_vars("source_file"))
+        assert (ds.source_file.values[present] == location).all()
+        assert (ds.source_file.values[~present] == "").all()
+
+    assert (want.source_file.values[present] == t.path).all()
     with open(t.path, "rb") as fh, xr.open_dataset(fh, engine="siff") as ds:
-        xr.testing.assert_equal(ds.load(), want)
+        same(ds.load(), "")  # a file object cannot be reopened
     with open(t.path, "rb") as fh:
         data = fh.read()
     with xr.open_dataset(io.BytesIO(data), engine="siff") as ds:
-        xr.testing.assert_equal(ds.load(), want)
+        same(ds.load(), "")
     with fsspec.open("memory://bucket/run.siff", "wb") as out:
         out.write(data)
     with xr.open_dataset("memory://bucket/run.siff", engine="siff") as ds:
-        xr.testing.assert_equal(ds.load(), want)
+        same(ds.load(), "memory://bucket/run.siff")
         back = pickle.loads(pickle.dumps(ds))  # URLs reopen after unpickling
-        xr.testing.assert_equal(back.load(), want)
+        same(back.load(), "memory://bucket/run.siff")
     with xr.open_dataset("file://" + t.path, engine="siff") as ds:
         xr.testing.assert_equal(ds.load(), want)
 
@@ -479,8 +488,16 @@ def test_open_acquisition_joins_split_files(tmp_path):
     assert len(split.paths) == 6 and os.path.basename(split.paths[0]) == "run_00001.siff"
     with open_acquisition(str(tmp_path / "run_*.siff")) as acq, \
             xr.open_dataset(whole.path, engine="siff") as one:
-        xr.testing.assert_equal(acq.drop_attrs(), one.drop_attrs())
+        src = ["source_file", "source_frame"]
+        xr.testing.assert_equal(acq.drop_attrs().drop_vars(src),
+                                one.drop_attrs().drop_vars(src))
         assert acq.attrs["file_frame_offsets"] == [0, 7, 14, 21, 28, 35]
+        # each frame names its part and its frame within that part
+        f = acq.frame_index.values
+        ok = f >= 0
+        part = f[ok] // 7
+        assert (acq.source_file.values[ok] == np.array(split.paths)[part]).all()
+        assert (acq.source_frame.values[ok] == f[ok] - 7 * part).all()
         assert list(acq.event_frame.values) == [3, 20]
     with open_acquisition(split.paths) as acq:
         _ = acq.intensity.isel(time=1).values

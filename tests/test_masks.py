@@ -129,7 +129,7 @@ def test_photon_reductions_on_a_converted_store(siff_files, tmp_path, rng):
             for x, y in zip(lazy, eager, strict=True):
                 xr.testing.assert_identical(x.compute(), y)
     # a Dataset with neither a .siff nor a store behind it says so
-    plain = ds.load().copy()
+    plain = ds.load().copy().drop_vars(["source_file", "source_frame"])
     plain.encoding = {}
     plain.intensity.encoding = {}
     with pytest.raises(ValueError, match="converted store"):
@@ -201,7 +201,7 @@ def test_phasor_matches_phasorpy_and_calibrates(tmp_path, rng):
         assert abs(float(raw.g.mean()) - 1 / (1 + wt**2)) > 0.1
 
 
-def test_split_acquisitions_use_the_xarray_path(tmp_path, rng):
+def test_split_acquisitions_reduce_each_part_s_photons(tmp_path, rng):
     from siff_xarray import open_acquisition
 
     kw = dict(shape=(8, 6), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=5,
@@ -211,11 +211,20 @@ def test_split_acquisitions_use_the_xarray_path(tmp_path, rng):
     masks = rng.random((2, 8, 6)) > 0.5
     with open_acquisition(split.paths) as acq, xr.open_dataset(whole.path,
                                                                engine="siff") as one:
-        # frame_index counts across the parts: the first part alone must not be used
-        np.testing.assert_array_equal(acq.siff.sum_masks(masks).values,
-                                      one.siff.sum_masks(masks).values)
-        with pytest.raises(ValueError, match=r"one local \.siff"):
-            acq.siff.lifetime(masks)
+        # frame_index counts across the parts; source_file/source_frame name each part
+        for method in ("kernel", "xarray"):
+            np.testing.assert_array_equal(acq.siff.sum_masks(masks, method=method).values,
+                                          one.siff.sum_masks(masks).values)
+        np.testing.assert_array_equal(acq.siff.lifetime(masks).values,
+                                      one.siff.lifetime(masks).values)
+        np.testing.assert_array_equal(acq.siff.histogram(masks).values,
+                                      one.siff.histogram(masks).values)
+        np.testing.assert_array_equal(acq.siff.lifetime().values, one.siff.lifetime().values)
+        a = acq.siff.arrival_times(time=3, z=1, channel=1)
+        xr.testing.assert_identical(a.drop_attrs(),
+                                    one.siff.arrival_times(time=3, z=1, channel=1).drop_attrs())
+        with pytest.raises(ValueError, match="ambiguous"):
+            acq.siff.arrival_times(3)
 
 
 def test_arrival_times_from_siff_and_store(siff_files, tmp_path):

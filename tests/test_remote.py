@@ -16,6 +16,14 @@ from siff_xarray import SiffFile
 from siff_xarray.backend import open_acquisition
 from siff_xarray.synthetic import write_siff
 
+#: where each cell's photons are (the URL, not the local path): compared on their own
+SOURCES = ["source_file", "source_frame"]
+
+
+def _bare(ds: xr.Dataset) -> xr.Dataset:
+    """The loaded Dataset without attributes and without where its photons are."""
+    return ds.load().drop_attrs().drop_vars(SOURCES)
+
 
 @pytest.fixture
 def big_frames(tmp_path):
@@ -34,14 +42,18 @@ def test_http_open_reads_only_header_and_ifds(http_server, big_frames):
         # header + one small window per IFD + the frame descriptions (timestamps)
         assert opened < 0.05 * size, (opened, size)
         with xr.open_dataset(big_frames.path, engine="siff") as local:
-            xr.testing.assert_identical(ds.drop_attrs(), local.drop_attrs())
+            xr.testing.assert_identical(ds.drop_attrs().drop_vars(SOURCES),
+                                        local.drop_attrs().drop_vars(SOURCES))
+            xr.testing.assert_identical(ds.source_frame, local.source_frame)
+            ok = ds.source_frame.values >= 0
+            assert (ds.source_file.values[ok] == url).all()
             before = http_server.bytes_sent
             one = ds.intensity.isel(time=2, z=1, channel=0).values
             np.testing.assert_array_equal(one, local.intensity.isel(time=2, z=1,
                                                                     channel=0).values)
             # one frame of photons, not the file
             assert http_server.bytes_sent - before < 0.1 * size
-            xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+            xr.testing.assert_identical(_bare(ds), _bare(local))
         assert ds.attrs["source_file"] == url
 
 
@@ -51,7 +63,7 @@ def test_https_with_verified_certificate(https_server, big_frames):
     opts = {"ssl": https_server.client_ssl}
     with xr.open_dataset(url, engine="siff", storage_options=opts, index_cache=False) as ds, \
             xr.open_dataset(big_frames.path, engine="siff") as local:
-        xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+        xr.testing.assert_identical(_bare(ds), _bare(local))
 
 
 def test_http_cache_serves_repeated_reads(http_server, big_frames):
@@ -73,7 +85,7 @@ def test_s3_round_trip(s3_server, big_frames, tmp_path):
     assert xr.backends.plugins.guess_engine(url) == "siff"
     with xr.open_dataset(url, engine="siff", storage_options=s3_server, flim=True) as ds, \
             xr.open_dataset(big_frames.path, engine="siff", flim=True) as local:
-        xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+        xr.testing.assert_identical(_bare(ds), _bare(local))
         back = pickle.loads(pickle.dumps(ds))  # reopens from S3 with the same options
         np.testing.assert_array_equal(back.histogram.sum("tau").values,
                                       local.histogram.sum("tau").values)
@@ -96,7 +108,7 @@ def test_s3_open_acquisition_glob(s3_server, tmp_path):
     with open_acquisition("s3://acq-bucket/day1/acq_*.siff", storage_options=s3_server) as a, \
             xr.open_dataset(whole.path, engine="siff") as one:
         assert len(a.attrs["source_file"]) == len(split.paths)
-        xr.testing.assert_equal(a.load().drop_attrs(), one.load().drop_attrs())
+        xr.testing.assert_equal(_bare(a), _bare(one))
 
 
 def test_missing_remote_files_are_clear_errors(http_server):

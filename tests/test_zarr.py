@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -20,14 +21,40 @@ from siff_xarray import store as zs
 from siff_xarray.errors import ConversionError, IncompleteStoreError, SiffFormatError
 from siff_xarray.synthetic import write_siff
 
+#: where each cell's photons are: differs between a store and its source by design
+SOURCES = ["source_file", "source_frame"]
+
 
 def _tree(root) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``root``."""
+    """Relative path -> sha256 of every file under ``root``.
+
+    ``source_file`` records where the store is (each cell's photons are in it), so
+    stores differ there by destination: it is checked to name ``root`` and left
+    out of the hashes.
+    """
+    import zarr
+
     out = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
             p = Path(dirpath) / name
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+            rel = str(p.relative_to(root))
+            if rel.startswith("source_file"):
+                continue
+            data = p.read_bytes()
+            if rel == "zarr.json":
+                meta = json.loads(data)
+                meta.get("consolidated_metadata", {}).get("metadata", {}).pop("source_file",
+                                                                              None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            out[rel] = hashlib.sha256(data).hexdigest()
+    if (Path(root) / "source_file").exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            here = zarr.open_array(str(root), path="source_file", mode="r")[...]
+            fmap = zarr.open_array(str(root), path="source_frame", mode="r")[...]
+        assert (here[fmap >= 0] == os.path.abspath(root)).all()
+        assert (here[fmap < 0] == "").all()
     return out
 
 
@@ -105,7 +132,8 @@ def test_convert_is_lossless(siff_files, tmp_path, name):
     assert summary.batches >= 2 and summary.frames == t.n_frames
     assert summary.photons == len(t.arrival)
     with zs.open_converted(dst) as ds, xr.open_dataset(t.path, engine="siff") as src:
-        xr.testing.assert_identical(ds.load(), src.load())
+        xr.testing.assert_identical(ds.load().drop_vars("source_file"),
+                                    src.load().drop_vars("source_file"))
         assert ds.intensity.encoding["shards"][0] == 2 * ds.intensity.encoding["chunks"][0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # consolidated metadata: no fallback warning
@@ -320,7 +348,8 @@ def test_intensity_only_tiff(tmp_path, signed):
         assert z.intensity.dtype == (np.int16 if signed else np.uint16)
         if signed:
             assert (ds.intensity.values < 0).any()
-        xr.testing.assert_identical(z.load(), ds.load())
+        xr.testing.assert_identical(z.load().drop_vars("source_file"),
+                                    ds.load().drop_vars("source_file"))
         _check_ome(dst, ds)
     assert zs.verify(t.path, dst) == []
     back = tmp_path / "back.tif"
@@ -366,7 +395,8 @@ def test_s3_to_s3_end_to_end(s3_server, tmp_path):
     assert summary.batches >= 2 and summary.store_bytes > 0
     with zs.open_converted(dst, storage_options=s3_server) as ds, \
             xr.open_dataset(t.path, engine="siff") as local:
-        xr.testing.assert_identical(ds.load().drop_attrs(), local.load().drop_attrs())
+        xr.testing.assert_identical(ds.load().drop_attrs().drop_vars("source_file"),
+                                    local.load().drop_attrs().drop_vars("source_file"))
         assert ds.attrs["source_file"] == src
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -457,8 +487,9 @@ def test_split_acquisition_becomes_one_store(tmp_path):
     store = out / "run.zarr"
     with zs.open_converted(store) as ds, open_acquisition(split.paths) as acq, \
             xr.open_dataset(whole.path, engine="siff") as one:
-        xr.testing.assert_identical(ds.load(), acq.load())
-        xr.testing.assert_equal(ds.drop_attrs(), one.drop_attrs())
+        xr.testing.assert_identical(ds.load().drop_vars(SOURCES), acq.load().drop_vars(SOURCES))
+        xr.testing.assert_equal(ds.drop_attrs().drop_vars(SOURCES),
+                                one.drop_attrs().drop_vars(SOURCES))
     for fr in range(whole.n_frames):
         pix, tau = zs.read_photons(store, fr)
         tp, tt = whole.photons(fr)
@@ -645,10 +676,17 @@ def test_verify_compares_attributes_coordinates_and_eager_variables(siff_files, 
     z = zarr.open_array(str(dst), path="z", mode="r+")
     z[:] = z[:] + 1.0
     zarr.open_array(str(dst), path="frame_present", mode="r+")[0] = False
+    sf = zarr.open_array(str(dst), path="source_frame", mode="r+")
+    sf[1, 0, 0] = int(sf[1, 0, 0]) + 1  # photon reductions would read another frame
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.open_array(str(dst), path="source_file", mode="r+")[2, 0, 0] = ""
     problems = zs.verify(t.path, dst)
     assert any(p.startswith("attribute tau_bin_ps differs") for p in problems)
     assert "coordinate z differs" in problems
     assert "variable frame_present differs" in problems
+    assert any(p.startswith("variable source_frame differs") for p in problems)
+    assert any(p.startswith("variable source_file does not name") for p in problems)
 
 
 def test_every_chunk_is_checksummed_and_a_damaged_one_is_an_error(siff_files, tmp_path):

@@ -203,19 +203,13 @@ class SiffAccessor:
             labels = np.arange(m.shape[0])
         return m.astype(bool), labels, is_3d
 
-    def _source_file(self) -> str | None:
-        """Return the local ``.siff`` behind this Dataset, if its frames can be read from it.
-
-        Not for converted stores, acquisitions of several files (``frame_index``
-        then counts frames across the parts), or URLs (the Dataset does not carry
-        their storage options).
-        """
-        ds = self._ds
-        src = ds.intensity.encoding.get("source")
-        if (isinstance(src, str) and not is_remote(src) and os.path.isfile(src)
-                and "frame_index" in ds and "file_frame_offsets" not in ds.attrs):
-            return src
-        return None
+    def _all_siff(self) -> bool:
+        """Tell whether every frame's photons are in ``.siff`` files (not stores)."""
+        try:
+            _, _, sources = self._photon_cells("sum_masks", {})
+        except (ValueError, OSError):
+            return False
+        return bool(sources) and all(p.kind == "siff" for p in sources)
 
     def sum_masks(self, masks: Any, *, channel: int | None = None,
                   method: Literal["auto", "kernel", "xarray"] = "auto") -> xr.DataArray:
@@ -263,7 +257,7 @@ class SiffAccessor:
         if method not in ("auto", "kernel", "xarray"):
             raise ValueError(f"method must be 'auto', 'kernel' or 'xarray', got {method!r}")
         sel = {} if channel is None else {"channel": channel}
-        if method == "xarray" or (method == "auto" and self._source_file() is None):
+        if method == "xarray" or (method == "auto" and not self._all_siff()):
             data = ds.siff.apply_shifts() if "shift_y" in ds else ds
             inten = data.intensity.sel(sel)
             md = xr.DataArray(m.astype(np.int64), dims=("roi", "z", "y", "x"),
@@ -276,47 +270,104 @@ class SiffAccessor:
         out.name = "photons_in_roi"
         out.attrs = {"long_name": "photons inside the mask", "units": "photons"}
         first = [d for d in ("roi", "time", "z", "repeat", "channel") if d in out.dims]
-        return out.transpose(*first)
+        return out.transpose(*first, ...)
 
-    def _photon_source(self, what: str) -> PhotonSource:
-        """Where this Dataset's photons are: one local ``.siff`` or a converted store.
-
-        A converted store is one opened with :func:`~siff_xarray.open_converted`
-        or ``xr.open_zarr(path)``.
-        """
+    def _resolve(self, what: str, location: str, only: bool) -> PhotonSource:
+        """Return the photon source at ``location`` (a ``source_file`` value)."""
         from ..store.read import is_converted_store
 
         ds = self._ds
-        if "frame_index" in ds:
-            src = self._source_file()
-            if src is not None:
-                return PhotonSource("siff", src)
-            store = ds.encoding.get("source")
-            opts = ds.encoding.get("storage_options")
-            if isinstance(store, str) and is_converted_store(store, opts):
-                return PhotonSource("store", store, opts)
-        raise ValueError(f"{what} reduces photons, which needs a Dataset opened from one "
-                         "local .siff file or from a converted store (with frame_index); "
-                         "this Dataset has neither (for photons of a .siff at a URL, use "
-                         "siff_xarray.SiffFile with storage options)")
+        opts = ds.encoding.get("storage_options")
+        if is_remote(location):
+            if is_converted_store(location, opts):
+                return PhotonSource("store", location, opts)
+            return PhotonSource("siff", location, opts)
+        if os.path.isfile(location):
+            return PhotonSource("siff", location)
+        if os.path.isdir(location) and is_converted_store(location):
+            return PhotonSource("store", location)
+        # a store opened with xr.open_zarr after it was moved: the Dataset's own source
+        here = ds.encoding.get("source")
+        if only and isinstance(here, str) and is_converted_store(here, opts):
+            return PhotonSource("store", here, opts)
+        raise FileNotFoundError(
+            f"{what}: the photons of some frames are in {location}, which does not exist "
+            "(moved or deleted); open moved stores with siff_xarray.open_converted, which "
+            "records where they are now")
 
-    def _frame_grid(self, sel: dict[str, Any]) -> tuple[xr.DataArray, np.ndarray | None]:
-        """File frame of every (time, z, ..., channel) cell, and its shift ``(..., 2)``."""
+    def _photon_cells(self, what: str, sel: dict[str, Any]
+                      ) -> tuple[xr.DataArray, np.ndarray, tuple[PhotonSource, ...]]:
+        """Each cell's frame in its source, the index of that source, and the sources.
+
+        From the per-cell ``source_file`` / ``source_frame`` variables, which follow
+        each cell through ``isel``, ``concat``, ``merge`` and ``open_mfdataset``:
+        every part of a combined Dataset reduces its own file's photons.
+        """
         ds = self._ds
-        fmap = ds.frame_index.sel(sel)
+        frame_dims = set(ds.intensity.dims) - {"y", "x"}
+        if "source_file" in ds and "source_frame" in ds:
+            missing = frame_dims - set(ds.source_frame.dims)
+            if missing:
+                raise ValueError(
+                    f"{what}: intensity varies along {sorted(missing)} but source_frame does "
+                    "not (the Dataset was combined without concatenating it, e.g. "
+                    "data_vars='minimal'), so the frames cannot be traced to their photons; "
+                    "combine with data_vars='all'")
+            fmap = ds.source_frame.sel(sel)
+            files = ds.source_file.sel(sel).broadcast_like(fmap).transpose(*fmap.dims)
+            fm = np.asarray(fmap.values)
+            names = np.asarray(files.values).astype(str)
+            if ((fm >= 0) & (names == "")).any():
+                raise ValueError(f"{what} reduces photons, but some frames come from a file "
+                                 "opened as a file object, which cannot be opened again; "
+                                 "open the file by its path or URL")
+            uniq, inv = np.unique(names, return_inverse=True)
+            which = inv.reshape(fm.shape).astype(np.int64)
+            used = [k for k in range(uniq.size) if uniq[k] and ((which == k) & (fm >= 0)).any()]
+            remap = np.full(uniq.size, -1, dtype=np.int64)
+            remap[used] = np.arange(len(used))
+            which = np.where(fm >= 0, remap[which], -1)
+            sources = tuple(self._resolve(what, str(uniq[k]), only=len(used) == 1)
+                            for k in used)
+            return fmap, which, sources
+        # Datasets written before source_file existed: one source, if it can be told
+        from ..store.read import is_converted_store
+
+        fidx = np.asarray(ds.frame_index.values) if "frame_index" in ds else None
+        store = ds.encoding.get("source")
+        opts = ds.encoding.get("storage_options")
+        if fidx is not None and isinstance(store, str) and is_converted_store(store, opts):
+            ok = fidx[fidx >= 0]
+            if np.unique(ok).size != ok.size:
+                raise ValueError(f"{what}: this Dataset repeats frames (combined from several "
+                                 "stores written before source_file existed), so its frames "
+                                 "cannot be traced to their photons; open each store "
+                                 "separately, or convert again")
+            fmap = ds.frame_index.sel(sel)
+            which = np.where(np.asarray(fmap.values) >= 0, 0, -1)
+            return fmap, which, (PhotonSource("store", store, opts),)
+        raise ValueError(f"{what} reduces photons, which needs a Dataset opened from .siff "
+                         "files or converted stores (with source_file and source_frame); "
+                         "this Dataset has neither")
+
+    def _frame_grid(self, what: str, sel: dict[str, Any]
+                    ) -> tuple[xr.DataArray, np.ndarray, tuple[PhotonSource, ...],
+                               np.ndarray | None]:
+        """Per cell: frame in its source, source index, the sources, shift ``(..., 2)``."""
+        ds = self._ds
+        fmap, which, sources = self._photon_cells(what, sel)
         shifts = None
         if "shift_y" in ds:
             sy, sx = xr.broadcast(ds.shift_y, ds.shift_x, fmap)[:2]
             shifts = np.stack([np.asarray(sy.transpose(*fmap.dims).values),
                                np.asarray(sx.transpose(*fmap.dims).values)], axis=-1)
-        return fmap, shifts
+        return fmap, which, sources, shifts
 
     def _photon_reduce(self, what: str, op: str, sel: dict[str, Any], masks: Any = None,
                        **kw: Any) -> xr.DataArray:
         """Run photon reduction ``op`` (see :data:`REDUCTIONS`) over the frames of ``sel``."""
-        fmap, shifts = self._frame_grid(sel)
-        return reduce_photons(self._ds, self._photon_source(what), op, fmap, shifts, masks,
-                              **kw)
+        fmap, which, sources, shifts = self._frame_grid(what, sel)
+        return reduce_photons(self._ds, sources, which, op, fmap, shifts, masks, **kw)
 
     def _sum_kernel(self, m: np.ndarray, labels: np.ndarray, is_3d: bool,
                     sel: dict[str, Any]) -> xr.DataArray:
@@ -469,19 +520,29 @@ class SiffAccessor:
         ds = self._ds
         shift = (0, 0)
         if frame is None:
-            cell = ds.frame_index.isel(indexers)
-            if cell.size != 1:
-                raise ValueError(f"indexers {indexers} select {cell.size} frames, not one")
-            frame = int(cell.values.reshape(-1)[0])
+            fmap, which, sources = self._photon_cells("arrival_times", {})
+            cells = fmap.copy(data=np.arange(fmap.size).reshape(fmap.shape)).isel(indexers)
+            if cells.size != 1:
+                raise ValueError(f"indexers {indexers} select {cells.size} frames, not one")
+            cell = int(cells.values.reshape(-1)[0])
+            frame = int(np.asarray(fmap.values).reshape(-1)[cell])
             if frame < 0:
                 raise ValueError(f"indexers {indexers} select a frame that was never acquired")
+            source = sources[int(which.reshape(-1)[cell])]
             if "shift_y" in ds:
                 sel = {k: v for k, v in indexers.items() if k in ds.shift_y.dims}
                 shift = (int(ds.shift_y.isel(sel).values.reshape(-1)[0]),
                          int(ds.shift_x.isel(sel).values.reshape(-1)[0]))
         elif indexers:
             raise ValueError("give a file frame index or indexers, not both")
-        with self._photon_source("arrival_times").open() as src:
+        else:
+            _, _, sources = self._photon_cells("arrival_times", {})
+            if len(sources) != 1:
+                raise ValueError(f"this Dataset combines {len(sources)} files, so a frame "
+                                 "number is ambiguous; select the frame with indexers "
+                                 "(time=, z=, channel=, ...)")
+            source = sources[0]
+        with source.open() as src:
             pix, tau = src.photons(int(frame))
         h, w = ds.sizes["y"], ds.sizes["x"]
         y = (pix.astype(np.int64) // w + shift[0]) % h

@@ -119,37 +119,53 @@ def bin_ns(ds: xr.Dataset) -> float:
                      "tau_bin_ps attribute nor a tau coordinate")
 
 
-def reduce_block(source: PhotonSource, op: str, fmap: np.ndarray, shifts: np.ndarray | None,
-                 masks: np.ndarray | None, kw: dict[str, Any],
-                 extra: tuple[int, ...]) -> np.ndarray:
-    """Reduce the photons of the frames ``fmap`` (file frame per cell; -1 = missing).
+def reduce_block(sources: tuple[PhotonSource, ...], op: str, fmap: np.ndarray,
+                 which: np.ndarray, shifts: np.ndarray | None, masks: np.ndarray | None,
+                 kw: dict[str, Any], extra: tuple[int, ...]) -> np.ndarray:
+    """Reduce the photons of the frames ``fmap`` of the files ``sources[which]``.
 
+    ``fmap`` holds each cell's frame within its source (-1 = never acquired) and
+    ``which`` the index of that source in ``sources``. Each source is opened once.
     Returns ``(part, roi, *fmap.shape, *extra)``; missing cells hold the
     reduction's fill value (a pixel phasor's photon count: 0).
     """
     red = REDUCTIONS[op]
     n_parts = red.parts(kw)
     frames = fmap.reshape(-1)
-    ok = frames >= 0
+    src_of = which.reshape(-1)
+    ok = (frames >= 0) & (src_of >= 0)
     n_roi = 1 if masks is None else masks.shape[0]
     out = np.full((n_parts, n_roi, frames.size, *extra), red.fill, dtype=red.dtype)
-    if ok.any():
-        sh = None if shifts is None else shifts.reshape(-1, 2)[ok]
-        with source.open() as src:
-            parts = red.run(src, masks, frames[ok], sh, kw)
-        for k, part in enumerate(parts):
-            out[k][:, ok] = part
-        if op == "pixel_phasor":
-            out[2][:, ~ok] = 0
+    sh_all = None if shifts is None else shifts.reshape(-1, 2)
+    for k in np.unique(src_of[ok]):
+        cells = ok & (src_of == k)
+        sh = None if sh_all is None else sh_all[cells]
+        with sources[int(k)].open() as src:
+            parts = red.run(src, masks, frames[cells], sh, kw)
+        for j, part in enumerate(parts):
+            out[j][:, cells] = part
+    if op == "pixel_phasor":
+        out[2][:, ~ok] = 0
     return out.reshape(n_parts, n_roi, *fmap.shape, *extra)
 
 
-def reduce_photons(ds: xr.Dataset, source: PhotonSource, op: str, fmap: xr.DataArray,
-                   shifts: np.ndarray | None, masks: np.ndarray | None = None,
-                   **kw: Any) -> xr.DataArray:
+def _block_sources(sources: tuple[PhotonSource, ...], which: np.ndarray
+                   ) -> tuple[tuple[PhotonSource, ...], np.ndarray]:
+    """Only the sources a block uses (a task carries its own files, not every file)."""
+    used = np.unique(which[which >= 0])
+    remap = np.full(len(sources) + 1, -1, dtype=np.int64)
+    remap[used] = np.arange(used.size)
+    return tuple(sources[int(k)] for k in used), remap[which]
+
+
+def reduce_photons(ds: xr.Dataset, sources: tuple[PhotonSource, ...], which: np.ndarray,
+                   op: str, fmap: xr.DataArray, shifts: np.ndarray | None,
+                   masks: np.ndarray | None = None, **kw: Any) -> xr.DataArray:
     """Run reduction ``op`` over the frames of ``fmap``, eagerly or lazily with Dask.
 
-    Returns ``(part, roi, *fmap.dims, *extra dims)``. A Dask-backed ``ds`` gives a
+    ``fmap`` holds each cell's frame within its source, ``which`` (same shape) the
+    index of that source in ``sources`` (-1 where never acquired). Returns
+    ``(part, roi, *fmap.dims, *extra dims)``. A Dask-backed ``ds`` gives a
     Dask-backed result with one task per ``time`` chunk of ``intensity``;
     otherwise frames are reduced in blocks of about 4096 frames (bounded memory).
     """
@@ -162,8 +178,9 @@ def reduce_photons(ds: xr.Dataset, source: PhotonSource, op: str, fmap: xr.DataA
     fm = np.asarray(fmap.values)
     n_roi = 1 if masks is None else masks.shape[0]
     had_time = "time" in fmap.dims
+    which = np.asarray(which)
     if not had_time:  # e.g. after isel(time=0): one block
-        fm, fmap = fm[None], fmap.expand_dims("time")
+        fm, fmap, which = fm[None], fmap.expand_dims("time"), which[None]
         shifts = None if shifts is None else shifts[None]
     t_axis = fmap.dims.index("time")
     chunks = ds.intensity.chunks if "time" in ds.intensity.dims else None
@@ -178,11 +195,13 @@ def reduce_photons(ds: xr.Dataset, source: PhotonSource, op: str, fmap: xr.DataA
         idx = [slice(None)] * fm.ndim
         idx[t_axis] = slice(int(a), int(b))
         fb = fm[tuple(idx)]
+        srcs, wb = _block_sources(sources, which[tuple(idx)])
         sb = None if shifts is None else shifts[tuple(idx)]
         if chunks is None:
-            blocks.append(reduce_block(source, op, fb, sb, masks, kw, extra))
+            blocks.append(reduce_block(srcs, op, fb, wb, sb, masks, kw, extra))
         else:
-            task = dask.delayed(reduce_block, pure=True)(source, op, fb, sb, masks, kw, extra)
+            task = dask.delayed(reduce_block, pure=True)(srcs, op, fb, wb, sb, masks, kw,
+                                                         extra)
             blocks.append(da.from_delayed(task, shape=(n_parts, n_roi, *fb.shape, *extra),
                                           dtype=red.dtype))
     if blocks:

@@ -8,6 +8,8 @@ Layout (see ``docs/dataset.md``)::
     mean_arrival  (time, z, [repeat], channel, y, x)  float32  lazy, ``flim=True`` only
     frame_index   (time, z, [repeat], channel)        int64    file frame, -1 if never written
     frame_present (time, z, [repeat], channel)        bool
+    source_file   (time, z, [repeat], channel)        <U       path/URL of the frame's file
+    source_frame  (time, z, [repeat], channel)        int64    frame (IFD) index in that file
     event_*       (event,)                            appended text events
 """
 
@@ -33,9 +35,9 @@ from .array import FrameReader, SiffBackendArray, chunks_in_time
 
 __all__ = ["build_dataset"]
 
-#: variable-length strings, marked so that writers (to_zarr of a Dask-backed Dataset)
-#: know the dtype without loading the values
-_VLEN_STR = np.dtype(object, metadata={"element_type": str})
+def _text(values: list[str]) -> np.ndarray:
+    """Fixed-width unicode (not object): Dask sizes it, so ``chunks="auto"`` works."""
+    return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
 
 def _plain(v: Any) -> Any:
@@ -123,6 +125,35 @@ def _warn_if_continuation(f: SiffFile, ip: ImParams) -> None:
             SiffWarning, stacklevel=4)
 
 
+def _location(f: SiffFile) -> str:
+    """Where ``f`` can be opened again (absolute path or URL); ``""`` for file objects."""
+    path = f.path
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+
+
+def _source_variables(files: list[SiffFile], offsets: np.ndarray, fmap: np.ndarray,
+                      frame_dims: tuple[str, ...]) -> dict[Hashable, xr.Variable]:
+    """``source_file`` and ``source_frame``: the file and frame holding each cell's photons.
+
+    Per cell, so they follow every cell through ``isel``, ``concat`` and
+    ``open_mfdataset``: photon reductions on combined Datasets find each frame's
+    own file (fixed-width strings, so ``chunks="auto"`` works).
+    """
+    part = np.clip(np.searchsorted(offsets, fmap, side="right") - 1, 0, len(files) - 1)
+    present = fmap >= 0
+    names = np.array([_location(f) for f in files])
+    src_file = np.where(present, names[part], "")
+    src_frame = np.where(present, fmap - offsets[part], -1).astype(np.int64)
+    return {
+        "source_file": xr.Variable(frame_dims, src_file, {
+            "long_name": "file holding the frame's photons (absolute path or URL)",
+            "description": "empty where the frame was never written or the file was opened "
+                           "from a file object"}),
+        "source_frame": xr.Variable(frame_dims, src_frame, {
+            "long_name": "frame (IFD) index within source_file, -1 where never written"}),
+    }
+
+
 def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
                   drop: set[str]) -> xr.Dataset:
     """Build the lazy Dataset of ``files`` (one file, or the parts of one acquisition).
@@ -208,6 +239,8 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
     if "frame_present" not in drop:
         data_vars["frame_present"] = xr.Variable(frame_dims, present,
                                                  {"long_name": "frame was written"})
+    if not {"source_file", "source_frame"} & drop:
+        data_vars.update(_source_variables(files, offsets, fmap, frame_dims))
 
     events = ts.events  # frames already numbered across the parts
     if events and not {"event_time", "event_frame", "event_text"} <= drop:
@@ -217,8 +250,7 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
                                       {"long_name": "appended text timestamp", "units": "s"}),
             "event_frame": xr.Variable("event", ev_frame,
                                        {"long_name": "frame the text was appended to"}),
-            "event_text": xr.Variable("event", np.array([e.text for e in events],
-                                                        dtype=_VLEN_STR),
+            "event_text": xr.Variable("event", _text([e.text for e in events]),
                                       {"long_name": "appended text"}),
         }
         data_vars.update({k: v for k, v in ev.items() if k not in drop})
@@ -230,7 +262,7 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
                                                "units": "um"}),
         "channel": xr.Variable("channel", np.asarray(ip.colors, dtype=np.int64),
                                {"long_name": "ScanImage channel number"}),
-        "channel_name": xr.Variable("channel", np.array(ip.channel_names, dtype=_VLEN_STR)),
+        "channel_name": xr.Variable("channel", _text(list(ip.channel_names))),
         **_yx_coords(ip),
         "frame_time": xr.Variable(frame_dims, frame_time, {
             "long_name": "experiment time of the frame", "units": "s"}),
@@ -252,5 +284,7 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
         attrs["file_frame_offsets"] = offsets[:-1].tolist()
         attrs["num_frames_in_file"] = counts.tolist()
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    if opts.file.storage:  # photon reductions reopen remote files with them
+        ds.encoding["storage_options"] = opts.file.storage
     ds.set_close(reader.close)
     return ds

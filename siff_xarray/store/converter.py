@@ -39,6 +39,7 @@ from .layout import (
     chunking,
     compressors,
     group_acquisitions,
+    quiet_text_dtype,
     roundup,
     store_name,
 )
@@ -330,6 +331,11 @@ def _prepare(sources: list[str], target: Target, build: Target,
         enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
                      "compressors": compressors()}
         template = ds.drop_vars([v for v in ("mean_arrival",) if v in ds])
+        if "source_file" in template:  # the store holds these photons, at store frames
+            sf = template.source_file
+            template["source_file"] = sf.copy(data=np.where(
+                fmap >= 0, normalize(target.destination), "").reshape(sf.shape))
+            template["source_frame"] = template.source_frame.copy(data=fmap.copy())
         lazy = [v for v in ("intensity", "photon_count", "histogram") if v in template]
         for v in lazy:
             template[v] = template[v].chunk({"time": st})
@@ -341,8 +347,9 @@ def _prepare(sources: list[str], target: Target, build: Target,
         for v in template.variables:  # coordinates and eager variables: checksummed too
             encoding_all.setdefault(str(v), {"compressors": compressors()})
         store = build.zarr()
-        template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
-                         consolidated=False, zarr_format=3)
+        with quiet_text_dtype():
+            template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
+                             consolidated=False, zarr_format=3)
         levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
         if ome:
             create_ome(store, ds, ct, st, levels)

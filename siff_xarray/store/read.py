@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from .._paths import normalize
 from ..errors import IncompleteStoreError, SiffFormatError
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
-from .layout import PLAN_KEY, STARTED_KEY, Plan, Target
+from .layout import PLAN_KEY, STARTED_KEY, Plan, Target, quiet_text_dtype
 
 __all__ = ["StorePhotons", "checked", "count_images", "frame_positions", "is_converted_store",
            "open_converted", "read_photons"]
@@ -54,7 +55,7 @@ def open_converted(store: str | os.PathLike[str], *,
     """
     import xarray as xr
 
-    target = Target(os.fspath(store), storage_options)
+    target = Target(normalize(store), storage_options)  # absolute: workers reopen it
     if target.interrupted() or not target.exists("zarr.json"):
         if target.exists(PLAN_KEY):
             done = len(target.done_batches())
@@ -72,9 +73,14 @@ def open_converted(store: str | os.PathLike[str], *,
         raise FileNotFoundError(f"{target.destination}: not a converted siff-xarray store")
     # stores of this version hold consolidated metadata; older ones fall back (warning)
     kwargs.setdefault("consolidated", None)
-    ds = xr.open_zarr(target.zarr(), **kwargs)
-    # where the photons are, for ds.siff's photon reductions
+    with quiet_text_dtype():
+        ds = xr.open_zarr(target.zarr(), **kwargs)
+    # where the photons are, for ds.siff's photon reductions (the store may have moved)
     ds.encoding["source"] = target.destination
+    if "source_file" in ds and "source_frame" in ds:
+        here = np.where(np.asarray(ds.source_frame.values) >= 0,
+                        normalize(target.destination), "")
+        ds["source_file"] = ds.source_file.copy(data=here)
     if storage_options:
         ds.encoding["storage_options"] = storage_options
     return ds

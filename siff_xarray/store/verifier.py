@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..reader.acquisition import Acquisition
-from .layout import Target, frames_per_batch
+from .layout import Target, frames_per_batch, quiet_text_dtype
 from .read import checked, count_images, frame_positions, open_converted
 
 __all__ = ["verify"]
@@ -41,7 +41,10 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             n = f.num_frames
             if grp["photon_count"].shape[0] != n:
                 return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
-            problems.extend(_dataset_differences(ds, srcs, storage_options))
+            root = zarr.open_group(zstore, mode="r")
+            with quiet_text_dtype():  # as written, not as open_converted relocates it
+                raw_files = root["source_file"][...] if "source_file" in root else None
+            problems.extend(_dataset_differences(ds, srcs, storage_options, raw_files))
             problems.extend(_missing_chunks(target, grp))
             if ds.attrs.get("scanimage_header") != f.header.nvfd_text:
                 problems.append("ScanImage header text differs")
@@ -145,7 +148,8 @@ def _same_values(a: Any, b: Any) -> bool:
 
 
 def _dataset_differences(store_ds: Any, srcs: list[str],
-                         storage_options: dict[str, Any] | None) -> list[str]:
+                         storage_options: dict[str, Any] | None,
+                         raw_files: np.ndarray | None = None) -> list[str]:
     """Differences between the store's root Dataset and the source's, beyond the photons.
 
     Every attribute (but the ones naming the source file), every coordinate (values,
@@ -175,6 +179,17 @@ def _dataset_differences(store_ds: Any, srcs: list[str],
                 out.append(f"{kind} {name} differs")
             elif _plain(dict(a.attrs)) != _plain(dict(b.attrs)):
                 out.append(f"{kind} {name}: attributes differ")
+        # where photon reductions look for each cell's photons: this store, its frames
+        if "source_frame" in store_ds and "frame_index" in store_ds:
+            fidx = np.asarray(store_ds.frame_index.values)
+            if not np.array_equal(np.asarray(store_ds.source_frame.values), fidx):
+                out.append("variable source_frame differs from frame_index (the store's "
+                           "frames)")
+            if raw_files is not None:
+                names = np.asarray(raw_files).astype(str)
+                if (names[fidx >= 0] == "").any() or (names[fidx < 0] != "").any():
+                    out.append("variable source_file does not name the store for every "
+                               "written frame")
     return out
 
 
