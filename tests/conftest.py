@@ -133,11 +133,16 @@ class _RangeServer:
     def __init__(self, root, tls_dir=None):
         import http.server
         import threading
+        import time
 
         server = self
         self.root = root
         self.bytes_sent = 0
-        self.requests = 0
+        self.requests = 0  # GET requests
+        self.heads = 0  # HEAD requests
+        #: seconds added before answering each request (object-store first-byte latency)
+        self.latency = 0.0
+        self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -148,6 +153,10 @@ class _RangeServer:
                 return p if os.path.isfile(p) else None
 
             def do_HEAD(self):
+                with server.lock:
+                    server.heads += 1
+                if server.latency:
+                    time.sleep(server.latency)
                 p = self._file()
                 if p is None:
                     self.send_error(404)
@@ -158,6 +167,8 @@ class _RangeServer:
                 self.end_headers()
 
             def do_GET(self):
+                if server.latency:
+                    time.sleep(server.latency)
                 p = self._file()
                 if p is None:
                     self.send_error(404)
@@ -179,10 +190,15 @@ class _RangeServer:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.end_headers()
                 self.wfile.write(body)
-                server.bytes_sent += len(body)
-                server.requests += 1
+                with server.lock:
+                    server.bytes_sent += len(body)
+                    server.requests += 1
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256  # clients open many connections at once, as S3 allows
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         scheme = "http"
         self.client_ssl = None
         if tls_dir is not None:

@@ -312,11 +312,24 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
             else:
                 return out[:count].copy(), int(status), int(pos), int(detail)
     buf, buf_start = np.empty(0, dtype=np.uint8), 0
+    streamed = whole is None and source.walk_window > 0
+    n_windows = 1  # windows per request batch: doubles up to source.walk_inflight
     while True:
+        before = count
         status, pos, count, monotonic, detail = _walk(
             buf, buf_start, header.file_size, pos, count, out, header.bigtiff,
             header.header_end, monotonic, _TYPE_SIZE,
         )
+        if streamed and count > before:  # keep the descriptions passed over
+            d_start, d_stop = _description_ranges(out[before:count])
+            inside = (d_stop > d_start) & (d_start >= buf_start) & \
+                (d_stop <= buf_start + buf.shape[0])
+            source.keep(d_start[inside], d_stop[inside], buf, buf_start)
+            if count >= 3:
+                # frames so large that streaming moves more bytes than round trips cost
+                # time (big TIFF pages): read IFD by IFD from here on
+                stride = (out[count - 1, C_IFD] - out[0, C_IFD]) / (count - 1)
+                streamed = stride <= source.walk_stride_limit
         if status == S_FULL:
             out = np.concatenate([out, np.empty_like(out)])
             continue
@@ -327,12 +340,38 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
                 source.release()
                 size = max(MAP_WINDOW, int(detail))
                 buf, buf_start = whole[pos : pos + size], pos
+            elif streamed:
+                # the chain runs forward: fetch the next windows at once (one round trip
+                # for many IFDs and their descriptions; concurrent requests)
+                w = source.walk_window
+                stop = min(max(pos + n_windows * w, pos + int(detail)), header.file_size)
+                edges = [*range(pos, stop, w), stop]
+                parts = source.fetch_windows(edges[:-1], edges[1:])
+                buf, buf_start = np.frombuffer(b"".join(parts), dtype=np.uint8), pos
+                n_windows = min(2 * n_windows, source.walk_inflight)
             else:
                 size = max(source.ifd_window, int(detail))
                 buf = np.frombuffer(source.read(pos, size), dtype=np.uint8)
                 buf_start = pos
             continue
         return out[:count].copy(), int(status), int(pos), int(detail)
+
+
+def _description_ranges(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Byte range ``[start, stop)`` of each walked frame's description (empty if none).
+
+    A TIFF page's or an inline description's length is its tag count; a ``.siff``
+    description runs up to the frame's data (its count image, when compressed).
+    """
+    desc_off = table[:, C_DESC_OFF]
+    has_desc = desc_off >= 0
+    tiff = table[:, C_SIFF] == -1
+    image = np.where(table[:, C_SIFF] == 1, 2 * table[:, C_WIDTH] * table[:, C_HEIGHT], 0)
+    data_start = table[:, C_STRIP_OFF] - image
+    length = np.where(tiff | (table[:, C_DESC_INLINE] == 1), table[:, C_DESC_COUNT],
+                      data_start - desc_off)
+    start = np.where(has_desc, desc_off, 0)
+    return start, start + np.where(has_desc, length, 0)
 
 
 def _unread_tail(ifd: np.ndarray, data_start: np.ndarray, data_end: np.ndarray,
@@ -433,12 +472,9 @@ def build_frame_index(source: ByteSource, header: FileHeader) -> FrameIndex:
             raise SiffFormatError(name, what, int(table[i, C_IFD]), i)
 
     # descriptions: length implied by the data that follows them (.siff) or the count (TIFF)
-    desc_off = table[:, C_DESC_OFF]
-    has_desc = desc_off >= 0
-    desc_len = np.where(tiff | (table[:, C_DESC_INLINE] == 1), table[:, C_DESC_COUNT],
-                        data_start - desc_off)
-    desc_len = np.where(has_desc, desc_len, 0)
-    desc_off = np.where(has_desc, desc_off, 0)
+    has_desc = table[:, C_DESC_OFF] >= 0
+    desc_off, desc_stop = _description_ranges(table)
+    desc_len = desc_stop - desc_off
     bad = np.flatnonzero(has_desc & ((desc_len < 0) | (desc_off < header.header_end)))
     if bad.size:
         i = int(bad[0])

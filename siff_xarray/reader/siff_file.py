@@ -150,6 +150,7 @@ class SiffFile(PhotonReductions):
             index = build_frame_index(self._source, self.header)
             self.index = index
             ts = self._parse_timestamps(np.arange(len(index), dtype=np.int64))
+            self._source.forget_kept()  # the descriptions kept from the walk are parsed
             save_index(directory, key, index, ts)
         self._all_timestamps = ts
         return index

@@ -60,6 +60,17 @@ class ByteSource:
     coalesce_gap = 64 * 2**10
     #: Bytes read at a time while walking the IFD chain (without a whole-file buffer).
     ifd_window = 64 * 2**10
+    #: Streaming walk (0: off): the chain is read through consecutive windows of this
+    #: many bytes, up to :attr:`walk_inflight` of them requested at once, so a cold
+    #: open costs about ``file size / bandwidth``, not one round trip per frame.
+    walk_window = 4 * 2**20
+    walk_inflight = 1
+    #: frames more than this many bytes apart are walked IFD by IFD even when streaming
+    walk_stride_limit = 2 * 2**20
+    #: byte ranges kept from the walk's windows (frame descriptions): ``(starts, stops,
+    #: base, buf)``, sorted by start; read_ranges serves ranges inside them from memory
+    _kept: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    _kept_parts: list[tuple[np.ndarray, np.ndarray, bytes]] | None = None
 
     def fingerprint(self) -> str:
         """Cheap identity of this version of the file (modification time, ETag...), or ''."""
@@ -70,20 +81,88 @@ class ByteSource:
         return None
 
     def release(self) -> None:
-        """Drop this process's hold on pages read so far (memory maps only)."""
+        """Drop this process's hold on pages read so far, and bytes kept from the walk."""
+        self.forget_kept()
 
-    def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
-        """Read several byte ranges (one read each by default)."""
-        return [self.read(a, b - a) for a, b in zip(starts, stops, strict=True)]
+    def fetch_windows(self, starts: list[int], stops: list[int]) -> list[bytes]:
+        """Read consecutive windows of the walk (concurrently where the source can)."""
+        return self._read_blocks(starts, stops)
+
+    def keep(self, starts: np.ndarray, stops: np.ndarray, buf: np.ndarray,
+             buf_start: int) -> None:
+        """Keep bytes ``starts[i]:stops[i]`` of ``buf`` (file bytes from ``buf_start``).
+
+        The walk keeps the frame descriptions it passes over, so that reading the
+        timestamps afterwards needs no request per frame.
+        """
+        keep = np.asarray(stops) > np.asarray(starts)
+        starts, stops = np.asarray(starts)[keep], np.asarray(stops)[keep]
+        if len(starts) == 0:
+            return
+        parts = [buf[a - buf_start : b - buf_start].tobytes()
+                 for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+        if self._kept_parts is None:
+            self._kept_parts = []
+        self._kept_parts.append((np.asarray(starts, np.int64), np.asarray(stops, np.int64),
+                                 b"".join(parts)))
+        self._kept = None
+
+    def forget_kept(self) -> None:
+        """Drop the bytes kept from the walk."""
+        self._kept_parts = None
+        self._kept = None
+
+    def _kept_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        if self._kept is None and self._kept_parts:
+            starts = np.concatenate([p[0] for p in self._kept_parts])
+            stops = np.concatenate([p[1] for p in self._kept_parts])
+            buf = np.frombuffer(b"".join(p[2] for p in self._kept_parts), dtype=np.uint8)
+            base = np.zeros(starts.size, dtype=np.int64)
+            np.cumsum((stops - starts)[:-1], out=base[1:])
+            order = np.lexsort((stops, starts))  # equal starts: the longest last
+            self._kept = (starts[order], stops[order], base[order], buf)
+        return self._kept
 
     def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gather byte ranges into one buffer, with one read per run of nearby ranges.
 
         Returns ``(buf, base)`` where ``buf[base[i]:base[i] + stops[i] - starts[i]]``
-        holds bytes ``starts[i]:stops[i]`` of the file.
+        holds bytes ``starts[i]:stops[i]`` of the file. Ranges inside bytes kept
+        from the walk (:meth:`keep`) are served from memory.
         """
         starts = np.asarray(starts, dtype=np.int64)
         stops = np.asarray(stops, dtype=np.int64)
+        kept = self._kept_table()
+        if kept is None or starts.size == 0:
+            return self._read_ranges(starts, stops)
+        k_start, k_stop, k_base, k_buf = kept
+        j = np.searchsorted(k_start, starts, side="right") - 1
+        jj = np.maximum(j, 0)
+        hit = (j >= 0) & (starts >= k_start[jj]) & (stops <= k_stop[jj])
+        if not hit.any():
+            return self._read_ranges(starts, stops)
+        lengths = np.maximum(stops - starts, 0)
+        base = np.zeros(starts.size, dtype=np.int64)
+        np.cumsum(lengths[:-1], out=base[1:])
+        out = np.empty(int(lengths.sum()), dtype=np.uint8)
+        src = k_base[jj] + (starts - k_start[jj])  # where each hit starts in k_buf
+        n_hit = lengths[hit]
+        within = np.arange(int(n_hit.sum())) - np.repeat(np.cumsum(n_hit) - n_hit, n_hit)
+        out[np.repeat(base[hit], n_hit) + within] = k_buf[np.repeat(src[hit], n_hit) + within]
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            got, gbase = self._read_ranges(starts[miss], stops[miss])
+            for i, g in zip(miss.tolist(), gbase.tolist(), strict=True):
+                out[base[i] : base[i] + lengths[i]] = got[g : g + lengths[i]]
+        return out, base
+
+    def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
+        """Read several byte ranges (one read each by default)."""
+        return [self.read(a, b - a) for a, b in zip(starts, stops, strict=True)]
+
+    def _read_ranges(self, starts: np.ndarray, stops: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read_ranges` from the file itself."""
         if len(starts) == 0:
             return np.empty(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
         # merge ranges (in file order) whose gaps are small into read blocks
@@ -261,6 +340,9 @@ class FsspecSource(ByteSource):
     """
 
     ifd_window = 2 * 2**10  # an IFD is a few hundred bytes: do not fetch photons
+    # the walk streams the file: 4 MiB windows, up to 8 (32 MiB) requested at once
+    walk_window = 4 * 2**20
+    walk_inflight = 8
     coalesce_gap = 4 * 2**10  # requests run concurrently: do not fetch data between ranges
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
@@ -335,6 +417,18 @@ class FsspecSource(ByteSource):
                 self._remember(k, data)
         return [found[k] for k in keys]
 
+    def fetch_windows(self, starts: list[int], stops: list[int]) -> list[bytes]:
+        """Read the walk's windows concurrently, past the data cache (read once)."""
+        got = self._network(lambda: self._fs.cat_ranges(
+            [self._path] * len(starts), starts, stops, on_error="raise"))
+        out = []
+        for data in got:
+            if isinstance(data, BaseException):
+                raise data
+            out.append(bytes(data))
+            self.bytes_fetched += len(data)
+        return out
+
     def _remember(self, key: tuple[int, int], data: bytes) -> None:
         if len(data) > self._cache_bytes:
             return
@@ -348,8 +442,9 @@ class FsspecSource(ByteSource):
                 self._cached -= len(old)
 
     def close(self) -> None:
-        """Drop the cache (fsspec filesystems need no closing)."""
+        """Drop the caches (fsspec filesystems need no closing)."""
         self._closed = True
+        self.forget_kept()
         with self._lock:
             self._cache.clear()
             self._cached = 0
