@@ -22,13 +22,16 @@ from .format.constants import MULTIHARP_BASE_RESOLUTION_PS
 
 __all__ = [
     "OPEN_OPTION_NAMES", "FileOptions", "HistogramMode", "OpenOptions", "PartialVolume",
+    "TimeCoordinate",
     "histogram_length",
 ]
 
 PartialVolume = Literal["keep", "drop"]
+TimeCoordinate = Literal["experiment", "epoch"]
 HistogramMode = Literal["drop", "clip", "wrap", "corrosiff"]
 HISTOGRAM_MODES = ("drop", "clip", "wrap", "corrosiff")
 PARTIAL_VOLUME = ("keep", "drop")
+TIME_COORDINATES = ("experiment", "epoch")
 
 #: xarray's CF decoding keywords: siff Datasets carry no CF encodings, so these change
 #: nothing and are accepted; ``use_cftime=True`` is refused (epochs are datetime64[ns])
@@ -98,6 +101,7 @@ class OpenOptions:
     decode_times: bool = True
     flim: bool = False
     partial_volume: PartialVolume = "keep"
+    time_coordinate: TimeCoordinate = "experiment"
     histogram_mode: HistogramMode = "drop"
     lock: Any = None
     chunk_bytes: int = 16 * 2**20
@@ -134,6 +138,9 @@ class OpenOptions:
         if opts.partial_volume not in PARTIAL_VOLUME:
             raise ValueError("partial_volume must be 'keep' or 'drop', got "
                              f"{opts.partial_volume!r}")
+        if opts.time_coordinate not in TIME_COORDINATES:
+            raise ValueError("time_coordinate must be 'experiment' or 'epoch', got "
+                             f"{opts.time_coordinate!r}")
         if opts.histogram_mode not in HISTOGRAM_MODES:
             raise ValueError("histogram_mode must be 'drop', 'clip', 'wrap' or 'corrosiff', "
                              f"got {opts.histogram_mode!r}")
@@ -143,7 +150,8 @@ class OpenOptions:
 
     def __hash__(self) -> int:
         return hash((self.file, self.decode_times, self.flim, self.partial_volume,
-                     self.histogram_mode, id(self.lock), self.chunk_bytes))
+                     self.time_coordinate, self.histogram_mode, id(self.lock),
+                     self.chunk_bytes))
 
 
 #: the keyword arguments of the open functions besides the source and ``drop_variables``

@@ -293,6 +293,31 @@ def verify(source: str, store: str) -> None:
                f"of {source}")
 
 
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--storage-options", default=None,
+              help="fsspec storage options for URLs, as JSON (e.g. '{\"anon\": true}').")
+def index(sources: tuple[str, ...], storage_options: str | None) -> None:
+    """Write a frame-index sidecar (FILE.siffidx) next to each SOURCE file or URL.
+
+    Any machine then opens SOURCE without walking its IFD chain (a few requests on
+    object storage instead of streaming the file). Places that cannot be written
+    (read-only directories or buckets) are reported and skipped.
+    """
+    from ._paths import expand
+    from .reader.siff_file import SiffFile
+
+    opts = json.loads(storage_options) if storage_options else None
+    for src in [x for s in sources for x in expand(s, opts)]:
+        with SiffFile(src, storage_options=opts) as f:
+            where = f.write_sidecar()
+            n = f.num_frames
+        if where is None:
+            click.echo(f"skipped: {src} (its sidecar cannot be written there)")
+        else:
+            click.echo(f"wrote {where} ({n} frames)")
+
+
 @cli.command("to-tiff")
 @click.argument("source")
 @click.argument("output", type=click.Path(dir_okay=False))

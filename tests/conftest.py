@@ -140,6 +140,7 @@ class _RangeServer:
         self.bytes_sent = 0
         self.requests = 0  # GET requests
         self.heads = 0  # HEAD requests
+        self.log = []  # (path, start, stop) of every GET
         #: seconds added before answering each request (object-store first-byte latency)
         self.latency = 0.0
         self.lock = threading.Lock()
@@ -193,6 +194,7 @@ class _RangeServer:
                 with server.lock:
                     server.bytes_sent += len(body)
                     server.requests += 1
+                    server.log.append((self.path, start, end + 1))
 
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256  # clients open many connections at once, as S3 allows

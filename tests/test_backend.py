@@ -543,3 +543,22 @@ def test_relative_path_opens_the_same_file_from_another_directory(siff_files, tm
     monkeypatch.chdir(elsewhere)
     got = pickle.loads(blob).compute(scheduler="sync")
     xr.testing.assert_identical(got, want)
+
+
+def test_load_async_gives_the_same_values(siff_files):
+    import asyncio
+
+    if not hasattr(xr.Dataset, "load_async"):
+        pytest.skip("this xarray has no load_async")
+    t = siff_files["two_chan_slices_flyback"]
+
+    async def both(a, b):
+        return await asyncio.gather(a.load_async(), b.load_async())
+
+    with xr.open_dataset(t.path, engine="siff") as ds, \
+            xr.open_dataset(t.path, engine="siff") as eager:
+        sub = ds.isel(time=slice(1, 3))
+        got_all, got_sub = asyncio.run(both(ds.copy(), sub.copy()))
+        want = eager.load()
+        xr.testing.assert_identical(got_all, want)
+        xr.testing.assert_identical(got_sub, want.isel(time=slice(1, 3)))

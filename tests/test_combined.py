@@ -209,3 +209,27 @@ def test_chunks_auto_on_siff_and_store(runs, stores):
         warnings.simplefilter("ignore")  # zarr-python: FixedLengthUTF32 spec pending
         with xr.open_zarr(stores[0], chunks="auto") as ds:
             assert ds.channel_name.dtype.kind == "U"
+
+
+def test_files_of_a_session_combine_by_their_epoch(tmp_path, masks):
+    early = write_siff(tmp_path / "early.siff", n_timepoints=3, seed=21,
+                       start_epoch_ns=1_700_000_000_000_000_000, **KW)
+    late = write_siff(tmp_path / "late.siff", n_timepoints=4, seed=22,
+                      start_epoch_ns=1_700_000_100_000_000_000, **KW)
+    paths = [late.path, early.path]  # given out of order
+    with xr.open_mfdataset(paths, engine="siff", combine="by_coords",
+                           time_coordinate="epoch", data_vars="all", coords="different",
+                           compat="equals", join="outer") as mf:
+        assert mf.time.dtype.kind == "M" and mf.indexes["time"].is_monotonic_increasing
+        assert mf.sizes["time"] == 7
+        np.testing.assert_array_equal(mf.time.values[:3],
+                                      mf.epoch.isel(z=0, channel=0).values[:3])
+        _equal(_reductions(mf.isel(time=slice(0, 3)), masks), _alone(early.path, masks),
+               "the earlier file first")
+        _equal(_reductions(mf.isel(time=slice(3, None)), masks), _alone(late.path, masks),
+               "then the later one")
+    with xr.open_dataset(early.path, engine="siff", time_coordinate="epoch",
+                         decode_times=False) as ds:
+        assert ds.time.dtype == np.int64 and ds.time.attrs["units"].startswith("ns since")
+    with pytest.raises(ValueError, match="time_coordinate"):
+        xr.open_dataset(early.path, engine="siff", time_coordinate="wall")

@@ -52,3 +52,23 @@ def test_notebook_runs(path, tmp_path):
     assert "store gives the same traces: True True" in text
     assert "cluster traces equal: True True" in text
     assert "verify: identical" in text
+
+
+def test_slurm_recipe_writes_a_job_script(capsys):
+    # the docs' dask-jobqueue recipe, run as written: it builds the job script only
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
+    text = (ROOT / "docs" / "clusters.md").read_text()
+    block = text.split("# recipe: slurm\n", 1)[1].split("```", 1)[0]
+    # the scheduler runs in this process; on 127.0.0.1 only in tests
+    with dask.config.set({"jobqueue.slurm.scheduler-options": {"host": "127.0.0.1"}}):
+        scope: dict = {}
+        exec(compile(block, "clusters.md", "exec"), scope)
+        scope["cluster"].close()
+    script = capsys.readouterr().out
+    for want in ("#SBATCH -p normal", "#SBATCH -A my-lab", "#SBATCH -n 1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH -t 02:00:00",
+                 "#SBATCH --output=dask-worker-%j.log", "--nworkers 2", "--nthreads 4",
+                 "--local-directory $TMPDIR", "tcp://127.0.0.1:"):
+        assert want in script, (want, script)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import pickle
 import time
@@ -327,3 +328,94 @@ def test_bytes_kept_from_the_walk_read_back_exactly(ranges, kept):
     reads.clear()
     src.read_ranges(starts, stops)
     assert (stops > starts).any() == (sum(reads) > 0)
+
+
+def test_sidecar_opens_in_a_few_requests_and_is_ignored_when_stale(http_server, tmp_path):
+    from siff_xarray.reader.index_cache import SIDECAR_SUFFIX
+
+    t = write_siff(tmp_path / "s.siff", shape=(32, 16), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=40, photons_per_frame=400, seed=5)
+    with SiffFile(t.path) as f:
+        written = f.write_sidecar()
+    assert written == t.path + SIDECAR_SUFFIX and os.path.getsize(written) > 0
+    url = f"{http_server.url}/s.siff"
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = _bare(local)
+    http_server.latency = 0.005
+    req, heads = http_server.requests, http_server.heads
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "fresh-cache") as ds:
+        # info, header, file tail (the key), sidecar, one spot-checked IFD
+        assert http_server.requests - req + http_server.heads - heads <= 5
+        xr.testing.assert_identical(_bare(ds), want)
+    # another acquisition under the same name: the old sidecar must not be used
+    write_siff(tmp_path / "other.siff", shape=(32, 16), channels=(1, 2), n_slices=3,
+               n_flyback=1, n_timepoints=40, photons_per_frame=500, seed=6)
+    sidecar = Path(written).read_bytes()
+    os.replace(tmp_path / "other.siff", t.path)
+    Path(written).write_bytes(sidecar)
+    with xr.open_dataset(t.path, engine="siff", index_cache=False) as local:
+        want = _bare(local)
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "cache-2") as ds:
+        xr.testing.assert_identical(_bare(ds), want)
+    # a damaged sidecar is ignored too
+    Path(written).write_bytes(sidecar[: len(sidecar) // 2])
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "cache-3") as ds:
+        xr.testing.assert_identical(_bare(ds), want)
+
+
+def test_sidecar_cli_and_read_only_places(tmp_path, s3_server):
+    import fsspec
+    from click.testing import CliRunner
+
+    from siff_xarray.cli import cli
+
+    t = write_siff(tmp_path / "c.siff", shape=(16, 8), n_timepoints=6, seed=1)
+    res = CliRunner().invoke(cli, ["index", t.path])
+    assert res.exit_code == 0, res.output
+    assert os.path.isfile(t.path + ".siffidx") and "c.siff.siffidx" in res.output
+    fs = fsspec.filesystem("s3", **s3_server)
+    if not fs.exists("idx-bucket"):
+        fs.mkdir("idx-bucket")
+    fs.put_file(t.path, "idx-bucket/c.siff")
+    res = CliRunner().invoke(cli, ["index", "s3://idx-bucket/c.siff", "--storage-options",
+                                    json.dumps(s3_server)])
+    assert res.exit_code == 0, res.output
+    assert fs.cat_file("idx-bucket/c.siff.siffidx") == Path(t.path + ".siffidx").read_bytes()
+    with SiffFile(io.BytesIO(Path(t.path).read_bytes())) as f:
+        assert f.write_sidecar() is None  # nowhere to put it: skipped
+
+
+@pytest.mark.slow
+def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, tmp_path,
+                                                                  monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    t = write_siff(tmp_path / "w.siff", shape=(32, 16), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=30, photons_per_frame=3000, seed=8,
+                   encoding="raw")
+    size = os.path.getsize(t.path)
+    url = f"{http_server.url}/w.siff"
+    masks = np.random.default_rng(1).random((2, 32, 16)) > 0.5
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want_trace = local.intensity.sum(("y", "x")).values
+        want_life = local.siff.lifetime(masks).values
+    # workers: another working directory and no usable index cache (a file, not a dir)
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    (tmp_path / "no-cache").write_text("")
+    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "no-cache"))
+    monkeypatch.chdir(elsewhere)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=1) as ds:
+        before, n_log = http_server.bytes_sent, len(http_server.log)
+        trace = client.compute(ds.intensity.sum(("y", "x")).data, sync=True)
+        life = ds.siff.lifetime(masks).compute().values
+        moved = http_server.bytes_sent - before
+        ranges = http_server.log[n_log:]
+    np.testing.assert_array_equal(trace, want_trace)
+    np.testing.assert_array_equal(life, want_life)
+    # every frame is read once for each of the two results (~2x the file); a worker
+    # that walked the chain would stream the file again (windows of the whole file)
+    assert moved < 2.2 * size, (moved, size)
+    assert max(b - a for _, a, b in ranges) < size / 4

@@ -281,7 +281,9 @@ class SiffAccessor:
         if is_remote(location):
             if is_converted_store(location, opts):
                 return PhotonSource("store", location, opts)
-            return PhotonSource("siff", location, opts)
+            from ..reader.index_cache import IndexHint
+
+            return PhotonSource("siff", location, opts, IndexHint(location))
         if os.path.isfile(location):
             return PhotonSource("siff", location)
         if os.path.isdir(location) and is_converted_store(location):

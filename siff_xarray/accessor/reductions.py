@@ -12,13 +12,21 @@ so it runs on any Dask worker.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
+
+if TYPE_CHECKING:  # the reader (and Numba) load when a reduction runs, not on import
+    from ..reader.index_cache import IndexHint
 
 __all__ = ["REDUCTIONS", "PhotonSource", "Reduction", "bin_ns", "reduce_block",
            "reduce_photons"]
@@ -31,9 +39,10 @@ class PhotonSource:
     kind: str  # "siff" or "store"
     path: str
     storage_options: dict[str, Any] | None = None
+    #: remote ``.siff``: carries the frame index this process knows to Dask workers
+    hint: IndexHint | None = None
 
-    def open(self) -> Any:
-        """Open the source (a context manager with the photon-reduction methods)."""
+    def _create(self) -> Any:
         if self.kind == "siff":
             from ..reader.siff_file import SiffFile
 
@@ -41,6 +50,49 @@ class PhotonSource:
         from ..store.read import StorePhotons
 
         return StorePhotons(self.path, storage_options=self.storage_options)
+
+    def open(self) -> contextlib.AbstractContextManager[Any]:
+        """Return the open source as a context manager (with the photon reductions).
+
+        Sources stay open between blocks in this process (the last
+        :data:`MAX_OPEN`), as xarray's file managers keep files open: a Dask worker
+        running many blocks of one file opens it once. A local file replaced or
+        modified since it was opened is opened again.
+        """
+        key = (self.kind, self.path, json.dumps(self.storage_options, sort_keys=True,
+                                                default=repr))
+        stamp = _local_stamp(self.path)
+        with _OPEN_LOCK:
+            entry = _OPEN.get(key)
+            if entry is not None and entry[1] == stamp:
+                _OPEN.move_to_end(key)
+                return contextlib.nullcontext(entry[0])
+        obj = self._create()
+        with _OPEN_LOCK:
+            old = _OPEN.pop(key, None)
+            _OPEN[key] = (obj, stamp)
+            evicted = [old[0]] if old is not None else []
+            while len(_OPEN) > MAX_OPEN:
+                evicted.append(_OPEN.popitem(last=False)[1][0])
+        for e in evicted:
+            with contextlib.suppress(Exception):
+                e.close()
+        return contextlib.nullcontext(obj)
+
+
+#: photon sources kept open per process (see :meth:`PhotonSource.open`)
+MAX_OPEN = 16
+_OPEN: OrderedDict[tuple[str, str, str], tuple[Any, tuple[int, ...] | None]] = OrderedDict()
+_OPEN_LOCK = threading.Lock()
+
+
+def _local_stamp(path: str) -> tuple[int, ...] | None:
+    """Identity of a local file or store directory (device, inode, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 Runner = Callable[[Any, Any, np.ndarray, Any, dict[str, Any]], list[np.ndarray]]
@@ -149,15 +201,6 @@ def reduce_block(sources: tuple[PhotonSource, ...], op: str, fmap: np.ndarray,
     return out.reshape(n_parts, n_roi, *fmap.shape, *extra)
 
 
-def _block_sources(sources: tuple[PhotonSource, ...], which: np.ndarray
-                   ) -> tuple[tuple[PhotonSource, ...], np.ndarray]:
-    """Only the sources a block uses (a task carries its own files, not every file)."""
-    used = np.unique(which[which >= 0])
-    remap = np.full(len(sources) + 1, -1, dtype=np.int64)
-    remap[used] = np.arange(used.size)
-    return tuple(sources[int(k)] for k in used), remap[which]
-
-
 def reduce_photons(ds: xr.Dataset, sources: tuple[PhotonSource, ...], which: np.ndarray,
                    op: str, fmap: xr.DataArray, shifts: np.ndarray | None,
                    masks: np.ndarray | None = None, **kw: Any) -> xr.DataArray:
@@ -191,16 +234,18 @@ def reduce_photons(ds: xr.Dataset, sources: tuple[PhotonSource, ...], which: np.
         bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, 4096 // per_t)),
                        fm.shape[t_axis]]
     blocks = []
+    # the sources (with their index hints) are one key of the graph, sent to a worker
+    # once, not copied into every task
+    shared = dask.delayed(sources, pure=True, traverse=False) if chunks is not None else None
     for a, b in itertools.pairwise(bounds):
         idx = [slice(None)] * fm.ndim
         idx[t_axis] = slice(int(a), int(b))
-        fb = fm[tuple(idx)]
-        srcs, wb = _block_sources(sources, which[tuple(idx)])
+        fb, wb = fm[tuple(idx)], which[tuple(idx)]
         sb = None if shifts is None else shifts[tuple(idx)]
         if chunks is None:
-            blocks.append(reduce_block(srcs, op, fb, wb, sb, masks, kw, extra))
+            blocks.append(reduce_block(sources, op, fb, wb, sb, masks, kw, extra))
         else:
-            task = dask.delayed(reduce_block, pure=True)(srcs, op, fb, wb, sb, masks, kw,
+            task = dask.delayed(reduce_block, pure=True)(shared, op, fb, wb, sb, masks, kw,
                                                          extra)
             blocks.append(da.from_delayed(task, shape=(n_parts, n_roi, *fb.shape, *extra),
                                           dtype=red.dtype))

@@ -18,18 +18,21 @@ from xarray.backends import BackendArray, CachingFileManager, DummyFileManager
 from xarray.core import indexing
 
 from .._options import FileOptions, OpenOptions
-from .._paths import normalize
+from .._paths import is_remote, normalize
 from ..format.constants import ENC_TIFF
+from ..reader.index_cache import IndexHint
 from ..reader.siff_file import SiffFile
 
 __all__ = ["FrameReader", "SiffBackendArray", "chunks_in_time", "file_manager"]
 
 
-def _open_siff_file(path: str, options: FileOptions, mode: str = "r") -> SiffFile:
+def _open_siff_file(path: str, options: FileOptions, hint: IndexHint | None = None,
+                    mode: str = "r") -> SiffFile:
     """Open a file for the file managers (module level so that it pickles).
 
-    ``mode`` is always ``"r"``: it is passed explicitly because xarray's "no mode"
-    sentinel does not survive pickling to another process.
+    ``hint`` only travels with the pickled manager (unpickling it records the
+    shipped index for the open). ``mode`` is always ``"r"``: it is passed
+    explicitly because xarray's "no mode" sentinel does not survive pickling.
     """
     if mode != "r":
         raise ValueError(f"{path}: siff-xarray opens files read-only (mode={mode!r})")
@@ -43,7 +46,11 @@ def file_manager(source: Any, options: FileOptions) -> Any:
     same file.
     """
     if isinstance(source, (str, os.PathLike)):
-        return CachingFileManager(_open_siff_file, normalize(source), options, mode="r")
+        path = normalize(source)
+        # remote files: pickled managers carry the index this process knows, so Dask
+        # workers open the file without walking it again
+        hint = IndexHint(path) if is_remote(path) else None
+        return CachingFileManager(_open_siff_file, path, options, hint, mode="r")
     if isinstance(source, SiffFile):
         return DummyFileManager(source)
     return DummyFileManager(SiffFile.from_options(source, options))
@@ -157,6 +164,16 @@ class SiffBackendArray(BackendArray):
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
         return indexing.explicit_indexing_adapter(
             key, self.shape, indexing.IndexingSupport.OUTER, self._getitem)
+
+    async def async_getitem(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        """``__getitem__`` for ``Dataset.load_async``: decoding runs in a worker thread.
+
+        The Numba decoders release the GIL, so several variables or Datasets loaded
+        concurrently with ``asyncio.gather`` decode in parallel.
+        """
+        import asyncio
+
+        return await asyncio.to_thread(self.__getitem__, key)
 
     def _getitem(self, key: tuple[Any, ...]) -> np.ndarray:
         nlead = self.frame_map.ndim

@@ -255,9 +255,16 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
         }
         data_vars.update({k: v for k, v in ev.items() if k not in drop})
 
+    if opts.time_coordinate == "epoch":  # absolute: files of a session combine by time
+        vol_epoch = epoch.reshape(fmap.shape[0], -1)[:, 0]
+        time_var = xr.Variable("time", vol_epoch, {
+            "long_name": "laser-clock epoch of the volume's first frame",
+            **({} if opts.decode_times else {"units": "ns since 1970-01-01"})})
+    else:
+        time_var = xr.Variable("time", t_first, {
+            "long_name": "experiment time of the volume's first frame", "units": "s"})
     coords: dict[Hashable, xr.Variable] = {
-        "time": xr.Variable("time", t_first, {
-            "long_name": "experiment time of the volume's first frame", "units": "s"}),
+        "time": time_var,
         "z": xr.Variable("z", ip.z_positions, {"long_name": "slice z position (relative)",
                                                "units": "um"}),
         "channel": xr.Variable("channel", np.asarray(ip.colors, dtype=np.int64),

@@ -79,6 +79,11 @@ def open_siff(
     partial_volume : {"keep", "drop"}
         ``"keep"`` (default): an incomplete last volume is a timepoint whose missing
         frames read as 0 (``frame_present`` says which exist); ``"drop"``: leave it out.
+    time_coordinate : {"experiment", "epoch"}
+        ``"experiment"`` (default): ``time`` is the experiment time of each volume's
+        first frame (s, from 0 in every file). ``"epoch"``: its laser-clock epoch
+        (``datetime64[ns]``), so that the files of a session combine by their times
+        (``xr.open_mfdataset(..., combine="by_coords")``).
     histogram_mode : {"drop", "clip", "wrap", "corrosiff"}
         How ``histogram`` treats arrival times ``>= Tau_bins``: ``"drop"`` (default),
         ``"clip"``, ``"wrap"``, or ``"corrosiff"`` (``Tau_bins + 2`` bins, modulo).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numba
 import numpy as np
@@ -314,47 +315,119 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
     buf, buf_start = np.empty(0, dtype=np.uint8), 0
     streamed = whole is None and source.walk_window > 0
     n_windows = 1  # windows per request batch: doubles up to source.walk_inflight
-    while True:
-        before = count
-        status, pos, count, monotonic, detail = _walk(
-            buf, buf_start, header.file_size, pos, count, out, header.bigtiff,
-            header.header_end, monotonic, _TYPE_SIZE,
-        )
-        if streamed and count > before:  # keep the descriptions passed over
-            d_start, d_stop = _description_ranges(out[before:count])
-            inside = (d_stop > d_start) & (d_start >= buf_start) & \
-                (d_stop <= buf_start + buf.shape[0])
-            source.keep(d_start[inside], d_stop[inside], buf, buf_start)
-            if count >= 3:
-                # frames so large that streaming moves more bytes than round trips cost
-                # time (big TIFF pages): read IFD by IFD from here on
-                stride = (out[count - 1, C_IFD] - out[0, C_IFD]) / (count - 1)
-                streamed = stride <= source.walk_stride_limit
-        if status == S_FULL:
-            out = np.concatenate([out, np.empty_like(out)])
-            continue
-        if status == S_MORE:
-            if whole is not None:
-                # a memory map is walked through windows (views, no copies), dropping the
-                # pages of each finished window so the RSS stays bounded on huge files
-                source.release()
-                size = max(MAP_WINDOW, int(detail))
-                buf, buf_start = whole[pos : pos + size], pos
-            elif streamed:
-                # the chain runs forward: fetch the next windows at once (one round trip
-                # for many IFDs and their descriptions; concurrent requests)
-                w = source.walk_window
-                stop = min(max(pos + n_windows * w, pos + int(detail)), header.file_size)
-                edges = [*range(pos, stop, w), stop]
-                parts = source.fetch_windows(edges[:-1], edges[1:])
-                buf, buf_start = np.frombuffer(b"".join(parts), dtype=np.uint8), pos
-                n_windows = min(2 * n_windows, source.walk_inflight)
-            else:
-                size = max(source.ifd_window, int(detail))
-                buf = np.frombuffer(source.read(pos, size), dtype=np.uint8)
-                buf_start = pos
-            continue
-        return out[:count].copy(), int(status), int(pos), int(detail)
+    with _Streamer(source, header.file_size) as streamer:
+        while True:
+            before = count
+            status, pos, count, monotonic, detail = _walk(
+                buf, buf_start, header.file_size, pos, count, out, header.bigtiff,
+                header.header_end, monotonic, _TYPE_SIZE,
+            )
+            if streamed and count > before:  # keep the descriptions passed over
+                d_start, d_stop = _description_ranges(out[before:count])
+                inside = (d_stop > d_start) & (d_start >= buf_start) & \
+                    (d_stop <= buf_start + buf.shape[0])
+                source.keep(d_start[inside], d_stop[inside], buf, buf_start)
+                if count >= 2:
+                    # frames so large that streaming moves more bytes than round trips cost
+                    # time (big TIFF pages): read IFD by IFD from here on
+                    stride = (out[count - 1, C_IFD] - out[0, C_IFD]) / (count - 1)
+                    streamed = stride <= source.walk_stride_limit
+                    if not streamed:
+                        streamer.cancel()
+            if status == S_FULL:
+                out = np.concatenate([out, np.empty_like(out)])
+                continue
+            if status == S_MORE:
+                if whole is not None:
+                    # a memory map is walked through windows (views, no copies), dropping the
+                    # pages of each finished window so the RSS stays bounded on huge files
+                    source.release()
+                    size = max(MAP_WINDOW, int(detail))
+                    buf, buf_start = whole[pos : pos + size], pos
+                elif streamed:
+                    # prefetch once the frame spacing is known to suit streaming
+                    buf, buf_start, n_windows = streamer.advance(
+                        buf, buf_start, pos, int(detail), n_windows, prefetch=count >= 2)
+                else:
+                    size = max(source.ifd_window, int(detail))
+                    buf = np.frombuffer(source.read(pos, size), dtype=np.uint8)
+                    buf_start = pos
+                continue
+            return out[:count].copy(), int(status), int(pos), int(detail)
+
+
+class _Streamer:
+    """Consecutive windows of a remote file for the walk, the next batches in flight.
+
+    While the walk decodes one batch of windows, the next :data:`DEPTH` batches
+    (each up to ``source.walk_inflight`` windows, growing from one) are already
+    being fetched, so round trips overlap with transfer instead of adding up.
+    """
+
+    DEPTH = 2
+
+    def __init__(self, source: ByteSource, file_size: int) -> None:
+        self.source = source
+        self.file_size = file_size
+        self.pending: list[tuple[int, int, Any]] = []  # (start, stop, future), in order
+        self.pool: Any = None
+
+    def __enter__(self) -> _Streamer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def cancel(self) -> None:
+        """Forget the batches in flight (their bytes are not needed)."""
+        for p in self.pending:
+            p[2].cancel()
+        self.pending = []
+
+    def _fetch(self, start: int, stop: int) -> bytes:
+        w = self.source.walk_window
+        edges = [*range(start, stop, w), stop]
+        return b"".join(self.source.fetch_windows(edges[:-1], edges[1:]))
+
+    def advance(self, buf: np.ndarray, buf_start: int, pos: int, need: int, n: int,
+                prefetch: bool = True) -> tuple[np.ndarray, int, int]:
+        """Return ``(buf, buf_start, n)``: bytes from ``pos`` holding at least ``need``.
+
+        With ``prefetch``, the batches after it are requested at once.
+        """
+        w = self.source.walk_window
+        buf_stop = buf_start + buf.shape[0]
+        p = self.pending[0] if self.pending else None
+        if p is not None and p[0] == buf_stop and buf_start <= pos < p[1]:
+            self.pending.pop(0)
+            data = np.frombuffer(p[2].result(), dtype=np.uint8)
+            if pos >= p[0]:
+                new = data[pos - p[0]:]
+            else:  # the IFD straddles the two batches
+                new = np.concatenate([buf[pos - buf_start:], data])
+            nxt = self.pending[-1][1] if self.pending else p[1]
+        else:  # first batch, or the chain jumped: fetch synchronously
+            self.cancel()
+            stop = min(max(pos + n * w, pos + need), self.file_size)
+            new = np.frombuffer(self._fetch(pos, stop), dtype=np.uint8)
+            nxt = stop
+        if new.shape[0] < need and pos + new.shape[0] < self.file_size:
+            self.cancel()  # an IFD larger than the batch: rare, fetch the rest now
+            more = self._fetch(pos + new.shape[0], min(pos + need, self.file_size))
+            new = np.concatenate([new, np.frombuffer(more, dtype=np.uint8)])
+            nxt = pos + new.shape[0]
+        while prefetch and len(self.pending) < self.DEPTH and nxt < self.file_size:
+            n = min(2 * n, self.source.walk_inflight)
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.pool = ThreadPoolExecutor(self.DEPTH, thread_name_prefix="siff-walk")
+            stop = min(nxt + n * w, self.file_size)
+            self.pending.append((nxt, stop, self.pool.submit(self._fetch, nxt, stop)))
+            nxt = stop
+        return new, pos, n
 
 
 def _description_ranges(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

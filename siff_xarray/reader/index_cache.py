@@ -15,6 +15,16 @@ not of its name. A file rewritten in place gets a new key. Any problem with a
 cache file (corrupt, stale, not writable) only means the index is rebuilt from
 the file: a cache never changes what is read.
 
+Two more ways to skip the walk work on machines that never opened the file:
+
+* a **sidecar**, ``<file>.siffidx`` next to the file (local or on object storage),
+  written by ``siff-xarray index`` and ``convert``: the same arrays under a
+  *portable* key (size, header, first IFD offset and last 4 KiB; no modification
+  time or ETag, which change when a file is copied or uploaded), checked against
+  the file and by re-reading its middle IFD before use;
+* a **token** shipped with pickled Datasets to Dask workers (:class:`IndexHint`):
+  the index the client already has, checked the same way on the worker.
+
 Location: ``$SIFF_XARRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/siff-xarray/index``,
 else ``~/.cache/siff-xarray/index``. An entry takes about 100 bytes per frame; the
 oldest entries beyond :data:`MAX_ENTRIES` are deleted when one is added.
@@ -24,11 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,10 +52,14 @@ from .ifd import _TYPE_SIZE as TYPE_SIZE
 from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex, _walk
 from .source import ByteSource
 
-__all__ = ["default_cache_dir", "load_index", "save_index"]
+__all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "forget", "known",
+           "load_index", "pack", "portable_key", "remember", "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = 4096
+SIDECAR_SUFFIX = ".siffidx"
+#: how many shipped/known indexes a process keeps (by URL)
+MAX_KNOWN = 64
 MAX_ENTRIES = 1000  #: the oldest entries beyond this many are deleted when one is added
 
 
@@ -54,25 +72,35 @@ def default_cache_dir() -> Path:
     return Path(base) / "siff-xarray" / "index"
 
 
-def content_key(source: ByteSource, header: FileHeader) -> str:
-    """Hash identifying the file's content (independent of its name)."""
+def _key(source: ByteSource, header: FileHeader, version: str) -> str:
     h = hashlib.sha256()
     h.update(f"{FORMAT}|{source.size}|{header.first_ifd}|{int(header.bigtiff)}|"
-             f"{source.fingerprint()}|".encode())
+             f"{version}|".encode())
     h.update(header.nvfd_text.encode("latin-1", errors="replace"))
     h.update(header.roi_text.encode("latin-1", errors="replace"))
-    h.update(source.read(max(0, source.size - TAIL), TAIL))
+    h.update(source.tail(TAIL))
     return h.hexdigest()[:40]
 
 
-def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex) -> bool:
-    """Re-read a few IFDs and compare them with the cached index."""
+def content_key(source: ByteSource, header: FileHeader) -> str:
+    """Hash identifying this version of the file (content and modification time/ETag)."""
+    return _key(source, header, source.fingerprint())
+
+
+def portable_key(source: ByteSource, header: FileHeader) -> str:
+    """Hash of the file's content only: the same for a copy or an upload of the file."""
+    return _key(source, header, "portable")
+
+
+def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
+                thorough: bool = True) -> bool:
+    """Re-read a few IFDs (first, middle, last; only the middle one if not ``thorough``)."""
     n = len(index)
     if n == 0:
         return header.first_ifd == 0
     if int(index.ifd_offset[0]) != header.first_ifd:
         return False
-    for k in sorted({0, n // 2, n - 1}):
+    for k in sorted({0, n // 2, n - 1} if thorough else {n // 2}):
         pos = int(index.ifd_offset[k])
         data = np.frombuffer(source.read(pos, 2 * 2**10), dtype=np.uint8)
         out = np.empty((1, N_COLS), dtype=np.int64)
@@ -89,37 +117,9 @@ def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex) -> bo
     return True
 
 
-def load_index(directory: Path, source: ByteSource, header: FileHeader
-               ) -> tuple[str, FrameIndex | None, FrameTimestamps | None]:
-    """Return ``(key, index, timestamps)`` from the cache; ``None``s when absent or stale."""
-    key = content_key(source, header)
-    path = Path(directory) / f"{key}.npz"
-    if not path.is_file():
-        return key, None, None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if int(z["format"]) != FORMAT:
-                return key, None, None
-            index = FrameIndex(**{f.name: z[f"index_{f.name}"] for f in fields(FrameIndex)})
-            ts = None
-            if "ts_experiment_s" in z:
-                ev = json.loads(str(z["ts_events"]))
-                ts = FrameTimestamps(np.arange(len(index), dtype=np.int64),
-                                     z["ts_experiment_s"], z["ts_epoch_laser_ns"],
-                                     z["ts_epoch_system_ns"],
-                                     [Event(int(f), str(t), np.nan if s is None else float(s))
-                                      for f, t, s in ev])
-    except Exception:  # unreadable or foreign file: rebuild
-        return key, None, None
-    if not _spot_check(source, header, index):
-        return key, None, None
-    return key, index, ts
-
-
-def save_index(directory: Path, key: str, index: FrameIndex,
-               timestamps: FrameTimestamps | None) -> bool:
-    """Write the cache entry atomically; return False (and change nothing) on failure."""
-    arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT)}
+def _arrays(key: str, index: FrameIndex, timestamps: FrameTimestamps | None
+            ) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT), "key": np.array(key)}
     for f in fields(FrameIndex):
         arrays[f"index_{f.name}"] = getattr(index, f.name)
     if timestamps is not None:
@@ -129,6 +129,82 @@ def save_index(directory: Path, key: str, index: FrameIndex,
         arrays["ts_events"] = np.array(json.dumps(
             [[e.frame, e.text, None if np.isnan(e.time_s) else e.time_s]
              for e in timestamps.events]))
+    return arrays
+
+
+def pack(key: str, index: FrameIndex, timestamps: FrameTimestamps | None) -> bytes:
+    """Serialise an index (and timestamps) under ``key``: a compressed ``.npz``.
+
+    The layout is documented in docs/remote.md ("Sidecar format"): ``format``
+    (int), ``key`` (str), ``index_<field>`` for every :class:`FrameIndex` field,
+    and optionally ``ts_experiment_s``, ``ts_epoch_laser_ns``,
+    ``ts_epoch_system_ns`` and ``ts_events`` (JSON ``[[frame, text, time_s], ...]``).
+    """
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **_arrays(key, index, timestamps))
+    return buf.getvalue()
+
+
+def unpack(data: bytes | str | os.PathLike[str]
+           ) -> tuple[str, FrameIndex, FrameTimestamps | None] | None:
+    """Read what :func:`pack` wrote (bytes or a path); ``None`` if unusable."""
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        with np.load(src, allow_pickle=False) as z:
+            if int(z["format"]) != FORMAT:
+                return None
+            key = str(z["key"]) if "key" in z else ""
+            index = FrameIndex(**{f.name: z[f"index_{f.name}"] for f in fields(FrameIndex)})
+            n = len(index)
+            if any(len(getattr(index, f.name)) != n for f in fields(FrameIndex)):
+                return None
+            ts = None
+            if "ts_experiment_s" in z:
+                ev = json.loads(str(z["ts_events"]))
+                ts = FrameTimestamps(np.arange(n, dtype=np.int64),
+                                     z["ts_experiment_s"], z["ts_epoch_laser_ns"],
+                                     z["ts_epoch_system_ns"],
+                                     [Event(int(f), str(t), np.nan if s is None else float(s))
+                                      for f, t, s in ev])
+                if len(ts.experiment_s) != n:
+                    return None
+    except Exception:  # unreadable, truncated or foreign data: not used
+        return None
+    return key, index, ts
+
+
+def check_packed(data: bytes | None, source: ByteSource, header: FileHeader
+                 ) -> tuple[FrameIndex, FrameTimestamps | None] | None:
+    """Use a packed index (sidecar or token) if it belongs to this file's content."""
+    if not data:
+        return None
+    got = unpack(data)
+    if got is None:
+        return None
+    key, index, ts = got
+    if key != portable_key(source, header) or not _spot_check(source, header, index,
+                                                              thorough=False):
+        return None
+    return index, ts
+
+
+def load_index(directory: Path, source: ByteSource, header: FileHeader
+               ) -> tuple[str, FrameIndex | None, FrameTimestamps | None]:
+    """Return ``(key, index, timestamps)`` from the cache; ``None``s when absent or stale."""
+    key = content_key(source, header)
+    path = Path(directory) / f"{key}.npz"
+    if not path.is_file():
+        return key, None, None
+    got = unpack(path)
+    if got is None or not _spot_check(source, header, got[1]):
+        return key, None, None
+    return key, got[1], got[2]
+
+
+def save_index(directory: Path, key: str, index: FrameIndex,
+               timestamps: FrameTimestamps | None) -> bool:
+    """Write the cache entry atomically; return False (and change nothing) on failure."""
+    arrays = _arrays(key, index, timestamps)
     try:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -161,3 +237,65 @@ def _prune(directory: Path, keep: int = MAX_ENTRIES) -> None:
     for old in sorted(entries, key=_mtime)[: len(entries) - keep]:
         with contextlib.suppress(OSError):
             old.unlink()
+
+
+# ---------------------------------------------------------------- indexes known to this process
+
+_KNOWN: OrderedDict[str, bytes] = OrderedDict()
+_KNOWN_LOCK = threading.Lock()
+
+
+def remember(name: str, data: bytes) -> None:
+    """Record the packed index of the file at ``name`` (a URL) for this process."""
+    with _KNOWN_LOCK:
+        _KNOWN[name] = data
+        _KNOWN.move_to_end(name)
+        while len(_KNOWN) > MAX_KNOWN:
+            _KNOWN.popitem(last=False)
+
+
+def forget(name: str | None = None) -> None:
+    """Drop the packed index recorded for ``name`` (every one if ``None``)."""
+    with _KNOWN_LOCK:
+        if name is None:
+            _KNOWN.clear()
+        else:
+            _KNOWN.pop(name, None)
+
+
+def known(name: str) -> bytes | None:
+    """Return the packed index recorded for ``name``, if any."""
+    with _KNOWN_LOCK:
+        return _KNOWN.get(name)
+
+
+class IndexHint:
+    """A picklable pointer to the frame index of the remote file ``name``.
+
+    Pickled (into a Dask graph), it carries the packed index this process knows
+    for the file; unpickled (on a worker), it records it there, so that the
+    worker's open skips the walk after checking the index against the file (the
+    portable key and the middle IFD: a few small requests). Equality and hash
+    use the name only, so file managers keyed by their arguments are unaffected.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes | None]]:
+        return (_restore_hint, (self.name, known(self.name)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IndexHint) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("IndexHint", self.name))
+
+    def __repr__(self) -> str:
+        return f"IndexHint({self.name!r})"
+
+
+def _restore_hint(name: str, data: bytes | None) -> IndexHint:
+    if data is not None and known(name) is None:
+        remember(name, data)
+    return IndexHint(name)

@@ -37,7 +37,17 @@ from ..format.metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi
 from . import kernels as K
 from .frame_meta import FrameTimestamps, parse_description, parse_timestamps
 from .ifd import FrameIndex, build_frame_index, pread_ranges, unread_bytes
-from .index_cache import default_cache_dir, load_index, save_index
+from .index_cache import (
+    SIDECAR_SUFFIX,
+    check_packed,
+    default_cache_dir,
+    known,
+    load_index,
+    pack,
+    portable_key,
+    remember,
+    save_index,
+)
 from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
 from .source import ByteSource, FsspecSource, LocalSource, open_source
 
@@ -140,20 +150,48 @@ class SiffFile(PhotonReductions):
                    index_cache=options.index_cache)
 
     def _load_index(self, index_cache: bool | str | os.PathLike[str] | None) -> FrameIndex:
+        """Find the frame index without walking the file where possible.
+
+        In order: an index shipped with a Dask graph or known from an earlier open
+        in this process (remote files), the local cache, the sidecar next to the
+        file (``<file>.siffidx``), and else the walk (then cached). Each is checked
+        against the file before use (:mod:`siff_xarray.reader.index_cache`).
+        """
         if index_cache is None:
             index_cache = isinstance(self._source, (FsspecSource, LocalSource))
         if index_cache is False:
             return build_frame_index(self._source, self.header)
+        src, hdr = self._source, self.header
+        remote = isinstance(src, FsspecSource)
+        got = check_packed(known(src.name), src, hdr) if remote else None
         directory = default_cache_dir() if index_cache is True else Path(index_cache)
-        key, index, ts = load_index(directory, self._source, self.header)
+        key, index, ts = load_index(directory, src, hdr) if got is None else ("", *got)
         if index is None:
-            index = build_frame_index(self._source, self.header)
-            self.index = index
-            ts = self._parse_timestamps(np.arange(len(index), dtype=np.int64))
-            self._source.forget_kept()  # the descriptions kept from the walk are parsed
+            got = check_packed(src.read_sibling(SIDECAR_SUFFIX), src, hdr)
+            if got is not None:
+                index, ts = got
+            else:
+                index = build_frame_index(src, hdr)
+                self.index = index
+                ts = self._parse_timestamps(np.arange(len(index), dtype=np.int64))
+                src.forget_kept()  # the descriptions kept from the walk are parsed
             save_index(directory, key, index, ts)
         self._all_timestamps = ts
+        if remote and known(src.name) is None:  # for Dask workers (IndexHint)
+            remember(src.name, pack(portable_key(src, hdr), index, ts))
         return index
+
+    def write_sidecar(self) -> str | None:
+        """Write ``<file>.siffidx`` next to the file, so that any machine opens it fast.
+
+        Returns where it was written, or ``None`` when it cannot be (a file object,
+        a read-only directory or bucket). See docs/remote.md for the format.
+        """
+        data = pack(portable_key(self._source, self.header), self.index, self.timestamps())
+        try:
+            return self._source.write_sibling(SIDECAR_SUFFIX, data)
+        except Exception:  # read-only: opening simply walks the chain
+            return None
 
     # ------------------------------------------------------------------ basics
 

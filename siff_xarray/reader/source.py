@@ -84,6 +84,25 @@ class ByteSource:
         """Drop this process's hold on pages read so far, and bytes kept from the walk."""
         self.forget_kept()
 
+    _tail: bytes | None = None
+
+    def read_sibling(self, suffix: str) -> bytes | None:
+        """Return the file ``name + suffix`` next to this one, or ``None`` if absent."""
+        return None
+
+    def write_sibling(self, suffix: str, data: bytes) -> str:
+        """Write ``name + suffix`` next to this file (atomically where possible).
+
+        Raises OSError (or the filesystem's error) when that is not possible.
+        """
+        raise OSError(f"{self.name}: a file object has no place for a sidecar")
+
+    def tail(self, length: int) -> bytes:
+        """Return the file's last ``length`` bytes (read once per source, then kept)."""
+        if self._tail is None or len(self._tail) < min(length, self.size):
+            self._tail = self.read(max(0, self.size - length), length)
+        return self._tail[len(self._tail) - min(length, self.size):]
+
     def fetch_windows(self, starts: list[int], stops: list[int]) -> list[bytes]:
         """Read consecutive windows of the walk (concurrently where the source can)."""
         return self._read_blocks(starts, stops)
@@ -266,6 +285,29 @@ class LocalSource(ByteSource):
             raise ValueError(f"{self.name}: the file is closed")
         return self._file.fileno()
 
+    def read_sibling(self, suffix: str) -> bytes | None:
+        """Return the local file ``name + suffix``, or ``None``."""
+        try:
+            with open(self.name + suffix, "rb") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    def write_sibling(self, suffix: str, data: bytes) -> str:
+        """Write ``name + suffix`` atomically (temporary file, then rename)."""
+        import tempfile
+
+        target = self.name + suffix
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return target
+
     def fingerprint(self) -> str:
         """Device, inode and modification time: an in-place rewrite changes it."""
         st = os.fstat(self._file.fileno())
@@ -382,6 +424,22 @@ class FsspecSource(ByteSource):
                 raise
             raise err from exc
 
+    #: bytes fetched by the first read near the start of the file and kept: the
+    #: header, the first IFD and description come in one request, not three
+    head_bytes = 64 * 2**10
+    _head: bytes | None = None
+
+    def _from_head(self, offset: int, end: int) -> bytes | None:
+        """Bytes ``offset:end`` from the kept head of the file (fetched on first use)."""
+        if end > self.head_bytes:
+            return None
+        if self._head is None:
+            stop = min(self.head_bytes, self.size)
+            self._head = bytes(self._network(
+                lambda: self._fs.cat_file(self._path, start=0, end=stop)))
+            self.bytes_fetched += len(self._head)
+        return self._head[offset:end] if end <= len(self._head) else None
+
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset``."""
         if offset < 0 or length < 0:
@@ -389,6 +447,9 @@ class FsspecSource(ByteSource):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
+        head = self._from_head(offset, end)
+        if head is not None:
+            return head
         out = self._network(lambda: self._fs.cat_file(self._path, start=offset, end=end))
         self.bytes_fetched += len(out)
         return bytes(out)
@@ -403,6 +464,10 @@ class FsspecSource(ByteSource):
             found = {k: self._cache[k] for k in keys if k in self._cache}
             for k in found:
                 self._cache.move_to_end(k)
+        if self._head is not None:  # bytes near the start: the header read kept them
+            for k in keys:
+                if k not in found and k[1] <= len(self._head):
+                    found[k] = self._head[k[0]:k[1]]
         todo = [k for k in dict.fromkeys(keys) if k not in found]
         if todo:
             got = self._network(lambda: self._fs.cat_ranges(
@@ -416,6 +481,20 @@ class FsspecSource(ByteSource):
                 self.bytes_fetched += len(data)
                 self._remember(k, data)
         return [found[k] for k in keys]
+
+    def read_sibling(self, suffix: str) -> bytes | None:
+        """Return the object ``name + suffix`` (one request), or ``None`` if absent."""
+        try:
+            data = self._fs.cat_file(self._path + suffix)
+        except Exception:  # absent, forbidden or unreachable: the walk will do
+            return None
+        self.bytes_fetched += len(data)
+        return bytes(data)
+
+    def write_sibling(self, suffix: str, data: bytes) -> str:
+        """Upload ``name + suffix`` (one object: readers see all of it or none)."""
+        self._network(lambda: self._fs.pipe_file(self._path + suffix, data))
+        return self.name + suffix
 
     def fetch_windows(self, starts: list[int], stops: list[int]) -> list[bytes]:
         """Read the walk's windows concurrently, past the data cache (read once)."""

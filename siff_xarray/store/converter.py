@@ -285,6 +285,8 @@ def _prepare(sources: list[str], target: Target, build: Target,
           else open_acquisition(sources, storage_options=source_options))
     try:
         with Acquisition.open(sources, source_options) as f:
+            for part in f.files:  # later opens anywhere skip the walk (read-only: skipped)
+                part.write_sidecar()
             tiff = f.encoding == ENC_TIFF
             if tiff.any() and not tiff.all():
                 raise ConversionError(

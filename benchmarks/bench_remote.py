@@ -1,0 +1,129 @@
+"""Remote benchmark: open, traces and conversion of a ``.siff`` served over HTTP at latency.
+
+Run from the repository root (after the README's test set-up):
+
+    .venv/bin/python benchmarks/bench_remote.py                 # 0.83 GB file
+    .venv/bin/python benchmarks/bench_remote.py --volumes 100   # quick look
+
+The session-like file of ``bench_reader.py`` is served by the tests' loopback range
+server (127.0.0.1 only) with 0, 20 and 50 ms added to every request (S3's
+first-byte latency is typically 10-50 ms). Per latency, each job runs once in this
+process (imports and Numba warm): a plain sequential download of the file through
+fsspec (the floor any reader of every byte pays), a cold open (empty index cache, no
+sidecar), an open with a sidecar, all plane traces (``intensity.mean(("y", "x"))``)
+eagerly and with Dask, and a conversion to a local store. Reported: seconds,
+requests (GET + HEAD), MB transferred, and ratios against the download (opens) or
+the same job on the local file (traces, conversion).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from bench_reader import parse_args, session_file  # noqa: E402
+from conftest import _RangeServer  # noqa: E402
+
+
+def measure(server: _RangeServer | None, fn) -> tuple[float, int, float]:
+    """Run ``fn``; return (seconds, requests, MB sent by the server)."""
+    r0 = 0 if server is None else server.requests + server.heads
+    b0 = 0 if server is None else server.bytes_sent
+    t = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t
+    if server is None:
+        return dt, 0, 0.0
+    return dt, server.requests + server.heads - r0, (server.bytes_sent - b0) / 1e6
+
+
+def main() -> None:
+    import fsspec
+    import xarray as xr
+
+    import siff_xarray
+    from siff_xarray import SiffFile
+    from siff_xarray.reader.index_cache import forget
+
+    args = parse_args(__doc__)
+    src = session_file(args.volumes, args.photons, args.path)
+    size_mb = src.stat().st_size / 1e6
+    warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:
+        tmp = Path(tmp)
+        served = tmp / "served"
+        served.mkdir()
+        os.link(src, served / "run.siff") if src.stat().st_dev == served.stat().st_dev \
+            else shutil.copy(src, served / "run.siff")
+        local = str(served / "run.siff")
+
+        def traces(path: str, chunks) -> None:
+            with xr.open_dataset(path, engine="siff", chunks=chunks,
+                                 index_cache=tmp / "cache-traces") as ds:
+                ds.intensity.mean(("y", "x")).compute()
+
+        def convert(path: str, name: str) -> None:
+            siff_xarray.convert(path, tmp / name, overwrite=True)
+            shutil.rmtree(tmp / name)
+            side = Path(local + ".siffidx")  # the conversion writes it; later jobs must not
+            side.unlink(missing_ok=True)     # find it unless they ask for it
+
+        # local references (warm-up first: Numba cache, page cache)
+        traces(local, None)
+        ref = {
+            "traces (eager)": measure(None, lambda: traces(local, None))[0],
+            "traces (Dask)": measure(None, lambda: traces(local, {}))[0],
+            "convert": measure(None, lambda: convert(local, "local.zarr"))[0],
+        }
+        print(f"file: {src.name}, {size_mb:.0f} MB; local: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in ref.items()))
+        print()
+        print("| latency | job | seconds | requests | MB read | ratio | against | target |")
+        print("|---:|---|---:|---:|---:|---:|---|---:|")
+        for latency in (0.0, 0.02, 0.05):
+            server = _RangeServer(str(served))
+            server.latency = latency
+            url = f"{server.url}/run.siff"
+            try:
+                fs = fsspec.filesystem("http")
+                dl = measure(server, lambda: fs.cat_file(url))  # noqa: B023
+                rows = [("plain download (fsspec)", dl, None, "", None)]
+
+                def cold() -> None:
+                    forget()  # nothing known in this process: as a fresh machine
+                    cache = tmp / f"cold-{time.monotonic_ns()}"
+                    with SiffFile(url, index_cache=cache) as f:  # noqa: B023
+                        f.timestamps()
+
+                rows.append(("cold open", measure(server, cold), dl[0], "download", 2))
+                with SiffFile(local) as f:
+                    f.write_sidecar()
+                rows.append(("open with sidecar", measure(server, cold), dl[0], "download",
+                             None))
+                for chunks, name in ((None, "traces (eager)"), ({}, "traces (Dask)")):
+                    forget()
+                    res = measure(server, lambda c=chunks: traces(url, c))  # noqa: B023
+                    rows.append((name, res, ref[name], "local", 3))
+                Path(local + ".siffidx").unlink(missing_ok=True)
+                res = measure(server, lambda: convert(url, "remote.zarr"))  # noqa: B023
+                rows.append(("convert", res, ref["convert"], "local", 3))
+            finally:
+                server.close()
+            for name, (sec, req, mb), against, what, target in rows:
+                ratio = f"{sec / against:.2f}" if against else ""
+                tgt = f"<= {target}" if target else ""
+                print(f"| {latency * 1000:.0f} ms | {name} | {sec:.2f} | {req} | {mb:.0f} | "
+                      f"{ratio} | {what} | {tgt} |")
+
+
+if __name__ == "__main__":
+    main()
