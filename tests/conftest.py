@@ -141,6 +141,8 @@ class _RangeServer:
         self.requests = 0  # GET requests
         self.heads = 0  # HEAD requests
         self.log = []  # (path, start, stop) of every GET
+        #: answer every GET with the whole file (a server without Range support)
+        self.ignore_ranges = False
         #: seconds added before answering each request (object-store first-byte latency)
         self.latency = 0.0
         self.lock = threading.Lock()
@@ -176,7 +178,7 @@ class _RangeServer:
                     return
                 size = os.path.getsize(p)
                 start, end = 0, size - 1
-                rng = self.headers.get("Range")
+                rng = None if server.ignore_ranges else self.headers.get("Range")
                 if rng and rng.startswith("bytes="):
                     a, _, b = rng[6:].partition("-")
                     start = int(a) if a else max(size - int(b), 0)

@@ -419,3 +419,26 @@ def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, t
     # that walked the chain would stream the file again (windows of the whole file)
     assert moved < 2.2 * size, (moved, size)
     assert max(b - a for _, a, b in ranges) < size / 4
+
+
+def test_errors_blame_the_server_or_the_url_not_the_file(http_server, s3_server, tmp_path):
+    from siff_xarray.errors import RemoteAccessError, SiffFormatError
+
+    write_siff(tmp_path / "r.siff", shape=(16, 8), n_timepoints=4, seed=1)
+    http_server.ignore_ranges = True  # answers every range with the whole file
+    with pytest.raises(RemoteAccessError, match=r"r\.siff.*ignored a Range request"):
+        xr.open_dataset(f"{http_server.url}/r.siff", engine="siff", index_cache=False)
+    http_server.ignore_ranges = False
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server)
+    if not fs.exists("idx-bucket"):
+        fs.mkdir("idx-bucket")
+    for url, opts in ((f"{http_server.url}/missing.siff", None),
+                      ("s3://no-such-bucket-here/r.siff", s3_server),
+                      ("s3://idx-bucket/no-such-object.siff", s3_server)):
+        with pytest.raises(OSError) as err:
+            xr.open_dataset(url, engine="siff", storage_options=opts)
+        assert not isinstance(err.value, SiffFormatError)
+        assert isinstance(err.value, (FileNotFoundError, RemoteAccessError)), err.value
+        assert url.split("://", 1)[1].split("/", 1)[1] in str(err.value), str(err.value)

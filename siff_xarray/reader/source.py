@@ -31,7 +31,7 @@ import numpy as np
 
 from .._paths import is_remote, local_path
 from .._remote import remote_error, with_timeouts
-from ..errors import SiffFormatError
+from ..errors import RemoteAccessError, SiffFormatError
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
 
@@ -397,10 +397,13 @@ class FsspecSource(ByteSource):
                 url, **with_timeouts(url, storage_options))
             info = self._fs.info(self._path)
         except Exception as exc:
-            err = remote_error(url, exc)
-            if err is None:
-                raise
-            raise err from exc
+            err = remote_error(url, exc)  # a timeout may come as a FileNotFoundError
+            if err is not None:
+                raise err from exc
+            if isinstance(exc, FileNotFoundError):  # s3fs's message names no bucket or key
+                detail = str(exc) if str(exc) and str(exc) != self._path else "no such file"
+                raise FileNotFoundError(f"{url}: {detail}") from exc
+            raise
         if info.get("type") == "directory":
             raise IsADirectoryError(f"{url}: is a directory")
         size = info.get("size")
@@ -429,15 +432,26 @@ class FsspecSource(ByteSource):
     head_bytes = 64 * 2**10
     _head: bytes | None = None
 
+    def _exact(self, data: Any, start: int, stop: int) -> bytes:
+        """Check that a range request returned that range (some servers ignore Range)."""
+        data = bytes(data)
+        if len(data) > stop - start:
+            raise RemoteAccessError(
+                self.name, f"the server ignored a Range request (it sent {len(data)} bytes "
+                f"for bytes {start}-{stop - 1}); siff-xarray reads byte ranges, so serve the "
+                "file from a server that supports them (S3, GCS and most HTTP servers do) or "
+                "download it first")
+        self.bytes_fetched += len(data)
+        return data
+
     def _from_head(self, offset: int, end: int) -> bytes | None:
         """Bytes ``offset:end`` from the kept head of the file (fetched on first use)."""
         if end > self.head_bytes:
             return None
         if self._head is None:
             stop = min(self.head_bytes, self.size)
-            self._head = bytes(self._network(
-                lambda: self._fs.cat_file(self._path, start=0, end=stop)))
-            self.bytes_fetched += len(self._head)
+            self._head = self._exact(self._network(
+                lambda: self._fs.cat_file(self._path, start=0, end=stop)), 0, stop)
         return self._head[offset:end] if end <= len(self._head) else None
 
     def read(self, offset: int, length: int) -> bytes:
@@ -450,9 +464,8 @@ class FsspecSource(ByteSource):
         head = self._from_head(offset, end)
         if head is not None:
             return head
-        out = self._network(lambda: self._fs.cat_file(self._path, start=offset, end=end))
-        self.bytes_fetched += len(out)
-        return bytes(out)
+        return self._exact(self._network(
+            lambda: self._fs.cat_file(self._path, start=offset, end=end)), offset, end)
 
     def fingerprint(self) -> str:
         """ETag / modification time as the filesystem reports them ('' if none)."""
@@ -476,9 +489,8 @@ class FsspecSource(ByteSource):
             for k, data in zip(todo, got, strict=True):
                 if isinstance(data, BaseException):
                     raise data
-                data = bytes(data)
+                data = self._exact(data, *k)
                 found[k] = data
-                self.bytes_fetched += len(data)
                 self._remember(k, data)
         return [found[k] for k in keys]
 
@@ -501,11 +513,10 @@ class FsspecSource(ByteSource):
         got = self._network(lambda: self._fs.cat_ranges(
             [self._path] * len(starts), starts, stops, on_error="raise"))
         out = []
-        for data in got:
+        for data, a, b in zip(got, starts, stops, strict=True):
             if isinstance(data, BaseException):
                 raise data
-            out.append(bytes(data))
-            self.bytes_fetched += len(data)
+            out.append(self._exact(data, a, b))
         return out
 
     def _remember(self, key: tuple[int, int], data: bytes) -> None:
