@@ -223,6 +223,92 @@ class _RangeServer:
         self.httpd.server_close()
 
 
+class _CountingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of another loopback server (the moto S3
+    server): adds ``latency`` seconds to every request and counts them by method."""
+
+    def __init__(self, target: str):
+        import http.client
+        import http.server
+        import threading
+        import time
+        from urllib.parse import urlsplit
+
+        proxy = self
+        self.latency = 0.0
+        self.counts: dict[str, int] = {}
+        self.bytes_sent = 0
+        self.lock = threading.Lock()
+        host, port = urlsplit(target).hostname, urlsplit(target).port
+        assert host == "127.0.0.1"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                if proxy.latency:
+                    time.sleep(proxy.latency)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body,
+                                 headers=dict(self.headers.items()))
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's size
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection") and (
+                            head or k.lower() != "content-length"):
+                        self.send_header(k, v)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                with proxy.lock:
+                    proxy.counts[self.command] = proxy.counts.get(self.command, 0) + 1
+                    proxy.bytes_sent += len(data) if self.command != "HEAD" else 0
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def requests(self) -> int:
+        with self.lock:
+            return sum(self.counts.values())
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def s3_latency(s3_server):
+    """The moto S3 server behind a counting proxy with per-request latency.
+
+    Yields ``(proxy, storage_options)``; the options reach S3 through the proxy.
+    """
+    proxy = _CountingProxy(s3_server["client_kwargs"]["endpoint_url"])
+    opts = {**s3_server, "client_kwargs": {"endpoint_url": proxy.url},
+            "skip_instance_cache": True}
+    yield proxy, opts
+    proxy.close()
+
+
 def _self_signed_cert(directory):
     """Write a self-signed certificate for 127.0.0.1; return (cert_path, key_path)."""
     import datetime

@@ -442,3 +442,35 @@ def test_errors_blame_the_server_or_the_url_not_the_file(http_server, s3_server,
         assert not isinstance(err.value, SiffFormatError)
         assert isinstance(err.value, (FileNotFoundError, RemoteAccessError)), err.value
         assert url.split("://", 1)[1].split("/", 1)[1] in str(err.value), str(err.value)
+
+
+def test_s3_cold_open_and_sidecar_at_latency_count_requests(s3_server, s3_latency, tmp_path):
+    import fsspec
+
+    proxy, opts = s3_latency
+    t = write_siff(tmp_path / "session.siff", shape=(64, 32), channels=(1, 2), n_slices=6,
+                   n_flyback=1, n_timepoints=100, photons_per_frame=600, seed=2)
+    fs = fsspec.filesystem("s3", **s3_server)
+    if not fs.exists("lat-bucket"):
+        fs.mkdir("lat-bucket")
+    fs.put_file(t.path, "lat-bucket/session.siff")
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = _bare(local)
+    proxy.latency = 0.005
+    url = "s3://lat-bucket/session.siff"
+    before = proxy.requests
+    with xr.open_dataset(url, engine="siff", storage_options=opts,
+                         index_cache=tmp_path / "cold") as ds:
+        assert proxy.requests - before <= 100, proxy.counts
+        xr.testing.assert_identical(_bare(ds), want)
+    with SiffFile(t.path) as f:
+        f.write_sidecar()
+    fs.put_file(t.path + ".siffidx", "lat-bucket/session.siff.siffidx")
+    from siff_xarray.reader.index_cache import forget
+
+    forget()  # as a fresh machine: nothing known in this process
+    before = proxy.requests
+    with xr.open_dataset(url, engine="siff", storage_options=opts,
+                         index_cache=tmp_path / "with-sidecar") as ds:
+        assert proxy.requests - before <= 6, proxy.counts
+        xr.testing.assert_identical(_bare(ds), want)
