@@ -155,14 +155,20 @@ class _RangeServer:
                 p = os.path.join(server.root, self.path.lstrip("/").split("?")[0])
                 return p if os.path.isfile(p) else None
 
-            def do_HEAD(self):
-                with server.lock:
-                    server.heads += 1
+            def _arrive(self):
+                """Wait the injected latency; return the served file (None: 404 sent)."""
                 if server.latency:
                     time.sleep(server.latency)
                 p = self._file()
                 if p is None:
                     self.send_error(404)
+                return p
+
+            def do_HEAD(self):
+                with server.lock:
+                    server.heads += 1
+                p = self._arrive()
+                if p is None:
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(os.path.getsize(p)))
@@ -170,11 +176,8 @@ class _RangeServer:
                 self.end_headers()
 
             def do_GET(self):
-                if server.latency:
-                    time.sleep(server.latency)
-                p = self._file()
+                p = self._arrive()
                 if p is None:
-                    self.send_error(404)
                     return
                 size = os.path.getsize(p)
                 start, end = 0, size - 1
