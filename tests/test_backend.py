@@ -562,3 +562,15 @@ def test_load_async_gives_the_same_values(siff_files):
         want = eager.load()
         xr.testing.assert_identical(got_all, want)
         xr.testing.assert_identical(got_sub, want.isel(time=slice(1, 3)))
+
+
+def test_open_datatree_and_groups(siff_files):
+    t = siff_files["two_chan_slices_flyback"]
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        want = ds.load()
+    with xr.open_datatree(t.path, engine="siff") as tree:
+        xr.testing.assert_identical(tree.to_dataset().load(), want)
+    groups = xr.open_groups(t.path, engine="siff")
+    assert list(groups) == ["/"]
+    xr.testing.assert_identical(groups["/"].load(), want)
+    groups["/"].close()

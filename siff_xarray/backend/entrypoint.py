@@ -46,6 +46,38 @@ class SiffBackendEntrypoint(BackendEntrypoint):
 
         return open_siff(filename_or_obj, drop_variables=drop_variables, **options)
 
+    def open_groups_as_dict(  # type: ignore[override]
+        self,
+        filename_or_obj: Any,
+        *,
+        drop_variables: str | Iterable[str] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Return the groups of a ``.siff``: the root holds the acquisition's Dataset.
+
+        A ``.siff`` file is one acquisition (all channels, planes and timepoints of
+        one frame grid), so it has one group, ``"/"``; ``xr.open_datatree`` and
+        ``xr.open_groups`` give it as a DataTree or a dict.
+        """
+        return {"/": self.open_dataset(filename_or_obj, drop_variables=drop_variables,
+                                       **options)}
+
+    def open_datatree(  # type: ignore[override]
+        self,
+        filename_or_obj: Any,
+        *,
+        drop_variables: str | Iterable[str] | None = None,
+        **options: Any,
+    ) -> Any:
+        """Open a ``.siff`` as a DataTree (see :meth:`open_groups_as_dict`)."""
+        from xarray import DataTree
+
+        groups = self.open_groups_as_dict(filename_or_obj, drop_variables=drop_variables,
+                                          **options)
+        tree = DataTree.from_dict(groups)
+        tree.set_close(groups["/"].close)
+        return tree
+
     def guess_can_open(self, filename_or_obj: Any) -> bool:
         """Recognise ScanImage (FLIM) files by magic bytes, or remote ``.siff`` by suffix.
 
