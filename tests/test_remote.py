@@ -177,25 +177,29 @@ def test_index_cache_makes_the_second_remote_open_cheap(http_server, big_frames,
 
 
 def test_index_cache_local_and_invalidation(tmp_path):
+    from siff_xarray.reader.index_cache import content_key
+
     cache = tmp_path / "cache"
     t = write_siff(tmp_path / "a.siff", shape=(8, 8), channels=(1, 2), n_timepoints=4,
                    events={1: ("x", 0.5), 3: ("y", None)})
     with SiffFile(t.path, index_cache=False) as f:
         want_ts = f.timestamps()
         want_idx = f.index
+    assert not cache.exists()
     default_dir = Path(os.environ["SIFF_XARRAY_CACHE_DIR"])
     n_default = len(list(default_dir.glob("*.npz")))
-    with SiffFile(t.path) as f:  # local files walk every time: no entry by default
+    with SiffFile(t.path) as f:  # paths use the default cache directory
         pass
-    with SiffFile(io.BytesIO(Path(t.path).read_bytes())) as f:  # nor for file objects
+    assert len(list(default_dir.glob("*.npz"))) == n_default + 1
+    with SiffFile(io.BytesIO(Path(t.path).read_bytes())) as f:  # file objects do not
         pass
-    assert len(list(default_dir.glob("*.npz"))) == n_default
-    assert not cache.exists()
-    with SiffFile(t.path, index_cache=cache) as f:  # asked for: builds and stores
-        pass
-    (entry,) = cache.glob("*.npz")
+    assert len(list(default_dir.glob("*.npz"))) == n_default + 1
+    with SiffFile(t.path, index_cache=cache) as f:  # builds and stores
+        key = content_key(f._source, f.header)
+    entry = cache / f"{key}.npz"
+    assert entry.is_file()
     with SiffFile(t.path, index_cache=cache) as f:  # loads
-        assert list(cache.glob("*.npz")) == [entry]
+        assert f._all_timestamps is not None
         for name in ("ifd_offset", "strip_offset", "strip_bytes", "encoding", "n_photons"):
             np.testing.assert_array_equal(getattr(f.index, name), getattr(want_idx, name))
         ts = f.timestamps()
@@ -213,6 +217,25 @@ def test_index_cache_local_and_invalidation(tmp_path):
         np.testing.assert_array_equal(f.read_frames(), t.intensity())
     with np.load(entry) as z:
         assert "index_ifd_offset" in z
+    # an entry that does not match the file (spot check fails) is ignored
+    other = write_siff(tmp_path / "b.siff", shape=(8, 8), channels=(1, 2), n_timepoints=4,
+                       seed=99)
+    with SiffFile(other.path, index_cache=False) as f:
+        other_key = content_key(f._source, f.header)
+    bad = dict(np.load(entry))
+    bad["index_strip_offset"] = bad["index_strip_offset"] + 8
+    np.savez(cache / f"{other_key}.npz", **bad)
+    with SiffFile(other.path, index_cache=cache) as f:
+        np.testing.assert_array_equal(f.read_frames(), other.intensity())
+    # rewriting the file in place (same size, same tail) changes the key
+    data = bytearray(Path(t.path).read_bytes())
+    with SiffFile(t.path, index_cache=False) as f:
+        k = int(f.index.strip_offset[2])
+    data[k : k + 2] = data[k + 2 : k + 4]
+    time.sleep(0.01)
+    Path(t.path).write_bytes(bytes(data))
+    with SiffFile(t.path, index_cache=cache) as f:
+        assert content_key(f._source, f.header) != key
     # an unwritable cache directory only means no cache
     ro = tmp_path / "file-not-dir"
     ro.write_text("x")
@@ -223,8 +246,9 @@ def test_index_cache_local_and_invalidation(tmp_path):
 def test_in_place_edits_with_the_mtime_restored_never_read_stale_cache(tmp_path):
     # same size, modification time put back: the cache must not serve the old values
     cache = tmp_path / "cache"
-    t = write_siff(tmp_path / "e.siff", shape=(8, 8), channels=(1,), n_timepoints=6,
-                   photons_per_frame=40, encoding="raw", seed=3)
+    # frames 2 and 4 lie far from the file's tail and are not among the spot-checked IFDs
+    t = write_siff(tmp_path / "e.siff", shape=(8, 8), channels=(1,), n_timepoints=60,
+                   photons_per_frame=400, encoding="raw", seed=3)
     with SiffFile(t.path, index_cache=cache) as f:
         ts0 = f.timestamps().experiment_s.copy()
         off, ln = int(f.index.desc_offset[2]), int(f.index.desc_length[2])

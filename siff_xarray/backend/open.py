@@ -96,8 +96,8 @@ def open_siff(
     chunk_bytes : int
         Target size of the preferred (Dask) chunks; chunks hold whole frames.
     index_cache : bool, str, os.PathLike or None
-        Persistent frame-index cache: ``None`` (default) for URLs, ``True`` or a
-        directory also for local paths, ``False`` never (see
+        Persistent frame-index cache: ``None`` (default) for paths and URLs (not file
+        objects), a directory to use that one, ``False`` never (see
         :class:`~siff_xarray.SiffFile`).
 
     Returns

@@ -1,20 +1,20 @@
 """A persistent cache of frame indices (and frame timestamps), keyed by file content.
 
 Opening a ``.siff`` file means walking its IFD chain: one small read per frame.
-On a local disk that is one ``pread`` each (fast: local files are walked at every
-open unless a cache is asked for); on object storage it is about one download of
-the file. The first open of a remote file therefore stores the
+That costs one page fault per frame on a local disk and one round trip per frame
+on object storage (thousands of requests). The first open of a file therefore
+stores the
 :class:`~siff_xarray.reader.ifd.FrameIndex` and the per-frame timestamps in an
 ``.npz`` file; later opens load it and only *spot-check* it against the file
 (the first, middle and last IFDs are re-read and must match).
 
 The key is a hash of the file's content (size, header block, first IFD offset
-and its last 4 KiB) and version (remote files: ETag / modification time where the
-filesystem reports them), not of its name. Local files, when cached on request,
-are keyed on that plus every IFD and every description byte
-(:func:`local_key`), so an in-place edit that restores the size and modification
-time still misses. Any problem with a cache file (corrupt, stale, not writable)
-only means the index is rebuilt from the file: a cache never changes what is read.
+and its last 4 KiB) and version (local files: device, inode, modification and
+change time, which no ``os.utime`` can set back; remote files: ETag /
+modification time where the filesystem reports them), not of its name. A file
+edited in place gets a new key, even with its size and modification time
+restored. Any problem with a cache file (corrupt, stale, not writable) only means
+the index is rebuilt from the file: a cache never changes what is read.
 
 Two more ways to skip the walk work on machines that never opened the file:
 
@@ -54,7 +54,7 @@ from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex, 
 from .source import ByteSource
 
 __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "forget", "known",
-           "load_index", "local_key", "pack", "portable_key", "remember", "save_index", "unpack"]
+           "load_index", "pack", "portable_key", "remember", "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = 4096
@@ -189,30 +189,10 @@ def check_packed(data: bytes | None, source: ByteSource, header: FileHeader
     return index, ts
 
 
-def local_key(source: ByteSource, header: FileHeader, index: FrameIndex,
-              descriptions: bytes | np.ndarray) -> str:
-    """Key of a local file's entry: its content key, every IFD and every description.
-
-    A local file's IFDs are walked at every open (one ``pread`` each, fast), so the
-    cache only saves parsing the descriptions; keying on all of them means an edit
-    that keeps the size and restores the modification time still misses the cache.
-    """
-    h = hashlib.sha256(content_key(source, header).encode())
-    for f in fields(FrameIndex):
-        h.update(np.ascontiguousarray(getattr(index, f.name)).tobytes())
-    h.update(memoryview(np.ascontiguousarray(descriptions)).cast("B")
-             if isinstance(descriptions, np.ndarray) else descriptions)
-    return h.hexdigest()[:40]
-
-
-def load_index(directory: Path, source: ByteSource, header: FileHeader,
-               key: str | None = None
+def load_index(directory: Path, source: ByteSource, header: FileHeader
                ) -> tuple[str, FrameIndex | None, FrameTimestamps | None]:
-    """Return ``(key, index, timestamps)`` from the cache; ``None``s when absent or stale.
-
-    ``key`` defaults to :func:`content_key` (see :func:`local_key` for local files).
-    """
-    key = content_key(source, header) if key is None else key
+    """Return ``(key, index, timestamps)`` from the cache; ``None``s when absent or stale."""
+    key = content_key(source, header)
     path = Path(directory) / f"{key}.npz"
     if not path.is_file():
         return key, None, None

@@ -43,7 +43,6 @@ from .index_cache import (
     default_cache_dir,
     known,
     load_index,
-    local_key,
     pack,
     portable_key,
     remember,
@@ -75,10 +74,9 @@ class SiffFile(PhotonReductions):
     index_cache
         Keep the frame index and timestamps in a persistent cache so the next open
         skips the IFD walk (see :mod:`siff_xarray.reader.index_cache`). ``None``
-        (default): for URLs, in the default directory (local files are walked at
-        every open, which is as fast; file objects never use it); ``True``: also for
-        local files (keyed on every IFD and description); a path: the same, in that
-        directory; ``False``: never (nor sidecars or shipped indexes).
+        (default): for files opened by path or URL, in the default directory (not
+        for file objects); ``True``: always; a path: always, in that directory;
+        ``False``: never.
 
     Examples
     --------
@@ -159,28 +157,14 @@ class SiffFile(PhotonReductions):
         file (``<file>.siffidx``), and else the walk (then cached). Each is checked
         against the file before use (:mod:`siff_xarray.reader.index_cache`).
         """
-        if index_cache is None:  # local files: walking (one pread per IFD) is as fast
-            index_cache = isinstance(self._source, FsspecSource)
+        if index_cache is None:
+            index_cache = isinstance(self._source, (FsspecSource, LocalSource))
         if index_cache is False:
             return build_frame_index(self._source, self.header)
         src, hdr = self._source, self.header
         remote = isinstance(src, FsspecSource)
-        directory = default_cache_dir() if index_cache is True else Path(index_cache)
-        if isinstance(src, LocalSource):
-            # local: the walk is cheap and always done; the cache saves parsing the
-            # descriptions, keyed on every IFD and description byte (an in-place edit
-            # that restores the modification time cannot serve stale values)
-            index = build_frame_index(src, hdr)
-            self.index = index
-            buf, _, _ = self._descriptions(np.arange(len(index), dtype=np.int64))
-            key = local_key(src, hdr, index, buf)  # every description, back to back
-            _, cached, ts = load_index(directory, src, hdr, key=key)
-            if cached is None:
-                ts = self._parse_timestamps(np.arange(len(index), dtype=np.int64))
-                save_index(directory, key, index, ts)
-            self._all_timestamps = ts
-            return index
         got = check_packed(known(src.name), src, hdr) if remote else None
+        directory = default_cache_dir() if index_cache is True else Path(index_cache)
         key, index, ts = load_index(directory, src, hdr) if got is None else ("", *got)
         if index is None:
             got = check_packed(src.read_sibling(SIDECAR_SUFFIX), src, hdr)

@@ -309,9 +309,14 @@ class LocalSource(ByteSource):
         return target
 
     def fingerprint(self) -> str:
-        """Device, inode and modification time: an in-place rewrite changes it."""
+        """Device, inode, modification and change time: any in-place rewrite changes it.
+
+        The change time (``st_ctime``) cannot be set back by ``os.utime`` or
+        ``touch -d``: an edit that keeps the size and restores the modification time
+        still changes it.
+        """
         st = os.fstat(self._file.fileno())
-        return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}"
+        return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
     def buffer(self) -> np.ndarray:
         """Return the memory map as a read-only ``uint8`` array (after :meth:`check_unchanged`)."""
