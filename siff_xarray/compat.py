@@ -74,8 +74,28 @@ class FlimTrace:
         return np.asarray(self.lifetime, dtype=dtype)
 
 
-def _offset_bins(params: Any) -> float:
-    """Return the IRF offset in arrival bins (``params.tau_offset``, a number, or 0)."""
+def _unit_name(units: Any) -> str:
+    """SiffPy's ``FlimUnits`` member, its value, or a plain string, as a lower-case name."""
+    name = getattr(units, "name", None) if not isinstance(units, str) else units
+    if not isinstance(name, str):
+        name = str(getattr(units, "value", units))
+    return name.strip().lower().replace("_", "").replace(" ", "")
+
+
+#: ``FlimUnits`` names -> picoseconds per unit (None: already arrival bins)
+_PS_PER_UNIT = {"picoseconds": 1.0, "ps": 1.0, "nanoseconds": 1000.0, "ns": 1000.0,
+                "countbins": None, "bins": None, "unitless": None}
+
+
+def _offset_bins(params: Any, ps_per_bin: float | None) -> float:
+    """Return the IRF offset in arrival bins: ``params.tau_offset`` in ``params.units``.
+
+    ``params`` is None (0), a number (arrival bins), or a FLIMParams-like object with
+    ``tau_offset`` and ``units`` (SiffPy's ``FlimUnits`` or a name: picoseconds,
+    nanoseconds, countbins, unitless; no ``units`` means countbins). Offsets in time
+    units are converted with the file's own bin width (SiffPy assumes 20 ps whatever
+    ``binResolution`` says, a bug documented in docs/migration.md).
+    """
     if params is None:
         return 0.0
     if isinstance(params, (int, float, np.integer, np.floating)):
@@ -83,8 +103,22 @@ def _offset_bins(params: Any) -> float:
     off = getattr(params, "tau_offset", None)
     if off is None:
         raise TypeError("params must be None, an offset in arrival bins, or an object with "
-                        "a tau_offset attribute (in arrival bins)")
-    return float(off)
+                        "a tau_offset attribute (FLIMParams)")
+    units = getattr(params, "units", None)
+    if units is None:
+        return float(off)
+    name = _unit_name(units)
+    if name not in _PS_PER_UNIT:
+        raise ValueError(f"params.units is {units!r}: the IRF offset cannot be converted to "
+                         "arrival bins (SiffPy raises for UNKNOWN units too); set the units "
+                         "of the FLIMParams (e.g. to nanoseconds)")
+    per = _PS_PER_UNIT[name]
+    if per is None:
+        return float(off)
+    if not ps_per_bin:
+        raise ValueError("the file does not give its arrival-bin width, so an offset in "
+                         f"{name} cannot be converted to bins; give params in countbins")
+    return float(off) * per / float(ps_per_bin)
 
 
 class SiffReader:
@@ -316,7 +350,7 @@ class SiffReader:
         f = self._f()
         frames = list(range(f.num_frames)) if frames is None else list(frames)
         shifts = self._frame_shifts(frames, registration_dict)
-        off = _offset_bins(params)
+        off = _offset_bins(params, self.im_params.picoseconds_per_bin)
         if method == "empirical lifetime":
             life, cnt = f.lifetime_images(frames, shifts=shifts, units="bins",
                                           offset_bins=off, return_intensity=True)
@@ -370,7 +404,8 @@ class SiffReader:
             tsum = tsum.reshape(tsum.shape[0], -1, z).sum(axis=2)
             cnt = cnt.reshape(cnt.shape[0], -1, z).sum(axis=2)
         with np.errstate(invalid="ignore", divide="ignore"):
-            life = tsum / np.where(cnt > 0, cnt, np.nan) - _offset_bins(params)
+            life = tsum / np.where(cnt > 0, cnt, np.nan) - _offset_bins(
+                params, self.im_params.picoseconds_per_bin)
         return FlimTrace(life, cnt.astype(np.float64), info_string="Multi-ROIs")
 
     def get_time(self, frames: Sequence[int] | None = None,

@@ -202,3 +202,38 @@ def test_flim_methods_match_corrosiff_and_shapes(seed_file, rng):
         sr.get_frames_flim(method="fit")
     with pytest.raises(TypeError, match="tau_offset"):
         sr.get_frames_flim(params="x", frames=some)
+
+
+def test_flimparams_offsets_are_converted_from_their_units(seed_file, tmp_path):
+    # SiffPy's FLIMParams carry units (FlimUnits); an offset in ns or ps is converted
+    # to arrival bins with the file's bin width (20 ps here, so SiffPy agrees)
+    import enum
+    from types import SimpleNamespace
+
+    class FlimUnits(enum.Enum):  # SiffPy's unit names, as its objects carry them
+        PICOSECONDS = "Picoseconds"
+        NANOSECONDS = "Nanoseconds"
+        COUNTBINS = "Countbins"
+        UNKNOWN = "Unknown"
+        UNITLESS = "Unitless"
+
+    sr = SiffReader(seed_file.path)
+    ps = sr.im_params.picoseconds_per_bin
+    mask = np.zeros(sr.im_params.shape, bool)
+    mask[4:20, 4:20] = True
+    plain = np.asarray(sr.sum_mask_flim(mask, None).lifetime)
+    frames = list(range(6))
+    img0 = np.asarray(sr.get_frames_flim(None, frames=frames))
+    for units, offset, bins in ((FlimUnits.NANOSECONDS, 1.3, 1300 / ps),
+                                (FlimUnits.PICOSECONDS, 1300.0, 1300 / ps),
+                                ("nanoseconds", 1.3, 1300 / ps),
+                                (FlimUnits.COUNTBINS, 65.0, 65.0),
+                                (FlimUnits.UNITLESS, 7.0, 7.0)):
+        params = SimpleNamespace(tau_offset=offset, units=units)
+        got = np.asarray(sr.sum_mask_flim(mask, params).lifetime)
+        np.testing.assert_allclose(got, plain - bins, err_msg=str(units))
+        img = np.asarray(sr.get_frames_flim(params, frames=frames))
+        np.testing.assert_allclose(img, img0 - bins, equal_nan=True, err_msg=str(units))
+    assert ps == 20.0 and 1300 / ps == 65.0  # the case: 1.3 ns = 65 bins, not 1.3
+    with pytest.raises(ValueError, match="UNKNOWN"):
+        sr.sum_mask_flim(mask, SimpleNamespace(tau_offset=1.0, units=FlimUnits.UNKNOWN))
