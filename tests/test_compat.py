@@ -237,3 +237,28 @@ def test_flimparams_offsets_are_converted_from_their_units(seed_file, tmp_path):
     assert ps == 20.0 and 1300 / ps == 65.0  # the case: 1.3 ns = 65 bins, not 1.3
     with pytest.raises(ValueError, match="UNKNOWN"):
         sr.sum_mask_flim(mask, SimpleNamespace(tau_offset=1.0, units=FlimUnits.UNKNOWN))
+
+
+def test_sum_mask_flim_phasor_traces(seed_file):
+    from types import SimpleNamespace
+
+    sr = SiffReader(seed_file.path)
+    f = sr._f()
+    h, w = sr.im_params.shape
+    mask = np.zeros((h, w), bool)
+    mask[10:60, 20:90] = True
+    off = SimpleNamespace(tau_offset=0.4, units="nanoseconds")  # 20 bins
+    tr = sr.sum_mask_flim(mask, off, flim_method="phasor", return_framewise=True)
+    assert tr.method == "phasor" and np.iscomplexobj(tr.lifetime)
+    frames = sr._mask_frames(0, None, None, 1)
+    n_bins = sr.im_params.num_bins + 2  # corrosiff's histogram length
+    for k in (0, 5, len(frames) - 1):  # from the photons themselves
+        pix, tau = f.photons(int(frames[k]))
+        inside = mask.reshape(-1)[pix.astype(np.int64)]
+        z = np.exp(2j * np.pi * tau[inside] / n_bins).mean()
+        np.testing.assert_allclose(tr.lifetime[k], z * np.exp(-2j * np.pi * 20 / n_bins))
+        assert tr.intensity[k] == inside.sum()
+    both = sr.sum_masks_flim([mask, ~mask], None, flim_method="phasor")
+    assert both.lifetime.shape[0] == 2 and np.iscomplexobj(both.lifetime)
+    with pytest.raises(ValueError, match="flim_method"):
+        sr.sum_mask_flim(mask, None, flim_method="fit")
