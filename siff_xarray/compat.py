@@ -254,15 +254,30 @@ class SiffReader:
     # ------------------------------------------------------------------ data
 
     def get_frames(self, frames: Sequence[int] | None = None,
-                   registration_dict: Any = None) -> np.ndarray:
+                   registration_dict: Any = None, full: bool = False) -> np.ndarray:
         """``uint16 (n, y, x)`` photon counts; ``frames=None`` means every frame (IFD).
 
-        Frames without an entry in the registration (e.g. flyback frames) are read
-        unshifted; SiffPy raised instead.
+        ``full=True``: ``uint16 (n, y, x, N)`` per-pixel arrival histograms, ``N`` =
+        corrosiff's ``Tau_bins + 2`` bins (later arrivals wrap, as corrosiff's
+        ``get_frames_full`` does), registered like the counts. Frames without an
+        entry in the registration (e.g. flyback frames) are read unshifted; SiffPy
+        raised instead.
         """
         f = self._f()
-        frames = list(range(f.num_frames)) if frames is None else frames
-        return f.read_frames(frames, shifts=self._frame_shifts(frames, registration_dict))
+        frames = list(range(f.num_frames)) if frames is None else list(frames)
+        shifts = self._frame_shifts(frames, registration_dict)
+        if not full:
+            return f.read_frames(frames, shifts=shifts)
+        h, w = f.frame_shape
+        n_bins = histogram_length(f.n_tau_bins, "corrosiff")
+        out = np.zeros((len(frames), h * w, n_bins), dtype=np.uint16)
+        for k, fr in enumerate(frames):
+            pix, tau = f.photons(int(fr))
+            pix = pix.astype(np.int64)
+            if shifts is not None:  # a photon moves with its pixel
+                pix = ((pix // w + shifts[k, 0]) % h) * w + (pix % w + shifts[k, 1]) % w
+            np.add.at(out[k], (pix, tau.astype(np.int64) % n_bins), 1)
+        return out.reshape(len(frames), h, w, n_bins)
 
     def _mask_frames(self, timepoint_start: int, timepoint_end: int | None,
                      z_index: int | None, color_channel: int) -> list[int]:

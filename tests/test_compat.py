@@ -262,3 +262,19 @@ def test_sum_mask_flim_phasor_traces(seed_file):
     assert both.lifetime.shape[0] == 2 and np.iscomplexobj(both.lifetime)
     with pytest.raises(ValueError, match="flim_method"):
         sr.sum_mask_flim(mask, None, flim_method="fit")
+
+
+def test_get_frames_full_is_corrosiff_s_per_pixel_histograms(seed_file):
+    from conftest import open_corrosiff
+
+    sr = SiffReader(seed_file.path)
+    frames = [0, 3, 8]
+    full = sr.get_frames(frames, full=True)
+    h, w = sr.im_params.shape
+    assert full.shape == (3, h, w, sr.im_params.num_bins + 2) and full.dtype == np.uint16
+    np.testing.assert_array_equal(full.sum(axis=-1), sr.get_frames(frames))
+    c = open_corrosiff(seed_file.path)
+    np.testing.assert_array_equal(full, c.get_frames_full(frames=frames))
+    reg = {fr: (3, -2) for fr in frames}
+    moved = sr.get_frames(frames, registration_dict=reg, full=True)
+    np.testing.assert_array_equal(moved, np.roll(full, (3, -2), axis=(1, 2)))
