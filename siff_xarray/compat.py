@@ -27,7 +27,7 @@ import numpy as np
 
 from ._options import histogram_length
 
-__all__ = ["FlimTrace", "RegistrationInfo", "SiffReader"]
+__all__ = ["FlimTrace", "RegistrationInfo", "SiffReader", "siff_to_tiff"]
 
 
 @dataclass
@@ -455,3 +455,28 @@ class SiffReader:
         frames = self.im_params.flatten_by_timepoints(timepoint_start, timepoint_end,
                                                       reference_z=reference_z)
         return self.get_time(frames, reference_time)
+
+
+def siff_to_tiff(source_file: str | os.PathLike[str],
+                 target_file: str | os.PathLike[str] | None = None,
+                 mode: str = "ScanImage") -> str:
+    """SiffPy's ``siffpy.siff_to_tiff``: the photon counts of every frame as a TIFF.
+
+    ``source_file`` and ``target_file`` may be ``str`` or path objects; the default
+    target is the source with a ``.tiff`` suffix. ``mode="ScanImage"`` writes a
+    ScanImage TIFF (intensity only, as SiffPy's); SiffPy's unfinished ``"ome"`` mode
+    is refused (use :func:`siff_xarray.convert` for OME-Zarr). Returns the target.
+    """
+    from pathlib import Path
+
+    from .store.export import to_tiff
+
+    if mode != "ScanImage":
+        raise ValueError(f"siff_to_tiff: mode={mode!r} is not supported; 'ScanImage' writes "
+                         "a ScanImage TIFF, and siff_xarray.convert writes OME-Zarr")
+    src = Path(os.fspath(source_file))
+    target = Path(os.fspath(target_file)) if target_file is not None else \
+        src.with_suffix(".tiff")
+    to_tiff(src, target)
+    return str(target)
+

@@ -278,3 +278,17 @@ def test_get_frames_full_is_corrosiff_s_per_pixel_histograms(seed_file):
     reg = {fr: (3, -2) for fr in frames}
     moved = sr.get_frames(frames, registration_dict=reg, full=True)
     np.testing.assert_array_equal(moved, np.roll(full, (3, -2), axis=(1, 2)))
+
+
+def test_siff_to_tiff_takes_str_paths_and_reads_back_the_same(tmp_path):
+    from siff_xarray.compat import siff_to_tiff
+
+    t = write_siff(tmp_path / "run.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=3, seed=4)
+    out = siff_to_tiff(str(t.path))  # a str, as SiffPy's callers pass it
+    assert out == str(tmp_path / "run.tiff")
+    np.testing.assert_array_equal(SiffReader(out).get_frames(), SiffReader(t.path).get_frames())
+    other = siff_to_tiff(t.path, str(tmp_path / "other.tif"))
+    assert other.endswith("other.tif")
+    with pytest.raises(ValueError, match="ome"):
+        siff_to_tiff(t.path, str(tmp_path / "x.tif"), mode="ome")
