@@ -323,14 +323,11 @@ class SiffAccessor:
                 raise ValueError(f"{what} reduces photons, but some frames come from a file "
                                  "opened as a file object, which cannot be opened again; "
                                  "open the file by its path or URL")
-            uniq, inv = np.unique(names, return_inverse=True)
-            which = inv.reshape(fm.shape).astype(np.int64)
-            used = [k for k in range(uniq.size) if uniq[k] and ((which == k) & (fm >= 0)).any()]
-            remap = np.full(uniq.size, -1, dtype=np.int64)
-            remap[used] = np.arange(len(used))
-            which = np.where(fm >= 0, remap[which], -1)
-            sources = tuple(self._resolve(what, str(uniq[k]), only=len(used) == 1)
-                            for k in used)
+            present = fm >= 0  # only files that hold written frames are opened
+            uniq, inv = np.unique(names[present], return_inverse=True)
+            which = np.full(fm.shape, -1, dtype=np.int64)
+            which[present] = inv
+            sources = tuple(self._resolve(what, str(u), only=uniq.size == 1) for u in uniq)
             return fmap, which, sources
         # Datasets written before source_file existed: one source, if it can be told
         from ..store.read import is_converted_store
