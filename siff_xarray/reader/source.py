@@ -118,12 +118,13 @@ class ByteSource:
         starts, stops = np.asarray(starts)[keep], np.asarray(stops)[keep]
         if len(starts) == 0:
             return
-        parts = [buf[a - buf_start : b - buf_start].tobytes()
-                 for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+        starts, stops = starts.astype(np.int64), stops.astype(np.int64)
+        lengths = stops - starts
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        data = buf[np.repeat(starts - buf_start, lengths) + within].tobytes()  # no loop
         if self._kept_parts is None:
             self._kept_parts = []
-        self._kept_parts.append((np.asarray(starts, np.int64), np.asarray(stops, np.int64),
-                                 b"".join(parts)))
+        self._kept_parts.append((starts, stops, data))
         self._kept = None
 
     def forget_kept(self) -> None:
