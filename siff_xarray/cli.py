@@ -338,16 +338,23 @@ def to_tiff(source: str, output: str, overwrite: bool) -> None:
 @click.argument("source")
 @click.option("--channel", type=int, default=None,
               help="ScanImage channel number to align on (default: the first).")
-@click.option("--method", type=click.Choice(["phase", "suite2p"]), default="phase",
-              show_default=True, help="Native FFT correlation, or suite2p 1.x.")
+@click.option("--method", type=click.Choice(["likelihood", "phase", "suite2p"]),
+              default="likelihood", show_default=True,
+              help="Native photon-count likelihood, native FFT correlation, or suite2p 1.x.")
 @click.option("--max-shift", type=int, default=None, help="Largest shift searched (pixels).")
+@click.option("--motion", type=click.Choice(["frame", "volume"]), default="frame",
+              show_default=True, help="One shift per frame, or one per volume (all planes).")
+@click.option("--step-cost", type=float, default=0.0, show_default=True,
+              help="likelihood: prior of smooth motion, nats per pixel moved between "
+                   "consecutive frames (0: frames independent).")
 @click.option("--regularize-sigma", type=float, default=0.0, show_default=True,
               help="Pool neighbouring planes (Gaussian width in planes; 0: independent).")
 @click.option("--output", type=click.Path(), default=None,
               help="Where to write the shifts (.zarr or .nc); default SOURCE.shifts.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def register(source: str, channel: int | None, method: str, max_shift: int | None,
-             regularize_sigma: float, output: str | None, overwrite: bool) -> None:
+             motion: str, step_cost: float, regularize_sigma: float, output: str | None,
+             overwrite: bool) -> None:
     """Register SOURCE (a .siff or a converted .zarr) and save its shifts beside it.
 
     The output holds shift_y, shift_x, quality over (time, z) and the reference
@@ -364,6 +371,7 @@ def register(source: str, channel: int | None, method: str, max_shift: int | Non
               else xr.open_dataset(source, engine="siff"))
     with opened as ds:
         reg = ds.siff.register(channel=channel, method=method, max_shift=max_shift,
+                               motion=motion, step_cost=step_cost,
                                regularize_sigma=regularize_sigma).compute()
     reg.attrs.update({"source": source, "convention": reg.shift_y.attrs["convention"]})
     if out.endswith(".nc"):

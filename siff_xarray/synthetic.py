@@ -200,6 +200,37 @@ class SyntheticTruth:
         s, e = self.photon_starts[frame], self.photon_starts[frame + 1]
         return self.pixel_index[s:e], self.arrival[s:e]
 
+    def plane(self, frame: int) -> int:
+        """Return the slice a frame images (0 for flyback frames: they show slice 0)."""
+        c = len(self.channels)
+        r = frame % ((self.n_slices * self.frames_per_slice + self.n_flyback) * c)
+        return 0 if r >= self.n_slices * self.frames_per_slice * c else \
+            (r // c) // self.frames_per_slice
+
+    def oracle_shifts(self, counts: np.ndarray, frames: Sequence[int]) -> np.ndarray:
+        """Shifts an oracle that knows the true scene gives frames of ``counts (F, H, W)``.
+
+        For each frame, the candidate shift (every one the motion could take) of
+        maximum multinomial likelihood ``sum_x counts(x) log(scene_s(x) / sum
+        scene_s)``, with ``scene_s`` the true scene seen at shift ``s``: the limit
+        of any registration that estimates its reference from the data. Returns
+        int64 ``(F, 2)`` in the convention of :attr:`shifts`.
+        """
+        counts = np.asarray(counts, dtype=np.float64)
+        h, w = self.shape
+        m = (self.scene.shape[1] - h) // 2
+        cand = np.array([(sy, sx) for sy in range(-m, m + 1) for sx in range(-m, m + 1)])
+        out = np.zeros((len(frames), 2), dtype=np.int64)
+        planes = np.array([self.plane(int(fr)) for fr in frames])
+        for z in np.unique(planes):
+            windows = np.stack([self.scene[z, m + sy: m + sy + h, m + sx: m + sx + w]
+                                for sy, sx in cand])
+            log_p = np.log(windows / windows.sum(axis=(1, 2), keepdims=True))
+            sel = planes == z
+            ll = counts[sel].reshape(sel.sum(), -1) @ log_p.reshape(len(cand), -1).T
+            out[sel] = cand[ll.argmax(axis=1)]
+        return out
+
     def intensity(self, frames: Sequence[int] | None = None) -> np.ndarray:
         """Photon-count images of ``frames`` (default all), ``uint16`` ``(F, H, W)``."""
         frames = range(self.n_frames) if frames is None else frames
@@ -254,7 +285,7 @@ def write_siff(
     tau_bins: int = 629,
     bin_resolution: int = 2,
     max_shift: int = 0,
-    motion: Literal["scan", "volume"] = "scan",
+    motion: Literal["scan", "volume"] | np.ndarray = "scan",
     frame_period_s: float = 0.016,
     start_epoch_ns: int = 1_713_382_945_498_920_800,
     events: Mapping[int, tuple[str, float | None]] | None = None,
@@ -310,7 +341,9 @@ def write_siff(
     motion
         ``"scan"`` (default): the walk takes a step every scan; ``"volume"``: one
         step per volume, so all planes of a volume share a position (fast
-        volumetric imaging, where motion between planes is negligible).
+        volumetric imaging, where motion between planes is negligible); or an
+        integer array ``(n_scans, 2)`` giving the position of every scan (each
+        coordinate within ``max_shift``), e.g. drift with rare jumps.
     frame_period_s, start_epoch_ns
         Timing of the scans; the laser-clock epoch of the first frame.
     events
@@ -347,15 +380,21 @@ def write_siff(
     m = max_shift
     scenes = [_scene(rng, h + 2 * m, w + 2 * m, n_cells) for _ in range(n_slices)]
     # motion: a clipped random walk per scan (the channels of one scan share it)
-    if motion not in ("scan", "volume"):
-        raise ValueError(f"motion must be 'scan' or 'volume', got {motion!r}")
     n_scans = -(-n_frames // c)
-    steps = rng.integers(-1, 2, size=(n_scans, 2)) if m else np.zeros((n_scans, 2), int)
-    scan_shift = np.zeros((n_scans, 2), dtype=np.int64)
-    for k in range(1, n_scans):  # reflect at the bounds so motion keeps moving
-        scan_shift[k] = scan_shift[k - 1] + steps[k]
-        over = np.abs(scan_shift[k]) > m
-        scan_shift[k][over] -= 2 * steps[k][over]
+    if isinstance(motion, str):
+        if motion not in ("scan", "volume"):
+            raise ValueError(f"motion must be 'scan', 'volume' or an array, got {motion!r}")
+        steps = rng.integers(-1, 2, size=(n_scans, 2)) if m else np.zeros((n_scans, 2), int)
+        scan_shift = np.zeros((n_scans, 2), dtype=np.int64)
+        for k in range(1, n_scans):  # reflect at the bounds so motion keeps moving
+            scan_shift[k] = scan_shift[k - 1] + steps[k]
+            over = np.abs(scan_shift[k]) > m
+            scan_shift[k][over] -= 2 * steps[k][over]
+    else:
+        scan_shift = np.asarray(motion, dtype=np.int64)
+        if scan_shift.shape != (n_scans, 2) or np.abs(scan_shift).max(initial=0) > m:
+            raise ValueError(f"a motion array must have shape {(n_scans, 2)} (one position "
+                             f"per scan) with values within max_shift={m}")
     activity = 1.0 + 0.3 * np.sin(np.arange(n_volumes) / 3.0)
 
     nvfd = scanimage_header(height=h, width=w, channels=channels, n_slices=n_slices,
@@ -396,7 +435,8 @@ def write_siff(
             ch = r % c
             fly = r >= v
             zslice = 0 if fly else (r // c) // frames_per_slice
-            sy, sx = scan_shift[scan if motion == "scan" else vol]
+            sy, sx = scan_shift[vol if isinstance(motion, str) and motion == "volume"
+                                else scan]
             if not fly:
                 shifts[fr] = (sy, sx)
             scene = scenes[zslice][m + sy : m + sy + h, m + sx : m + sx + w]

@@ -40,10 +40,12 @@ class SiffAccessor:
     def register(
         self,
         channel: int | None = None,
-        method: Literal["phase", "suite2p"] = "phase",
+        method: Literal["likelihood", "phase", "suite2p"] = "likelihood",
         reference: xr.DataArray | np.ndarray | None = None,
         *,
         max_shift: int | None = None,
+        motion: Literal["frame", "volume"] = "frame",
+        step_cost: float = 0.0,
         n_iter: int = 3,
         n_reference_frames: int = 300,
         smooth_sigma: float = 2.0,
@@ -61,26 +63,47 @@ class SiffAccessor:
             ScanImage channel number (a ``channel`` coordinate value) to align on;
             default: the first channel. The shifts apply to all channels.
         method
+            ``"likelihood"`` (default): the shift of maximum likelihood of each
+            frame's photon counts under a reference canvas per plane, refined by
+            coarse-to-fine EM over the sample frames
+            (:mod:`siff_xarray.registration.likelihood`).
             ``"phase"``: FFT correlation against an iteratively refined reference
             per plane (:mod:`siff_xarray.registration.phase`; numpy only).
             ``"suite2p"``: suite2p 1.x's rigid registration and reference
             (:mod:`siff_xarray.registration.suite2p`; needs the ``suite2p`` extra).
         reference
-            ``(z, y, x)`` reference images to align to, instead of building them.
+            ``(z, y, x)`` reference images to align to, instead of building them
+            (for ``"likelihood"`` also a canvas ``(z, y + 2m, x + 2m)``; a plain
+            reference is padded by repeating its edges).
         max_shift
             Largest shift searched (pixels; default a quarter of the frame for
-            ``"phase"``, suite2p's ``maxregshift`` for ``"suite2p"``).
+            ``"likelihood"`` and ``"phase"``, suite2p's ``maxregshift`` for
+            ``"suite2p"``).
+        motion
+            ``"frame"`` (default): every frame has its own shift. ``"volume"``: the
+            planes of one volume share one shift (fast volumetric scans, where the
+            brain does not move between planes); their evidence is added
+            (``"likelihood"``, ``"phase"``).
+        step_cost
+            ``"likelihood"``: a prior of motion smooth in time, in nats per pixel
+            moved between consecutive frames of a plane (jointly most likely path,
+            Viterbi, within each block of frames); 0 (default) treats frames
+            independently. Measured in docs/performance.md; helps only when frames
+            carry little information and motion is slow.
         n_iter, n_reference_frames
-            Reference refinement iterations (``"phase"``), and how many frames
-            (evenly spaced in time) build the reference.
+            Reference refinement iterations (``"phase"``; for ``"likelihood"`` the
+            most rounds per coarse-to-fine level), and how many volumes (evenly
+            spaced in time) build the reference.
         smooth_sigma, whiten
             ``"phase"``: correlation smoothing (pixels) and spectral whitening (0 =
             plain cross-correlation, 1 = phase correlation).
         regularize_sigma
-            ``"phase"``: pool the correlation of neighbouring planes of the same
-            volume with Gaussian weights of this width (in planes) before taking
-            each plane's peak (:func:`~siff_xarray.registration.regularize_planes`);
-            0 (default) registers planes independently.
+            ``"likelihood"``, ``"phase"``: pool the evidence of neighbouring planes
+            of the same volume with Gaussian weights of this width (in planes)
+            before taking each plane's shift
+            (:func:`~siff_xarray.registration.plane_weights`); 0 (default)
+            registers planes independently. ``motion="volume"`` is the limit of
+            infinite width.
         batch_frames
             Frames decoded and registered at a time when the Dataset is not
             chunked (bounds memory). A Dask-backed Dataset is registered chunk by
@@ -92,20 +115,38 @@ class SiffAccessor:
         Returns
         -------
         xarray.Dataset
-            ``shift_y``, ``shift_x`` (int64) and ``quality`` (correlation peak; 0
-            for frames without photons, which get zero shifts) over
-            ``(time, z, [repeat])``, and ``reference`` ``(z, y, x)``.
+            ``shift_y``, ``shift_x`` (int64) and ``quality`` over ``(time, z,
+            [repeat])``, and ``reference`` ``(z, y, x)``. ``quality`` is, for
+            ``"likelihood"``, the log-likelihood margin (nats) of the chosen shift
+            over the next best (low: the frame cannot tell shifts apart; negative:
+            the motion prior overruled the frame), for ``"phase"`` the
+            correlation peak, for ``"suite2p"`` its peak correlation; 0 for frames
+            without photons, which get zero shifts.
 
         """
         from functools import partial
 
-        from ..registration.blocks import align_block, build_references
+        from ..registration.blocks import (
+            METHODS,
+            align_block,
+            build_references,
+            crop_reference,
+        )
 
-        if method not in ("phase", "suite2p"):
+        if method not in METHODS:
             raise ValueError(f"unknown registration method {method!r}; "
-                             "available: 'phase', 'suite2p'")
-        if method == "suite2p" and regularize_sigma:
-            raise ValueError("regularize_sigma applies to method='phase' only")
+                             f"available: {', '.join(map(repr, METHODS))}")
+        if motion not in ("frame", "volume"):
+            raise ValueError(f"motion must be 'frame' or 'volume', got {motion!r}")
+        if method == "suite2p" and (regularize_sigma or motion != "frame"):
+            raise ValueError("regularize_sigma and motion='volume' apply to "
+                             "method='likelihood' or 'phase' only")
+        if step_cost and method != "likelihood":
+            raise ValueError("step_cost applies to method='likelihood' only")
+        if step_cost < 0 or not np.isfinite(step_cost):
+            raise ValueError(f"step_cost must be a finite number >= 0, got {step_cost}")
+        if motion == "volume":
+            regularize_sigma = np.inf
         ds = self._ds
         if channel is None:
             channel = int(ds.channel.values[0])
@@ -117,19 +158,28 @@ class SiffAccessor:
         img = img.transpose("time", *other, "z", "y", "x")
         nz, nt = img.sizes["z"], img.sizes["time"]
         h, w = img.sizes["y"], img.sizes["x"]
-        opts: dict[str, Any] = (
-            {"max_shift": max_shift, "smooth_sigma": smooth_sigma, "whiten": whiten}
-            if method == "phase" else
-            {"max_shift": max_shift, "device": device, "settings": suite2p_settings})
+        opts: dict[str, Any] = {
+            "likelihood": {"max_shift": max_shift, "step_cost": step_cost},
+            "phase": {"max_shift": max_shift, "smooth_sigma": smooth_sigma, "whiten": whiten},
+            "suite2p": {"max_shift": max_shift, "device": device,
+                        "settings": suite2p_settings},
+        }[method]
+        fitted = None
         if reference is not None:
             refs = np.asarray(reference, dtype=np.float64)
-            if refs.shape != (nz, h, w):
+            margin = ((refs.shape[-2] - h) // 2, (refs.shape[-1] - w) // 2) if refs.ndim == 3 \
+                else (-1, -1)
+            if refs.shape != (nz, h, w) and not (
+                    method == "likelihood" and min(margin) >= 0
+                    and refs.shape == (nz, h + 2 * margin[0], w + 2 * margin[1])):
                 raise ValueError(f"reference of shape {refs.shape}; expected {(nz, h, w)}")
         else:
             pick = np.unique(np.linspace(0, nt - 1, min(nt, n_reference_frames)
                                          ).round().astype(int))
-            sample = np.asarray(img.isel(time=pick).values).reshape(-1, nz, h, w)
-            refs = build_references(sample, method, n_iter, regularize_sigma, opts)
+            sample = np.asarray(img.isel(time=pick).values)
+            refs, fitted = build_references(sample.reshape(-1, nz, h, w), method, n_iter,
+                                            regularize_sigma, opts,
+                                            consecutive=len(pick) == nt)
         align = partial(align_block, refs=refs, method=method, opts=opts,
                         regularize_sigma=regularize_sigma)
         data = img.data
@@ -143,16 +193,31 @@ class SiffAccessor:
             res = np.concatenate([align(np.asarray(img.isel(time=slice(a, a + step)).values))
                                   for a in range(0, nt, step)]) if nt else \
                 np.zeros((0, *[img.sizes[d] for d in other], nz, 3))
+        if fitted is not None:  # the sample frames keep their unbiased (cross-fitted) fit
+            overlay = np.full(res.shape, np.nan)
+            overlay[pick] = fitted.reshape(len(pick), *res.shape[1:])
+            if isinstance(res, np.ndarray):
+                res[pick] = overlay[pick]
+            else:
+                import dask.array as da
+
+                over = da.from_array(overlay, chunks=res.chunks)
+                res = da.where(da.isnan(over), res, over)
         dims = ("time", *other, "z")
         attrs = {"convention": SHIFT_CONVENTION, "units": "pixel", "channel": channel,
-                 "method": method}
+                 "method": method, "motion": motion}
+        quality_attrs = {
+            "likelihood": {"long_name": "log-likelihood margin of the chosen shift over the "
+                                        "next best", "units": "nat"},
+            "phase": {"long_name": "correlation peak of the registration"},
+            "suite2p": {"long_name": "suite2p peak correlation of the registration"},
+        }[method]
         out = xr.Dataset(
             {
                 "shift_y": (dims, res[..., 0].astype(np.int64), attrs),
                 "shift_x": (dims, res[..., 1].astype(np.int64), attrs),
-                "quality": (dims, res[..., 2],
-                            {"long_name": "correlation peak of the registration"}),
-                "reference": (("z", "y", "x"), refs,
+                "quality": (dims, res[..., 2], quality_attrs),
+                "reference": (("z", "y", "x"), crop_reference(refs, (h, w)),
                               {"long_name": "registration reference", "channel": channel}),
             },
             coords={d: ds[d] for d in ("time", "z", "y", "x", *other) if d in ds.coords},

@@ -19,8 +19,14 @@ import numpy as np
 import scipy.fft as sfft
 
 __all__ = [
-    "apply_shifts", "correlation_windows", "peak_shifts", "phase_shifts", "register_frames",
-    "register_planes", "regularize_planes",
+    "apply_shifts",
+    "correlation_windows",
+    "peak_shifts",
+    "phase_shifts",
+    "plane_weights",
+    "register_frames",
+    "register_planes",
+    "regularize_planes",
 ]
 
 
@@ -82,20 +88,31 @@ def peak_shifts(windows: np.ndarray, dy: np.ndarray, dx: np.ndarray
     return shifts.reshape(*lead, 2), quality.reshape(lead)
 
 
+def plane_weights(nz: int, sigma: float) -> np.ndarray | None:
+    """Return weights ``(Z, Z)`` that mix neighbouring planes' evidence.
+
+    A Gaussian of ``sigma`` planes, rows summing to 1 (``inf`` weighs all planes
+    alike, for planes that move as one); None when ``sigma <= 0`` or there is one
+    plane.
+    """
+    if sigma <= 0 or nz < 2:
+        return None
+    z = np.arange(nz)
+    wts = np.ones((nz, nz)) if np.isinf(sigma) else \
+        np.exp(-((z[:, None] - z[None, :]) ** 2) / (2.0 * sigma**2))
+    return wts / wts.sum(axis=1, keepdims=True)
+
+
 def regularize_planes(windows: np.ndarray, sigma: float) -> np.ndarray:
     """Mix correlation windows ``(Z, ...)`` of neighbouring planes with Gaussian weights.
 
     Plane ``k`` gets ``sum_j exp(-(k - j)**2 / (2 sigma**2)) * windows[j]`` (weights
-    normalised): planes of one volume, imaged within milliseconds, move together,
-    so pooling their evidence steadies planes with few photons. ``sigma`` is in
-    planes; 0 leaves the windows unchanged.
+    normalised, :func:`plane_weights`): planes of one volume, imaged within
+    milliseconds, move together, so pooling their evidence steadies planes with
+    few photons. ``sigma`` is in planes; 0 leaves the windows unchanged.
     """
-    if sigma <= 0 or windows.shape[0] < 2:
-        return windows
-    z = np.arange(windows.shape[0])
-    wts = np.exp(-((z[:, None] - z[None, :]) ** 2) / (2.0 * sigma**2))
-    wts /= wts.sum(axis=1, keepdims=True)
-    return np.tensordot(wts, windows, axes=(1, 0))
+    wts = plane_weights(windows.shape[0], sigma)
+    return windows if wts is None else np.tensordot(wts, windows, axes=(1, 0))
 
 
 def phase_shifts(frames: np.ndarray, reference: np.ndarray, *, max_shift: int | None = None,

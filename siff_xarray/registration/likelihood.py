@@ -1,0 +1,469 @@
+"""Rigid registration by the likelihood of photon counts (numpy in, numpy out).
+
+A frame of photon counts ``c`` taken at displacement ``d`` of a scene with rate ``R``
+holds, given its total, a multinomial sample of ``R`` seen through the frame's
+window at ``d``. The log-likelihood of ``d`` is
+
+    ``LL(d) = sum_y c(y) log R(y + d) - N log sum_y R(y + d)``
+
+(``N`` the frame's photons): a correlation of the counts with ``log R`` plus the
+window's total, both computed for every ``d`` at once (an FFT and an integral
+image). Its maximum is the maximum-likelihood rigid shift for Poisson counts.
+Phase correlation and spectral whitening instead weigh every spatial frequency
+alike, and the high frequencies of sparse frames are mostly shot noise.
+
+``R`` is a *canvas*: the scene on a grid larger than the frame by the largest
+shift on every side, so that pixels that move in from outside the reference
+window are scored against what the other frames saw there, not against the
+opposite edge. It is estimated from the frames themselves by alternating
+alignment and re-estimation over all frames (hard EM), coarse to fine: the first
+canvases are smoothed by a Gaussian of several pixels and the smoothing shrinks
+level by level. A sharp reference built from a poor first alignment is a trap:
+frames that were put one pixel apart blend into a reference with a seam that
+then holds them apart (the failure of a reference built from a few similar
+frames); the coarse start places frames by the large structures, where a one
+pixel error costs little, before the fine levels resolve single pixels.
+
+Optional priors: planes of one volume that share their motion (their
+log-likelihood maps are added, see ``pool``), and motion that is smooth in time
+(``step_cost``: a Viterbi pass over the shift grid with a cost per pixel moved
+between consecutive frames).
+
+Convention (everywhere in siff-xarray): ``numpy.roll(raw, (shift_y, shift_x))``
+registers a frame. A frame seen at displacement ``d`` of the reference (``frame(y)
+= reference(y + d)``) has ``shift = d``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import scipy.fft as sfft
+from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+__all__ = [
+    "DEFAULT_SCHEDULE", "align_planes", "canvas_margin", "decode_maps", "estimate_canvas",
+    "frame_spectra", "likelihood_maps", "register_likelihood", "to_canvas",
+]
+
+#: Gaussian smoothing (pixels) of the canvas at each coarse-to-fine level. The last
+#: level stays smoothed by a pixel: a canvas of a hundred sparse frames is noisy, and
+#: its noise costs more exact shifts than the blur does (measured on the synthetic
+#: files of docs/performance.md).
+DEFAULT_SCHEDULE: tuple[float, ...] = (4.0, 2.0, 1.0)
+
+_JIT = {"cache": True, "nogil": True}
+
+#: Bytes of frame spectra :func:`register_likelihood` keeps between iterations.
+SPECTRA_BUDGET = 1 << 30
+
+
+def canvas_margin(frame_shape: tuple[int, int], max_shift: int | None) -> tuple[int, int]:
+    """Return the search range ``(My, Mx)`` for frames of ``frame_shape``.
+
+    ``max_shift`` (default a quarter of the smaller side), at most half a frame
+    less one pixel.
+    """
+    h, w = frame_shape
+    m = min(h, w) // 4 if max_shift is None else int(max_shift)
+    if m < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    return min(m, max(h // 2 - 1, 0)), min(m, max(w // 2 - 1, 0))
+
+
+def to_canvas(reference: np.ndarray, frame_shape: tuple[int, int],
+              margin: tuple[int, int]) -> np.ndarray:
+    """Return a reference ``(..., h + 2k, w + 2l)`` as a canvas of ``margin`` per side.
+
+    A larger margin is cropped; a smaller one (a plain ``(h, w)`` reference has
+    none) is padded by repeating the edge pixels (the mean would be a poor guess
+    where the edges are background, and biases shifts toward the centre). The
+    result is strictly positive (floored at a millionth of the mean), as its
+    logarithm is taken.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    h, w = frame_shape
+    ky, kx = ref.shape[-2] - h, ref.shape[-1] - w
+    if ky < 0 or kx < 0 or ky % 2 or kx % 2:
+        raise ValueError(f"reference of shape {ref.shape[-2:]} does not fit frames of shape "
+                         f"{(h, w)} (it must be the frame shape plus an equal margin per side)")
+    (my, mx), (ky, kx) = margin, (ky // 2, kx // 2)
+    ref = ref[..., max(ky - my, 0): ref.shape[-2] - max(ky - my, 0),
+              max(kx - mx, 0): ref.shape[-1] - max(kx - mx, 0)]
+    mean = ref.mean(axis=(-2, -1), keepdims=True)
+    py, px = max(my - ky, 0), max(mx - kx, 0)
+    if py or px:
+        ref = np.pad(ref, [(0, 0)] * (ref.ndim - 2) + [(py, py), (px, px)], mode="edge")
+    floor = 1e-6 * np.maximum(mean, 1e-300)
+    return np.maximum(ref, floor)
+
+
+def _check_fit(frame_shape: tuple[int, int], canvas_shape: tuple[int, ...]) -> tuple[int, int]:
+    (h, w), (hh, ww) = frame_shape, canvas_shape
+    if hh < h or ww < w or (hh - h) % 2 or (ww - w) % 2:
+        raise ValueError(f"canvas {tuple(canvas_shape)} does not fit frames of shape {(h, w)}")
+    return (hh - h) // 2, (ww - w) // 2
+
+
+def frame_spectra(frames: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
+    """Return the conjugated complex64 spectra ``(N, H, W // 2 + 1)`` of frames.
+
+    Frames ``(N, h, w)`` are zero-padded to ``canvas_shape (H, W)``: what
+    :func:`likelihood_maps` correlates with the canvas.
+
+    The rows beyond the frame are zeros, so the transform along ``x`` runs on the
+    frame's rows only.
+    """
+    hh, ww = canvas_shape
+    f = sfft.rfft(np.asarray(frames, dtype=np.float32), n=ww, axis=-1, workers=-1)
+    f = sfft.fft(f, n=hh, axis=-2, workers=-1, overwrite_x=True)
+    return np.conjugate(f, out=f)
+
+
+def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
+                    spectra: np.ndarray | None = None) -> np.ndarray:
+    """Log-likelihood of every shift of every frame under ``canvas``.
+
+    Parameters
+    ----------
+    frames
+        ``(N, h, w)`` photon counts.
+    canvas
+        ``(h + 2 My, w + 2 Mx)`` positive rates (see :func:`to_canvas`).
+    batch
+        Frames transformed at a time (bounds memory).
+    spectra
+        The frames' :func:`frame_spectra` for this canvas shape, when already
+        computed (iterations over the same frames reuse them).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(N, 2 My + 1, 2 Mx + 1)``: entry ``[n, i, j]`` is the
+        log-likelihood (nats, up to a constant per frame) of shift ``(i - My, j - Mx)``.
+
+    """
+    frames = np.asarray(frames)
+    n, h, w = frames.shape
+    hh, ww = canvas.shape
+    my, mx = _check_fit((h, w), canvas.shape)
+    log_r = np.log(canvas)
+    log_r -= log_r.mean()  # a constant per frame; keeps float32 sums small
+    f_log = sfft.rfft2(log_r.astype(np.float32), workers=-1)
+    # the window total at every offset, from an integral image
+    cs = np.zeros((hh + 1, ww + 1))
+    cs[1:, 1:] = canvas.cumsum(0).cumsum(1)
+    oy, ox = np.arange(2 * my + 1)[:, None], np.arange(2 * mx + 1)[None, :]
+    box = cs[oy + h, ox + w] - cs[oy, ox + w] - cs[oy + h, ox] + cs[oy, ox]
+    log_box = np.log(box)
+    totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
+    out = np.empty((n, 2 * my + 1, 2 * mx + 1))
+    for a in range(0, n, batch):
+        f = (frame_spectra(frames[a: a + batch], (hh, ww)) if spectra is None
+             else spectra[a: a + batch] * f_log)
+        if spectra is None:
+            f *= f_log
+        # corr[o] = sum_y c(y) log R(y + o), needed at offsets o = M + d in [0, 2M] only:
+        # invert along y, keep those rows, then invert along x
+        rows = sfft.ifft(f, axis=-2, workers=-1, overwrite_x=True)[:, : 2 * my + 1]
+        corr = sfft.irfft(rows, n=ww, axis=-1, workers=-1)
+        out[a: a + batch] = corr[:, :, : 2 * mx + 1]
+        out[a: a + batch] -= totals[a: a + batch, None, None] * log_box
+    return out
+
+
+def _accumulate(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, int],
+                mean_total: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Sum photons and brightness-weighted exposure per canvas pixel.
+
+    Also returns the mean total that brightness is relative to (default the
+    frames' own): the sufficient statistics of :func:`estimate_canvas`.
+    """
+    n, h, w = frames.shape
+    my, mx = margin
+    acc = np.zeros((h + 2 * my, w + 2 * mx))
+    exposure = np.zeros_like(acc)
+    totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
+    if mean_total is None:
+        mean_total = float(totals.mean()) if n else 0.0
+    if n and mean_total > 0:
+        bright = totals / mean_total
+        offsets = np.clip(np.asarray(shifts, dtype=np.int64).reshape(n, 2) + np.array([my, mx]), 0,
+                          (2 * my, 2 * mx))
+        keys, inverse = np.unique(offsets, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(keys) + 1))
+        for k, (oy, ox) in enumerate(keys):
+            members = order[bounds[k]: bounds[k + 1]]
+            acc[oy: oy + h, ox: ox + w] += frames[members].sum(axis=0, dtype=np.float64)
+            exposure[oy: oy + h, ox: ox + w] += bright[members].sum()
+    return acc, exposure, mean_total
+
+
+def _local_rate(acc: np.ndarray, exposure: np.ndarray, rate: float) -> np.ndarray:
+    """Return the local rate a canvas is shrunk toward.
+
+    A 2-pixel Gaussian average of photons over exposure, carried from the nearest
+    covered pixel into pixels no frame covered (the global mean would be a poor
+    guess at background edges and pull shifts toward the centre).
+    """
+    local_exp = gaussian_filter(exposure, 2.0, mode="nearest")
+    covered = local_exp > 1e-3 * max(float(local_exp.max()), 1e-300)
+    if not covered.any():
+        return np.full_like(acc, rate)
+    local = np.where(covered, gaussian_filter(acc, 2.0, mode="nearest")
+                     / np.where(covered, local_exp, 1.0), 0.0)
+    if not covered.all():
+        nearest = distance_transform_edt(~covered, return_distances=False,
+                                         return_indices=True)
+        local = local[tuple(nearest)]
+    return local
+
+
+def _canvas(acc: np.ndarray, exposure: np.ndarray, local: np.ndarray, rate: float,
+            prior: float, sigma: float) -> np.ndarray:
+    """Photons over exposure, shrunk by ``prior`` frames toward ``local``."""
+    canvas = (acc + prior * local) / (exposure + prior)
+    if sigma > 0:
+        canvas = gaussian_filter(canvas, sigma, mode="nearest")
+    return np.maximum(canvas, 1e-6 * rate)
+
+
+def estimate_canvas(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, int], *,
+                    prior: float = 1.0, sigma: float = 0.0) -> np.ndarray:
+    """Estimate the maximum-likelihood canvas of frames ``(N, h, w)`` at their shifts.
+
+    Each pixel of the canvas is the photons that landed on it divided by the
+    exposure there (the frames that covered it, weighted by their brightness,
+    so that activity does not bias the scene), with ``prior`` frames' worth of
+    the local rate added (pixels no frame covered take the nearest covered
+    rate). ``sigma > 0`` smooths the
+    result with a Gaussian (coarse levels of :func:`register_likelihood`).
+    """
+    frames = np.asarray(frames)
+    h, w = frames.shape[-2:]
+    acc, exposure, mean_total = _accumulate(frames, shifts, margin)
+    rate = mean_total / (h * w) if mean_total > 0 else 1.0
+    return _canvas(acc, exposure, _local_rate(acc, exposure, rate), rate, prior, sigma)
+
+
+@numba.njit(**_JIT)
+def _viterbi(maps: np.ndarray, cost: float) -> np.ndarray:  # pragma: no cover - jitted
+    """Best path through ``maps (T, A, B)`` with ``cost`` per L1 pixel between steps.
+
+    The max-plus convolution of the running score with ``-cost * |step|_1`` is
+    separable: a forward and a backward sweep along each axis, carrying where
+    each value came from.
+    """
+    t_len, a_len, b_len = maps.shape
+    back_y = np.zeros((t_len, a_len, b_len), dtype=np.int32)
+    back_x = np.zeros((t_len, a_len, b_len), dtype=np.int32)
+    score = maps[0].astype(np.float64).copy()
+    row = np.empty((a_len, b_len), dtype=np.float64)
+    src_x = np.empty((a_len, b_len), dtype=np.int32)
+    col = np.empty((a_len, b_len), dtype=np.float64)
+    src_y = np.empty((a_len, b_len), dtype=np.int32)
+    for t in range(1, t_len):
+        for i in range(a_len):  # along x
+            for j in range(b_len):
+                row[i, j] = score[i, j]
+                src_x[i, j] = j
+            for j in range(1, b_len):
+                if row[i, j - 1] - cost > row[i, j]:
+                    row[i, j] = row[i, j - 1] - cost
+                    src_x[i, j] = src_x[i, j - 1]
+            for j in range(b_len - 2, -1, -1):
+                if row[i, j + 1] - cost > row[i, j]:
+                    row[i, j] = row[i, j + 1] - cost
+                    src_x[i, j] = src_x[i, j + 1]
+        for j in range(b_len):  # then along y
+            for i in range(a_len):
+                col[i, j] = row[i, j]
+                src_y[i, j] = i
+            for i in range(1, a_len):
+                if col[i - 1, j] - cost > col[i, j]:
+                    col[i, j] = col[i - 1, j] - cost
+                    src_y[i, j] = src_y[i - 1, j]
+            for i in range(a_len - 2, -1, -1):
+                if col[i + 1, j] - cost > col[i, j]:
+                    col[i, j] = col[i + 1, j] - cost
+                    src_y[i, j] = src_y[i + 1, j]
+        for i in range(a_len):
+            for j in range(b_len):
+                py = src_y[i, j]
+                back_y[t, i, j] = py
+                back_x[t, i, j] = src_x[py, j]
+                score[i, j] = col[i, j] + maps[t, i, j]
+    path = np.zeros((t_len, 2), dtype=np.int64)
+    best = np.argmax(score)
+    i, j = best // b_len, best % b_len
+    for t in range(t_len - 1, -1, -1):
+        path[t, 0] = i
+        path[t, 1] = j
+        if t:
+            i, j = back_y[t, i, j], back_x[t, i, j]
+    return path
+
+
+def decode_maps(maps: np.ndarray, *, step_cost: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Shifts and their log-likelihood margins from maps ``(..., T, 2 My + 1, 2 Mx + 1)``.
+
+    Without ``step_cost`` each frame takes its most likely shift. With
+    ``step_cost > 0`` (nats per pixel moved between consecutive frames along
+    ``T``), each sequence takes the jointly most likely path (Viterbi).
+
+    Returns ``shifts`` (int64 ``(..., T, 2)``) and ``margin`` (``(..., T)``): the
+    log-likelihood of the chosen shift minus that of the best other shift, in
+    nats. It grows with the photons and the contrast of a frame; near 0 the
+    frame cannot tell two shifts apart; negative when the motion prior overruled
+    the frame's own evidence.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    *lead, t_len, a_len, b_len = maps.shape
+    my, mx = (a_len - 1) // 2, (b_len - 1) // 2
+    flat = maps.reshape(-1, t_len, a_len * b_len)
+    if step_cost > 0 and t_len > 1:
+        idx = np.stack([
+            (lambda p: p[:, 0] * b_len + p[:, 1])(_viterbi(seq.reshape(t_len, a_len, b_len),
+                                                          float(step_cost)))
+            for seq in flat])
+    else:
+        idx = flat.argmax(axis=2) if flat.size else np.zeros(flat.shape[:2], dtype=np.int64)
+    chosen = np.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
+    others = flat.copy()
+    np.put_along_axis(others, idx[..., None], -np.inf, axis=2)
+    second = others.max(axis=2) if a_len * b_len > 1 else chosen
+    margin = np.where(np.isfinite(second), chosen - second, 0.0)
+    shifts = np.stack([idx // b_len - my, idx % b_len - mx], axis=-1).astype(np.int64)
+    return shifts.reshape(*lead, t_len, 2), margin.reshape(*lead, t_len)
+
+
+def _pool(maps: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
+    """Mix plane maps ``(Z, N, A, B)`` with weights ``pool (Z, Z)`` (None: unchanged)."""
+    return maps if pool is None else np.tensordot(pool, maps, axes=(1, 0))
+
+
+def _maps(planes: Sequence[np.ndarray], canvases: np.ndarray,
+          spectra: Sequence[np.ndarray] | None) -> np.ndarray:
+    return np.stack([likelihood_maps(planes[z], canvases[z],
+                                     spectra=None if spectra is None else spectra[z])
+                     for z in range(len(planes))])
+
+
+def align_planes(frames: np.ndarray, canvases: np.ndarray, *, pool: np.ndarray | None = None,
+                 step_cost: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Shifts ``(N, Z, 2)`` and margins ``(N, Z)`` of volumes ``(N, Z, h, w)``.
+
+    ``canvases (Z, h + 2 My, w + 2 Mx)``; ``pool (Z, Z)`` mixes the planes'
+    log-likelihood maps (planes that move together); ``step_cost`` as in
+    :func:`decode_maps`, along ``N`` (frames in time order).
+    """
+    frames = np.asarray(frames)
+    maps = _maps([frames[:, z] for z in range(frames.shape[1])], canvases, None)
+    shifts, margin = decode_maps(_pool(maps, pool), step_cost=step_cost)
+    return shifts.transpose(1, 0, 2), margin.T
+
+
+def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
+                        schedule: Sequence[float] = DEFAULT_SCHEDULE, n_iter: int = 4,
+                        pool: np.ndarray | None = None, prior: float = 1.0,
+                        coarse_frames: int = 64, folds: int = 4, step_cost: float = 0.0
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canvases and shifts of volumes ``(N, Z, h, w)`` by coarse-to-fine hard EM.
+
+    At each level of ``schedule`` (the canvas smoothing in pixels), up to
+    ``n_iter`` rounds of estimating the canvases from the current shifts
+    (:func:`estimate_canvas`) and re-aligning the frames to them, until no
+    shift changes. The first canvas is the mean of the unaligned frames. Levels
+    smoothed by 2 pixels or more use ``coarse_frames`` evenly spaced volumes
+    (they only place frames roughly); the first finer level aligns every frame
+    to their canvas, then refines with all.
+
+    Cross-fitting: frames fall into ``folds`` interleaved groups, and each frame
+    is aligned to the canvas of the *other* groups. A frame inside its own
+    reference favours wherever it was last put (at 0.7 photons per pixel and
+    100 frames its own photons add about as many nats to its current shift as
+    the data separate neighbouring shifts by), which would freeze early errors.
+
+    ``step_cost`` (see :func:`decode_maps`) applies at the levels that use every
+    frame; pass it only when the frames are consecutive in time.
+
+    Finally the shifts are centred so that the median shift is zero (over all
+    planes when ``pool`` ties them, so that their canvases stay mutually
+    aligned).
+
+    Returns
+    -------
+    canvases, shifts, margins
+        ``(Z, h + 2 My, w + 2 Mx)`` from all frames, int64 ``(N, Z, 2)``, and the
+        log-likelihood margins ``(N, Z)`` of the last alignment (cross-fitted).
+
+    """
+    frames = np.asarray(frames)
+    n, nz, h, w = frames.shape
+    margin = canvas_margin((h, w), max_shift)
+    shifts = np.zeros((n, nz, 2), dtype=np.int64)
+    quality = np.zeros((n, nz))
+    planes = [np.ascontiguousarray(frames[:, z]) for z in range(nz)]
+    shape = (h + 2 * margin[0], w + 2 * margin[1])
+    # the frames' spectra serve every iteration, unless they would not fit the budget
+    spectra = ([frame_spectra(p, shape) for p in planes]
+               if n * nz * shape[0] * (shape[1] // 2 + 1) * 8 <= SPECTRA_BUDGET else None)
+    subset = np.unique(np.linspace(0, n - 1, min(n, max(coarse_frames, 1))).round()
+                       ).astype(np.int64)
+    everything = np.arange(n)
+    mean_totals = [float(p.reshape(n, -1).sum(axis=1, dtype=np.float64).mean()) if n else 0.0
+                   for p in planes]
+
+    def maps(idx: np.ndarray, fit: np.ndarray, sigma: float) -> np.ndarray:
+        """Map frames ``idx`` against canvases from frames ``fit`` outside their fold."""
+        k = folds if len(fit) >= 2 * folds else 2 if len(fit) >= 2 else 1
+        out = np.empty((nz, len(idx), 2 * margin[0] + 1, 2 * margin[1] + 1))
+        for z in range(nz):
+            rate = mean_totals[z] / (h * w) if mean_totals[z] > 0 else 1.0
+            stats = [_accumulate(planes[z][fit[fit % k == f]], shifts[fit[fit % k == f], z],
+                                 margin, mean_totals[z]) for f in range(k)]
+            acc = sum(st[0] for st in stats)
+            exposure = sum(st[1] for st in stats)
+            local = _local_rate(acc, exposure, rate)
+            for f in range(k):
+                sel = idx[idx % k == f] if k > 1 else idx
+                if not len(sel):
+                    continue
+                own = (stats[f][0], stats[f][1]) if k > 1 else (0.0, 0.0)
+                canvas = _canvas(acc - own[0], exposure - own[1], local, rate, prior, sigma)
+                out[z, np.isin(idx, sel)] = likelihood_maps(
+                    planes[z][sel], canvas, spectra=None if spectra is None else spectra[z][sel])
+        return out
+
+    def align(idx: np.ndarray, fit: np.ndarray, sigma: float) -> bool:
+        new, margins = decode_maps(_pool(maps(idx, fit, sigma), pool),
+                                   step_cost=step_cost if len(idx) == n else 0.0)
+        changed = bool((new.transpose(1, 0, 2) != shifts[idx]).any())
+        shifts[idx] = new.transpose(1, 0, 2)
+        quality[idx] = margins.T
+        return changed
+
+    used = subset
+    for sigma in schedule:
+        idx = subset if sigma >= 2 else everything
+        if len(idx) > len(used):  # place the frames the coarse levels did not see
+            align(idx, used, sigma)
+        used = idx
+        for _ in range(max(n_iter, 1)):
+            if not align(idx, idx, sigma):
+                break
+    if n:
+        tied = pool is not None and nz > 1
+        centre = np.round(np.median(shifts.reshape(-1, 2) if tied else shifts, axis=0)
+                          ).astype(np.int64)
+        shifts = np.clip(shifts - np.broadcast_to(centre, (nz, 2)), -np.array(margin),
+                         np.array(margin))
+    last = float(schedule[-1]) if len(schedule) else 0.0
+    canvases = np.stack([estimate_canvas(planes[z], shifts[:, z], margin, prior=prior,
+                                         sigma=last) for z in range(nz)])
+    return canvases, shifts, quality
