@@ -58,7 +58,7 @@ FILES = {
 }
 
 
-def _file(name: str, volumes: int):  # noqa: ANN202 - a SyntheticTruth
+def _file(name: str, volumes: int):  # -> SyntheticTruth
     from siff_xarray.synthetic import write_siff
 
     kw = dict(FILES[name])

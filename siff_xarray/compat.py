@@ -208,17 +208,19 @@ class SiffReader:
                  **kwargs: Any) -> dict[int, tuple[int, int]]:
         """Register every imaging frame; return (and keep) ``{frame: (dy, dx)}``.
 
-        ``registration_method="siffpy"`` runs siff-xarray's native method and
-        ``"suite2p"`` suite2p 1.x's rigid registration
-        (:meth:`siff_xarray.accessor.SiffAccessor.register` with ``method="phase"``
-        or ``"suite2p"``); the shifts of the alignment channel apply to every
-        channel of the same scan. Shifts are stored non-negative (``0 <= dy <
-        H``), as SiffPy stores them. Keyword arguments go to ``ds.siff.register``
-        (e.g. ``max_shift``, ``regularize_sigma``, ``suite2p_settings``).
+        ``registration_method="siffpy"`` runs siff-xarray's native default (the
+        photon-count likelihood; ``"likelihood"`` and ``"phase"`` name the native
+        methods directly) and ``"suite2p"`` suite2p 1.x's rigid registration
+        (:meth:`siff_xarray.accessor.SiffAccessor.register`); the shifts of the
+        alignment channel apply to every channel of the same scan. Shifts are
+        stored non-negative (``0 <= dy < H``), as SiffPy stores them. Keyword
+        arguments go to ``ds.siff.register`` (e.g. ``max_shift``, ``motion``,
+        ``regularize_sigma``, ``suite2p_settings``).
         """
         from .backend import open_siff
 
-        methods = {"siffpy": "phase", "suite2p": "suite2p"}
+        methods = {"siffpy": "likelihood", "likelihood": "likelihood", "phase": "phase",
+                   "suite2p": "suite2p"}
         if registration_method not in methods:
             raise ValueError(f"registration_method {registration_method!r} is not available "
                              f"in siff-xarray's SiffReader; use one of {sorted(methods)}")

@@ -44,15 +44,25 @@ import scipy.fft as sfft
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 __all__ = [
-    "DEFAULT_SCHEDULE", "align_planes", "canvas_margin", "decode_maps", "estimate_canvas",
+    "align_planes", "canvas_margin", "decode_maps", "default_schedule", "estimate_canvas",
     "frame_spectra", "likelihood_maps", "register_likelihood", "to_canvas",
 ]
 
-#: Gaussian smoothing (pixels) of the canvas at each coarse-to-fine level. The last
-#: level stays smoothed by a pixel: a canvas of a hundred sparse frames is noisy, and
-#: its noise costs more exact shifts than the blur does (measured on the synthetic
-#: files of docs/performance.md).
-DEFAULT_SCHEDULE: tuple[float, ...] = (4.0, 2.0, 1.0)
+def default_schedule(frame_shape: tuple[int, int]) -> tuple[float, ...]:
+    """Return the canvas smoothing (pixels) of each coarse-to-fine level for a frame size.
+
+    The first level is smoothed by a twentieth of the smaller side (at least 2
+    pixels), each next by two thirds of the one before while above 2 pixels, and
+    the last by 1 pixel: a canvas of a hundred sparse frames is noisy, and its
+    noise costs more exact shifts than the blur does. Starting finer (4 pixels on
+    256 x 128 frames) let a one-pixel seam form on one plane of a benchmark file;
+    starting as coarse on 64 x 48 frames blurred away what places them (both
+    measured on the files of docs/performance.md and tests/test_registration.py).
+    """
+    levels = [max(2.0, min(frame_shape) / 20.0)]
+    while levels[-1] * 2 / 3 >= 2.0:
+        levels.append(levels[-1] * 2 / 3)
+    return (*levels, 1.0)
 
 _JIT = {"cache": True, "nogil": True}
 
@@ -174,33 +184,74 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
     return out
 
 
-def _accumulate(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, int],
-                mean_total: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Sum photons and brightness-weighted exposure per canvas pixel.
+@numba.njit(**_JIT)
+def _accumulate_kernel(frames: np.ndarray, offsets: np.ndarray, group: np.ndarray,
+                       bright: np.ndarray, acc: np.ndarray,
+                       exposure: np.ndarray) -> None:  # pragma: no cover - jitted
+    """Add each frame ``n`` at ``offsets[n]`` into ``acc[group[n]]``.
 
-    Also returns the mean total that brightness is relative to (default the
-    frames' own): the sufficient statistics of :func:`estimate_canvas`.
+    Its brightness goes over its window into ``exposure[group[n]]`` (the corners of
+    a difference array, summed up by the caller).
+    """
+    n, h, w = frames.shape
+    n_groups, hh, ww = acc.shape
+    for i in range(n):
+        g, oy, ox = group[i], offsets[i, 0], offsets[i, 1]
+        if g < 0 or g >= n_groups or oy < 0 or ox < 0 or oy + h > hh or ox + w > ww:
+            continue  # the caller clips offsets; never write outside the canvas
+        for y in range(h):
+            for x in range(w):
+                acc[g, oy + y, ox + x] += frames[i, y, x]
+        exposure[g, oy, ox] += bright[i]
+        exposure[g, oy, ox + w] -= bright[i]
+        exposure[g, oy + h, ox] -= bright[i]
+        exposure[g, oy + h, ox + w] += bright[i]
+
+
+def _accumulate(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, int],
+                totals: np.ndarray, mean_total: float, group: np.ndarray | None = None,
+                n_groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Sum photons and brightness-weighted exposure per canvas pixel, per group.
+
+    ``totals`` are the frames' photons and ``mean_total`` what brightness is
+    relative to; ``group`` (default all 0) sorts frames into ``n_groups`` sums.
+    Returns float64 ``(n_groups, H, W)`` photons and exposure: the sufficient
+    statistics of :func:`estimate_canvas`.
     """
     n, h, w = frames.shape
     my, mx = margin
-    acc = np.zeros((h + 2 * my, w + 2 * mx))
-    exposure = np.zeros_like(acc)
-    totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
-    if mean_total is None:
-        mean_total = float(totals.mean()) if n else 0.0
+    hh, ww = h + 2 * my, w + 2 * mx
+    acc = np.zeros((n_groups, hh, ww))
+    diff = np.zeros((n_groups, hh + 1, ww + 1))
     if n and mean_total > 0:
-        bright = totals / mean_total
-        offsets = np.clip(np.asarray(shifts, dtype=np.int64).reshape(n, 2) + np.array([my, mx]), 0,
-                          (2 * my, 2 * mx))
-        keys, inverse = np.unique(offsets, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.searchsorted(inverse[order], np.arange(len(keys) + 1))
-        for k, (oy, ox) in enumerate(keys):
-            members = order[bounds[k]: bounds[k + 1]]
-            acc[oy: oy + h, ox: ox + w] += frames[members].sum(axis=0, dtype=np.float64)
-            exposure[oy: oy + h, ox: ox + w] += bright[members].sum()
-    return acc, exposure, mean_total
+        offsets = np.clip(np.asarray(shifts, dtype=np.int64).reshape(n, 2)
+                          + np.array([my, mx]), 0, np.array([2 * my, 2 * mx]))
+        group = np.zeros(n, dtype=np.int64) if group is None else \
+            np.asarray(group, dtype=np.int64)
+        _accumulate_kernel(np.ascontiguousarray(frames), offsets, group,
+                           np.asarray(totals, dtype=np.float64) / mean_total, acc, diff)
+    exposure = diff.cumsum(axis=1).cumsum(axis=2)[:, :hh, :ww]
+    return acc, exposure
+
+
+#: The covered masks seen last and their nearest-pixel maps (a few per plane).
+_NEAREST: dict[bytes, tuple[np.ndarray, ...]] = {}
+
+
+def _nearest(covered: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Return the indices of every pixel's nearest covered pixel (memoised by mask)."""
+    key = np.packbits(covered).tobytes() + repr(covered.shape).encode()
+    if key not in _NEAREST:
+        if len(_NEAREST) > 64:
+            _NEAREST.clear()
+        _NEAREST[key] = tuple(distance_transform_edt(~covered, return_distances=False,
+                                                     return_indices=True))
+    return _NEAREST[key]
+
+
+def _smooth(img: np.ndarray, sigma: float) -> np.ndarray:
+    return gaussian_filter(img.astype(np.float32), sigma, mode="nearest", truncate=3.0
+                           ).astype(np.float64)
 
 
 def _local_rate(acc: np.ndarray, exposure: np.ndarray, rate: float) -> np.ndarray:
@@ -210,16 +261,13 @@ def _local_rate(acc: np.ndarray, exposure: np.ndarray, rate: float) -> np.ndarra
     covered pixel into pixels no frame covered (the global mean would be a poor
     guess at background edges and pull shifts toward the centre).
     """
-    local_exp = gaussian_filter(exposure, 2.0, mode="nearest")
+    local_exp = _smooth(exposure, 2.0)
     covered = local_exp > 1e-3 * max(float(local_exp.max()), 1e-300)
     if not covered.any():
         return np.full_like(acc, rate)
-    local = np.where(covered, gaussian_filter(acc, 2.0, mode="nearest")
-                     / np.where(covered, local_exp, 1.0), 0.0)
+    local = np.where(covered, _smooth(acc, 2.0) / np.where(covered, local_exp, 1.0), 0.0)
     if not covered.all():
-        nearest = distance_transform_edt(~covered, return_distances=False,
-                                         return_indices=True)
-        local = local[tuple(nearest)]
+        local = local[_nearest(covered)]
     return local
 
 
@@ -228,7 +276,7 @@ def _canvas(acc: np.ndarray, exposure: np.ndarray, local: np.ndarray, rate: floa
     """Photons over exposure, shrunk by ``prior`` frames toward ``local``."""
     canvas = (acc + prior * local) / (exposure + prior)
     if sigma > 0:
-        canvas = gaussian_filter(canvas, sigma, mode="nearest")
+        canvas = _smooth(canvas, sigma)
     return np.maximum(canvas, 1e-6 * rate)
 
 
@@ -244,10 +292,13 @@ def estimate_canvas(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, i
     result with a Gaussian (coarse levels of :func:`register_likelihood`).
     """
     frames = np.asarray(frames)
-    h, w = frames.shape[-2:]
-    acc, exposure, mean_total = _accumulate(frames, shifts, margin)
+    n, h, w = frames.shape
+    totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
+    mean_total = float(totals.mean()) if n else 0.0
+    acc, exposure = _accumulate(frames, shifts, margin, totals, mean_total)
     rate = mean_total / (h * w) if mean_total > 0 else 1.0
-    return _canvas(acc, exposure, _local_rate(acc, exposure, rate), rate, prior, sigma)
+    return _canvas(acc[0], exposure[0], _local_rate(acc[0], exposure[0], rate), rate, prior,
+                   sigma)
 
 
 @numba.njit(**_JIT)
@@ -368,14 +419,67 @@ def align_planes(frames: np.ndarray, canvases: np.ndarray, *, pool: np.ndarray |
     return shifts.transpose(1, 0, 2), margin.T
 
 
+def _bin(frames: np.ndarray, b: int) -> np.ndarray:
+    """Sum ``b x b`` blocks of the last two axes (a remainder row/column is dropped)."""
+    h, w = frames.shape[-2] // b * b, frames.shape[-1] // b * b
+    f = frames[..., :h, :w].reshape(*frames.shape[:-2], h // b, b, w // b, b)
+    return np.ascontiguousarray(f.sum(axis=(-3, -1), dtype=np.float32))
+
+
+class _Stack:
+    """Frames of every plane at one resolution, with what each EM round reuses."""
+
+    def __init__(self, planes: list[np.ndarray], margin: tuple[int, int]) -> None:
+        self.planes, self.margin = planes, margin
+        n, h, w = planes[0].shape
+        self.shape = (h, w)
+        canvas = (h + 2 * margin[0], w + 2 * margin[1])
+        # the frames' spectra serve every round, unless they would not fit the budget
+        fits = n * len(planes) * canvas[0] * (canvas[1] // 2 + 1) * 8 <= SPECTRA_BUDGET
+        self.spectra = [frame_spectra(p, canvas) for p in planes] if fits else None
+        self.totals = [p.reshape(n, -1).sum(axis=1, dtype=np.float64) for p in planes]
+        self.mean_totals = [float(t.mean()) if n else 0.0 for t in self.totals]
+
+    def maps(self, at: np.ndarray, idx: np.ndarray, fit: np.ndarray, sigma: float,
+             folds: int, prior: float) -> np.ndarray:
+        """Map frames ``idx`` against canvases of frames ``fit`` outside their fold.
+
+        ``at (N, Z, 2)`` holds the current shifts; returns ``(Z, len(idx), A, B)``.
+        """
+        (h, w), margin = self.shape, self.margin
+        k = folds if len(fit) >= 2 * folds else 2 if len(fit) >= 2 else 1
+        out = np.empty((len(self.planes), len(idx), 2 * margin[0] + 1, 2 * margin[1] + 1))
+        for z, frames in enumerate(self.planes):
+            mean_total = self.mean_totals[z]
+            rate = mean_total / (h * w) if mean_total > 0 else 1.0
+            fold_acc, fold_exp = _accumulate(frames[fit], at[fit, z], margin,
+                                             self.totals[z][fit], mean_total, fit % k, k)
+            acc, exposure = fold_acc.sum(axis=0), fold_exp.sum(axis=0)
+            local = _local_rate(acc, exposure, rate)
+            every = len(idx) == len(frames)  # idx is sorted and unique: all frames
+            for f in range(k):
+                # every k-th frame is a view; a subset has to be gathered
+                sel = slice(f, None, k) if every else idx[idx % k == f] if k > 1 else idx
+                rows = sel if every else np.isin(idx, sel)
+                if not len(frames[sel]):
+                    continue
+                own = (fold_acc[f], fold_exp[f]) if k > 1 else (0.0, 0.0)
+                canvas = _canvas(acc - own[0], exposure - own[1], local, rate, prior, sigma)
+                out[z, rows] = likelihood_maps(
+                    frames[sel], canvas,
+                    spectra=None if self.spectra is None else self.spectra[z][sel])
+        return out
+
+
 def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
-                        schedule: Sequence[float] = DEFAULT_SCHEDULE, n_iter: int = 4,
+                        schedule: Sequence[float] | None = None, n_iter: int = 4,
                         pool: np.ndarray | None = None, prior: float = 1.0,
                         coarse_frames: int = 64, folds: int = 4, step_cost: float = 0.0
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Canvases and shifts of volumes ``(N, Z, h, w)`` by coarse-to-fine hard EM.
 
-    At each level of ``schedule`` (the canvas smoothing in pixels), up to
+    At each level of ``schedule`` (the canvas smoothing in pixels; default
+    :func:`default_schedule`), up to
     ``n_iter`` rounds of estimating the canvases from the current shifts
     (:func:`estimate_canvas`) and re-aligning the frames to them, until no
     shift changes. The first canvas is the mean of the unaligned frames. Levels
@@ -408,54 +512,53 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
     margin = canvas_margin((h, w), max_shift)
     shifts = np.zeros((n, nz, 2), dtype=np.int64)
     quality = np.zeros((n, nz))
-    planes = [np.ascontiguousarray(frames[:, z]) for z in range(nz)]
-    shape = (h + 2 * margin[0], w + 2 * margin[1])
-    # the frames' spectra serve every iteration, unless they would not fit the budget
-    spectra = ([frame_spectra(p, shape) for p in planes]
-               if n * nz * shape[0] * (shape[1] // 2 + 1) * 8 <= SPECTRA_BUDGET else None)
+    full = _Stack([np.ascontiguousarray(frames[:, z]) for z in range(nz)], margin)
     subset = np.unique(np.linspace(0, n - 1, min(n, max(coarse_frames, 1))).round()
                        ).astype(np.int64)
     everything = np.arange(n)
-    mean_totals = [float(p.reshape(n, -1).sum(axis=1, dtype=np.float64).mean()) if n else 0.0
-                   for p in planes]
+    settle = 4 * max(n_iter, 3)  # the coarse levels see few frames: let them converge
 
-    def maps(idx: np.ndarray, fit: np.ndarray, sigma: float) -> np.ndarray:
-        """Map frames ``idx`` against canvases from frames ``fit`` outside their fold."""
-        k = folds if len(fit) >= 2 * folds else 2 if len(fit) >= 2 else 1
-        out = np.empty((nz, len(idx), 2 * margin[0] + 1, 2 * margin[1] + 1))
-        for z in range(nz):
-            rate = mean_totals[z] / (h * w) if mean_totals[z] > 0 else 1.0
-            stats = [_accumulate(planes[z][fit[fit % k == f]], shifts[fit[fit % k == f], z],
-                                 margin, mean_totals[z]) for f in range(k)]
-            acc = sum(st[0] for st in stats)
-            exposure = sum(st[1] for st in stats)
-            local = _local_rate(acc, exposure, rate)
-            for f in range(k):
-                sel = idx[idx % k == f] if k > 1 else idx
-                if not len(sel):
-                    continue
-                own = (stats[f][0], stats[f][1]) if k > 1 else (0.0, 0.0)
-                canvas = _canvas(acc - own[0], exposure - own[1], local, rate, prior, sigma)
-                out[z, np.isin(idx, sel)] = likelihood_maps(
-                    planes[z][sel], canvas, spectra=None if spectra is None else spectra[z][sel])
-        return out
+    def align(stack: _Stack, at: np.ndarray, idx: np.ndarray, fit: np.ndarray,
+              sigma: float) -> bool:
+        """Re-align frames ``idx``; False once (almost) none moved.
 
-    def align(idx: np.ndarray, fit: np.ndarray, sigma: float) -> bool:
-        new, margins = decode_maps(_pool(maps(idx, fit, sigma), pool),
+        At most 1 % may move: a few frames that the data cannot place flip
+        between two shifts forever.
+        """
+        new, margins = decode_maps(_pool(stack.maps(at, idx, fit, sigma, folds, prior), pool),
                                    step_cost=step_cost if len(idx) == n else 0.0)
-        changed = bool((new.transpose(1, 0, 2) != shifts[idx]).any())
-        shifts[idx] = new.transpose(1, 0, 2)
-        quality[idx] = margins.T
-        return changed
+        moved = int((new.transpose(1, 0, 2) != at[idx]).any(axis=2).sum())
+        at[idx] = new.transpose(1, 0, 2)
+        if stack is full:
+            quality[idx] = margins.T
+        return moved > 0.01 * len(idx) * nz
 
+    if schedule is None:
+        schedule = default_schedule((h, w))
+    levels = list(schedule)
+    # the coarsest levels place the subset on frames binned 2 x 2 (a quarter of the
+    # work; a canvas smoothed by 4 pixels or more loses nothing to 2-pixel bins)
+    binned = [sg for sg in levels if sg >= 4] if min(h, w) >= 64 else []
+    if binned and len(subset):
+        coarse = _Stack([_bin(p[subset], 2) for p in full.planes],
+                        tuple(min(-(-m // 2), max(d // 4 - 1, 0))
+                              for m, d in zip(margin, (h, w), strict=True)))
+        at = np.zeros((len(subset), nz, 2), dtype=np.int64)
+        local = np.arange(len(subset))
+        for sigma in binned:
+            for _ in range(settle):
+                if not align(coarse, at, local, local, sigma / 2):
+                    break
+        shifts[subset] = np.clip(2 * at, -np.array(margin), np.array(margin))
+        levels = [sg for sg in levels if sg < 4]
     used = subset
-    for sigma in schedule:
+    for sigma in levels:
         idx = subset if sigma >= 2 else everything
         if len(idx) > len(used):  # place the frames the coarse levels did not see
-            align(idx, used, sigma)
+            align(full, shifts, idx, used, sigma)
         used = idx
-        for _ in range(max(n_iter, 1)):
-            if not align(idx, idx, sigma):
+        for _ in range(max(n_iter, 1) if len(idx) == n and n > len(subset) else settle):
+            if not align(full, shifts, idx, idx, sigma):
                 break
     if n:
         tied = pool is not None and nz > 1
@@ -464,6 +567,6 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
         shifts = np.clip(shifts - np.broadcast_to(centre, (nz, 2)), -np.array(margin),
                          np.array(margin))
     last = float(schedule[-1]) if len(schedule) else 0.0
-    canvases = np.stack([estimate_canvas(planes[z], shifts[:, z], margin, prior=prior,
+    canvases = np.stack([estimate_canvas(full.planes[z], shifts[:, z], margin, prior=prior,
                                          sigma=last) for z in range(nz)])
     return canvases, shifts, quality
