@@ -23,7 +23,10 @@ method, suite2p 1.x rigid (CPU), and the oracle that knows the true scene and
 takes each frame's shift of maximum multinomial likelihood
 (:meth:`siff_xarray.synthetic.SyntheticTruth.oracle_shifts`) -- the limit for
 any method that, like these, treats frames independently. Then frames per
-second (references included), median over ``--repeats`` runs in this process.
+second (references included), median over ``--repeats`` runs in this process: on
+the 100-volume file (where building the references from every volume dominates)
+and on the bright channel of ``bench_reader.py``'s session file
+(``--throughput-volumes``, default 700: 4200 frames).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-suite2p", action="store_true")
+    ap.add_argument("--throughput-volumes", type=int, default=700)
     args = ap.parse_args()
     import xarray as xr
 
@@ -120,14 +124,40 @@ def main() -> None:
                 rows[label] = [_rate(est[ok, k], truth.shifts[fmap[ok, k]]) for k in range(6)]
             for label, rates in rows.items():
                 print(f"| {name} | {label} | " + " | ".join(f"{r:.0%}" for r in rates) + " |")
-    n = args.volumes * 6 + 6
-    print("\n| method | s (median) | frames/s | vs suite2p |")
+    _speed_table(f"session 0.73 ({args.volumes} volumes)", args.volumes * 6 + 6, speed)
+    if args.throughput_volumes:
+        _throughput(args.throughput_volumes, methods, args.repeats)
+
+
+def _speed_table(title: str, n: int, speed: dict[str, list[float]]) -> None:
+    print(f"\n{title}, {n} frames of one channel, references included:\n")
+    print("| method | s (median) | frames/s | speed vs suite2p |")
     print("|---|---:|---:|---:|")
     ref = statistics.median(speed["suite2p"]) if speed.get("suite2p") else None
     for label, times in speed.items():
         med = statistics.median(times)
         ratio = f"{ref / med:.1f}x" if ref else ""
         print(f"| {label} | {med:.2f} | {n / med:.0f} | {ratio} |")
+
+
+def _throughput(volumes: int, methods: dict[str, dict], repeats: int) -> None:
+    import sys
+
+    import xarray as xr
+
+    sys.path.insert(0, str(HERE))
+    from bench_reader import session_file
+
+    path = session_file(volumes, 24000)
+    with xr.open_dataset(path, engine="siff") as ds:
+        one = ds.assign(intensity=ds.intensity.sel(channel=[1]).load())
+        speed: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(repeats):
+            for label, kw in methods.items():
+                t0 = time.perf_counter()
+                one.siff.register(channel=1, **kw)
+                speed[label].append(time.perf_counter() - t0)
+        _speed_table(f"{path.name}", one.sizes["time"] * one.sizes["z"], speed)
 
 
 if __name__ == "__main__":
