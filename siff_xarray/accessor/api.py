@@ -95,7 +95,10 @@ class SiffAccessor:
             most rounds per coarse-to-fine level), and how many volumes (evenly
             spaced in time) build the reference: default 100 for
             ``"likelihood"`` (its cross-fitted EM reaches the oracle with 100 on
-            the benchmark files; more only cost time), 300 otherwise.
+            the benchmark files; more only cost time), 300 otherwise. The
+            reference volumes keep the EM's fit; with ``step_cost`` the prior
+            applies within the EM only when they are all the volumes, so then the
+            default is every volume (up to 1000).
         smooth_sigma, whiten
             ``"phase"``: correlation smoothing (pixels) and spectral whitening (0 =
             plain cross-correlation, 1 = phase correlation).
@@ -176,8 +179,9 @@ class SiffAccessor:
                     and refs.shape == (nz, h + 2 * margin[0], w + 2 * margin[1])):
                 raise ValueError(f"reference of shape {refs.shape}; expected {(nz, h, w)}")
         else:
-            if n_reference_frames is None:
-                n_reference_frames = 100 if method == "likelihood" else 300
+            if n_reference_frames is None:  # a motion prior needs consecutive volumes
+                n_reference_frames = (nt if step_cost and nt <= 1000 else 100) \
+                    if method == "likelihood" else 300
             pick = np.unique(np.linspace(0, nt - 1, min(nt, max(1, n_reference_frames))
                                          ).round().astype(int))
             sample = np.asarray(img.isel(time=pick).values)

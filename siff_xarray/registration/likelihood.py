@@ -449,18 +449,22 @@ class _Stack:
         (h, w), margin = self.shape, self.margin
         k = folds if len(fit) >= 2 * folds else 2 if len(fit) >= 2 else 1
         out = np.empty((len(self.planes), len(idx), 2 * margin[0] + 1, 2 * margin[1] + 1))
+        # idx and fit are sorted and unique: a leading run of frames is a view (and
+        # so is every k-th frame of it); other sets have to be gathered
+        lead_idx = bool(len(idx)) and idx[-1] == len(idx) - 1
+        fit = slice(0, len(fit)) if len(fit) and fit[-1] == len(fit) - 1 else fit
+        group = np.arange(len(self.totals[0]))[fit] % k
         for z, frames in enumerate(self.planes):
             mean_total = self.mean_totals[z]
             rate = mean_total / (h * w) if mean_total > 0 else 1.0
             fold_acc, fold_exp = _accumulate(frames[fit], at[fit, z], margin,
-                                             self.totals[z][fit], mean_total, fit % k, k)
+                                             self.totals[z][fit], mean_total, group, k)
             acc, exposure = fold_acc.sum(axis=0), fold_exp.sum(axis=0)
             local = _local_rate(acc, exposure, rate)
-            every = len(idx) == len(frames)  # idx is sorted and unique: all frames
             for f in range(k):
-                # every k-th frame is a view; a subset has to be gathered
-                sel = slice(f, None, k) if every else idx[idx % k == f] if k > 1 else idx
-                rows = sel if every else np.isin(idx, sel)
+                sel = slice(f, len(idx), k) if lead_idx else \
+                    idx[idx % k == f] if k > 1 else idx
+                rows = sel if lead_idx else np.isin(idx, sel)
                 if not len(frames[sel]):
                     continue
                 own = (fold_acc[f], fold_exp[f]) if k > 1 else (0.0, 0.0)
@@ -510,12 +514,16 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
     frames = np.asarray(frames)
     n, nz, h, w = frames.shape
     margin = canvas_margin((h, w), max_shift)
+    # the coarse levels' volumes (evenly spaced) go first, so that they and every
+    # fold of them are views; shifts and quality are put back in time order at the end
+    first = np.unique(np.linspace(0, n - 1, min(n, max(coarse_frames, 1))).round()
+                      ).astype(np.int64)
+    perm = np.concatenate([first, np.setdiff1d(np.arange(n), first)])
+    in_time = np.argsort(perm)
+    subset, everything = np.arange(len(first)), np.arange(n)
     shifts = np.zeros((n, nz, 2), dtype=np.int64)
     quality = np.zeros((n, nz))
-    full = _Stack([np.ascontiguousarray(frames[:, z]) for z in range(nz)], margin)
-    subset = np.unique(np.linspace(0, n - 1, min(n, max(coarse_frames, 1))).round()
-                       ).astype(np.int64)
-    everything = np.arange(n)
+    full = _Stack([np.ascontiguousarray(frames[perm, z]) for z in range(nz)], margin)
     settle = 4 * max(n_iter, 3)  # the coarse levels see few frames: let them converge
 
     def align(stack: _Stack, at: np.ndarray, idx: np.ndarray, fit: np.ndarray,
@@ -525,8 +533,12 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
         At most 1 % may move: a few frames that the data cannot place flip
         between two shifts forever.
         """
-        new, margins = decode_maps(_pool(stack.maps(at, idx, fit, sigma, folds, prior), pool),
-                                   step_cost=step_cost if len(idx) == n else 0.0)
+        maps = _pool(stack.maps(at, idx, fit, sigma, folds, prior), pool)
+        if step_cost and len(idx) == n:  # the prior links frames in time order
+            new, margins = decode_maps(maps[:, in_time], step_cost=step_cost)
+            new, margins = new[:, perm], margins[:, perm]
+        else:
+            new, margins = decode_maps(maps)
         moved = int((new.transpose(1, 0, 2) != at[idx]).any(axis=2).sum())
         at[idx] = new.transpose(1, 0, 2)
         if stack is full:
@@ -569,4 +581,4 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
     last = float(schedule[-1]) if len(schedule) else 0.0
     canvases = np.stack([estimate_canvas(full.planes[z], shifts[:, z], margin, prior=prior,
                                          sigma=last) for z in range(nz)])
-    return canvases, shifts, quality
+    return canvases, shifts[in_time], quality[in_time]
