@@ -100,7 +100,7 @@ class OpenOptions:
     file: FileOptions = field(default_factory=FileOptions)
     decode_times: bool = True
     flim: bool = False
-    partial_volume: PartialVolume = "keep"
+    partial_volume: PartialVolume = "drop"
     time_coordinate: TimeCoordinate = "experiment"
     histogram_mode: HistogramMode = "drop"
     lock: Any = None

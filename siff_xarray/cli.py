@@ -176,9 +176,11 @@ def demo(directory: str) -> None:
     with xr.open_dataset(path, engine="siff", chunks={}) as ds:
         click.echo(f"\nxr.open_dataset({str(path)!r}, engine='siff', chunks={{}}):")
         click.echo(repr(ds.drop_attrs()))
-        # the same plane means, computed lazily with dask over the frames that exist
+    # the same plane means, computed lazily with dask over every acquired frame: the
+    # partial last volume included (kept on request), its missing frames masked out
+    with xr.open_dataset(path, engine="siff", chunks={}, partial_volume="keep") as ds:
         means = ds.intensity.where(ds.frame_present).mean(("time", "y", "x")).compute()
-        click.echo("  mean photons per pixel per plane (dask): "
+        click.echo("\n  mean photons per pixel per plane (dask, every acquired frame): "
                    + np.array2string(means.values, precision=4, separator=", ")
                    .replace("\n", ""))
 

@@ -227,7 +227,8 @@ class SiffReader:
         f = self._f()
         ip = f.im_params
         channel = ip.colors[alignment_color_channel]
-        with open_siff(f.path, storage_options=f.options.storage) as ds:
+        with open_siff(f.path, storage_options=f.options.storage,
+                       partial_volume="keep") as ds:  # every acquired frame gets a shift
             reg = ds.siff.register(channel=channel, method=methods[registration_method],
                                    **kwargs)
             fmap = ds.frame_index  # (time, z, [repeat], channel)

@@ -69,7 +69,8 @@ def references(source: str | os.PathLike[str], *,
     path = os.fspath(source)
     if "://" not in path:
         path = os.path.abspath(path)
-    ds = open_siff(path, storage_options=storage_options, drop_variables=["histogram"])
+    ds = open_siff(path, storage_options=storage_options, drop_variables=["histogram"],
+                   partial_volume="keep")
     try:
         with SiffFile(path, storage_options=storage_options) as f:
             fmap = ds.frame_index.values
@@ -110,7 +111,8 @@ def write_references(source: str | os.PathLike[str], out: str | os.PathLike[str]
 
 
 def open_virtual(refs: dict[str, Any] | str | os.PathLike[str], *,
-                 storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+                 storage_options: dict[str, Any] | None = None,
+                 partial_volume: str = "drop", **kwargs: Any) -> Any:
     """Open references (a dict or a JSON file) as an xarray Dataset, lazily.
 
     Parameters
@@ -119,6 +121,9 @@ def open_virtual(refs: dict[str, Any] | str | os.PathLike[str], *,
         The output of :func:`references`, or the path of a JSON file holding it.
     storage_options
         fsspec options for reading the referenced ``.siff`` (e.g. S3 credentials).
+    partial_volume
+        ``"drop"`` (default, as ``open_siff``) leaves an incomplete last volume out;
+        ``"keep"`` keeps it (the references always cover it).
     **kwargs
         Passed to ``xarray.open_zarr``.
 
@@ -139,5 +144,8 @@ def open_virtual(refs: dict[str, Any] | str | os.PathLike[str], *,
         remote["asynchronous"] = True
     fs = fsspec.filesystem("reference", fo=refs, remote_protocol=protocol,
                            remote_options=remote, asynchronous=True)
+    from .backend import drop_partial_volume
+
     kwargs.setdefault("consolidated", False)
-    return xr.open_zarr(FsspecStore(fs, read_only=True, path=""), zarr_format=2, **kwargs)
+    ds = xr.open_zarr(FsspecStore(fs, read_only=True, path=""), zarr_format=2, **kwargs)
+    return drop_partial_volume(ds, partial_volume)

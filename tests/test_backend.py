@@ -103,7 +103,7 @@ def test_open_siff_is_open_dataset(siff_files):
 
 def test_intensity_matches_truth_and_corrosiff(truth):
     fmap = _expected_map(truth)
-    with xr.open_dataset(truth.path, engine="siff") as ds:
+    with xr.open_dataset(truth.path, engine="siff", partial_volume="keep") as ds:
         dims = ("time", "z", "repeat", "channel") if truth.frames_per_slice > 1 else (
             "time", "z", "channel")
         assert ds.intensity.dims == (*dims, "y", "x")
@@ -112,7 +112,8 @@ def test_intensity_matches_truth_and_corrosiff(truth):
         np.testing.assert_array_equal(ds.frame_present.values, fmap >= 0)
         want = _arrange(truth.intensity, fmap, truth.shape)
         np.testing.assert_array_equal(ds.intensity.values, want)
-        with xr.open_dataset(truth.path, engine="siff", chunks={}) as dds:
+        with xr.open_dataset(truth.path, engine="siff", chunks={},
+                             partial_volume="keep") as dds:
             assert dds.intensity.chunks is not None
             np.testing.assert_array_equal(dds.intensity.values, want)
         with SiffFile(truth.path) as f:
@@ -142,7 +143,7 @@ def test_outer_indexing_equals_numpy(siff_files, rng):
 
 def test_partial_volume_keep_and_drop(siff_files):
     t = siff_files["partial_volume"]
-    with xr.open_dataset(t.path, engine="siff") as ds:
+    with xr.open_dataset(t.path, engine="siff", partial_volume="keep") as ds:
         assert ds.sizes["time"] == 4
         last = ds.frame_present.isel(time=-1).values
         assert last.any() and not last.all()
@@ -150,16 +151,24 @@ def test_partial_volume_keep_and_drop(siff_files):
         assert (missing == 0).all()
         assert np.isnan(ds.frame_time.isel(time=-1).values[~last]).all()
         assert np.isnat(ds.epoch.isel(time=-1).values[~last]).all()
-    with xr.open_dataset(t.path, engine="siff", partial_volume="drop") as ds:
-        assert ds.sizes["time"] == 3
-        assert ds.frame_present.all()
+    # the default leaves the never-completed volume out (SiffPy's array_shape), so a
+    # mean over time never includes frames that were never acquired
+    for kw in ({}, {"partial_volume": "drop"}):
+        with xr.open_dataset(t.path, engine="siff", **kw) as ds:
+            assert ds.sizes["time"] == 3
+            assert ds.frame_present.all()
+            assert ds.sizes["time"] == t.n_timepoints
+            keep = xr.open_dataset(t.path, engine="siff", partial_volume="keep")
+            xr.testing.assert_identical(ds, keep.isel(time=slice(0, 3)))
+            keep.close()
     with pytest.raises(ValueError, match="partial_volume"):
         xr.open_dataset(t.path, engine="siff", partial_volume="maybe")
 
 
 def test_photon_count_histogram_and_mean_arrival(truth):
     fmap = _expected_map(truth)
-    with SiffFile(truth.path) as f, xr.open_dataset(truth.path, engine="siff", flim=True) as ds:
+    with SiffFile(truth.path) as f, xr.open_dataset(truth.path, engine="siff", flim=True,
+                                                    partial_volume="keep") as ds:
         flat = fmap.reshape(-1)
         ok = flat >= 0
         counts = np.zeros(flat.size, dtype=np.int64)

@@ -27,7 +27,7 @@ def test_demo_and_info(tmp_path, capsys):
     # the dask plane means printed after the Dataset agree with the kernel's
     kernel = [p["mean_photons_per_pixel"] for p in summarize(tmp_path / "d" / "demo.siff")[
         "planes"]]
-    dask_line = next(line for line in out.splitlines() if "(dask)" in line)
+    dask_line = next(line for line in out.splitlines() if "(dask, every acquired frame)" in line)
     dask_means = [float(v) for v in dask_line.split(": ", 1)[1].strip("[] ").replace(
         "[", "").replace("]", "").split(",")]
     assert dask_means == pytest.approx(kernel, abs=1e-4)

@@ -28,6 +28,9 @@ def test_virtual_equals_backend(tmp_path, kw):
     json.dumps(refs)  # serialisable
     with open_virtual(refs) as v, xr.open_dataset(t.path, engine="siff",
                                                   drop_variables="histogram") as ds:
+        xr.testing.assert_identical(v.load(), ds.load())  # both leave a partial volume out
+    with open_virtual(refs, partial_volume="keep") as v, xr.open_dataset(
+            t.path, engine="siff", drop_variables="histogram", partial_volume="keep") as ds:
         xr.testing.assert_identical(v.load(), ds.load())
     write_references(t.path, tmp_path / "refs.json")
     with open_virtual(tmp_path / "refs.json") as v:

@@ -344,7 +344,8 @@ def test_intensity_only_tiff(tmp_path, signed):
                    extra_frames=1, format="tiff", tiff_signed=signed, photons_per_frame=60)
     dst = tmp_path / "i.zarr"
     zs.convert(t.path, dst)
-    with zs.open_converted(dst) as z, xr.open_dataset(t.path, engine="siff") as ds:
+    with zs.open_converted(dst, partial_volume="keep") as z, \
+            xr.open_dataset(t.path, engine="siff", partial_volume="keep") as ds:
         assert z.intensity.dtype == (np.int16 if signed else np.uint16)
         if signed:
             assert (ds.intensity.values < 0).any()
@@ -747,3 +748,18 @@ def test_verify_finds_deleted_chunks(tmp_path):
     problems = zs.verify(t.path, dst)
     assert "intensity: 1 of 2 stored chunks are missing" in problems[0]
     assert "photons/arrival_time: 1 of 2 stored chunks are missing" in problems[1]
+
+
+def test_converted_store_leaves_the_partial_volume_out_like_the_source(siff_files, tmp_path):
+    t = siff_files["partial_volume"]
+    dst = tmp_path / "pv.zarr"
+    zs.convert(t.path, dst)
+    with zs.open_converted(dst) as z, xr.open_dataset(t.path, engine="siff") as ds:
+        assert z.sizes["time"] == ds.sizes["time"] == t.n_timepoints
+        assert bool(z.frame_present.all())
+        np.testing.assert_array_equal(z.intensity.values, ds.intensity.values)
+    with zs.open_converted(dst, partial_volume="keep") as z:
+        assert z.sizes["time"] == t.n_timepoints + 1  # the store keeps every frame
+        assert not bool(z.frame_present.isel(time=-1).all())
+    with pytest.raises(ValueError, match="partial_volume"):
+        zs.open_converted(dst, partial_volume="some")

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_getattr
 
-__all__ = ["SiffBackendArray", "open_acquisition", "open_siff"]
+__all__ = ["SiffBackendArray", "drop_partial_volume", "open_acquisition", "open_siff"]
 
-_LAZY = {"SiffBackendArray": ".array", "open_acquisition": ".open", "open_siff": ".open"}
+_LAZY = {"SiffBackendArray": ".array", "drop_partial_volume": ".open",
+         "open_acquisition": ".open", "open_siff": ".open"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .array import SiffBackendArray
-    from .open import open_acquisition, open_siff
+    from .open import drop_partial_volume, open_acquisition, open_siff
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from .._options import OpenOptions
@@ -18,7 +19,7 @@ from .._paths import expand
 from .array import file_manager
 from .build import build_dataset
 
-__all__ = ["open_acquisition", "open_siff"]
+__all__ = ["drop_partial_volume", "open_acquisition", "open_siff"]
 
 
 def drop_set(drop_variables: str | Iterable[str] | None) -> set[str]:
@@ -76,9 +77,11 @@ def open_siff(
         by ``decode_cf=False``): ``int64`` nanoseconds since 1970-01-01 (same values).
     flim : bool
         Also provide ``mean_arrival`` (per-pixel mean arrival time, ns), lazily.
-    partial_volume : {"keep", "drop"}
-        ``"keep"`` (default): an incomplete last volume is a timepoint whose missing
-        frames read as 0 (``frame_present`` says which exist); ``"drop"``: leave it out.
+    partial_volume : {"drop", "keep"}
+        ``"drop"`` (default): an incomplete last volume is left out, so that means,
+        traces and plots never include frames that were never acquired (as SiffPy's
+        ``ImParams.array_shape``). ``"keep"``: it is a timepoint whose missing frames
+        read as 0 (``frame_present`` says which exist); conversion keeps it.
     time_coordinate : {"experiment", "epoch"}
         ``"experiment"`` (default): ``time`` is the experiment time of each volume's
         first frame (s, from 0 in every file). ``"epoch"``: its laser-clock epoch
@@ -108,6 +111,22 @@ def open_siff(
     """
     opts = OpenOptions.from_kwargs("open_siff", **options)
     return open_files([filename_or_obj], opts, drop_variables)
+
+
+def drop_partial_volume(ds: xr.Dataset, partial_volume: str = "drop") -> xr.Dataset:
+    """Leave an incomplete last volume out of a Dataset that holds one.
+
+    For Datasets read another way than ``open_siff`` (a converted store, virtual
+    references): with ``partial_volume="drop"`` (the default, as for
+    ``open_siff``) a last timepoint whose ``frame_present`` is not all true is
+    removed; ``"keep"`` returns ``ds`` unchanged.
+    """
+    if partial_volume not in ("drop", "keep"):
+        raise ValueError(f"partial_volume must be 'keep' or 'drop', got {partial_volume!r}")
+    if (partial_volume == "drop" and "frame_present" in ds and ds.sizes.get("time", 0)
+            and not bool(np.asarray(ds.frame_present.isel(time=-1).values).all())):
+        return ds.isel(time=slice(0, -1))
+    return ds
 
 
 def open_acquisition(

@@ -281,8 +281,10 @@ def _prepare(sources: list[str], target: Target, build: Target,
 
     from ..backend import open_acquisition, open_siff
 
-    ds = (open_siff(sources[0], storage_options=source_options) if len(sources) == 1
-          else open_acquisition(sources, storage_options=source_options))
+    # lossless: the frames of a partial last volume are converted too
+    ds = (open_siff(sources[0], storage_options=source_options, partial_volume="keep")
+          if len(sources) == 1 else
+          open_acquisition(sources, storage_options=source_options, partial_volume="keep"))
     try:
         with Acquisition.open(sources, source_options) as f:
             for part in f.files:  # later opens anywhere skip the walk (read-only: skipped)

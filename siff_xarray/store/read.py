@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._paths import normalize
+from ..backend import drop_partial_volume
 from ..errors import IncompleteStoreError, SiffFormatError
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
@@ -44,8 +45,14 @@ def frame_positions(fmap: np.ndarray, n_frames: int) -> np.ndarray:
 
 
 def open_converted(store: str | os.PathLike[str], *,
-                   storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+                   storage_options: dict[str, Any] | None = None,
+                   partial_volume: str = "drop", **kwargs: Any) -> Any:
     """Open a converted store as an xarray Dataset (``xr.open_zarr`` with checks).
+
+    The store keeps every frame, a partial last volume included; as for
+    ``xr.open_dataset(..., engine="siff")``, ``partial_volume="drop"`` (default)
+    leaves an incomplete last volume out of the Dataset and ``"keep"`` keeps it
+    (its missing frames read as 0; ``frame_present`` says which exist).
 
     Raises
     ------
@@ -75,6 +82,7 @@ def open_converted(store: str | os.PathLike[str], *,
     kwargs.setdefault("consolidated", None)
     with quiet_text_dtype():
         ds = xr.open_zarr(target.zarr(), **kwargs)
+    ds = drop_partial_volume(ds, partial_volume)
     # where the photons are, for ds.siff's photon reductions (the store may have moved)
     ds.encoding["source"] = target.destination
     if "source_file" in ds and "source_frame" in ds:
@@ -181,7 +189,8 @@ class StorePhotons(PhotonReductions):
 
         self._target = Target(os.fspath(store), storage_options)
         self.name = self._target.destination
-        self._ds = open_converted(store, storage_options=storage_options, chunks=None)
+        self._ds = open_converted(store, storage_options=storage_options, chunks=None,
+                                  partial_volume="keep")
         try:
             grp = zarr.open_group(self._target.zarr(), path="photons", mode="r")
         except (FileNotFoundError, KeyError, ValueError) as exc:

@@ -33,7 +33,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             else [os.fspath(x) for x in source])
     problems: list[str] = []
     target = Target(os.fspath(store), target_options)
-    ds = open_converted(store, storage_options=target_options)
+    ds = open_converted(store, storage_options=target_options, partial_volume="keep")
     try:
         zstore = target.zarr()
         grp = zarr.open_group(zstore, path="photons", mode="r")
@@ -158,8 +158,9 @@ def _dataset_differences(store_ds: Any, srcs: list[str],
     """
     from ..backend import open_acquisition, open_siff
 
-    src = (open_siff(srcs[0], storage_options=storage_options) if len(srcs) == 1
-           else open_acquisition(srcs, storage_options=storage_options))
+    src = (open_siff(srcs[0], storage_options=storage_options, partial_volume="keep")
+           if len(srcs) == 1 else
+           open_acquisition(srcs, storage_options=storage_options, partial_volume="keep"))
     out = []
     with src:
         for k in sorted(set(src.attrs) | set(store_ds.attrs)):
