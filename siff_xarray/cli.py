@@ -255,7 +255,7 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
     for s in sources:
         files.extend(os.fspath(p) for p in expand(s))
     if not files:
-        raise click.ClickException("no source files match")
+        raise FileNotFoundError(f"no source files match {' '.join(sources)}")
     groups = group_acquisitions(files)
     single = len(groups) == 1 and destination.rstrip("/").endswith(".zarr")
     dst = destination.rstrip("/")
@@ -284,7 +284,14 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
 @click.argument("store")
 def verify(source: str, store: str) -> None:
     """Compare STORE (a converted Zarr store) with SOURCE, frame by frame."""
+    from .store import is_converted_store
     from .store import verify as run_verify
+
+    if not is_converted_store(store):
+        hint = (f"; {source} is one: the arguments are SOURCE then STORE"
+                if is_converted_store(source) else "")
+        raise ValueError(f"verify SOURCE STORE: {store} is not a converted siff-xarray "
+                         f"store{hint}")
 
     problems = run_verify(source, store)
     if problems:
@@ -368,7 +375,7 @@ def register(source: str, channel: int | None, method: str, max_shift: int | Non
 
     out = output or f"{source.rstrip('/')}.shifts.zarr"
     if os.path.exists(out) and not overwrite:
-        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     opened = (open_converted(source) if is_converted_store(source)
               else xr.open_dataset(source, engine="siff"))
     with opened as ds:

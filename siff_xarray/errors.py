@@ -12,8 +12,39 @@ from __future__ import annotations
 
 __all__ = [
     "ConversionError", "IncompleteStoreError", "RemoteAccessError", "SiffFormatError",
-    "SiffWarning",
+    "SiffWarning", "user_stacklevel",
 ]
+
+#: Packages whose frames a warning skips to reach the user's call.
+_LIBRARIES = ("siff_xarray", "xarray", "dask", "fsspec", "zarr", "numpy", "contextlib",
+              "functools", "importlib")
+
+
+def user_stacklevel() -> int:
+    """Return the ``stacklevel`` that points a warning at the user's own call.
+
+    Counts the frames above the caller of this function that belong to
+    siff-xarray or the libraries it is called through (xarray, dask, fsspec, ...),
+    so that a warning raised deep inside ``xr.open_dataset`` names the user's line,
+    not a library line. Warnings issued where no user frame exists (a worker
+    thread) point at the outermost frame.
+    """
+    import os
+    import sys
+
+    prefixes = []
+    for name in _LIBRARIES:
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None) if mod is not None else None
+        if path:
+            prefixes.append(os.path.dirname(path) if path.endswith("__init__.py") else path)
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(tuple(prefixes)):
+        frame = frame.f_back
+        level += 1
+    return level
+
 
 
 class SiffFormatError(ValueError):

@@ -197,6 +197,19 @@ def test_cut_off_last_frame_recovers(tmp_path, small, cut):
         np.testing.assert_array_equal(f.read_frames(), t.intensity(range(t.n_frames - 1)))
 
 
+def test_truncation_warning_names_the_users_line(tmp_path, small):
+    import xarray as xr
+
+    _, data = small
+    path = _write(tmp_path, data[:-3])
+    for opener in (SiffFile, lambda p: xr.open_dataset(p, engine="siff")):
+        with pytest.warns(SiffWarning, match="recovered") as rec:
+            obj = opener(path)
+        obj.close()
+        # the warning points at this test's line, not at a line inside the library
+        assert rec[0].filename == __file__, rec[0].filename
+
+
 def test_cut_inside_data_of_last_frame(tmp_path, small):
     t, data = small
     with pytest.warns(SiffWarning, match="recovered"):

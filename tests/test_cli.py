@@ -117,7 +117,9 @@ def test_register_command(tmp_path, capsys):
         np.testing.assert_array_equal(got.reference.values, want.reference.values)
     with pytest.raises(SystemExit) as e:
         main(["register", t.path])
-    assert e.value.code == 1 and "exists" in capsys.readouterr().err
+    err = capsys.readouterr().err  # one convention for every command: one line, exit 2
+    assert e.value.code == 2 and err.startswith("error: ") and "exists" in err
+    assert "details:" in err and len(err.strip().splitlines()) == 1
     # a converted store, to NetCDF
     zs.convert(t.path, tmp_path / "r.zarr")
     main(["register", str(tmp_path / "r.zarr"), "--max-shift", "4", "--output",
@@ -135,6 +137,14 @@ def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
     assert f"-> {dst}" in out and f"{t.n_frames} frames" in out and "photons" in out
     main(["verify", t.path, str(dst)])
     assert capsys.readouterr().out.startswith("OK:")
+    with pytest.raises(SystemExit) as e:  # arguments swapped: say what was expected
+        main(["verify", str(dst), t.path])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not a converted siff-xarray store" in err
+    assert "SOURCE then STORE" in err and "Not a directory" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "nothing_*.siff"), str(tmp_path / "x.zarr")])
+    assert e.value.code == 2 and "no files match" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # a finished store is not overwritten
         main(["convert", t.path, str(dst)])
     assert e.value.code == 2

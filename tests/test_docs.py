@@ -72,3 +72,15 @@ def test_slurm_recipe_writes_a_job_script(capsys):
                  "#SBATCH --output=dask-worker-%j.log", "--nworkers 2", "--nthreads 4",
                  "--local-directory $TMPDIR", "tcp://127.0.0.1:"):
         assert want in script, (want, script)
+
+
+def test_plotting_is_installable_before_the_docs_plot():
+    """getting-started plots with matplotlib: a ``plot`` extra exists and is named first."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(dep.startswith("matplotlib") for dep in extras["plot"])
+    text = (root / "docs" / "getting-started.md").read_text()
+    assert text.index('pip install -e ".[plot]"') < text.index("import matplotlib")

@@ -26,7 +26,7 @@ from xarray.core import indexing
 
 from .._options import OpenOptions, histogram_length
 from .._version import __version__
-from ..errors import SiffWarning
+from ..errors import SiffWarning, user_stacklevel
 from ..format.constants import ENC_TIFF
 from ..format.imparams import ImParams
 from ..reader.acquisition import Acquisition
@@ -122,7 +122,7 @@ def _warn_if_continuation(f: SiffFile, ip: ImParams) -> None:
             f"{f.name}: its first frame is frame {first} of the acquisition, in the middle of "
             "a volume, so this part of a split acquisition cannot be arranged into volumes on "
             "its own; open all parts with siff_xarray.open_acquisition([...])",
-            SiffWarning, stacklevel=4)
+            SiffWarning, stacklevel=user_stacklevel())
 
 
 def _location(f: SiffFile) -> str:

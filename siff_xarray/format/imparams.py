@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SiffFormatError
+from ..errors import SiffFormatError, user_stacklevel
 from .constants import MULTIHARP_BASE_RESOLUTION_PS
 from .metadata import ScanImageMetadata
 
@@ -536,7 +536,7 @@ class ImParams(_ItemsAsAttributes):
             end = n
         elif end > n:
             warnings.warn(f"timepoint_end {end} is past the last timepoint ({n}); clamped",
-                          stacklevel=3)
+                          stacklevel=user_stacklevel())
             end = n
         return np.arange(max(start, 0), max(int(end), 0))
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SiffWarning
+from ..errors import SiffWarning, user_stacklevel
 
 __all__ = [
     "MatlabParseError",
@@ -414,7 +414,7 @@ def parse_roi_groups(text: str, source: str = "<file>") -> dict[str, RoiGroup]:
         doc = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         warnings.warn(f"{source}: ROI-group JSON is malformed ({exc}); ignoring it",
-                      SiffWarning, stacklevel=3)
+                      SiffWarning, stacklevel=user_stacklevel())
         return {}
     groups = doc.get("RoiGroups", doc) if isinstance(doc, dict) else {}
     out: dict[str, RoiGroup] = {}
@@ -436,5 +436,6 @@ def parse_roi_groups(text: str, source: str = "<file>") -> dict[str, RoiGroup]:
     if problems:
         warnings.warn(f"{source}: ROI-group JSON fields of the wrong type are ignored: "
                       f"{', '.join(sorted(set(problems)))} (the photons are unaffected; the "
-                      "header's field of view is used instead)", SiffWarning, stacklevel=3)
+                      "header's field of view is used instead)", SiffWarning,
+                      stacklevel=user_stacklevel())
     return out

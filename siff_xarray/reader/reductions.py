@@ -26,7 +26,7 @@ from typing import Any, Literal, Self
 import numpy as np
 
 from .._options import HistogramMode, histogram_length
-from ..errors import SiffFormatError, SiffWarning
+from ..errors import SiffFormatError, SiffWarning, user_stacklevel
 from . import kernels as K
 
 __all__ = ["FrameSelection", "PhotonReductions", "Shifts", "shifts_for_frames"]
@@ -139,7 +139,7 @@ class PhotonReductions:
         if sat.size:
             warnings.warn(f"{self.name}: {sat.size} frame(s) have pixels with more than 65535 "
                           f"photons (first: frame {int(f[sat[0]])}); uint16 values saturate",
-                          SiffWarning, stacklevel=3)
+                          SiffWarning, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ intensity
 

@@ -29,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._options import FileOptions
-from ..errors import SiffFormatError, SiffWarning
+from ..errors import SiffFormatError, SiffWarning, user_stacklevel
 from ..format.constants import ENC_TIFF, ENCODING_NAMES, MULTIHARP_BASE_RESOLUTION_PS
 from ..format.header import FileHeader, read_header
 from ..format.imparams import ImParams
@@ -138,7 +138,7 @@ class SiffFile(PhotonReductions):
         else:
             msg = (f"the file ends inside a frame (acquisition cut off mid-write?); "
                    f"recovered {n} complete frame{plural}")
-        warnings.warn(f"{self.name}: {msg}", SiffWarning, stacklevel=3)
+        warnings.warn(f"{self.name}: {msg}", SiffWarning, stacklevel=user_stacklevel())
 
     @classmethod
     def from_options(cls, path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,

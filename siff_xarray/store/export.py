@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConversionError, SiffWarning
+from ..errors import ConversionError, SiffWarning, user_stacklevel
 from ..format.constants import ENC_COMPRESSED, ENC_TIFF
 from ..format.writer import SiffWriter
 from .layout import Target, frames_per_batch
@@ -137,7 +137,7 @@ def to_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *,
                         warnings.simplefilter("always", SiffWarning)
                         imgs = f.read_frames(frames)
                     for w in caught:
-                        warnings.warn(str(w.message), SiffWarning, stacklevel=2)
+                        warnings.warn(str(w.message), SiffWarning, stacklevel=user_stacklevel())
                     signed = imgs.dtype == np.int16
                     for j, fr in enumerate(frames.tolist()):  # one IFD per frame
                         d = desc[dstart[fr] : dstart[fr] + dlen[fr]].tobytes()
