@@ -45,7 +45,8 @@ def make_figures(outdir: str | Path) -> list[Path]:
             means = ch1.mean("time").compute()
             fig, axes = plt.subplots(1, ds.sizes["z"], figsize=(8, 4.2))
             for k, ax in enumerate(axes):
-                means.isel(z=k).plot.imshow(ax=ax, cmap="magma", add_colorbar=False)
+                means.isel(z=k).plot.imshow(ax=ax, cmap="magma", add_colorbar=False,
+                                           yincrease=False)
                 ax.set_title(f"z = {float(ds.z[k]):g} um")
                 ax.set_aspect("equal")
             fig.suptitle("mean photons per pixel, channel 1")
@@ -55,10 +56,10 @@ def make_figures(outdir: str | Path) -> list[Path]:
             reg = ds.siff.register(channel=1, max_shift=6).compute()
             moved = ds.siff.apply_shifts(reg).intensity.sel(channel=1)
             fig, axes = plt.subplots(1, 3, figsize=(10, 4))
-            ch1.isel(z=1).mean("time").plot.imshow(ax=axes[0], cmap="gray",
+            ch1.isel(z=1).mean("time").plot.imshow(ax=axes[0], cmap="gray", yincrease=False,
                                                    add_colorbar=False)
             axes[0].set_title("raw mean, z plane 1")
-            moved.isel(z=1).mean("time").plot.imshow(ax=axes[1], cmap="gray",
+            moved.isel(z=1).mean("time").plot.imshow(ax=axes[1], cmap="gray", yincrease=False,
                                                       add_colorbar=False)
             axes[1].set_title("registered mean")
             for a in axes[:2]:
@@ -96,7 +97,8 @@ def make_figures(outdir: str | Path) -> list[Path]:
             img = per_px.mean("time", skipna=True).compute()
             fig, ax = plt.subplots(figsize=(4.5, 6))
             shown = img.where(photons >= 20)
-            shown.plot.imshow(ax=ax, cmap="viridis", cbar_kwargs={"label": "ns"})
+            shown.plot.imshow(ax=ax, cmap="viridis", cbar_kwargs={"label": "ns"},
+                              yincrease=False)
             ax.set_aspect("equal")
             ax.set_title("mean arrival time, plane 1\n(pixels with >= 20 photons)")
             _save(fig, outdir / "lifetime.png")

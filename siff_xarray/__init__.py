@@ -34,8 +34,8 @@ from .errors import ConversionError, IncompleteStoreError, SiffFormatError, Siff
 
 __all__ = [
     "ConversionError", "ImParams", "IncompleteStoreError", "SiffFile", "SiffFormatError",
-    "SiffWarning", "__version__", "convert", "open_acquisition", "open_converted", "open_siff",
-    "read_photons", "synthetic", "verify",
+    "SiffWarning", "__version__", "convert", "convert_file", "open_acquisition", "open_converted",
+    "open_siff", "read_photons", "synthetic", "to_siff", "to_tiff", "verify",
 ]
 
 _LAZY = {
@@ -45,9 +45,12 @@ _LAZY = {
     "open_siff": ".backend.open",
     "open_acquisition": ".backend.open",
     "convert": ".store.converter",
+    "convert_file": ".store.converter",
     "open_converted": ".store.read",
     "read_photons": ".store.read",
     "verify": ".store.verifier",
+    "to_siff": ".store.export",
+    "to_tiff": ".store.export",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backend.open import open_acquisition, open_siff
     from .format.imparams import ImParams
     from .reader.siff_file import SiffFile
-    from .store.converter import convert
+    from .store.converter import convert, convert_file
+    from .store.export import to_siff, to_tiff
     from .store.read import open_converted, read_photons
     from .store.verifier import verify
 

@@ -69,6 +69,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
             "z_um": ip.z_positions.tolist(),
             "frames_per_slice": ip.frames_per_slice,
             "flyback_frames_per_volume": ip.num_discard_flyback_frames,
+            "flyback_scans_per_volume": ip.flyback_scans_per_volume,
             "timepoints": ip.num_timepoints,
             "partial_volume_frames": ip.num_partial_frames,
             "array_shape": list(ip.array_shape),
@@ -117,7 +118,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         s["channels"], s["channel_names"], strict=True)))
     t.add_row("z planes (um)", ", ".join(f"{z:g}" for z in s["z_um"]))
     t.add_row("frames per slice", str(s["frames_per_slice"]))
-    t.add_row("flyback frames per volume", str(s["flyback_frames_per_volume"]))
+    t.add_row("flyback per volume", f"{s['flyback_scans_per_volume']} scan(s) = "
+              f"{s['flyback_frames_per_volume']} frames (one per channel)")
     t.add_row("timepoints", str(s["timepoints"]))
     fp, vp = s["frame_period_s"], s["volume_period_s"]
     if fp and vp:
@@ -386,7 +388,13 @@ def register(source: str, channel: int | None, method: str, max_shift: int | Non
     if out.endswith(".nc"):
         reg.to_netcdf(out, mode="w")
     else:
-        reg.to_zarr(out, mode="w", consolidated=False)
+        import warnings
+
+        # consolidated, so that xr.open_zarr(out) opens it without a warning (zarr-python
+        # warns, when writing, that v3 has no consolidated metadata in its spec yet)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently")
+            reg.to_zarr(out, mode="w", consolidated=True)
     n = reg.sizes["time"] * reg.sizes["z"]
     click.echo(f"{source}: {n} frames registered ({method}); shifts y {int(reg.shift_y.min())}"
                f"..{int(reg.shift_y.max())}, x {int(reg.shift_x.min())}.."

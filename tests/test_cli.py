@@ -20,6 +20,15 @@ def test_demo_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dimensions (time, z, [repeat], channel, y, x)" in out
     assert "(40, 3, 2, 128, 64) + 2 frames of a partial volume" in out
+    # one definition of flyback everywhere: scans (the header's count) and frames
+    assert "1 scan(s) = 2 frames (one per channel)" in out
+    from siff_xarray import SiffFile
+
+    with SiffFile(tmp_path / "d" / "demo.siff") as f:
+        assert "2 (1 flyback scan(s) x 2 channel(s))" in str(f.im_params)
+        assert f.im_params.flyback_scans_per_volume == 1
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "getting-started.md").read_text()
+    assert "1 flyback scan per volume (2 flyback frames" in " ".join(guide.split())
     assert "629 arrival-time bins of 20 ps" in out
     assert "mean photons per pixel per plane" in out and "stimulus off" in out
     assert "frame rate" in out and "62.50 Hz" in out and "volume rate" in out
@@ -112,7 +121,12 @@ def test_register_command(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     with xr.open_dataset(t.path, engine="siff") as ds:
         want = ds.siff.register(max_shift=4)
-    with xr.open_zarr(out, consolidated=False) as got:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented way to reopen it, without warnings
+        got = xr.open_zarr(out)
+    with got:
         np.testing.assert_array_equal(got.shift_y.values, want.shift_y.values)
         np.testing.assert_array_equal(got.reference.values, want.reference.values)
     with pytest.raises(SystemExit) as e:

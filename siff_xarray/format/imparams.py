@@ -296,6 +296,16 @@ class ImParams(_ItemsAsAttributes):
         return self._layout_count("SI.hFastZ.numDiscardFlybackFrames", 0) * self.num_colors
 
     @property
+    def flyback_scans_per_volume(self) -> int:
+        """Flyback scans per volume: the header's ``numDiscardFlybackFrames``.
+
+        Each scan stores one frame per channel, so the file holds
+        ``num_discard_flyback_frames = flyback_scans_per_volume * num_colors``
+        flyback frames per volume.
+        """
+        return self.num_discard_flyback_frames // max(self.num_colors, 1)
+
+    @property
     def frames_per_volume(self) -> int:
         """Non-flyback frames per volume, ``Z * R * C`` (SiffPy's meaning)."""
         return self.num_slices * self.frames_per_slice * self.num_colors
@@ -699,7 +709,9 @@ class ImParams(_ItemsAsAttributes):
         lines.append(f"    num_frames : {self.num_frames}")
         lines.append(f"    array_shape : {self.array_shape}")
         lines.append(f"    channels : {self.colors}")
-        lines.append(f"    flyback frames per volume : {self.num_discard_flyback_frames}")
+        lines.append(f"    flyback frames per volume : {self.num_discard_flyback_frames} "
+                     f"({self.flyback_scans_per_volume} flyback scan(s) x {self.num_colors} "
+                     "channel(s))")
         lines.append(f"    roi_groups : {sorted(self.roi_groups)}")
         return "\n".join(lines)
 
