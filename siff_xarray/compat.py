@@ -21,18 +21,51 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._options import histogram_length
 
-__all__ = ["FlimTrace", "RegistrationInfo", "SiffReader", "siff_to_tiff"]
+__all__ = [
+    "FlimTrace", "RegistrationInfo", "SiffReader", "registration_info_path",
+    "save_registration_info", "siff_to_tiff",
+]
+
+
+#: SiffPy's suffix of saved registrations: ``<dir>/<stem>/<stem>_registration_info.h5``.
+REGISTRATION_SUFFIX = "_registration_info.h5"
+
+
+def registration_info_path(data_file: str | os.PathLike[str],
+                           directory: str | os.PathLike[str] | None = None) -> Path:
+    """Where SiffPy keeps the registration of ``data_file``.
+
+    ``<parent>/<stem>/<stem>_registration_info.h5`` (a folder named after the data
+    file beside it), or ``<directory>/<stem>_registration_info.h5``.
+    """
+    data = Path(os.fspath(data_file))
+    folder = Path(os.fspath(directory)) if directory is not None else data.with_suffix("")
+    return folder / f"{data.stem}{REGISTRATION_SUFFIX}"
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError("SiffPy registration files (.h5) need h5py: "
+                          "pip install 'siff-xarray[compat]'") from exc
+    return h5py
 
 
 @dataclass
 class RegistrationInfo:
-    """What a registration produced (SiffPy's ``RegistrationInfo`` fields)."""
+    """What a registration produced (SiffPy's ``RegistrationInfo`` fields).
+
+    :meth:`save` and :meth:`load` read and write SiffPy's ``.h5`` layout, so that
+    registrations move both ways between SiffPy and siff-xarray.
+    """
 
     filename: str
     registration_type: str
@@ -43,6 +76,67 @@ class RegistrationInfo:
     def __str__(self) -> str:
         return f"RegistrationType.{self.registration_type.capitalize()} RegistrationInfo " \
                f"for {self.filename}"
+
+    def save(self, save_path: str | os.PathLike[str] | None = None) -> Path:
+        """Write SiffPy's ``.h5`` file; return its path.
+
+        ``save_path`` is a *directory* (as in SiffPy); default: the folder named
+        after the data file, beside it. Layout: root attributes ``filename`` (the
+        data file's stem), ``registration_type``, ``registration_color``; group
+        ``yx_shifts`` with ``frame_index`` (int64 ``(N,)``) and ``shift_values``
+        (int64 ``(N, 2)``); dataset ``reference_frames`` (float32).
+        """
+        h5py = _h5py()
+        path = registration_info_path(self.filename, save_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frames = np.array(sorted(self.yx_shifts), dtype=np.int64)
+        values = np.array([self.yx_shifts[int(k)] for k in frames], dtype=np.int64
+                          ).reshape(-1, 2)
+        with h5py.File(path, "w") as h5:
+            h5.attrs["filename"] = Path(self.filename).stem
+            h5.attrs["registration_type"] = self.registration_type
+            h5.attrs["registration_color"] = int(self.registration_color)
+            grp = h5.create_group("yx_shifts")
+            grp.create_dataset("frame_index", data=frames)
+            grp.create_dataset("shift_values", data=values)
+            if self.reference_frames is not None:
+                h5.create_dataset("reference_frames",
+                                  data=np.asarray(self.reference_frames, dtype=np.float32))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str],
+             data_file: str | os.PathLike[str] | None = None) -> RegistrationInfo:
+        """Read a SiffPy ``..._registration_info.h5`` file.
+
+        ``data_file`` (the ``.siff`` it belongs to) becomes :attr:`filename`;
+        SiffPy put the stored stem there, so that a later save landed in the
+        working directory.
+        """
+        h5py = _h5py()
+        path = Path(os.fspath(path))
+        if path.suffix != ".h5":
+            raise ValueError(f"{path}: a SiffPy registration file ends in .h5")
+        with h5py.File(path, "r") as h5:
+            try:
+                frames = np.asarray(h5["yx_shifts/frame_index"][...], dtype=np.int64)
+                values = np.asarray(h5["yx_shifts/shift_values"][...], dtype=np.int64)
+            except KeyError as exc:
+                raise ValueError(f"{path}: not a SiffPy registration file (no yx_shifts/"
+                                 "frame_index and shift_values)") from exc
+            if values.shape != (len(frames), 2):
+                raise ValueError(f"{path}: yx_shifts/shift_values has shape {values.shape}, "
+                                 f"expected {(len(frames), 2)}")
+            ref = (np.asarray(h5["reference_frames"][...]) if "reference_frames" in h5
+                   else None)
+            kind = h5.attrs.get("registration_type", "siffpy")
+            color = h5.attrs.get("registration_color", 0)
+            stem = h5.attrs.get("filename", path.stem.removesuffix("_registration_info"))
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        shifts = {int(f): (int(v[0]), int(v[1])) for f, v in zip(frames, values, strict=True)}
+        return cls(filename=os.fspath(data_file) if data_file is not None else str(stem),
+                   registration_type=kind.split(".")[-1].lower(),
+                   registration_color=int(color), yx_shifts=shifts, reference_frames=ref)
 
 
 @dataclass
@@ -121,6 +215,44 @@ def _offset_bins(params: Any, ps_per_bin: float | None) -> float:
     return float(off) * per / float(ps_per_bin)
 
 
+def _registration_info(reg: Any, ds: Any, filename: str, frame_shape: tuple[int, int],
+                       kind: str, color: int) -> RegistrationInfo:
+    """``ds.siff.register`` output as SiffPy's ``{frame: (dy, dx)}`` for every frame."""
+    fmap = ds.frame_index  # (time, z, [repeat], channel)
+    sy, sx = (v.broadcast_like(fmap).transpose(*fmap.dims).values
+              for v in (reg.shift_y, reg.shift_x))
+    frames = fmap.values
+    h, w = frame_shape
+    ok = frames >= 0
+    shifts = {int(fr): (int(a) % h, int(b) % w)
+              for fr, a, b in zip(frames[ok], sy[ok], sx[ok], strict=True)}
+    # SiffPy's RegistrationType values: the native methods are its 'siffpy' kind
+    kind = "suite2p" if kind == "suite2p" else "siffpy"
+    return RegistrationInfo(filename=filename, registration_type=kind,
+                            registration_color=color, yx_shifts=shifts,
+                            reference_frames=np.squeeze(reg.reference.values.astype(np.float32)))
+
+
+def save_registration_info(reg: Any, ds: Any, save_path: str | os.PathLike[str] | None = None,
+                           *, registration_color: int = 0) -> Path:
+    """Save a ``ds.siff.register`` result where SiffPy (and :class:`SiffReader`) find it.
+
+    ``ds`` is the Dataset of one ``.siff`` file that ``reg`` registered (opened
+    with ``partial_volume="keep"`` to give every acquired frame its shift);
+    ``save_path`` a directory (default ``<parent>/<stem>/`` of the file). Returns
+    the ``.h5`` path. SiffPy and ``SiffReader`` apply it when they open the file.
+    """
+    sources = np.unique(np.asarray(ds.source_file.values)) if "source_file" in ds else []
+    sources = [str(x) for x in sources if str(x)]
+    if len(sources) != 1 or not sources[0].endswith((".siff", ".tif", ".tiff")):
+        raise ValueError("save_registration_info needs the Dataset of one .siff file "
+                         f"(this one holds frames of {sources or 'no file'})")
+    shape = (ds.sizes["y"], ds.sizes["x"])
+    kind = str(reg.shift_y.attrs.get("method", "siffpy"))
+    info = _registration_info(reg, ds, sources[0], shape, kind, registration_color)
+    return info.save(save_path)
+
+
 class SiffReader:
     """SiffPy-compatible reader (see the module docstring)."""
 
@@ -134,12 +266,22 @@ class SiffReader:
     # ------------------------------------------------------------------ file
 
     def open(self, filename: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Open a ``.siff`` (or ScanImage ``.tif``) file; keyword args go to ``SiffFile``."""
+        """Open a ``.siff`` (or ScanImage ``.tif``) file; keyword args go to ``SiffFile``.
+
+        A registration SiffPy (or :meth:`register`) saved beside the file
+        (``<parent>/<stem>/<stem>_registration_info.h5``) is loaded and applied, as
+        SiffPy does.
+        """
         from .reader.siff_file import SiffFile
 
         self.close()
         self._file = SiffFile(filename, **kwargs)
         self.filename = os.fspath(filename)
+        # SiffPy applies a saved registration on open: <parent>/<stem>/<stem>_registration_info.h5
+        if "://" not in self.filename:
+            saved = registration_info_path(self.filename)
+            if saved.is_file():
+                self._registration_info = RegistrationInfo.load(saved, self.filename)
 
     def close(self) -> None:
         """Close the file."""
@@ -148,6 +290,12 @@ class SiffReader:
         self._file = None
         self.filename = ""
         self._registration_info = None
+
+    def __enter__(self) -> SiffReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def opened(self) -> bool:
@@ -204,7 +352,9 @@ class SiffReader:
         info = self._registration_info
         return None if info is None else info.reference_frames
 
-    def register(self, registration_method: str = "siffpy", alignment_color_channel: int = 0,
+    def register(self, registration_method: str = "siffpy",
+                 save_path: str | os.PathLike[str] | None = None,
+                 alignment_color_channel: int = 0, *, save: bool = True,
                  **kwargs: Any) -> dict[int, tuple[int, int]]:
         """Register every imaging frame; return (and keep) ``{frame: (dy, dx)}``.
 
@@ -213,9 +363,12 @@ class SiffReader:
         methods directly) and ``"suite2p"`` suite2p 1.x's rigid registration
         (:meth:`siff_xarray.accessor.SiffAccessor.register`); the shifts of the
         alignment channel apply to every channel of the same scan. Shifts are
-        stored non-negative (``0 <= dy < H``), as SiffPy stores them. Keyword
-        arguments go to ``ds.siff.register`` (e.g. ``max_shift``, ``motion``,
-        ``regularize_sigma``, ``suite2p_settings``).
+        stored non-negative (``0 <= dy < H``), as SiffPy stores them. As SiffPy,
+        the result is saved (SiffPy's ``.h5`` layout, in the directory
+        ``save_path``, default ``<parent>/<stem>/``) and applied to later
+        ``get_frames`` calls and later opens; ``save=False`` keeps it in memory
+        only. Keyword arguments go to ``ds.siff.register`` (e.g. ``max_shift``,
+        ``motion``, ``regularize_sigma``, ``suite2p_settings``).
         """
         from .backend import open_siff
 
@@ -225,25 +378,30 @@ class SiffReader:
             raise ValueError(f"registration_method {registration_method!r} is not available "
                              f"in siff-xarray's SiffReader; use one of {sorted(methods)}")
         f = self._f()
-        ip = f.im_params
-        channel = ip.colors[alignment_color_channel]
+        channel = f.im_params.colors[alignment_color_channel]
         with open_siff(f.path, storage_options=f.options.storage,
                        partial_volume="keep") as ds:  # every acquired frame gets a shift
             reg = ds.siff.register(channel=channel, method=methods[registration_method],
                                    **kwargs)
-            fmap = ds.frame_index  # (time, z, [repeat], channel)
-            sy, sx = (v.broadcast_like(fmap).transpose(*fmap.dims).values
-                      for v in (reg.shift_y, reg.shift_x))
-            frames = fmap.values
-        h, w = f.frame_shape
-        ok = frames >= 0
-        shifts = {int(fr): (int(a) % h, int(b) % w)
-                  for fr, a, b in zip(frames[ok], sy[ok], sx[ok], strict=True)}
-        self._registration_info = RegistrationInfo(
-            filename=self.filename, registration_type=registration_method,
-            registration_color=alignment_color_channel, yx_shifts=shifts,
-            reference_frames=np.squeeze(reg.reference.values.astype(np.float32)))
-        return shifts
+            info = _registration_info(reg, ds, self.filename, f.frame_shape,
+                                      registration_method, alignment_color_channel)
+        self._registration_info = info
+        if save:
+            info.save(save_path)
+        return info.yx_shifts
+
+    def load_registration_info(self, path: str | os.PathLike[str] | None = None
+                               ) -> RegistrationInfo:
+        """Load a saved registration (SiffPy's ``.h5``) and apply it from now on.
+
+        ``path``: the ``.h5`` file (default: where :meth:`register` and SiffPy
+        save it). SiffPy's own method of this name is broken (it calls a function
+        that does not exist).
+        """
+        self._f()
+        path = registration_info_path(self.filename) if path is None else Path(os.fspath(path))
+        self._registration_info = RegistrationInfo.load(path, self.filename)
+        return self._registration_info
 
     def _shifts(self, registration_dict: Any) -> Mapping[int, tuple[int, int]] | None:
         if registration_dict is None:

@@ -78,6 +78,18 @@ def test_seed_walkthrough(seed_file, capsys):
     assert len(reg_info.reference_frames) == 6  # one reference per plane
     assert all(0 <= dy < 256 and 0 <= dx < 128 for dy, dx in registration_dict.values())
     assert set(registration_dict) == set(sr.im_params.all_frames)  # every imaging frame
+    # as in SiffPy, the registration is saved beside the file and applied on the next open
+    import shutil
+    from pathlib import Path
+
+    saved = Path(file_path).with_suffix("") / "FB_1_registration_info.h5"
+    assert saved.is_file()
+    with SiffReader(file_path) as reopened:
+        assert reopened.registration_dict == registration_dict
+        np.testing.assert_array_equal(
+            reopened.get_frames(frames=first_few_frame_indices),
+            sr.get_frames(frames=first_few_frame_indices))
+    shutil.rmtree(saved.parent)  # the module's other tests read the file unregistered
     registered_frames = sr.get_frames(frames=first_few_frame_indices,
                                       registration_dict=reg_info.yx_shifts)
     assert registered_frames.shape == (8, 256, 128)
@@ -148,7 +160,8 @@ def test_flim_methods_match_corrosiff_and_shapes(seed_file, rng):
     from siff_xarray.compat import FlimTrace
 
     sr = SiffReader(seed_file.path)
-    reg = sr.register("siffpy", alignment_color_channel=0, max_shift=4, n_reference_frames=12)
+    reg = sr.register("siffpy", alignment_color_channel=0, save=False, max_shift=4,
+                      n_reference_frames=12)
     h, w = sr.im_params.shape
     mask = rng.random((h, w)) > 0.7
     vol = rng.random((6, h, w)) > 0.7
@@ -292,3 +305,91 @@ def test_siff_to_tiff_takes_str_paths_and_reads_back_the_same(tmp_path):
     assert other.endswith("other.tif")
     with pytest.raises(ValueError, match="ome"):
         siff_to_tiff(t.path, str(tmp_path / "x.tif"), mode="ome")
+
+
+# --------------------------------------------------------------- saved registrations
+
+
+def _siffpy_h5(path, stem, shifts, refs, kind="siffpy", color=0):
+    """Write a registration file the way the spec describes SiffPy's (section 3.2)."""
+    h5py = pytest.importorskip("h5py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.array(sorted(shifts), dtype=np.int64)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["filename"] = stem
+        h5.attrs["registration_type"] = kind
+        h5.attrs["registration_color"] = color
+        h5.create_group("yx_shifts")
+        h5["yx_shifts"].create_dataset("frame_index", data=frames)
+        h5["yx_shifts"].create_dataset(
+            "shift_values", data=np.array([shifts[int(f)] for f in frames], dtype=np.int64))
+        h5.create_dataset("reference_frames", data=refs.astype(np.float32))
+
+
+def test_a_siffpy_registration_beside_the_file_is_applied_on_open(tmp_path):
+    from siff_xarray import SiffFile
+
+    t = write_siff(tmp_path / "run.siff", shape=(24, 20), n_slices=2, n_timepoints=5,
+                   photons_per_frame=900, max_shift=2, seed=4)
+    with SiffReader(t.path) as plain:
+        assert plain.registration_dict is None
+        raw = plain.get_frames(list(range(t.n_frames)))
+    # SiffPy stores non-negative shifts (dy mod H, dx mod W)
+    shifts = {fr: (int(-t.shifts[fr][0]) % 24, int(-t.shifts[fr][1]) % 20)
+              for fr in range(t.n_frames)}
+    _siffpy_h5(tmp_path / "run" / "run_registration_info.h5", "run", shifts,
+               np.ones((2, 24, 20)))
+    with SiffReader(t.path) as sr:
+        assert sr.registration_dict == shifts
+        assert sr.registration_info.filename == t.path  # the data file, not SiffPy's stem
+        assert sr.reference_frames.shape == (2, 24, 20)
+        got = sr.get_frames(list(range(t.n_frames)))  # applied by default, as SiffPy
+    with SiffFile(t.path) as f:
+        want = f.read_frames(list(range(t.n_frames)), shifts=shifts)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, raw)
+
+
+def test_register_saves_where_siffpy_and_a_new_reader_find_it(tmp_path):
+    import xarray as xr
+
+    from siff_xarray.compat import registration_info_path, save_registration_info
+
+    t = write_siff(tmp_path / "s.siff", shape=(48, 40), n_slices=2, n_flyback=1,
+                   n_timepoints=30, photons_per_frame=3000, max_shift=2, seed=6,
+                   extra_frames=1)
+    with SiffReader(t.path) as sr:
+        shifts = sr.register(max_shift=4)
+    saved = registration_info_path(t.path)
+    assert saved == tmp_path / "s" / "s_registration_info.h5" and saved.is_file()
+    with SiffReader(t.path) as again:
+        assert again.registration_dict == shifts
+        assert again.registration_info.registration_type == "siffpy"
+    # the layout is SiffPy's: read it back with h5py alone
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(saved, "r") as h5:
+        assert h5.attrs["filename"] == "s" and h5.attrs["registration_type"] == "siffpy"
+        frames = h5["yx_shifts/frame_index"][...]
+        values = h5["yx_shifts/shift_values"][...]
+        assert frames.dtype == np.int64 and values.shape == (len(frames), 2)
+        assert h5["reference_frames"].dtype == np.float32
+    assert {int(f): tuple(map(int, v)) for f, v in zip(frames, values, strict=True)} == shifts
+    # ds.siff.register results go the same way, e.g. into another directory
+    with xr.open_dataset(t.path, engine="siff", partial_volume="keep") as ds:
+        reg = ds.siff.register(max_shift=4)
+        out = save_registration_info(reg, ds, tmp_path / "elsewhere")
+        assert out == tmp_path / "elsewhere" / "s_registration_info.h5"
+        with SiffReader(t.path) as sr:
+            info = sr.load_registration_info(out)
+            assert info.yx_shifts == sr.registration_dict
+            fmap = ds.frame_index.isel(channel=0).values
+            frames = [int(x) for x in fmap.ravel() if x >= 0]
+            got = sr.get_frames(frames)
+        moved = ds.siff.apply_shifts(reg).intensity.isel(channel=0).values
+        want = moved.reshape(-1, 48, 40)[(fmap >= 0).ravel()]
+        np.testing.assert_array_equal(got, want)
+        two = ds.assign(source_file=ds.source_file.where(ds.time < ds.time[5], "/b.siff"))
+        with pytest.raises(ValueError, match=r"one \.siff file"):
+            save_registration_info(reg, two)  # frames of two files: no single sidecar
+    with SiffReader(t.path) as sr, pytest.raises(ValueError, match=r"a SiffPy registration"):
+        sr.load_registration_info(tmp_path / "s.dict")
