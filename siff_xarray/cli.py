@@ -50,7 +50,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
                 frames = ip.framelist_by_slice(c, z, include_partial=True)
                 total = f.sum_mask(whole, frames).sum()
                 planes.append({"slice": z, "z_um": float(ip.z_positions[z]),
-                               "channel": ip.colors[c], "frames": len(frames),
+                               "channel": ip.color_list[c], "frames": len(frames),
                                "mean_photons_per_pixel": float(total / (len(frames) * h * w))
                                if len(frames) else float("nan")})
         duration = float(np.nanmax(ts.experiment_s) - np.nanmin(ts.experiment_s)) \
@@ -63,7 +63,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
             "frames": f.num_frames,
             "encodings": {str(k): int(v) for k, v in zip(enc, counts, strict=True)},
             "frame_shape": list(f.frame_shape),
-            "channels": ip.colors,
+            "channels": ip.color_list,
             "channel_names": ip.channel_names,
             "slices": ip.num_slices,
             "z_um": ip.z_positions.tolist(),

@@ -378,7 +378,7 @@ class SiffReader:
             raise ValueError(f"registration_method {registration_method!r} is not available "
                              f"in siff-xarray's SiffReader; use one of {sorted(methods)}")
         f = self._f()
-        channel = f.im_params.colors[alignment_color_channel]
+        channel = f.im_params.color_list[alignment_color_channel]
         with open_siff(f.path, storage_options=f.options.storage,
                        partial_volume="keep") as ds:  # every acquired frame gets a shift
             reg = ds.siff.register(channel=channel, method=methods[registration_method],

@@ -54,7 +54,7 @@ def test_demo_and_info(tmp_path, capsys):
     with SiffFile(truth.path) as f:
         ip = f.im_params
         for pl in s["planes"]:
-            c = ip.colors.index(pl["channel"])
+            c = ip.color_list.index(pl["channel"])
             frames = ip.framelist_by_slice(c, pl["slice"], include_partial=True)
             assert pl["mean_photons_per_pixel"] == pytest.approx(
                 truth.intensity(frames).mean())

@@ -109,7 +109,8 @@ def test_flyback_gated_on_fastz_enable():
 def test_single_channel_save_not_1():
     text = scanimage_header(height=4, width=4, channels=(2,))
     ip = ImParams(parse_nvfd(text), 10, (4, 4))
-    assert ip.colors == [2]
+    # SiffPy: one saved channel is an int; color_list is always a list
+    assert ip.colors == 2 and ip.color_list == [2] and ip.num_colors == 1
     assert ip.framelist_by_slice() == [list(range(10))]
     assert ip.channel_names == ["Channel 2"]
 
@@ -162,3 +163,15 @@ def test_unusable_header_values():
                  name="f.siff")
     # with frames, the IFDs give the shape and the bad header size is never needed
     assert ImParams(parse_nvfd(bad), 6, (4, 6)).shape == (4, 6)
+
+
+def test_framelist_by_slices_without_slices_is_one_list_per_slice():
+    text = scanimage_header(height=4, width=4, channels=(1, 2), n_slices=3, n_flyback=1)
+    ip = ImParams(parse_nvfd(text), 8 * 10 + 2, (4, 4))  # 10 volumes + 2 frames
+    assert ip.colors == [1, 2]
+    per_slice = ip.framelist_by_slices(color_channel=0)
+    assert len(per_slice) == 3  # SiffPy: a list per slice (was one flat list)
+    assert per_slice == [ip.framelist_by_slices(color_channel=0, slices=[z]) for z in range(3)]
+    assert per_slice[1][:3] == [2, 10, 18]
+    # bounds stay timepoints (SiffPy applied them to the list of slices: a quirk)
+    assert ip.framelist_by_slices(0, 2, 4) == [[16, 24], [18, 26], [20, 28]]

@@ -216,8 +216,18 @@ class ImParams(_ItemsAsAttributes):
     # ---------------------------------------------------------------- channels
 
     @property
-    def colors(self) -> list[int]:
-        """Saved ScanImage channel numbers (1-based), in file order."""
+    def colors(self) -> int | list[int]:
+        """Saved ScanImage channel number(s), 1-based.
+
+        An ``int`` for one channel, as SiffPy (``channelSave = 1``), else a list in
+        file order. :attr:`color_list` is always a list.
+        """
+        cl = self.color_list
+        return cl[0] if len(cl) == 1 else cl
+
+    @property
+    def color_list(self) -> list[int]:
+        """Saved ScanImage channel numbers (1-based), in file order, always a list."""
         v = self._get("SI.hChannels.channelSave")
         if v is None:
             return [1]
@@ -229,25 +239,24 @@ class ImParams(_ItemsAsAttributes):
                                  "which frame belongs to which channel")
         return [int(x) for x in arr]
 
-    channels = colors
-    color_list = colors
+    channels = color_list
 
     @property
     def num_colors(self) -> int:
         """Number of saved channels (frames per scan)."""
-        return len(self.colors)
+        return len(self.color_list)
 
     @property
     def lowest_color_channel(self) -> int:
         """Lowest saved ScanImage channel number (1-based, as in SiffPy)."""
-        return min(self.colors)
+        return min(self.color_list)
 
     @property
     def channel_names(self) -> list[str]:
         """Names of the saved channels (``channelName`` from the header when present)."""
         names = self._get("SI.hChannels.channelName")
         out = []
-        for ch in self.colors:
+        for ch in self.color_list:
             if isinstance(names, list) and 0 < ch <= len(names) and isinstance(names[ch - 1], str):
                 out.append(names[ch - 1])
             else:
@@ -524,7 +533,7 @@ class ImParams(_ItemsAsAttributes):
         bad = chans[(chans < 0) | (chans >= c)]
         if bad.size:
             raise ValueError(f"color_channel {bad[0]} out of range: this file saves {c} "
-                             f"channel(s) (ScanImage channels {self.colors}); use a 0-based "
+                             f"channel(s) (ScanImage channels {self.color_list}); use a 0-based "
                              "index into the saved channels")
         return chans
 
@@ -643,12 +652,18 @@ class ImParams(_ItemsAsAttributes):
         slices: int | Sequence[int] | None = None,
         *,
         include_partial: bool = False,
-    ) -> list[int]:
+    ) -> list[int] | list[list[int]]:
         """Frames of the given slices (each slice's timepoints in turn), flattened.
 
         ``lower_bound``/``upper_bound`` are timepoints, also when frames-per-slice > 1.
+        Without ``slices``, one list per slice (as SiffPy returns; SiffPy then applied
+        the bounds to the list of slices, a quirk not reproduced).
         """
         t = self._timepoints(lower_bound, upper_bound, include_partial)
+        if slices is None:
+            return [self._flat(self.frame_indices(t, z, color_channel,
+                                                  include_partial=include_partial))
+                    for z in range(self.num_slices)]
         out: list[int] = []
         for z in self._slices(slices):
             out += self._flat(self.frame_indices(t, int(z), color_channel,
