@@ -48,6 +48,12 @@ __all__ = [
     "frame_spectra", "likelihood_maps", "register_likelihood", "to_canvas",
 ]
 
+_JIT = {"cache": True, "nogil": True}
+
+#: Bytes of frame spectra :func:`register_likelihood` keeps between iterations.
+SPECTRA_BUDGET = 1 << 30
+
+
 def default_schedule(frame_shape: tuple[int, int]) -> tuple[float, ...]:
     """Return the canvas smoothing (pixels) of each coarse-to-fine level for a frame size.
 
@@ -63,11 +69,6 @@ def default_schedule(frame_shape: tuple[int, int]) -> tuple[float, ...]:
     while levels[-1] * 2 / 3 >= 2.0:
         levels.append(levels[-1] * 2 / 3)
     return (*levels, 1.0)
-
-_JIT = {"cache": True, "nogil": True}
-
-#: Bytes of frame spectra :func:`register_likelihood` keeps between iterations.
-SPECTRA_BUDGET = 1 << 30
 
 
 def canvas_margin(frame_shape: tuple[int, int], max_shift: int | None) -> tuple[int, int]:
@@ -303,7 +304,7 @@ def estimate_canvas(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, i
 
 @numba.njit(**_JIT)
 def _viterbi(maps: np.ndarray, cost: float) -> np.ndarray:  # pragma: no cover - jitted
-    """Best path through ``maps (T, A, B)`` with ``cost`` per L1 pixel between steps.
+    """Best path (flat indices) through ``maps (T, A, B)``, ``cost`` per L1 pixel moved.
 
     The max-plus convolution of the running score with ``-cost * |step|_1`` is
     separable: a forward and a backward sweep along each axis, carrying where
@@ -348,12 +349,11 @@ def _viterbi(maps: np.ndarray, cost: float) -> np.ndarray:  # pragma: no cover -
                 back_y[t, i, j] = py
                 back_x[t, i, j] = src_x[py, j]
                 score[i, j] = col[i, j] + maps[t, i, j]
-    path = np.zeros((t_len, 2), dtype=np.int64)
+    path = np.zeros(t_len, dtype=np.int64)  # flat index i * B + j of each step
     best = np.argmax(score)
     i, j = best // b_len, best % b_len
     for t in range(t_len - 1, -1, -1):
-        path[t, 0] = i
-        path[t, 1] = j
+        path[t] = i * b_len + j
         if t:
             i, j = back_y[t, i, j], back_x[t, i, j]
     return path
@@ -378,10 +378,8 @@ def decode_maps(maps: np.ndarray, *, step_cost: float = 0.0
     my, mx = (a_len - 1) // 2, (b_len - 1) // 2
     flat = maps.reshape(-1, t_len, a_len * b_len)
     if step_cost > 0 and t_len > 1:
-        idx = np.stack([
-            (lambda p: p[:, 0] * b_len + p[:, 1])(_viterbi(seq.reshape(t_len, a_len, b_len),
-                                                          float(step_cost)))
-            for seq in flat])
+        idx = np.stack([_viterbi(seq.reshape(t_len, a_len, b_len), float(step_cost))
+                        for seq in flat])
     else:
         idx = flat.argmax(axis=2) if flat.size else np.zeros(flat.shape[:2], dtype=np.int64)
     chosen = np.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
@@ -398,13 +396,6 @@ def _pool(maps: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
     return maps if pool is None else np.tensordot(pool, maps, axes=(1, 0))
 
 
-def _maps(planes: Sequence[np.ndarray], canvases: np.ndarray,
-          spectra: Sequence[np.ndarray] | None) -> np.ndarray:
-    return np.stack([likelihood_maps(planes[z], canvases[z],
-                                     spectra=None if spectra is None else spectra[z])
-                     for z in range(len(planes))])
-
-
 def align_planes(frames: np.ndarray, canvases: np.ndarray, *, pool: np.ndarray | None = None,
                  step_cost: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Shifts ``(N, Z, 2)`` and margins ``(N, Z)`` of volumes ``(N, Z, h, w)``.
@@ -414,7 +405,8 @@ def align_planes(frames: np.ndarray, canvases: np.ndarray, *, pool: np.ndarray |
     :func:`decode_maps`, along ``N`` (frames in time order).
     """
     frames = np.asarray(frames)
-    maps = _maps([frames[:, z] for z in range(frames.shape[1])], canvases, None)
+    maps = np.stack([likelihood_maps(frames[:, z], canvases[z])
+                     for z in range(frames.shape[1])])
     shifts, margin = decode_maps(_pool(maps, pool), step_cost=step_cost)
     return shifts.transpose(1, 0, 2), margin.T
 

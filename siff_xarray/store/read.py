@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from .._paths import normalize
-from ..backend import drop_partial_volume
 from ..errors import IncompleteStoreError, SiffFormatError
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
@@ -61,6 +60,8 @@ def open_converted(store: str | os.PathLike[str], *,
 
     """
     import xarray as xr
+
+    from ..backend import drop_partial_volume
 
     target = Target(normalize(store), storage_options)  # absolute: workers reopen it
     if target.interrupted() or not target.exists("zarr.json"):
