@@ -30,10 +30,17 @@ from typing import TYPE_CHECKING
 from . import accessor  # noqa: F401 - registers ``ds.siff`` (imports only numpy, xarray)
 from ._lazy import lazy_getattr
 from ._version import __version__
-from .errors import ConversionError, IncompleteStoreError, SiffFormatError, SiffWarning
+from .errors import (
+    ConversionError,
+    IncompleteStoreError,
+    MissingChunkError,
+    SiffFormatError,
+    SiffWarning,
+)
 
 __all__ = [
-    "ConversionError", "ImParams", "IncompleteStoreError", "SiffFile", "SiffFormatError",
+    "ConversionError", "ImParams", "IncompleteStoreError", "MissingChunkError", "SiffFile",
+    "SiffFormatError",
     "SiffWarning", "__version__", "convert", "convert_file", "open_acquisition", "open_converted",
     "open_siff", "read_photons", "synthetic", "to_siff", "to_tiff", "verify",
 ]

@@ -11,7 +11,8 @@ result of an interrupted one raises :class:`IncompleteStoreError`.
 from __future__ import annotations
 
 __all__ = [
-    "ConversionError", "IncompleteStoreError", "RemoteAccessError", "SiffFormatError",
+    "ConversionError", "IncompleteStoreError", "MissingChunkError", "RemoteAccessError",
+    "SiffFormatError",
     "SiffWarning", "user_stacklevel",
 ]
 
@@ -84,6 +85,14 @@ class SiffFormatError(ValueError):
 
     def __reduce__(self):  # keep the structured fields through pickling (dask workers)
         return (type(self), (self.path, self.problem, self.offset, self.frame))
+
+
+class MissingChunkError(SiffFormatError):
+    """A chunk that a converted store must hold is not there (deleted or lost).
+
+    Zarr would read it as zeros; stores written by :func:`siff_xarray.convert` hold
+    every chunk, so its absence is damage (see ``docs/zarr-layout.md``).
+    """
 
 
 class SiffWarning(UserWarning):

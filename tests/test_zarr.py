@@ -763,3 +763,62 @@ def test_converted_store_leaves_the_partial_volume_out_like_the_source(siff_file
         assert not bool(z.frame_present.isel(time=-1).all())
     with pytest.raises(ValueError, match="partial_volume"):
         zs.open_converted(dst, partial_volume="some")
+
+
+def test_every_chunk_is_stored_and_a_missing_one_is_an_error_not_zeros(tmp_path):
+    import json
+    import pickle
+
+    import dask
+    import zarr
+
+    from siff_xarray.errors import MissingChunkError
+
+    # one slice (z = 0.0) and dark frames: chunks equal to the fill value are stored too
+    t = write_siff(tmp_path / "d.siff", shape=(12, 10), channels=(1, 2), n_slices=1,
+                   n_timepoints=8, photons_per_frame=0, seed=3)
+    dark = tmp_path / "dark.zarr"
+    zs.convert(t.path, dark, shard_bytes=2 * 2 * 12 * 10 * 2 * 2, chunk_bytes=1)
+    for meta in dark.rglob("zarr.json"):
+        node = json.loads(meta.read_text())
+        if node.get("node_type") != "array":
+            continue
+        shape, grid = node["shape"], node["chunk_grid"]["configuration"]["chunk_shape"]
+        expected = int(np.prod([-(-n // c) for n, c in zip(shape, grid, strict=True)]))
+        stored = [p for p in (meta.parent / "c").rglob("*") if p.is_file()] \
+            if (meta.parent / "c").exists() else list(meta.parent.glob("c"))
+        assert len(stored) == expected, (meta.parent, len(stored), expected)
+    with zs.open_converted(dark) as ds:
+        assert int(ds.intensity.sum()) == 0  # dark, and no MissingChunkError
+
+    t = write_siff(tmp_path / "m.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=300, seed=3)
+    for victim, read in [
+        ("intensity/c/1/0/0/0/0", lambda p: zs.open_converted(p).intensity.values),
+        ("intensity/c/1/0/0/0/0", lambda p: zs.open_converted(p, chunks={}).intensity.sum()
+         .compute(scheduler="threads")),
+        ("photon_count/c/0/0/0", lambda p: zs.open_converted(p).photon_count.values),
+        ("time/c/0", lambda p: zs.open_converted(p)),  # an index coordinate: read at open
+        ("photons/photon_count/c/0", lambda p: zs.StorePhotons(p)),
+        ("photons/arrival_time/c/0", lambda p: zs.read_photons(p, 3)),
+        ("photons/arrival_time/c/0", lambda p: zs.to_siff(p, tmp_path / "back.siff",
+                                                          overwrite=True)),
+    ]:
+        dst = tmp_path / "m.zarr"
+        zs.convert(t.path, dst, shard_bytes=2 * 2 * 2 * 12 * 10 * 2 * 2, chunk_bytes=1,
+                   overwrite=True)
+        read(dst)  # complete: reads
+        (dst / victim).unlink()
+        with pytest.raises(MissingChunkError, match=rf"m\.zarr.*{victim.split('/c/')[0]}: "
+                           r"chunk .* is missing"):
+            read(dst)
+        # zarr's own reading gives zeros; verify reports the chunk as missing
+        problems = zs.verify(t.path, dst)
+        assert any("missing" in p for p in problems), (victim, problems)
+    # the strict store pickles (Dask workers) and still raises after the round trip
+    with zs.open_converted(dst, chunks={}) as ds:
+        (dst / "intensity/c/0/0/0/0/0").unlink()
+        graph = pickle.loads(pickle.dumps(ds.intensity.data))
+        with pytest.raises(MissingChunkError), dask.config.set(scheduler="sync"):
+            graph.compute()
+    assert zarr.open_array(str(dst), path="intensity", mode="r")[...].sum() >= 0  # zarr: 0s

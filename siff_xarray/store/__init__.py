@@ -30,6 +30,7 @@ layout     keys, chunking, naming, ``Target`` (where a store lives) and ``Plan``
 ome        the OME-Zarr image (axis order, pyramid, NGFF metadata)
 converter  :func:`convert`, :func:`convert_file` (batches on any Dask scheduler)
 read       :func:`open_converted`, :func:`read_photons`, :class:`StorePhotons`
+strict     a zarr store wrapper: a missing chunk is an error, not zeros
 verifier   :func:`verify`
 export     :func:`to_siff` (a store back to ``.siff``), :func:`to_tiff`
 

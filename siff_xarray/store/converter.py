@@ -27,6 +27,7 @@ from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
 from .layout import (
+    ALL_CHUNKS_STORED,
     PHOTON_CHUNK,
     PHOTON_SHARD,
     PLAN_KEY,
@@ -353,7 +354,7 @@ def _prepare(sources: list[str], target: Target, build: Target,
         store = build.zarr()
         with quiet_text_dtype():
             template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
-                             consolidated=False, zarr_format=3)
+                             consolidated=False, zarr_format=3, write_empty_chunks=True)
         levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
         if ome:
             create_ome(store, ds, ct, st, levels)
@@ -370,15 +371,22 @@ def _prepare(sources: list[str], target: Target, build: Target,
                        "a photon's pixel follows from the frame's count image",
         "tau_bin_ps": ip.picoseconds_per_bin if ip.picoseconds_per_bin is not None else -1.0,
         "n_tau_bins": ip.num_bins if ip.num_bins is not None else -1,
+        # every chunk of every array is written, empty ones too: a missing one is an error
+        ALL_CHUNKS_STORED: True,
     })
-    grp.create_array("arrival_time", shape=(total_len,), dtype=arrival_dtype,
-                     chunks=(PHOTON_CHUNK,), shards=(PHOTON_SHARD,),
-                     compressors=compressors(), fill_value=0, dimension_names=("photon",))
+    every_chunk = {"write_empty_chunks": True}
+    arr = grp.create_array("arrival_time", shape=(total_len,), dtype=arrival_dtype,
+                           chunks=(PHOTON_CHUNK,), shards=(PHOTON_SHARD,),
+                           compressors=compressors(), fill_value=0,
+                           dimension_names=("photon",), config=every_chunk)
+    if end == 0:  # no photons: no batch writes the one shard, so it is written here
+        arr[...] = 0
 
     def small(name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
         a = grp.create_array(name, shape=data.shape, dtype=data.dtype,
                              chunks=data.shape if data.size else (1,) * data.ndim,
-                             compressors=compressors(), dimension_names=dims)
+                             compressors=compressors(), dimension_names=dims,
+                             config=every_chunk)
         if data.size:
             a[...] = data
 

@@ -45,7 +45,7 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
     target = Target(os.fspath(store), storage_options)
     ds = open_converted(store, storage_options=storage_options, partial_volume="keep")
     try:
-        zstore = target.zarr()
+        zstore = target.reader()  # a missing chunk is an error, not zeros in the file
         grp = zarr.open_group(zstore, path="photons", mode="r")
         n = grp["photon_count"].shape[0]
         counts = np.asarray(grp["photon_count"][...]).astype(np.int64)

@@ -22,6 +22,7 @@ import numpy as np
 from .._paths import is_remote, local_path
 
 __all__ = [
+    "ALL_CHUNKS_STORED",
     "BATCH_PIXELS",
     "PHOTON_CHUNK",
     "PHOTON_SHARD",
@@ -47,6 +48,8 @@ PLAN_KEY = f"{PROGRESS}/plan.json"
 ROOT_KEY = f"{PROGRESS}/root-zarr.json"
 #: written before anything else: the store is an unfinished conversion from then on
 STARTED_KEY = f"{PROGRESS}/started.json"
+#: ``photons`` attribute of stores that hold every chunk of every array (empty ones too)
+ALL_CHUNKS_STORED = "all_chunks_stored"
 #: elements per ``arrival_time`` chunk and shard
 PHOTON_CHUNK = 1 << 20
 PHOTON_SHARD = 1 << 23
@@ -166,6 +169,36 @@ class Target:
     def zarr(self) -> Any:
         """Return the zarr store object (``LocalStore`` or ``FsspecStore``)."""
         return _zarr_store(self.destination, self.storage_options)
+
+    def all_chunks_stored(self) -> bool:
+        """Tell whether the store says it holds every chunk of every array.
+
+        Stores converted by this version do (``photons`` attribute
+        ``all_chunks_stored``, read from the root's consolidated metadata); in
+        them a missing chunk was deleted or lost.
+        """
+        try:
+            meta = json.loads(self.read_text("zarr.json"))
+        except (OSError, ValueError):
+            return False
+        photons = meta.get("consolidated_metadata", {}).get("metadata", {}).get("photons", {})
+        return bool(photons.get("attributes", {}).get(ALL_CHUNKS_STORED))
+
+    def reader(self, missing_chunks: str = "raise") -> Any:
+        """Return the zarr store to read from.
+
+        ``missing_chunks="raise"``: a chunk missing from a store that holds every
+        chunk raises :class:`~siff_xarray.errors.MissingChunkError` (zarr would
+        read it as zeros); ``"zeros"``: zarr's own behaviour (``verify`` counts them).
+        """
+        if missing_chunks not in ("raise", "zeros"):
+            raise ValueError(f"missing_chunks must be 'raise' or 'zeros', not {missing_chunks!r}")
+        store = self.zarr()
+        if missing_chunks == "zeros" or not self.all_chunks_stored():
+            return store
+        from .strict import StrictStore
+
+        return StrictStore(store, self.destination)
 
 
 @dataclass

@@ -45,13 +45,22 @@ def frame_positions(fmap: np.ndarray, n_frames: int) -> np.ndarray:
 
 def open_converted(store: str | os.PathLike[str], *,
                    storage_options: dict[str, Any] | None = None,
-                   partial_volume: str = "drop", **kwargs: Any) -> Any:
+                   partial_volume: str = "drop", missing_chunks: str = "raise",
+                   **kwargs: Any) -> Any:
     """Open a converted store as an xarray Dataset (``xr.open_zarr`` with checks).
 
     The store keeps every frame, a partial last volume included; as for
     ``xr.open_dataset(..., engine="siff")``, ``partial_volume="drop"`` (default)
     leaves an incomplete last volume out of the Dataset and ``"keep"`` keeps it
     (its missing frames read as 0; ``frame_present`` says which exist).
+
+    A converted store holds every chunk of every array, so a chunk that is not
+    there was deleted or lost: with ``missing_chunks="raise"`` (default) reading
+    it raises :class:`~siff_xarray.errors.MissingChunkError` naming the
+    store and chunk, where plain ``xr.open_zarr`` reads zeros; ``"zeros"`` reads
+    as zarr does (``verify`` uses it to list every damage at once). Stores
+    written before version 0.2 do not say that they hold every chunk and read as
+    zarr does.
 
     Raises
     ------
@@ -82,7 +91,7 @@ def open_converted(store: str | os.PathLike[str], *,
     # stores of this version hold consolidated metadata; older ones fall back (warning)
     kwargs.setdefault("consolidated", None)
     with quiet_text_dtype():
-        ds = xr.open_zarr(target.zarr(), **kwargs)
+        ds = xr.open_zarr(target.reader(missing_chunks), **kwargs)
     ds = drop_partial_volume(ds, partial_volume)
     # where the photons are, for ds.siff's photon reductions (the store may have moved)
     ds.encoding["source"] = target.destination
@@ -193,7 +202,7 @@ class StorePhotons(PhotonReductions):
         self._ds = open_converted(store, storage_options=storage_options, chunks=None,
                                   partial_volume="keep")
         try:
-            grp = zarr.open_group(self._target.zarr(), path="photons", mode="r")
+            grp = zarr.open_group(self._target.reader(), path="photons", mode="r")
         except (FileNotFoundError, KeyError, ValueError) as exc:
             self._ds.close()
             raise FileNotFoundError(f"{self.name}: no photons group (not a converted "

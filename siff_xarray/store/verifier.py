@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..reader.acquisition import Acquisition
-from .layout import Target, frames_per_batch, quiet_text_dtype
+from .layout import ALL_CHUNKS_STORED, Target, frames_per_batch, quiet_text_dtype
 from .read import checked, count_images, frame_positions, open_converted
 
 __all__ = ["verify"]
@@ -33,7 +33,9 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             else [os.fspath(x) for x in source])
     problems: list[str] = []
     target = Target(os.fspath(store), target_options)
-    ds = open_converted(store, storage_options=target_options, partial_volume="keep")
+    # missing chunks read as zeros here: they are counted and reported with the rest
+    ds = open_converted(store, storage_options=target_options, partial_volume="keep",
+                        missing_chunks="zeros")
     try:
         zstore = target.zarr()
         grp = zarr.open_group(zstore, path="photons", mode="r")
@@ -99,6 +101,10 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                 hw = imgs.shape[1] * imgs.shape[2]
                 pix_z = np.repeat(np.tile(np.arange(hw, dtype=np.uint32), len(fr)),
                                   imgs_z.reshape(-1))
+                if pix_z.size != int(c.sum()):  # the store contradicts itself
+                    problems.append(f"photons/photon_count disagrees with the count images in "
+                                    f"frames {a}-{a + len(fr) - 1}")
+                    continue
                 frame_z = np.repeat(np.arange(len(fr)), c)
                 frame_s = np.repeat(np.arange(len(fr)), np.diff(s_src))
                 if pix_z.size != pix_src.size or not np.array_equal(pix_z, pix_src):
@@ -206,9 +212,10 @@ def _stored(target: Target, path: str) -> int:
 def _missing_chunks(target: Target, grp: Any) -> list[str]:
     """Chunks that the layout says exist but the store lacks (zarr would read them as 0).
 
-    Every chunk of the frame arrays and the OME levels, the flyback rows, and every
-    ``arrival_time`` shard that holds photons is written by the conversion (empty
-    ones too), so a missing one was deleted or lost.
+    Stores marked ``all_chunks_stored`` hold every chunk of every array; older ones
+    every chunk of the frame arrays and the OME levels and the flyback rows. In
+    both, every ``arrival_time`` shard that holds photons is stored. A missing one
+    was deleted or lost.
     """
     import zarr
 
@@ -226,15 +233,26 @@ def _missing_chunks(target: Target, grp: Any) -> list[str]:
         return int(np.prod([-(-n // c) for n, c in zip(a.shape, outer, strict=True)]))
 
     root = zarr.open_group(zstore, mode="r")
-    for path in ("intensity", "photon_count", "histogram"):
-        if path in root:
-            check(path, outer_grid(root[path]))
-    if "ome" in root:
-        for level in sorted(root["ome"].array_keys()):
-            check(f"ome/{level}", outer_grid(root["ome"][level]))
-    fly = grp["flyback_intensity"]
-    if fly.shape[0]:
-        check("photons/flyback_intensity", outer_grid(fly))
+    if grp.attrs.get(ALL_CHUNKS_STORED):
+        with quiet_text_dtype():
+            arrays = sorted(root.arrays(), key=lambda kv: kv[0])
+            arrays += [(f"ome/{k}", a) for k, a in sorted(root["ome"].arrays())] \
+                if "ome" in root else []
+            arrays += [(f"photons/{k}", a) for k, a in sorted(grp.arrays())
+                       if k != "arrival_time"]
+        for path, a in arrays:
+            if a.size:
+                check(path, outer_grid(a))
+    else:
+        for path in ("intensity", "photon_count", "histogram"):
+            if path in root:
+                check(path, outer_grid(root[path]))
+        if "ome" in root:
+            for level in sorted(root["ome"].array_keys()):
+                check(f"ome/{level}", outer_grid(root["ome"][level]))
+        fly = grp["flyback_intensity"]
+        if fly.shape[0]:
+            check("photons/flyback_intensity", outer_grid(fly))
     counts = np.asarray(grp["photon_count"][...]).astype(np.int64)
     starts = np.asarray(grp["photon_start"][...]).astype(np.int64)
     arr = grp["arrival_time"]
