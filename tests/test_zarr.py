@@ -258,11 +258,11 @@ def test_interrupted_conversion_is_clearly_incomplete_and_resumes(siff_files, tm
     real = conv._write_batch
     calls = []
 
-    def failing(plan_json, b):  # the second batch to run (dask picks the order) is cut off
+    def failing(plan_json, b, run_id):  # the second batch to run (dask picks the order) is cut off
         calls.append(b)
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated interruption")
-        return real(plan_json, b)
+        return real(plan_json, b, run_id)
 
     monkeypatch.setattr(conv, "_write_batch", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -707,8 +707,14 @@ def test_every_chunk_is_checksummed_and_a_damaged_one_is_an_error(siff_files, tm
     shard.write_bytes(bytes(data))
     with pytest.raises(SiffFormatError, match=r"photons/arrival_time: a chunk is damaged"):
         zs.read_photons(dst, 3)
-    with pytest.raises(SiffFormatError, match="damaged"):
-        zs.verify(t.path, dst)
+    # verify lists every damaged chunk by array and key (it raised a bare checksum error)
+    (dst / "time" / "c" / "0").write_bytes(b"\x00" + (dst / "time" / "c" / "0").read_bytes())
+    assert [p.split(" is damaged")[0] for p in zs.verify(t.path, dst)] == [
+        "time: chunk c/0", "photons/arrival_time: chunk c/0"]
+    # an index coordinate is read at open: the error names the store and what to do
+    with pytest.raises(SiffFormatError, match=r"crc\.zarr: a coordinate read at open: a "
+                       r"chunk is damaged .*siff-xarray verify"):
+        zs.open_converted(dst)
 
 
 def test_verify_and_to_siff_memory_is_bounded_by_the_data_not_the_frame_size(tmp_path,
@@ -822,3 +828,126 @@ def test_every_chunk_is_stored_and_a_missing_one_is_an_error_not_zeros(tmp_path)
         with pytest.raises(MissingChunkError), dask.config.set(scheduler="sync"):
             graph.compute()
     assert zarr.open_array(str(dst), path="intensity", mode="r")[...].sum() >= 0  # zarr: 0s
+
+
+def _slow_conversion(src, dst, shard, delay):
+    """A subprocess converting ``src`` with ``delay`` s after each batch (prints each)."""
+    script = textwrap.dedent(f"""
+        import time
+        from siff_xarray import store as zs
+
+        def progress(p):
+            print("batch", p.batches_done, flush=True)
+            time.sleep({delay})
+
+        zs.convert({str(src)!r}, {str(dst)!r}, scheduler="sync", shard_bytes={shard},
+                   chunk_bytes=1, progress=progress, overwrite=True)
+        print("finished", flush=True)
+    """)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_second_conversion_never_clobbers_one_that_is_running(tmp_path):
+    t = write_siff(tmp_path / "k.siff", shape=(16, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=24, photons_per_frame=500, seed=4)
+    shard = 2 * 2 * 2 * 16 * 16 * 2  # 12 batches
+    ref = tmp_path / "ref.zarr"
+    zs.convert(t.path, ref, scheduler="sync", shard_bytes=shard, chunk_bytes=1)
+    dst = tmp_path / "run.zarr"
+    cli = [sys.executable, "-m", "siff_xarray.cli", "convert", str(t.path), str(dst),
+           "--shard-mb", "1"]
+    first = _slow_conversion(t.path, dst, shard, 0.4)
+    try:
+        assert first.stdout.readline().startswith("batch 1")
+        # the same job started again, staggered: --overwrite and --resume both refuse
+        for flag in ("--overwrite", "--resume"):
+            second = subprocess.run([*cli, flag], capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert "another conversion is writing this store (process " \
+                   f"{first.pid} on host" in second.stderr, second.stderr
+            assert "Traceback" not in second.stderr
+        with pytest.raises(ConversionError, match="another conversion is writing"):
+            zs.convert(t.path, dst, overwrite=True)
+        assert first.stdout.read().rstrip().endswith("finished")
+    finally:
+        first.wait(120)
+    assert first.returncode == 0, first.stderr
+    assert zs.verify(t.path, dst) == []
+    assert _tree(dst) == _tree(ref)  # the first run's store, untouched by the others
+
+    # a killed owner is dead: --overwrite (and --resume) take the store over at once
+    first = _slow_conversion(t.path, dst, shard, 0.4)
+    try:
+        assert first.stdout.readline().startswith("batch 1")
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait(60)
+    assert (dst / ".siff-progress" / "owner.json").exists()
+    zs.convert(t.path, dst, overwrite=True, scheduler="sync", shard_bytes=shard,
+               chunk_bytes=1)
+    assert _tree(dst) == _tree(ref)
+
+
+def test_a_conversion_that_loses_its_store_stops_without_publishing(tmp_path):
+    import json
+    import socket
+    import time
+
+    from siff_xarray.store import owner
+
+    t = write_siff(tmp_path / "o.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=300, seed=5)
+    dst = tmp_path / "o.zarr"
+    record = dst / ".siff-progress" / "owner.json"
+    other = {"run": "another-run", "host": "node-17.cluster", "pid": 4242,
+             "pid_start": None, "heartbeat": time.time()}
+
+    def taken_over_after_the_first_batch(p):  # another machine claims the store
+        if p.batches_done == 1:
+            record.write_text(json.dumps(other))
+
+    with pytest.raises(ConversionError, match="another conversion took this store over "
+                       r"\(process 4242 on host node-17.cluster"):
+        zs.convert(t.path, dst, scheduler="sync", progress=taken_over_after_the_first_batch,
+                   **_small_shards(t))
+    assert not (dst / "zarr.json").exists()  # not published
+    assert json.loads(record.read_text())["run"] == "another-run"  # theirs, not released
+    # that owner is alive (fresh heartbeat on another host): resume refuses...
+    with pytest.raises(ConversionError, match="another conversion is writing this store"):
+        zs.convert(t.path, dst, resume=True, scheduler="sync")
+    # ...until its heartbeat is older than STALE_AFTER_S
+    other["heartbeat"] = time.time() - owner.STALE_AFTER_S - 1
+    record.write_text(json.dumps(other))
+    zs.convert(t.path, dst, resume=True, scheduler="sync")
+    assert zs.verify(t.path, dst) == []
+    assert not (dst / ".siff-progress").exists()
+
+    # this host: a process id that exists but started at another time is a reused id
+    stale = tmp_path / "s.zarr"
+    zs.convert(t.path, stale, scheduler="sync")
+    (stale / ".siff-progress").mkdir()
+    (stale / ".siff-progress" / "started.json").write_text("{}")
+    mine = {"run": "old", "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_start": -1, "heartbeat": time.time()}
+    (stale / ".siff-progress" / "owner.json").write_text(json.dumps(mine))
+    assert owner.live_owner(zs.layout.Target(str(stale), None)) is None
+    mine["pid_start"] = None  # unknown start time: the living process counts
+    (stale / ".siff-progress" / "owner.json").write_text(json.dumps(mine))
+    with pytest.raises(ConversionError, match=f"process {os.getpid()} on host"):
+        zs.convert(t.path, stale, overwrite=True)
+
+
+def test_an_interrupted_conversion_releases_its_store_for_resume(siff_files, tmp_path):
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "i.zarr"
+
+    def interrupt(p):
+        raise KeyboardInterrupt  # Ctrl-C in a notebook, same process resumes at once
+
+    with pytest.raises(KeyboardInterrupt):
+        zs.convert(t.path, dst, scheduler="sync", progress=interrupt, **_small_shards(t))
+    assert not (dst / ".siff-progress" / "owner.json").exists()
+    zs.convert(t.path, dst, resume=True, scheduler="sync")
+    assert zs.verify(t.path, dst) == []

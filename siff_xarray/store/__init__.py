@@ -28,6 +28,7 @@ Modules
 -------
 layout     keys, chunking, naming, ``Target`` (where a store lives) and ``Plan``
 ome        the OME-Zarr image (axis order, pyramid, NGFF metadata)
+owner      which conversion owns a store being written (one writer at a time)
 converter  :func:`convert`, :func:`convert_file` (batches on any Dask scheduler)
 read       :func:`open_converted`, :func:`read_photons`, :class:`StorePhotons`
 strict     a zarr store wrapper: a missing chunk is an error, not zeros

@@ -26,6 +26,7 @@ from .._paths import expand, has_glob, is_remote, normalize
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
+from . import owner
 from .layout import (
     ALL_CHUNKS_STORED,
     PHOTON_CHUNK,
@@ -104,9 +105,11 @@ class _Tracker:
     """Accumulates batch results into :class:`Progress` and reports them."""
 
     def __init__(self, plan: Plan, done: set[int],
-                 callback: Callable[[Progress], None] | None) -> None:
+                 callback: Callable[[Progress], None] | None,
+                 heartbeat: Callable[[], None] | None = None) -> None:
         self.plan = plan
         self.callback = callback
+        self.heartbeat = heartbeat
         self.t0 = time.perf_counter()
         self.p = Progress(
             batches_done=len(done), batches_total=plan.n_batches,
@@ -126,6 +129,8 @@ class _Tracker:
         p.elapsed_s = time.perf_counter() - self.t0
         log.debug("batch %d of %d done (%d frames, %d photons)", b + 1, p.batches_total,
                   frames, photons)
+        if self.heartbeat is not None:  # the store is still ours, and we are alive
+            self.heartbeat()
         if self.callback is not None:
             self.callback(p)
 
@@ -182,8 +187,8 @@ def _open_for_batch(store: Any, path: str) -> Any:
     return zarr.open_array(store, path=path, mode="r+").with_config({"write_empty_chunks": True})
 
 
-def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
-    """Convert batch ``b``; returns ``(b, frames, photons)``. Runs on any worker.
+def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
+    """Convert batch ``b`` for run ``run_id``; returns ``(b, frames, photons)``. Runs on any worker.
 
     The batch's frames are decoded in sub-batches of about :data:`SUB_BATCH_BYTES`
     of source data; photons stream into whole ``arrival_time`` shards, so memory
@@ -193,6 +198,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
     target = Target(plan.destination, plan.destination_options)
     context = f"{plan.destination}: batch {b}"
     _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
+    owner.check(target, run_id)  # a conversion that lost the store writes nothing more
     store = target.zarr()
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
@@ -266,6 +272,7 @@ def _write_batch(plan_json: str, b: int) -> tuple[int, int, int]:
         _open_for_batch(store, "photons/flyback_intensity")[
             r0 : r0 + len(rows)] = rows
     _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
+    owner.check(target, run_id)
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
                                                                "photons": n}))
     return b, f1 - f0, n
@@ -421,11 +428,12 @@ def _prepare(sources: list[str], target: Target, build: Target,
                  intensity_dtype=inten_dtype)
 
 
-def _finish(target: Target) -> None:
+def _finish(target: Target, run_id: str) -> None:
     """Publish the store: write the root metadata, with every node's consolidated."""
     meta = json.loads(target.read_text(ROOT_KEY))
     meta["consolidated_metadata"] = _consolidated(target)
     _phase("finishing")
+    owner.check(target, run_id)  # only the store's owner publishes it
     # atomically: a full disk leaves a temporary key, never a truncated root; until the
     # progress records are gone the store still counts as unfinished (resume redoes this)
     target.write_text("zarr.json", json.dumps(meta, indent=2), atomic=True)
@@ -581,50 +589,59 @@ def convert_file(
         raise ConversionError("no source files given")
     src = srcs[0] if len(srcs) == 1 else f"{srcs[0]} (+{len(srcs) - 1} more parts)"
     target = Target(os.fspath(destination), target_options)
+    run_id = owner.new_run_id()
     interrupted = target.interrupted()
+    if interrupted:  # never resume, delete or mix a store that another run is writing
+        owner.refuse_if_owned(target)
     finished = not interrupted and target.exists("zarr.json")
     if finished and not overwrite:
         if resume:  # idempotent: a batch job can simply be run again
             return _already_complete(srcs, src, target, storage_options, t_start)
         raise ConversionError(f"{target.destination}: a finished store exists; pass "
                               "overwrite=True (--overwrite) to replace it")
-    if resume and not overwrite:
-        if not interrupted:
-            raise ConversionError(f"{target.destination}: no interrupted conversion to resume")
-        if target.exists(PLAN_KEY):
-            plan = Plan.from_json(target.read_text(PLAN_KEY))
-            _same_sources(target, plan.sources, srcs)
-            _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint,
-                               f"{target.destination}: cannot resume")
-        else:  # interrupted before the first batch: nothing to keep, start again
-            started = json.loads(target.read_text(STARTED_KEY))
-            _same_sources(target, started["sources"], srcs)
-            log.info("%s: interrupted before its first batch; starting again", src)
-            target.fs.rm(target.root, recursive=True)
-            plan = _start(srcs, target, storage_options, **started["layout"])
-    else:
-        if interrupted and not overwrite:
-            raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
-                                  "pass resume=True (--resume) to finish it or overwrite=True "
-                                  "(--overwrite) to start again")
-        if target.fs.exists(target.root):
-            if not overwrite and target.fs.ls(target.root):
-                raise ConversionError(f"{target.destination}: exists and is not empty; pass "
-                                      "overwrite=True (--overwrite) to replace it")
-            target.fs.rm(target.root, recursive=True)
-        if not allow_truncated:
-            _refuse_unread_bytes(srcs, storage_options)
-        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
-                      ome_levels)
     try:
-        skipped = _run(plan, target, scheduler, num_workers, progress)
-    except _NeedsWideArrivals:
-        log.info("%s: arrival times above 65535; converting again with uint32", src)
-        target.fs.rm(target.root, recursive=True)
-        plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
-                      plan.ome, plan.ome_levels)
-        skipped = _run(plan, target, scheduler, num_workers, progress)
-    _finish(target)
+        if resume and not overwrite:
+            if not interrupted:
+                raise ConversionError(f"{target.destination}: no interrupted conversion to resume")
+            if target.exists(PLAN_KEY):
+                plan = Plan.from_json(target.read_text(PLAN_KEY))
+                _same_sources(target, plan.sources, srcs)
+                _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint,
+                                   f"{target.destination}: cannot resume")
+                owner.claim(target, run_id)  # takes over from the dead run
+            else:  # interrupted before the first batch: nothing to keep, start again
+                started = json.loads(target.read_text(STARTED_KEY))
+                _same_sources(target, started["sources"], srcs)
+                log.info("%s: interrupted before its first batch; starting again", src)
+                target.fs.rm(target.root, recursive=True)
+                plan = _start(srcs, target, storage_options, run_id=run_id, **started["layout"])
+        else:
+            if interrupted and not overwrite:
+                raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
+                                      "pass resume=True (--resume) to finish it or overwrite=True "
+                                      "(--overwrite) to start again")
+            if target.fs.exists(target.root):
+                if not overwrite and target.fs.ls(target.root):
+                    raise ConversionError(f"{target.destination}: exists and is not empty; pass "
+                                          "overwrite=True (--overwrite) to replace it")
+                target.fs.rm(target.root, recursive=True)
+            if not allow_truncated:
+                _refuse_unread_bytes(srcs, storage_options)
+            plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
+                          ome_levels, run_id=run_id)
+        try:
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress)
+        except _NeedsWideArrivals:
+            log.info("%s: arrival times above 65535; converting again with uint32", src)
+            owner.check(target, run_id)
+            target.fs.rm(target.root, recursive=True)
+            plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
+                          plan.ome, plan.ome_levels, run_id=run_id)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress)
+        _finish(target, run_id)
+    except BaseException:  # an error or an interrupt: resume may take the store at once
+        owner.release(target, run_id)
+        raise
     src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
                     ["source_bytes"])
     return ConversionSummary(source=src, destination=target.destination,
@@ -657,8 +674,8 @@ def _refuse_unread_bytes(srcs: list[str], storage_options: dict[str, Any] | None
 
 def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
            shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
-           ome_levels: int | None = None) -> Plan:
-    """Lay out a new store: marker, metadata and small arrays, plan (in that order).
+           ome_levels: int | None = None, *, run_id: str) -> Plan:
+    """Lay out a new store: owner, marker, metadata and small arrays, plan (in that order).
 
     The metadata are built in a local temporary directory and then copied in, the
     root ``zarr.json`` under ``.siff-progress/``: the store is never a readable Zarr
@@ -671,6 +688,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     fingerprint = _fingerprint(srcs, storage_options)
     layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
               "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
+    owner.claim(target, run_id)
     target.write_text(STARTED_KEY, json.dumps({"sources": srcs, "fingerprint": fingerprint,
                                                "layout": layout}))
     _phase("started")
@@ -685,6 +703,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
             files[target.key(ROOT_KEY if key == "zarr.json" else key)] = build.fs.cat_file(path)
     for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
         target.fs.makedirs(parent, exist_ok=True)
+    owner.check(target, run_id)
     target.fs.pipe(files)
     _phase("metadata")
     plan.fingerprint = fingerprint
@@ -771,17 +790,17 @@ def _already_complete(srcs: list[str], src: str, target: Target,
                              batches_skipped=0, already_complete=True)
 
 
-def _run(plan: Plan, target: Target, scheduler: Any, num_workers: int | None,
+def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
          progress: Callable[[Progress], None] | None) -> int:
     """Run the batches not yet recorded as done; return how many were skipped."""
     import dask
 
     done = target.done_batches()
     todo = [b for b in range(plan.n_batches) if b not in done]
-    tracker = _Tracker(plan, done, progress)
+    tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id))
     plan_json = plan.to_json()
     if todo:
-        tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b) for b in todo]
+        tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id) for b in todo]
         if isinstance(scheduler, str) and is_remote(scheduler):
             from dask.distributed import Client
 

@@ -91,7 +91,8 @@ def open_converted(store: str | os.PathLike[str], *,
     # stores of this version hold consolidated metadata; older ones fall back (warning)
     kwargs.setdefault("consolidated", None)
     with quiet_text_dtype():
-        ds = xr.open_zarr(target.reader(missing_chunks), **kwargs)
+        ds = checked(lambda: xr.open_zarr(target.reader(missing_chunks), **kwargs),
+                     target.destination, "a coordinate read at open", array=False)
     ds = drop_partial_volume(ds, partial_volume)
     # where the photons are, for ds.siff's photon reductions (the store may have moved)
     ds.encoding["source"] = target.destination
@@ -125,20 +126,22 @@ def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | N
         return p.photons(frame)
 
 
-def checked(read: Any, store: str, what: str) -> np.ndarray:
+def checked(read: Any, store: str, what: str, *, array: bool = True) -> Any:
     """Run ``read()`` (a read of store data) and name the store when a chunk is damaged.
+
+    Returns the result as a numpy array (``array=False``: as it is).
 
     Every chunk carries a CRC32C checksum; zarr reports a mismatch as a bare
     ValueError, which becomes a :class:`SiffFormatError` naming the store and array.
     """
     try:
-        return np.asarray(read())
+        return np.asarray(read()) if array else read()
     except ValueError as e:
-        if "checksum" not in str(e):
+        if "checksum" not in str(e) or isinstance(e, SiffFormatError):
             raise
         raise SiffFormatError(store, f"{what}: a chunk is damaged (its checksum does not "
-                              "match); restore the store from a copy or convert the source "
-                              "again") from e
+                              "match; siff-xarray verify lists every damaged chunk); restore "
+                              "the store from a copy or convert the source again") from e
 
 
 def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,

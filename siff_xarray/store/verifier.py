@@ -27,12 +27,24 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     An empty list means the store holds exactly what the source holds. ``source``
     may be the ordered parts of a split acquisition converted into one store.
     """
-    import zarr
-
     srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
             else [os.fspath(x) for x in source])
-    problems: list[str] = []
     target = Target(os.fspath(store), target_options)
+    try:
+        return _compare(srcs, store, target, storage_options, target_options, batch_frames)
+    except ValueError as exc:  # a checksum mismatch (SiffFormatError is a ValueError too)
+        if "checksum" not in str(exc):
+            raise
+        return _damaged_chunks(target) or [f"a chunk is damaged: {exc}"]
+
+
+def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
+             storage_options: dict[str, Any] | None, target_options: dict[str, Any] | None,
+             batch_frames: int) -> list[str]:
+    """Return the differences between the store and its sources (see :func:`verify`)."""
+    import zarr
+
+    problems: list[str] = []
     # missing chunks read as zeros here: they are counted and reported with the rest
     ds = open_converted(store, storage_options=target_options, partial_volume="keep",
                         missing_chunks="zeros")
@@ -200,6 +212,40 @@ def _dataset_differences(store_ds: Any, srcs: list[str],
     return out
 
 
+def _arrays(root: Any) -> list[tuple[str, Any]]:
+    """Every array of a store, with its path (root, ``ome/`` and ``photons/``)."""
+    with quiet_text_dtype():
+        out = sorted(root.arrays(), key=lambda kv: kv[0])
+        for group in ("ome", "photons"):
+            if group in root:
+                out += [(f"{group}/{k}", a) for k, a in sorted(root[group].arrays())]
+    return out
+
+
+def _damaged_chunks(target: Target) -> list[str]:
+    """Read every stored chunk (or shard) of every array; name those whose checksum fails."""
+    import zarr
+
+    root = zarr.open_group(target.zarr(), mode="r")
+    out = []
+    for path, a in _arrays(root):
+        outer = a.shards or a.chunks
+        grid = [-(-n // c) for n, c in zip(a.shape, outer, strict=True)]
+        for idx in np.ndindex(*grid):
+            sel = tuple(slice(i * c, min((i + 1) * c, n))
+                        for i, c, n in zip(idx, outer, a.shape, strict=True))
+            try:
+                with quiet_text_dtype():
+                    a[sel]
+            except ValueError as exc:
+                if "checksum" not in str(exc):
+                    raise
+                key = "c/" + "/".join(map(str, idx)) if idx else "c"
+                out.append(f"{path}: chunk {key} is damaged (its checksum does not match); "
+                           "restore the store from a copy or convert the source again")
+    return out
+
+
 def _stored(target: Target, path: str) -> int:
     """Count the chunk (or shard) objects stored for array ``path``."""
     target.fs.invalidate_cache()
@@ -234,14 +280,8 @@ def _missing_chunks(target: Target, grp: Any) -> list[str]:
 
     root = zarr.open_group(zstore, mode="r")
     if grp.attrs.get(ALL_CHUNKS_STORED):
-        with quiet_text_dtype():
-            arrays = sorted(root.arrays(), key=lambda kv: kv[0])
-            arrays += [(f"ome/{k}", a) for k, a in sorted(root["ome"].arrays())] \
-                if "ome" in root else []
-            arrays += [(f"photons/{k}", a) for k, a in sorted(grp.arrays())
-                       if k != "arrival_time"]
-        for path, a in arrays:
-            if a.size:
+        for path, a in _arrays(root):
+            if a.size and path != "photons/arrival_time":  # its shards: below
                 check(path, outer_grid(a))
     else:
         for path in ("intensity", "photon_count", "histogram"):
