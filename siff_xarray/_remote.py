@@ -17,7 +17,8 @@ from typing import Any
 
 from .errors import RemoteAccessError
 
-__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "remote_error", "with_timeouts"]
+__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "one_retry_loop", "remote_error",
+           "with_timeouts"]
 
 #: seconds to establish a connection
 CONNECT_TIMEOUT_S = 10.0
@@ -28,7 +29,18 @@ RETRIES = 4
 
 
 def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Return ``storage_options`` with this package's timeouts where the caller set none."""
+    """Return ``storage_options`` with this package's timeouts where the caller set none.
+
+    Chained URLs (``simplecache::s3://bucket/run.siff``) get them for each HTTP or S3
+    link, under the link's protocol as fsspec expects (``{"s3": {...}}``).
+    """
+    if "::" in url:
+        opts = dict(storage_options or {})
+        for link in url.split("::")[1:]:
+            protocol = link.split("://", 1)[0].lower() if "://" in link else ""
+            if protocol in ("http", "https", "s3", "s3a"):
+                opts[protocol] = with_timeouts(link, opts.get(protocol))
+        return opts
     opts = dict(storage_options or {})
     protocol = url.split("://", 1)[0].lower() if "://" in url else ""
     if protocol in ("http", "https"):
@@ -46,6 +58,20 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         config.setdefault("retries", {"max_attempts": RETRIES, "mode": "standard"})
         opts["config_kwargs"] = config
     return opts
+
+
+def one_retry_loop(fs: Any) -> Any:
+    """Leave retries to botocore alone on an s3fs filesystem; return ``fs``.
+
+    s3fs repeats a timed-out request 5 times on top of botocore's own
+    :data:`RETRIES` attempts, so a silent endpoint would take 5 x RETRIES x
+    :data:`READ_TIMEOUT_S` (20 minutes) to fail; botocore's standard retry mode
+    already retries timeouts, connection errors, throttling and 5xx with backoff.
+    With this a silent endpoint fails after at most RETRIES x READ_TIMEOUT_S.
+    """
+    if type(fs).__name__ == "S3FileSystem":
+        fs.retries = 1
+    return fs
 
 
 def remote_error(url: str, exc: BaseException) -> RemoteAccessError | None:

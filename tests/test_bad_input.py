@@ -467,3 +467,47 @@ def test_a_cut_off_file_converts_only_when_allowed(tmp_path, small):
             zs.convert(cut, tmp_path / "c.zarr")
         summary = zs.convert(cut, tmp_path / "c.zarr", allow_truncated=True)
     assert summary.frames == t.n_frames - 1
+
+
+def test_work_and_memory_follow_the_data_not_a_header_that_claims_100000_channels(tmp_path):
+    import tracemalloc
+
+    import xarray as xr
+
+    save = "[" + ";".join(str(i) for i in range(1, 100_001)) + "]"
+    t = write_siff(tmp_path / "c.siff", shape=(16, 16), n_timepoints=40, photons_per_frame=50,
+                   seed=1, header_extra={"SI.hChannels.channelSave": save})
+    assert Path(t.path).stat().st_size < 1_000_000
+    # default: 40 frames are not one volume of 100,000: no timepoint, said so, no crash
+    # (the old code raised "cannot reshape array of size 0")
+    with pytest.warns(SiffWarning, match=r"holds 40 frame\(s\), fewer than one volume "
+                      r"\(100000 frames"):
+        ds = xr.open_dataset(t.path, engine="siff", chunks={})
+    assert ds.sizes["time"] == 0 and ds.load().intensity.size == 0
+    # keep: what the header says, in chunks of whole frames of ~chunk_bytes (it made one
+    # Dask chunk per frame: 100,000 tasks, 65 s and 1.8 GB for a 0.6 MB file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SiffWarning)
+        ds = xr.open_dataset(t.path, engine="siff", partial_volume="keep", chunks={})
+    assert ds.intensity.data.npartitions <= 8 and ds.histogram.data.npartitions <= 32
+    tracemalloc.start()
+    ds.load()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * ds.nbytes, (peak, ds.nbytes)
+    assert int(ds.frame_present.sum()) == 40
+    np.testing.assert_array_equal(
+        ds.intensity.isel(time=0, z=0, channel=slice(0, 40)).values,
+        SiffFile(t.path).read_frames(np.arange(40)))
+
+
+def test_a_file_cut_off_in_its_first_volume_opens_empty_or_kept(tmp_path):
+    import xarray as xr
+
+    t = write_siff(tmp_path / "one.siff", shape=(8, 8), channels=(1, 2), n_slices=3,
+                   n_timepoints=0, extra_frames=1, photons_per_frame=50, seed=1)
+    with pytest.warns(SiffWarning, match="fewer than one volume"):
+        ds = xr.open_dataset(t.path, engine="siff")
+    assert ds.sizes["time"] == 0
+    kept = xr.open_dataset(t.path, engine="siff", partial_volume="keep")
+    assert kept.sizes["time"] == 1 and int(kept.frame_present.sum()) == 1

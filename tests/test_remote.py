@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from siff_xarray import SiffFile
+from siff_xarray import store as zs
 from siff_xarray.backend import open_acquisition
 from siff_xarray.synthetic import write_siff
 
@@ -514,3 +515,27 @@ def test_s3_cold_open_and_sidecar_at_latency_count_requests(s3_server, s3_latenc
                          index_cache=tmp_path / "with-sidecar") as ds:
         assert proxy.requests - before <= 6, proxy.counts
         xr.testing.assert_identical(_bare(ds), want)
+
+
+def test_store_destinations_and_chained_urls_time_out_with_a_clear_error(
+        silent_server, tmp_path, monkeypatch):
+    from siff_xarray import _remote
+    from siff_xarray.errors import RemoteAccessError
+
+    monkeypatch.setattr(_remote, "READ_TIMEOUT_S", 1.0)  # the default is 60 s
+    monkeypatch.setattr(_remote, "RETRIES", 1)
+    t = write_siff(tmp_path / "d.siff", shape=(8, 8), n_timepoints=3, photons_per_frame=50)
+    # an S3 endpoint that accepts connections and never answers: they hung before
+    s3 = {"endpoint_url": silent_server, "key": "k", "secret": "s"}
+    dst = "s3://bucket/run.zarr"
+    t0 = time.monotonic()
+    with pytest.raises(RemoteAccessError, match=rf"{dst}: the server"):
+        zs.convert(t.path, dst, target_options=s3)
+    with pytest.raises(RemoteAccessError, match=rf"{dst}: the server"):
+        zs.open_converted(dst, storage_options=s3)
+    # a chained URL gets the timeouts of its HTTP link
+    url = f"simplecache::{silent_server}/run.siff"
+    assert "timeout" in _remote.with_timeouts(url, None)["http"]["client_kwargs"]
+    with pytest.raises(RemoteAccessError, match="the server did not answer in time"):
+        xr.open_dataset(url, engine="siff", index_cache=False)
+    assert time.monotonic() - t0 < 30  # measured 7.6 s; s3fs's own 5 retries made it 30 s

@@ -195,7 +195,13 @@ class SiffBackendArray(BackendArray):
 def chunks_in_time(frame_dims: tuple[str, ...], frame_map: np.ndarray, trailing: tuple[str, ...],
                     trailing_shape: tuple[int, ...], itemsize: int, chunk_bytes: int
                     ) -> dict[str, int]:
-    """Preferred chunks: whole frames, whole volumes, ``~chunk_bytes`` per chunk in time."""
+    """Preferred chunks: whole frames, ``~chunk_bytes`` per chunk.
+
+    Chunks hold whole volumes and split the time axis; a volume bigger than
+    ``chunk_bytes`` (many planes or channels, or big frames) is split into blocks of
+    whole frames along its innermost frame axes, so that the number of chunks
+    follows the data's size, never the header's frame counts alone.
+    """
     per_frame = int(np.prod(trailing_shape, dtype=np.int64)) * itemsize
     shape = frame_map.shape
     per_volume = max(1, int(np.prod(shape[1:], dtype=np.int64)) * per_frame)
@@ -203,6 +209,10 @@ def chunks_in_time(frame_dims: tuple[str, ...], frame_map: np.ndarray, trailing:
     chunks.update(zip(trailing, trailing_shape, strict=True))
     if per_volume <= chunk_bytes:
         chunks["time"] = max(1, min(shape[0], chunk_bytes // per_volume))
-    else:  # a volume is too big for one chunk: one frame per chunk
-        chunks.update({d: 1 for d in frame_dims})
+    else:  # a volume is too big for one chunk: whole frames, ~chunk_bytes per chunk
+        room = max(1, chunk_bytes // max(per_frame, 1))  # frames per chunk
+        chunks["time"] = 1
+        for d, n in zip(frame_dims[:0:-1], shape[:0:-1], strict=True):  # innermost first
+            chunks[d] = max(1, min(n, room))
+            room = max(1, room // n)
     return chunks

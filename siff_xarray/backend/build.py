@@ -174,6 +174,13 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
     reader = FrameReader(managers, offsets[:-1], opts)
 
     fmap = ip.frame_indices(include_partial=opts.partial_volume == "keep")  # (T, Z, R, C)
+    if fmap.shape[0] == 0 and ip.num_partial_frames:
+        warnings.warn(
+            f"{names[0]}: holds {ip.num_partial_frames} frame(s), fewer than one volume "
+            f"({ip.file_frames_per_volume} frames: {ip.num_slices} slice(s) x "
+            f"{ip.frames_per_slice} frame(s) per slice x {ip.num_colors} channel(s) + "
+            "flyback): the Dataset has no timepoint; partial_volume='keep' reads them",
+            SiffWarning, stacklevel=user_stacklevel())
     repeat = ip.frames_per_slice > 1
     if not repeat:
         fmap = fmap[:, :, 0, :]
@@ -194,7 +201,7 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
         epoch_attrs.update(units="ns since 1970-01-01",
                            description="int64 nanoseconds; the int64 minimum marks a missing "
                                        "frame")
-    t_first = frame_time.reshape(fmap.shape[0], -1)[:, 0]
+    t_first = frame_time.reshape(fmap.shape[0], int(np.prod(fmap.shape[1:])))[:, 0]
     if np.isnan(t_first).any():  # no timestamps: fall back to the nominal volume period
         dt = ip.dt_volume if ip.dt_volume is not None else 1.0
         t_first = np.where(np.isnan(t_first), np.arange(fmap.shape[0]) * dt, t_first)

@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._paths import is_remote, local_path
-from .._remote import remote_error, with_timeouts
+from .._remote import one_retry_loop, remote_error, with_timeouts
 from ..errors import RemoteAccessError, SiffFormatError
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
@@ -401,6 +401,7 @@ class FsspecSource(ByteSource):
         try:
             self._fs, self._path = fsspec.core.url_to_fs(
                 url, **with_timeouts(url, storage_options))
+            one_retry_loop(self._fs)
             info = self._fs.info(self._path)
         except Exception as exc:
             err = remote_error(url, exc)  # a timeout may come as a FileNotFoundError

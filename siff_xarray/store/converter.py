@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from .._paths import expand, has_glob, is_remote, normalize
-from ..errors import ConversionError
+from .._remote import remote_error
+from ..errors import ConversionError, RemoteAccessError, SiffFormatError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
 from . import owner
@@ -582,6 +583,27 @@ def convert_file(
         given, or ``resume`` finds no interrupted conversion of this source.
 
     """
+    try:
+        return _convert(source, destination, overwrite, resume, scheduler, num_workers,
+                        storage_options, target_options, shard_bytes, chunk_bytes, ome,
+                        ome_levels, progress, allow_truncated)
+    except (ConversionError, RemoteAccessError, SiffFormatError):
+        raise
+    except Exception as exc:  # a destination that times out or cannot be reached
+        dst = os.fspath(destination)
+        err = remote_error(dst, exc) if is_remote(dst) else None
+        if err is None:
+            raise
+        raise err from exc
+
+
+def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, scheduler: Any,
+             num_workers: int | None, storage_options: dict[str, Any] | None,
+             target_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
+             ome: bool, ome_levels: int | None,
+             progress: Callable[[Progress], None] | None,
+             allow_truncated: bool) -> ConversionSummary:
+    """Convert as :func:`convert_file` says (which maps network failures to clear errors)."""
     t_start = time.perf_counter()
     srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
             else [os.fspath(x) for x in source])

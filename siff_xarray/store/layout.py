@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._paths import is_remote, local_path
+from .._remote import one_retry_loop, with_timeouts
 
 __all__ = [
     "ALL_CHUNKS_STORED",
@@ -94,8 +95,9 @@ def _fs_and_root(destination: str | os.PathLike[str],
                  storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(os.fspath(destination), **(storage_options or {}))
-    return fs, root.rstrip("/")
+    dst = os.fspath(destination)
+    fs, root = fsspec.core.url_to_fs(dst, **with_timeouts(dst, storage_options))
+    return one_retry_loop(fs), root.rstrip("/")
 
 
 def _zarr_store(destination: str | os.PathLike[str],
@@ -105,7 +107,9 @@ def _zarr_store(destination: str | os.PathLike[str],
     dst = os.fspath(destination)
     if not is_remote(dst):
         return LocalStore(local_path(dst))
-    return FsspecStore.from_url(dst, storage_options=storage_options or {})
+    store = FsspecStore.from_url(dst, storage_options=with_timeouts(dst, storage_options))
+    one_retry_loop(store.fs)
+    return store
 
 
 @dataclass
