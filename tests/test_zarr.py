@@ -951,3 +951,26 @@ def test_an_interrupted_conversion_releases_its_store_for_resume(siff_files, tmp
     assert not (dst / ".siff-progress" / "owner.json").exists()
     zs.convert(t.path, dst, resume=True, scheduler="sync")
     assert zs.verify(t.path, dst) == []
+
+
+def test_a_same_size_edit_with_the_mtime_set_back_stops_the_conversion(tmp_path):
+    t = write_siff(tmp_path / "e.siff", shape=(64, 64), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=12, photons_per_frame=2000, seed=1)
+    size = os.path.getsize(t.path)
+    assert size > 4 * 2**16  # the edit lies outside the digested first and last 64 KiB
+    dst = tmp_path / "e.zarr"
+
+    def edit_after_first_batch(p):  # one byte in the middle, size and mtime kept
+        if p.batches_done == 1:
+            st = os.stat(t.path)
+            with open(t.path, "r+b") as fh:
+                fh.seek(size // 2)
+                b = fh.read(1)
+                fh.seek(size // 2)
+                fh.write(bytes([b[0] ^ 1]))
+            os.utime(t.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    with pytest.raises(ConversionError, match=r"changed since the conversion started "
+                       r"\(stamp"):
+        zs.convert(t.path, dst, scheduler="sync", progress=edit_after_first_batch,
+                   **_small_shards(t))

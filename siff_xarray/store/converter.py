@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._paths import expand, has_glob, is_remote, normalize
+from .._paths import expand, has_glob, is_remote, local_path, normalize
 from .._remote import remote_error
 from ..errors import ConversionError, RemoteAccessError, SiffFormatError
 from ..format.constants import ENC_TIFF
@@ -751,6 +751,10 @@ _FINGERPRINT_BYTES = 1 << 16
 def _fingerprint(sources: list[str], options: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Identity of each source: size, modification stamp, digest of its first and last 64 KiB.
 
+    The stamp is the ETag or modification time, and for local files also the inode
+    change time, which a same-size edit in the middle of the file changes even when
+    the modification time is set back.
+
     A conversion records it in its plan and checks it before every batch (and on
     resume), so a source that is replaced, grows or is rewritten while being
     converted stops the conversion instead of mixing two files in one store.
@@ -764,6 +768,8 @@ def _fingerprint(sources: list[str], options: dict[str, Any] | None) -> list[dic
         size = int(info["size"])
         stamp = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified",
                                               "last_modified") if info.get(k) is not None), "")
+        if not is_remote(src):  # the inode change time: os.utime cannot set it back
+            stamp += f"/ctime {os.stat(local_path(src)).st_ctime_ns}"
         with fs.open(path, "rb") as fh:
             digest = hashlib.sha256(fh.read(_FINGERPRINT_BYTES))
             fh.seek(max(0, size - _FINGERPRINT_BYTES))
