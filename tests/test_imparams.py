@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from siff_xarray import SiffFile
+from siff_xarray import SiffFile, SiffWarning
 from siff_xarray.format.imparams import ImParams
 from siff_xarray.format.metadata import parse_nvfd
 from siff_xarray.synthetic import scanimage_header, write_siff
@@ -154,9 +156,19 @@ def test_unusable_header_values():
     assert ip.ysize == 4
     with pytest.raises(SiffFormatError, match=r"f\.siff.*pixelsPerLine .* is not a frame size"):
         _ = ip.xsize
-    assert ip.zoom is None and ip.dt_frame is None
-    assert ip.z_vals is None
-    np.testing.assert_array_equal(ip.z_positions, [0.0, 10.0, 20.0])  # from the step size
+    # optional values that are unusable: ignored, with one warning naming file and key
+    for read, key in [(lambda: ip.zoom, "scanZoomFactor = 'x'"),
+                      (lambda: ip.dt_frame, "scanFramePeriod = NaN"),
+                      (lambda: ip.z_vals, "zsRelative = {'a' 'b' 'c'}")]:
+        with pytest.warns(SiffWarning, match=rf"f\.siff: SI\.h\w+\.{key} in the header is "
+                          r"not .*; it is ignored"):
+            assert read() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert read() is None  # once per key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SiffWarning)
+        np.testing.assert_array_equal(ip.z_positions, [0.0, 10.0, 20.0])  # the step size
     # layout metadata is never guessed: a channel list that is not one is an error
     with pytest.raises(SiffFormatError, match=r"f\.siff.*channelSave = 1e300 .* channel"):
         ImParams(parse_nvfd(bad.replace("channelSave = 1", "channelSave = 1e300")), 0, None,

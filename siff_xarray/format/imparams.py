@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SiffFormatError, user_stacklevel
+from ..errors import SiffFormatError, SiffWarning, user_stacklevel
 from .constants import MULTIHARP_BASE_RESOLUTION_PS
 from .metadata import ScanImageMetadata
 
@@ -46,6 +46,11 @@ def _as_float(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
         return None
     return float(v)
+
+
+def _absent(v: Any) -> bool:
+    """Tell whether a header value is missing: absent, or MATLAB's empty ``[]`` / ``''``."""
+    return v is None or (isinstance(v, (np.ndarray, list, str)) and len(v) == 0)
 
 
 def _module_name(part: str) -> str:
@@ -164,12 +169,35 @@ class ImParams(_ItemsAsAttributes):
         for k, v in si.items():
             if isinstance(v, dict):
                 self._modules[_module_name(k)] = ScanImageModule(_module_name(k), v)
+        self._warned: set[str] = set()
         self._validate()
 
     # ---------------------------------------------------------------- header access
 
     def _get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get_path(key, default)
+
+    def _ignore(self, key: str, what: str, effect: str) -> None:
+        """Warn (once per key) that an optional header value is unusable and is ignored."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        text = self.metadata.raw.get(key)
+        shown = text.strip() if isinstance(text, str) else repr(self._get(key))
+        shown = shown if len(shown) < 60 else shown[:57] + "..."
+        warnings.warn(f"{self.name}: {key} = {shown} in the header is not {what}; it is "
+                      f"ignored ({effect})", SiffWarning, stacklevel=user_stacklevel())
+
+    def _optional_float(self, key: str, effect: str, positive: bool = False) -> float | None:
+        """Return an optional header number; None (with a warning) when present but unusable."""
+        v = self._get(key)
+        if _absent(v):
+            return None
+        f = _as_float(v)
+        if f is None or (positive and f <= 0):
+            self._ignore(key, "a positive number" if positive else "a number", effect)
+            return None
+        return f
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_"):
@@ -420,21 +448,32 @@ class ImParams(_ItemsAsAttributes):
     @property
     def step_size(self) -> float:
         """Z step between slices (um); 0 without a stack."""
-        v = self._get("SI.hStackManager.actualStackZStepSize",
-                      self._get("SI.hStackManager.stackZStepSize"))
-        return float(v) if self.stack_enabled and isinstance(v, (int, float)) else 0.0
+        if not self.stack_enabled:
+            return 0.0
+        key = ("SI.hStackManager.actualStackZStepSize"
+               if self._get("SI.hStackManager.actualStackZStepSize") is not None
+               else "SI.hStackManager.stackZStepSize")
+        v = self._optional_float(key, "z steps of 0 um")
+        return 0.0 if v is None else v
 
     @property
     def z_vals(self) -> list[float] | None:
         """Relative z of each slice (``zsRelative``), or ``None`` without a stack."""
         if not self.stack_enabled:
             return None
-        v = self._get("SI.hStackManager.zsRelative")
-        if not isinstance(v, (np.ndarray, list, int, float)):
+        key = "SI.hStackManager.zsRelative"
+        v = self._get(key)
+        if _absent(v):
             return None
         try:
-            return np.asarray(v, dtype=float).ravel().tolist()
+            if isinstance(v, (str, bool)):
+                raise TypeError
+            z = np.asarray(v, dtype=float).ravel()
+            if not np.isfinite(z).all():
+                raise ValueError
+            return z.tolist()
         except (TypeError, ValueError):  # e.g. a cell array holding text
+            self._ignore(key, "a list of z positions", "z from the step size")
             return None
 
     @property
@@ -448,13 +487,22 @@ class ImParams(_ItemsAsAttributes):
     @property
     def zoom(self) -> float | None:
         """Scan zoom factor (None when absent or not a number)."""
-        return _as_float(self._get("SI.hRoiManager.scanZoomFactor"))
+        return self._optional_float("SI.hRoiManager.scanZoomFactor", "zoom unknown",
+                                    positive=True)
 
     @property
     def imaging_fov(self) -> np.ndarray | None:
         """Imaging field of view corners (um), as in the header."""
-        v = self._get("SI.hRoiManager.imagingFovUm")
-        return np.asarray(v, dtype=float) if isinstance(v, np.ndarray) else None
+        key = "SI.hRoiManager.imagingFovUm"
+        v = self._get(key)
+        if _absent(v):
+            return None
+        fov = np.asarray(v, dtype=float) if isinstance(v, np.ndarray) and \
+            v.dtype.kind in "iuf" else None
+        if fov is None or fov.ndim != 2 or fov.shape[1] != 2 or not np.isfinite(fov).all():
+            self._ignore(key, "a list of (x, y) corners in um", "pixel size unknown")
+            return None
+        return fov
 
     @property
     def pixel_size_um(self) -> tuple[float, float] | None:
@@ -471,13 +519,15 @@ class ImParams(_ItemsAsAttributes):
     @property
     def dt_frame(self) -> float | None:
         """Frame period in s (``scanFramePeriod``; None when absent or not a number)."""
-        return _as_float(self._get("SI.hRoiManager.scanFramePeriod"))
+        return self._optional_float("SI.hRoiManager.scanFramePeriod", "frame period "
+                                    "unknown", positive=True)
 
     @property
     def dt_volume(self) -> float | None:
         """Volume period in s (``1 / scanVolumeRate``)."""
-        r = self._get("SI.hRoiManager.scanVolumeRate")
-        return 1.0 / r if isinstance(r, (int, float)) and r > 0 else None
+        r = self._optional_float("SI.hRoiManager.scanVolumeRate", "volume period unknown",
+                                 positive=True)
+        return None if r is None else 1.0 / r
 
     # ---------------------------------------------------------------- FLIM axis
 
@@ -488,7 +538,11 @@ class ImParams(_ItemsAsAttributes):
         key and the ``override`` keyword when implausible.
         """
         hit = self.metadata.find(key)
-        if not hit or not isinstance(hit[1], (int, float)) or isinstance(hit[1], bool):
+        if not hit or _absent(hit[1]):
+            return None
+        if _as_float(hit[1]) is None:
+            self._ignore(hit[0], "a number", f"no arrival-time axis unless {override}= is "
+                         "passed")
             return None
         if not lo <= hit[1] <= hi:
             raise SiffFormatError(self.name, f"implausible {hit[0]} = {hit[1]} in the header "
