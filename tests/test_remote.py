@@ -539,3 +539,33 @@ def test_store_destinations_and_chained_urls_time_out_with_a_clear_error(
     with pytest.raises(RemoteAccessError, match="the server did not answer in time"):
         xr.open_dataset(url, engine="siff", index_cache=False)
     assert time.monotonic() - t0 < 30  # measured 7.6 s; s3fs's own 5 retries made it 30 s
+
+
+def test_missing_s3_credentials_are_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    # no credentials anywhere: no AWS_* variables, an empty home, no instance metadata
+    # service (which botocore would otherwise ask at a non-loopback address)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true",
+               AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    opts = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}})
+    url = "s3://bucket/run.siff"
+    r = subprocess.run([sys.executable, "-m", "siff_xarray.cli", "index", url,
+                        "--storage-options", opts], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"{url}: no credentials for this bucket" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    script = ("import json, sys\nfrom siff_xarray import store as zs\n"
+              "from siff_xarray.errors import RemoteAccessError\n"
+              f"opts = json.loads({opts!r})\n"
+              "try:\n"
+              f"    zs.open_converted('s3://bucket/run.zarr', storage_options=opts)\n"
+              "except RemoteAccessError as e:\n"
+              "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert "s3://bucket/run.zarr: no credentials for this bucket" in r.stdout, r.stderr
