@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from . import accessor  # noqa: F401 - registers ``ds.siff`` (imports only numpy, xarray)
 from ._lazy import lazy_getattr
+from ._progress import Step, set_progress
 from ._version import __version__
 from .errors import (
     ConversionError,
@@ -40,9 +41,9 @@ from .errors import (
 
 __all__ = [
     "ConversionError", "ImParams", "IncompleteStoreError", "MissingChunkError", "SiffFile",
-    "SiffFormatError",
-    "SiffWarning", "__version__", "convert", "convert_file", "open_acquisition", "open_converted",
-    "open_siff", "read_photons", "synthetic", "to_siff", "to_tiff", "verify",
+    "SiffFormatError", "SiffWarning", "Step", "__version__", "convert", "convert_file",
+    "open_acquisition", "open_converted", "open_siff", "read_photons", "set_progress",
+    "synthetic", "to_siff", "to_tiff", "verify",
 ]
 
 _LAZY = {

@@ -284,7 +284,8 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
 @cli.command()
 @click.argument("source")
 @click.argument("store")
-def verify(source: str, store: str) -> None:
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(source: str, store: str, quiet: bool) -> None:
     """Compare STORE (a converted Zarr store) with SOURCE, frame by frame."""
     from .store import is_converted_store
     from .store import verify as run_verify
@@ -295,7 +296,7 @@ def verify(source: str, store: str) -> None:
         raise ValueError(f"verify SOURCE STORE: {store} is not a converted siff-xarray "
                          f"store{hint}")
 
-    problems = run_verify(source, store)
+    problems = run_verify(source, store, progress=not quiet)
     if problems:
         for p in problems:
             click.echo(f"DIFFERENT: {p}")
@@ -363,9 +364,10 @@ def to_tiff(source: str, output: str, overwrite: bool) -> None:
 @click.option("--output", type=click.Path(), default=None,
               help="Where to write the shifts (.zarr or .nc); default SOURCE.shifts.zarr.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 def register(source: str, channel: int | None, method: str, max_shift: int | None,
              motion: str, step_cost: float, regularize_sigma: float, output: str | None,
-             overwrite: bool) -> None:
+             overwrite: bool, quiet: bool) -> None:
     """Register SOURCE (a .siff or a converted .zarr) and save its shifts beside it.
 
     The output holds shift_y, shift_x, quality over (time, z) and the reference
@@ -383,7 +385,8 @@ def register(source: str, channel: int | None, method: str, max_shift: int | Non
     with opened as ds:
         reg = ds.siff.register(channel=channel, method=method, max_shift=max_shift,
                                motion=motion, step_cost=step_cost,
-                               regularize_sigma=regularize_sigma).compute()
+                               regularize_sigma=regularize_sigma,
+                               progress=not quiet).compute()
     reg.attrs.update({"source": source, "convention": reg.shift_y.attrs["convention"]})
     if out.endswith(".nc"):
         reg.to_netcdf(out, mode="w")

@@ -5,9 +5,9 @@ Modules
 api         :class:`SiffAccessor` (registered as ``ds.siff``) and ``calibrate_phasor``
 reductions  the table of photon reductions and the (Dask) blocks that run them
 
-Import rule: numpy and xarray at import (importing the package only registers the
-accessor); the reader, store and registration packages lazily, inside the
-methods that need them; never the backend's internals.
+Import rule: numpy, xarray and the leaves at import (importing the package only
+registers the accessor); the reader, store and registration packages lazily,
+inside the methods that need them; never the backend's internals.
 """
 
 from .api import SiffAccessor, calibrate_phasor

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from .._paths import is_remote
+from .._progress import ProgressArg, Reporter
 from .reductions import PhotonSource, bin_ns, reduce_photons
 
 __all__ = ["SiffAccessor", "calibrate_phasor"]
@@ -54,6 +55,7 @@ class SiffAccessor:
         batch_frames: int = 512,
         device: Any = None,
         suite2p_settings: dict[str, Any] | None = None,
+        progress: ProgressArg = None,
     ) -> xr.Dataset:
         """Estimate rigid shifts of every frame, plane by plane.
 
@@ -116,6 +118,13 @@ class SiffAccessor:
         device, suite2p_settings
             ``"suite2p"``: torch device (default CUDA if available, else CPU) and
             overrides of suite2p's registration settings.
+        progress
+            Progress bars of the reference (levels or planes) and of the alignment
+            (volumes): ``None`` (default) when someone watches (a terminal or a
+            notebook) and a step takes over a second, ``True`` always, ``False``
+            never, or a callable taking a :class:`~siff_xarray.Step` (see
+            :func:`siff_xarray.set_progress`). A Dask-backed Dataset's alignment is
+            lazy: use Dask's progress bars when computing it.
 
         Returns
         -------
@@ -187,7 +196,7 @@ class SiffAccessor:
             sample = np.asarray(img.isel(time=pick).values)
             refs, fitted = build_references(sample.reshape(-1, nz, h, w), method, n_iter,
                                             regularize_sigma, opts,
-                                            consecutive=len(pick) == nt)
+                                            consecutive=len(pick) == nt, progress=progress)
         align = partial(align_block, refs=refs, method=method, opts=opts,
                         regularize_sigma=regularize_sigma)
         data = img.data
@@ -202,9 +211,12 @@ class SiffAccessor:
             # the EM fitted its sample frames already; a motion prior needs unbroken runs
             todo = np.setdiff1d(np.arange(nt), pick) if fitted is not None and not step_cost \
                 else np.arange(nt)
-            for a in range(0, len(todo), step):
-                sel = todo[a: a + step]
-                res[sel] = align(np.asarray(img.isel(time=sel).values))
+            with Reporter(f"registration ({method})", len(todo), "volumes",
+                          progress) as bar:
+                for a in bar.track(range(0, len(todo), step),
+                                   lambda a: min(step, len(todo) - a)):
+                    sel = todo[a: a + step]
+                    res[sel] = align(np.asarray(img.isel(time=sel).values))
         if fitted is not None:  # the sample frames keep their unbiased (cross-fitted) fit
             overlay = np.full(res.shape, np.nan)
             overlay[pick] = fitted.reshape(len(pick), *res.shape[1:])

@@ -25,11 +25,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from .._progress import Reporter
+
 if TYPE_CHECKING:  # the reader (and Numba) load when a reduction runs, not on import
     from ..reader.index_cache import IndexHint
 
-__all__ = ["REDUCTIONS", "PhotonSource", "Reduction", "bin_ns", "reduce_block",
-           "reduce_photons"]
+__all__ = ["EAGER_BLOCK_FRAMES", "REDUCTIONS", "PhotonSource", "Reduction", "bin_ns",
+           "reduce_block", "reduce_photons"]
+
+
+#: frames reduced at a time on an eager Dataset (bounds memory; the progress steps)
+EAGER_BLOCK_FRAMES = 4096
 
 
 @dataclass(frozen=True)
@@ -231,13 +237,16 @@ def reduce_photons(ds: xr.Dataset, sources: tuple[PhotonSource, ...], which: np.
         bounds = np.cumsum((0, *chunks[ds.intensity.dims.index("time")]))
     else:
         per_t = max(1, fm.size // max(1, fm.shape[t_axis]))
-        bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, 4096 // per_t)),
+        bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, EAGER_BLOCK_FRAMES // per_t)),
                        fm.shape[t_axis]]
     blocks = []
     # the sources (with their index hints) are one key of the graph, sent to a worker
     # once, not copied into every task
     shared = dask.delayed(sources, pure=True, traverse=False) if chunks is not None else None
-    for a, b in itertools.pairwise(bounds):
+    # eager: a progress bar over the frames (the default of siff_xarray.set_progress)
+    per_block = max(1, fm.size // max(1, fm.shape[t_axis]))
+    bar = Reporter(f"ds.siff {op}", fm.size, "frames", False if chunks is not None else None)
+    for a, b in bar.track(itertools.pairwise(bounds), lambda ab: (ab[1] - ab[0]) * per_block):
         idx = [slice(None)] * fm.ndim
         idx[t_axis] = slice(int(a), int(b))
         fb, wb = fm[tuple(idx)], which[tuple(idx)]
@@ -249,6 +258,7 @@ def reduce_photons(ds: xr.Dataset, sources: tuple[PhotonSource, ...], which: np.
                                                          extra)
             blocks.append(da.from_delayed(task, shape=(n_parts, n_roi, *fb.shape, *extra),
                                           dtype=red.dtype))
+    bar.close()
     if blocks:
         data = (np.concatenate if chunks is None else da.concatenate)(blocks, axis=2 + t_axis)
     else:

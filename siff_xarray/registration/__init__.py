@@ -11,8 +11,8 @@ blocks   references and block-wise alignment as ``ds.siff.register`` runs them
 Convention (everywhere in siff-xarray): a frame is registered by
 ``numpy.roll(raw, (shift_y, shift_x), axis=(-2, -1))``, for shifts of any sign.
 
-Import rule: numpy, scipy and numba (suite2p/torch lazily, in :mod:`.suite2p`);
-never the reader, backend, store or accessor.
+Import rule: numpy, scipy, numba and the leaves (suite2p/torch lazily, in
+:mod:`.suite2p`); never the reader, backend, store or accessor.
 """
 
 from .likelihood import (

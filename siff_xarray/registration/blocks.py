@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._progress import ProgressArg, Reporter
 from .phase import plane_weights
 
 __all__ = ["METHODS", "align_block", "build_references", "crop_reference"]
@@ -28,8 +29,8 @@ def crop_reference(refs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def build_references(frames: np.ndarray, method: str, n_iter: int, regularize_sigma: float,
-                     opts: dict[str, Any], consecutive: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
+                     opts: dict[str, Any], consecutive: bool = False,
+                     progress: ProgressArg = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Build references from sample volumes ``(N, z, y, x)``.
 
     Returns ``(references, fitted)``. ``"likelihood"`` returns canvases
@@ -39,20 +40,26 @@ def build_references(frames: np.ndarray, method: str, n_iter: int, regularize_si
     photons, they would be biased toward where they already are). ``consecutive``
     says the sample frames follow each other in time (the motion prior
     ``opts["step_cost"]`` then applies within the EM). Other methods: ``fitted``
-    is None.
+    is None. ``progress`` reports the planes (suite2p) or the coarse-to-fine levels
+    (likelihood) done.
     """
+    task = f"registration reference from {frames.shape[0]} volumes"
     if method == "suite2p":
         from .suite2p import suite2p_reference
 
-        return np.stack([suite2p_reference(frames[:, k], **opts)
-                         for k in range(frames.shape[1])]), None
+        with Reporter(task, frames.shape[1], "planes", progress) as bar:
+            return np.stack([suite2p_reference(frames[:, k], **opts)
+                             for k in bar.track(range(frames.shape[1]))]), None
     if method == "likelihood":
-        from .likelihood import register_likelihood
+        from .likelihood import default_schedule, register_likelihood
 
-        canvases, shifts, quality = register_likelihood(
-            frames, max_shift=opts.get("max_shift"), n_iter=n_iter,
-            pool=plane_weights(frames.shape[1], regularize_sigma),
-            step_cost=opts.get("step_cost", 0.0) if consecutive else 0.0)
+        levels = len(default_schedule(frames.shape[-2:]))
+        with Reporter(task, levels, "levels", progress) as bar:
+            canvases, shifts, quality = register_likelihood(
+                frames, max_shift=opts.get("max_shift"), n_iter=n_iter,
+                pool=plane_weights(frames.shape[1], regularize_sigma),
+                step_cost=opts.get("step_cost", 0.0) if consecutive else 0.0,
+                on_level=bar.advance)
         empty = ~frames.reshape(*frames.shape[:2], -1).any(axis=2)
         shifts[empty] = 0
         quality[empty] = 0.0

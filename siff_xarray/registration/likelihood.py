@@ -36,7 +36,8 @@ registers a frame. A frame seen at displacement ``d`` of the reference (``frame(
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numba
 import numpy as np
@@ -470,7 +471,8 @@ class _Stack:
 def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
                         schedule: Sequence[float] | None = None, n_iter: int = 4,
                         pool: np.ndarray | None = None, prior: float = 1.0,
-                        coarse_frames: int = 64, folds: int = 4, step_cost: float = 0.0
+                        coarse_frames: int = 64, folds: int = 4, step_cost: float = 0.0,
+                        on_level: Callable[[], Any] | None = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Canvases and shifts of volumes ``(N, Z, h, w)`` by coarse-to-fine hard EM.
 
@@ -491,6 +493,8 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
 
     ``step_cost`` (see :func:`decode_maps`) applies at the levels that use every
     frame; pass it only when the frames are consecutive in time.
+
+    ``on_level`` is called after each level of the schedule (progress).
 
     Finally the shifts are centred so that the median shift is zero (over all
     planes when ``pool`` ties them, so that their canvases stay mutually
@@ -553,6 +557,8 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
             for _ in range(settle):
                 if not align(coarse, at, local, local, sigma / 2):
                     break
+            if on_level is not None:
+                on_level()
         shifts[subset] = np.clip(2 * at, -np.array(margin), np.array(margin))
         levels = [sg for sg in levels if sg < 4]
     used = subset
@@ -564,6 +570,8 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
         for _ in range(max(n_iter, 1) if len(idx) == n and n > len(subset) else settle):
             if not align(full, shifts, idx, idx, sigma):
                 break
+        if on_level is not None:
+            on_level()
     if n:
         tied = pool is not None and nz > 1
         centre = np.round(np.median(shifts.reshape(-1, 2) if tied else shifts, axis=0)

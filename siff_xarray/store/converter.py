@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._paths import expand, has_glob, is_remote, local_path, normalize
+from .._progress import Reporter, short_name
 from .._remote import remote_error
 from ..errors import ConversionError, RemoteAccessError, SiffFormatError
 from ..format.constants import ENC_TIFF
@@ -106,10 +107,10 @@ class _Tracker:
     """Accumulates batch results into :class:`Progress` and reports them."""
 
     def __init__(self, plan: Plan, done: set[int],
-                 callback: Callable[[Progress], None] | None,
+                 callback: Callable[[Progress], None] | bool | None,
                  heartbeat: Callable[[], None] | None = None) -> None:
         self.plan = plan
-        self.callback = callback
+        self.callback = callback if callable(callback) else None
         self.heartbeat = heartbeat
         self.t0 = time.perf_counter()
         self.p = Progress(
@@ -119,6 +120,16 @@ class _Tracker:
             bytes_done=0, bytes_total=sum(plan.batch_bytes[b] for b in range(plan.n_batches)
                                           if b not in done),
             photons_done=0, elapsed_s=0.0)
+        # no callable: the package's progress bar (None: when someone watches)
+        self.bar = None if callable(callback) else Reporter(
+            f"convert {short_name(plan.destination)}", self.p.frames_total, "frames", callback)
+        if self.bar is not None:
+            self.bar.done = self.p.frames_done
+
+    def close(self) -> None:
+        """Finish the progress bar, if any."""
+        if self.bar is not None:
+            self.bar.close()
 
     def __call__(self, result: tuple[int, int, int]) -> None:
         b, frames, photons = result
@@ -132,6 +143,8 @@ class _Tracker:
                   frames, photons)
         if self.heartbeat is not None:  # the store is still ours, and we are alive
             self.heartbeat()
+        if self.bar is not None:
+            self.bar.advance(frames)
         if self.callback is not None:
             self.callback(p)
 
@@ -529,7 +542,7 @@ def convert_file(
     chunk_bytes: int = 2 * 2**20,
     ome: bool = True,
     ome_levels: int | None = None,
-    progress: Callable[[Progress], None] | None = None,
+    progress: Callable[[Progress], None] | bool | None = None,
     allow_truncated: bool = False,
 ) -> ConversionSummary:
     """Convert one ``.siff`` file (or one split acquisition) to a Zarr v3 store, losslessly.
@@ -569,8 +582,11 @@ def convert_file(
         by default such a source is refused, so that a store is never mistaken for
         the whole file (``SiffFile.unread_bytes`` tells how much is left out).
     progress
-        Called with a :class:`Progress` after each batch (progress is also logged at
-        DEBUG level on the ``siff_xarray.store`` logger).
+        A callable is called with a :class:`Progress` after each batch. Otherwise a
+        progress bar over the frames: ``None`` (default) when someone watches (a
+        terminal or a notebook) and the conversion takes over a second, ``True``
+        always, ``False`` never (see :func:`siff_xarray.set_progress`). Progress is
+        also logged at DEBUG level on the ``siff_xarray.store`` logger.
 
     Returns
     -------
@@ -601,7 +617,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
              num_workers: int | None, storage_options: dict[str, Any] | None,
              target_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
              ome: bool, ome_levels: int | None,
-             progress: Callable[[Progress], None] | None,
+             progress: Callable[[Progress], None] | bool | None,
              allow_truncated: bool) -> ConversionSummary:
     """Convert as :func:`convert_file` says (which maps network failures to clear errors)."""
     t_start = time.perf_counter()
@@ -819,7 +835,7 @@ def _already_complete(srcs: list[str], src: str, target: Target,
 
 
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
-         progress: Callable[[Progress], None] | None) -> int:
+         progress: Callable[[Progress], None] | bool | None) -> int:
     """Run the batches not yet recorded as done; return how many were skipped."""
     import dask
 
@@ -829,15 +845,18 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
     plan_json = plan.to_json()
     if todo:
         tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id) for b in todo]
-        if isinstance(scheduler, str) and is_remote(scheduler):
-            from dask.distributed import Client
+        try:
+            if isinstance(scheduler, str) and is_remote(scheduler):
+                from dask.distributed import Client
 
-            with Client(scheduler) as client:
-                _compute_distributed(tasks, client, tracker)
-        elif not isinstance(scheduler, str):
-            _compute_distributed(tasks, scheduler, tracker)
-        else:
-            _compute_local(tasks, scheduler, num_workers, tracker)
+                with Client(scheduler) as client:
+                    _compute_distributed(tasks, client, tracker)
+            elif not isinstance(scheduler, str):
+                _compute_distributed(tasks, scheduler, tracker)
+            else:
+                _compute_local(tasks, scheduler, num_workers, tracker)
+        finally:
+            tracker.close()
     missing = set(range(plan.n_batches)) - target.done_batches()
     if missing:
         raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "

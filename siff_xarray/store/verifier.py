@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from .._progress import ProgressArg, Reporter, short_name
 from ..reader.acquisition import Acquisition
 from .layout import ALL_CHUNKS_STORED, Target, frames_per_batch, quiet_text_dtype
 from .read import checked, count_images, frame_positions, open_converted
@@ -19,19 +21,23 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
            store: str | os.PathLike[str], *,
            storage_options: dict[str, Any] | None = None,
            target_options: dict[str, Any] | None = None,
-           batch_frames: int = 256) -> list[str]:
+           batch_frames: int = 256, progress: ProgressArg = None) -> list[str]:
     """Compare a converted store with its source, frame by frame; return the differences.
 
     Checks every frame's photon count, its pixel-sorted (pixel, arrival time) pairs
     (equal multisets), its timestamps and description text, and the header texts.
     An empty list means the store holds exactly what the source holds. ``source``
     may be the ordered parts of a split acquisition converted into one store.
+    ``progress``: a bar over the frames compared (``None``: when someone watches
+    and it takes over a second; ``True``/``False``; or a callable taking a
+    :class:`~siff_xarray.Step`), see :func:`siff_xarray.set_progress`.
     """
     srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
             else [os.fspath(x) for x in source])
     target = Target(os.fspath(store), target_options)
     try:
-        return _compare(srcs, store, target, storage_options, target_options, batch_frames)
+        return _compare(srcs, store, target, storage_options, target_options, batch_frames,
+                        progress)
     except ValueError as exc:  # a checksum mismatch (SiffFormatError is a ValueError too)
         if "checksum" not in str(exc):
             raise
@@ -40,7 +46,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
 
 def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
              storage_options: dict[str, Any] | None, target_options: dict[str, Any] | None,
-             batch_frames: int) -> list[str]:
+             batch_frames: int, progress: ProgressArg = None) -> list[str]:
     """Return the differences between the store and its sources (see :func:`verify`)."""
     import zarr
 
@@ -51,7 +57,7 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
     try:
         zstore = target.zarr()
         grp = zarr.open_group(zstore, path="photons", mode="r")
-        with Acquisition.open(srcs, storage_options) as f:
+        with Acquisition.open(srcs, storage_options) as f, contextlib.ExitStack() as stack:
             n = f.num_frames
             if grp["photon_count"].shape[0] != n:
                 return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
@@ -91,7 +97,9 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             pos = frame_positions(ds.frame_index.values, n)
             h, w = ds.sizes["y"], ds.sizes["x"]
             batch_frames = frames_per_batch(batch_frames, h * w)
-            for a in range(0, n, batch_frames):
+            bar = stack.enter_context(Reporter(f"verify {short_name(target.destination)}",
+                                               n, "frames", progress))
+            for a in bar.track(range(0, n, batch_frames), lambda a: min(batch_frames, n - a)):
                 fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
                 imgs = f.read_frames(fr)
                 imgs_z = count_images(ds, grp, fr, pos, fly, imgs.shape[1:])
