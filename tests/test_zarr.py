@@ -97,6 +97,30 @@ def test_downsample_and_pyramid_levels():
         zs.pyramid_levels(16, 12, 0)
 
 
+def test_ome_rendering_gives_each_channel_a_colour_and_a_window_from_its_data(tmp_path):
+    import json
+
+    t = write_siff(tmp_path / "two.siff", shape=(32, 32), channels=(1, 2), n_timepoints=8,
+                   photons_per_frame=3000, channel_brightness=(1.0, 0.05), seed=2)
+    dst = tmp_path / "two.zarr"
+    zs.convert(t.path, dst)
+    channels = json.loads((dst / "ome" / "zarr.json").read_text())["attributes"]["ome"][
+        "omero"]["channels"]
+    assert [c["color"] for c in channels] == ["00FF00", "FF00FF"]  # were both FFFFFF
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        for c, ch in zip(channels, ds.channel.values, strict=True):
+            counts = ds.intensity.sel(channel=ch).values
+            hi = np.percentile(counts, 99.8)
+            assert c["window"]["end"] == pytest.approx(max(hi, c["window"]["start"] + 1))
+            assert c["window"]["end"] <= counts.max()  # not a fixed 0-10
+        bright, dim = (c["window"]["end"] for c in channels)
+        assert dim < bright  # the dim channel is stretched to its own range
+    # the consolidated root carries the same, so xr.open_zarr / viewers see it
+    root = json.loads((dst / "zarr.json").read_text())
+    assert root["consolidated_metadata"]["metadata"]["ome"]["attributes"]["ome"][
+        "omero"]["channels"] == channels
+
+
 def test_ome_pyramid(tmp_path):
     t = write_siff(tmp_path / "big.siff", shape=(70, 66), n_slices=2, n_timepoints=3,
                    photons_per_frame=3000)

@@ -47,7 +47,14 @@ from .layout import (
     roundup,
     store_name,
 )
-from .ome import create_ome, downsample2, ome_repeats, pyramid_levels, to_ome_order
+from .ome import (
+    create_ome,
+    downsample2,
+    ome_repeats,
+    pyramid_levels,
+    set_rendering,
+    to_ome_order,
+)
 
 __all__ = ["ConversionSummary", "Progress", "convert", "convert_file"]
 
@@ -445,6 +452,8 @@ def _prepare(sources: list[str], target: Target, build: Target,
 def _finish(target: Target, run_id: str) -> None:
     """Publish the store: write the root metadata, with every node's consolidated."""
     meta = json.loads(target.read_text(ROOT_KEY))
+    if target.exists("ome/zarr.json"):  # contrast windows from the data, for viewers
+        set_rendering(target.zarr())
     meta["consolidated_metadata"] = _consolidated(target)
     _phase("finishing")
     owner.check(target, run_id)  # only the store's owner publishes it

@@ -13,7 +13,14 @@ import numpy as np
 
 from .layout import compressors
 
-__all__ = ["create_ome", "downsample2", "ome_repeats", "pyramid_levels", "to_ome_order"]
+__all__ = ["CHANNEL_COLORS", "create_ome", "downsample2", "ome_repeats", "pyramid_levels",
+           "set_rendering", "to_ome_order", "windows"]
+
+#: display colour of each channel, in file order (green, magenta, then more)
+CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF", "FFFFFF")
+#: timepoints sampled (evenly spaced) to choose contrast windows
+WINDOW_SAMPLE = 32
+
 
 def ome_repeats(block: np.ndarray) -> int:
     """Repeats per slice folded into the OME time axis (1 without a ``repeat`` dim)."""
@@ -88,8 +95,9 @@ def _ome_metadata(ds: Any, name: str, levels: int = 1) -> dict[str, Any]:
                                         "level before (rounded)"},
         }],
         "omero": {"channels": [
-            {"label": n, "active": True, "color": "FFFFFF",
-             "window": {"min": 0, "max": 65535, "start": 0, "end": 10}} for n in names]},
+            {"label": n, "active": True, "color": CHANNEL_COLORS[i % len(CHANNEL_COLORS)],
+             "window": {"min": 0, "max": 65535, "start": 0, "end": 10}}
+            for i, n in enumerate(names)]},
     }}
 
 
@@ -112,3 +120,46 @@ def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
                          shards=(st * reps, *shape[1:]), compressors=compressors(),
                          fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
         h, w = -(-h // 2), -(-w // 2)
+
+
+def windows(sample: np.ndarray) -> list[dict[str, float]]:
+    """Contrast windows per channel of ``(t, c, z, y, x)`` counts: 0.5th to 99.8th percentile.
+
+    ``min``/``max`` are the sample's range; the window is at least one count wide,
+    so that a dim channel is stretched to be seen rather than shown black.
+    """
+    out = []
+    for c in range(sample.shape[1]):
+        v = np.asarray(sample[:, c], dtype=np.float64).ravel()
+        if v.size == 0:
+            out.append({"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0})
+            continue
+        lo, hi = np.percentile(v, [0.5, 99.8])
+        hi = max(float(hi), float(lo) + 1.0)
+        out.append({"min": float(v.min()), "max": max(float(v.max()), hi),
+                    "start": float(lo), "end": hi})
+    return out
+
+
+def set_rendering(store: Any) -> None:
+    """Write each channel's contrast window (from the data) into the ``ome`` group's ``omero``.
+
+    Reads up to :data:`WINDOW_SAMPLE` evenly spaced timepoints of level 0. The
+    colours were written with the group (:data:`CHANNEL_COLORS`).
+    """
+    import zarr
+
+    grp = zarr.open_group(store, path="ome", mode="r+")
+    arr = grp["0"]
+    n_t = arr.shape[0]
+    pick = np.unique(np.linspace(0, max(n_t - 1, 0), min(n_t, WINDOW_SAMPLE)).round()
+                     ).astype(int) if n_t else np.zeros(0, dtype=int)
+    sample = (np.stack([np.asarray(arr[int(i)]) for i in pick]) if pick.size
+              else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
+    attrs = dict(grp.attrs)
+    ome = dict(attrs["ome"])
+    channels = [dict(ch) for ch in ome["omero"]["channels"]]
+    for ch, window in zip(channels, windows(sample), strict=True):
+        ch["window"] = window
+    ome["omero"] = {**ome["omero"], "channels": channels}
+    grp.attrs.update({"ome": ome})
