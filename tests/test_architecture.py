@@ -30,6 +30,7 @@ ALLOWED = {
     "virtual": {"backend", "reader", "format"},
     "compat": {"backend", "reader", "format", "_options", "accessor", "registration", "store"},
     "cli": {"backend", "reader", "format", "store", "synthetic", "accessor", "registration"},
+    "napari_reader": {"backend", "store", "accessor"},
     # deprecated aliases of moved modules
     "zarr_store": set(), "zarr_photons": set(), "export": set(),
     "registration_suite2p": set(),
