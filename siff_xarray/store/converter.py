@@ -283,7 +283,10 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         for k in range(plan.ome_levels):  # the same time range, so a whole shard per level
             if k:
                 level = downsample2(level)
-            _open_for_batch(store, f"ome/{k}")[r0:r1] = level
+            arr = _open_for_batch(store, f"ome/{k}")
+            end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
+            if end > r0:
+                arr[r0:end] = level[: end - r0]
     _open_for_batch(store, "photon_count")[t0:t1] = pc
     if hblock is not None:
         _open_for_batch(store, "histogram")[t0:t1] = hblock

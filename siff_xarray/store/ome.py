@@ -13,7 +13,7 @@ import numpy as np
 
 from .layout import compressors
 
-__all__ = ["CHANNEL_COLORS", "create_ome", "downsample2", "ome_repeats", "pyramid_levels",
+__all__ = ["CHANNEL_COLORS", "complete_timepoints", "create_ome", "downsample2", "ome_repeats", "pyramid_levels",
            "set_rendering", "to_ome_order", "windows"]
 
 #: display colour of each channel, in file order (green, magenta, then more)
@@ -101,20 +101,32 @@ def _ome_metadata(ds: Any, name: str, levels: int = 1) -> dict[str, Any]:
     }}
 
 
+def complete_timepoints(ds: Any) -> int:
+    """Timepoints of ``ds`` whose every frame was acquired (a partial last one left out)."""
+    n_t = int(ds.sizes["time"])
+    if n_t and "frame_present" in ds and not bool(
+            np.asarray(ds.frame_present.isel(time=-1).values).all()):
+        return n_t - 1
+    return n_t
+
+
 def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
     """Create the NGFF 0.5 image group ``ome``: arrays ``0``, ``1``, ... (t, c, z, y, x).
 
     Level 0 is the intensity; level ``k`` halves y and x ``k`` times. Every level
     shards time like the intensity, so each conversion batch writes whole shards.
+    A partial last volume is left out (viewers would show its never-acquired
+    planes as black; the store's root and ``photons`` keep it).
     """
     import zarr
 
     reps = ds.sizes.get("repeat", 1)
     h, w = ds.sizes["y"], ds.sizes["x"]
+    n_t = complete_timepoints(ds)
     grp = zarr.open_group(store, path="ome", mode="w", attributes=_ome_metadata(
-        ds, str(ds.attrs.get("title", "intensity")), levels))
+        ds.isel(time=slice(0, n_t)), str(ds.attrs.get("title", "intensity")), levels))
     for k in range(levels):
-        shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
+        shape = (n_t * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
         grp.create_array(str(k), shape=shape, dtype=ds.intensity.dtype,
                          chunks=(ct * reps, *shape[1:]),
                          shards=(st * reps, *shape[1:]), compressors=compressors(),
