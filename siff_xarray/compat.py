@@ -29,8 +29,8 @@ import numpy as np
 from ._options import histogram_length
 
 __all__ = [
-    "FlimTrace", "RegistrationInfo", "SiffReader", "registration_info_path",
-    "save_registration_info", "siff_to_tiff",
+    "EventStamp", "FLIMParams", "FlimTrace", "RegistrationInfo", "SiffReader", "Timeseries",
+    "registration_info_path", "save_registration_info", "siff_to_tiff",
 ]
 
 
@@ -137,6 +137,81 @@ class RegistrationInfo:
         return cls(filename=os.fspath(data_file) if data_file is not None else str(stem),
                    registration_type=kind.split(".")[-1].lower(),
                    registration_color=int(color), yx_shifts=shifts, reference_frames=ref)
+
+
+class Timeseries(np.ndarray):
+    """SiffPy's ``Timeseries``: times with their ``units``.
+
+    ``units`` is ``"experiment_seconds"``, ``"epoch_nanoseconds"`` or
+    ``"epoch_seconds"``. Arithmetic between two Timeseries of different units
+    raises ValueError, as in SiffPy; results keep the units.
+    """
+
+    units: str | None
+
+    def __new__(cls, values: Any, units: str) -> Timeseries:
+        """Wrap ``values`` (any array-like) with ``units``."""
+        obj = np.asarray(values).view(cls)
+        obj.units = units
+        return obj
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.units = getattr(obj, "units", None)
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        units = {x.units for x in inputs if isinstance(x, Timeseries)}
+        if len(units) > 1:
+            raise ValueError(f"{ufunc.__name__} of Timeseries in different units "
+                             f"{sorted(u or '' for u in units)}")
+        plain = [x.view(np.ndarray) if isinstance(x, Timeseries) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, Timeseries) else o
+                                  for o in kwargs["out"])
+        out = getattr(ufunc, method)(*plain, **kwargs)
+        if isinstance(out, np.ndarray) and out.ndim:
+            return Timeseries(out, units.pop() if units else None)
+        return out
+
+
+@dataclass(frozen=True)
+class EventStamp:
+    """SiffPy's ``EventStamp``: text appended to a frame, with its experiment time (s)."""
+
+    frame_number: int
+    text: str
+    timestamp: float | None
+
+    def epoch_ns(self, reader: SiffReader) -> int | None:
+        """Return the event's laser-clock epoch time (ns); None without a timestamp."""
+        if self.timestamp is None:
+            return None
+        return reader.frame_time_to_epoch_time(self.timestamp)
+
+
+@dataclass
+class FLIMParams:
+    """Fitted FLIM parameters in SiffPy's terms (``tau_offset`` and ``units`` are read).
+
+    ``exps`` holds ``(tau, fraction)`` pairs (short to long), ``irf`` the IRF
+    ``(mean, sigma)``, all in ``units`` (``"nanoseconds"``); ``noise`` the
+    background fraction; ``chi_sq`` the fit's reduced chi-square.
+    """
+
+    exps: list[tuple[float, float]]
+    irf: tuple[float, float]
+    noise: float = 0.0
+    units: str = "nanoseconds"
+    chi_sq: float = float("nan")
+
+    @property
+    def tau_offset(self) -> float:
+        """The IRF's mean (the arrival-time offset of the decay), in :attr:`units`."""
+        return float(self.irf[0])
+
+    @property
+    def n_exp(self) -> int:
+        """Number of exponential components."""
+        return len(self.exps)
 
 
 @dataclass
@@ -258,8 +333,9 @@ class SiffReader:
 
     def __init__(self, filename: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         self._file: Any = None
-        self.filename = ""
+        self.filename: str | os.PathLike[str] = ""
         self._registration_info: RegistrationInfo | None = None
+        self._flim_params: tuple[Any, ...] | None = None
         if filename is not None:
             self.open(filename, **kwargs)
 
@@ -276,12 +352,13 @@ class SiffReader:
 
         self.close()
         self._file = SiffFile(filename, **kwargs)
-        self.filename = os.fspath(filename)
+        self.filename = filename  # a Path stays a Path, as in SiffPy
+        path = os.fspath(filename)
         # SiffPy applies a saved registration on open: <parent>/<stem>/<stem>_registration_info.h5
-        if "://" not in self.filename:
-            saved = registration_info_path(self.filename)
+        if "://" not in path:
+            saved = registration_info_path(path)
             if saved.is_file():
-                self._registration_info = RegistrationInfo.load(saved, self.filename)
+                self._registration_info = RegistrationInfo.load(saved, path)
 
     def close(self) -> None:
         """Close the file."""
@@ -290,6 +367,7 @@ class SiffReader:
         self._file = None
         self.filename = ""
         self._registration_info = None
+        self._flim_params: tuple[Any, ...] | None = None
 
     def __enter__(self) -> SiffReader:
         return self
@@ -308,7 +386,8 @@ class SiffReader:
         return self._file
 
     def __repr__(self) -> str:
-        return f"SiffReader({self.filename!r})" if self.opened else "SiffReader (no file open)"
+        return (f"SiffReader({os.fspath(self.filename)!r})" if self.opened
+                else "SiffReader (no file open)")
 
     @property
     def im_params(self) -> Any:
@@ -473,10 +552,11 @@ class SiffReader:
             else np.asarray(masks)
         frames = self._mask_frames(timepoint_start, timepoint_end, z_index, color_channel)
         out = f.sum_masks(m, frames, shifts=self._frame_shifts(frames, registration_dict))
+        out = np.asarray(out).astype(np.uint64)  # SiffPy's dtype
         if m.ndim == 4 and not return_framewise:
             z = self.im_params.num_slices * self.im_params.frames_per_slice \
                 if z_index is None else 1
-            out = out.reshape(out.shape[0], -1, z).sum(axis=2)
+            out = out.reshape(out.shape[0], -1, z).sum(axis=2, dtype=np.uint64)
         return out
 
     def _frame_shifts(self, frames: Sequence[int], registration_dict: Any
@@ -600,22 +680,227 @@ class SiffReader:
                          info_string="Multi-ROIs")
 
     def get_time(self, frames: Sequence[int] | None = None,
-                 reference_time: str = "experiment") -> np.ndarray:
-        """Frame times: experiment seconds, or the laser-clock epoch (int64 ns, exact)."""
+                 reference_time: str = "experiment") -> Timeseries:
+        """Frame times as a :class:`Timeseries`: experiment seconds or laser-clock epoch.
+
+        ``"experiment"``: float64 seconds (``experiment_seconds``); ``"epoch"``: the
+        laser-clock epoch of each frame, int64 ns, exact (``epoch_nanoseconds``;
+        SiffPy bends it toward the system clock with a line fit, see
+        docs/migration.md). ``frames=None``: every frame.
+        """
         ts = self._f().timestamps(frames)
         if reference_time == "experiment":
-            return ts.experiment_s
+            return Timeseries(ts.experiment_s, "experiment_seconds")
         if reference_time == "epoch":
-            return ts.epoch_laser_ns
+            return Timeseries(ts.epoch_laser_ns, "epoch_nanoseconds")
         raise ValueError("reference_time must be 'experiment' or 'epoch'")
 
     def t_axis(self, timepoint_start: int = 0, timepoint_end: int | None = None,
                reference_z: int | None = 0, reference_time: str = "experiment"
-               ) -> np.ndarray:
-        """Time of each timepoint: the time of slice ``reference_z``'s frame (colour 0)."""
-        frames = self.im_params.flatten_by_timepoints(timepoint_start, timepoint_end,
-                                                      reference_z=reference_z)
-        return self.get_time(frames, reference_time)
+               ) -> Timeseries:
+        """Time of each timepoint: the time of slice ``reference_z``'s frame (colour 0).
+
+        One value per timepoint (per timepoint and slice with ``reference_z=None``);
+        with several frames per slice, the first frame of each slice counts.
+        """
+        ip = self.im_params
+        frames = np.asarray(ip.flatten_by_timepoints(timepoint_start, timepoint_end,
+                                                     reference_z=reference_z))
+        r = ip.frames_per_slice
+        if r > 1:  # the first repeat of each slice
+            frames = frames.reshape(-1, r)[:, 0]
+        return self.get_time(frames.tolist(), reference_time)
+
+    @property
+    def time_zero(self) -> int:
+        """Laser-clock epoch (ns) of the first frame of the first timepoint, slice 0."""
+        return int(self.t_axis(0, 1, 0, "epoch")[0])
+
+    @property
+    def dt_frame(self) -> float:
+        """Frame period (s): ``scanFramePeriod``, else the mean step of the frame times."""
+        v = self.im_params.dt_frame
+        if v is not None:
+            return float(v)
+        t = np.asarray(self.get_time())
+        return float(np.mean(np.diff(t))) if t.size > 1 else float("nan")
+
+    @property
+    def dt_volume(self) -> float:
+        """Volume period (s): ``1 / scanVolumeRate``, else the mean step of the time axis."""
+        v = self.im_params.dt_volume
+        if v is not None:
+            return float(v)
+        t = np.asarray(self.t_axis())
+        return float(np.mean(np.diff(t))) if t.size > 1 else float("nan")
+
+    def sec_to_frames(self, seconds: float, base: str = "volume") -> int:
+        """Whole volumes (``base="volume"``) or frames (``"frame"``) in ``seconds``."""
+        if base not in ("volume", "frame"):
+            raise ValueError("base must be 'volume' or 'frame'")
+        return int(seconds / (self.dt_volume if base == "volume" else self.dt_frame))
+
+    def _epoch_anchor(self) -> tuple[float, int]:
+        ts = self._f().timestamps([0])
+        return float(ts.experiment_s[0]), int(ts.epoch_laser_ns[0])
+
+    def frame_time_to_epoch_time(self, frame_time: Any) -> Any:
+        """Experiment seconds -> laser-clock epoch (int64 ns), anchored at frame 0.
+
+        Exact in int64 (SiffPy parses the epoch as a float and loses ~256 ns).
+        """
+        t0, e0 = self._epoch_anchor()
+        out = np.rint((np.asarray(frame_time, dtype=np.float64) - t0) * 1e9).astype(
+            np.int64) + e0
+        return int(out) if out.ndim == 0 else out
+
+    def epoch_to_frame_time(self, epoch_time: Any) -> Any:
+        """Laser-clock epoch (ns) -> experiment seconds, anchored at frame 0.
+
+        The inverse of :meth:`frame_time_to_epoch_time` (SiffPy's divides by 1e-9
+        and is 1e18 times off; fixed, see docs/migration.md).
+        """
+        t0, e0 = self._epoch_anchor()
+        out = (np.asarray(epoch_time, dtype=np.int64) - e0) * 1e-9 + t0
+        return float(out) if out.ndim == 0 else out
+
+    def epoch_time_to_volume_index(self, epoch_time: Any) -> Any:
+        """Index of the first volume starting at or after ``epoch_time`` (SiffPy's rule)."""
+        return np.searchsorted(np.asarray(self.t_axis(reference_time="epoch")), epoch_time)
+
+    def epoch_time_to_frame_index(self, epoch_time: Any) -> Any:
+        """Index of the first frame (any, flyback included) starting at or after it."""
+        return np.searchsorted(np.asarray(self.get_time(reference_time="epoch")), epoch_time)
+
+    def _time_axis_path(self) -> Path:
+        p = Path(os.fspath(self.filename))
+        return p.parent / p.stem / f"{p.stem}_time_axis.npy"
+
+    def save_time_axis(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Save :meth:`t_axis` (experiment s) as ``<parent>/<stem>/<stem>_time_axis.npy``.
+
+        SiffPy's fails (an invalid ``with_suffix``); this writes where its saved
+        registrations live. Returns the path.
+        """
+        out = Path(os.fspath(path)) if path is not None else self._time_axis_path()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, np.asarray(self.t_axis()))
+        return out
+
+    def load_time_axis(self, path: str | os.PathLike[str] | None = None) -> Timeseries:
+        """Load a time axis saved by :meth:`save_time_axis`."""
+        src = Path(os.fspath(path)) if path is not None else self._time_axis_path()
+        return Timeseries(np.load(src), "experiment_seconds")
+
+    def get_frames_metadata(self, frames: Sequence[int] | None = None
+                            ) -> list[dict[str, Any]]:
+        """Return each frame's parsed description (default: SiffPy's, colour 0 full volumes).
+
+        Each is a dict of the ``key = value`` lines, numbers converted
+        (``frameNumbers``, ``frameTimestamps_sec``, ``epoch`` exact as int...).
+        """
+        if frames is None:
+            frames = self.im_params.flatten_by_timepoints()
+        return self._f().frame_metadata(frames)
+
+    def get_appended_text(self, frames: Sequence[int] | None = None) -> list[EventStamp]:
+        """Text appended to frames (user events), as :class:`EventStamp`.
+
+        ``frames=None`` searches every frame (SiffPy searches only colour 0 of full
+        volumes and misses events on flyback, other-colour or partial-volume frames).
+        """
+        events = self._f().timestamps(frames).events
+        return [EventStamp(e.frame, e.text, None if np.isnan(e.time_s) else e.time_s)
+                for e in events]
+
+    def histograms(self, color_channel: int | Sequence[int] | None = None,
+                   frame_endpoints: tuple[int | None, int | None] = (None, None)
+                   ) -> np.ndarray:
+        """One summed arrival histogram per colour (0-based): ``(n_colours, bins)`` uint64.
+
+        ``frame_endpoints`` index each colour's frame list (``framelist_by_color``).
+        Works for one-channel files (SiffPy's raises there).
+        """
+        ip = self.im_params
+        colors = list(range(ip.num_colors)) if color_channel is None else \
+            ([color_channel] if isinstance(color_channel, (int, np.integer))
+             else list(color_channel))
+        rows = []
+        for c in colors:
+            frames = ip.framelist_by_color(int(c))[slice(*frame_endpoints)]
+            rows.append(self.get_histogram(frames) if len(frames) else
+                        np.zeros(histogram_length(ip.num_bins), dtype=np.uint64))
+        return np.stack(rows).astype(np.uint64)
+
+    # ------------------------------------------------------------------ FLIM params
+
+    @property
+    def flim_params(self) -> tuple[Any, ...] | None:
+        """Per-colour FLIM parameters (a tuple, ``None`` until set or fitted)."""
+        return self._flim_params
+
+    @flim_params.setter
+    def flim_params(self, value: Any) -> None:
+        if value is None:
+            self._flim_params = None
+        elif isinstance(value, (list, tuple)):
+            self._flim_params = tuple(value)
+        else:
+            self._flim_params = (value,)
+
+    def fit_flimparams_to_timepoints(self, timepoint_start: int = 0,
+                                     timepoint_end: int | None = None,
+                                     color_channel: int = 0, mask: Any = None,
+                                     initial_guess: Any = None, num_lasers: int = 1,
+                                     num_exps: int = 2) -> FLIMParams:
+        """Fit a lifetime model to the summed histogram of a colour's frames (0-based).
+
+        Uses every slice's frames of ``color_channel`` in the timepoint range (only
+        the photons in ``mask`` if given), fits ``num_exps`` exponentials convolved
+        with a Gaussian IRF (:func:`siff_xarray.flim.fit`), and stores the result at
+        index ``color_channel`` of :attr:`flim_params` (SiffPy stores it first
+        whatever the colour when none were set; fixed). ``initial_guess``: its IRF
+        ``(mean, sigma)`` in ns starts the fit. Only ``num_lasers=1`` is supported.
+        """
+        from .flim import fit
+
+        if num_lasers != 1:
+            raise ValueError("fit_flimparams_to_timepoints: only num_lasers=1 is supported")
+        if num_exps not in (1, 2):
+            raise ValueError("num_exps must be 1 or 2")
+        ip = self.im_params
+        frames = ip.flatten_by_timepoints(timepoint_start, timepoint_end, reference_z=None,
+                                          color_channel=color_channel)
+        hist = (self.get_histogram_masked(mask, frames).sum(axis=0) if mask is not None
+                else self.get_histogram(frames))
+        ps = ip.picoseconds_per_bin
+        if ps is None:
+            raise ValueError(f"{os.fspath(self.filename)}: the header has no FLIM bin width")
+        bin_ns = ps / 1000.0
+        period = (ip.num_bins or len(hist)) * bin_ns
+        irf = None
+        if initial_guess is not None and getattr(initial_guess, "irf", None) is not None:
+            irf = tuple(float(v) for v in initial_guess.irf)
+        hist = np.asarray(hist, dtype=np.float64)[: ip.num_bins or None]  # one period
+        res = fit(hist, n_exp=num_exps, bin_ns=bin_ns, period_ns=period, irf=irf)
+        params = FLIMParams(exps=[(float(t), float(f)) for t, f in
+                                  zip(res.taus, res.fractions, strict=True)],
+                            irf=(float(res.irf_offset), float(res.irf_sigma)),
+                            noise=float(res.background * hist.size / max(res.photons, 1.0)),
+                            units="nanoseconds", chi_sq=float(res.reduced_chi2))
+        current = list(self._flim_params or ())
+        current += [None] * (color_channel + 1 - len(current))
+        current[color_channel] = params
+        self._flim_params = tuple(current)
+        return params
+
+    def pool_frames(self, *args: Any, **kwargs: Any) -> Any:
+        """Not implemented (nor in SiffPy): pool with xarray instead.
+
+        ``ds.intensity.coarsen(time=n).sum()`` on ``xr.open_dataset(path, engine="siff")``.
+        """
+        raise NotImplementedError("pool_frames is not implemented (SiffPy raises too); pool "
+                                  "frames with xarray: ds.intensity.coarsen(time=n).sum()")
 
 
 def siff_to_tiff(source_file: str | os.PathLike[str],

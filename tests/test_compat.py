@@ -393,3 +393,120 @@ def test_register_saves_where_siffpy_and_a_new_reader_find_it(tmp_path):
             save_registration_info(reg, two)  # frames of two files: no single sidecar
     with SiffReader(t.path) as sr, pytest.raises(ValueError, match=r"a SiffPy registration"):
         sr.load_registration_info(tmp_path / "s.dict")
+
+
+@pytest.fixture(scope="module")
+def repeats_file(tmp_path_factory):
+    """2 channels, 3 slices x 2 frames per slice, 1 flyback, events on awkward frames."""
+    # frames per volume: 3 * 2 * 2 + 2 (flyback, both channels) = 14
+    return write_siff(tmp_path_factory.mktemp("rep") / "rep.siff", shape=(16, 12),
+                      channels=(1, 2), n_slices=3, frames_per_slice=2, n_flyback=1,
+                      n_timepoints=5, extra_frames=3, photons_per_frame=400,
+                      events={12: ("on flyback", 0.25), 3: ("on colour 1", None)}, seed=8)
+
+
+def test_time_methods_give_siffpy_s_axes_with_units(repeats_file, tmp_path):
+    from pathlib import Path
+
+    from siff_xarray.compat import Timeseries
+
+    t = repeats_file
+    sr = SiffReader(Path(t.path))
+    assert isinstance(sr.filename, Path)  # SiffPy keeps the Path it was given
+    ip = sr.im_params
+    ax = sr.t_axis()
+    assert isinstance(ax, Timeseries) and ax.units == "experiment_seconds"
+    assert len(ax) == t.n_timepoints  # one per timepoint (was one per frame with R = 2)
+    first = np.asarray(ip.flatten_by_timepoints(reference_z=0)).reshape(-1, 2)[:, 0]
+    np.testing.assert_allclose(ax, t.frame_time_s[first], rtol=0, atol=1e-9)
+    ep = sr.get_time(reference_time="epoch")
+    assert ep.units == "epoch_nanoseconds" and ep.dtype == np.int64
+    np.testing.assert_array_equal(ep, t.epoch_laser_ns)
+    with pytest.raises(ValueError, match="different units"):
+        _ = sr.get_time() - ep
+    assert (sr.t_axis() - sr.t_axis()[0]).units == "experiment_seconds"
+    assert sr.time_zero == int(t.epoch_laser_ns[0])
+    assert sr.dt_frame == pytest.approx(0.016)
+    assert sr.dt_volume == pytest.approx(0.016 * 7)  # 3 x 2 frames + 1 flyback scan
+    assert sr.sec_to_frames(1.0) == int(1.0 / sr.dt_volume)
+    assert sr.sec_to_frames(1.0, base="frame") == int(1.0 / 0.016)
+    # epoch <-> experiment time, exact both ways (SiffPy's epoch_to_frame_time is 1e18 off)
+    k = 17
+    assert sr.frame_time_to_epoch_time(t.frame_time_s[k]) == pytest.approx(
+        int(t.epoch_laser_ns[k]), abs=1000)
+    assert sr.epoch_to_frame_time(int(t.epoch_laser_ns[k])) == pytest.approx(
+        t.frame_time_s[k], abs=1e-6)
+    vol_epochs = np.asarray(sr.t_axis(reference_time="epoch"))
+    assert sr.epoch_time_to_volume_index(vol_epochs[2]) == 2
+    assert sr.epoch_time_to_volume_index(vol_epochs[2] + 1) == 3  # SiffPy's rule: next start
+    # both channels of a scan share its time: the first of them is "at or after"
+    assert sr.epoch_time_to_frame_index(int(t.epoch_laser_ns[k])) == k - 1
+    # the time axis saves where SiffPy keeps its files (SiffPy's own save raised)
+    saved = sr.save_time_axis()
+    assert saved == Path(t.path).parent / "rep" / "rep_time_axis.npy"
+    np.testing.assert_array_equal(sr.load_time_axis(), ax)
+    # events on every frame, flyback and colour 1 included (SiffPy looks at colour 0 only)
+    events = sr.get_appended_text()
+    assert [(e.frame_number, e.text) for e in events] == [(3, "on colour 1"),
+                                                         (12, "on flyback")]
+    assert events[1].timestamp == pytest.approx(0.25) and events[0].timestamp is None
+    assert events[1].epoch_ns(sr) == sr.frame_time_to_epoch_time(0.25)
+    meta = sr.get_frames_metadata([0, 5])
+    assert [m["frameNumbers"] for m in meta] == [0, 5]  # as the synthetic writer numbers
+    assert [m["frameTimestamps_sec"] for m in meta] == pytest.approx(t.frame_time_s[[0, 5]])
+    assert len(sr.get_frames_metadata()) == len(ip.flatten_by_timepoints())
+    with pytest.raises(NotImplementedError, match="coarsen"):
+        sr.pool_frames()
+    sr.close()
+
+
+def test_histograms_sum_masks_dtype_and_fitted_flim_params(tmp_path):
+    t = write_siff(tmp_path / "two.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=20, photons_per_frame=6000,
+                   lifetimes_ns=(0.6, 2.8), fractions=(0.4, 0.6), seed=12)
+    with SiffReader(t.path) as sr:
+        ip = sr.im_params
+        h = sr.histograms()
+        assert h.dtype == np.uint64 and h.shape == (2, ip.num_bins + 2)
+        np.testing.assert_array_equal(h[1], sr.get_histogram(ip.framelist_by_color(1)))
+        np.testing.assert_array_equal(sr.histograms(1, (0, 5))[0],
+                                      sr.get_histogram(ip.framelist_by_color(1)[:5]))
+        mask = np.zeros((32, 32), bool)
+        mask[4:20, 6:30] = True
+        assert sr.sum_mask(mask).dtype == np.uint64  # SiffPy's dtype
+        assert sr.sum_masks([mask, ~mask]).dtype == np.uint64
+        assert sr.flim_params is None
+        p1 = sr.fit_flimparams_to_timepoints(color_channel=1)
+        # stored at its colour, the others padded (SiffPy put it first when none were set)
+        assert sr.flim_params == (None, p1)
+        assert [tau for tau, _ in p1.exps] == pytest.approx([0.6, 2.8], rel=0.15)
+        assert p1.irf[0] == pytest.approx(t.irf_offset_ns, abs=0.1)
+        assert p1.units == "nanoseconds" and p1.tau_offset == p1.irf[0]
+        # the fitted params work where SiffPy's do: offsets in their units
+        trace = sr.sum_mask_flim(mask, p1, color_channel=2)
+        assert np.nanmean(np.asarray(trace)) > 0
+        p0 = sr.fit_flimparams_to_timepoints(color_channel=0, mask=mask, num_exps=1)
+        assert sr.flim_params == (p0, p1) and p0.n_exp == 1
+    one = write_siff(tmp_path / "one.siff", shape=(16, 16), n_timepoints=3, seed=1)
+    with SiffReader(one.path) as sr:
+        assert sr.histograms().shape[0] == 1  # SiffPy's raises on one channel
+
+
+def test_imparams_scales_labels_and_dict_view(seed_file, tmp_path):
+    with SiffReader(seed_file.path) as sr:
+        ip = sr.im_params
+        dy, dx = ip.pixel_size_um
+        assert ip.scale == pytest.approx([1.0, ip.step_size, 1.0, dy, dx])
+        assert ip.scale_force_z == ip.scale  # several slices: z is there already
+        assert ip.scale_no_color_no_fps == pytest.approx([1.0, ip.step_size, dy, dx])
+        assert ip.axis_labels == ["Time", "Z planes", "Color channel", "y", "x"]
+        assert ip.final_full_volume_frame == N_T * 6 * 2
+        assert ip.array_shape[ip.CHANNEL_AXIS] == 2
+        assert "FastZ" in ip.keys() and "StackManager" in ip.keys()
+        assert dict(ip.items())["FastZ"] is ip["FastZ"]
+        assert len(ip.values()) == len(ip.keys())
+    one = write_siff(tmp_path / "flat.siff", shape=(16, 16), n_timepoints=3, seed=1)
+    with SiffReader(one.path) as sr:
+        ip = sr.im_params
+        assert ip.axis_labels == ["Time", "y", "x"]
+        assert len(ip.scale) == 4 and ip.scale_force_z[1] == 1.0 and len(ip.scale_force_z) == 5

@@ -372,6 +372,15 @@ class ImParams(_ItemsAsAttributes):
         return (self._num_frames // p) * v + min(self._num_frames % p, v)
 
     @property
+    def final_full_volume_frame(self) -> int:
+        """Non-flyback frames in complete volumes (SiffPy's flyback-free frame index).
+
+        Exact (``num_timepoints * frames_per_volume``), where SiffPy estimates the
+        non-flyback frames by proportion.
+        """
+        return self.num_timepoints * self.frames_per_volume
+
+    @property
     def num_partial_frames(self) -> int:
         """Non-flyback frames of an incomplete final volume (0 if none)."""
         return self.num_true_frames - self.num_timepoints * self.frames_per_volume
@@ -419,6 +428,77 @@ class ImParams(_ItemsAsAttributes):
 
     def _rz(self) -> tuple[int, ...]:
         return (self.frames_per_slice,) if self.frames_per_slice > 1 else ()
+
+    #: SiffPy's axis of the channels in :attr:`array_shape` (counted from the end)
+    CHANNEL_AXIS = -3
+
+    def keys(self) -> list[str]:
+        """Names of the ScanImage modules (``im_params["FastZ"]`` is one)."""
+        return list(self._modules)
+
+    def values(self) -> list[Any]:
+        """Return the ScanImage modules, in the order of :meth:`keys`."""
+        return list(self._modules.values())
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(name, module)`` pairs of the ScanImage modules."""
+        return list(self._modules.items())
+
+    def _yx_scale(self) -> list[float]:
+        px = self.pixel_size_um
+        if px is None:
+            raise ArithmeticError(f"{self.name}: the header's imagingFovUm does not give the "
+                                  "pixel size (it needs the field's corners)")
+        return [float(px[0]), float(px[1])]
+
+    @property
+    def scale(self) -> list[float]:
+        """SiffPy's axis scales: ``[t, (1/V if R > 1), (z step if Z > 1), colour, y, x]``.
+
+        Time 1.0, the repeats ``1 / frames_per_volume``, z the step in um (1e-6 when
+        0), colour 1.0, and y, x in um per pixel from ``imagingFovUm``. Axes of one
+        slice or repeat are left out, as in SiffPy (see :attr:`scale_force_z`).
+        """
+        out = [1.0]
+        if self.frames_per_slice != 1:
+            out.append(1.0 / self.frames_per_volume)
+        if self.num_slices > 1:
+            out.append(self.step_size or 1e-6)
+        return [*out, 1.0, *self._yx_scale()]
+
+    @property
+    def scale_force_z(self) -> list[float]:
+        """:attr:`scale` with a z entry (1.0) also for one slice."""
+        out = self.scale
+        if self.num_slices == 1:
+            out.insert(2 if self.frames_per_slice != 1 else 1, 1.0)
+        return out
+
+    @property
+    def scale_no_color_no_fps(self) -> list[float]:
+        """:attr:`scale` without the repeat and colour entries: ``[t, (z), y, x]``.
+
+        (SiffPy's drops z instead of the colour when there are several slices.)
+        """
+        out = [1.0]
+        if self.num_slices > 1:
+            out.append(self.step_size or 1e-6)
+        return [*out, *self._yx_scale()]
+
+    @property
+    def axis_labels(self) -> list[str]:
+        """SiffPy's axis names: length-1 axes (repeats, slices, colours) left out.
+
+        ``y`` comes before ``x``, as in the arrays (SiffPy lists ``x`` first).
+        """
+        out = ["Time"]
+        if self.frames_per_slice > 1:
+            out.append("Sub-slice repeats")
+        if self.num_slices > 1:
+            out.append("Z planes")
+        if self.num_colors > 1:
+            out.append("Color channel")
+        return [*out, "y", "x"]
 
     @property
     def volume(self) -> tuple[int, ...]:

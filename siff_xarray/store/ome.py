@@ -13,8 +13,8 @@ import numpy as np
 
 from .layout import compressors
 
-__all__ = ["CHANNEL_COLORS", "complete_timepoints", "create_ome", "downsample2", "ome_repeats", "pyramid_levels",
-           "set_rendering", "to_ome_order", "windows"]
+__all__ = ["CHANNEL_COLORS", "complete_timepoints", "create_ome", "downsample2", "ome_repeats",
+           "pyramid_levels", "set_rendering", "to_ome_order", "windows"]
 
 #: display colour of each channel, in file order (green, magenta, then more)
 CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF", "FFFFFF")
