@@ -28,7 +28,8 @@ ALLOWED = {
     "store": {"backend", "reader", "format", "_options"},
     "accessor": {"reader", "store", "registration"},
     "virtual": {"backend", "reader", "format"},
-    "compat": {"backend", "reader", "format", "_options", "accessor", "registration", "store"},
+    "compat": {"backend", "reader", "format", "_options", "accessor", "registration", "store",
+               "flim"},
     "cli": {"backend", "reader", "format", "store", "synthetic", "accessor", "registration"},
     "napari_reader": {"backend", "store", "accessor"},
     # deprecated aliases of moved modules

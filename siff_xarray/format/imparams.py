@@ -432,6 +432,9 @@ class ImParams(_ItemsAsAttributes):
     #: SiffPy's axis of the channels in :attr:`array_shape` (counted from the end)
     CHANNEL_AXIS = -3
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._modules
+
     def keys(self) -> list[str]:
         """Names of the ScanImage modules (``im_params["FastZ"]`` is one)."""
         return list(self._modules)
