@@ -214,33 +214,229 @@ class FLIMParams:
         return len(self.exps)
 
 
-@dataclass
+_FLIM_REDUCTIONS = {np.sum: np.sum, np.nansum: np.nansum, np.mean: np.mean,
+                    np.nanmean: np.nanmean}
+
+
 class FlimTrace:
-    """FLIM values with their intensity (the fields of SiffPy's ``FlimTrace`` we fill).
+    """FLIM values with their intensity, with SiffPy's ``FlimTrace`` arithmetic.
 
     ``lifetime`` holds the values of ``method``: empirical lifetimes (mean arrival
     time minus the offset) in ``units`` (``"countbins"``), NaN where there is no
     photon, or complex phasors ``g + i s`` for ``method="phasor"``. ``intensity``
     holds the photons behind each value. ``numpy.asarray(trace)`` gives ``lifetime``.
+
+    As in SiffPy: ``FlimTrace([a, b])`` stacks traces; ``trace[k]`` indexes both
+    arrays; ``a + b`` / ``a - b`` pool (remove) photons: intensities add, lifetimes
+    average weighted by intensity; ``+``, ``-``, ``*``, ``/`` with a number or a
+    plain array change the intensity only; ``-trace`` negates the intensity;
+    ``np.sum``/``np.nansum`` give the intensity-weighted lifetime and the summed
+    intensity, ``np.mean``/``np.nanmean`` the same lifetime and the mean intensity
+    (both ignore NaN lifetimes of empty frames); ``np.concatenate``, ``reshape``,
+    ``ravel``, ``squeeze`` act on both arrays. A trace times a trace is a
+    TypeError (as in SiffPy); other numpy functions and ufuncs act on the lifetime
+    and return plain arrays. In-place operators work (SiffPy's raise).
     """
 
-    lifetime: np.ndarray
-    intensity: np.ndarray
-    method: str = "empirical lifetime"
-    units: str = "countbins"
-    info_string: str | None = None
-    confidence: None = None
+    def __init__(self, lifetime: Any, intensity: Any = None,
+                 method: str | None = "empirical lifetime", units: str = "countbins",
+                 info_string: str | None = None, confidence: None = None,
+                 FLIMParams: Any = None) -> None:
+        if isinstance(lifetime, (list, tuple)) and lifetime and all(
+                isinstance(x, FlimTrace) for x in lifetime):
+            parts = list(lifetime)
+            lifetime = np.stack([p.lifetime for p in parts])
+            intensity = np.stack([p.intensity for p in parts])
+            shared = {(p.method, p.units) for p in parts}
+            method, units = shared.pop() if len(shared) == 1 else (None, "unknown")
+            FLIMParams = parts[0].FLIMParams if all(
+                p.FLIMParams is parts[0].FLIMParams for p in parts) else None
+        self.lifetime = np.asarray(lifetime)
+        self.intensity = (np.zeros(self.lifetime.shape) if intensity is None
+                          else np.asarray(intensity, dtype=np.float64))
+        if self.intensity.shape != self.lifetime.shape:
+            raise ValueError(f"FlimTrace: intensity of shape {self.intensity.shape} for "
+                             f"values of shape {self.lifetime.shape}")
+        self.method = method
+        self.units = units
+        self.info_string = info_string
+        self.confidence = confidence
+        self.FLIMParams = FLIMParams
+
+    def _new(self, lifetime: Any, intensity: Any, keep: bool = True) -> FlimTrace:
+        return FlimTrace(lifetime, intensity, self.method if keep else None,
+                         self.units if keep else "unknown", self.info_string,
+                         FLIMParams=self.FLIMParams if keep else None)
+
+    # ------------------------------------------------------------------ array protocol
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the values."""
         return self.lifetime.shape
 
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return self.lifetime.ndim
+
     def __len__(self) -> int:
         return len(self.lifetime)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         return np.asarray(self.lifetime, dtype=dtype)
+
+    def __float__(self) -> float:
+        return float(self.lifetime)
+
+    def __complex__(self) -> complex:
+        return complex(self.lifetime)
+
+    def __repr__(self) -> str:
+        return (f"FlimTrace({self.lifetime!r}, intensity={self.intensity!r}, "
+                f"method={self.method!r}, units={self.units!r})")
+
+    def __getitem__(self, key: Any) -> Any:
+        if key is Ellipsis:  # SiffPy: trace[...] is the plain lifetime array
+            return self.lifetime
+        return self._new(self.lifetime[key], self.intensity[key])
+
+    def reshape(self, *shape: Any) -> FlimTrace:
+        """Reshape both arrays."""
+        return self._new(self.lifetime.reshape(*shape), self.intensity.reshape(*shape))
+
+    def ravel(self) -> FlimTrace:
+        """Flatten both arrays."""
+        return self._new(self.lifetime.ravel(), self.intensity.ravel())
+
+    def squeeze(self, axis: Any = None) -> FlimTrace:
+        """Drop length-1 axes of both arrays."""
+        return self._new(self.lifetime.squeeze(axis), self.intensity.squeeze(axis))
+
+    def sum(self, axis: Any = None) -> FlimTrace:
+        """Intensity-weighted lifetime and summed intensity (see the class docstring)."""
+        return self._pool(axis, np.sum)
+
+    def mean(self, axis: Any = None) -> FlimTrace:
+        """Intensity-weighted lifetime and mean intensity."""
+        return self._pool(axis, np.mean)
+
+    def _pool(self, axis: Any, how: Any) -> FlimTrace:
+        w = np.where(np.isnan(self.lifetime), 0.0, self.intensity)
+        total = np.sum(w, axis=axis)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            life = np.nansum(np.where(w > 0, self.lifetime, 0) * w, axis=axis) / total
+        life = np.where(total > 0, life, np.nan)
+        inten = np.sum(self.intensity, axis=axis) if how in (np.sum, np.nansum) \
+            else np.mean(self.intensity, axis=axis)
+        return self._new(life, inten)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if func in _FLIM_REDUCTIONS and args and args[0] is self:
+            return self._pool(kwargs.get("axis", args[1] if len(args) > 1 else None),
+                              _FLIM_REDUCTIONS[func])
+        if func is np.concatenate:
+            parts = list(args[0])
+            axis = kwargs.get("axis", args[1] if len(args) > 1 else 0)
+            if not all(isinstance(p, FlimTrace) for p in parts):
+                raise TypeError("np.concatenate: every part must be a FlimTrace")
+            keep = len({(p.method, p.units) for p in parts}) == 1
+            return parts[0]._new(np.concatenate([p.lifetime for p in parts], axis=axis),
+                                 np.concatenate([p.intensity for p in parts], axis=axis),
+                                 keep)
+        if func in (np.reshape, np.ravel, np.squeeze) and args and args[0] is self:
+            return getattr(self, func.__name__)(*args[1:], **kwargs)
+        plain = [a.lifetime if isinstance(a, FlimTrace) else a for a in args]
+        return func(*plain, **kwargs)
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        if method == "__call__" and ufunc in (np.add, np.subtract, np.multiply,
+                                              np.true_divide, np.negative, np.positive):
+            op = {np.add: "__add__", np.subtract: "__sub__", np.multiply: "__mul__",
+                  np.true_divide: "__truediv__"}.get(ufunc)
+            if op is None:
+                return -self if ufunc is np.negative else self
+            a, b = inputs
+            if a is self:
+                return getattr(self, op)(b)
+            return getattr(self, {"__add__": "__radd__", "__sub__": "__rsub__",
+                                  "__mul__": "__rmul__", "__truediv__": "__rtruediv__"}[op])(a)
+        plain = [x.lifetime if isinstance(x, FlimTrace) else x for x in inputs]
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+    # ------------------------------------------------------------------ arithmetic
+
+    def _pool_with(self, other: FlimTrace, sign: float) -> FlimTrace:
+        if _unit_name(other.units) != _unit_name(self.units):
+            raise ValueError(f"FlimTrace arithmetic in different units ({self.units} and "
+                             f"{other.units}); convert one first")
+        inten = self.intensity + sign * other.intensity
+        with np.errstate(invalid="ignore", divide="ignore"):
+            life = (self.lifetime * self.intensity + sign * other.lifetime * other.intensity
+                    ) / inten
+        keep = self.method == other.method and self.FLIMParams is other.FLIMParams
+        return self._new(life, inten, keep)
+
+    def __add__(self, other: Any) -> FlimTrace:
+        if isinstance(other, FlimTrace):
+            return self._pool_with(other, 1.0)
+        return self._new(self.lifetime, self.intensity + np.asarray(other))
+
+    def __sub__(self, other: Any) -> FlimTrace:
+        if isinstance(other, FlimTrace):
+            return self._pool_with(other, -1.0)
+        return self._new(self.lifetime, self.intensity - np.asarray(other))
+
+    def __mul__(self, other: Any) -> FlimTrace:
+        if isinstance(other, FlimTrace):
+            raise TypeError("a FlimTrace times a FlimTrace has no meaning (as in SiffPy)")
+        return self._new(self.lifetime, self.intensity * np.asarray(other))
+
+    def __truediv__(self, other: Any) -> FlimTrace:
+        if isinstance(other, FlimTrace):
+            raise TypeError("a FlimTrace divided by a FlimTrace has no meaning (as in SiffPy)")
+        return self._new(self.lifetime, self.intensity / np.asarray(other))
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def __rsub__(self, other: Any) -> FlimTrace:
+        return self._new(self.lifetime, np.asarray(other) - self.intensity)
+
+    def __rtruediv__(self, other: Any) -> FlimTrace:
+        raise TypeError("dividing by a FlimTrace has no meaning")
+
+    __iadd__ = __add__
+    __isub__ = __sub__
+    __imul__ = __mul__
+    __itruediv__ = __truediv__
+
+    # comparisons act on the lifetime, as numpy's do (plain boolean arrays)
+    def __lt__(self, other: Any) -> Any:
+        return self.lifetime < np.asarray(other)
+
+    def __le__(self, other: Any) -> Any:
+        return self.lifetime <= np.asarray(other)
+
+    def __gt__(self, other: Any) -> Any:
+        return self.lifetime > np.asarray(other)
+
+    def __ge__(self, other: Any) -> Any:
+        return self.lifetime >= np.asarray(other)
+
+    def __eq__(self, other: object) -> Any:  # type: ignore[override]
+        return self.lifetime == np.asarray(other)
+
+    def __ne__(self, other: object) -> Any:  # type: ignore[override]
+        return self.lifetime != np.asarray(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __neg__(self) -> FlimTrace:
+        return self._new(self.lifetime, -self.intensity, keep=False)
+
+    def __pos__(self) -> FlimTrace:
+        return self._new(self.lifetime, self.intensity, keep=False)
 
 
 def _unit_name(units: Any) -> str:

@@ -511,3 +511,52 @@ def test_imparams_scales_labels_and_dict_view(seed_file, tmp_path):
         ip = sr.im_params
         assert ip.axis_labels == ["Time", "y", "x"]
         assert len(ip.scale) == 4 and ip.scale_force_z[1] == 1.0 and len(ip.scale_force_z) == 5
+
+
+def test_flimtrace_arithmetic_is_siffpy_s_intensity_weighted_pooling(seed_file):
+    from siff_xarray.compat import FlimTrace
+
+    a = FlimTrace(np.array([100.0, 120.0, np.nan]), np.array([10.0, 30.0, 0.0]))
+    b = FlimTrace(np.array([110.0, 90.0, 130.0]), np.array([10.0, 10.0, 5.0]))
+    # np.sum / np.mean: the intensity-weighted lifetime (was a plain sum of lifetimes)
+    s = np.sum(a)
+    assert float(s) == pytest.approx((100 * 10 + 120 * 30) / 40) and s.intensity == 40
+    assert float(np.nansum(a)) == float(s) and float(a.sum()) == float(s)
+    assert float(np.mean(a)) == float(s) and np.mean(a).intensity == pytest.approx(40 / 3)
+    # pooling photons: intensities add, lifetimes average weighted by intensity
+    c = a + b
+    np.testing.assert_allclose(c.intensity, [20, 40, 5])
+    np.testing.assert_allclose(np.asarray(c)[:2], [105.0, 112.5])
+    d = c - b  # removing b's photons gives a back
+    np.testing.assert_allclose(np.asarray(d)[:2], [100.0, 120.0])
+    # a number changes the intensity only; trace x trace is refused
+    np.testing.assert_array_equal(np.asarray(a * 2), np.asarray(a))
+    np.testing.assert_array_equal((a * 2).intensity, [20, 60, 0])
+    np.testing.assert_array_equal((a + 1).intensity, [11, 31, 1])
+    with pytest.raises(TypeError, match="FlimTrace times a FlimTrace"):
+        _ = a * b
+    np.testing.assert_array_equal((-a).intensity, -a.intensity)
+    # building from a list, indexing, concatenation, in-place operators
+    st = FlimTrace([a, b])
+    assert st.shape == (2, 3) and st.method == "empirical lifetime"
+    row = st[1]
+    assert isinstance(row, FlimTrace) and float(row[0]) == 110.0 and row[0].intensity == 10
+    np.testing.assert_array_equal(st[...], st.lifetime)
+    cat = np.concatenate([a, b])
+    assert cat.shape == (6,) and cat.intensity.sum() == 65
+    e = FlimTrace(a.lifetime.copy(), a.intensity.copy())
+    e += b
+    np.testing.assert_allclose(e.intensity, c.intensity)
+    # other ufuncs act on the lifetime: comparisons give plain arrays
+    assert (a > 105).tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="different units"):
+        _ = a + FlimTrace(b.lifetime, b.intensity, units="nanoseconds")
+    # a real trace: the per-timepoint value of a 3-D mask equals np.sum over its planes
+    with SiffReader(seed_file.path) as sr:
+        mask = np.zeros((6, 256, 128), bool)
+        mask[:, 40:200, 20:100] = True
+        per_frame = sr.sum_mask_flim(mask, return_framewise=True)
+        per_tp = sr.sum_mask_flim(mask)
+        pooled = np.sum(per_frame.reshape(-1, 6), axis=1)
+        np.testing.assert_allclose(np.asarray(per_tp), np.asarray(pooled), rtol=1e-9)
+        np.testing.assert_allclose(per_tp.intensity, pooled.intensity)
