@@ -13,12 +13,14 @@ Import rule: the standard library only (aiohttp lazily, for HTTP URLs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from .errors import RemoteAccessError
+from .errors import ConversionError, RemoteAccessError, SiffFormatError
 
-__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "one_retry_loop", "remote_error",
-           "with_timeouts"]
+__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "naming_url", "one_retry_loop",
+           "remote_error", "with_timeouts"]
 
 #: seconds to establish a connection
 CONNECT_TIMEOUT_S = 10.0
@@ -72,6 +74,24 @@ def one_retry_loop(fs: Any) -> Any:
     if type(fs).__name__ == "S3FileSystem":
         fs.retries = 1
     return fs
+
+
+@contextlib.contextmanager
+def naming_url(url: str) -> Iterator[None]:
+    """Turn a network failure inside the block into a RemoteAccessError naming ``url``.
+
+    Errors that already say what is wrong (``SiffFormatError``, ``ConversionError``,
+    ``RemoteAccessError``) and local paths pass through unchanged.
+    """
+    try:
+        yield
+    except (ConversionError, RemoteAccessError, SiffFormatError):
+        raise
+    except Exception as exc:
+        err = remote_error(url, exc) if "://" in url else None
+        if err is None:
+            raise
+        raise err from exc
 
 
 def remote_error(url: str, exc: BaseException) -> RemoteAccessError | None:

@@ -19,7 +19,7 @@ in ``docs/migration.md`` are not reproduced:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -912,23 +912,23 @@ class SiffReader:
         """Laser-clock epoch (ns) of the first frame of the first timepoint, slice 0."""
         return int(self.t_axis(0, 1, 0, "epoch")[0])
 
+    @staticmethod
+    def _period(header: float | None, times: Callable[[], Any]) -> float:
+        """Return the header's period, else the mean step of ``times()`` (NaN if one)."""
+        if header is not None:
+            return float(header)
+        t = np.asarray(times())
+        return float(np.mean(np.diff(t))) if t.size > 1 else float("nan")
+
     @property
     def dt_frame(self) -> float:
         """Frame period (s): ``scanFramePeriod``, else the mean step of the frame times."""
-        v = self.im_params.dt_frame
-        if v is not None:
-            return float(v)
-        t = np.asarray(self.get_time())
-        return float(np.mean(np.diff(t))) if t.size > 1 else float("nan")
+        return self._period(self.im_params.dt_frame, self.get_time)
 
     @property
     def dt_volume(self) -> float:
         """Volume period (s): ``1 / scanVolumeRate``, else the mean step of the time axis."""
-        v = self.im_params.dt_volume
-        if v is not None:
-            return float(v)
-        t = np.asarray(self.t_axis())
-        return float(np.mean(np.diff(t))) if t.size > 1 else float("nan")
+        return self._period(self.im_params.dt_volume, self.t_axis)
 
     def sec_to_frames(self, seconds: float, base: str = "volume") -> int:
         """Whole volumes (``base="volume"``) or frames (``"frame"``) in ``seconds``."""

@@ -24,8 +24,8 @@ import numpy as np
 
 from .._paths import expand, has_glob, is_remote, local_path, normalize
 from .._progress import Reporter, short_name
-from .._remote import remote_error
-from ..errors import ConversionError, RemoteAccessError, SiffFormatError
+from .._remote import naming_url
+from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
 from . import owner
@@ -611,18 +611,10 @@ def convert_file(
         given, or ``resume`` finds no interrupted conversion of this source.
 
     """
-    try:
+    with naming_url(os.fspath(destination)):  # a destination that times out or is gone
         return _convert(source, destination, overwrite, resume, scheduler, num_workers,
                         storage_options, target_options, shard_bytes, chunk_bytes, ome,
                         ome_levels, progress, allow_truncated)
-    except (ConversionError, RemoteAccessError, SiffFormatError):
-        raise
-    except Exception as exc:  # a destination that times out or cannot be reached
-        dst = os.fspath(destination)
-        err = remote_error(dst, exc) if is_remote(dst) else None
-        if err is None:
-            raise
-        raise err from exc
 
 
 def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, scheduler: Any,

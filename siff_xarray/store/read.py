@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .._paths import is_remote, normalize
-from .._remote import remote_error
-from ..errors import ConversionError, IncompleteStoreError, RemoteAccessError, SiffFormatError
+from .._paths import normalize
+from .._remote import naming_url
+from ..errors import IncompleteStoreError, SiffFormatError
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
 from .layout import PLAN_KEY, STARTED_KEY, Plan, Target, quiet_text_dtype
@@ -69,17 +69,9 @@ def open_converted(store: str | os.PathLike[str], *,
         If the store is the partial result of an interrupted conversion.
 
     """
-    try:
+    with naming_url(os.fspath(store)):  # a store that times out or cannot be reached
         return _open_converted(store, storage_options, partial_volume, missing_chunks,
                                **kwargs)
-    except (SiffFormatError, RemoteAccessError, ConversionError):
-        raise
-    except Exception as exc:  # a store that times out or cannot be reached
-        where = os.fspath(store)
-        err = remote_error(where, exc) if is_remote(where) else None
-        if err is None:
-            raise
-        raise err from exc
 
 
 def _open_converted(store: str | os.PathLike[str], storage_options: dict[str, Any] | None,
