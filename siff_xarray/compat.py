@@ -30,7 +30,7 @@ from ._options import histogram_length
 
 __all__ = [
     "EventStamp", "FLIMParams", "FlimTrace", "RegistrationInfo", "SiffReader", "Timeseries",
-    "registration_info_path", "save_registration_info", "siff_to_tiff",
+    "legacy_registration", "registration_info_path", "save_registration_info", "siff_to_tiff",
 ]
 
 
@@ -137,6 +137,70 @@ class RegistrationInfo:
         return cls(filename=os.fspath(data_file) if data_file is not None else str(stem),
                    registration_type=kind.split(".")[-1].lower(),
                    registration_color=int(color), yx_shifts=shifts, reference_frames=ref)
+
+
+#: what a legacy SiffPy ``.dict`` / ``.ref`` pickle may hold (nothing that runs code)
+_SAFE_PICKLE = {
+    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float",
+                              "complex", "bool", "str", "bytes", "bytearray")
+} | {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+     for n in ("_reconstruct", "scalar")} | {
+    (m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
+}
+
+
+def _load_legacy_pickle(path: Path) -> Any:
+    """Unpickle a legacy SiffPy file allowing only containers, numbers and numpy arrays.
+
+    A pickle can run any code when loaded; these files come from disk, so anything
+    but plain data is refused with a ValueError naming the file.
+    """
+    import pickle
+
+    class _Plain(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in _SAFE_PICKLE:
+                raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as fh:
+            return _Plain(fh).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise ValueError(f"{path}: not a SiffPy registration pickle of plain data ({exc}); "
+                         "it is not loaded") from exc
+
+
+def legacy_registration(data_file: str | os.PathLike[str]) -> RegistrationInfo | None:
+    """Read SiffPy's legacy pickled registration beside ``data_file``, if there is one.
+
+    ``<file>.dict`` (``{frame: (dy, dx)}``) and ``<file>.ref`` (reference images), as
+    SiffPy wrote them before its ``.h5`` files (``run.dict`` or ``run.siff.dict``).
+    Only plain data is unpickled. Returns None when there is no ``.dict``.
+    """
+    src = Path(os.fspath(data_file))
+    for base in (src.with_suffix(""), src):
+        dict_path = base.parent / f"{base.name}.dict"
+        if dict_path.is_file():
+            break
+    else:
+        return None
+    raw = _load_legacy_pickle(dict_path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{dict_path}: expected a pickled dict of frame -> (dy, dx), got "
+                         f"{type(raw).__name__}")
+    try:
+        shifts = {int(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{dict_path}: entries must be frame -> (dy, dx)") from exc
+    ref_path = dict_path.with_suffix(".ref")
+    ref = None
+    if ref_path.is_file():
+        ref = np.asarray(_load_legacy_pickle(ref_path), dtype=np.float64)
+    return RegistrationInfo(filename=os.fspath(data_file), registration_type="siffpy",
+                            registration_color=0, yx_shifts=shifts, reference_frames=ref)
 
 
 class Timeseries(np.ndarray):
@@ -555,6 +619,8 @@ class SiffReader:
             saved = registration_info_path(path)
             if saved.is_file():
                 self._registration_info = RegistrationInfo.load(saved, path)
+            else:  # SiffPy's older pickled <file>.dict / .ref (plain data only)
+                self._registration_info = legacy_registration(path)
 
     def close(self) -> None:
         """Close the file."""

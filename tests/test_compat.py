@@ -560,3 +560,34 @@ def test_flimtrace_arithmetic_is_siffpy_s_intensity_weighted_pooling(seed_file):
         pooled = np.sum(per_frame.reshape(-1, 6), axis=1)
         np.testing.assert_allclose(np.asarray(per_tp), np.asarray(pooled), rtol=1e-9)
         np.testing.assert_allclose(per_tp.intensity, pooled.intensity)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_legacy_pickled_registrations_load_as_plain_data_only(tmp_path, protocol):
+    import os
+    import pickle
+
+    t = write_siff(tmp_path / "old.siff", shape=(16, 16), n_slices=2, n_timepoints=3,
+                   photons_per_frame=300, seed=3)
+    shifts = {int(f): (np.int64(f % 3 - 1), np.int64(1 - f % 2)) for f in range(6)}
+    refs = [np.full((16, 16), k, dtype=np.float32) for k in range(2)]
+    (tmp_path / "old.dict").write_bytes(pickle.dumps(shifts, protocol=protocol))
+    (tmp_path / "old.ref").write_bytes(pickle.dumps(refs, protocol=protocol))
+    with SiffReader(t.path) as sr:  # applied on open, as SiffPy does
+        assert sr.registration_dict == {f: (int(a), int(b)) for f, (a, b) in shifts.items()}
+        np.testing.assert_array_equal(sr.reference_frames, np.stack(refs))
+        np.testing.assert_array_equal(
+            sr.get_frames([4]), np.roll(sr.get_frames([4], registration_dict={}),
+                                        shifts[4], axis=(-2, -1)))
+    # a pickle that would run code is refused, and the code never runs
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "old.dict").write_bytes(pickle.dumps({0: Evil()}, protocol=protocol))
+    with pytest.raises(ValueError, match=r"old\.dict: not a SiffPy registration pickle of "
+                       "plain data .*posix.system|old\\.dict: not a SiffPy"):
+        SiffReader(t.path)
+    assert not marker.exists()
