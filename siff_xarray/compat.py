@@ -277,6 +277,61 @@ class FLIMParams:
         """Number of exponential components."""
         return len(self.exps)
 
+    color_channel: int | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """SiffPy's ``FLIMParams.to_dict`` layout (what its ``.flimparams`` JSON holds)."""
+        return {"exps": [{"tau": t, "frac": f, "units": self.units} for t, f in self.exps],
+                "irf": {"tau_offset": self.irf[0], "tau_g": self.irf[1], "units": self.units},
+                "color_channel": self.color_channel, "noise": self.noise, "name": self.name,
+                "units": self.units, "class": "FLIMParams"}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FLIMParams:
+        """Build from SiffPy's ``to_dict`` layout (one unit for all; aliases accepted)."""
+        def pick(entry: Mapping[str, Any], *names: str) -> float:
+            for n in names:
+                if entry.get(n) is not None:
+                    return float(entry[n])
+            raise ValueError(f"FLIM parameters: none of {names} in {dict(entry)}")
+
+        if d.get("class", "FLIMParams") != "FLIMParams":
+            raise ValueError(f"not single-pulse FLIMParams (class {d.get('class')!r})")
+        exps = [(pick(e, "tau", "lifetime", "mean", "average"),
+                 pick(e, "frac", "fraction", "f")) for e in d.get("exps", [])]
+        if not exps:
+            raise ValueError("FLIM parameters without any exponential")
+        irf = d.get("irf") or {}
+        units = {_unit_name(u) for u in [d.get("units"), irf.get("units"),
+                                         *(e.get("units") for e in d["exps"])] if u}
+        if len(units) > 1:
+            raise ValueError(f"FLIM parameters in mixed units {sorted(units)}")
+        return cls(exps=exps, irf=(pick(irf, "tau_offset", "mu", "mean", "offset"),
+                                   pick(irf, "tau_g", "sigma", "width")),
+                   noise=float(d.get("noise") or 0.0),
+                   units=units.pop() if units else "countbins",
+                   color_channel=d.get("color_channel"), name=d.get("name"))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write SiffPy's JSON ``.flimparams`` file (the suffix is forced, as SiffPy does)."""
+        import json
+
+        out = Path(os.fspath(path)).with_suffix(".flimparams")
+        out.write_text(json.dumps(self.to_dict(), indent=2))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FLIMParams:
+        """Read a ``.flimparams`` file written by SiffPy or :meth:`save`."""
+        import json
+
+        p = Path(os.fspath(path))
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{p}: not a SiffPy .flimparams file ({exc})") from exc
+
 
 _FLIM_REDUCTIONS = {np.sum: np.sum, np.nansum: np.nansum, np.mean: np.mean,
                     np.nanmean: np.nanmean}
@@ -621,6 +676,12 @@ class SiffReader:
                 self._registration_info = RegistrationInfo.load(saved, path)
             else:  # SiffPy's older pickled <file>.dict / .ref (plain data only)
                 self._registration_info = legacy_registration(path)
+            # SiffPy's saved FLIM parameters: every <parent>/<stem>/*.flimparams
+            folder = Path(path).parent / Path(path).stem
+            found = [FLIMParams.load(f) for f in sorted(folder.glob("*.flimparams"))]
+            if found:  # by colour where they say it, else in name order
+                found.sort(key=lambda fp: (fp.color_channel is None, fp.color_channel or 0))
+                self._flim_params = tuple(found)
 
     def close(self) -> None:
         """Close the file."""

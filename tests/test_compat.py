@@ -591,3 +591,32 @@ def test_legacy_pickled_registrations_load_as_plain_data_only(tmp_path, protocol
                        "plain data .*posix.system|old\\.dict: not a SiffPy"):
         SiffReader(t.path)
     assert not marker.exists()
+
+
+def test_flimparams_files_beside_the_data_load_on_open_and_round_trip(tmp_path):
+    import json
+
+    from siff_xarray.compat import FLIMParams
+
+    t = write_siff(tmp_path / "fp.siff", shape=(16, 16), channels=(1, 2), n_timepoints=3,
+                   photons_per_frame=500, seed=4)
+    folder = tmp_path / "fp"
+    folder.mkdir()
+    # SiffPy's to_dict layout (aliases for the irf), colour 1 written first by name
+    (folder / "a.flimparams").write_text(json.dumps({
+        "exps": [{"lifetime": 2.5, "fraction": 1.0, "units": "nanoseconds"}],
+        "irf": {"mean": 1.3, "sigma": 0.1, "units": "nanoseconds"}, "color_channel": 1,
+        "noise": 0.1, "name": None, "units": "nanoseconds", "class": "FLIMParams"}))
+    FLIMParams(exps=[(0.6, 0.4), (2.8, 0.6)], irf=(1.2, 0.12), color_channel=0).save(
+        folder / "b")
+    with SiffReader(t.path) as sr:
+        p0, p1 = sr.flim_params  # sorted by colour
+        assert p0.exps == [(0.6, 0.4), (2.8, 0.6)] and p1.exps == [(2.5, 1.0)]
+        assert p1.tau_offset == 1.3 and p1.noise == 0.1 and p1.units == "nanoseconds"
+        mask = np.ones((16, 16), bool)
+        np.testing.assert_allclose(np.asarray(sr.sum_mask_flim(mask, p1, color_channel=2)),
+                                   np.asarray(sr.sum_mask_flim(mask, 65.0, color_channel=2)))
+    assert FLIMParams.load(folder / "b.flimparams") == FLIMParams.from_dict(p0.to_dict())
+    (folder / "c.flimparams").write_text("{not json")
+    with pytest.raises(ValueError, match=r"c\.flimparams: not a SiffPy \.flimparams file"):
+        SiffReader(t.path)
