@@ -265,7 +265,7 @@ class FLIMParams:
     irf: tuple[float, float]
     noise: float = 0.0
     units: str = "nanoseconds"
-    chi_sq: float = float("nan")
+    chi_sq: float | None = None  #: None unless fitted (NaN would make equal params unequal)
 
     @property
     def tau_offset(self) -> float:
