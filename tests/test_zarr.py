@@ -1008,3 +1008,30 @@ def test_a_same_size_edit_with_the_mtime_set_back_stops_the_conversion(tmp_path)
                        r"\(stamp"):
         zs.convert(t.path, dst, scheduler="sync", progress=edit_after_first_batch,
                    **_small_shards(t))
+
+
+def test_a_store_opens_as_a_datatree_with_photons_and_ome_levels(tmp_path):
+    t = write_siff(tmp_path / "tree.siff", shape=(70, 66), channels=(1, 2), n_slices=2,
+                   n_timepoints=3, photons_per_frame=3000, seed=6)
+    dst = tmp_path / "tree.zarr"
+    zs.convert(t.path, dst)
+    with pytest.raises(ValueError, match=r"conflicting sizes|not aligned|align"):
+        xr.open_datatree(dst, engine="zarr")  # plain xarray: the OME levels clash
+    with pytest.raises(ValueError, match=r"tree\.zarr: is a converted siff-xarray store"):
+        xr.open_datatree(dst, engine="siff")
+    tree = zs.open_converted_tree(dst, chunks={})
+    assert set(tree.groups) >= {"/", "/photons", "/ome", "/ome/0", "/ome/1"}
+    with zs.open_converted(dst) as ds:
+        xr.testing.assert_identical(tree["/"].to_dataset().load(), ds.load())
+        level0 = zs.to_ome_order(ds.intensity.values)
+    np.testing.assert_array_equal(tree["/ome/0"].intensity.values, level0)
+    np.testing.assert_array_equal(tree["/ome/1"].intensity.values, zs.downsample2(level0))
+    assert tree["/ome/1"].intensity.dims == ("t", "c", "z", "y_1", "x_1")
+    assert tree["/ome"].attrs["ome"]["multiscales"][0]["axes"][3]["name"] == "y"
+    counts = tree["/photons"].photon_count.values
+    assert counts.sum() == len(t.arrival)
+    _, tau = zs.read_photons(dst, 4)
+    start = int(tree["/photons"].photon_start.values[4])
+    np.testing.assert_array_equal(
+        tree["/photons"].arrival_time.values[start:start + counts[4]], tau)
+    tree.close()

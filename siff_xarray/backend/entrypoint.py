@@ -44,6 +44,7 @@ class SiffBackendEntrypoint(BackendEntrypoint):
         """Open a ``.siff`` file; see :func:`siff_xarray.open_siff`."""
         from .open import open_siff
 
+        _refuse_converted_store(filename_or_obj)
         return open_siff(filename_or_obj, drop_variables=drop_variables, **options)
 
     def open_groups_as_dict(  # type: ignore[override]
@@ -108,3 +109,15 @@ class SiffBackendEntrypoint(BackendEntrypoint):
             return isinstance(head, bytes) and looks_like_siff(head)
         except Exception:
             return False
+
+
+def _refuse_converted_store(filename_or_obj: Any) -> None:
+    """Raise a ValueError saying how to open a converted store given to the siff engine."""
+    if not isinstance(filename_or_obj, (str, os.PathLike)):
+        return
+    path = os.fspath(filename_or_obj)
+    if isinstance(path, str) and not is_remote(path) and \
+            os.path.isfile(os.path.join(local_path(path), "photons", "zarr.json")):
+        raise ValueError(f"{path}: is a converted siff-xarray store, not a .siff file; open "
+                         "it with siff_xarray.open_converted(path) (every group: "
+                         "siff_xarray.store.open_converted_tree(path)) or xr.open_zarr(path)")

@@ -30,7 +30,8 @@ layout     keys, chunking, naming, ``Target`` (where a store lives) and ``Plan``
 ome        the OME-Zarr image (axis order, pyramid, NGFF metadata)
 owner      which conversion owns a store being written (one writer at a time)
 converter  :func:`convert`, :func:`convert_file` (batches on any Dask scheduler)
-read       :func:`open_converted`, :func:`read_photons`, :class:`StorePhotons`
+read       :func:`open_converted` (and ``_groups``/``_tree``), :func:`read_photons`,
+           :class:`StorePhotons`
 strict     a zarr store wrapper: a missing chunk is an error, not zeros
 verifier   :func:`verify`
 export     :func:`to_siff` (a store back to ``.siff``), :func:`to_tiff`
@@ -49,8 +50,8 @@ from .._lazy import lazy_getattr
 __all__ = [
     "SIFF_ZARR_VERSION", "ConversionSummary", "Progress", "StorePhotons", "convert",
     "convert_file", "downsample2", "group_acquisitions", "is_converted_store",
-    "open_converted", "pyramid_levels", "read_photons", "store_name", "to_ome_order",
-    "to_siff", "to_tiff", "verify",
+    "open_converted", "open_converted_groups", "open_converted_tree", "pyramid_levels",
+    "read_photons", "store_name", "to_ome_order", "to_siff", "to_tiff", "verify",
 ]
 
 _LAZY = {
@@ -59,6 +60,7 @@ _LAZY = {
     "ConversionSummary": ".converter", "Progress": ".converter", "convert": ".converter",
     "convert_file": ".converter",
     "StorePhotons": ".read", "is_converted_store": ".read", "open_converted": ".read",
+    "open_converted_groups": ".read", "open_converted_tree": ".read",
     "read_photons": ".read",
     "verify": ".verifier", "to_siff": ".export", "to_tiff": ".export",
 }
@@ -68,7 +70,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .export import to_siff, to_tiff
     from .layout import SIFF_ZARR_VERSION, group_acquisitions, store_name
     from .ome import downsample2, pyramid_levels, to_ome_order
-    from .read import StorePhotons, is_converted_store, open_converted, read_photons
+    from .read import (
+        StorePhotons,
+        is_converted_store,
+        open_converted,
+        open_converted_groups,
+        open_converted_tree,
+        read_photons,
+    )
     from .verifier import verify
 
 

@@ -30,7 +30,7 @@ from ..reader.reductions import PhotonReductions, Shifts
 from .layout import PLAN_KEY, STARTED_KEY, Plan, Target, quiet_text_dtype
 
 __all__ = ["StorePhotons", "checked", "count_images", "frame_positions", "is_converted_store",
-           "open_converted", "read_photons"]
+           "open_converted", "open_converted_groups", "open_converted_tree", "read_photons"]
 
 
 def frame_positions(fmap: np.ndarray, n_frames: int) -> np.ndarray:
@@ -111,6 +111,53 @@ def _open_converted(store: str | os.PathLike[str], storage_options: dict[str, An
     if storage_options:
         ds.encoding["storage_options"] = storage_options
     return ds
+
+
+def open_converted_groups(store: str | os.PathLike[str], *,
+                          storage_options: dict[str, Any] | None = None,
+                          partial_volume: str = "drop", **kwargs: Any) -> dict[str, Any]:
+    """Every group of a converted store as Datasets: ``{"/": ..., "/photons": ..., ...}``.
+
+    ``"/"`` is :func:`open_converted`'s Dataset, ``"/photons"`` the photons group
+    and ``"/ome/0"``, ``"/ome/1"``... the OME pyramid levels. A level's ``y``/``x``
+    are named ``y_k``/``x_k`` (``k`` its level): NGFF requires the stored names
+    ``y``/``x``, and a DataTree would not align a half-size ``y`` with the root's.
+    Keyword arguments go to ``xr.open_zarr`` (``chunks=`` ...).
+    """
+    import xarray as xr
+
+    root = open_converted(store, storage_options=storage_options,
+                          partial_volume=partial_volume, **kwargs)
+    target = Target(normalize(store), storage_options)
+    zstore = target.reader()
+    kwargs = {"consolidated": None, **kwargs}
+    groups: dict[str, Any] = {"/": root}
+    with quiet_text_dtype():
+        groups["/photons"] = xr.open_zarr(zstore, group="photons", **kwargs)
+        if target.exists("ome/zarr.json"):
+            import dask.array as da
+            import zarr
+
+            ome = zarr.open_group(zstore, path="ome", mode="r")
+            groups["/ome"] = xr.Dataset(attrs=dict(ome.attrs))  # the NGFF metadata
+            for k in sorted(ome.array_keys(), key=int):
+                arr = ome[k]
+                dims = [f"{d}_{k}" if d in ("y", "x") else d
+                        for d in (arr.metadata.dimension_names or ("t", "c", "z", "y", "x"))]
+                data = da.from_array(arr, chunks=arr.chunks, lock=False, asarray=True)
+                groups[f"/ome/{k}"] = xr.Dataset({"intensity": (dims, data)},
+                                                 attrs={"level": int(k)})
+    return groups
+
+
+def open_converted_tree(store: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """Open a converted store as an ``xarray.DataTree`` (see :func:`open_converted_groups`)."""
+    from xarray import DataTree
+
+    groups = open_converted_groups(store, **kwargs)
+    tree = DataTree.from_dict(groups)
+    tree.set_close(lambda: [ds.close() for ds in groups.values()])
+    return tree
 
 
 def read_photons(source: Any, frame: int, *, storage_options: dict[str, Any] | None = None
