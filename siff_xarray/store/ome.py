@@ -13,8 +13,8 @@ import numpy as np
 
 from .layout import compressors
 
-__all__ = ["CHANNEL_COLORS", "complete_timepoints", "create_ome", "downsample2", "ome_repeats",
-           "pyramid_levels", "set_rendering", "to_ome_order", "windows"]
+__all__ = ["CHANNEL_COLORS", "create_ome", "downsample2", "ome_repeats", "pyramid_levels",
+           "set_rendering", "to_ome_order", "windows"]
 
 #: display colour of each channel, in file order (green, magenta, then more)
 CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF", "FFFFFF")
@@ -101,15 +101,6 @@ def _ome_metadata(ds: Any, name: str, levels: int = 1) -> dict[str, Any]:
     }}
 
 
-def complete_timepoints(ds: Any) -> int:
-    """Timepoints of ``ds`` whose every frame was acquired (a partial last one left out)."""
-    n_t = int(ds.sizes["time"])
-    if n_t and "frame_present" in ds and not bool(
-            np.asarray(ds.frame_present.isel(time=-1).values).all()):
-        return n_t - 1
-    return n_t
-
-
 def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
     """Create the NGFF 0.5 image group ``ome``: arrays ``0``, ``1``, ... (t, c, z, y, x).
 
@@ -120,13 +111,15 @@ def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
     """
     import zarr
 
+    from ..backend import drop_partial_volume
+
     reps = ds.sizes.get("repeat", 1)
     h, w = ds.sizes["y"], ds.sizes["x"]
-    n_t = complete_timepoints(ds)
+    ds = drop_partial_volume(ds)  # the Datasets' own rule for a partial last volume
     grp = zarr.open_group(store, path="ome", mode="w", attributes=_ome_metadata(
-        ds.isel(time=slice(0, n_t)), str(ds.attrs.get("title", "intensity")), levels))
+        ds, str(ds.attrs.get("title", "intensity")), levels))
     for k in range(levels):
-        shape = (n_t * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
+        shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
         grp.create_array(str(k), shape=shape, dtype=ds.intensity.dtype,
                          chunks=(ct * reps, *shape[1:]),
                          shards=(st * reps, *shape[1:]), compressors=compressors(),
