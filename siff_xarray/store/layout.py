@@ -9,6 +9,7 @@ values that every batch (on any Dask worker) reads back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -174,8 +175,9 @@ class Target:
         """Return the zarr store object (``LocalStore`` or ``FsspecStore``)."""
         return _zarr_store(self.destination, self.storage_options)
 
+    @functools.cached_property
     def all_chunks_stored(self) -> bool:
-        """Tell whether the store says it holds every chunk of every array.
+        """Whether the store says it holds every chunk of every array (read once).
 
         Stores converted by this version do (``photons`` attribute
         ``all_chunks_stored``, read from the root's consolidated metadata); in
@@ -198,7 +200,7 @@ class Target:
         if missing_chunks not in ("raise", "zeros"):
             raise ValueError(f"missing_chunks must be 'raise' or 'zeros', not {missing_chunks!r}")
         store = self.zarr()
-        if missing_chunks == "zeros" or not self.all_chunks_stored():
+        if missing_chunks == "zeros" or not self.all_chunks_stored:
             return store
         from .strict import StrictStore
 

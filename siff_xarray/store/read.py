@@ -70,17 +70,19 @@ def open_converted(store: str | os.PathLike[str], *,
 
     """
     with naming_url(os.fspath(store)):  # a store that times out or cannot be reached
-        return _open_converted(store, storage_options, partial_volume, missing_chunks,
-                               **kwargs)
+        # absolute: workers reopen it
+        return _open_target(Target(normalize(store), storage_options), partial_volume,
+                            missing_chunks, **kwargs)
 
 
-def _open_converted(store: str | os.PathLike[str], storage_options: dict[str, Any] | None,
-                    partial_volume: str, missing_chunks: str, **kwargs: Any) -> Any:
+def _open_target(target: Target, partial_volume: str, missing_chunks: str,
+                 **kwargs: Any) -> Any:
+    """:func:`open_converted` of a :class:`Target` (callers reuse it for other groups)."""
     import xarray as xr
 
     from ..backend import drop_partial_volume
 
-    target = Target(normalize(store), storage_options)  # absolute: workers reopen it
+    storage_options = target.storage_options
     if target.interrupted() or not target.exists("zarr.json"):
         if target.exists(PLAN_KEY):
             done = len(target.done_batches())
@@ -126,9 +128,9 @@ def open_converted_groups(store: str | os.PathLike[str], *,
     """
     import xarray as xr
 
-    root = open_converted(store, storage_options=storage_options,
-                          partial_volume=partial_volume, **kwargs)
     target = Target(normalize(store), storage_options)
+    with naming_url(target.destination):
+        root = _open_target(target, partial_volume, "raise", **kwargs)
     zstore = target.reader()
     kwargs = {"consolidated": None, **kwargs}
     groups: dict[str, Any] = {"/": root}
@@ -255,10 +257,10 @@ class StorePhotons(PhotonReductions):
                  storage_options: dict[str, Any] | None = None) -> None:
         import zarr
 
-        self._target = Target(os.fspath(store), storage_options)
+        self._target = Target(normalize(store), storage_options)
         self.name = self._target.destination
-        self._ds = open_converted(store, storage_options=storage_options, chunks=None,
-                                  partial_volume="keep")
+        with naming_url(self.name):  # one Target: the store's metadata are read once
+            self._ds = _open_target(self._target, "keep", "raise", chunks=None)
         try:
             grp = zarr.open_group(self._target.reader(), path="photons", mode="r")
         except (FileNotFoundError, KeyError, ValueError) as exc:
