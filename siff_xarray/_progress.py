@@ -107,9 +107,9 @@ class Reporter:
     """
 
     def __init__(self, task: str, total: int, unit: str = "frames",
-                 progress: ProgressArg = None) -> None:
+                 progress: ProgressArg = None, done: int = 0) -> None:
         self.task, self.total, self.unit = task, int(total), unit
-        self.done = 0
+        self.done = int(done)  # units done before this run (a resumed conversion)
         self._t0 = time.perf_counter()
         self._mode = _resolve(progress)
         self._bar: Any = None

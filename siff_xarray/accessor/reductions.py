@@ -233,32 +233,33 @@ def reduce_photons(ds: xr.Dataset, sources: tuple[PhotonSource, ...], which: np.
         shifts = None if shifts is None else shifts[None]
     t_axis = fmap.dims.index("time")
     chunks = ds.intensity.chunks if "time" in ds.intensity.dims else None
+    per_t = max(1, fm.size // max(1, fm.shape[t_axis]))  # cells per timepoint
     if chunks is not None:
         bounds = np.cumsum((0, *chunks[ds.intensity.dims.index("time")]))
     else:
-        per_t = max(1, fm.size // max(1, fm.shape[t_axis]))
         bounds = np.r_[np.arange(0, fm.shape[t_axis], max(1, EAGER_BLOCK_FRAMES // per_t)),
                        fm.shape[t_axis]]
-    blocks = []
     # the sources (with their index hints) are one key of the graph, sent to a worker
     # once, not copied into every task
     shared = dask.delayed(sources, pure=True, traverse=False) if chunks is not None else None
-    # eager: a progress bar over the frames (the default of siff_xarray.set_progress)
-    per_block = max(1, fm.size // max(1, fm.shape[t_axis]))
-    bar = Reporter(f"ds.siff {op}", fm.size, "frames", False if chunks is not None else None)
-    for a, b in bar.track(itertools.pairwise(bounds), lambda ab: (ab[1] - ab[0]) * per_block):
+
+    def _block(a: int, b: int) -> Any:
+        """Reduce (eager) or schedule (Dask) the cells of timepoints ``[a, b)``."""
         idx = [slice(None)] * fm.ndim
         idx[t_axis] = slice(int(a), int(b))
         fb, wb = fm[tuple(idx)], which[tuple(idx)]
         sb = None if shifts is None else shifts[tuple(idx)]
         if chunks is None:
-            blocks.append(reduce_block(sources, op, fb, wb, sb, masks, kw, extra))
-        else:
-            task = dask.delayed(reduce_block, pure=True)(shared, op, fb, wb, sb, masks, kw,
-                                                         extra)
-            blocks.append(da.from_delayed(task, shape=(n_parts, n_roi, *fb.shape, *extra),
-                                          dtype=red.dtype))
-    bar.close()
+            return reduce_block(sources, op, fb, wb, sb, masks, kw, extra)
+        task = dask.delayed(reduce_block, pure=True)(shared, op, fb, wb, sb, masks, kw, extra)
+        return da.from_delayed(task, shape=(n_parts, n_roi, *fb.shape, *extra),
+                               dtype=red.dtype)
+
+    # eager: a progress bar over the frames (the default of siff_xarray.set_progress)
+    with Reporter(f"ds.siff {op}", fm.size, "frames",
+                  False if chunks is not None else None) as bar:
+        blocks = [_block(a, b) for a, b in bar.track(itertools.pairwise(bounds),
+                                                     lambda ab: (ab[1] - ab[0]) * per_t)]
     if blocks:
         data = (np.concatenate if chunks is None else da.concatenate)(blocks, axis=2 + t_axis)
     else:

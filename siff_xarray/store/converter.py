@@ -129,9 +129,8 @@ class _Tracker:
             photons_done=0, elapsed_s=0.0)
         # no callable: the package's progress bar (None: when someone watches)
         self.bar = None if callable(callback) else Reporter(
-            f"convert {short_name(plan.destination)}", self.p.frames_total, "frames", callback)
-        if self.bar is not None:
-            self.bar.done = self.p.frames_done
+            f"convert {short_name(plan.destination)}", self.p.frames_total, "frames", callback,
+            done=self.p.frames_done)
 
     def close(self) -> None:
         """Finish the progress bar, if any."""
