@@ -266,6 +266,8 @@ class FLIMParams:
     noise: float = 0.0
     units: str = "nanoseconds"
     chi_sq: float | None = None  #: None unless fitted (NaN would make equal params unequal)
+    color_channel: int | None = None
+    name: str | None = None
 
     @property
     def tau_offset(self) -> float:
@@ -276,9 +278,6 @@ class FLIMParams:
     def n_exp(self) -> int:
         """Number of exponential components."""
         return len(self.exps)
-
-    color_channel: int | None = None
-    name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """SiffPy's ``FLIMParams.to_dict`` layout (what its ``.flimparams`` JSON holds)."""
@@ -333,8 +332,9 @@ class FLIMParams:
             raise ValueError(f"{p}: not a SiffPy .flimparams file ({exc})") from exc
 
 
-_FLIM_REDUCTIONS = {np.sum: np.sum, np.nansum: np.nansum, np.mean: np.mean,
-                    np.nanmean: np.nanmean}
+#: numpy reductions of a FlimTrace: intensity-weighted lifetime; summed or mean intensity
+_FLIM_SUMS = (np.sum, np.nansum)
+_FLIM_MEANS = (np.mean, np.nanmean)
 
 
 class FlimTrace:
@@ -434,26 +434,24 @@ class FlimTrace:
 
     def sum(self, axis: Any = None) -> FlimTrace:
         """Intensity-weighted lifetime and summed intensity (see the class docstring)."""
-        return self._pool(axis, np.sum)
+        return self._pool(axis, mean=False)
 
     def mean(self, axis: Any = None) -> FlimTrace:
         """Intensity-weighted lifetime and mean intensity."""
-        return self._pool(axis, np.mean)
+        return self._pool(axis, mean=True)
 
-    def _pool(self, axis: Any, how: Any) -> FlimTrace:
-        w = np.where(np.isnan(self.lifetime), 0.0, self.intensity)
+    def _pool(self, axis: Any, mean: bool) -> FlimTrace:
+        w = np.where(np.isnan(self.lifetime), 0.0, self.intensity)  # empty frames: no weight
         total = np.sum(w, axis=axis)
         with np.errstate(invalid="ignore", divide="ignore"):
-            life = np.nansum(np.where(w > 0, self.lifetime, 0) * w, axis=axis) / total
-        life = np.where(total > 0, life, np.nan)
-        inten = np.sum(self.intensity, axis=axis) if how in (np.sum, np.nansum) \
-            else np.mean(self.intensity, axis=axis)
+            life = np.where(total > 0, np.nansum(self.lifetime * w, axis=axis) / total, np.nan)
+        inten = (np.mean if mean else np.sum)(self.intensity, axis=axis)
         return self._new(life, inten)
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        if func in _FLIM_REDUCTIONS and args and args[0] is self:
+        if func in (*_FLIM_SUMS, *_FLIM_MEANS) and args and args[0] is self:
             return self._pool(kwargs.get("axis", args[1] if len(args) > 1 else None),
-                              _FLIM_REDUCTIONS[func])
+                              mean=func in _FLIM_MEANS)
         if func is np.concatenate:
             parts = list(args[0])
             axis = kwargs.get("axis", args[1] if len(args) > 1 else 0)
@@ -690,7 +688,7 @@ class SiffReader:
         self._file = None
         self.filename = ""
         self._registration_info = None
-        self._flim_params: tuple[Any, ...] | None = None
+        self._flim_params = None
 
     def __enter__(self) -> SiffReader:
         return self

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ._progress import short_name
+
 __all__ = ["flim_rgb", "get_reader", "layers", "read"]
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -66,7 +68,7 @@ def read(path: str | list[str]) -> list[LayerData]:
     p = os.fspath(path[0] if isinstance(path, (list, tuple)) else path)
     ds = (open_converted(p, chunks={"time": 1}) if is_converted_store(p)
           else xr.open_dataset(p, engine="siff", chunks={"time": 1}))
-    return layers(ds, name=p.rstrip("/").rsplit("/", 1)[-1])
+    return layers(ds, name=short_name(p))
 
 
 def _spacing(ds: Any, dim: str) -> float:

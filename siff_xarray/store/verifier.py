@@ -220,6 +220,11 @@ def _dataset_differences(store_ds: Any, srcs: list[str],
     return out
 
 
+def _grid(a: Any) -> list[int]:
+    """Return how many stored objects (shards, else chunks) ``a`` has along each axis."""
+    return [-(-n // c) for n, c in zip(a.shape, a.shards or a.chunks, strict=True)]
+
+
 def _arrays(root: Any) -> list[tuple[str, Any]]:
     """Every array of a store, with its path (root, ``ome/`` and ``photons/``)."""
     with quiet_text_dtype():
@@ -238,8 +243,7 @@ def _damaged_chunks(target: Target) -> list[str]:
     out = []
     for path, a in _arrays(root):
         outer = a.shards or a.chunks
-        grid = [-(-n // c) for n, c in zip(a.shape, outer, strict=True)]
-        for idx in np.ndindex(*grid):
+        for idx in np.ndindex(*_grid(a)):
             sel = tuple(slice(i * c, min((i + 1) * c, n))
                         for i, c, n in zip(idx, outer, a.shape, strict=True))
             try:
@@ -283,8 +287,7 @@ def _missing_chunks(target: Target, grp: Any) -> list[str]:
                        "(deleted or lost; zarr would read them as zeros); convert again")
 
     def outer_grid(a: Any) -> int:
-        outer = a.shards or a.chunks
-        return int(np.prod([-(-n // c) for n, c in zip(a.shape, outer, strict=True)]))
+        return int(np.prod(_grid(a)))
 
     root = zarr.open_group(zstore, mode="r")
     if grp.attrs.get(ALL_CHUNKS_STORED):
