@@ -9,7 +9,6 @@ values that every batch (on any Dask worker) reads back.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -175,32 +174,18 @@ class Target:
         """Return the zarr store object (``LocalStore`` or ``FsspecStore``)."""
         return _zarr_store(self.destination, self.storage_options)
 
-    @functools.cached_property
-    def all_chunks_stored(self) -> bool:
-        """Whether the store says it holds every chunk of every array (read once).
-
-        Stores converted by this version do (``photons`` attribute
-        ``all_chunks_stored``, read from the root's consolidated metadata); in
-        them a missing chunk was deleted or lost.
-        """
-        try:
-            meta = json.loads(self.read_text("zarr.json"))
-        except (OSError, ValueError):
-            return False
-        photons = meta.get("consolidated_metadata", {}).get("metadata", {}).get("photons", {})
-        return bool(photons.get("attributes", {}).get(ALL_CHUNKS_STORED))
-
     def reader(self, missing_chunks: str = "raise") -> Any:
         """Return the zarr store to read from.
 
         ``missing_chunks="raise"``: a chunk missing from a store that holds every
-        chunk raises :class:`~siff_xarray.errors.MissingChunkError` (zarr would
-        read it as zeros); ``"zeros"``: zarr's own behaviour (``verify`` counts them).
+        chunk (photons attribute :data:`ALL_CHUNKS_STORED`) raises
+        :class:`~siff_xarray.errors.MissingChunkError` (zarr would read it as zeros);
+        ``"zeros"``: zarr's own behaviour (``verify`` counts them).
         """
         if missing_chunks not in ("raise", "zeros"):
             raise ValueError(f"missing_chunks must be 'raise' or 'zeros', not {missing_chunks!r}")
         store = self.zarr()
-        if missing_chunks == "zeros" or not self.all_chunks_stored:
+        if missing_chunks == "zeros":
             return store
         from .strict import StrictStore
 
