@@ -233,3 +233,41 @@ def test_files_of_a_session_combine_by_their_epoch(tmp_path, masks):
         assert ds.time.dtype == np.int64 and ds.time.attrs["units"].startswith("ns since")
     with pytest.raises(ValueError, match="time_coordinate"):
         xr.open_dataset(early.path, engine="siff", time_coordinate="wall")
+
+
+def test_threads_opening_one_photon_source_at_once_share_it(siff_files, monkeypatch):
+    """Two Dask tasks that open a new source together: neither closes the other's file."""
+    import threading
+    import time
+
+    from siff_xarray.accessor import reductions
+    from siff_xarray.accessor.reductions import PhotonSource
+
+    t = siff_files["two_chan_slices_flyback"]
+    monkeypatch.setattr(reductions, "_OPEN", type(reductions._OPEN)())
+    real = PhotonSource._create
+
+    def slow_create(self):  # both threads miss the cache before either stores its file
+        obj = real(self)
+        time.sleep(0.3)
+        return obj
+
+    monkeypatch.setattr(PhotonSource, "_create", slow_create)
+    src = PhotonSource("siff", t.path)
+    got, errors = [], []
+
+    def use():
+        try:
+            with src.open() as f:
+                got.append(f)
+                time.sleep(0.3)  # still reading when the other thread finishes opening
+                f.read_frames([0])  # was OSError: [Errno 9] Bad file descriptor
+        except Exception as exc:  # pragma: no cover - the failure being tested
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == [] and got[0] is got[1]

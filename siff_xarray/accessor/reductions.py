@@ -75,11 +75,18 @@ class PhotonSource:
                 return contextlib.nullcontext(entry[0])
         obj = self._create()
         with _OPEN_LOCK:
-            old = _OPEN.pop(key, None)
-            _OPEN[key] = (obj, stamp)
-            evicted = [old[0]] if old is not None else []
-            while len(_OPEN) > MAX_OPEN:
-                evicted.append(_OPEN.popitem(last=False)[1][0])
+            entry = _OPEN.get(key)
+            if entry is not None and entry[1] == stamp:
+                # another thread opened it meanwhile and may be reading it: use that one
+                # and close ours (closing theirs broke their read: bad file descriptor)
+                _OPEN.move_to_end(key)
+                evicted, obj = [obj], entry[0]
+            else:
+                old = _OPEN.pop(key, None)
+                _OPEN[key] = (obj, stamp)
+                evicted = [old[0]] if old is not None else []
+                while len(_OPEN) > MAX_OPEN:
+                    evicted.append(_OPEN.popitem(last=False)[1][0])
         for e in evicted:
             with contextlib.suppress(Exception):
                 e.close()
