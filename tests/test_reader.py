@@ -514,3 +514,76 @@ def test_signed_tiff_pages(tmp_path, rng):
     with xr.open_dataset(t.path, engine="siff") as ds:  # the Dataset says int16 too
         assert ds.intensity.dtype == np.int16
         np.testing.assert_array_equal(ds.intensity.values.reshape(-1, 7, 5), frames)
+
+
+def test_decode_into_matches_the_separate_decoders(truth, rng):
+    """One decode gives the count images, pixel-sorted arrivals and histograms of the readers."""
+    with SiffFile(truth.path) as f:
+        n = f.num_frames
+        frames = np.sort(rng.choice(n, size=max(1, n * 2 // 3), replace=False))
+        rows = rng.permutation(len(frames)) + 2  # anywhere in the buffers, in any order
+        h, w = f.frame_shape
+        images = np.zeros((len(frames) + 3, h, w), dtype=np.uint16)
+        counts = np.zeros(len(frames) + 3, dtype=np.uint32)
+        photons = f.index.n_photons[frames]
+        arrivals = np.zeros(int(photons.sum()), dtype=np.uint32)
+        tiff = (f.index.encoding[frames] == 2).all()
+        nbins = f.im_params.num_bins or 8
+        hists = np.zeros((len(frames) + 3, nbins), dtype=np.uint32)
+        hi = f.decode_into(frames, rows, images, counts, hists, arrivals)
+        np.testing.assert_array_equal(images[rows], f.read_frames(frames).view(np.uint16))
+        assert not images[:2].any() and not images[-1].any()
+        if tiff:
+            np.testing.assert_array_equal(
+                counts[rows], f.read_frames(frames).view(np.uint16).sum(axis=(1, 2)))
+            return
+        np.testing.assert_array_equal(counts[rows], photons)
+        _starts, _pix, tau = f.photons_batch(frames)
+        np.testing.assert_array_equal(arrivals, tau)
+        assert hi == (int(tau.max()) if tau.size else 0)
+        np.testing.assert_array_equal(hists[rows], f.histograms(frames, n_bins=nbins))
+
+
+def test_decode_into_checks_its_buffers(siff_files):
+    t = siff_files["single_raw"]
+    with SiffFile(t.path) as f:
+        h, w = f.frame_shape
+        images = np.zeros((2, h, w), dtype=np.uint16)
+        n = int(f.index.n_photons[:2].sum())
+        hist = np.zeros((0, 1), dtype=np.uint32)
+        counts = np.zeros(2, dtype=np.uint32)
+        with pytest.raises(ValueError, match="one row"):
+            f.decode_into([0, 1], [0, 2], images, counts, hist, np.zeros(n, np.uint16))
+        with pytest.raises(ValueError, match="photons"):
+            f.decode_into([0, 1], [0, 1], images, counts, hist, np.zeros(n + 1, np.uint16))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            f.decode_into([0, 1], [0, 1], np.zeros((2, h, w + 1), np.uint16), counts, hist,
+                          np.zeros(n, np.uint16))
+
+
+def test_decode_into_refuses_saturated_pixels(tmp_path):
+    """A raw frame with a pixel above 65535 photons cannot be stored as count image + photons."""
+    from siff_xarray.synthetic import SiffWriter, roi_json, scanimage_header
+
+    p = tmp_path / "hot.siff"
+    rec = np.full(70000, (np.uint64(3) << np.uint64(48)) | (np.uint64(2) << np.uint64(32))
+                  | np.uint64(17), dtype=np.uint64)
+    with open(p, "wb") as fh:
+        w = SiffWriter(fh, scanimage_header(height=8, width=8), roi_json(8, 8))
+        w.set_shape(8, 8)
+        w.write_frame("frameTimestamps_sec = 0.1\nepoch = 5\n", photons=rec)
+    with SiffFile(p) as f:
+        images = np.zeros((1, 8, 8), dtype=np.uint16)
+        with pytest.raises(SiffFormatError, match="65535"):
+            f.decode_into([0], [0], images, np.zeros(1, np.uint32), np.zeros((0, 1), np.uint32),
+                          np.zeros(70000, np.uint16))
+
+
+def test_read_frames_into_out(truth):
+    with SiffFile(truth.path) as f:
+        want = f.read_frames()
+        out = np.full(want.shape, 7, dtype=want.dtype)
+        assert f.read_frames(out=out) is out or f.read_frames(out=out).base is out
+        np.testing.assert_array_equal(out, want)
+        with pytest.raises(ValueError, match="C-contiguous 16-bit"):
+            f.read_frames(out=np.zeros(want.shape, np.float32))

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from siff_xarray import SiffFile
 from siff_xarray import store as zs
@@ -82,6 +85,20 @@ def _check_ome(dst, ds):
         ds.channel_name.values)
     models = pytest.importorskip("ome_zarr_models.v05.image")
     models.Image.from_zarr(grp)  # raises if the metadata break the NGFF 0.5 spec
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(st.sampled_from([np.uint16, np.int16]),
+                  hnp.array_shapes(min_dims=2, max_dims=4, max_side=7)))
+def test_downsample2_is_the_rounded_mean(a):
+    """Integer 2 x 2 sums with shifts equal numpy's rint of the float mean, sign and halves."""
+    h, w = a.shape[-2:]
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    b = np.pad(a.astype(np.float64), pad, mode="edge")
+    want = b.reshape(*b.shape[:-2], b.shape[-2] // 2, 2, b.shape[-1] // 2, 2).mean(axis=(-3, -1))
+    got = zs.downsample2(a)
+    assert got.dtype == a.dtype
+    np.testing.assert_array_equal(got, np.rint(want).astype(a.dtype))
 
 
 def test_downsample_and_pyramid_levels():

@@ -139,6 +139,21 @@ class Acquisition:
         return (np.concatenate(starts), np.concatenate(pix) if pix else empty,
                 np.concatenate(tau) if tau else empty)
 
+    def decode_into(self, frames: np.ndarray, rows: np.ndarray, images: np.ndarray,
+                    counts: np.ndarray, histograms: np.ndarray, arrivals: np.ndarray) -> int:
+        """As :meth:`SiffFile.decode_into` (frames ascending)."""
+        frames = np.asarray(frames, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        hi, done, base = 0, 0, 0
+        for f, local in self._pieces(frames):
+            n = int(f.index.n_photons[local].sum())
+            part = slice(done, done + len(local))
+            hi = max(hi, f.decode_into(local, rows[part], images, counts, histograms,
+                                       arrivals[base : base + n]))
+            done += len(local)
+            base += n
+        return hi
+
     def read_frames(self, frames: np.ndarray) -> np.ndarray:
         """As :meth:`SiffFile.read_frames` (frames ascending)."""
         return np.concatenate([f.read_frames(local) for f, local in self._pieces(frames)])

@@ -288,6 +288,35 @@ def _frame_photons(frames, i, status, pix, tau, dmap, last):
 
 
 @numba.njit(**_JIT)
+def _pixel_starts(pix, m, npx, hist):
+    """``hist[p]``: where pixel ``p``'s photons start among the ``m`` photons sorted by pixel.
+
+    ``hist`` (at least ``npx + 1`` long) gets ``npx + 1`` entries; ``hist[npx] == m``.
+    """
+    hist[: npx + 1] = 0
+    for k in range(m):
+        hist[pix[k] + 1] += 1
+    for p in range(npx):
+        hist[p + 1] += hist[p]
+
+
+@numba.njit(**_JIT)
+def _pixel_sort(pix, tau, m, hist, s0, out_pix, out_tau):
+    """Write the ``m`` photons in pixel order (stable) at ``s0``, from :func:`_pixel_starts`.
+
+    ``out_pix`` may have no entries: then only arrival times are written. Leaves
+    ``hist[p]`` at the start of pixel ``p + 1``.
+    """
+    keep_pix = out_pix.shape[0] > 0
+    for k in range(m):
+        d = s0 + hist[pix[k]]
+        hist[pix[k]] += 1
+        if keep_pix:
+            out_pix[d] = pix[k]
+        out_tau[d] = tau[k]
+
+
+@numba.njit(**_JIT)
 def _roll_copy(img, row, h, w, dy, dx):
     """Copy image ``img`` into ``row`` (both flat ``h * w``), rolled by ``(dy, dx)``."""
     if dy == 0 and dx == 0:
@@ -636,17 +665,87 @@ def _photons(buf, enc, off, nb, hh, ww, sy, sx, nchunks, maxn, starts, out_pix, 
                 out_pix[s0 : s0 + m] = pix[:m]
                 out_tau[s0 : s0 + m] = tau[:m]
                 continue
-            npx = hh[i] * ww[i]
-            hist[: npx + 1] = 0
-            for k in range(m):
-                hist[pix[k] + 1] += 1
-            for p in range(npx):
-                hist[p + 1] += hist[p]
-            for k in range(m):
-                d = s0 + hist[pix[k]]
-                hist[pix[k]] += 1
-                out_pix[d] = pix[k]
-                out_tau[d] = tau[k]
+            _pixel_starts(pix, m, hh[i] * ww[i], hist)
+            _pixel_sort(pix, tau, m, hist, s0, out_pix, out_tau)
+
+
+@numba.njit(**_JIT)
+def _arrival_stats(src, m, hist, r):
+    """Add ``src[:m]`` to histogram row ``hist[r]`` (drop mode; no rows: none); return the max."""
+    nbins = hist.shape[1]
+    want = hist.shape[0] > 0
+    hi = 0
+    for k in range(m):
+        t = np.int64(src[k])
+        hi = max(hi, t)
+        if want and t < nbins:
+            hist[r, t] += 1
+    return hi
+
+
+def _store_frames(buf, enc, off, nb, hh, ww, sy, sx, nchunks, rows, starts, images, counts,
+                  taus, hist, tmax, status):
+    """Everything a converted store keeps of each frame, from one decode of it.
+
+    Frame ``i`` goes to row ``rows[i]`` of ``images`` (its count image; ``(R, H*W)``
+    uint16), ``counts`` (its photon count) and ``hist`` (its arrival histogram, times
+    ``>= bins`` dropped; pass zero rows to skip); its arrival times, sorted by pixel
+    (stable), to ``taus[starts[i]:starts[i + 1]]`` in the dtype of ``taus``, and its
+    largest arrival time to ``tmax[i]`` (so a caller storing uint16 can tell when
+    they do not fit). Raw frames are counting-sorted; a pixel above 65535 photons
+    gives ``ST_SATURATED``. TIFF pages have no photons: their count is the image sum.
+    """
+    frames = (buf, enc, off, nb, hh, ww, sy, sx)
+    n = enc.shape[0]
+    hw = hh.max() * ww.max() if n else 0
+    no_pix = np.empty(0, dtype=np.int64)
+    for c in prange(nchunks):
+        first = np.empty(hw + 1, dtype=np.int64)
+        pix, tau, dmap, last = _workspace(hw)
+        for i in range(c * n // nchunks, (c + 1) * n // nchunks):
+            ok, h, w, dy, dx = _frame(buf, enc, off, nb, hh, ww, sy, sx, i, status)
+            if not ok:
+                continue
+            r, s0, npx = rows[i], starts[i], h * w
+            row = images[r]
+            tmax[i] = 0
+            if enc[i] == ENC_TIFF:
+                img = _image_u16(buf, enc[i], off[i], h, w)
+                _roll_copy(img, row, h, w, dy, dx)
+                total = 0
+                for p in range(npx):
+                    total += np.int64(img[p])
+                counts[r] = total
+                status[i] = ST_OK
+                continue
+            if enc[i] == ENC_COMPRESSED:
+                img, arr, consistent = _compressed(buf, off[i], nb[i], h, w, dy, dx, dmap, last)
+                m = arr.shape[0]
+                if not consistent or m != starts[i + 1] - s0:
+                    status[i] = ST_MISMATCH
+                    continue
+                _roll_copy(img, row, h, w, dy, dx)
+                for k in range(m):  # already in pixel order
+                    taus[s0 + k] = arr[k]
+                tmax[i] = _arrival_stats(arr, m, hist, r)
+                status[i] = ST_OK
+            else:
+                m, pix, tau = _frame_photons(frames, i, status, pix, tau, dmap, last)
+                if m < 0:
+                    continue
+                if m != starts[i + 1] - s0:
+                    status[i] = ST_MISMATCH
+                    continue
+                _pixel_starts(pix, m, npx, first)
+                for p in range(npx):
+                    v = first[p + 1] - first[p]
+                    if v > 65535:
+                        status[i] = ST_SATURATED
+                        v = 65535
+                    row[p] = v
+                _pixel_sort(pix, tau, m, first, s0, no_pix, taus)
+                tmax[i] = _arrival_stats(tau, m, hist, r)
+            counts[r] = m
 
 
 #: kernels whose per-pixel divisions rely on ``0 / 0 -> NaN`` (no ZeroDivisionError)
@@ -673,7 +772,7 @@ def _compile(f, parallel: bool):
 _KERNELS = {
     f.__name__.lstrip("_"): (_compile(f, True), _compile(f, False))
     for f in (_intensity, _sum_masks, _histograms, _pixel_flim, _mask_flim, _photons,
-              _mask_histograms)
+              _mask_histograms, _store_frames)
 }
 _PARALLEL_LOCK = threading.Lock()
 

@@ -143,7 +143,8 @@ class PhotonReductions:
 
     # ------------------------------------------------------------------ intensity
 
-    def read_frames(self, frames: FrameSelection = None, shifts: Shifts = None) -> np.ndarray:
+    def read_frames(self, frames: FrameSelection = None, shifts: Shifts = None,
+                    out: np.ndarray | None = None) -> np.ndarray:
         """Photon-count (intensity) images.
 
         Parameters
@@ -154,20 +155,27 @@ class PhotonReductions:
             Registration: mapping ``frame -> (dy, dx)`` covering every requested
             frame, or an integer array of shape ``(F, 2)``. Each frame is returned
             as ``numpy.roll(frame, (dy, dx), axis=(0, 1))``, for any sign and size.
+        out
+            Decode into this C-contiguous ``(F, H, W)`` 16-bit array (no new array).
 
         Returns
         -------
         numpy.ndarray
             ``uint16`` of shape ``(F, H, W)`` (``int16`` for TIFF files storing
-            signed samples).
+            signed samples); ``out`` if given.
 
         """
         f = self._frames(frames)
         args, (h, w), _ = self._frame_args(f, shifts)
-        out = np.empty((len(f), h, w), dtype=np.uint16)
+        if out is None:
+            out = np.empty((len(f), h, w), dtype=np.uint16)
+        elif (out.shape != (len(f), h, w) or out.dtype.itemsize != 2
+              or out.dtype.kind not in "iu" or not out.flags.c_contiguous):
+            raise ValueError(f"{self.name}: out must be a C-contiguous 16-bit array of shape "
+                             f"{(len(f), h, w)}, got {out.dtype} {out.shape}")
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("intensity", *args, out.reshape(len(f), h * w), status)
+            K.run("intensity", *args, out.view(np.uint16).reshape(len(f), h * w), status)
         self._check(status, f)
         return out.view(np.int16) if len(f) and self._signed(f) else out
 
@@ -529,6 +537,67 @@ class PhotonReductions:
             K.run("photons", *args, maxn, starts, pix, tau, status)
         self._check(status, f)
         return starts, pix, tau
+
+    def decode_into(self, frames: FrameSelection, rows: np.ndarray, images: np.ndarray,
+                    counts: np.ndarray, histograms: np.ndarray, arrivals: np.ndarray
+                    ) -> int:
+        """Decode frames once into the buffers a converted store is written from.
+
+        Parameters
+        ----------
+        frames
+            File frame indices.
+        rows
+            For each frame, its row in ``images``, ``counts`` and ``histograms`` (so
+            frames land straight where they are stored, in any order).
+        images
+            ``(R, H, W)`` uint16 (C-contiguous): each frame's count image.
+        counts
+            ``(R,)``: each frame's photon count.
+        histograms
+            ``(R, bins)``: each frame's arrival histogram is added (times ``>= bins``
+            are left out); an array with no rows skips histograms.
+        arrivals
+            Every frame's arrival times, sorted by pixel within a frame, in frame
+            order (the frames' photon counts, concatenated), in this array's dtype.
+
+        Returns
+        -------
+        int
+            The largest arrival time (0 without photons), so a caller storing them
+            in uint16 can tell when they do not fit.
+
+        Raises
+        ------
+        SiffFormatError
+            On a damaged frame, or a pixel with more than 65535 photons in one frame
+            (its count image would saturate, so the photons could not be located).
+
+        """
+        f = self._frames(frames)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if rows.shape != f.shape or (f.size and (rows.min() < 0 or rows.max() >= len(images))):
+            raise ValueError(f"{self.name}: need one row in [0, {len(images)}) per frame")
+        args, (h, w), _ = self._frame_args(f)  # TIFF pages too: their image is everything
+        if images.shape[1:] != (h, w) or not images.flags.c_contiguous:
+            raise ValueError(f"{self.name}: images must be C-contiguous (R, {h}, {w})")
+        starts = np.zeros(len(f) + 1, dtype=np.int64)
+        np.cumsum(self._n_photons(f), out=starts[1:])
+        if arrivals.shape != (int(starts[-1]),):
+            raise ValueError(f"{self.name}: the frames hold {int(starts[-1])} photons, "
+                             f"arrivals has shape {arrivals.shape}")
+        status = np.zeros(len(f), dtype=np.int8)
+        tmax = np.zeros(len(f), dtype=np.int64)
+        if len(f):
+            K.run("store_frames", *args, rows, starts, images.reshape(len(images), h * w),
+                  counts, arrivals, histograms, tmax, status)
+        sat = np.flatnonzero(status == K.ST_SATURATED)
+        if sat.size:
+            raise SiffFormatError(self.name, "a pixel holds more than 65535 photons in one "
+                                  "frame; its uint16 count image cannot locate them", None,
+                                  int(f[sat[0]]))
+        self._check(status, f)
+        return int(tmax.max()) if tmax.size else 0
 
     def photons(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
         """``(pixel_index, arrival)`` of one frame's photons, sorted by pixel (``uint32``)."""

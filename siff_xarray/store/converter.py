@@ -223,61 +223,58 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
     inten = _open_for_batch(store, "intensity")
-    repeat = inten.ndim == 6
     shape = (t1 - t0, *inten.shape[1:])
-    block = np.zeros(shape, dtype=plan.intensity_dtype)
-    pc = np.zeros(shape[:-2], dtype=np.uint32)
-    hblock = None
-    fly_imgs: list[np.ndarray] = []
+    lead = shape[:-2]
+    n_rows = int(np.prod(lead))
     writer = _ShardWriter(_open_for_batch(store, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype)
     n = 0
     with _open_source(plan) as f:
         ip = f.im_params()
+        loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
+        n_fly = int(loc_all["flyback"].sum())
+        # every frame's decoded values land in its stored place: the intensity block's
+        # rows first, then the batch's flyback frames (one buffer, no reordering copy)
+        images = np.zeros((n_rows + n_fly, *shape[-2:]), dtype=np.uint16)
+        counts = np.zeros(n_rows + n_fly, dtype=np.uint32)
+        nbins = ip.num_bins if f.has_photons and ip.num_bins is not None else 0
+        hists = np.zeros((n_rows + n_fly if nbins else 0, max(nbins, 1)), dtype=np.uint32)
+        rows = np.empty(f1 - f0, dtype=np.int64)
+        fly = loc_all["flyback"]
+        idx = [loc_all["timepoint"][~fly] - t0, loc_all["slice"][~fly]]
+        if len(lead) == 4:  # (time, slice, repeat, channel)
+            idx.append(loc_all["repeat"][~fly])
+        idx.append(loc_all["channel"][~fly])
+        rows[~fly] = np.ravel_multi_index(tuple(idx), lead)
+        rows[fly] = n_rows + np.arange(n_fly)
         sizes = f.frame_bytes[f0:f1]
+        photons = f.n_photons[f0:f1].astype(np.int64)
+        arrival_dtype = np.dtype(plan.arrival_dtype)
         # sub-batch boundaries: one decode call per ~SUB_BATCH_BYTES, not per frame
         cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
                               SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
         edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
         for s0, s1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
             frames = np.arange(s0, s1, dtype=np.int64)
-            counts_img = f.read_frames(frames)
-            if plan.intensity_only:  # TIFF pages: the photon count is the image sum
-                tau = np.zeros(0, dtype=np.uint32)
-                cnt = counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.uint64)
-            else:
-                starts, _pix, tau = f.photons_batch(frames)
-                cnt = np.diff(starts)
-            if tau.size and int(tau.max()) > 65535 and plan.arrival_dtype == "uint16":
+            tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
+            hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
+            if hi > np.iinfo(arrival_dtype).max:
                 raise _NeedsWideArrivals
-            if not plan.intensity_only and (counts_img == np.iinfo(np.uint16).max).any() and (
-                    cnt != counts_img.reshape(len(frames), -1).sum(axis=1, dtype=np.int64)
-            ).any():
-                raise ConversionError(
-                    f"{plan.sources[0]}: a pixel holds more than 65535 photons in one frame; "
-                    "its count does not fit the uint16 count image that locates photons")
             writer.append(tau)
             n += int(tau.size)
-            loc = ip.locate(frames)
-            fly = loc["flyback"]
-            idx = (loc["timepoint"][~fly] - t0, loc["slice"][~fly])
-            if repeat:
-                idx = (*idx, loc["repeat"][~fly])
-            idx = (*idx, loc["channel"][~fly])
-            block[idx] = counts_img[~fly]
-            pc[idx] = cnt[~fly]
-            if f.has_photons and ip.num_bins is not None:
-                hist = f.histograms(frames).astype(np.uint32)
-                if hblock is None:
-                    hblock = np.zeros((*shape[:-2], hist.shape[1]), dtype=np.uint32)
-                hblock[idx] = hist[~fly]
-            if fly.any():
-                fly_imgs.append(counts_img[fly])
             f.release()  # keep the memory map's pages out of the RSS between sub-batches
+    block = images[:n_rows].reshape(shape)
+    pc = counts[:n_rows].reshape(lead)
+    if np.dtype(plan.intensity_dtype) != np.uint16:  # signed TIFF samples: same bits
+        block = block.view(plan.intensity_dtype)
+        # their "photon count" is the signed sum, as the siff engine reports it
+        pc = block.reshape(*lead, -1).sum(axis=-1, dtype=np.int64).astype(np.uint32)
+    hblock = hists[:n_rows].reshape(*lead, nbins) if nbins else None
+    fly_rows = images[n_rows:].view(block.dtype)
     writer.close()
     inten[t0:t1] = block
     if plan.ome:
-        level = to_ome_order(block)
+        level = block  # halved in the block's own (contiguous) order, then reordered
         r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
         for k in range(plan.ome_levels):  # the same time range, so a whole shard per level
             if k:
@@ -285,15 +282,13 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
             arr = _open_for_batch(store, f"ome/{k}")
             end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
             if end > r0:
-                arr[r0:end] = level[: end - r0]
+                arr[r0:end] = to_ome_order(level)[: end - r0]
     _open_for_batch(store, "photon_count")[t0:t1] = pc
     if hblock is not None:
         _open_for_batch(store, "histogram")[t0:t1] = hblock
-    if fly_imgs:
-        rows = np.concatenate(fly_imgs)
+    if len(fly_rows):
         r0 = plan.flyback_base[b]
-        _open_for_batch(store, "photons/flyback_intensity")[
-            r0 : r0 + len(rows)] = rows
+        _open_for_batch(store, "photons/flyback_intensity")[r0 : r0 + len(fly_rows)] = fly_rows
     _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
     owner.check(target, run_id)
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,

@@ -81,14 +81,14 @@ def quiet_text_dtype() -> Iterator[None]:
 
 
 def compressors() -> tuple[Any, ...]:
-    """Return the bytes codecs of every chunk: Blosc zstd 5 + bit shuffle, then CRC32C.
+    """Return the bytes codecs of every chunk: Blosc zstd 1 + bit shuffle, then CRC32C.
 
     The checksum makes a damaged chunk an error when it is read instead of wrong
     values (sharded arrays also checksum their shard index).
     """
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
+    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"), Crc32cCodec()
 
 
 def _fs_and_root(destination: str | os.PathLike[str],

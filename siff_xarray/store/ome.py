@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 
 from .layout import compressors
@@ -39,13 +40,33 @@ def to_ome_order(block: np.ndarray) -> np.ndarray:
     return block.transpose(0, 2, 1, 3, 4)
 
 
+@numba.njit(cache=True, nogil=True)
+def _halve(src, out):
+    """2 x 2 means of each ``(h, w)`` frame of ``src`` into ``out`` (see :func:`downsample2`)."""
+    n, h, w = src.shape
+    for i in range(n):
+        for y in range(out.shape[1]):
+            y0, y1 = 2 * y, min(2 * y + 1, h - 1)  # an odd last row pairs with itself
+            for x in range(out.shape[2]):
+                x0, x1 = 2 * x, min(2 * x + 1, w - 1)
+                s = (np.int64(src[i, y0, x0]) + np.int64(src[i, y0, x1])
+                     + np.int64(src[i, y1, x0]) + np.int64(src[i, y1, x1]))
+                q, r = s >> 2, s & 3  # floor and remainder, for negative sums too
+                if r == 3 or (r == 2 and q & 1 == 1):  # round half to even, as numpy.rint
+                    q += 1
+                out[i, y, x] = q
+
+
 def downsample2(block: np.ndarray) -> np.ndarray:
-    """Halve the last two axes by 2 x 2 means (edges repeated for odd sizes), same dtype."""
+    """Halve the last two axes by 2 x 2 means (edges repeated for odd sizes), same dtype.
+
+    The mean is rounded half to even, as ``numpy.rint`` of the float mean would be.
+    """
     h, w = block.shape[-2:]
-    pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
-    b = np.pad(block, pad, mode="edge") if h % 2 or w % 2 else block
-    b = b.reshape(*b.shape[:-2], b.shape[-2] // 2, 2, b.shape[-1] // 2, 2)
-    return np.rint(b.mean(axis=(-3, -1))).astype(block.dtype)
+    out = np.empty((*block.shape[:-2], (h + 1) // 2, (w + 1) // 2), dtype=block.dtype)
+    if out.size:
+        _halve(np.ascontiguousarray(block).reshape(-1, h, w), out.reshape(-1, *out.shape[-2:]))
+    return out
 
 
 def pyramid_levels(h: int, w: int, requested: int | None = None, smallest: int = 32) -> int:
