@@ -29,7 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def make_file(path: Path, volumes: int, photons: float) -> None:
+def make_file(path: Path, volumes: int, photons: float, extra_frames: int = 0) -> None:
     from siff_xarray.synthetic import write_siff
 
     def encoding(frame: int, n: int) -> str:
@@ -40,7 +40,8 @@ def make_file(path: Path, volumes: int, photons: float) -> None:
 
     t = time.perf_counter()
     write_siff(path, shape=(256, 128), channels=(1, 2), n_slices=6, n_flyback=1,
-               n_timepoints=volumes, photons_per_frame=photons, channel_brightness=(1.0, 0.1),
+               n_timepoints=volumes, extra_frames=extra_frames, photons_per_frame=photons,
+               channel_brightness=(1.0, 0.1),
                flyback_brightness=1.0, encoding=encoding, max_shift=4, return_truth=False,
                seed=7)
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in "

@@ -56,28 +56,51 @@ def file_manager(source: Any, options: FileOptions) -> Any:
     return DummyFileManager(SiffFile.from_options(source, options))
 
 # ---------------------------------------------------------------------- decoding per kind
+#
+# Each kind decodes frames into ``out`` (``(F, *trailing)``, C-contiguous) when given,
+# so an eager read lands in the final array; without it, into a new array.
 
-def _read_intensity(f: SiffFile, frames: np.ndarray, opts: OpenOptions) -> np.ndarray:
-    return f.read_frames(frames)
+
+def _into(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    if out is None:
+        return values
+    out[...] = values
+    return out
 
 
-def _read_photon_count(f: SiffFile, frames: np.ndarray, opts: OpenOptions) -> np.ndarray:
+def _read_intensity(f: SiffFile, frames: np.ndarray, opts: OpenOptions,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    return f.read_frames(frames, out=out)
+
+
+def _read_photon_count(f: SiffFile, frames: np.ndarray, opts: OpenOptions,
+                       out: np.ndarray | None = None) -> np.ndarray:
     n = f.index.n_photons[frames].astype(np.uint32)
     tiff = f.index.encoding[frames] == ENC_TIFF
     if tiff.any():  # intensity-only pages: the photon count is the image sum
         n[tiff] = f.read_frames(frames[tiff]).sum(axis=(1, 2), dtype=np.uint64)
-    return n
+    return _into(out, n)
 
 
-def _read_histogram(f: SiffFile, frames: np.ndarray, opts: OpenOptions) -> np.ndarray:
-    return f.histograms(frames, mode=opts.histogram_mode).astype(np.uint32)
+def _read_histogram(f: SiffFile, frames: np.ndarray, opts: OpenOptions,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    return _into(out, f.histograms(frames, mode=opts.histogram_mode).astype(np.uint32))
 
 
-def _read_mean_arrival(f: SiffFile, frames: np.ndarray, opts: OpenOptions) -> np.ndarray:
-    return f.lifetime_images(frames, units="ns", dtype=np.float32)
+def _read_mean_arrival(f: SiffFile, frames: np.ndarray, opts: OpenOptions,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    return _into(out, f.lifetime_images(frames, units="ns", dtype=np.float32))
 
 
-_Kind = Callable[[SiffFile, np.ndarray, OpenOptions], np.ndarray]
+def _run_of(mask: np.ndarray) -> slice | None:
+    """Return the slice covering the True entries of ``mask`` if they are one run, else None."""
+    idx = np.flatnonzero(mask)
+    if idx.size and int(idx[-1]) - int(idx[0]) + 1 == idx.size:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return None
+
+
+_Kind = Callable[..., np.ndarray]
 _KINDS: dict[str, _Kind] = {
     "intensity": _read_intensity,
     "photon_count": _read_photon_count,
@@ -100,26 +123,37 @@ class FrameReader:
         self.opts = opts
 
     def read(self, kind: str, frames: np.ndarray, trailing: tuple[int, ...],
-             dtype: np.dtype) -> np.ndarray:
-        """Decode ``kind`` for acquisition frames ``frames``; shape ``(F, *trailing)``."""
+             dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode ``kind`` for acquisition frames ``frames``; shape ``(F, *trailing)``.
+
+        With ``out`` (C-contiguous, that shape and ``dtype``) the frames are decoded
+        into it and it is returned: each file's frames straight into their rows when
+        they are one run (they are in time order), otherwise through a copy.
+        """
         if len(frames) == 0:
-            return np.empty((0, *trailing), dtype=dtype)
+            return np.empty((0, *trailing), dtype=dtype) if out is None else out
         fn = _KINDS[kind]
         if len(self.managers) == 1:  # one file: no gathering copy
-            return self._read_one(0, fn, frames)
-        out = np.empty((len(frames), *trailing), dtype=dtype)
+            return self._read_one(0, fn, frames, out)
+        if out is None:
+            out = np.empty((len(frames), *trailing), dtype=dtype)
         file_of = np.searchsorted(self.offsets, frames, side="right") - 1
         for k in np.unique(file_of).tolist():
             sel = file_of == k
-            out[sel] = self._read_one(k, fn, frames[sel] - self.offsets[k])
+            run = _run_of(sel)
+            if run is not None:
+                self._read_one(k, fn, frames[run] - self.offsets[k], out[run])
+            else:
+                out[sel] = self._read_one(k, fn, frames[sel] - self.offsets[k])
         return out
 
-    def _read_one(self, k: int, fn: _Kind, local: np.ndarray) -> np.ndarray:
+    def _read_one(self, k: int, fn: _Kind, local: np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
         with self.managers[k].acquire_context() as f:
             if self.opts.lock:
                 with self.opts.lock:
-                    return fn(f, local, self.opts)
-            return fn(f, local, self.opts)
+                    return fn(f, local, self.opts, out)
+            return fn(f, local, self.opts, out)
 
     def close(self) -> None:
         """Close every file (they reopen if data is read again)."""
@@ -185,6 +219,12 @@ class SiffBackendArray(BackendArray):
             data = self.reader.read(self.kind, frames, self.trailing, self.dtype)
             data = outer_take(data, trailing_key, first_axis=1)
             return data.reshape(sub.shape + data.shape[1:])
+        run = _run_of(present)
+        if run is not None and all(k == slice(None) for k in trailing_key):
+            # frames missing at one end (a partial last volume): decode in place
+            out = np.full((frames.size, *self.trailing), self.fill, dtype=self.dtype)
+            self.reader.read(self.kind, frames[run], self.trailing, self.dtype, out[run])
+            return out.reshape(sub.shape + self.trailing)
         data = self.reader.read(self.kind, frames[present], self.trailing, self.dtype)
         data = outer_take(data, trailing_key, first_axis=1)
         out = np.full((frames.size, *data.shape[1:]), self.fill, dtype=self.dtype)
