@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import open_corrosiff as _corrosiff
@@ -587,3 +589,20 @@ def test_read_frames_into_out(truth):
         np.testing.assert_array_equal(out, want)
         with pytest.raises(ValueError, match="C-contiguous 16-bit"):
             f.read_frames(out=np.zeros(want.shape, np.float32))
+
+
+def test_prefetch_asks_for_the_frames_span(siff_files, monkeypatch):
+    """Local decodes hand the span of their frames' bytes to the OS to read ahead."""
+    t = siff_files["two_chan_slices_flyback"]
+    with SiffFile(t.path) as f:
+        seen = []
+        monkeypatch.setattr(f._source, "will_need", lambda a, b: seen.append((a, b)))
+        f.read_frames([2, 3, 4])
+        idx = f.index
+        assert seen == [(int(idx.ifd_offset[2]), int(idx.data_stop[4]))]
+        seen.clear()
+        f.prefetch([0, f.num_frames - 1])  # far apart: no hint for the bytes between
+        assert seen == []
+        monkeypatch.undo()
+        f._source.will_need(-5, os.path.getsize(t.path) + 100)  # clipped, never an error
+        f._source.will_need(10, 5)

@@ -154,6 +154,11 @@ class Acquisition:
             base += n
         return hi
 
+    def prefetch(self, frames: np.ndarray) -> None:
+        """As :meth:`SiffFile.prefetch` (frames ascending)."""
+        for f, local in self._pieces(frames):
+            f.prefetch(local)
+
     def read_frames(self, frames: np.ndarray) -> np.ndarray:
         """As :meth:`SiffFile.read_frames` (frames ascending)."""
         return np.concatenate([f.read_frames(local) for f, local in self._pieces(frames)])

@@ -283,6 +283,22 @@ class SiffFile(PhotonReductions):
             raise SiffFormatError(self.name, "the requested frames have different shapes")
         return int(h[0]), int(w[0])
 
+    def prefetch(self, frames: np.ndarray) -> None:
+        """Hint that ``frames`` are read next, so a local file's bytes are read ahead.
+
+        For a memory-mapped file, the span of the frames' bytes is handed to the OS
+        to read into the page cache (when the frames lie close together); elsewhere
+        nothing happens. Decoding calls it; the converter also calls it for the next
+        frames while it decodes the current ones.
+        """
+        f = np.asarray(frames, dtype=np.int64)
+        if f.size == 0 or self._source.closed or self._source.buffer() is None:
+            return
+        idx = self.index
+        start, stop = int(idx.ifd_offset[f].min()), int(idx.data_stop[f].max())
+        if stop - start <= 2 * int((idx.data_stop[f] - idx.ifd_offset[f]).sum()):
+            self._source.will_need(start, stop)
+
     def _gather(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Buffer and strip offsets (in that buffer) for frames ``f``."""
         if self._source.closed:
@@ -290,6 +306,7 @@ class SiffFile(PhotonReductions):
         idx = self.index
         buf = self._source.buffer()
         if buf is not None:
+            self.prefetch(f)
             return buf, idx.strip_offset[f]
         start, stop = idx.data_start[f], idx.data_stop[f]
         stop = np.where(idx.encoding[f] == ENC_TIFF,

@@ -84,6 +84,9 @@ class ByteSource:
         """Drop this process's hold on pages read so far, and bytes kept from the walk."""
         self.forget_kept()
 
+    def will_need(self, start: int, stop: int) -> None:
+        """Hint that bytes ``start:stop`` are read soon (a memory map reads them ahead)."""
+
     _tail: bytes | None = None
 
     def read_sibling(self, suffix: str) -> bytes | None:
@@ -279,6 +282,21 @@ class LocalSource(ByteSource):
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
             with contextlib.suppress(OSError, ValueError):
                 self._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def will_need(self, start: int, stop: int) -> None:
+        """Start reading ``start:stop`` into the page cache (``MADV_WILLNEED``), if mapped.
+
+        Decoding from the map of a file that is not in the page cache otherwise
+        reads it page fault by page fault (64 KiB at a time), several times slower
+        than the disk streams it.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = max(0, min(int(start), self.size)) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = max(start, min(int(stop), self.size))
+        if stop > start:
+            with contextlib.suppress(OSError, ValueError):
+                self._mmap.madvise(mmap.MADV_WILLNEED, start, stop - start)
 
     def fileno(self) -> int | None:
         """Return the open file's descriptor."""

@@ -254,8 +254,11 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
                               SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
         edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
-        for s0, s1 in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+        for k, (s0, s1) in enumerate(bounds):
             frames = np.arange(s0, s1, dtype=np.int64)
+            if k + 1 < len(bounds):  # the disk reads the next sub-batch during this one
+                f.prefetch(np.arange(*bounds[k + 1], dtype=np.int64))
             tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
             hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
             if hi > np.iinfo(arrival_dtype).max:
