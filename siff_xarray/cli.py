@@ -29,11 +29,13 @@ from .errors import ConversionError, SiffFormatError
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Open a file and compute the summary ``info`` and ``demo`` print.
 
-    Besides metadata it decodes every non-flyback frame once (streaming, through the
-    mask kernel) to report the mean photons per pixel of each (slice, channel) plane.
+    Besides metadata it reports the mean photons per pixel of each (slice, channel)
+    plane: from the photon counts of the frame index for photon frames (every photon
+    lies in its frame), by decoding only intensity-only TIFF pages (their image sums).
     """
     import numpy as np
 
+    from .format.constants import ENC_TIFF
     from .reader.siff_file import SiffFile
 
     with SiffFile(path) as f:
@@ -45,10 +47,14 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         planes = []
         h, w = f.frame_shape
         whole = np.ones((h, w), dtype=bool)  # streams: no frame stack is held in memory
+        tiff = f.index.encoding == ENC_TIFF
         for z in range(ip.num_slices):
             for c in range(ip.num_colors):
-                frames = ip.framelist_by_slice(c, z, include_partial=True)
-                total = f.sum_mask(whole, frames).sum()
+                frames = np.asarray(ip.framelist_by_slice(c, z, include_partial=True),
+                                    dtype=np.int64)
+                pages = frames[tiff[frames]]
+                total = int(n_ph[frames[~tiff[frames]]].sum()) + (
+                    int(f.sum_mask(whole, pages).sum()) if pages.size else 0)
                 planes.append({"slice": z, "z_um": float(ip.z_positions[z]),
                                "channel": ip.color_list[c], "frames": len(frames),
                                "mean_photons_per_pixel": float(total / (len(frames) * h * w))

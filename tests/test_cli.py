@@ -196,3 +196,20 @@ def test_info_on_a_url(siff_files, http_server, capsys):
     main(["info", "--json", f"{http_server.url}/remote.siff"])
     s = json.loads(capsys.readouterr().out)
     assert s["frames"] == t.n_frames and s["file"].endswith("remote.siff")
+
+
+def test_info_plane_means_equal_the_decoded_means(truth):
+    """info's photons per pixel (index counts; TIFF pages decoded) equal the images' means."""
+    import xarray as xr
+
+    from siff_xarray.cli import summarize
+
+    s = summarize(truth.path)
+    with xr.open_dataset(truth.path, engine="siff", partial_volume="keep") as ds:
+        img = ds.intensity.where(ds.frame_present).astype(float)
+        dims = [d for d in img.dims if d not in ("z", "channel")]
+        want = img.mean(dims)
+        for p in s["planes"]:
+            got = p["mean_photons_per_pixel"]
+            np.testing.assert_allclose(got, want.isel(z=p["slice"]).sel(
+                channel=p["channel"]).item(), rtol=1e-9)
