@@ -279,3 +279,24 @@ def test_register_a_converted_store_like_the_source(tmp_path):
         xr.testing.assert_identical(a, b.compute())
         np.testing.assert_array_equal(ds.siff.apply_shifts(a).intensity.values,
                                       z.siff.apply_shifts(b).intensity.values)
+
+
+def test_register_streams_a_lazy_dataset(tmp_path, monkeypatch):
+    """Registering a file opened without Dask decodes sample and blocks, never the channel."""
+    import xarray as xr
+
+    t = write_siff(tmp_path / "long.siff", shape=(32, 24), channels=(1, 2), n_slices=2,
+                   n_timepoints=30, photons_per_frame=800, max_shift=2, seed=4)
+    sizes: list[int] = []
+    read = SiffFile.read_frames
+
+    def counting(self, frames=None, *args, **kwargs):
+        out = read(self, frames, *args, **kwargs)
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(SiffFile, "read_frames", counting)
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        reg = ds.siff.register(n_reference_frames=5, batch_frames=8, progress=False)
+    assert reg.shift_y.shape == (30, 2)
+    assert sum(sizes) >= 60 and max(sizes) <= 10, sizes  # the channel is 60 frames

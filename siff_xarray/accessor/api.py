@@ -199,8 +199,8 @@ class SiffAccessor:
                                             consecutive=len(pick) == nt, progress=progress)
         align = partial(align_block, refs=refs, method=method, opts=opts,
                         regularize_sigma=regularize_sigma)
-        data = img.data
-        if not isinstance(data, np.ndarray) and hasattr(data, "map_blocks"):  # dask
+        if img.chunks is not None:  # dask (``.data`` of a lazy file variable would load it all)
+            data = img.data
             data = data.rechunk({data.ndim - 3: -1, data.ndim - 2: -1, data.ndim - 1: -1})
             res = data.map_blocks(align, drop_axis=data.ndim - 1,
                                   chunks=(*data.chunks[:-2], (3,)), dtype=np.float64)
