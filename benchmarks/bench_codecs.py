@@ -30,8 +30,11 @@ def codecs() -> dict[str, tuple]:
 
     return {
         "zstd 3 (zarr default)": (ZstdCodec(level=3),),
-        "blosc zstd 5 bitshuffle (ours)": (BloscCodec(cname="zstd", clevel=5,
+        "blosc zstd 1 bitshuffle (ours)": (BloscCodec(cname="zstd", clevel=1,
                                                       shuffle="bitshuffle"),),
+        "blosc zstd 3 bitshuffle": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),),
+        "blosc zstd 5 bitshuffle (our earlier)": (BloscCodec(cname="zstd", clevel=5,
+                                                           shuffle="bitshuffle"),),
         "blosc zstd 5 shuffle": (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),),
         "blosc zstd 9 bitshuffle": (BloscCodec(cname="zstd", clevel=9, shuffle="bitshuffle"),),
         "blosc lz4 5 bitshuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),),

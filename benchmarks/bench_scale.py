@@ -90,6 +90,13 @@ def wall(cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def against_result(r: dict[str, float]) -> str:
+    """Peak anonymous memory as a multiple of the result (total, and above the process)."""
+    return (f"result {r['result'] / 1e6:.0f} MB; peak anon / result "
+            f"{r['peak_anon'] / r['result']:.2f} (above the process's "
+            f"{(r['peak_anon'] - r['base_anon']) / r['result']:.2f})")
+
+
 def median_job(code: str, setup: str, repeats: int) -> dict[str, float]:
     """Warm up once, then the median seconds and peak anonymous memory of ``repeats`` runs."""
     job(code, setup)
@@ -148,33 +155,24 @@ def main() -> None:
             add("convert to Zarr", "siff-xarray", r,
                 f"{size / mb / r['seconds']:.0f} MB/s of .siff; store {store / mb:.0f} MB")
             shutil.rmtree(dst, ignore_errors=True)
+        opened = ("import numpy as np, xarray as xr, siff_xarray\n"
+                  f"ds = xr.open_dataset({src!r}, engine='siff')\n")
         if "values" in jobs:
-            setup = ("import numpy as np, xarray as xr\n"
-                     f"ds = xr.open_dataset({src!r}, engine='siff')\n")
             r = median_job("v = ds.intensity.sel(channel=1).values\n"
-                           "_extra = {'result': v.nbytes}", setup, args.repeats)
-            add("bright channel `.values`", "siff-xarray", r,
-                f"result {r['result'] / mb:.0f} MB; peak anon / result "
-                f"{r['peak_anon'] / r['result']:.2f} (above the process's "
-                f"{(r['peak_anon'] - r['base_anon']) / r['result']:.2f})")
+                           "_extra = {'result': v.nbytes}", opened, args.repeats)
+            add("bright channel `.values`", "siff-xarray", r, against_result(r))
             if have_corrosiff:
-                setup_c = ("import numpy as np, corrosiffpy, xarray as xr\n"
-                           f"ds = xr.open_dataset({src!r}, engine='siff')\n"
+                setup_c = (opened + "import corrosiffpy\n"
                            "fr = ds.frame_index.sel(channel=1).values.reshape(-1)\n"
                            "fr = fr[fr >= 0].tolist()\n"
                            "del ds\n"
                            f"c = corrosiffpy.open_file({src!r})\n")
                 r = median_job("v = c.get_frames(frames=fr)\n_extra = {'result': v.nbytes}",
                                setup_c, args.repeats)
-                add("bright channel frames (`get_frames`)", "corrosiffpy", r,
-                    f"result {r['result'] / mb:.0f} MB; peak anon / result "
-                    f"{r['peak_anon'] / r['result']:.2f} (above the process's "
-                    f"{(r['peak_anon'] - r['base_anon']) / r['result']:.2f})")
+                add("bright channel frames (`get_frames`)", "corrosiffpy", r, against_result(r))
         if "register" in jobs:
-            setup = ("import xarray as xr, siff_xarray\n"
-                     f"ds = xr.open_dataset({src!r}, engine='siff')\n")
             r = median_job("reg = ds.siff.register(channel=1, progress=False)\n"
-                           "_extra = {'frames': reg.shift_y.size}", setup, args.repeats)
+                           "_extra = {'frames': reg.shift_y.size}", opened, args.repeats)
             add("`ds.siff.register` (bright channel)", "siff-xarray", r,
                 f"{int(r['frames'])} frames")
         if "startup" in jobs:
@@ -184,6 +182,9 @@ def main() -> None:
             add("import + first `open_dataset` + one frame", "siff-xarray", r)
             r = median_job("import xarray, numba", "", max(5, args.repeats))
             add("import xarray and numba alone", "reference", r)
+            r = median_job("import numpy as np, xarray as xr, numba\n"
+                           "ds = xr.Dataset({'a': ('x', np.zeros(3))})", "", max(5, args.repeats))
+            add("the same + xarray's first Dataset (its lazy dask/pint imports)", "reference", r)
             info = [wall([str(Path(sys.executable).parent / "siff-xarray"), "info", src])
                     for _ in range(max(5, args.repeats) + 1)][1:]
             add("`siff-xarray info`", "siff-xarray", {"seconds": statistics.median(info)})
