@@ -606,3 +606,39 @@ def test_prefetch_asks_for_the_frames_span(siff_files, monkeypatch):
         monkeypatch.undo()
         f._source.will_need(-5, os.path.getsize(t.path) + 100)  # clipped, never an error
         f._source.will_need(10, 5)
+
+
+def test_spot_check_reads_ifds_like_the_walk(truth):
+    """The cached index's plain-Python IFD check agrees with the compiled walk, frame by frame."""
+    from siff_xarray.reader import index_cache as ic
+
+    with SiffFile(truth.path, index_cache=False) as f:
+        src, hdr, idx = f._source, f.header, f.index
+        for k in range(len(idx)):
+            pos = int(idx.ifd_offset[k])
+            py = ic._strips_and_next(src.read(pos, 2048), hdr.bigtiff)
+            assert py is not None and py == ic._walk_one(src, hdr, pos), k
+            assert py[:2] == (idx.strip_offset[k], idx.strip_bytes[k])
+        assert ic._spot_check(src, hdr, idx)
+        bad = type(idx)(**{**{fl: getattr(idx, fl) for fl in idx.__dataclass_fields__},
+                           "strip_bytes": idx.strip_bytes + 1})
+        assert not ic._spot_check(src, hdr, bad)
+
+
+def test_cached_open_needs_no_compiled_code(siff_files):
+    """Opening a file whose index is cached does not start Numba (0.5 s on first use)."""
+    import subprocess
+    import sys
+
+    t = siff_files["smallest_bright"]
+    with SiffFile(t.path):
+        pass  # the index is cached now
+    # numba.np.arraymath is imported when Numba first loads or compiles a function
+    code = ("import sys\nfrom siff_xarray import SiffFile\n"
+            f"f = SiffFile({str(t.path)!r})\n"
+            "print(len(f.index), 'numba.np.arraymath' in sys.modules)\n"
+            "f.read_frames([0])\n"
+            "print('numba.np.arraymath' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(t.n_frames), "False", "True"], out.stdout

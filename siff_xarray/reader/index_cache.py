@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ..format.constants import TAG_STRIP_BYTE_COUNTS, TAG_STRIP_OFFSETS, TIFF_TYPE_SIZES
 from ..format.header import FileHeader
 from .frame_meta import Event, FrameTimestamps
 from .ifd import _TYPE_SIZE as TYPE_SIZE
@@ -93,6 +94,51 @@ def portable_key(source: ByteSource, header: FileHeader) -> str:
     return _key(source, header, "portable")
 
 
+def _strips_and_next(raw: bytes, bigtiff: bool) -> tuple[int, int, int] | None:
+    """StripOffsets, StripByteCounts and the next-IFD offset of the IFD at ``raw[0]``.
+
+    A plain-Python reading of one IFD for :func:`_spot_check`, so that opening a file
+    whose index is cached needs no compiled code (Numba's first use in a process
+    costs ~0.5 s). Returns None when the IFD is not what a frame's IFD looks like
+    here (not a single strip, or cut off): the caller then re-reads it with the walk,
+    so this can only ever cost a second look, never accept a wrong index.
+    """
+    import struct
+
+    cnt_fmt, ent_sz, off_fmt = ("<Q", 20, "<Q") if bigtiff else ("<H", 12, "<I")
+    cnt_sz, osz = struct.calcsize(cnt_fmt), struct.calcsize(off_fmt)
+    if len(raw) < cnt_sz:
+        return None
+    (n,) = struct.unpack_from(cnt_fmt, raw, 0)
+    if n <= 0 or len(raw) < cnt_sz + n * ent_sz + osz:
+        return None
+    found: dict[int, int] = {}
+    for e in range(cnt_sz, cnt_sz + n * ent_sz, ent_sz):
+        tag, typ = struct.unpack_from("<HH", raw, e)
+        if tag not in (TAG_STRIP_OFFSETS, TAG_STRIP_BYTE_COUNTS):
+            continue
+        (tcount,) = struct.unpack_from(off_fmt, raw, e + 4)
+        size = TIFF_TYPE_SIZES.get(typ, 0)
+        if tcount != 1 or size == 0 or size > osz:
+            return None
+        found[tag] = int.from_bytes(raw[e + 4 + osz : e + 4 + osz + size], "little")
+    if len(found) != 2:
+        return None
+    (nxt,) = struct.unpack_from(off_fmt, raw, cnt_sz + n * ent_sz)
+    return found[TAG_STRIP_OFFSETS], found[TAG_STRIP_BYTE_COUNTS], int(nxt)
+
+
+def _walk_one(source: ByteSource, header: FileHeader, pos: int) -> tuple[int, int, int] | None:
+    """StripOffsets, StripByteCounts and next-IFD offset of the IFD at ``pos``, by the walk."""
+    data = np.frombuffer(source.read(pos, 2 * 2**10), dtype=np.uint8)
+    out = np.empty((1, N_COLS), dtype=np.int64)
+    _, _, count, _, _ = _walk(data, pos, header.file_size, pos, 0, out, header.bigtiff,
+                              header.header_end, True, TYPE_SIZE)
+    if count != 1 or out[0, C_IFD] != pos:
+        return None
+    return int(out[0, C_STRIP_OFF]), int(out[0, C_STRIP_BYTES]), int(out[0, C_NEXT])
+
+
 def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
                 thorough: bool = True) -> bool:
     """Re-read a few IFDs (first, middle, last; only the middle one if not ``thorough``)."""
@@ -103,17 +149,15 @@ def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
         return False
     for k in sorted({0, n // 2, n - 1} if thorough else {n // 2}):
         pos = int(index.ifd_offset[k])
-        data = np.frombuffer(source.read(pos, 2 * 2**10), dtype=np.uint8)
-        out = np.empty((1, N_COLS), dtype=np.int64)
-        _, _, count, _, _ = _walk(data, pos, header.file_size, pos, 0, out, header.bigtiff,
-                                  header.header_end, True, TYPE_SIZE)
-        if count != 1:
+        got = _strips_and_next(source.read(pos, 2 * 2**10), header.bigtiff)
+        if got is None:  # not a plain single-strip IFD: ask the walk
+            got = _walk_one(source, header, pos)
+        if got is None:
             return False
-        row = out[0]
-        if (row[C_IFD] != pos or row[C_STRIP_OFF] != index.strip_offset[k]
-                or row[C_STRIP_BYTES] != index.strip_bytes[k]):
+        strip_off, strip_bytes, nxt = got
+        if strip_off != index.strip_offset[k] or strip_bytes != index.strip_bytes[k]:
             return False
-        if k + 1 < n and row[C_NEXT] != index.ifd_offset[k + 1]:
+        if k + 1 < n and nxt != index.ifd_offset[k + 1]:
             return False
     return True
 
