@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import SiffFormatError
 
-__all__ = ["open_virtual", "references", "write_references"]
+__all__ = ["CHUNKS_SUFFIX", "open_virtual", "references", "write_references"]
 
 
 def _inline(value: bytes) -> str:
@@ -88,9 +88,14 @@ def references(source: str | os.PathLike[str], *,
         frame_dims = ds.frame_index.dims
         template["intensity"] = template["intensity"].chunk({d: 1 for d in frame_dims})
         store = MemoryStore()
+        # nothing compressed: the small variables are inline anyway, and a Zarr v2
+        # compressor is read as a list by VirtualiZarr's kerchunk parser (2.5), which
+        # then fails on ours
+        plain: dict[str, dict[str, Any]] = {str(v): {"compressors": None, "filters": None}
+                                            for v in template.variables}
+        plain["intensity"]["chunks"] = (1,) * len(frame_dims) + (h, w)
         template.to_zarr(store, zarr_format=2, compute=False, consolidated=False,
-                         encoding={"intensity": {"compressors": None, "filters": None,
-                                                 "chunks": (1,) * len(frame_dims) + (h, w)}})
+                         encoding=plain)
         refs: dict[str, Any] = {k: _inline(v.to_bytes())
                                 for k, v in sorted(store._store_dict.items())}
     finally:
@@ -102,10 +107,38 @@ def references(source: str | os.PathLike[str], *,
     return {"version": 1, "refs": refs}
 
 
+#: suffix of the file beside a reference JSON that holds its small arrays' chunks
+CHUNKS_SUFFIX = ".chunks"
+
+
+def _is_metadata(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] in (".zarray", ".zattrs", ".zgroup", ".zmetadata")
+
+
 def write_references(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                     storage_options: dict[str, Any] | None = None) -> None:
-    """Write :func:`references` of ``source`` to the JSON file ``out``."""
+                     storage_options: dict[str, Any] | None = None,
+                     inline: bool = True) -> None:
+    """Write :func:`references` of ``source`` to the JSON file ``out``.
+
+    With ``inline=False``, the chunks of the small variables and coordinates are
+    written to ``out + ".chunks"`` and referenced there by byte range, like the
+    intensity in the ``.siff``, instead of being inlined in the JSON: every array is
+    then a plain reference, as VirtualiZarr's kerchunk parser needs (2.5 reads no
+    inlined data). The chunk file is referenced by its absolute local path.
+    """
     refs = references(source, storage_options=storage_options)
+    if not inline:
+        chunks_path = os.path.abspath(os.fspath(out)) + CHUNKS_SUFFIX
+        pos = 0
+        with open(chunks_path, "wb") as fh:
+            for key, value in refs["refs"].items():
+                if isinstance(value, list) or _is_metadata(key):
+                    continue
+                data = (base64.b64decode(value[len("base64:"):]) if value.startswith("base64:")
+                        else value.encode("ascii"))
+                fh.write(data)
+                refs["refs"][key] = [chunks_path, pos, len(data)]
+                pos += len(data)
     with open(out, "w", encoding="ascii") as fh:
         json.dump(refs, fh)
 
