@@ -27,8 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import accessor  # noqa: F401 - registers ``ds.siff`` (imports only numpy, xarray)
-from ._lazy import lazy_getattr
+from ._lazy import after_import, lazy_getattr
 from ._progress import Step, set_progress
 from ._version import __version__
 from .errors import (
@@ -76,3 +75,13 @@ __getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+def _register_accessor() -> None:
+    from . import accessor  # noqa: F401 - registers ``ds.siff`` (imports numpy, xarray)
+
+
+# ``ds.siff`` exists as soon as xarray does: registered now if xarray is imported
+# already, otherwise right after its import, so that importing this package (the
+# command line does) does not import xarray
+after_import("xarray", _register_accessor)

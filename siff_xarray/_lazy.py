@@ -10,12 +10,15 @@ Import rule: the standard library only.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from importlib import import_module
 from typing import Any
 
-__all__ = ["deprecated_getattr", "lazy_getattr"]
+__all__ = ["after_import", "deprecated_getattr", "lazy_getattr"]
 
 
 def lazy_getattr(package: str, table: Mapping[str, str], namespace: dict[str, Any]
@@ -60,3 +63,55 @@ def deprecated_getattr(old: str, new: Iterable[str]) -> Callable[[str], Any]:
                              f"{' / '.join(modules)})")
 
     return __getattr__
+
+
+class _AfterImport:
+    """An import hook: run ``then()`` right after module ``name`` is executed, once.
+
+    ``find_spec`` hands out the normal spec with its loader's ``exec_module``
+    wrapped; the hook leaves ``sys.meta_path`` only when the module has really been
+    executed (``importlib.util.find_spec`` alone, as availability checks call it,
+    leaves it in place).
+    """
+
+    def __init__(self, name: str, then: Callable[[], Any]) -> None:
+        self.name = name
+        self.then = then
+        self._inside = threading.local()  # our own lookup of the real spec
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name or getattr(self._inside, "active", False):
+            return None
+        from importlib.util import find_spec
+
+        self._inside.active = True
+        try:
+            spec = find_spec(fullname)
+        finally:
+            self._inside.active = False
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run_module = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run_module(module)
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
+            self.then()
+
+        loader.exec_module = exec_module  # this spec's own loader object
+        return spec
+
+
+def after_import(name: str, then: Callable[[], Any]) -> None:
+    """Run ``then()`` once module ``name`` is imported: now if it already is, else right after.
+
+    The package registers ``ds.siff`` this way, so that importing it (for the command
+    line, or when xarray lists engines) does not import xarray itself.
+    """
+    if name in sys.modules:
+        then()
+        return
+    if not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))

@@ -90,6 +90,29 @@ def test_entrypoint_module_is_light():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("code", [
+    # the package alone (the command line): no xarray; ds.siff once xarray comes
+    "import sys, importlib.util, siff_xarray\n"
+    "assert 'xarray' not in sys.modules\n"
+    "importlib.util.find_spec('xarray')  # an availability check does not disarm the hook\n"
+    "import xarray as xr\n"
+    "print(type(xr.Dataset().siff).__name__)",
+    # xarray first, then the package
+    "import xarray as xr, siff_xarray\nprint(type(xr.Dataset().siff).__name__)",
+    # only xarray: the engine brings the accessor
+    "import xarray as xr\n"
+    "xr.backends.list_engines()\n"
+    "print(type(xr.Dataset().siff).__name__)",
+])
+def test_accessor_registers_whatever_the_import_order(code):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "SiffAccessor"
+
+
 def test_open_siff_is_open_dataset(siff_files):
     t = siff_files["two_chan_slices_flyback"]
     with open_siff(t.path) as a, xr.open_dataset(t.path, engine="siff") as b:
