@@ -271,3 +271,23 @@ def test_threads_opening_one_photon_source_at_once_share_it(siff_files, monkeypa
     for th in threads:
         th.join()
     assert errors == [] and got[0] is got[1]
+
+
+def test_a_photon_source_dropped_from_the_cache_closes_after_its_last_read(siff_files,
+                                                                         monkeypatch):
+    """More open sources than the cache holds: the evicted one is closed after its reads."""
+    from siff_xarray.accessor import reductions
+    from siff_xarray.accessor.reductions import PhotonSource
+
+    monkeypatch.setattr(reductions, "_OPEN", type(reductions._OPEN)())
+    monkeypatch.setattr(reductions, "MAX_OPEN", 1)
+    a = PhotonSource("siff", siff_files["two_chan_slices_flyback"].path)
+    b = PhotonSource("siff", siff_files["single_raw"].path)
+    with a.open() as fa:
+        with b.open() as fb:  # evicts a while a block still reads it
+            fb.read_frames([0])
+        fa.read_frames([0])  # was: the evicted file closed under this read
+        assert not fa._source.closed
+    assert fa._source.closed  # closed once its last user was done
+    with b.open() as fb2:
+        assert fb2 is fb and not fb._source.closed  # b stayed cached

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,39 +63,73 @@ class PhotonSource:
         Sources stay open between blocks in this process (the last
         :data:`MAX_OPEN`), as xarray's file managers keep files open: a Dask worker
         running many blocks of one file opens it once. A local file replaced or
-        modified since it was opened is opened again.
+        modified since it was opened is opened again. A source dropped from the
+        cache (by a newer one, or because its file changed) is closed only when the
+        last block using it is done, never under a running read.
         """
         key = (self.kind, self.path, json.dumps(self.storage_options, sort_keys=True,
                                                 default=repr))
         stamp = _local_stamp(self.path)
         with _OPEN_LOCK:
-            entry = _OPEN.get(key)
-            if entry is not None and entry[1] == stamp:
+            held = _OPEN.get(key)
+            if held is not None and held.stamp == stamp:
                 _OPEN.move_to_end(key)
-                return contextlib.nullcontext(entry[0])
-        obj = self._create()
+                held.users += 1
+                return _using(held)
+        created = _Held(self._create(), stamp)
         with _OPEN_LOCK:
-            entry = _OPEN.get(key)
-            if entry is not None and entry[1] == stamp:
+            held = _OPEN.get(key)
+            if held is not None and held.stamp == stamp:
                 # another thread opened it meanwhile and may be reading it: use that one
                 # and close ours (closing theirs broke their read: bad file descriptor)
                 _OPEN.move_to_end(key)
-                evicted, obj = [obj], entry[0]
+                retired = [created]
             else:
                 old = _OPEN.pop(key, None)
-                _OPEN[key] = (obj, stamp)
-                evicted = [old[0]] if old is not None else []
+                _OPEN[key] = held = created
+                retired = [old] if old is not None else []
                 while len(_OPEN) > MAX_OPEN:
-                    evicted.append(_OPEN.popitem(last=False)[1][0])
-        for e in evicted:
+                    retired.append(_OPEN.popitem(last=False)[1])
+            held.users += 1
+            to_close = [r.obj for r in retired if r.retire()]
+        for obj in to_close:
             with contextlib.suppress(Exception):
-                e.close()
-        return contextlib.nullcontext(obj)
+                obj.close()
+        return _using(held)
+
+
+class _Held:
+    """An open source in the cache: how many blocks use it, and whether it was dropped."""
+
+    def __init__(self, obj: Any, stamp: tuple[int, ...] | None) -> None:
+        self.obj = obj
+        self.stamp = stamp
+        self.users = 0
+        self.retired = False
+
+    def retire(self) -> bool:
+        """Mark it dropped from the cache (lock held); True if nobody uses it now."""
+        self.retired = True
+        return self.users == 0
+
+
+@contextlib.contextmanager
+def _using(held: _Held) -> Iterator[Any]:
+    """Yield the source of ``held`` (whose use the caller counted); close it last if dropped."""
+    try:
+        yield held.obj
+    finally:
+        with _OPEN_LOCK:
+            held.users -= 1
+            close = held.retired and held.users == 0
+        if close:
+            with contextlib.suppress(Exception):
+                held.obj.close()
 
 
 #: photon sources kept open per process (see :meth:`PhotonSource.open`)
 MAX_OPEN = 16
-_OPEN: OrderedDict[tuple[str, str, str], tuple[Any, tuple[int, ...] | None]] = OrderedDict()
+_OPEN: OrderedDict[tuple[str, str, str], _Held] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 
 
