@@ -569,3 +569,25 @@ def test_missing_s3_credentials_are_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        env=env, timeout=120)
     assert "s3://bucket/run.zarr: no credentials for this bucket" in r.stdout, r.stderr
+
+
+def test_conversion_from_http_reads_the_file_about_once(http_server, tmp_path):
+    """Each batch checks the source's first and last 64 KiB with two exact ranges.
+
+    Through a file object, the checks before and after every batch read ahead a whole
+    block at each end (5 MiB over HTTP, 50 MiB on S3): 4.4x this file's bytes with its
+    index cached, where the batches themselves need about one file.
+    """
+    import siff_xarray.store as zs
+
+    t = write_siff(tmp_path / "session.siff", shape=(64, 32), channels=(1, 2), n_slices=6,
+                   n_flyback=1, n_timepoints=100, photons_per_frame=600, seed=2)
+    url = f"{http_server.url}/session.siff"
+    size = os.path.getsize(t.path)
+    zs.convert(url, tmp_path / "first.zarr", progress=False)  # the index is cached now
+    sent = http_server.bytes_sent
+    zs.convert(url, tmp_path / "second.zarr", progress=False)
+    assert http_server.bytes_sent - sent <= 1.7 * size, (http_server.bytes_sent - sent) / size
+    with xr.open_dataset(t.path, engine="siff", partial_volume="keep") as local:
+        got = zs.open_converted(tmp_path / "second.zarr", partial_volume="keep")
+        np.testing.assert_array_equal(got.intensity.values, local.intensity.values)
