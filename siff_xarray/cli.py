@@ -52,8 +52,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
             for c in range(ip.num_colors):
                 frames = np.asarray(ip.framelist_by_slice(c, z, include_partial=True),
                                     dtype=np.int64)
-                pages = frames[tiff[frames]]
-                total = int(n_ph[frames[~tiff[frames]]].sum()) + (
+                is_page = tiff[frames]
+                pages = frames[is_page]
+                total = int(n_ph[frames[~is_page]].sum()) + (
                     int(f.sum_mask(whole, pages).sum()) if pages.size else 0)
                 planes.append({"slice": z, "z_um": float(ip.z_positions[z]),
                                "channel": ip.color_list[c], "frames": len(frames),

@@ -36,6 +36,13 @@ def _inline(value: bytes) -> str:
         return "base64:" + base64.b64encode(value).decode("ascii")
 
 
+def _uninline(value: str) -> bytes:
+    """Return the bytes that :func:`_inline` wrote as ``value``."""
+    if value.startswith("base64:"):
+        return base64.b64decode(value[len("base64:"):])
+    return value.encode("ascii")
+
+
 def references(source: str | os.PathLike[str], *,
                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Kerchunk (version 1) references exposing a ``.siff`` file's Dataset as Zarr.
@@ -134,8 +141,7 @@ def write_references(source: str | os.PathLike[str], out: str | os.PathLike[str]
             for key, value in refs["refs"].items():
                 if isinstance(value, list) or _is_metadata(key):
                     continue
-                data = (base64.b64decode(value[len("base64:"):]) if value.startswith("base64:")
-                        else value.encode("ascii"))
+                data = _uninline(value)
                 fh.write(data)
                 refs["refs"][key] = [chunks_path, pos, len(data)]
                 pos += len(data)

@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tempfile
 import threading
 from collections import OrderedDict
@@ -103,8 +104,6 @@ def _strips_and_next(raw: bytes, bigtiff: bool) -> tuple[int, int, int] | None:
     here (not a single strip, or cut off): the caller then re-reads it with the walk,
     so this can only ever cost a second look, never accept a wrong index.
     """
-    import struct
-
     cnt_fmt, ent_sz, off_fmt = ("<Q", 20, "<Q") if bigtiff else ("<H", 12, "<I")
     cnt_sz, osz = struct.calcsize(cnt_fmt), struct.calcsize(off_fmt)
     if len(raw) < cnt_sz:

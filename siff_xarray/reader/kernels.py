@@ -694,6 +694,8 @@ def _store_frames(buf, enc, off, nb, hh, ww, sy, sx, nchunks, rows, starts, imag
     largest arrival time to ``tmax[i]`` (so a caller storing uint16 can tell when
     they do not fit). Raw frames are counting-sorted; a pixel above 65535 photons
     gives ``ST_SATURATED``. TIFF pages have no photons: their count is the image sum.
+    Frames are stored unshifted (``sy = sx = 0``): as in :func:`_photons`, a
+    compressed frame's arrival block is taken to be in pixel order as it stands.
     """
     frames = (buf, enc, off, nb, hh, ww, sy, sx)
     n = enc.shape[0]

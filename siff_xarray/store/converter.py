@@ -232,7 +232,8 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     with _open_source(plan) as f:
         ip = f.im_params()
         loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
-        n_fly = int(loc_all["flyback"].sum())
+        fly = loc_all["flyback"]
+        n_fly = int(fly.sum())
         # every frame's decoded values land in its stored place: the intensity block's
         # rows first, then the batch's flyback frames (one buffer, no reordering copy)
         images = np.zeros((n_rows + n_fly, *shape[-2:]), dtype=np.uint16)
@@ -240,7 +241,6 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         nbins = ip.num_bins if f.has_photons and ip.num_bins is not None else 0
         hists = np.zeros((n_rows + n_fly if nbins else 0, max(nbins, 1)), dtype=np.uint32)
         rows = np.empty(f1 - f0, dtype=np.int64)
-        fly = loc_all["flyback"]
         idx = [loc_all["timepoint"][~fly] - t0, loc_all["slice"][~fly]]
         if len(lead) == 4:  # (time, slice, repeat, channel)
             idx.append(loc_all["repeat"][~fly])
