@@ -198,13 +198,25 @@ def test_info_on_a_url(siff_files, http_server, capsys):
     assert s["frames"] == t.n_frames and s["file"].endswith("remote.siff")
 
 
-def test_info_plane_means_equal_the_decoded_means(truth):
+def test_info_plane_means_equal_the_decoded_means(truth, monkeypatch):
     """info's photons per pixel (index counts; TIFF pages decoded) equal the images' means."""
     import xarray as xr
 
+    from siff_xarray import SiffFile
     from siff_xarray.cli import summarize
 
+    decoded: list[int] = []
+    sum_mask = SiffFile.sum_mask
+
+    def recording(self, mask, frames=None, *args, **kwargs):
+        decoded.extend(np.asarray(frames).tolist())
+        return sum_mask(self, mask, frames, *args, **kwargs)
+
+    monkeypatch.setattr(SiffFile, "sum_mask", recording)
     s = summarize(truth.path)
+    monkeypatch.undo()
+    with SiffFile(truth.path) as f:  # only intensity-only TIFF pages are decoded
+        assert all(f.index.encoding[k] == 2 for k in decoded), decoded[:5]
     with xr.open_dataset(truth.path, engine="siff", partial_volume="keep") as ds:
         img = ds.intensity.where(ds.frame_present).astype(float)
         dims = [d for d in img.dims if d not in ("z", "channel")]
