@@ -13,7 +13,8 @@ photons per bright frame, bright frames alternating raw and compressed
 were all in the smaller encoding). Every job runs in a fresh
 process, ``--repeats`` times (median reported), after one warm-up of each job so
 that Numba's cache is filled and the file is in the page cache. Per job: seconds
-and peak *anonymous* memory, sampled every 2 ms from ``/proc/self/status``
+(after the job's untimed set-up: imports, opening the Dataset; the start-up jobs
+have none) and peak *anonymous* memory, sampled every 2 ms from ``/proc/self/status``
 ``RssAnon`` in the job's own process (this excludes the page cache and the memory
 map of the file, which ``ru_maxrss`` counts); for the conversion, whose worker
 processes or threads all live in that process, likewise.
