@@ -371,6 +371,39 @@ def test_bytes_kept_from_the_walk_read_back_exactly(ranges, kept):
     assert (stops > starts).any() == (sum(reads) > 0)
 
 
+def test_spans_fetched_ahead_serve_reads_inside_them_and_fail_when_read(http_server,
+                                                                        tmp_path):
+    from siff_xarray.errors import RemoteAccessError
+    from siff_xarray.reader.source import FsspecSource
+
+    data = np.random.default_rng(1).integers(0, 256, 3 * 2**20, dtype=np.uint8)
+    (tmp_path / "blob.bin").write_bytes(data.tobytes())
+    src = FsspecSource(f"{http_server.url}/blob.bin")
+    src.walk_window = 2**19  # the span comes in 512 KiB parts, concurrently
+    req = http_server.requests
+    src.will_need(100_000, 2_100_000)
+    src.will_need(200_000, 300_000)  # inside the held span: nothing more is fetched
+    starts = np.array([150_000, 100_000, 1_999_000])
+    stops = np.array([151_000, 100_010, 2_100_000])
+    buf, base = src.read_ranges(starts, stops)
+    for a, b, at in zip(starts, stops, base, strict=True):
+        np.testing.assert_array_equal(buf[at : at + b - a], data[a:b])
+    assert http_server.requests - req == 4  # the span's parts, no request per range
+    src.read_ranges(np.array([2_500_000]), np.array([2_500_100]))  # outside: read
+    assert http_server.requests - req == 5
+    src.will_need(2_200_000, 2_400_000)
+    src.release()  # keeps only the newest span
+    assert [(a, b) for a, b, _ in src._ahead] == [(2_200_000, 2_400_000)]
+    # a span whose fetch failed raises when (and only when) its bytes are read
+    http_server.ignore_ranges = True
+    src.will_need(2_600_000, 2_700_000)
+    with pytest.raises(RemoteAccessError, match="ignored a Range request"):
+        src.read_ranges(np.array([2_650_000]), np.array([2_650_100]))
+    http_server.ignore_ranges = False
+    src.close()
+    assert src._ahead == []
+
+
 def test_sidecar_opens_in_a_few_requests_and_is_ignored_when_stale(http_server, tmp_path):
     from siff_xarray.reader.index_cache import SIDECAR_SUFFIX
 
@@ -571,12 +604,14 @@ def test_missing_s3_credentials_are_one_clear_line(tmp_path):
     assert "s3://bucket/run.zarr: no credentials for this bucket" in r.stdout, r.stderr
 
 
-def test_conversion_from_http_reads_the_file_about_once(http_server, tmp_path):
-    """Each batch checks the source's first and last 64 KiB with two exact ranges.
+def test_conversion_from_http_reads_the_file_once_in_a_few_large_ranges(http_server,
+                                                                        tmp_path):
+    """A conversion reads each batch's frames, descriptions included, as a few spans.
 
-    Through a file object, the checks before and after every batch read ahead a whole
-    block at each end (5 MiB over HTTP, 50 MiB on S3): 4.4x this file's bytes with its
-    index cached, where the batches themselves need about one file.
+    Before: each batch's checks of the source's ends read ahead a whole block at
+    each end through a file object (5 MiB over HTTP, 50 MiB on S3: 4.4x this file's
+    bytes with its index cached), and the frame descriptions were read with one
+    request per frame at the start (497 requests for these 1,400 frames).
     """
     import siff_xarray.store as zs
 
@@ -585,9 +620,11 @@ def test_conversion_from_http_reads_the_file_about_once(http_server, tmp_path):
     url = f"{http_server.url}/session.siff"
     size = os.path.getsize(t.path)
     zs.convert(url, tmp_path / "first.zarr", progress=False)  # the index is cached now
-    sent = http_server.bytes_sent
+    sent, req = http_server.bytes_sent, http_server.requests + http_server.heads
     zs.convert(url, tmp_path / "second.zarr", progress=False)
-    assert http_server.bytes_sent - sent <= 1.7 * size, (http_server.bytes_sent - sent) / size
+    assert http_server.bytes_sent - sent <= 1.3 * size, (http_server.bytes_sent - sent) / size
+    assert http_server.requests + http_server.heads - req <= 40
+    assert zs.verify(t.path, tmp_path / "second.zarr") == []  # descriptions included
     with xr.open_dataset(t.path, engine="siff", partial_volume="keep") as local:
         got = zs.open_converted(tmp_path / "second.zarr", partial_volume="keep")
         np.testing.assert_array_equal(got.intensity.values, local.intensity.values)

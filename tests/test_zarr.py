@@ -617,7 +617,8 @@ def test_store_photons_refuse_inconsistent_stores(siff_files, tmp_path):
         StorePhotons(tmp_path)
 
 
-_PHASES = ["started", "prepared", "metadata", "planned", "finishing", "published"]
+_PHASES = ["started", "prepared", "metadata", "planned", "descriptions", "finishing",
+           "published"]
 
 
 @pytest.mark.slow
@@ -655,6 +656,35 @@ def test_sigkill_at_every_phase_never_leaves_a_finished_looking_store(tmp_path, 
     zs.convert(t.path, dst, resume=True, scheduler="sync")
     assert zs.verify(t.path, dst) == []
     assert _tree(dst) == _tree(ref)
+
+
+def test_a_lost_description_record_is_redone_on_resume(tmp_path, monkeypatch):
+    """Each batch records its frames' descriptions; _finish joins them. A batch whose
+    record is gone (or was never written) is not done, so resume converts it again."""
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "d.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=300, seed=4)
+    dst = tmp_path / "d.zarr"
+
+    def stop(name):
+        if name == "descriptions":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_phase", stop)
+    with pytest.raises(KeyboardInterrupt):
+        zs.convert(t.path, dst, scheduler="sync", **_small_shards(t))
+    monkeypatch.undo()
+    records = sorted((dst / ".siff-progress").glob("description-*"))
+    assert len(records) > 2
+    records[1].unlink()
+    summary = zs.convert(t.path, dst, resume=True, scheduler="sync")
+    assert summary.batches_skipped == summary.batches - 1  # only that batch again
+    assert zs.verify(t.path, dst) == []
+    with SiffFile(t.path) as f:
+        desc, _ = f.description_bytes()
+    got = zs.open_converted_groups(dst)["/photons"]
+    np.testing.assert_array_equal(got.description.values, desc)
 
 
 def test_a_full_disk_while_publishing_leaves_a_resumable_store(siff_files, tmp_path,

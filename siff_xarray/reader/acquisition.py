@@ -178,10 +178,20 @@ class Acquisition:
                                np.concatenate([t.epoch_laser_ns for t in ts]),
                                np.concatenate([t.epoch_system_ns for t in ts]), events)
 
-    def description_bytes(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every frame's description bytes, concatenated, and their lengths."""
-        parts = [f.description_bytes() for f in self.files]
+    def description_bytes(self, frames: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the description bytes of ``frames`` (ascending; default all) and lengths."""
+        pieces = ([(f, None) for f in self.files] if frames is None
+                  else self._pieces(frames))
+        parts = [f.description_bytes(local) for f, local in pieces]
+        if not parts:
+            return np.zeros(0, np.uint8), np.zeros(0, np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @property
+    def description_lengths(self) -> np.ndarray:
+        """Bytes of each frame's description (from the IFDs)."""
+        return self._cat("desc_length").astype(np.int64)
 
     def release(self) -> None:
         """Release mapped pages of every part (see :meth:`SiffFile.release`)."""

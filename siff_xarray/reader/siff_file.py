@@ -284,18 +284,24 @@ class SiffFile(PhotonReductions):
         return int(h[0]), int(w[0])
 
     def prefetch(self, frames: np.ndarray) -> None:
-        """Hint that ``frames`` are read next, so a local file's bytes are read ahead.
+        """Hint that ``frames`` (their IFDs, descriptions and data) are read next.
 
-        For a memory-mapped file, the span of the frames' bytes is handed to the OS
-        to read into the page cache (when the frames lie close together); elsewhere
-        nothing happens. Decoding calls it; the converter also calls it for the next
-        frames while it decodes the current ones.
+        When the frames lie close together, the span of their bytes is handed to
+        the source: a memory-mapped file asks the OS to read it into the page
+        cache, a remote file starts fetching it in the background
+        (:meth:`FsspecSource.will_need`); a file object ignores the hint. Local
+        decoding calls it; the converter also calls it for the next frames while
+        it decodes the current ones.
         """
         f = np.asarray(frames, dtype=np.int64)
-        if f.size == 0 or self._source.closed or self._source.buffer() is None:
+        if f.size == 0 or self._source.closed:
             return
         idx = self.index
-        start, stop = int(idx.ifd_offset[f].min()), int(idx.data_stop[f].max())
+        has_desc = idx.desc_length[f] > 0
+        start = int(idx.ifd_offset[f].min())
+        if has_desc.any():
+            start = min(start, int(idx.desc_offset[f][has_desc].min()))
+        stop = int(max(idx.data_stop[f].max(), (idx.desc_offset[f] + idx.desc_length[f]).max()))
         if stop - start <= 2 * int((idx.data_stop[f] - idx.ifd_offset[f]).sum()):
             self._source.will_need(start, stop)
 
@@ -417,16 +423,17 @@ class SiffFile(PhotonReductions):
         """All appended-text events in the file (frame, text, experiment time)."""
         return self.timestamps().events
 
-    def description_bytes(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every frame's raw description bytes, concatenated, and their lengths (int64).
+    def description_bytes(self, frames: FrameSelection = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw description bytes of ``frames`` (default all), concatenated, and their lengths.
 
         Read in chunks of frames, releasing mapped pages in between (see
-        :meth:`release`), so the RSS does not grow with the file.
+        :meth:`release`), so the RSS does not grow with the file. Lengths are int64.
         """
+        f = self._frames(frames)
         parts, lens = [], []
-        for a in range(0, self.num_frames, _DESC_CHUNK):
-            buf, off, ln = self._descriptions(np.arange(a, min(a + _DESC_CHUNK,
-                                                                self.num_frames)))
+        for a in range(0, len(f), _DESC_CHUNK):
+            buf, off, ln = self._descriptions(f[a : a + _DESC_CHUNK])
             ln = np.asarray(ln, dtype=np.int64)
             first = np.concatenate([[0], np.cumsum(ln)[:-1]]).astype(np.int64)
             idx = np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(

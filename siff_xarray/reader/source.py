@@ -438,7 +438,9 @@ class FsspecSource(ByteSource):
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
-        self._lock = threading.Lock()  # guards the cache only
+        self._lock = threading.Lock()  # guards the caches only
+        #: spans fetched ahead (:meth:`will_need`): ``(start, stop, future)``, oldest first
+        self._ahead: list[tuple[int, int, Any]] = []
         #: bytes requested from the filesystem so far (for tests and benchmarks)
         self.bytes_fetched = 0
 
@@ -495,6 +497,59 @@ class FsspecSource(ByteSource):
     def fingerprint(self) -> str:
         """ETag / modification time as the filesystem reports them ('' if none)."""
         return self._version
+
+    #: largest span :meth:`will_need` fetches ahead, and how many spans it holds
+    ahead_limit = 256 * 2**20
+    ahead_spans = 2
+
+    def will_need(self, start: int, stop: int) -> None:
+        """Start fetching bytes ``start:stop`` in the background, to be read soon.
+
+        The span is requested in :attr:`walk_window` parts at once (object stores
+        serve parallel ranges faster than one stream) while the caller decodes
+        what it fetched before; :meth:`read_ranges` then serves every range inside
+        the span from it. The newest :attr:`ahead_spans` spans are held; a span
+        larger than :attr:`ahead_limit` is not fetched ahead. A failed fetch
+        raises when its bytes are read, as the read itself would.
+        """
+        start, stop = max(0, int(start)), min(int(stop), self.size)
+        if not 0 < stop - start <= self.ahead_limit or self._closed:
+            return
+        with self._lock:
+            if any(a <= start and stop <= b for a, b, _ in self._ahead):
+                return
+            parts = list(range(start, stop, self.walk_window))
+            ends = [*parts[1:], stop]
+            job = _background().submit(self.fetch_windows, parts, ends)
+            self._ahead.append((start, stop, job))
+            while len(self._ahead) > self.ahead_spans:
+                self._ahead.pop(0)[2].cancel()
+
+    def _span_holding(self, starts: np.ndarray, stops: np.ndarray) -> tuple[int, Any] | None:
+        """Return the fetched-ahead span holding every range as ``(start, job)``, or None."""
+        if not self._ahead or starts.size == 0:
+            return None
+        lo, hi = int(starts.min()), int(stops.max())
+        with self._lock:
+            for a, b, job in reversed(self._ahead):
+                if a <= lo and hi <= b:
+                    return a, job
+        return None
+
+    def _read_ranges(self, starts: np.ndarray, stops: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        held = self._span_holding(starts, stops)
+        if held is None:
+            return super()._read_ranges(starts, stops)
+        a, job = held
+        buf = np.frombuffer(b"".join(job.result()), dtype=np.uint8)
+        return buf, starts - a  # the span itself: no copy per range
+
+    def release(self) -> None:
+        """Drop bytes kept from the walk and every span fetched ahead but the newest."""
+        super().release()
+        with self._lock:
+            del self._ahead[:-1]
 
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
@@ -563,6 +618,33 @@ class FsspecSource(ByteSource):
         with self._lock:
             self._cache.clear()
             self._cached = 0
+            for _, _, job in self._ahead:
+                job.cancel()
+            self._ahead.clear()
+
+
+_pool: Any = None
+_pool_lock = threading.Lock()
+
+
+def _background() -> Any:
+    """Return the thread pool that fetches spans ahead (created on first use)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="siff-xarray-ahead")
+        return _pool
+
+
+def _forget_pool() -> None:  # a forked child has the pool object but not its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def open_source(

@@ -255,9 +255,12 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
                               SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
         edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
         bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+        descriptions = []
+        if bounds:
+            f.prefetch(np.arange(*bounds[0], dtype=np.int64))
         for k, (s0, s1) in enumerate(bounds):
             frames = np.arange(s0, s1, dtype=np.int64)
-            if k + 1 < len(bounds):  # the disk reads the next sub-batch during this one
+            if k + 1 < len(bounds):  # the next sub-batch is read during this one
                 f.prefetch(np.arange(*bounds[k + 1], dtype=np.int64))
             tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
             hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
@@ -265,6 +268,8 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
                 raise _NeedsWideArrivals
             writer.append(tau)
             n += int(tau.size)
+            # from the same bytes as the frames (remote: the span fetched ahead)
+            descriptions.append(f.description_bytes(frames)[0])
             f.release()  # keep the memory map's pages out of the RSS between sub-batches
     block = images[:n_rows].reshape(shape)
     pc = counts[:n_rows].reshape(lead)
@@ -294,6 +299,8 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         _open_for_batch(store, "photons/flyback_intensity")[r0 : r0 + len(fly_rows)] = fly_rows
     _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
     owner.check(target, run_id)
+    # the batch's frame descriptions, joined into photons/description by _finish
+    target.write_bytes(_description_key(b), b"".join(d.tobytes() for d in descriptions))
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
                                                                "photons": n}))
     return b, f1 - f0, n
@@ -352,8 +359,7 @@ def _prepare(sources: list[str], target: Target, build: Target,
             flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
             batch_bytes = [int(f.frame_bytes[f0:f1].sum()) for f0, f1 in batch_frames]
             ts = f.timestamps()
-            desc_bytes, dlen = f.description_bytes()
-            f.release()
+            dlen = f.description_lengths  # the bytes come from the batches (_finish)
             encoding = f.encoding.astype(np.int8)
             h, w = f.frame_shape
             source_bytes = int(f.file_size)
@@ -425,7 +431,10 @@ def _prepare(sources: list[str], target: Target, build: Target,
     small("epoch_laser_ns", ts.epoch_laser_ns, ("frame",))
     small("epoch_system_ns", ts.epoch_system_ns, ("frame",))
     dstart = np.concatenate([[0], np.cumsum(dlen, dtype=np.uint64)[:-1]]).astype(np.uint64)
-    small("description", desc_bytes, ("byte",))
+    n_desc = int(dlen.sum())
+    grp.create_array("description", shape=(n_desc,), dtype=np.uint8,
+                     chunks=(max(n_desc, 1),), compressors=compressors(),
+                     dimension_names=("byte",), config=every_chunk)
     small("description_start", dstart, ("frame",))
     small("description_length", dlen.astype(np.uint32), ("frame",))
     small("flyback_frame", fly_frames.astype(np.int64), ("flyback",))
@@ -449,8 +458,32 @@ def _prepare(sources: list[str], target: Target, build: Target,
                  intensity_dtype=inten_dtype)
 
 
-def _finish(target: Target, run_id: str) -> None:
+def _description_key(b: int) -> str:
+    return f"{PROGRESS}/description-{b:06d}"
+
+
+def _write_descriptions(target: Target, plan: Plan) -> None:
+    """Join the batches' frame descriptions into ``photons/description``.
+
+    Each batch stored its frames' descriptions, read from the bytes it fetched
+    for the frames (on object storage a per-frame read of the descriptions
+    costs one request per frame).
+    """
+    keys = [target.key(_description_key(b)) for b in range(plan.n_batches)]
+    parts = target.fs.cat(keys) if keys else {}
+    data = np.frombuffer(b"".join(parts[k] for k in keys), dtype=np.uint8)
+    arr = _open_for_batch(target.zarr(), "photons/description")
+    if data.size != arr.shape[0]:
+        raise ConversionError(f"{target.destination}: the batches hold {data.size} bytes of "
+                              f"frame descriptions, the source's IFDs {arr.shape[0]}")
+    if data.size:
+        arr[...] = data
+    _phase("descriptions")
+
+
+def _finish(target: Target, run_id: str, plan: Plan) -> None:
     """Publish the store: write the root metadata, with every node's consolidated."""
+    _write_descriptions(target, plan)
     meta = json.loads(target.read_text(ROOT_KEY))
     if target.exists("ome/zarr.json"):  # contrast windows from the data, for viewers
         set_rendering(target.zarr())
@@ -677,7 +710,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                           plan.ome, plan.ome_levels, run_id=run_id)
             skipped = _run(plan, target, run_id, scheduler, num_workers, progress)
-        _finish(target, run_id)
+        _finish(target, run_id, plan)
     except BaseException:  # an error or an interrupt: resume may take the store at once
         owner.release(target, run_id)
         raise

@@ -142,14 +142,18 @@ class Target:
         readers see the old content or the new one, never a part (a disk that
         fills up leaves the temporary key, not a truncated ``k``).
         """
+        self.write_bytes(k, text.encode(), atomic=atomic)
+
+    def write_bytes(self, k: str, data: bytes, *, atomic: bool = False) -> None:
+        """Store ``data`` at key ``k`` (``atomic`` as for :meth:`write_text`)."""
         path = self.key(k)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if not atomic:
-            self.fs.pipe_file(path, text.encode())
+            self.fs.pipe_file(path, data)
             return
         tmp = f"{path}.partial"
-        self.fs.pipe_file(tmp, text.encode())
+        self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
 
     def interrupted(self) -> bool:
@@ -161,14 +165,22 @@ class Target:
         return self.exists("zarr.json") and not self.interrupted()
 
     def done_batches(self) -> set[int]:
-        """Batches of a running conversion recorded as finished."""
+        """Batches of a running conversion recorded as finished.
+
+        A batch is finished when its record (``batch-N``, written last) and its
+        frame descriptions (``description-N``) are both there.
+        """
         self.fs.invalidate_cache()
         try:
             names = self.fs.ls(self.key(PROGRESS), detail=False)
         except FileNotFoundError:
             return set()
-        return {int(n.rsplit("-", 1)[1]) for n in names if n.rsplit("/", 1)[-1].startswith(
-            "batch-")}
+        found: dict[str, set[int]] = {"batch": set(), "description": set()}
+        for n in names:
+            kind, _, number = n.rsplit("/", 1)[-1].partition("-")
+            if kind in found and number.isdigit():
+                found[kind].add(int(number))
+        return found["batch"] & found["description"]
 
     def zarr(self) -> Any:
         """Return the zarr store object (``LocalStore`` or ``FsspecStore``)."""
