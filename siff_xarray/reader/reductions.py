@@ -61,6 +61,21 @@ class PhotonReductions:
         """Return kernel arguments (buffer + 7 per-frame arrays), frame shape, max photons."""
         raise NotImplementedError
 
+    def _streamed(self, f: np.ndarray) -> list[slice]:
+        """Consecutive parts of ``f`` to decode one after another (default: one part).
+
+        A source whose bytes are fetched (not mapped) cuts a long read into parts
+        of bounded size, so the next part arrives while one decodes and memory
+        holds a few parts, not every frame's bytes.
+        """
+        return [slice(0, len(f))]
+
+    def _read_ahead(self, f: np.ndarray) -> None:
+        """Start fetching the bytes of frames ``f``, decoded next (default: nothing)."""
+
+    def _read_done(self) -> None:
+        """Drop the bytes of the part just decoded (default: nothing)."""
+
     def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
         """Return the z plane (slice index) of each frame, for masks of ``n_planes`` planes."""
         raise NotImplementedError
@@ -166,7 +181,14 @@ class PhotonReductions:
 
         """
         f = self._frames(frames)
-        args, (h, w), _ = self._frame_args(f, shifts)
+        parts = self._streamed(f)
+        streamed = len(parts) > 1
+        if streamed:
+            if shifts is not None:  # resolved once, then cut with the frames
+                shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
+            self._read_ahead(f[parts[0]])
+        args, (h, w), _ = self._frame_args(f[parts[0]], shifts[parts[0]]
+                                           if streamed and shifts is not None else shifts)
         if out is None:
             out = np.empty((len(f), h, w), dtype=np.uint16)
         elif (out.shape != (len(f), h, w) or out.dtype.itemsize != 2
@@ -174,8 +196,16 @@ class PhotonReductions:
             raise ValueError(f"{self.name}: out must be a C-contiguous 16-bit array of shape "
                              f"{(len(f), h, w)}, got {out.dtype} {out.shape}")
         status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            K.run("intensity", *args, out.view(np.uint16).reshape(len(f), h * w), status)
+        flat = out.view(np.uint16).reshape(len(f), h * w)
+        for k, part in enumerate(parts):
+            if k + 1 < len(parts):  # fetched while this part decodes
+                self._read_ahead(f[parts[k + 1]])
+            if k:
+                args, _, _ = self._frame_args(f[part], None if shifts is None else shifts[part])
+            if len(f):
+                K.run("intensity", *args, flat[part], status[part])
+            if streamed:
+                self._read_done()
         self._check(status, f)
         return out.view(np.int16) if len(f) and self._signed(f) else out
 

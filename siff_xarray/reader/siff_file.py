@@ -20,6 +20,7 @@ Arrival-time conventions (see ``docs/format.md``):
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from functools import cached_property
@@ -304,6 +305,28 @@ class SiffFile(PhotonReductions):
         stop = int(max(idx.data_stop[f].max(), (idx.desc_offset[f] + idx.desc_length[f]).max()))
         if stop - start <= 2 * int((idx.data_stop[f] - idx.ifd_offset[f]).sum()):
             self._source.will_need(start, stop)
+
+    #: bytes of a part of a long read of a fetched (not mapped) file: see ``_streamed``
+    stream_part_bytes = 32 * 2**20
+
+    def _streamed(self, f: np.ndarray) -> list[slice]:
+        if self._source.buffer() is not None or len(f) < 2:
+            return [slice(0, len(f))]
+        idx = self.index
+        ends = np.cumsum(idx.data_stop[f] - idx.ifd_offset[f])
+        if ends[-1] <= self.stream_part_bytes:
+            return [slice(0, len(f))]
+        cuts = np.searchsorted(ends, np.arange(1, int(ends[-1]) // self.stream_part_bytes + 1)
+                               * self.stream_part_bytes, side="right")
+        edges = np.unique(np.concatenate([[0], cuts, [len(f)]]).clip(1, len(f)))
+        edges = np.concatenate([[0], edges])
+        return [slice(a, b) for a, b in itertools.pairwise(edges.tolist()) if b > a]
+
+    def _read_ahead(self, f: np.ndarray) -> None:
+        self.prefetch(f)
+
+    def _read_done(self) -> None:
+        self._source.release()
 
     def _gather(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Buffer and strip offsets (in that buffer) for frames ``f``."""
