@@ -663,3 +663,31 @@ def test_conversion_from_http_reads_the_file_once_in_a_few_large_ranges(http_ser
     with xr.open_dataset(t.path, engine="siff", partial_volume="keep") as local:
         got = zs.open_converted(tmp_path / "second.zarr", partial_volume="keep")
         np.testing.assert_array_equal(got.intensity.values, local.intensity.values)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "shorter", "longer"])
+def test_a_remote_source_that_changes_stops_the_conversion(http_server, tmp_path, change):
+    """Each batch checks the source (info and both ends at once) before it decodes."""
+    from siff_xarray.errors import ConversionError
+
+    kw = {"shape": (12, 10), "channels": (1, 2), "n_slices": 2, "n_flyback": 1,
+          "n_timepoints": 6, "photons_per_frame": 300}
+    p = tmp_path / "c.siff"
+    write_siff(p, seed=1, **kw)
+    size = p.stat().st_size
+    volume = 2 * 3 * 12 * 10 * 2
+
+    def change_after_first_batch(progress):
+        if progress.batches_done != 1:
+            return
+        if change == "rewritten":  # another acquisition of the same layout
+            write_siff(p, seed=2, **kw)
+        elif change == "shorter":
+            os.truncate(p, size - 100)
+        else:
+            with open(p, "ab") as fh:
+                fh.write(b"\0" * 100)
+
+    with pytest.raises(ConversionError, match="changed since the conversion started"):
+        zs.convert(f"{http_server.url}/c.siff", tmp_path / "c.zarr", scheduler="sync",
+                   progress=change_after_first_batch, shard_bytes=2 * volume, chunk_bytes=1)
