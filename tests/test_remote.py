@@ -522,12 +522,25 @@ def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, t
         life = ds.siff.lifetime(masks).compute().values
         moved = http_server.bytes_sent - before
         ranges = http_server.log[n_log:]
+        # a conversion on the same workers: each keeps its source between its batches
+        # and closes it when the run ends
+        summary = zs.convert(url, tmp_path / "dist.zarr", scheduler=client,
+                             shard_bytes=2 * 4 * 2 * 32 * 16 * 2, chunk_bytes=1)
+        kept = client.run(_kept_sources)
+    assert summary.batches >= 10 and set(kept.values()) == {0}
+    assert zs.verify(t.path, tmp_path / "dist.zarr") == []
     np.testing.assert_array_equal(trace, want_trace)
     np.testing.assert_array_equal(life, want_life)
     # every frame is read once for each of the two results (~2x the file); a worker
     # that walked the chain would stream the file again (windows of the whole file)
     assert moved < 2.2 * size, (moved, size)
     assert max(b - a for _, a, b in ranges) < size / 4
+
+
+def _kept_sources() -> int:
+    from siff_xarray.store import converter
+
+    return len(converter._kept)
 
 
 def test_errors_blame_the_server_or_the_url_not_the_file(http_server, s3_server, tmp_path):
@@ -691,3 +704,42 @@ def test_a_remote_source_that_changes_stops_the_conversion(http_server, tmp_path
     with pytest.raises(ConversionError, match="changed since the conversion started"):
         zs.convert(f"{http_server.url}/c.siff", tmp_path / "c.zarr", scheduler="sync",
                    progress=change_after_first_batch, shard_bytes=2 * volume, chunk_bytes=1)
+
+
+def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, tmp_path,
+                                                                   monkeypatch):
+    """Opening a remote file costs four dependent requests; each batch checks the
+    source's fingerprint anyway, so a worker thread keeps its source for the run's next
+    batches and closes it when the run ends (or when a batch fails)."""
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "k.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=300, seed=3)
+    url = f"{http_server.url}/k.siff"
+    opened = []
+    real = conv._open_source
+    monkeypatch.setattr(conv, "_open_source", lambda plan: opened.append(real(plan))
+                        or opened[-1])
+    volume = 2 * 3 * 16 * 12 * 2
+    summary = zs.convert(url, tmp_path / "k.zarr", scheduler="sync", shard_bytes=volume,
+                         chunk_bytes=1)
+    assert summary.batches >= 8 and len(opened) == 1
+    assert conv._kept == {} and all(f.files[0]._source.closed for f in opened)
+    assert zs.verify(t.path, tmp_path / "k.zarr") == []
+    opened.clear()
+    zs.convert(url, tmp_path / "t.zarr", scheduler="threads", num_workers=2,
+               shard_bytes=volume, chunk_bytes=1)
+    assert 1 <= len(opened) <= 2 and conv._kept == {}
+    assert all(f.files[0]._source.closed for f in opened)
+
+    def fail_in_batch_3(p):  # a batch that fails closes its source at once
+        if p.batches_done == 3:
+            os.truncate(t.path, os.path.getsize(t.path) - 10)
+
+    from siff_xarray.errors import ConversionError
+
+    opened.clear()
+    with pytest.raises(ConversionError, match="changed since"):
+        zs.convert(url, tmp_path / "f.zarr", scheduler="sync", shard_bytes=volume,
+                   chunk_bytes=1, progress=fail_in_batch_3)
+    assert conv._kept == {} and all(f.files[0]._source.closed for f in opened)

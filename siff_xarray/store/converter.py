@@ -16,8 +16,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,52 @@ def _open_source(plan: Plan) -> Acquisition:
     return Acquisition.open(plan.sources, plan.source_options)
 
 
+#: remote sources kept open between the batches that one worker thread converts in one
+#: run, keyed by (run id, thread): opening a remote file costs four dependent requests
+#: (info, header, tail, an IFD of the index), and every batch checks the source's
+#: fingerprint before it decodes, so a kept source is still the file the run started from
+_kept: dict[tuple[str, int], Acquisition] = {}
+_kept_lock = threading.Lock()
+
+
+def _checking(plan: Plan, context: str) -> Any:
+    """Start checking the plan's sources in another thread; ``.result()`` raises if changed."""
+    pool = ThreadPoolExecutor(1)
+    job = pool.submit(_check_fingerprint, plan.sources, plan.source_options,
+                      plan.fingerprint, context)
+    pool.shutdown(wait=False)
+    return job
+
+
+@contextlib.contextmanager
+def _batch_source(plan: Plan, run_id: str) -> Iterator[Acquisition]:
+    """Open the plan's sources for one batch (local: closed after it; remote: kept)."""
+    if not any(is_remote(s) for s in plan.sources):
+        with _open_source(plan) as f:
+            yield f
+        return
+    key = (run_id, threading.get_ident())
+    with _kept_lock:
+        f = _kept.pop(key, None)
+    if f is None:
+        f = _open_source(plan)
+    try:
+        yield f
+    except BaseException:
+        f.close()  # a failed batch leaves nothing open behind it
+        raise
+    with _kept_lock:
+        _kept[key] = f
+
+
+def _forget_sources(run_id: str) -> None:
+    """Close the sources kept for run ``run_id`` in this process."""
+    with _kept_lock:
+        gone = [_kept.pop(k) for k in [k for k in _kept if k[0] == run_id]]
+    for f in gone:
+        f.close()
+
+
 class _ShardWriter:
     """Streams values into a 1-D sharded array from a shard-aligned ``base``.
 
@@ -221,10 +268,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     context = f"{plan.destination}: batch {b}"
     # the source is checked while the store and the source open (each a few round trips
     # on object storage); nothing is decoded before the check passed
-    pool = ThreadPoolExecutor(1)
-    checked = pool.submit(_check_fingerprint, plan.sources, plan.source_options,
-                          plan.fingerprint, context)
-    pool.shutdown(wait=False)
+    checked = _checking(plan, context)
     owner.check(target, run_id)  # a conversion that lost the store writes nothing more
     store = target.zarr()
     f0, f1 = plan.batch_frames[b]
@@ -236,7 +280,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     writer = _ShardWriter(_open_for_batch(store, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype)
     n = 0
-    with _open_source(plan) as f:
+    with _batch_source(plan, run_id) as f:
         ip = f.im_params()
         loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
         fly = loc_all["flyback"]
@@ -279,6 +323,8 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
             # from the same bytes as the frames (remote: the span fetched ahead)
             descriptions.append(f.description_bytes(frames)[0])
             f.release()  # keep the memory map's pages out of the RSS between sub-batches
+    # every byte is read: check the source again while the results are written
+    checked = _checking(plan, context)
     block = images[:n_rows].reshape(shape)
     pc = counts[:n_rows].reshape(lead)
     if np.dtype(plan.intensity_dtype) != np.uint16:  # signed TIFF samples: same bits
@@ -305,7 +351,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     if len(fly_rows):
         r0 = plan.flyback_base[b]
         _open_for_batch(store, "photons/flyback_intensity")[r0 : r0 + len(fly_rows)] = fly_rows
-    _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context)
+    checked.result()
     owner.check(target, run_id)
     # the batch's frame descriptions, joined into photons/description by _finish
     target.write_bytes(_description_key(b), b"".join(d.tobytes() for d in descriptions))
@@ -911,13 +957,14 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
                 from dask.distributed import Client
 
                 with Client(scheduler) as client:
-                    _compute_distributed(tasks, client, tracker)
+                    _compute_distributed(tasks, client, tracker, run_id)
             elif not isinstance(scheduler, str):
-                _compute_distributed(tasks, scheduler, tracker)
+                _compute_distributed(tasks, scheduler, tracker, run_id)
             else:
                 _compute_local(tasks, scheduler, num_workers, tracker)
         finally:
             tracker.close()
+            _forget_sources(run_id)  # this process's threads (local schedulers)
     missing = set(range(plan.n_batches)) - target.done_batches()
     if missing:
         raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "
@@ -941,8 +988,13 @@ def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
         dask.compute(*tasks, scheduler=scheduler, **kwargs)
 
 
-def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker) -> None:
+def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker,
+                         run_id: str) -> None:
     from dask.distributed import as_completed
 
-    for fut in as_completed(client.compute(tasks)):
-        tracker(fut.result())
+    try:
+        for fut in as_completed(client.compute(tasks)):
+            tracker(fut.result())
+    finally:  # the workers close the sources they kept for this run
+        with contextlib.suppress(Exception):
+            client.run(_forget_sources, run_id)
