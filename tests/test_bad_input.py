@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import subprocess
 import sys
@@ -417,6 +418,75 @@ def test_a_file_changed_under_an_open_dataset_is_an_error_not_a_crash(tmp_path, 
     assert out.returncode == 0, out.stderr
     want = "shrank" if change == "truncate" else "modified in place"
     assert "SiffFormatError" in out.stdout and want in out.stdout and t.path in out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file leases are Linux's")
+def test_a_file_truncated_during_a_decode_is_an_error_not_a_crash(tmp_path):
+    """Another process truncates the file while a long decode reads its memory map.
+
+    A read lease makes the truncation wait for the decode; the next read raises. Without
+    it, the decode touches pages past the new end and the process dies of SIGBUS (this
+    test fails that way, return code -7, with leases turned off).
+    """
+    t = write_siff(tmp_path / "long.siff", shape=(128, 128), n_timepoints=400,
+                   photons_per_frame=4000, encoding="raw", seed=3)
+    script = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        import numpy as np
+        from siff_xarray import SiffFile, SiffFormatError
+
+        p = {t.path!r}
+        with SiffFile(p) as f:
+            frames = np.tile(np.arange(f.num_frames), 1000)  # one call, a few seconds
+            mask = np.ones((128, 128), dtype=bool)
+            f.sum_mask(mask, frames[:10])  # compiled and in the page cache
+            cut = subprocess.Popen([sys.executable, "-c",
+                                    "import os, time; time.sleep(0.5); "
+                                    f"os.truncate({{p!r}}, os.path.getsize({{p!r}}) // 4)"])
+            t0 = time.monotonic()
+            try:
+                f.sum_mask(mask, frames)
+                print("the long read finished after", time.monotonic() - t0, "s")
+                f.sum_mask(mask, frames[:10])
+            except SiffFormatError as e:
+                print("SiffFormatError:", e)
+            cut.wait(120)
+            print("truncated:", os.path.getsize(p))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "the long read finished" in out.stdout, out.stdout
+    assert "SiffFormatError" in out.stdout and "shrank" in out.stdout, out.stdout
+    assert f"truncated: {os.path.getsize(t.path)}" in out.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file leases are Linux's")
+def test_the_read_lease_is_held_only_while_reading_and_waits_once_for_writers(
+        tmp_path, monkeypatch):
+    import fcntl
+
+    from siff_xarray.reader import source
+
+    t = write_siff(tmp_path / "w.siff", shape=(16, 16), n_timepoints=6, seed=1)
+    with SiffFile(t.path) as f:
+        f.read_frames([0])
+        src = f._source
+        assert src._lease_works  # leases work here...
+        fd = src.fileno()
+        assert fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK  # ...and none is kept
+        with open(t.path, "r+b") as fh:  # between reads, writers are not held off
+            assert fh.read(4)
+    sleeps = []
+    monkeypatch.setattr(source.time, "sleep", lambda s: sleeps.append(s))
+    monkeypatch.setattr(source.LocalSource, "lease_wait", 0.05)
+    with open(t.path, "ab"), SiffFile(t.path) as f:  # written to, as during an acquisition
+        want = f.read_frames([0, 1])
+        waited = len(sleeps)
+        for _ in range(10):
+            np.testing.assert_array_equal(f.read_frames([0, 1]), want)
+        assert waited > 0 and len(sleeps) == waited  # one wait in vain, then none
+        assert f._source._lease_works is not False
 
 
 def test_a_broken_ifd_chain_is_reported_not_taken_for_the_whole_file(tmp_path, small):

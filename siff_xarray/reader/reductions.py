@@ -19,6 +19,7 @@ frames from a converted Zarr store, so both give identical results.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Self
@@ -60,6 +61,15 @@ class PhotonReductions:
                     ) -> tuple[tuple, tuple[int, int], int]:
         """Return kernel arguments (buffer + 7 per-frame arrays), frame shape, max photons."""
         raise NotImplementedError
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which a kernel reads the bytes ``_frame_args`` handed it."""
+        return contextlib.nullcontext()
+
+    def _run(self, kernel: str, *args: Any) -> None:
+        """Run a decode kernel (:func:`kernels.run`) while its bytes are held."""
+        with self._reading():
+            K.run(kernel, *args)
 
     def _streamed(self, f: np.ndarray) -> list[slice]:
         """Consecutive parts of ``f`` to decode one after another (default: one part).
@@ -203,7 +213,7 @@ class PhotonReductions:
             if k:
                 args, _, _ = self._frame_args(f[part], None if shifts is None else shifts[part])
             if len(f):
-                K.run("intensity", *args, flat[part], status[part])
+                self._run("intensity", *args, flat[part], status[part])
             if streamed:
                 self._read_done()
         self._check(status, f)
@@ -277,7 +287,7 @@ class PhotonReductions:
             return _dense_set_sums(self.read_frames(f, shifts), *encoded, n_masks)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("sum_masks", *args, *encoded, out, status)
+            self._run("sum_masks", *args, *encoded, out, status)
         self._check(status, f)
         return out
 
@@ -353,7 +363,7 @@ class PhotonReductions:
         overflow = np.zeros(len(f), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("histograms", *args, kmode, out, overflow, status)
+            self._run("histograms", *args, kmode, out, overflow, status)
         self._check(status, f)
         return (out, overflow) if return_overflow else out
 
@@ -388,7 +398,7 @@ class PhotonReductions:
         out = np.zeros((n_masks, len(f), nb), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("mask_histograms", *args, *encoded, kmode, out, status)
+            self._run("mask_histograms", *args, *encoded, kmode, out, status)
         self._check(status, f)
         return out
 
@@ -424,7 +434,7 @@ class PhotonReductions:
                                                                              np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
         if n:
-            K.run("pixel_flim", *args, cos, sin, float(offset), mean, g, s, cnt, status)
+            self._run("pixel_flim", *args, cos, sin, float(offset), mean, g, s, cnt, status)
         self._check(status, f)
         shape = (n, h, w)
         return mean.reshape(shape) if want == "mean" else None, \
@@ -511,7 +521,7 @@ class PhotonReductions:
         cos, sin = self._lut(harmonic, period_bins) if phasor else (np.ones(1), np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
         if n:
-            K.run("mask_flim", *args, *encoded, cos, sin, cnt, tsum, gsum, ssum, status)
+            self._run("mask_flim", *args, *encoded, cos, sin, cnt, tsum, gsum, ssum, status)
         self._check(status, f)
         return cnt, tsum, gsum, ssum
 
@@ -564,7 +574,7 @@ class PhotonReductions:
         tau = np.empty(int(starts[-1]), dtype=np.uint32)
         status = np.zeros(len(f), dtype=np.int8)
         if len(f):
-            K.run("photons", *args, maxn, starts, pix, tau, status)
+            self._run("photons", *args, maxn, starts, pix, tau, status)
         self._check(status, f)
         return starts, pix, tau
 
@@ -619,7 +629,7 @@ class PhotonReductions:
         status = np.zeros(len(f), dtype=np.int8)
         tmax = np.zeros(len(f), dtype=np.int64)
         if len(f):
-            K.run("store_frames", *args, rows, starts, images.reshape(len(images), h * w),
+            self._run("store_frames", *args, rows, starts, images.reshape(len(images), h * w),
                   counts, arrivals, histograms, tmax, status)
         sat = np.flatnonzero(status == K.ST_SATURATED)
         if sat.size:

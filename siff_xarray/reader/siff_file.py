@@ -20,6 +20,7 @@ Arrival-time conventions (see ``docs/format.md``):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
@@ -324,6 +325,9 @@ class SiffFile(PhotonReductions):
 
     def _read_ahead(self, f: np.ndarray) -> None:
         self.prefetch(f)
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        return self._source.holding()  # a local file cannot shrink under the kernel
 
     def _read_done(self) -> None:
         self._source.release()

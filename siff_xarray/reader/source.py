@@ -21,10 +21,14 @@ Neither ever writes to the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
+import signal
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
@@ -32,6 +36,13 @@ import numpy as np
 from .._paths import is_remote, local_path
 from .._remote import one_retry_loop, remote_error, with_timeouts
 from ..errors import RemoteAccessError, SiffFormatError
+
+try:
+    import fcntl
+
+    _LEASES = hasattr(fcntl, "F_SETLEASE") and hasattr(signal, "SIGURG")
+except ImportError:  # pragma: no cover - Windows
+    _LEASES = False
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
 
@@ -86,6 +97,10 @@ class ByteSource:
 
     def will_need(self, start: int, stop: int) -> None:
         """Hint that bytes ``start:stop`` are read soon (a memory map reads them ahead)."""
+
+    def holding(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the file against truncation while its :meth:`buffer` is read (default: no-op)."""
+        return contextlib.nullcontext()
 
     _tail: bytes | None = None
 
@@ -227,6 +242,11 @@ class LocalSource(ByteSource):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = os.fspath(path)
+        self._lease_lock = threading.Lock()
+        self._lease_users = 0
+        self._leased = False
+        self._lease_works: bool | None = None  # unknown until the first read
+        self._lease_patient = True
         self._file = open(self.name, "rb")  # noqa: SIM115 - closed in close()
         try:
             st = os.fstat(self._file.fileno())
@@ -248,8 +268,69 @@ class LocalSource(ByteSource):
         """Return up to ``length`` bytes at ``offset``."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
-        self.check_unchanged()
-        return self._array[offset : offset + length].tobytes()
+        with self.holding():
+            return self._array[offset : offset + length].tobytes()
+
+    #: how long a read waits for another process's pending truncation or open for
+    #: writing to go through before it reads without a lease (seconds)
+    lease_wait = 0.5
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold the file against truncation while the memory map is read (Linux).
+
+        A file that shrinks under a memory map kills the reading process (SIGBUS) as
+        soon as a page past the new end is touched, whatever the code does. So while
+        any thread reads the map, this source holds a read lease on the file
+        (``F_SETLEASE``): another process's ``truncate`` or open for writing then
+        waits until the read is done (at most the kernel's ``lease-break-time``,
+        45 s by default), and the next read sees the change
+        (:meth:`check_unchanged`) and raises SiffFormatError. The lease break is
+        signalled with SIGURG, which is ignored by default (SIGIO would end the
+        process). Where leases are not available (other systems, files of another
+        user without CAP_LEASE, some network filesystems, a file open for writing,
+        as during an acquisition), reads are checked before they start only.
+        """
+        with self._lease_lock:
+            if self._lease_users == 0:
+                self._take_lease()
+            self._lease_users += 1
+        try:
+            self.check_unchanged()
+            yield
+        finally:
+            with self._lease_lock:
+                self._lease_users -= 1
+                if self._lease_users == 0 and self._leased:
+                    self._leased = False
+                    with contextlib.suppress(OSError, ValueError):
+                        fcntl.fcntl(self._file.fileno(), fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+    def _take_lease(self) -> None:
+        if not _LEASES or self._lease_works is False or self._closed:
+            return
+        fd = self._file.fileno()
+        # a file held open for writing (an acquisition still running) makes every
+        # attempt fail: after one wait in vain, later reads try once and go on
+        deadline = time.monotonic() + (self.lease_wait if self._lease_patient else 0.0)
+        while True:
+            try:
+                # break notices come as SIGURG; set each time (giving a lease up resets it)
+                fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError as exc:
+                # EAGAIN: the file is open for writing, or a truncation waits for a lease
+                # given up just now; let it through, then read (the check sees it)
+                if exc.errno in (errno.EAGAIN, errno.EBUSY) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                    self._lease_patient = False
+                else:
+                    self._lease_works = False  # EINVAL, EACCES...: not here
+                return
+            self._lease_works = self._lease_patient = self._leased = True
+            return
 
     def check_unchanged(self) -> None:
         """Raise SiffFormatError if the file shrank or was rewritten since it was opened.
@@ -257,7 +338,8 @@ class LocalSource(ByteSource):
         Reading a memory map past the end of a file that shrank kills the process
         (SIGBUS), so every access to the map checks first (one ``fstat``). A file
         that only grew (an acquisition still being written) is fine: the frames
-        indexed at open are unchanged. A change during a single decode is not seen.
+        indexed at open are unchanged. During a read, :meth:`holding` keeps the file
+        from shrinking where file leases work.
         """
         if self._closed:
             raise ValueError(f"{self.name}: the file is closed")
@@ -338,7 +420,10 @@ class LocalSource(ByteSource):
         return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
     def buffer(self) -> np.ndarray:
-        """Return the memory map as a read-only ``uint8`` array (after :meth:`check_unchanged`)."""
+        """Return the memory map as a read-only ``uint8`` array (after :meth:`check_unchanged`).
+
+        Read it inside :meth:`holding`, which keeps the file from shrinking meanwhile.
+        """
         self.check_unchanged()
         return self._array
 
