@@ -21,8 +21,8 @@ from typing import Any, Literal
 from .format.constants import MULTIHARP_BASE_RESOLUTION_PS
 
 __all__ = [
-    "OPEN_OPTION_NAMES", "FileOptions", "HistogramMode", "OpenOptions", "PartialVolume",
-    "TimeCoordinate",
+    "CF_NO_OP_KEYWORDS", "OPEN_OPTION_NAMES", "FileOptions", "HistogramMode", "OpenOptions",
+    "PartialVolume", "TimeCoordinate",
     "histogram_length",
 ]
 
@@ -35,7 +35,7 @@ TIME_COORDINATES = ("experiment", "epoch")
 
 #: xarray's CF decoding keywords: siff Datasets carry no CF encodings, so these change
 #: nothing and are accepted; ``use_cftime=True`` is refused (epochs are datetime64[ns])
-_CF_NO_OPS = ("mask_and_scale", "decode_timedelta", "concat_characters", "decode_coords",
+CF_NO_OP_KEYWORDS = ("mask_and_scale", "decode_timedelta", "concat_characters", "decode_coords",
               "use_cftime")
 
 
@@ -126,7 +126,7 @@ class OpenOptions:
                 file_kw[key] = value
             elif key in own:
                 own_kw[key] = value
-            elif key in _CF_NO_OPS:
+            elif key in CF_NO_OP_KEYWORDS:
                 if key == "use_cftime" and value:
                     raise ValueError(f"{caller}: use_cftime=True is not supported: siff "
                                      "epochs are datetime64[ns] (decode_times=False gives "

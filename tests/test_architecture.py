@@ -32,6 +32,7 @@ ALLOWED = {
                "flim"},
     "cli": {"backend", "reader", "format", "store", "synthetic", "accessor", "registration"},
     "napari_reader": {"backend", "store", "accessor"},
+    "engine": {"backend", "store", "_options"},
     # deprecated aliases of moved modules
     "zarr_store": set(), "zarr_photons": set(), "export": set(),
     "registration_suite2p": set(),

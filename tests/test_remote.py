@@ -134,6 +134,16 @@ def test_s3_round_trip(s3_server, big_frames, tmp_path):
             xr.open_dataset(big_frames.path, engine="siff") as local:
         np.testing.assert_array_equal(ds.intensity.sum(("y", "x")).compute().values,
                                       local.intensity.values.sum(axis=(-2, -1)))
+    # a store converted to S3 opens with the same engine, as a Dataset and as a tree
+    zs.convert(url, "s3://siff-bucket/zarr/big.zarr", storage_options=s3_server,
+               target_options=s3_server)
+    store = "s3://siff-bucket/zarr/big.zarr"
+    with xr.open_dataset(store, engine="siff", storage_options=s3_server, chunks={}) as ds, \
+            xr.open_dataset(big_frames.path, engine="siff") as local:
+        np.testing.assert_array_equal(ds.intensity.values, local.intensity.values)
+    tree = xr.open_datatree(store, engine="siff", storage_options=s3_server)
+    assert int(tree["/photons"].photon_count.sum()) == len(big_frames.arrival)
+    tree.close()
 
 
 def test_s3_open_acquisition_glob(s3_server, tmp_path):

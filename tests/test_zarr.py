@@ -1063,6 +1063,49 @@ def test_a_same_size_edit_with_the_mtime_set_back_stops_the_conversion(tmp_path)
                    **_small_shards(t))
 
 
+def test_the_siff_engine_opens_converted_stores_as_dataset_tree_and_groups(tmp_path):
+    """``engine="siff"`` takes a store where ``engine="zarr"`` cannot build its tree.
+
+    Before, the engine refused a store (ValueError naming open_converted).
+    """
+    import dask.array as da
+
+    t = write_siff(tmp_path / "e.siff", shape=(70, 66), channels=(1, 2), n_slices=2,
+                   n_timepoints=4, photons_per_frame=2000, seed=7, extra_frames=3)
+    dst = tmp_path / "e.zarr"
+    zs.convert(t.path, dst)
+    with zs.open_converted(dst) as want:
+        want = want.load()
+    with xr.open_dataset(dst, engine="siff") as ds:
+        assert not isinstance(ds.intensity.variable._data, da.Array)  # lazy, not Dask
+        xr.testing.assert_identical(ds.load(), want)
+    with xr.open_dataset(dst, engine="siff", chunks={}) as ds:
+        assert isinstance(ds.intensity.data, da.Array)
+        assert ds.intensity.chunks[0][0] == min(
+            ds.intensity.encoding["preferred_chunks"]["time"], ds.sizes["time"])
+        xr.testing.assert_identical(ds.load(), want)
+    with xr.open_dataset(dst, engine="siff", partial_volume="keep",
+                         drop_variables=["histogram"]) as ds, \
+            zs.open_converted(dst, partial_volume="keep") as kept:
+        assert "histogram" not in ds and ds.sizes["time"] == kept.sizes["time"] == 5
+    with xr.open_dataset(str(dst)) as ds:  # no engine: zarr's or ours, the same Dataset
+        np.testing.assert_array_equal(ds.intensity.values, want.intensity.values)
+    tree = xr.open_datatree(dst, engine="siff", chunks={})
+    groups = xr.open_groups(dst, engine="siff")
+    assert set(tree.groups) == set(groups) >= {"/", "/photons", "/ome/0", "/ome/1"}
+    xr.testing.assert_identical(tree["/"].to_dataset().load(), want)
+    level0 = zs.to_ome_order(want.intensity.values)
+    np.testing.assert_array_equal(tree["/ome/0"].intensity.values, level0)
+    np.testing.assert_array_equal(groups["/ome/1"].intensity.values, zs.downsample2(level0))
+    assert int(tree["/photons"].photon_count.sum()) == len(t.arrival)
+    tree.close()
+    with pytest.raises(TypeError, match=r"e\.zarr: is a converted store; index_cache, "
+                       r"tau_bins apply to \.siff files only"):
+        xr.open_dataset(dst, engine="siff", tau_bins=64, index_cache=False)
+    with xr.open_dataset(t.path, engine="siff") as ds:  # files as before
+        assert ds.sizes["time"] == 4
+
+
 def test_a_store_opens_as_a_datatree_with_photons_and_ome_levels(tmp_path):
     t = write_siff(tmp_path / "tree.siff", shape=(70, 66), channels=(1, 2), n_slices=2,
                    n_timepoints=3, photons_per_frame=3000, seed=6)
@@ -1070,8 +1113,6 @@ def test_a_store_opens_as_a_datatree_with_photons_and_ome_levels(tmp_path):
     zs.convert(t.path, dst)
     with pytest.raises(ValueError, match=r"conflicting sizes|not aligned|align"):
         xr.open_datatree(dst, engine="zarr")  # plain xarray: the OME levels clash
-    with pytest.raises(ValueError, match=r"tree\.zarr: is a converted siff-xarray store"):
-        xr.open_datatree(dst, engine="siff")
     tree = zs.open_converted_tree(dst, chunks={})
     assert set(tree.groups) >= {"/", "/photons", "/ome", "/ome/0", "/ome/1"}
     with zs.open_converted(dst) as ds:

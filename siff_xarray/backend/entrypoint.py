@@ -1,4 +1,7 @@
-"""The xarray backend entry point (``engine="siff"``): thin on purpose.
+"""The xarray backend entry point for ``.siff`` files: thin on purpose.
+
+``engine="siff"`` is :class:`siff_xarray.engine.SiffEngine`, which hands ``.siff``
+files to this class and converted stores to :mod:`siff_xarray.store`.
 
 xarray imports every installed backend's entry point the first time it lists
 engines, so this module imports nothing heavy (no Numba, Dask, Zarr or the

@@ -146,10 +146,28 @@ def open_converted_groups(store: str | os.PathLike[str], *,
                 arr = ome[k]
                 dims = [f"{d}_{k}" if d in ("y", "x") else d
                         for d in (arr.metadata.dimension_names or ("t", "c", "z", "y", "x"))]
-                data = da.from_array(arr, chunks=arr.chunks, lock=False, asarray=True)
+                data = (_lazy_level(arr) if "chunks" in kwargs and kwargs["chunks"] is None
+                        else da.from_array(arr, chunks=arr.chunks, lock=False, asarray=True))
                 groups[f"/ome/{k}"] = xr.Dataset({"intensity": (dims, data)},
                                                  attrs={"level": int(k)})
     return groups
+
+
+def _lazy_level(arr: Any) -> Any:
+    """Wrap a zarr array as xarray's lazily indexed array (``chunks=None``: no Dask)."""
+    from xarray.backends import BackendArray
+    from xarray.core import indexing
+
+    class Level(BackendArray):
+        def __init__(self) -> None:
+            self.shape, self.dtype = arr.shape, arr.dtype
+
+        def __getitem__(self, key: Any) -> np.ndarray:
+            return indexing.explicit_indexing_adapter(
+                key, self.shape, indexing.IndexingSupport.BASIC,
+                lambda k: np.asarray(arr[k]))
+
+    return indexing.LazilyIndexedArray(Level())
 
 
 def open_converted_tree(store: str | os.PathLike[str], **kwargs: Any) -> Any:
