@@ -85,7 +85,7 @@ class SiffEngine(SiffBackendEntrypoint):
         from .store import open_converted
 
         ds = open_converted(store, **_store_kwargs(store, options))
-        return ds.drop_vars(_names(drop_variables), errors="ignore")
+        return _closing(ds.drop_vars(_names(drop_variables), errors="ignore"), ds)
 
     def open_groups_as_dict(  # type: ignore[override]
         self,
@@ -103,7 +103,7 @@ class SiffEngine(SiffBackendEntrypoint):
 
         groups = open_converted_groups(store, **_store_kwargs(store, options))
         drop = _names(drop_variables)
-        return {k: ds.drop_vars(drop, errors="ignore") for k, ds in groups.items()}
+        return {k: _closing(ds.drop_vars(drop, errors="ignore"), ds) for k, ds in groups.items()}
 
     def guess_can_open(self, filename_or_obj: Any) -> bool:
         """Recognise ``.siff``/ScanImage files and local converted stores. Never raises."""
@@ -114,6 +114,12 @@ class SiffEngine(SiffBackendEntrypoint):
         except Exception:
             return False
         return super().guess_can_open(filename_or_obj)
+
+
+def _closing(ds: Any, opened: Any) -> Any:
+    """``ds`` (derived from ``opened``) closing what ``opened`` holds (open_mfdataset calls it)."""
+    ds.set_close(opened.close)
+    return ds
 
 
 def _names(drop_variables: str | Iterable[str] | None) -> list[str]:

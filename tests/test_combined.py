@@ -113,11 +113,11 @@ def _time_axis(name: str) -> int:
     return 0 if name == "lifetime_px" else 1
 
 
-@pytest.mark.parametrize("kind", ["siff", "store"])
-def test_open_mfdataset_nested_runs(runs, stores, masks, kind):
+@pytest.mark.parametrize(("kind", "engine"), [("siff", "siff"), ("store", "zarr"),
+                                              ("store", "siff")])
+def test_open_mfdataset_nested_runs(runs, stores, masks, kind, engine):
     paths = (runs if kind == "siff" else stores)[:2]  # the same length: a "run" dimension
     want = [_alone(p, masks) for p in paths]
-    engine = "siff" if kind == "siff" else "zarr"
     with xr.open_mfdataset(paths, engine=engine, combine="nested", concat_dim="run",
                            data_vars="all", coords="different", compat="equals",
                            join="override") as mf:
@@ -158,6 +158,13 @@ def test_a_moved_store_is_named(stores, masks, tmp_path):
         both.source_file != stores[1], str(tmp_path / "gone.zarr")))
     with pytest.raises(FileNotFoundError, match=r"gone\.zarr"):
         both.siff.lifetime(masks)
+    # through engine="siff", each store records where it is now: combined, it is found
+    with zs.open_converted(moved) as alone:
+        n = alone.sizes["time"]
+    with xr.open_mfdataset([moved, stores[1]], engine="siff", combine="nested",
+                           concat_dim="time", data_vars="all", coords="different",
+                           compat="equals", join="outer") as mf:
+        _equal(_reductions(mf.isel(time=slice(None, n)), masks), want, "moved, combined")
 
 
 @pytest.mark.slow
