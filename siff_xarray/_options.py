@@ -35,8 +35,8 @@ TIME_COORDINATES = ("experiment", "epoch")
 
 #: xarray's CF decoding keywords: siff Datasets carry no CF encodings, so these change
 #: nothing and are accepted; ``use_cftime=True`` is refused (epochs are datetime64[ns])
-CF_NO_OP_KEYWORDS = ("mask_and_scale", "decode_timedelta", "concat_characters", "decode_coords",
-              "use_cftime")
+CF_NO_OP_KEYWORDS = ("mask_and_scale", "decode_timedelta", "concat_characters",
+                     "decode_coords", "use_cftime")
 
 
 def histogram_length(tau_bins: int, mode: str) -> int:

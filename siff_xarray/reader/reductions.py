@@ -197,8 +197,11 @@ class PhotonReductions:
             if shifts is not None:  # resolved once, then cut with the frames
                 shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
             self._read_ahead(f[parts[0]])
-        args, (h, w), _ = self._frame_args(f[parts[0]], shifts[parts[0]]
-                                           if streamed and shifts is not None else shifts)
+
+        def shifts_of(part: slice) -> Shifts:
+            return shifts[part] if streamed and shifts is not None else shifts
+
+        args, (h, w), _ = self._frame_args(f[parts[0]], shifts_of(parts[0]))
         if out is None:
             out = np.empty((len(f), h, w), dtype=np.uint16)
         elif (out.shape != (len(f), h, w) or out.dtype.itemsize != 2
@@ -211,7 +214,7 @@ class PhotonReductions:
             if k + 1 < len(parts):  # fetched while this part decodes
                 self._read_ahead(f[parts[k + 1]])
             if k:
-                args, _, _ = self._frame_args(f[part], None if shifts is None else shifts[part])
+                args, _, _ = self._frame_args(f[part], shifts_of(part))
             if len(f):
                 self._run("intensity", *args, flat[part], status[part])
             if streamed:

@@ -311,17 +311,14 @@ class SiffFile(PhotonReductions):
     stream_part_bytes = 32 * 2**20
 
     def _streamed(self, f: np.ndarray) -> list[slice]:
-        if self._source.buffer() is not None or len(f) < 2:
+        if self.is_local or len(f) < 2:  # mapped: the kernels read the map in place
             return [slice(0, len(f))]
         idx = self.index
         ends = np.cumsum(idx.data_stop[f] - idx.ifd_offset[f])
-        if ends[-1] <= self.stream_part_bytes:
-            return [slice(0, len(f))]
         cuts = np.searchsorted(ends, np.arange(1, int(ends[-1]) // self.stream_part_bytes + 1)
                                * self.stream_part_bytes, side="right")
-        edges = np.unique(np.concatenate([[0], cuts, [len(f)]]).clip(1, len(f)))
-        edges = np.concatenate([[0], edges])
-        return [slice(a, b) for a, b in itertools.pairwise(edges.tolist()) if b > a]
+        edges = np.unique(np.concatenate([[0], cuts, [len(f)]]).clip(0, len(f)))
+        return [slice(a, b) for a, b in itertools.pairwise(edges.tolist())]
 
     def _read_ahead(self, f: np.ndarray) -> None:
         self.prefetch(f)

@@ -605,10 +605,14 @@ class FsspecSource(ByteSource):
                 return
             parts = list(range(start, stop, self.walk_window))
             ends = [*parts[1:], stop]
-            job = _background().submit(self.fetch_windows, parts, ends)
+            job = _background().submit(self._fetch_span, parts, ends)
             self._ahead.append((start, stop, job))
             while len(self._ahead) > self.ahead_spans:
                 self._ahead.pop(0)[2].cancel()
+
+    def _fetch_span(self, starts: list[int], stops: list[int]) -> np.ndarray:
+        """Fetch consecutive ranges concurrently; return them joined (once per span)."""
+        return np.frombuffer(b"".join(self.fetch_windows(starts, stops)), dtype=np.uint8)
 
     def _span_holding(self, starts: np.ndarray, stops: np.ndarray) -> tuple[int, Any] | None:
         """Return the fetched-ahead span holding every range as ``(start, job)``, or None."""
@@ -627,8 +631,7 @@ class FsspecSource(ByteSource):
         if held is None:
             return super()._read_ranges(starts, stops)
         a, job = held
-        buf = np.frombuffer(b"".join(job.result()), dtype=np.uint8)
-        return buf, starts - a  # the span itself: no copy per range
+        return job.result(), starts - a  # the span itself: no copy per range
 
     def release(self) -> None:
         """Drop bytes kept from the walk and every span fetched ahead but the newest."""

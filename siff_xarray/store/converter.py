@@ -874,8 +874,9 @@ def _fingerprint(sources: list[str], options: dict[str, Any] | None,
         fs, path = fsspec.core.url_to_fs(src, **(options or {}))
         # two exact ranges: a file object would read ahead a whole block (5 MiB over
         # HTTP, 50 MiB on S3) at each end, before and after every batch
-        ends = (lambda n: [(0, min(n, _FINGERPRINT_BYTES)),  # noqa: E731
-                           (max(0, n - _FINGERPRINT_BYTES), n)])
+        def ends(n: int) -> list[tuple[int, int]]:
+            return [(0, min(n, _FINGERPRINT_BYTES)), (max(0, n - _FINGERPRINT_BYTES), n)]
+
         guess = None
         if sizes is not None and is_remote(src):
             with ThreadPoolExecutor(3) as pool:
