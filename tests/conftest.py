@@ -187,6 +187,11 @@ class _RangeServer:
                     start = int(a) if a else max(size - int(b), 0)
                     end = min(int(b), size - 1) if a and b else end
                 n = max(end - start + 1, 0)
+                # counted before sending: a client that has its bytes sees them counted
+                with server.lock:
+                    server.bytes_sent += n
+                    server.requests += 1
+                    server.log.append((self.path, start, end + 1))
                 self.send_response(206 if rng else 200)
                 self.send_header("Content-Length", str(n))
                 self.send_header("Accept-Ranges", "bytes")
@@ -203,10 +208,6 @@ class _RangeServer:
                         while sent < n:
                             sent += os.sendfile(self.connection.fileno(), fh.fileno(),
                                                 start + sent, n - sent)
-                with server.lock:
-                    server.bytes_sent += n
-                    server.requests += 1
-                    server.log.append((self.path, start, end + 1))
 
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256  # clients open many connections at once, as S3 allows
