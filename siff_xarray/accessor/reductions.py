@@ -12,6 +12,7 @@ so it runs on any Dask worker.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -131,6 +132,18 @@ def _using(held: _Held) -> Iterator[Any]:
 MAX_OPEN = 16
 _OPEN: OrderedDict[tuple[str, str, str], _Held] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_open_sources() -> None:
+    """Close the sources still kept open when the interpreter exits (no unclosed files)."""
+    with _OPEN_LOCK:
+        held = list(_OPEN.values())
+        _OPEN.clear()
+    for h in held:
+        if h.retire():
+            with contextlib.suppress(Exception):
+                h.obj.close()
 
 
 def _local_stamp(path: str) -> tuple[int, ...] | None:

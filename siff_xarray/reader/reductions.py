@@ -62,14 +62,18 @@ class PhotonReductions:
         """Return kernel arguments (buffer + 7 per-frame arrays), frame shape, max photons."""
         raise NotImplementedError
 
-    def _reading(self) -> contextlib.AbstractContextManager[None]:
-        """Context in which a kernel reads the bytes ``_frame_args`` handed it."""
-        return contextlib.nullcontext()
+    def _reading(self, args: tuple) -> contextlib.AbstractContextManager[tuple]:
+        """Context in which a kernel reads the bytes ``_frame_args`` handed it.
+
+        It yields the arguments to run the kernel with: ``args``, or the same
+        frames with their bytes copied where reading them in place is not safe.
+        """
+        return contextlib.nullcontext(args)
 
     def _run(self, kernel: str, *args: Any) -> None:
         """Run a decode kernel (:func:`kernels.run`) while its bytes are held."""
-        with self._reading():
-            K.run(kernel, *args)
+        with self._reading(args[:8]) as held:
+            K.run(kernel, *held, *args[8:])
 
     def _streamed(self, f: np.ndarray) -> list[slice]:
         """Consecutive parts of ``f`` to decode one after another (default: one part).

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import warnings
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
@@ -32,7 +33,12 @@ import numpy as np
 
 from .._options import FileOptions
 from ..errors import SiffFormatError, SiffWarning, user_stacklevel
-from ..format.constants import ENC_TIFF, ENCODING_NAMES, MULTIHARP_BASE_RESOLUTION_PS
+from ..format.constants import (
+    ENC_COMPRESSED,
+    ENC_TIFF,
+    ENCODING_NAMES,
+    MULTIHARP_BASE_RESOLUTION_PS,
+)
 from ..format.header import FileHeader, read_header
 from ..format.imparams import ImParams
 from ..format.metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
@@ -311,8 +317,8 @@ class SiffFile(PhotonReductions):
     stream_part_bytes = 32 * 2**20
 
     def _streamed(self, f: np.ndarray) -> list[slice]:
-        if self.is_local or len(f) < 2:  # mapped: the kernels read the map in place
-            return [slice(0, len(f))]
+        if len(f) < 2 or (self.is_local and self._source.maps_safely()):
+            return [slice(0, len(f))]  # the kernels read the map in place
         idx = self.index
         ends = np.cumsum(idx.data_stop[f] - idx.ifd_offset[f])
         cuts = np.searchsorted(ends, np.arange(1, int(ends[-1]) // self.stream_part_bytes + 1)
@@ -323,8 +329,17 @@ class SiffFile(PhotonReductions):
     def _read_ahead(self, f: np.ndarray) -> None:
         self.prefetch(f)
 
-    def _reading(self) -> contextlib.AbstractContextManager[None]:
-        return self._source.holding()  # a local file cannot shrink under the kernel
+    @contextlib.contextmanager
+    def _reading(self, args: tuple) -> Iterator[tuple]:
+        # a leased local file cannot shrink under the kernel; an unleased map is not
+        # read in place (a truncation would kill the process): its frames are copied
+        with self._source.holding() as mapped:
+            if mapped or not self.is_local or args[0] is not self._source.buffer():
+                yield args
+                return
+            buf, off = self._copy_frames(*args[1:6])
+            self._source.check_unchanged()  # not rewritten while it was copied
+            yield (buf, args[1], off, *args[3:])
 
     def _read_done(self) -> None:
         self._source.release()
@@ -335,14 +350,23 @@ class SiffFile(PhotonReductions):
             raise ValueError(f"{self.name}: the file is closed")
         idx = self.index
         buf = self._source.buffer()
-        if buf is not None:
+        if buf is not None:  # read in place (or copied in _reading if it cannot be held)
             self.prefetch(f)
             return buf, idx.strip_offset[f]
-        start, stop = idx.data_start[f], idx.data_stop[f]
-        stop = np.where(idx.encoding[f] == ENC_TIFF,
-                        idx.strip_offset[f] + 2 * idx.height[f] * idx.width[f], stop)
+        return self._copy_frames(idx.encoding[f], idx.strip_offset[f], idx.strip_bytes[f],
+                                 idx.height[f], idx.width[f])
+
+    def _copy_frames(self, enc: np.ndarray, strip: np.ndarray, nbytes: np.ndarray,
+                     h: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read the bytes the kernels decode for frames (count image + strip) into memory.
+
+        Returns the buffer and each strip's offset in it.
+        """
+        image = 2 * h * w
+        start = strip - np.where(enc == ENC_COMPRESSED, image, 0)
+        stop = strip + np.where(enc == ENC_TIFF, image, nbytes)
         gathered, base = self._source.read_ranges(start, stop)
-        return gathered, base + (idx.strip_offset[f] - start)
+        return gathered, base + (strip - start)
 
     def _frame_args(self, f: np.ndarray, shifts: Shifts = None, photons: bool = False
                     ) -> tuple[tuple, tuple[int, int], int]:

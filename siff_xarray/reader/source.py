@@ -43,6 +43,8 @@ try:
     _LEASES = hasattr(fcntl, "F_SETLEASE") and hasattr(signal, "SIGURG")
 except ImportError:  # pragma: no cover - Windows
     _LEASES = False
+#: whether another process can truncate a file this one has mapped (Windows refuses)
+_SHRINKS_UNDER_MAP = os.name != "nt"
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
 
@@ -98,9 +100,15 @@ class ByteSource:
     def will_need(self, start: int, stop: int) -> None:
         """Hint that bytes ``start:stop`` are read soon (a memory map reads them ahead)."""
 
-    def holding(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the file against truncation while its :meth:`buffer` is read (default: no-op)."""
-        return contextlib.nullcontext()
+    def holding(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the file against truncation while its :meth:`buffer` is read.
+
+        The context yields whether :meth:`buffer` may be read in place until it
+        ends; if not, read copies (:meth:`read_ranges`) instead. The default holds
+        nothing and yields True: a source without a memory map has nothing that
+        can vanish under a read.
+        """
+        return contextlib.nullcontext(True)
 
     _tail: bytes | None = None
 
@@ -265,18 +273,35 @@ class LocalSource(ByteSource):
             raise
 
     def read(self, offset: int, length: int) -> bytes:
-        """Return up to ``length`` bytes at ``offset``."""
+        """Return up to ``length`` bytes at ``offset`` (fewer only at end of file).
+
+        Bytes come from the memory map while a lease holds the file; otherwise
+        through ``pread``, which returns short (never SIGBUS) on a file that shrank.
+        A short read of bytes that were there at open raises SiffFormatError.
+        """
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
-        with self.holding():
-            return self._array[offset : offset + length].tobytes()
+        with self.holding() as mapped:
+            if mapped:
+                return self._array[offset : offset + length].tobytes()
+            want = max(0, min(length, self.size - offset))
+            parts, got = [], 0
+            while got < want:
+                part = os.pread(self._file.fileno(), want - got, offset + got)
+                if not part:
+                    self.check_unchanged()  # names the truncation
+                    raise SiffFormatError(self.name, f"the file ends at byte {offset + got}, "
+                                          f"before {offset + want}", offset + got)
+                parts.append(part)
+                got += len(part)
+            return b"".join(parts)
 
     #: how long a read waits for another process's pending truncation or open for
     #: writing to go through before it reads without a lease (seconds)
     lease_wait = 0.5
 
     @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
+    def holding(self) -> Iterator[bool]:
         """Hold the file against truncation while the memory map is read (Linux).
 
         A file that shrinks under a memory map kills the reading process (SIGBUS) as
@@ -289,7 +314,11 @@ class LocalSource(ByteSource):
         signalled with SIGURG, which is ignored by default (SIGIO would end the
         process). Where leases are not available (other systems, files of another
         user without CAP_LEASE, some network filesystems, a file open for writing,
-        as during an acquisition), reads are checked before they start only.
+        as during an acquisition), the context yields False and readers copy the
+        bytes with ``pread`` instead of reading the map (:meth:`read`,
+        ``SiffFile``'s kernels): a truncation then gives a short read, which is an
+        error, never a SIGBUS. On Windows a mapped file cannot be truncated, so
+        the map is always safe there.
         """
         with self._lease_lock:
             if self._lease_users == 0:
@@ -297,7 +326,7 @@ class LocalSource(ByteSource):
             self._lease_users += 1
         try:
             self.check_unchanged()
-            yield
+            yield self._leased or not _SHRINKS_UNDER_MAP
         finally:
             with self._lease_lock:
                 self._lease_users -= 1
@@ -305,6 +334,11 @@ class LocalSource(ByteSource):
                     self._leased = False
                     with contextlib.suppress(OSError, ValueError):
                         fcntl.fcntl(self._file.fileno(), fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+    def maps_safely(self) -> bool:
+        """Tell whether reads of the memory map are guarded now (a lease can be taken)."""
+        with self.holding() as mapped:
+            return mapped
 
     def _take_lease(self) -> None:
         if not _LEASES or self._lease_works is False or self._closed:
