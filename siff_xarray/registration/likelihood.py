@@ -36,7 +36,9 @@ registers a frame. A frame seen at displacement ``d`` of the reference (``frame(
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -119,23 +121,26 @@ def _check_fit(frame_shape: tuple[int, int], canvas_shape: tuple[int, ...]) -> t
     return (hh - h) // 2, (ww - w) // 2
 
 
-def frame_spectra(frames: np.ndarray, canvas_shape: tuple[int, int]) -> np.ndarray:
+def frame_spectra(frames: np.ndarray, canvas_shape: tuple[int, int], *, workers: int = -1
+                  ) -> np.ndarray:
     """Return the conjugated complex64 spectra ``(N, H, W // 2 + 1)`` of frames.
 
     Frames ``(N, h, w)`` are zero-padded to ``canvas_shape (H, W)``: what
     :func:`likelihood_maps` correlates with the canvas.
 
     The rows beyond the frame are zeros, so the transform along ``x`` runs on the
-    frame's rows only.
+    frame's rows only. ``workers``: threads of each transform (``scipy.fft``).
     """
     hh, ww = canvas_shape
-    f = sfft.rfft(np.asarray(frames, dtype=np.float32), n=ww, axis=-1, workers=-1)
-    f = sfft.fft(f, n=hh, axis=-2, workers=-1, overwrite_x=True)
+    frames = np.asarray(frames, dtype=np.float32)
+    f = np.zeros((*frames.shape[:-2], hh, ww // 2 + 1), dtype=np.complex64)
+    f[..., : frames.shape[-2], :] = sfft.rfft(frames, n=ww, axis=-1, workers=workers)
+    f = sfft.fft(f, axis=-2, workers=workers, overwrite_x=True)
     return np.conjugate(f, out=f)
 
 
 def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
-                    spectra: np.ndarray | None = None) -> np.ndarray:
+                    spectra: np.ndarray | None = None, workers: int = -1) -> np.ndarray:
     """Log-likelihood of every shift of every frame under ``canvas``.
 
     Parameters
@@ -149,6 +154,8 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
     spectra
         The frames' :func:`frame_spectra` for this canvas shape, when already
         computed (iterations over the same frames reuse them).
+    workers
+        Threads of each transform (``scipy.fft``; -1: every core).
 
     Returns
     -------
@@ -163,7 +170,7 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
     my, mx = _check_fit((h, w), canvas.shape)
     log_r = np.log(canvas)
     log_r -= log_r.mean()  # a constant per frame; keeps float32 sums small
-    f_log = sfft.rfft2(log_r.astype(np.float32), workers=-1)
+    f_log = sfft.rfft2(log_r.astype(np.float32), workers=workers)
     # the window total at every offset, from an integral image
     cs = np.zeros((hh + 1, ww + 1))
     cs[1:, 1:] = canvas.cumsum(0).cumsum(1)
@@ -173,14 +180,14 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
     totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
     out = np.empty((n, 2 * my + 1, 2 * mx + 1))
     for a in range(0, n, batch):
-        f = (frame_spectra(frames[a: a + batch], (hh, ww)) if spectra is None
+        f = (frame_spectra(frames[a: a + batch], (hh, ww), workers=workers) if spectra is None
              else spectra[a: a + batch] * f_log)
         if spectra is None:
             f *= f_log
         # corr[o] = sum_y c(y) log R(y + o), needed at offsets o = M + d in [0, 2M] only:
         # invert along y, keep those rows, then invert along x
-        rows = sfft.ifft(f, axis=-2, workers=-1, overwrite_x=True)[:, : 2 * my + 1]
-        corr = sfft.irfft(rows, n=ww, axis=-1, workers=-1)
+        rows = sfft.ifft(f, axis=-2, workers=workers, overwrite_x=True)[:, : 2 * my + 1]
+        corr = sfft.irfft(rows, n=ww, axis=-1, workers=workers)
         out[a: a + batch] = corr[:, :, : 2 * mx + 1]
         out[a: a + batch] -= totals[a: a + batch, None, None] * log_box
     return out
@@ -243,12 +250,13 @@ _NEAREST: dict[bytes, tuple[np.ndarray, ...]] = {}
 def _nearest(covered: np.ndarray) -> tuple[np.ndarray, ...]:
     """Return the indices of every pixel's nearest covered pixel (memoised by mask)."""
     key = np.packbits(covered).tobytes() + repr(covered.shape).encode()
-    if key not in _NEAREST:
+    found = _NEAREST.get(key)  # planes run in threads: one lookup, then a local
+    if found is None:
         if len(_NEAREST) > 64:
             _NEAREST.clear()
-        _NEAREST[key] = tuple(distance_transform_edt(~covered, return_distances=False,
-                                                     return_indices=True))
-    return _NEAREST[key]
+        found = _NEAREST[key] = tuple(distance_transform_edt(
+            ~covered, return_distances=False, return_indices=True))
+    return found
 
 
 def _smooth(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -406,10 +414,25 @@ def align_planes(frames: np.ndarray, canvases: np.ndarray, *, pool: np.ndarray |
     :func:`decode_maps`, along ``N`` (frames in time order).
     """
     frames = np.asarray(frames)
-    maps = np.stack([likelihood_maps(frames[:, z], canvases[z])
-                     for z in range(frames.shape[1])])
+    maps = np.stack(_per_plane(lambda z, workers: likelihood_maps(
+        frames[:, z], canvases[z], workers=workers), frames.shape[1]))
     shifts, margin = decode_maps(_pool(maps, pool), step_cost=step_cost)
     return shifts.transpose(1, 0, 2), margin.T
+
+
+def _per_plane(fn: Callable[[int, int], Any], nz: int) -> list[Any]:
+    """Return ``[fn(z, workers) for z in range(nz)]``, planes in threads on several cores.
+
+    Planes are independent, and much of their work (smoothing, integral images,
+    element-wise products) runs on one core: one plane per thread keeps every core
+    busy, each transform then on one thread (``workers=1``); one plane or one core
+    runs in this thread with every core for its transforms.
+    """
+    threads = min(nz, os.cpu_count() or 1)
+    if threads <= 1:
+        return [fn(z, -1) for z in range(nz)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda z: fn(z, 1), range(nz)))
 
 
 def _bin(frames: np.ndarray, b: int) -> np.ndarray:
@@ -429,7 +452,8 @@ class _Stack:
         canvas = (h + 2 * margin[0], w + 2 * margin[1])
         # the frames' spectra serve every round, unless they would not fit the budget
         fits = n * len(planes) * canvas[0] * (canvas[1] // 2 + 1) * 8 <= SPECTRA_BUDGET
-        self.spectra = [frame_spectra(p, canvas) for p in planes] if fits else None
+        self.spectra = _per_plane(lambda z, workers: frame_spectra(
+            planes[z], canvas, workers=workers), len(planes)) if fits else None
         self.totals = [p.reshape(n, -1).sum(axis=1, dtype=np.float64) for p in planes]
         self.mean_totals = [float(t.mean()) if n else 0.0 for t in self.totals]
 
@@ -447,7 +471,9 @@ class _Stack:
         lead_idx = bool(len(idx)) and idx[-1] == len(idx) - 1
         fit = slice(0, len(fit)) if len(fit) and fit[-1] == len(fit) - 1 else fit
         group = np.arange(len(self.totals[0]))[fit] % k
-        for z, frames in enumerate(self.planes):
+
+        def plane(z: int, workers: int) -> None:
+            frames = self.planes[z]
             mean_total = self.mean_totals[z]
             rate = mean_total / (h * w) if mean_total > 0 else 1.0
             fold_acc, fold_exp = _accumulate(frames[fit], at[fit, z], margin,
@@ -464,7 +490,10 @@ class _Stack:
                 canvas = _canvas(acc - own[0], exposure - own[1], local, rate, prior, sigma)
                 out[z, rows] = likelihood_maps(
                     frames[sel], canvas,
-                    spectra=None if self.spectra is None else self.spectra[z][sel])
+                    spectra=None if self.spectra is None else self.spectra[z][sel],
+                    workers=workers)
+
+        _per_plane(plane, len(self.planes))
         return out
 
 
