@@ -160,6 +160,45 @@ def test_ome_pyramid(tmp_path):
         _check_ome(dst, ds)
 
 
+@pytest.mark.parametrize("name", ["two_chan_slices_flyback", "partial_volume",
+                                  "frames_per_slice"])
+def test_ome_level0_shares_the_intensity_shards(siff_files, tmp_path, name, monkeypatch):
+    """Level 0 is stored in the intensity's order, so its shards are copies, not re-encoded.
+
+    A shard whose timepoints differ (the intensity's partial last volume, which the
+    image leaves out) and files with repeats (folded into t) are encoded as before.
+    """
+    from siff_xarray.store.layout import Target
+
+    copies = []
+    real = Target.copy
+
+    def copy(self, src, dst):
+        copies.append(dst)
+        real(self, src, dst)
+
+    monkeypatch.setattr(Target, "copy", copy)
+    t = siff_files[name]
+    dst = tmp_path / "out.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        _check_ome(dst, ds)
+        repeats = "repeat" in ds.dims
+    shards = sorted(p.relative_to(dst / "ome" / "0") for p in (dst / "ome" / "0" / "c").rglob("*")
+                    if p.is_file())
+    same = [s for s in shards if (dst / "intensity" / s).is_file()
+            and (dst / "intensity" / s).read_bytes() == (dst / "ome" / "0" / s).read_bytes()]
+    assert len(shards) >= 2
+    assert sorted(copies) == [f"ome/0/{s}" for s in same]
+    if repeats:
+        assert copies == []
+    elif name == "partial_volume":
+        assert 0 < len(copies) == len(shards) - 1  # the last shard holds the partial volume
+    else:
+        assert len(copies) == len(shards)
+    assert zs.verify(t.path, dst) == []
+
+
 def _small_shards(t) -> dict[str, int]:
     """Shards of two volumes (chunks of one), so that files convert in several batches."""
     h, w = t.shape
@@ -443,6 +482,13 @@ def test_s3_to_s3_end_to_end(s3_server, tmp_path):
         xr.testing.assert_identical(ds.load().drop_attrs().drop_vars("source_file"),
                                     local.load().drop_attrs().drop_vars("source_file"))
         assert ds.attrs["source_file"] == src
+        # the OME image's level 0: shards copied on the server from the intensity's
+        tree = zs.open_converted_tree(dst, storage_options=s3_server)
+        from siff_xarray.backend import drop_partial_volume
+
+        np.testing.assert_array_equal(tree["/ome/0"].intensity.values, zs.to_ome_order(
+            drop_partial_volume(local).intensity.values))
+        tree.close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = xr.open_zarr(dst, storage_options=s3_server)  # consolidated: no warning

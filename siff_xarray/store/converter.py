@@ -56,6 +56,7 @@ from .ome import (
     ome_repeats,
     pyramid_levels,
     set_rendering,
+    shared_shards,
     to_ome_order,
 )
 
@@ -343,7 +344,10 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
                 level = downsample2(level)
             arr = _open_for_batch(store, f"ome/{k}")
             end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
-            if end > r0:
+            shared = shared_shards(inten, arr, t0, t1) if k == 0 else []
+            for src, dst in shared:  # the same bytes: copied, not compressed again
+                target.copy(src, dst)
+            if end > r0 and not shared:
                 arr[r0:end] = to_ome_order(level)[: end - r0]
     _open_for_batch(store, "photon_count")[t0:t1] = pc
     if hblock is not None:

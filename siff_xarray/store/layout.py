@@ -156,6 +156,12 @@ class Target:
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
 
+    def copy(self, src: str, dst: str) -> None:
+        """Copy key ``src`` to ``dst`` (on object stores a server-side copy, no download)."""
+        path = self.key(dst)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.copy(self.key(src), path)
+
     def interrupted(self) -> bool:
         """Tell whether the store is an unfinished (or interrupted) conversion."""
         return self.exists(STARTED_KEY) or self.exists(PLAN_KEY)

@@ -14,13 +14,16 @@ import numpy as np
 
 from .layout import compressors
 
-__all__ = ["CHANNEL_COLORS", "create_ome", "downsample2", "ome_repeats", "pyramid_levels",
-           "set_rendering", "to_ome_order", "windows"]
+__all__ = ["CHANNEL_COLORS", "INTENSITY_ORDER", "create_ome", "downsample2", "ome_repeats",
+           "pyramid_levels", "set_rendering", "shared_shards", "to_ome_order", "windows"]
 
 #: display colour of each channel, in file order (green, magenta, then more)
 CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF", "FFFFFF")
 #: timepoints sampled (evenly spaced) to choose contrast windows
 WINDOW_SAMPLE = 32
+#: level 0's chunks are stored in the intensity's ``(time, z, channel, y, x)`` order:
+#: the ``transpose`` codec's order from NGFF's ``(t, c, z, y, x)``
+INTENSITY_ORDER = (0, 2, 1, 3, 4)
 
 
 def ome_repeats(block: np.ndarray) -> int:
@@ -137,15 +140,75 @@ def create_ome(store: Any, ds: Any, ct: int, st: int, levels: int) -> None:
     reps = ds.sizes.get("repeat", 1)
     h, w = ds.sizes["y"], ds.sizes["x"]
     ds = drop_partial_volume(ds)  # the Datasets' own rule for a partial last volume
+    from zarr.codecs import TransposeCodec
+
     grp = zarr.open_group(store, path="ome", mode="w", attributes=_ome_metadata(
         ds, str(ds.attrs.get("title", "intensity")), levels))
     for k in range(levels):
         shape = (ds.sizes["time"] * reps, ds.sizes["channel"], ds.sizes["z"], h, w)
+        # level 0 keeps the intensity's memory order (a transpose codec; readers see
+        # t, c, z, y, x): its shards are then the intensity's, byte for byte, and a
+        # conversion copies them instead of compressing the image twice (see
+        # shared_shards). Repeats fold into t, which no transpose can express.
+        order = {"filters": [TransposeCodec(order=INTENSITY_ORDER)]} if k == 0 and reps == 1 \
+            else {}
         grp.create_array(str(k), shape=shape, dtype=ds.intensity.dtype,
                          chunks=(ct * reps, *shape[1:]),
                          shards=(st * reps, *shape[1:]), compressors=compressors(),
-                         fill_value=0, dimension_names=("t", "c", "z", "y", "x"))
+                         fill_value=0, dimension_names=("t", "c", "z", "y", "x"), **order)
         h, w = -(-h // 2), -(-w // 2)
+
+
+def _permuted(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[i] for i in INTENSITY_ORDER)
+
+
+def _same_bytes_layout(intensity: Any, level0: Any) -> bool:
+    """Tell whether ``level0`` encodes chunks as ``intensity`` does, after a transpose."""
+    try:
+        (si,), (so,) = intensity.metadata.codecs, level0.metadata.codecs
+        inner_i = [c.to_dict() for c in si.codecs]
+        inner_o = [c.to_dict() for c in so.codecs]
+        index_i = ([c.to_dict() for c in si.index_codecs], str(si.index_location))
+        index_o = ([c.to_dict() for c in so.index_codecs], str(so.index_location))
+    except (AttributeError, ValueError):  # not one sharding codec
+        return False
+    first = inner_o[0] if inner_o else {}
+    transposed = first.get("name") == "transpose" and \
+        tuple(first.get("configuration", {}).get("order", ())) == INTENSITY_ORDER
+    return (intensity.ndim == level0.ndim == 5 and transposed and inner_o[1:] == inner_i
+            and index_i == index_o
+            and tuple(si.chunk_shape) == _permuted(tuple(so.chunk_shape))
+            and tuple(intensity.shards) == _permuted(tuple(level0.shards))
+            and tuple(intensity.shape[1:]) == _permuted(tuple(level0.shape))[1:]
+            and intensity.dtype == level0.dtype
+            and intensity.metadata.fill_value == level0.metadata.fill_value)
+
+
+def shared_shards(intensity: Any, level0: Any, t0: int, t1: int) -> list[tuple[str, str]]:
+    """Shard keys ``(intensity's, level 0's)`` of time ``t0:t1`` whose bytes are the same.
+
+    They are when level 0 was created with the intensity's memory order
+    (:func:`create_ome`, no repeats) and codecs, and a shard covers the same
+    timepoints in both (the last one differs when a partial last volume is in the
+    intensity and not in the image). Returns every shard of ``t0:t1`` (which must
+    start on a shard boundary), or ``[]`` when any of them differs: the caller then
+    writes level 0 itself.
+    """
+    if not _same_bytes_layout(intensity, level0):
+        return []
+    st, n_i, n_o = intensity.shards[0], intensity.shape[0], level0.shape[0]
+    if t0 % st:
+        return []
+    keys = []
+    for s in range(t0 // st, -(-t1 // st)):
+        stop = (s + 1) * st
+        if min(stop, n_i) != min(stop, n_o) or min(stop, n_i) > t1:
+            return []
+        coords = (s, 0, 0, 0, 0)
+        keys.append((f"{intensity.path}/{intensity.metadata.encode_chunk_key(coords)}",
+                     f"{level0.path}/{level0.metadata.encode_chunk_key(coords)}"))
+    return keys
 
 
 def windows(sample: np.ndarray) -> list[dict[str, float]]:
