@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -89,6 +89,35 @@ class PhotonReductions:
 
     def _read_done(self) -> None:
         """Drop the bytes of the part just decoded (default: nothing)."""
+
+    def _parts(self, f: np.ndarray, shifts: Shifts = None, photons: bool = False
+               ) -> Iterator[tuple[slice, tuple, tuple[int, int], int]]:
+        """Kernel arguments of consecutive parts of frames ``f`` (see :meth:`_streamed`).
+
+        Yields ``(part, args, shape, max_photons)`` per part, at least one (an
+        empty ``f`` gives one empty part): ``part`` slices ``f`` and every per-frame
+        array, and ``args`` are :meth:`_frame_args` of ``f[part]``. While one part
+        decodes, the next is fetched; its bytes are dropped once it is done. A
+        source read in place gives one part.
+        """
+        parts = self._streamed(f)
+        streamed = len(parts) > 1
+        if streamed:
+            if shifts is not None:  # resolved once, then cut with the frames
+                shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
+            self._read_ahead(f[parts[0]])
+        for k, part in enumerate(parts):
+            if k + 1 < len(parts):  # fetched while this part decodes
+                self._read_ahead(f[parts[k + 1]])
+            sh = shifts[part] if streamed and shifts is not None else shifts
+            args, shape, maxn = self._frame_args(f[part], sh, photons)
+            yield part, args, shape, maxn
+            if streamed:
+                self._read_done()
+
+    def _shape_of(self, f: np.ndarray) -> tuple[int, int]:
+        """Return the frame shape shared by frames ``f`` (sources that stream provide it)."""
+        raise NotImplementedError
 
     def _frame_planes(self, f: np.ndarray, n_planes: int) -> np.ndarray:
         """Return the z plane (slice index) of each frame, for masks of ``n_planes`` planes."""
@@ -195,34 +224,18 @@ class PhotonReductions:
 
         """
         f = self._frames(frames)
-        parts = self._streamed(f)
-        streamed = len(parts) > 1
-        if streamed:
-            if shifts is not None:  # resolved once, then cut with the frames
-                shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
-            self._read_ahead(f[parts[0]])
-
-        def shifts_of(part: slice) -> Shifts:
-            return shifts[part] if streamed and shifts is not None else shifts
-
-        args, (h, w), _ = self._frame_args(f[parts[0]], shifts_of(parts[0]))
-        if out is None:
-            out = np.empty((len(f), h, w), dtype=np.uint16)
-        elif (out.shape != (len(f), h, w) or out.dtype.itemsize != 2
-              or out.dtype.kind not in "iu" or not out.flags.c_contiguous):
-            raise ValueError(f"{self.name}: out must be a C-contiguous 16-bit array of shape "
-                             f"{(len(f), h, w)}, got {out.dtype} {out.shape}")
         status = np.zeros(len(f), dtype=np.int8)
-        flat = out.view(np.uint16).reshape(len(f), h * w)
-        for k, part in enumerate(parts):
-            if k + 1 < len(parts):  # fetched while this part decodes
-                self._read_ahead(f[parts[k + 1]])
-            if k:
-                args, _, _ = self._frame_args(f[part], shifts_of(part))
+        for part, args, (h, w), _ in self._parts(f, shifts):
+            if part.start == 0:
+                if out is None:
+                    out = np.empty((len(f), h, w), dtype=np.uint16)
+                elif (out.shape != (len(f), h, w) or out.dtype.itemsize != 2
+                      or out.dtype.kind not in "iu" or not out.flags.c_contiguous):
+                    raise ValueError(f"{self.name}: out must be a C-contiguous 16-bit array "
+                                     f"of shape {(len(f), h, w)}, got {out.dtype} {out.shape}")
+                flat = out.view(np.uint16).reshape(len(f), h * w)
             if len(f):
                 self._run("intensity", *args, flat[part], status[part])
-            if streamed:
-                self._read_done()
         self._check(status, f)
         return out.view(np.int16) if len(f) and self._signed(f) else out
 
@@ -287,14 +300,18 @@ class PhotonReductions:
     def _sum_masks(self, masks: Any, frames: FrameSelection, shifts: Shifts, stack: bool
                    ) -> np.ndarray:
         f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts)
-        encoded, n_masks = self._masks(masks, f, shape, stack=stack)
-        out = np.zeros((n_masks, len(f)), dtype=np.int64)
         if len(f) and self._signed(f):  # the kernels read unsigned samples
-            return _dense_set_sums(self.read_frames(f, shifts), *encoded, n_masks)
+            dense = self.read_frames(f, shifts)
+            encoded, n_masks = self._masks(masks, f, dense.shape[1:], stack=stack)
+            return _dense_set_sums(dense, *encoded, n_masks)
         status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            self._run("sum_masks", *args, *encoded, out, status)
+        for part, args, shape, _ in self._parts(f, shifts):
+            if part.start == 0:
+                (plane, *sets), n_masks = self._masks(masks, f, shape, stack=stack)
+                out = np.zeros((n_masks, len(f)), dtype=np.int64)
+            if len(f):
+                with _by_frame(out, part) as o:
+                    self._run("sum_masks", *args, plane[part], *sets, o, status[part])
         self._check(status, f)
         return out
 
@@ -365,12 +382,12 @@ class PhotonReductions:
         """
         kmode, nb = self._hist_mode(mode, n_bins)
         f = self._frames(frames)
-        args, _, _ = self._frame_args(f, photons=True)
         out = np.zeros((len(f), nb), dtype=np.int64)
         overflow = np.zeros(len(f), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            self._run("histograms", *args, kmode, out, overflow, status)
+        for part, args, _, _ in self._parts(f, photons=True):
+            if len(f):
+                self._run("histograms", *args, kmode, out[part], overflow[part], status[part])
         self._check(status, f)
         return (out, overflow) if return_overflow else out
 
@@ -400,12 +417,15 @@ class PhotonReductions:
         """
         kmode, nb = self._hist_mode(mode, n_bins)
         f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts, photons=True)
-        encoded, n_masks = self._masks(masks, f, shape, stack=True)
-        out = np.zeros((n_masks, len(f), nb), dtype=np.int64)
         status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            self._run("mask_histograms", *args, *encoded, kmode, out, status)
+        for part, args, shape, _ in self._parts(f, shifts, photons=True):
+            if part.start == 0:
+                (plane, *sets), n_masks = self._masks(masks, f, shape, stack=True)
+                out = np.zeros((n_masks, len(f), nb), dtype=np.int64)
+            if len(f):
+                with _by_frame(out, part) as o:
+                    self._run("mask_histograms", *args, plane[part], *sets, kmode, o,
+                              status[part])
         self._check(status, f)
         return out
 
@@ -430,18 +450,20 @@ class PhotonReductions:
                     harmonic: float, period_bins: int | None, dtype: type,
                     counts: bool = False) -> tuple[np.ndarray | None, ...]:
         f = self._frames(frames)
-        args, (h, w), _ = self._frame_args(f, shifts, photons=True)
         n = len(f)
-        none = np.zeros((0, 0), dtype=dtype)
-        mean = np.empty((n, h * w), dtype=dtype) if want == "mean" else none
-        g = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
-        s = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
-        cnt = np.empty((n, h * w) if counts else (0, 0), dtype=np.int32)
         cos, sin = self._lut(harmonic, period_bins) if want == "phasor" else (np.ones(1),
                                                                              np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
-        if n:
-            self._run("pixel_flim", *args, cos, sin, float(offset), mean, g, s, cnt, status)
+        for part, args, (h, w), _ in self._parts(f, shifts, photons=True):
+            if part.start == 0:
+                none = np.zeros((0, 0), dtype=dtype)
+                mean = np.empty((n, h * w), dtype=dtype) if want == "mean" else none
+                g = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
+                s = np.empty((n, h * w), dtype=dtype) if want == "phasor" else none
+                cnt = np.empty((n, h * w) if counts else (0, 0), dtype=np.int32)
+            if n:
+                self._run("pixel_flim", *args, cos, sin, float(offset),
+                          *(a[part] if a.size else a for a in (mean, g, s, cnt)), status[part])
         self._check(status, f)
         shape = (n, h, w)
         return mean.reshape(shape) if want == "mean" else None, \
@@ -518,17 +540,21 @@ class PhotonReductions:
 
         """
         f = self._frames(frames)
-        args, shape, _ = self._frame_args(f, shifts, photons=True)
-        encoded, n_masks = self._masks(masks, f, shape, stack=True)
         n = len(f)
-        cnt = np.zeros((n_masks, n), dtype=np.int64)
-        tsum = np.zeros((n_masks, n), dtype=np.int64)
-        shp = (n_masks, n) if phasor else (0, 0)
-        gsum, ssum = np.zeros(shp), np.zeros(shp)
         cos, sin = self._lut(harmonic, period_bins) if phasor else (np.ones(1), np.zeros(1))
         status = np.zeros(n, dtype=np.int8)
-        if n:
-            self._run("mask_flim", *args, *encoded, cos, sin, cnt, tsum, gsum, ssum, status)
+        for part, args, shape, _ in self._parts(f, shifts, photons=True):
+            if part.start == 0:
+                (plane, *sets), n_masks = self._masks(masks, f, shape, stack=True)
+                cnt = np.zeros((n_masks, n), dtype=np.int64)
+                tsum = np.zeros((n_masks, n), dtype=np.int64)
+                shp = (n_masks, n) if phasor else (0, 0)
+                gsum, ssum = np.zeros(shp), np.zeros(shp)
+            if n:
+                with _by_frame(cnt, part) as c, _by_frame(tsum, part) as t, \
+                        _by_frame(gsum, part) as g, _by_frame(ssum, part) as s:
+                    self._run("mask_flim", *args, plane[part], *sets, cos, sin, c, t, g, s,
+                              status[part])
         self._check(status, f)
         return cnt, tsum, gsum, ssum
 
@@ -574,14 +600,15 @@ class PhotonReductions:
 
         """
         f = self._frames(frames)
-        args, _, maxn = self._frame_args(f, photons=True)
         starts = np.zeros(len(f) + 1, dtype=np.int64)
         np.cumsum(self._n_photons(f), out=starts[1:])
         pix = np.empty(int(starts[-1]), dtype=np.uint32)
         tau = np.empty(int(starts[-1]), dtype=np.uint32)
         status = np.zeros(len(f), dtype=np.int8)
-        if len(f):
-            self._run("photons", *args, maxn, starts, pix, tau, status)
+        for part, args, _, maxn in self._parts(f, photons=True):
+            if len(f):  # starts are absolute: each part writes its frames' photons in place
+                self._run("photons", *args, maxn, starts[part.start : part.stop + 1], pix, tau,
+                          status[part])
         self._check(status, f)
         return starts, pix, tau
 
@@ -625,9 +652,6 @@ class PhotonReductions:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if rows.shape != f.shape or (f.size and (rows.min() < 0 or rows.max() >= len(images))):
             raise ValueError(f"{self.name}: need one row in [0, {len(images)}) per frame")
-        args, (h, w), _ = self._frame_args(f)  # TIFF pages too: their image is everything
-        if images.shape[1:] != (h, w) or not images.flags.c_contiguous:
-            raise ValueError(f"{self.name}: images must be C-contiguous (R, {h}, {w})")
         starts = np.zeros(len(f) + 1, dtype=np.int64)
         np.cumsum(self._n_photons(f), out=starts[1:])
         if arrivals.shape != (int(starts[-1]),):
@@ -635,9 +659,13 @@ class PhotonReductions:
                              f"arrivals has shape {arrivals.shape}")
         status = np.zeros(len(f), dtype=np.int8)
         tmax = np.zeros(len(f), dtype=np.int64)
-        if len(f):
-            self._run("store_frames", *args, rows, starts, images.reshape(len(images), h * w),
-                  counts, arrivals, histograms, tmax, status)
+        for part, args, (h, w), _ in self._parts(f):  # TIFF pages too: their image is all
+            if images.shape[1:] != (h, w) or not images.flags.c_contiguous:
+                raise ValueError(f"{self.name}: images must be C-contiguous (R, {h}, {w})")
+            if len(f):
+                self._run("store_frames", *args, rows[part], starts[part.start : part.stop + 1],
+                          images.reshape(len(images), h * w), counts, arrivals, histograms,
+                          tmax[part], status[part])
         sat = np.flatnonzero(status == K.ST_SATURATED)
         if sat.size:
             raise SiffFormatError(self.name, "a pixel holds more than 65535 photons in one "
@@ -650,6 +678,21 @@ class PhotonReductions:
         """``(pixel_index, arrival)`` of one frame's photons, sorted by pixel (``uint32``)."""
         _, pix, tau = self.photons_batch([frame])
         return pix, tau
+
+
+@contextlib.contextmanager
+def _by_frame(out: np.ndarray, part: slice) -> Iterator[np.ndarray]:
+    """``out[:, part]`` (frames on axis 1) as a C-contiguous array for a kernel.
+
+    The whole of ``out`` when ``part`` covers it (or it is an empty placeholder);
+    otherwise a zeroed array whose values are copied into ``out`` afterwards.
+    """
+    if out.size == 0 or (part.start == 0 and part.stop == out.shape[1]):
+        yield out
+        return
+    tmp = np.zeros((out.shape[0], part.stop - part.start, *out.shape[2:]), dtype=out.dtype)
+    yield tmp
+    out[:, part] = tmp
 
 
 def shifts_for_frames(shifts: Mapping[int, tuple[int, int]], frames: np.ndarray
