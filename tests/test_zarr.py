@@ -876,6 +876,32 @@ def test_verify_finds_deleted_chunks(tmp_path):
     assert "photons/arrival_time: 1 of 2 stored chunks are missing" in problems[1]
 
 
+@pytest.mark.parametrize("what", ["ome/0 shards swapped", "ome/1", "histogram",
+                                  "photon_count"])
+def test_verify_checks_what_the_store_derives_from_the_photons(tmp_path, what):
+    """Values written through zarr (valid checksums) that do not follow from the photons."""
+    import zarr
+
+    t = write_siff(tmp_path / "d.siff", shape=(64, 64), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=2000, seed=4)
+    dst = tmp_path / "d.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    assert zs.verify(t.path, dst) == []
+    if what == "ome/0 shards swapped":  # each shard intact, in the other one's place
+        a, b = sorted(p for p in (dst / "ome" / "0" / "c").rglob("*") if p.is_file())[:2]
+        da, db = a.read_bytes(), b.read_bytes()
+        a.write_bytes(db)
+        b.write_bytes(da)
+    else:
+        arr = zarr.open_array(str(dst), path=what, mode="r+")
+        values = arr[1]
+        values.flat[0] += 1
+        arr[1] = values
+    problems = zs.verify(t.path, dst)
+    name = what.split()[0]
+    assert len(problems) == 1 and problems[0].startswith(f"{name} differs"), problems
+
+
 def test_converted_store_leaves_the_partial_volume_out_like_the_source(siff_files, tmp_path):
     t = siff_files["partial_volume"]
     dst = tmp_path / "pv.zarr"

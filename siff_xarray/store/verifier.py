@@ -25,7 +25,10 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     """Compare a converted store with its source, frame by frame; return the differences.
 
     Checks every frame's photon count, its pixel-sorted (pixel, arrival time) pairs
-    (equal multisets), its timestamps and description text, and the header texts.
+    (equal multisets), its timestamps and description text, and the header texts;
+    every attribute and coordinate of the root Dataset; and what the store derives
+    from the photons: ``photon_count`` and ``histogram`` from the stored photons, each
+    OME level from the stored intensity.
     An empty list means the store holds exactly what the source holds. ``source``
     may be the ordered parts of a split acquisition converted into one store.
     ``progress``: a bar over the frames compared (``None``: when someone watches
@@ -95,6 +98,7 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             arr = grp["arrival_time"]
             fly = np.asarray(grp["flyback_frame"][...]).astype(np.int64)
             pos = frame_positions(ds.frame_index.values, n)
+            has_hist = "histogram" in ds
             h, w = ds.sizes["y"], ds.sizes["x"]
             batch_frames = frames_per_batch(batch_frames, h * w)
             bar = stack.enter_context(Reporter(f"verify {short_name(target.destination)}",
@@ -127,6 +131,9 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
                     continue
                 frame_z = np.repeat(np.arange(len(fr)), c)
                 frame_s = np.repeat(np.arange(len(fr)), np.diff(s_src))
+                if has_hist and not _histograms_agree(ds, fr, pos, frame_z, tau_z):
+                    problems.append(f"histogram differs from the photons in frames "
+                                    f"{a}-{a + len(fr) - 1}")
                 if pix_z.size != pix_src.size or not np.array_equal(pix_z, pix_src):
                     problems.append(f"photon pixels differ in frames {a}-{a + len(fr) - 1}")
                     continue
@@ -141,9 +148,80 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
                     problems.append("... (stopped after 50 differences)")
                     break
                 f.release()
+            if len(problems) <= 50:
+                problems.extend(_derived_differences(ds, root, target.destination,
+                                                     batch_frames))
     finally:
         ds.close()
     return problems
+
+
+def _histograms_agree(ds: Any, fr: np.ndarray, pos: np.ndarray, frame_z: np.ndarray,
+                      tau_z: np.ndarray) -> bool:
+    """Tell whether the stored ``histogram`` of frames ``fr`` counts their stored photons.
+
+    ``frame_z``/``tau_z``: each stored photon's frame (index in ``fr``) and arrival
+    time; arrival times beyond the histogram's bins are left out, as the converter
+    does. Flyback frames have no histogram cell.
+    """
+    img = pos[fr][:, 0] >= 0
+    if not img.any():
+        return True
+    nb = ds.sizes["tau"]
+    keep = tau_z < nb
+    want = np.bincount(frame_z[keep] * nb + tau_z[keep].astype(np.int64),
+                       minlength=len(fr) * nb).reshape(len(fr), nb)[img]
+    p = pos[fr[img]]
+    t0, t1 = int(p[:, 0].min()), int(p[:, 0].max()) + 1
+    block = checked(lambda: ds.histogram.isel(time=slice(t0, t1)).values,
+                    str(ds.encoding.get("source", "store")), "histogram")
+    p = p.copy()
+    p[:, 0] -= t0
+    return bool(np.array_equal(block[tuple(p.T)], want))
+
+
+def _derived_differences(ds: Any, root: Any, where: str, batch_frames: int) -> list[str]:
+    """Differences between the stored intensity and what is derived from it.
+
+    The root's ``photon_count`` is each cell's intensity summed over y and x, and
+    each OME level is the intensity in NGFF order (the partial last volume left
+    out), halved level by level. Reads about ``batch_frames`` frames at a time
+    (whole timepoints).
+    """
+    from .ome import downsample2, ome_repeats, to_ome_order
+
+    out: list[str] = []
+    levels = []
+    if "ome" in root:
+        ome = root["ome"]
+        levels = [(k, ome[k]) for k in sorted(ome.array_keys(), key=int)]
+    n_t = ds.sizes["time"]
+    frames_per_t = int(np.prod([ds.sizes[d] for d in ds.intensity.dims[1:-2]]))
+    step = max(1, batch_frames // max(frames_per_t, 1))
+    bad: dict[str, int] = {}
+    for t0 in range(0, n_t, step):
+        t1 = min(n_t, t0 + step)
+        block = checked(lambda t0=t0, t1=t1: ds.intensity.isel(time=slice(t0, t1)).values,
+                        where, "intensity")
+        if "photon_count" in ds:
+            want = block.reshape(*block.shape[:-2], -1).sum(axis=-1, dtype=np.int64)
+            got = np.asarray(ds.photon_count.isel(time=slice(t0, t1)).values)
+            if not np.array_equal(got, want.astype(got.dtype)):
+                bad.setdefault("photon_count", t0)
+        reps, level = ome_repeats(block), block
+        for k, arr in levels:
+            if int(k):
+                level = downsample2(level)
+            r0, r1 = t0 * reps, min(t1 * reps, arr.shape[0])
+            if r1 > r0:
+                stored = checked(lambda arr=arr, r0=r0, r1=r1: arr[r0:r1], where, f"ome/{k}")
+                if not np.array_equal(stored, to_ome_order(level)[: r1 - r0]):
+                    bad.setdefault(f"ome/{k}", t0)
+    for name, t0 in bad.items():
+        what = ("the intensity summed over y and x" if name == "photon_count"
+                else "the stored intensity")
+        out.append(f"{name} differs from {what} (first in the block from time index {t0})")
+    return out
 
 
 #: attributes that name the source file: a moved or renamed source differs there only
