@@ -277,6 +277,40 @@ def test_verify_finds_differences(siff_files, tmp_path):
     assert any("count images differ" in p for p in zs.verify(t.path, dst))
 
 
+def test_verify_compares_arrival_times_per_pixel_as_multisets(siff_files, tmp_path):
+    """Reordered within a pixel: the same photons. Moved between pixels: a difference."""
+    import zarr
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "v.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    arr = zarr.open_array(str(dst), path="photons/arrival_time", mode="r+")
+    k = int(np.argmax(zarr.open_array(str(dst), path="photons/photon_count")[...]))
+    start = int(zarr.open_array(str(dst), path="photons/photon_start")[k])
+    pix, tau = zs.read_photons(dst, k)
+    same = np.flatnonzero((np.diff(pix) == 0) & (np.diff(tau.astype(np.int64)) != 0))
+    other = np.flatnonzero(np.diff(pix) != 0)
+    assert same.size and other.size
+    i, j = int(same[0]), int(other[0])
+    values = arr[start : start + len(tau)]
+    values[[i, i + 1]] = values[[i + 1, i]]  # two photons of one pixel swap places
+    arr[start : start + len(tau)] = values
+    assert zs.verify(t.path, dst) == []
+    values[[i, i + 1]] = values[[i + 1, i]]
+    if values[j] != values[j + 1]:
+        values[[j, j + 1]] = values[[j + 1, j]]  # photons of two pixels swap
+    else:
+        values[j] += 1
+    arr[start : start + len(tau)] = values
+    problems = zs.verify(t.path, dst)
+    assert any(f"arrival times differ (first in frame {k})" in p for p in problems), problems
+    counts = zarr.open_array(str(dst), path="photons/photon_count", mode="r+")
+    counts[k] = int(counts[k]) + 1
+    problems = zs.verify(t.path, dst)
+    assert any("photons/photon_count disagrees with the count images" in p
+               for p in problems), problems
+
+
 def test_parallel_output_is_byte_identical(siff_files, tmp_path):
     t = siff_files["frames_per_slice"]
     one = tmp_path / "one.zarr"
