@@ -29,8 +29,9 @@ from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
 from .layout import PLAN_KEY, STARTED_KEY, Plan, Target, quiet_text_dtype
 
-__all__ = ["StorePhotons", "checked", "count_images", "frame_positions", "is_converted_store",
-           "open_converted", "open_converted_groups", "open_converted_tree", "read_photons"]
+__all__ = ["StorePhotons", "cell_values", "checked", "count_images", "frame_positions",
+           "is_converted_store", "open_converted", "open_converted_groups",
+           "open_converted_tree", "read_photons"]
 
 
 def frame_positions(fmap: np.ndarray, n_frames: int) -> np.ndarray:
@@ -233,14 +234,22 @@ def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.nda
         out[is_fly] = block[rows - rows.min()]
     img = ~is_fly
     if img.any():
-        p = pos[fr[img]]
-        t0, t1 = int(p[:, 0].min()), int(p[:, 0].max()) + 1
-        block = checked(lambda: ds.intensity.isel(time=slice(t0, t1)).values,
-                        str(ds.encoding.get("source", "store")), "intensity")
-        p = p.copy()
-        p[:, 0] -= t0
-        out[img] = block[tuple(p.T)]
+        out[img] = cell_values(ds, "intensity", pos[fr[img]])
     return out
+
+
+def cell_values(ds: Any, name: str, cells: np.ndarray) -> np.ndarray:
+    """Values of variable ``name`` at Dataset cells ``(n, ndim)`` (time first).
+
+    Reads the time range the cells span once (a damaged chunk named, as
+    :func:`checked` does) and picks the cells from it.
+    """
+    t0, t1 = int(cells[:, 0].min()), int(cells[:, 0].max()) + 1
+    block = checked(lambda: ds[name].isel(time=slice(t0, t1)).values,
+                    str(ds.encoding.get("source", "store")), name)
+    at = cells.copy()
+    at[:, 0] -= t0
+    return block[tuple(at.T)]
 
 
 _GAP = 1 << 20  # arrival times skipped rather than split into another read

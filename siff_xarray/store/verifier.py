@@ -12,7 +12,7 @@ import numpy as np
 from .._progress import ProgressArg, Reporter, short_name
 from ..reader.acquisition import Acquisition
 from .layout import ALL_CHUNKS_STORED, Target, frames_per_batch, quiet_text_dtype
-from .read import checked, count_images, frame_positions, open_converted
+from .read import cell_values, checked, count_images, frame_positions, open_converted
 
 __all__ = ["verify"]
 
@@ -177,13 +177,7 @@ def _histograms_agree(ds: Any, fr: np.ndarray, pos: np.ndarray, frame_z: np.ndar
     keep = tau_z < nb
     want = np.bincount(frame_z[keep] * nb + tau_z[keep].astype(np.int64),
                        minlength=len(fr) * nb).reshape(len(fr), nb)[img]
-    p = pos[fr[img]]
-    t0, t1 = int(p[:, 0].min()), int(p[:, 0].max()) + 1
-    block = checked(lambda: ds.histogram.isel(time=slice(t0, t1)).values,
-                    str(ds.encoding.get("source", "store")), "histogram")
-    p = p.copy()
-    p[:, 0] -= t0
-    return bool(np.array_equal(block[tuple(p.T)], want))
+    return bool(np.array_equal(cell_values(ds, "histogram", pos[fr[img]]), want))
 
 
 def _derived_differences(ds: Any, root: Any, where: str, batch_frames: int) -> list[str]:
