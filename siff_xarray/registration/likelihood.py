@@ -428,7 +428,9 @@ def _per_plane(fn: Callable[[int, int], Any], nz: int) -> list[Any]:
     busy, each transform then on one thread (``workers=1``); one plane or one core
     runs in this thread with every core for its transforms.
     """
-    threads = min(nz, os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1  # the cores this process may use (a cluster job's share)
+    threads = min(nz, cores)
     if threads <= 1:
         return [fn(z, -1) for z in range(nz)]
     with ThreadPoolExecutor(threads) as pool:
