@@ -47,8 +47,8 @@ from numba import prange
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 
 __all__ = [
-    "MODE_CLIP", "MODE_DROP", "MODE_WRAP", "ST_BAD_PIXEL", "ST_MISMATCH", "ST_OK",
-    "ST_OUT_OF_BOUNDS", "ST_SATURATED", "run",
+    "FRAME_ARGS", "MODE_CLIP", "MODE_DROP", "MODE_WRAP", "ST_BAD_PIXEL", "ST_MISMATCH",
+    "ST_OK", "ST_OUT_OF_BOUNDS", "ST_SATURATED", "run",
 ]
 
 ST_OK = 0
@@ -58,6 +58,9 @@ ST_OUT_OF_BOUNDS = 3  #: frame data outside the buffer
 ST_SATURATED = 4  #: a pixel holds more than 65535 photons (uint16 output saturated)
 
 MODE_DROP, MODE_CLIP, MODE_WRAP = 0, 1, 2
+#: every kernel's leading arguments: the byte buffer, then per frame its encoding, strip
+#: offset, strip bytes, height, width and shift (y, x)
+FRAME_ARGS = 8
 
 _JIT = {"cache": True, "nogil": True}
 
@@ -782,10 +785,10 @@ _PARALLEL_LOCK = threading.Lock()
 def run(name: str, *args) -> None:
     """Run kernel ``name``; parallel if no other thread is in a parallel kernel.
 
-    The ``nchunks`` argument is filled in here, after the seven per-frame arrays.
+    The ``nchunks`` argument is filled in here, after the :data:`FRAME_ARGS`.
     """
     n = len(args[1])
-    args = (*args[:8], _nchunks(n), *args[8:])
+    args = (*args[:FRAME_ARGS], _nchunks(n), *args[FRAME_ARGS:])
     par, ser = _KERNELS[name]
     if _PARALLEL_LOCK.acquire(blocking=False):
         try:

@@ -72,8 +72,8 @@ class PhotonReductions:
 
     def _run(self, kernel: str, *args: Any) -> None:
         """Run a decode kernel (:func:`kernels.run`) while its bytes are held."""
-        with self._reading(args[:8]) as held:
-            K.run(kernel, *held, *args[8:])
+        with self._reading(args[:K.FRAME_ARGS]) as held:
+            K.run(kernel, *held, *args[K.FRAME_ARGS:])
 
     def _streamed(self, f: np.ndarray) -> list[slice]:
         """Consecutive parts of ``f`` to decode one after another (default: one part).

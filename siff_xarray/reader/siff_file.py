@@ -337,9 +337,10 @@ class SiffFile(PhotonReductions):
             if mapped or not self.is_local or args[0] is not self._source.buffer():
                 yield args
                 return
-            buf, off = self._copy_frames(*args[1:6])
+            _, enc, strip, nbytes, h, w, sy, sx = args
+            buf, off = self._copy_frames(enc, strip, nbytes, h, w)
             self._source.check_unchanged()  # not rewritten while it was copied
-            yield (buf, args[1], off, *args[3:])
+            yield buf, enc, off, nbytes, h, w, sy, sx
 
     def _read_done(self) -> None:
         self._source.release()

@@ -12,6 +12,7 @@ import numpy as np
 from .._progress import ProgressArg, Reporter, short_name
 from ..reader.acquisition import Acquisition
 from .layout import ALL_CHUNKS_STORED, Target, frames_per_batch, quiet_text_dtype
+from .ome import downsample2, ome_repeats, to_ome_order
 from .read import cell_values, checked, count_images, frame_positions, open_converted
 
 __all__ = ["verify"]
@@ -188,8 +189,6 @@ def _derived_differences(ds: Any, root: Any, where: str, batch_frames: int) -> l
     out), halved level by level. Reads about ``batch_frames`` frames at a time
     (whole timepoints).
     """
-    from .ome import downsample2, ome_repeats, to_ome_order
-
     out: list[str] = []
     levels = []
     if "ome" in root:
