@@ -401,6 +401,28 @@ def test_close_releases_the_file(tmp_path):
     assert _open_fds(t.path) == 0
 
 
+def test_sources_kept_open_by_reductions_are_closed_at_exit(tmp_path):
+    """The reductions' per-process cache of open files closes them when Python exits.
+
+    Before, the interpreter printed ``ResourceWarning: unclosed file`` at exit.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    t = write_siff(tmp_path / "x.siff", shape=(8, 8), n_timepoints=3, photons_per_frame=50)
+    script = textwrap.dedent(f"""
+        import numpy as np, xarray as xr, siff_xarray
+        with xr.open_dataset({t.path!r}, engine="siff") as ds:
+            ds.siff.lifetime(np.ones((8, 8), bool)).values  # opens a cached source
+        print("done")
+    """)
+    out = subprocess.run([sys.executable, "-X", "dev", "-W", "always::ResourceWarning",
+                          "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+    assert "unclosed file" not in out.stderr, out.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ writing and pickling
 
 

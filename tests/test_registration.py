@@ -300,3 +300,23 @@ def test_register_streams_a_lazy_dataset(tmp_path, monkeypatch):
         reg = ds.siff.register(n_reference_frames=5, batch_frames=8, progress=False)
     assert reg.shift_y.shape == (30, 2)
     assert sum(sizes) >= 60 and max(sizes) <= 10, sizes  # the channel is 60 frames
+
+
+def test_planes_run_in_threads_only_on_the_cores_this_process_may_use(monkeypatch):
+    """One core allowed (a cluster job's share): planes run one after another here."""
+    import os
+    import threading
+
+    from siff_xarray.registration import likelihood
+
+    def where(z, workers):
+        return threading.get_ident(), workers
+
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert likelihood._per_plane(where, 4) == [(threading.get_ident(), -1)] * 4
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    else:
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    both = likelihood._per_plane(where, 4)
+    assert {w for _, w in both} == {1} and threading.get_ident() not in {i for i, _ in both}
