@@ -222,6 +222,10 @@ if os.name == "posix":
         return -1
 
 
+#: at most this many ranges are read with plain ``os.preadv`` calls (no Numba)
+_FEW_RANGES = 64
+
+
 def pread_ranges(fd: int, starts: np.ndarray, lengths: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, int]:
     """Read many byte ranges of a local file into one buffer with ``pread`` (POSIX).
@@ -234,9 +238,23 @@ def pread_ranges(fd: int, starts: np.ndarray, lengths: np.ndarray
     if lengths.size:
         np.cumsum(lengths[:-1], out=base[1:])
     out = np.empty(int(lengths.sum()), dtype=np.uint8)
-    failed = _pread_gather(fd, np.asarray(starts, dtype=np.int64), lengths, base, out) \
-        if lengths.size else -1
-    return out, base, int(failed)
+    starts = np.asarray(starts, dtype=np.int64)
+    if lengths.size > _FEW_RANGES:
+        return out, base, int(_pread_gather(fd, starts, lengths, base, out))
+    # a few ranges (one frame's description when a Dataset opens): plain preads, so a
+    # metadata-only open never starts Numba (its first use in a process costs ~0.4 s)
+    view = memoryview(out)
+    for i, (a, n, b) in enumerate(zip(starts.tolist(), lengths.tolist(), base.tolist(),
+                                      strict=True)):
+        if not n:
+            continue
+        try:
+            got = os.preadv(fd, [view[b : b + n]], a) if a >= 0 else -1
+        except OSError:
+            got = -1
+        if got != n:
+            return out, base, i
+    return out, base, -1
 
 
 @dataclass(frozen=True)
