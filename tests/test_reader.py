@@ -626,7 +626,10 @@ def test_spot_check_reads_ifds_like_the_walk(truth):
 
 
 def test_cached_open_needs_no_compiled_code(siff_files):
-    """Opening a file whose index is cached does not start Numba (0.5 s on first use)."""
+    """Opening a file whose index is cached, and reading a frame, do not start Numba.
+
+    (Its first use in a process costs 0.3-0.5 s.)
+    """
     import subprocess
     import sys
 
@@ -637,8 +640,134 @@ def test_cached_open_needs_no_compiled_code(siff_files):
     code = ("import sys\nfrom siff_xarray import SiffFile\n"
             f"f = SiffFile({str(t.path)!r})\n"
             "print(len(f.index), 'numba.np.arraymath' in sys.modules)\n"
-            "f.read_frames([0])\n"
+            "f.read_frames([0])\n"  # a few frames: the NumPy twin of the kernel
+            "print('numba.np.arraymath' in sys.modules)\n"
+            "f.read_frames()\n"
             "print('numba.np.arraymath' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(t.n_frames), "False", "True"], out.stdout
+    assert out.stdout.split() == [str(t.n_frames), "False", "False", "True"], out.stdout
+
+
+# ------------------------------------------------------------------ NumPy twin of a kernel
+
+
+def _frames_buffer(rng: np.random.Generator, n: int, h: int, w: int, damage: float):
+    """A byte buffer of ``n`` frames of every encoding, some damaged, and their kernel args."""
+    from siff_xarray.format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
+
+    parts, enc, off, nb, pos = [], [], [], [], 0
+    for _ in range(n):
+        e = int(rng.choice([ENC_RAW, ENC_COMPRESSED, ENC_TIFF]))
+        m = int(rng.integers(0, 3 * h * w))
+        ys = rng.integers(0, h + (2 if rng.random() < damage else 0), m)
+        xs = rng.integers(0, w + (2 if rng.random() < damage else 0), m)
+        ys, xs = np.minimum(ys, 65535), np.minimum(xs, 65535)
+        tau = rng.integers(0, 2**32, m)
+        if e == ENC_RAW:
+            u = np.uint64
+            data = ((ys.astype(u) << u(48)) | (xs.astype(u) << u(32)) | tau.astype(u)).tobytes()
+            start, length = pos, len(data)
+        else:
+            img = np.bincount(np.minimum(ys, h - 1) * w + np.minimum(xs, w - 1),
+                              minlength=h * w).astype(np.uint16)
+            arr = np.sort(tau % 65536).astype(np.uint16) if e == ENC_COMPRESSED else b""
+            data = img.tobytes() + (arr.tobytes() if e == ENC_COMPRESSED else b"")
+            start = pos + (2 * h * w if e == ENC_COMPRESSED else 0)
+            length = 2 * m if e == ENC_COMPRESSED else 2 * h * w
+        if rng.random() < damage:  # a wrong length, or data beyond the buffer
+            length += int(rng.choice([-2, 2, 1, 10**6]))
+        parts.append(data + bytes(int(rng.integers(0, 3))))  # odd gaps: unaligned frames
+        enc.append(e), off.append(start), nb.append(length)
+        pos += len(parts[-1])
+    buf = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    sy, sx = rng.integers(0, h, n), rng.integers(0, w, n)
+    i64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return (buf, np.asarray(enc, dtype=np.int8), i64(off), i64(nb), i64([h] * n), i64([w] * n),
+            i64(sy), i64(sx))
+
+
+def _both_intensity_decoders(args: tuple, h: int, w: int):
+    from siff_xarray.reader import kernels as K
+
+    n = len(args[1])
+    outs, stats = [], []
+    for run in (lambda *a: K._intensity_few(*a),
+                lambda *a: K.kernel("intensity")[1](*a[:8], 1, *a[8:])):
+        out = np.full((n, h * w), 7, dtype=np.uint16)  # rows left alone stay 7 in both
+        status = np.full(n, -1, dtype=np.int8)
+        run(*args, out, status)
+        outs.append(out), stats.append(status)
+    return outs, stats
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_few_frame_intensity_twin_matches_the_kernel(seed):
+    """The NumPy path of small intensity reads gives the kernel's images and statuses."""
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+    args = _frames_buffer(rng, int(rng.integers(1, 6)), h, w, damage=0.3)
+    (a, b), (sa, sb) = _both_intensity_decoders(args, h, w)
+    np.testing.assert_array_equal(sa, sb)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_few_frame_intensity_twin_saturates_like_the_kernel():
+    from siff_xarray.format.constants import ENC_RAW
+    from siff_xarray.reader import kernels as K
+
+    rec = np.full(70_000, (1 << 48) | (2 << 32) | 5, dtype=np.uint64)  # pixel (1, 2)
+    rec = np.concatenate([rec, [(3 << 48) | 5]]).astype(np.uint64)  # and one more photon
+    i64 = lambda v: np.asarray([v], dtype=np.int64)  # noqa: E731
+    args = (rec.view(np.uint8), np.asarray([ENC_RAW], np.int8), i64(0), i64(rec.nbytes),
+            i64(4), i64(4), i64(1), i64(3))
+    (a, b), (sa, sb) = _both_intensity_decoders(args, 4, 4)
+    assert sa[0] == sb[0] == K.ST_SATURATED
+    np.testing.assert_array_equal(a, b)
+    assert a[0].reshape(4, 4)[2, 1] == 65535 and a.sum() == 65536
+
+
+def test_first_small_reads_take_the_numpy_path_then_the_kernel(siff_files, monkeypatch):
+    """Small reads use the NumPy twin until a kernel ran or FEW_CALLS of them were made."""
+    from siff_xarray.reader import kernels as K
+
+    t = siff_files["smallest_bright"]
+    calls = []
+    twin = K._intensity_few
+    monkeypatch.setattr(K, "_intensity_few", lambda *a: calls.append(len(a[1])) or twin(*a))
+    few = list(range(K.FEW_FRAMES))
+    with SiffFile(t.path) as f:
+        monkeypatch.setattr(K, "_few_calls_left", [K.FEW_CALLS])
+        for _ in range(K.FEW_CALLS + 2):
+            np.testing.assert_array_equal(f.read_frames(few), t.intensity(few))
+        assert calls == [K.FEW_FRAMES] * K.FEW_CALLS  # then the kernel
+        monkeypatch.setattr(K, "_few_calls_left", [K.FEW_CALLS])
+        f.read_frames([0])
+        full = f.read_frames(list(range(K.FEW_FRAMES + 1)))  # a larger read: the kernel
+        f.read_frames([0])  # and from now on
+    assert calls == [K.FEW_FRAMES] * K.FEW_CALLS + [1]
+    np.testing.assert_array_equal(full, t.intensity(list(range(K.FEW_FRAMES + 1))))
+
+
+@pytest.mark.parametrize("n", [3, 100])  # plain preads, and the compiled gather
+def test_pread_ranges_reads_each_range_and_names_the_first_that_fails(tmp_path, n):
+    from siff_xarray.reader import ifd
+
+    data = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8)
+    p = tmp_path / "bytes"
+    p.write_bytes(data.tobytes())
+    starts = np.linspace(0, 4900, n).astype(np.int64)
+    lengths = (np.arange(n) % 7 * 11).astype(np.int64)  # some empty
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        buf, base, failed = ifd.pread_ranges(fd, starts, lengths)
+        assert failed == -1
+        for a, ln, b in zip(starts, lengths, base, strict=True):
+            np.testing.assert_array_equal(buf[b : b + ln], data[a : a + ln])
+        lengths[n // 2] = 200 if starts[n // 2] > 4800 else 6000  # runs past the end
+        lengths[n // 2 + 1] = 6000
+        assert ifd.pread_ranges(fd, starts, lengths)[2] == n // 2
+        starts[1], lengths[1] = -5, 4  # a negative offset fails, never raises
+        assert ifd.pread_ranges(fd, starts, lengths)[2] == 1
+    finally:
+        os.close(fd)
