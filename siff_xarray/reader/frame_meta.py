@@ -2,7 +2,8 @@
 
 Each frame carries ``key = value`` lines (``frameTimestamps_sec``, ``epoch``,
 ``mostRecentSystemTimestamp_epoch``, optionally ``Appended text`` and
-``Text timestamp``...). One Numba pass over all requested descriptions finds
+``Text timestamp``...). One Numba pass over all requested descriptions
+(:mod:`.frame_meta_scan`, imported when timestamps are first parsed) finds
 the timestamp keys (a key counts only at the start of a line) and converts
 their values: integers exactly, and plain decimals (up to 15 significant
 digits, no exponent) exactly as ``float()`` would, since both the digits and
@@ -17,8 +18,8 @@ present but not a number raises :class:`~siff_xarray.errors.SiffFormatError`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import numba
 import numpy as np
 
 from ..errors import SiffFormatError
@@ -40,143 +41,11 @@ _P10 = np.array([10.0**k for k in range(23)])
 K_EXP, K_EPOCH, K_SYSTEM, K_TEXT_TIME = 0, 1, 2, 3
 
 
-@numba.njit(cache=True, nogil=True)
-def _parse_int(buf, s, e):
-    """Exact int64 of bytes [s, e); returns (ok, value)."""
-    neg = False
-    if s < e and (buf[s] == 45 or buf[s] == 43):
-        neg = buf[s] == 45
-        s += 1
-    if s >= e or e - s > 19:
-        return False, 0
-    v = np.int64(0)
-    limit = np.int64(9223372036854775807)
-    for p in range(s, e):
-        d = np.int64(buf[p]) - 48
-        if d < 0 or d > 9:
-            return False, 0
-        if v > (limit - d) // 10:
-            return False, 0  # beyond int64: the general path reports it
-        v = v * 10 + d
-    return True, -v if neg else v
+def _compiled() -> Any:
+    """Return the compiled scan (:mod:`.frame_meta_scan`), imported with Numba on first use."""
+    from . import frame_meta_scan
 
-
-@numba.njit(cache=True, nogil=True)
-def _parse_decimal(buf, s, e, p10):
-    """Correctly rounded double of a plain decimal in bytes [s, e); returns (ok, value)."""
-    neg = False
-    if s < e and (buf[s] == 45 or buf[s] == 43):
-        neg = buf[s] == 45
-        s += 1
-    mant = np.int64(0)
-    digits = 0
-    frac = 0
-    seen_dot = False
-    seen_digit = False
-    for p in range(s, e):
-        c = buf[p]
-        if c == 46 and not seen_dot:
-            seen_dot = True
-            continue
-        d = np.int64(c) - 48
-        if d < 0 or d > 9:
-            return False, 0.0
-        seen_digit = True
-        if mant == 0 and d == 0:
-            if seen_dot:
-                frac += 1
-            continue
-        digits += 1
-        if digits > 15:
-            return False, 0.0
-        mant = mant * 10 + d
-        if seen_dot:
-            frac += 1
-    if not seen_digit or frac > 22:
-        return False, 0.0
-    v = mant / p10[frac]
-    return True, -v if neg else v
-
-
-@numba.njit(cache=True, nogil=True)
-def _scan_descriptions(buf, desc_off, desc_len, keys, key_len, fvals, ivals, spans, flags):
-    """One pass per description over its lines; fill values, spans and flags.
-
-    For key ``k``: ``spans[i, k] = (start, stop)`` of the value (-1 if absent);
-    ``fvals``/``ivals[i, k]`` the converted number; ``flags[i, k]`` = 1 when the
-    value is present and non-empty but needs the general conversion path.
-    """
-    nk = keys.shape[0]
-    for i in range(desc_off.shape[0]):
-        for k in range(nk):
-            spans[i, k, 0] = -1
-            spans[i, k, 1] = -1
-            flags[i, k] = 0
-            fvals[i, k] = np.nan
-            ivals[i, k] = -9223372036854775807 - 1
-        lo = desc_off[i]
-        hi = lo + desc_len[i]
-        if lo < 0 or hi > buf.shape[0]:
-            continue
-        p = lo
-        while p < hi:
-            for k in range(nk):
-                m = key_len[k]
-                if spans[i, k, 0] >= 0 or p + m > hi:
-                    continue
-                ok = True
-                for q in range(m):
-                    if buf[p + q] != keys[k, q]:
-                        ok = False
-                        break
-                if not ok:
-                    continue
-                s = p + m
-                e = s
-                while e < hi and buf[e] != 10 and buf[e] != 0:
-                    e += 1
-                while s < e and (buf[s] == 32 or buf[s] == 9):
-                    s += 1
-                while e > s and (buf[e - 1] == 32 or buf[e - 1] == 13 or buf[e - 1] == 9):
-                    e -= 1
-                spans[i, k, 0] = s
-                spans[i, k, 1] = e
-                break
-            while p < hi and buf[p] != 10:
-                p += 1
-            p += 1
-    return 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _convert(buf, spans, is_float, p10, fvals, ivals, flags):
-    """Convert the numeric spans found by :func:`_scan_descriptions` (fast exact path)."""
-    for i in range(spans.shape[0]):
-        for k in range(is_float.shape[0]):
-            s = spans[i, k, 0]
-            e = spans[i, k, 1]
-            if s < 0 or e <= s:
-                continue
-            if is_float[k]:
-                ok, v = _parse_decimal(buf, s, e, p10)
-                if ok:
-                    fvals[i, k] = v
-                else:
-                    flags[i, k] = 1
-            else:
-                ok, iv = _parse_int(buf, s, e)
-                if ok:
-                    ivals[i, k] = iv
-                else:
-                    flags[i, k] = 1
-
-
-@numba.njit(cache=True, nogil=True)
-def _pack(buf, starts, stops, width, out):
-    for i in range(starts.shape[0]):
-        n = stops[i] - starts[i]
-        for k in range(min(n, width)):
-            out[i, k] = buf[starts[i] + k]
+    return frame_meta_scan
 
 
 def _numbers(buf: np.ndarray, starts: np.ndarray, stops: np.ndarray, dtype: type,
@@ -189,7 +58,7 @@ def _numbers(buf: np.ndarray, starts: np.ndarray, stops: np.ndarray, dtype: type
     s, e = starts[present], stops[present]
     width = int((e - s).max())
     packed = np.zeros((len(s), width), dtype=np.uint8)
-    _pack(buf, s, e, width, packed)
+    _compiled().pack(buf, s, e, width, packed)
     text = packed.view(f"S{width}").ravel()
     try:
         out[present] = text.astype(dtype)
@@ -277,8 +146,9 @@ def parse_timestamps(buf: np.ndarray, desc_off: np.ndarray, desc_len: np.ndarray
     flags = np.empty((n, nk), dtype=np.int8)
     off = np.ascontiguousarray(desc_off, dtype=np.int64)
     ln = np.ascontiguousarray(desc_len, dtype=np.int64)
-    _scan_descriptions(buf, off, ln, _KEY_TABLE, _KEY_LEN, fvals, ivals, spans, flags)
-    _convert(buf, spans, _IS_FLOAT, _P10, fvals, ivals, flags)
+    scan = _compiled()
+    scan.scan_descriptions(buf, off, ln, _KEY_TABLE, _KEY_LEN, fvals, ivals, spans, flags)
+    scan.convert(buf, spans, _IS_FLOAT, _P10, fvals, ivals, flags)
 
     def column(k: int, dtype: type, fill: float | int, key: bytes) -> np.ndarray:
         out = (fvals if dtype is np.float64 else ivals)[:, k].copy()

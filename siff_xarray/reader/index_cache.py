@@ -52,7 +52,7 @@ from ..format.constants import TAG_STRIP_BYTE_COUNTS, TAG_STRIP_OFFSETS, TIFF_TY
 from ..format.header import FileHeader
 from .frame_meta import Event, FrameTimestamps
 from .ifd import _TYPE_SIZE as TYPE_SIZE
-from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex, _walk
+from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex
 from .source import ByteSource
 
 __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "forget", "known",
@@ -129,10 +129,12 @@ def _strips_and_next(raw: bytes, bigtiff: bool) -> tuple[int, int, int] | None:
 
 def _walk_one(source: ByteSource, header: FileHeader, pos: int) -> tuple[int, int, int] | None:
     """StripOffsets, StripByteCounts and next-IFD offset of the IFD at ``pos``, by the walk."""
+    from .ifd_walk import walk
+
     data = np.frombuffer(source.read(pos, 2 * 2**10), dtype=np.uint8)
     out = np.empty((1, N_COLS), dtype=np.int64)
-    _, _, count, _, _ = _walk(data, pos, header.file_size, pos, 0, out, header.bigtiff,
-                              header.header_end, True, TYPE_SIZE)
+    _, _, count, _, _ = walk(data, pos, header.file_size, pos, 0, out, header.bigtiff,
+                             header.header_end, True, TYPE_SIZE)
     if count != 1 or out[0, C_IFD] != pos:
         return None
     return int(out[0, C_STRIP_OFF]), int(out[0, C_STRIP_BYTES]), int(out[0, C_NEXT])

@@ -24,14 +24,15 @@ costs reference-count updates that dwarf the work), so each kernel's inner
 loop is its own short reduction over decoded photons or image pixels. The
 kernels loop over frames in parallel chunks, each chunk owning its scratch
 buffers. They never read or write out of bounds: every offset is checked and
-problems are reported per frame in a ``status`` array (see ``ST_*``) that the
-Python layer turns into errors.
+problems are reported per frame in a ``status`` array (see ``ST_*`` in
+:mod:`.decode`) that the Python layer turns into errors.
 
 Each kernel is compiled twice from the same source, parallel and serial, each
-with its own cache entry; the :func:`run` helper uses the parallel build when
-no other thread is inside one (Numba's default ``workqueue`` threading layer
-must not be entered from two threads at once), so calls from dask worker
-threads are always safe.
+with its own cache entry, when it is first used; :func:`run_compiled` uses the
+parallel build when no other thread is inside one (Numba's default ``workqueue``
+threading layer must not be entered from two threads at once), so calls from dask
+worker threads are always safe. The reader calls kernels through
+:func:`.decode.run`, which imports this module (and Numba) on first use.
 """
 
 from __future__ import annotations
@@ -45,22 +46,19 @@ import numpy as np
 from numba import prange
 
 from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
+from .decode import (
+    FRAME_ARGS,
+    MODE_DROP,
+    MODE_WRAP,
+    ST_BAD_PIXEL,
+    ST_MISMATCH,
+    ST_OK,
+    ST_OUT_OF_BOUNDS,
+    ST_SATURATED,
+    in_bounds,
+)
 
-__all__ = [
-    "FEW_FRAMES", "FRAME_ARGS", "MODE_CLIP", "MODE_DROP", "MODE_WRAP", "ST_BAD_PIXEL",
-    "ST_MISMATCH", "ST_OK", "ST_OUT_OF_BOUNDS", "ST_SATURATED", "kernel", "run",
-]
-
-ST_OK = 0
-ST_BAD_PIXEL = 1  #: a raw photon's (y, x) lies outside the frame
-ST_MISMATCH = 2  #: compressed count image disagrees with the arrival-time block
-ST_OUT_OF_BOUNDS = 3  #: frame data outside the buffer
-ST_SATURATED = 4  #: a pixel holds more than 65535 photons (uint16 output saturated)
-
-MODE_DROP, MODE_CLIP, MODE_WRAP = 0, 1, 2
-#: every kernel's leading arguments: the byte buffer, then per frame its encoding, strip
-#: offset, strip bytes, height, width and shift (y, x)
-FRAME_ARGS = 8
+__all__ = ["kernel", "run_compiled"]
 
 _JIT = {"cache": True, "nogil": True}
 
@@ -89,15 +87,9 @@ def _wrap(v, n):
     return v - n if v >= n else v
 
 
-@numba.njit(**_JIT)
-def _in_bounds(buf, enc, off, nbytes, h, w):
-    """Return whether the frame's bytes lie inside ``buf`` (no sum can overflow int64)."""
-    if h < 0 or w < 0 or h > 65535 or w > 65535 or nbytes < 0:
-        return False
-    image = 2 * h * w
-    start = off - image if enc == ENC_COMPRESSED else off
-    length = image if enc == ENC_TIFF else nbytes
-    return start >= 0 and off <= buf.shape[0] and length <= buf.shape[0] - off
+#: the bounds check every kernel's prologue makes (plain Python in :mod:`.decode`, which
+#: the NumPy twin of the intensity kernel calls as it is)
+_in_bounds = numba.njit(**_JIT)(in_bounds)
 
 
 @numba.njit(**_JIT)
@@ -757,58 +749,6 @@ def _store_frames(buf, enc, off, nb, hh, ww, sy, sx, nchunks, rows, starts, imag
 _NUMPY_ERRORS = {"_pixel_flim"}
 
 
-#: at most this many frames' intensity is decoded by :func:`_intensity_few` (NumPy)...
-FEW_FRAMES = 4
-#: ... in the first calls of a process, before any compiled kernel ran: from this many
-#: small reads on, a process that reads many (Dask tasks of single frames, a viewer)
-#: pays Numba's start-up once and gets the kernel, 2-9x faster per call
-FEW_CALLS = 16
-_few_calls_left = [FEW_CALLS]
-
-
-def _intensity_few(buf, enc, off, nb, hh, ww, sy, sx, out, status):
-    """NumPy twin of :func:`_intensity` for a few frames: no compiled code runs.
-
-    A process's first call of any compiled kernel costs Numba's start-up (~0.3-0.5 s:
-    its registries, and a ``scipy.linalg`` import to look for BLAS), which a first
-    look at one frame need not pay: this vectorised copy of the kernel's semantics
-    (same bounds checks through the scalar helpers' Python source, same status per
-    frame, same saturation at 65535 and the same partial counts before a bad
-    record) serves intensity reads of up to :data:`FEW_FRAMES` frames until a
-    compiled kernel has run or :data:`FEW_CALLS` such reads were made. A test
-    compares it with the kernel on valid and damaged frames of every encoding.
-    """
-    for i in range(enc.shape[0]):
-        e, o, n = int(enc[i]), int(off[i]), int(nb[i])
-        h, w, dy, dx = int(hh[i]), int(ww[i]), int(sy[i]), int(sx[i])
-        if not _in_bounds.py_func(buf, e, o, n, h, w):
-            status[i] = ST_OUT_OF_BOUNDS
-            continue
-        row = out[i]
-        if e == ENC_RAW:
-            rec = buf[o : o + 8 * (n // 8)].view(np.uint64)
-            y = (rec >> np.uint64(48)).astype(np.int64)
-            x = ((rec >> np.uint64(32)) & np.uint64(0xFFFF)).astype(np.int64)
-            bad = np.flatnonzero((y >= h) | (x >= w))
-            k = int(bad[0]) if bad.size else rec.shape[0]
-            q = (y[:k] + dy) % h * w + (x[:k] + dx) % w
-            counts = np.bincount(q, minlength=h * w)
-            st = ST_BAD_PIXEL if bad.size else ST_OK
-            if counts.size and counts.max() > 65535:
-                np.minimum(counts, 65535, out=counts)
-                st = st if bad.size else ST_SATURATED
-            row[:] = counts
-            status[i] = st
-            continue
-        start = o - 2 * h * w if e == ENC_COMPRESSED else o
-        img = buf[start : start + 2 * h * w].view(np.uint16)
-        if e == ENC_COMPRESSED and 2 * int(img.sum(dtype=np.int64)) != n:
-            status[i] = ST_MISMATCH
-            continue
-        row[:] = np.roll(img.reshape(h, w), (dy, dx), axis=(0, 1)).reshape(-1)
-        status[i] = ST_OK
-
-
 def _compile(f, parallel: bool):
     """Compile kernel ``f``, parallel or serial, each with its own on-disk cache entry.
 
@@ -842,18 +782,13 @@ def kernel(name: str) -> tuple:
 _PARALLEL_LOCK = threading.Lock()
 
 
-def run(name: str, *args) -> None:
+def run_compiled(name: str, *args) -> None:
     """Run kernel ``name``; parallel if no other thread is in a parallel kernel.
 
     The ``nchunks`` argument is filled in here, after the :data:`FRAME_ARGS`.
-    A process's first few small intensity reads run :func:`_intensity_few`.
+    Callers go through :func:`.decode.run`.
     """
     n = len(args[1])
-    if name == "intensity" and n <= FEW_FRAMES and _few_calls_left[0] > 0:
-        _few_calls_left[0] -= 1
-        _intensity_few(*args)
-        return
-    _few_calls_left[0] = 0  # compiled code is loaded now: it is faster from here on
     args = (*args[:FRAME_ARGS], _nchunks(n), *args[FRAME_ARGS:])
     par, ser = kernel(name)
     if _PARALLEL_LOCK.acquire(blocking=False):

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._options import HistogramMode, histogram_length
 from ..errors import SiffFormatError, SiffWarning, user_stacklevel
-from . import kernels as K
+from . import decode as K
 
 __all__ = ["FrameSelection", "PhotonReductions", "Shifts", "shifts_for_frames"]
 

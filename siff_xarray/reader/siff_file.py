@@ -42,7 +42,7 @@ from ..format.constants import (
 from ..format.header import FileHeader, read_header
 from ..format.imparams import ImParams
 from ..format.metadata import RoiGroup, ScanImageMetadata, parse_nvfd, parse_roi_groups
-from . import kernels as K
+from . import decode as K
 from .frame_meta import FrameTimestamps, parse_description, parse_timestamps
 from .ifd import FrameIndex, build_frame_index, pread_ranges, unread_bytes
 from .index_cache import (
