@@ -1235,3 +1235,21 @@ def test_a_store_opens_as_a_datatree_with_photons_and_ome_levels(tmp_path):
     np.testing.assert_array_equal(
         tree["/photons"].arrival_time.values[start:start + counts[4]], tau)
     tree.close()
+
+
+def test_verify_reports_batches_in_frame_order_and_stops_after_50(tmp_path):
+    """Batches are compared two at a time; what they find comes out in frame order."""
+    import zarr
+
+    t = write_siff(tmp_path / "many.siff", shape=(8, 8), n_timepoints=80, photons_per_frame=60,
+                   seed=5)
+    dst = tmp_path / "many.zarr"
+    zs.convert(t.path, dst)
+    arr = zarr.open_array(str(dst), path="photons/arrival_time", mode="r+")
+    arr[:] = arr[:] + 1  # every frame's arrival times change; checksums stay valid
+    problems = zs.verify(t.path, dst, batch_frames=1)  # one frame per batch
+    # each batch finds two (arrival times, and the histogram made from them)
+    assert 51 <= len(problems) <= 53 and problems[-1] == "... (stopped after 50 differences)"
+    frames = [int(p.rsplit("frame ", 1)[1].rstrip(")")) for p in problems
+              if p.startswith("arrival times differ")]
+    assert frames == list(range(len(frames))) and len(frames) >= 25, problems

@@ -43,7 +43,9 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
     if out.exists() and not overwrite:
         raise ConversionError(f"{out}: exists; pass overwrite=True to replace it")
     target = Target(os.fspath(store), storage_options)
-    ds = open_converted(store, storage_options=storage_options, partial_volume="keep")
+    # not Dask-backed: each batch's count images are one zarr read (see verify)
+    ds = open_converted(store, storage_options=storage_options, partial_volume="keep",
+                        chunks=None)
     try:
         zstore = target.reader()  # a missing chunk is an error, not zeros in the file
         grp = zarr.open_group(zstore, path="photons", mode="r")

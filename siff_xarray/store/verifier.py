@@ -55,9 +55,11 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
     import zarr
 
     problems: list[str] = []
-    # missing chunks read as zeros here: they are counted and reported with the rest
+    # missing chunks read as zeros here: they are counted and reported with the rest.
+    # Not Dask-backed: each block is one zarr read that decodes its chunks at once (a
+    # Dask graph per block of one task per 2-timepoint chunk cost 5 of 17 s)
     ds = open_converted(store, storage_options=target_options, partial_volume="keep",
-                        missing_chunks="zeros")
+                        missing_chunks="zeros", chunks=None)
     try:
         zstore = target.zarr()
         grp = zarr.open_group(zstore, path="photons", mode="r")
@@ -104,16 +106,19 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             batch_frames = frames_per_batch(batch_frames, h * w)
             bar = stack.enter_context(Reporter(f"verify {short_name(target.destination)}",
                                                n, "frames", progress))
-            for a in bar.track(range(0, n, batch_frames), lambda a: min(batch_frames, n - a)):
+
+            def check(a: int) -> list[str]:
+                """Differences in the batch of frames from ``a`` (runs in a worker thread)."""
                 fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
                 imgs = f.read_frames(fr)
                 imgs_z = count_images(ds, grp, fr, pos, fly, imgs.shape[1:])
+                out = []
                 bad = np.flatnonzero((imgs_z != imgs).reshape(len(fr), -1).any(axis=1))
                 if bad.size:
-                    problems.append(f"count images differ in {bad.size} frames (first "
-                                    f"{int(fr[bad[0]])})")
+                    out.append(f"count images differ in {bad.size} frames (first "
+                               f"{int(fr[bad[0]])})")
                 if intensity_only:  # TIFF pages: the count images are everything
-                    continue
+                    return out
                 s_src, pix_src, tau_src = f.photons_batch(fr)
                 c = counts[fr]
                 lo, hi = int(starts_z[fr].min()), int((starts_z[fr] + c).max())
@@ -126,13 +131,12 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
                 hw = imgs.shape[1] * imgs.shape[2]
                 if not np.array_equal(imgs_z.reshape(len(fr), hw).sum(axis=1, dtype=np.int64),
                                       c):  # the store contradicts itself
-                    problems.append(f"photons/photon_count disagrees with the count images in "
-                                    f"frames {a}-{a + len(fr) - 1}")
-                    continue
+                    return [*out, f"photons/photon_count disagrees with the count images in "
+                                  f"frames {a}-{a + len(fr) - 1}"]
                 frame_z = np.repeat(np.arange(len(fr)), c)
                 if has_hist and not _histograms_agree(ds, fr, pos, frame_z, tau_z):
-                    problems.append(f"histogram differs from the photons in frames "
-                                    f"{a}-{a + len(fr) - 1}")
+                    out.append(f"histogram differs from the photons in frames "
+                               f"{a}-{a + len(fr) - 1}")
                 # the store's photons lie in (frame, pixel) order, imgs_z[j, i] of them at
                 # pixel i of frame j: the source's must be in that order with those counts
                 key = np.repeat(np.arange(len(fr), dtype=np.int64) * hw,
@@ -140,8 +144,7 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
                 if (key.size != int(c.sum()) or (key.size and (np.diff(key) < 0).any())
                         or not np.array_equal(np.bincount(key, minlength=len(fr) * hw),
                                               imgs_z.reshape(-1))):
-                    problems.append(f"photon pixels differ in frames {a}-{a + len(fr) - 1}")
-                    continue
+                    return [*out, f"photon pixels differ in frames {a}-{a + len(fr) - 1}"]
                 # equal multisets of arrival times within each (frame, pixel): both sides
                 # sort a frame's photons by pixel, stably, so they are almost always in
                 # the same order too (one comparison); only otherwise sort them
@@ -149,8 +152,16 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
                     oz = np.lexsort((tau_z, key))
                     diff = np.flatnonzero(tau_z[oz] != tau_src[np.lexsort((tau_src, key))])
                     if diff.size:
-                        problems.append(f"arrival times differ (first in frame "
-                                        f"{int(fr[frame_z[oz][diff[0]]])})")
+                        out.append(f"arrival times differ (first in frame "
+                                   f"{int(fr[frame_z[oz][diff[0]]])})")
+                return out
+
+            # two batches at once: while one thread waits for the store's chunks (zarr
+            # decompresses on its own threads) the other decodes and compares (Numba
+            # and numpy release the GIL); results are taken in order
+            for a, found in _in_order(check, range(0, n, batch_frames), stack):
+                problems.extend(found)
+                bar.advance(min(batch_frames, n - a))
                 if len(problems) > 50:
                     problems.append("... (stopped after 50 differences)")
                     break
@@ -161,6 +172,32 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
     finally:
         ds.close()
     return problems
+
+
+#: batches of a verification compared at once (each holds its frames' photons twice)
+VERIFY_THREADS = 2
+
+
+def _in_order(fn: Any, items: range, stack: contextlib.ExitStack) -> Any:
+    """Yield ``(item, fn(item))`` in order, up to :data:`VERIFY_THREADS` calls at once.
+
+    A consumer that stops early leaves at most that many calls submitted; when
+    ``stack`` closes, those not started are cancelled and the running ones awaited.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="siff-verify")
+    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+    ahead: deque[Any] = deque()
+    for item in items:
+        ahead.append((item, pool.submit(fn, item)))
+        if len(ahead) >= VERIFY_THREADS:
+            done, job = ahead.popleft()
+            yield done, job.result()
+    while ahead:
+        done, job = ahead.popleft()
+        yield done, job.result()
 
 
 def _histograms_agree(ds: Any, fr: np.ndarray, pos: np.ndarray, frame_z: np.ndarray,
