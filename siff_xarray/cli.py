@@ -218,15 +218,26 @@ class _ProgressLine:
         self.name = name
         self.quiet = quiet
         self.width = 24
+        try:  # a log file (a batch job's) gets a line per tenth, not one line per batch
+            self.terminal = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.terminal = False
+        self.tenths = -1
 
     def __call__(self, p: Any) -> None:
         if self.quiet:
             return
         frac = p.batches_done / p.batches_total if p.batches_total else 1.0
-        bar = "#" * int(frac * self.width)
         eta = f"{p.eta_s:.0f} s" if p.eta_s == p.eta_s else "?"
-        click.echo(f"\r{self.name} [{bar:<{self.width}}] {p.frames_done}/{p.frames_total} "
-                   f"frames, {p.mb_per_s:.0f} MB/s, ETA {eta}   ", nl=False, err=True)
+        counts = (f"{p.frames_done}/{p.frames_total} frames, {p.mb_per_s:.0f} MB/s, "
+                  f"ETA {eta}")
+        if not self.terminal:
+            if int(frac * 10) > self.tenths:
+                self.tenths = int(frac * 10)
+                click.echo(f"{self.name}: {frac:.0%} ({counts})", err=True)
+            return
+        bar = "#" * int(frac * self.width)
+        click.echo(f"\r{self.name} [{bar:<{self.width}}] {counts}   ", nl=False, err=True)
         if p.batches_done == p.batches_total:
             click.echo("", err=True)
 

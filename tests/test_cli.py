@@ -148,6 +148,8 @@ def test_convert_and_verify_commands(siff_files, tmp_path, capsys):
     main(["convert", t.path, str(dst), "--shard-mb", "0.001"])
     out, err = capsys.readouterr()
     assert "frames" in err and "MB/s" in err and "ETA" in err  # the progress line
+    # stderr is not a terminal here (a batch job's log): whole lines, a tenth at a time
+    assert "\r" not in err and err.count("%") <= 11 and "100% (" in err, err
     assert f"-> {dst}" in out and f"{t.n_frames} frames" in out and "photons" in out
     main(["verify", t.path, str(dst)])
     assert capsys.readouterr().out.startswith("OK:")
