@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=WALKTHROUGH_VOLUMES)
     ap.add_argument("--path", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--jobs", default="copy,convert,values,register,startup",
+    ap.add_argument("--jobs", default="copy,convert,verify,values,register,startup",
                     help="comma-separated subset of the jobs")
     args = ap.parse_args()
     path = args.path or HERE / "_data" / f"scale_{args.volumes}v.siff"
@@ -155,6 +155,16 @@ def main() -> None:
             store = sum(f.stat().st_size for f in Path(dst).rglob("*") if f.is_file())
             add("convert to Zarr", "siff-xarray", r,
                 f"{size / mb / r['seconds']:.0f} MB/s of .siff; store {store / mb:.0f} MB")
+            if "verify" not in jobs:
+                shutil.rmtree(dst, ignore_errors=True)
+        if "verify" in jobs:  # every photon of the store against the source
+            dst = str(tmp_dir / "run.zarr")
+            if not Path(dst).exists():
+                job(f"convert({src!r}, {dst!r}, progress=False)", "from siff_xarray import convert")
+            r = median_job(f"p = verify({src!r}, {dst!r}, progress=False)\n"
+                           "assert p == [], p", "from siff_xarray import verify", args.repeats)
+            add("verify the store against the file", "siff-xarray", r,
+                f"{size / mb / r['seconds']:.0f} MB/s of .siff")
             shutil.rmtree(dst, ignore_errors=True)
         opened = ("import numpy as np, xarray as xr, siff_xarray\n"
                   f"ds = xr.open_dataset({src!r}, engine='siff')\n")
