@@ -19,6 +19,13 @@ have none) and peak *anonymous* memory, sampled every 2 ms from ``/proc/self/sta
 map of the file, which ``ru_maxrss`` counts); for the conversion, whose worker
 processes or threads all live in that process, likewise.
 
+Jobs (``--jobs``, comma-separated): ``copy`` (the references ``cp`` and ``cat``),
+``convert``, ``verify`` (the converted store against the file, every photon),
+``values`` (the bright channel eagerly), ``register`` and ``startup`` (a first
+``open_dataset`` + one frame against importing xarray and numba and building a first
+Dataset, our share timed in one process, and ``siff-xarray info``; our modules are
+compiled to bytecode first, as an install does).
+
 References measured in the same run: ``cp`` of the file to the same disk and ``cat``
 to /dev/null (the disk and page-cache floors of a conversion), the size of the
 result (the floor of an eager read), and corrosiffpy where it has the call.
