@@ -649,6 +649,14 @@ def test_cached_open_and_a_first_frame_do_not_load_numba(siff_files):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(t.n_frames), "False", "False", "True"], out.stdout
+    # the same through xarray, as a user's first look at a file
+    code = ("import sys\nimport xarray as xr\n"
+            f"ds = xr.open_dataset({str(t.path)!r}, engine='siff')\n"
+            "ds.intensity[0, 0, 0].values\n"
+            "print('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"], out.stdout
 
 
 # ------------------------------------------------------------------ NumPy twin of a kernel
