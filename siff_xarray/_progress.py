@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DELAY_S", "ProgressArg", "Reporter", "Step", "set_progress", "short_name"]
+__all__ = ["DELAY_S", "ProgressArg", "Reporter", "Step", "set_progress", "short_name",
+           "watched"]
 
 #: seconds of work before an automatic bar appears (short calls stay silent)
 DELAY_S = 1.0
@@ -73,7 +74,7 @@ def short_name(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1] or str(path)
 
 
-def _watched() -> bool:
+def watched() -> bool:
     """Tell whether a person is likely watching: a terminal or an IPython kernel."""
     if "ipykernel" in sys.modules:
         return True
@@ -95,7 +96,7 @@ def _resolve(progress: ProgressArg) -> bool | Callable[[Step], Any] | None:
             return False
         if env in ("1", "true", "yes", "on"):
             return True
-        return None if _watched() else False
+        return None if watched() else False
     return bool(progress)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from ._progress import watched
 from .errors import ConversionError, SiffFormatError
 
 
@@ -218,10 +219,9 @@ class _ProgressLine:
         self.name = name
         self.quiet = quiet
         self.width = 24
-        try:  # a log file (a batch job's) gets a line per tenth, not one line per batch
-            self.terminal = sys.stderr.isatty()
-        except (AttributeError, ValueError):
-            self.terminal = False
+        # nobody watching (a batch job's log): a whole line per tenth, not a bar redrawn
+        # with carriage returns
+        self.terminal = watched()
         self.tenths = -1
 
     def __call__(self, p: Any) -> None:

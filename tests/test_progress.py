@@ -68,7 +68,7 @@ def test_bars_when_asked_or_watched_and_silence_otherwise(run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "verify" in err and "80/80" in err and "frames" in err
     # someone watches (a terminal or a notebook) and the work takes long: a bar
-    monkeypatch.setattr(_progress, "_watched", lambda: True)
+    monkeypatch.setattr(_progress, "watched", lambda: True)
     monkeypatch.setattr(_progress, "DELAY_S", 0.0)
     from siff_xarray.accessor import reductions
 
@@ -94,7 +94,7 @@ def test_bars_when_asked_or_watched_and_silence_otherwise(run, tmp_path, capsys,
 
 
 def test_short_work_draws_no_bar_even_when_watched(capsys, monkeypatch):
-    monkeypatch.setattr(_progress, "_watched", lambda: True)  # DELAY_S stays 1 s
+    monkeypatch.setattr(_progress, "watched", lambda: True)  # DELAY_S stays 1 s
     with _progress.Reporter("quick", 10, "frames") as bar:
         for _ in bar.track(range(10)):
             pass
