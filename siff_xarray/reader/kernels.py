@@ -779,6 +779,8 @@ def kernel(name: str) -> tuple:
         built = _BUILT.setdefault(name, (_compile(_SOURCES[name], True),
                                          _compile(_SOURCES[name], False)))
     return built
+
+
 _PARALLEL_LOCK = threading.Lock()
 
 

@@ -71,7 +71,7 @@ class PhotonReductions:
         return contextlib.nullcontext(args)
 
     def _run(self, kernel: str, *args: Any) -> None:
-        """Run a decode kernel (:func:`kernels.run`) while its bytes are held."""
+        """Run a decode kernel (:func:`decode.run`) while its bytes are held."""
         with self._reading(args[:K.FRAME_ARGS]) as held:
             K.run(kernel, *held, *args[K.FRAME_ARGS:])
 
