@@ -320,3 +320,67 @@ def test_planes_run_in_threads_only_on_the_cores_this_process_may_use(monkeypatc
         monkeypatch.setattr(os, "cpu_count", lambda: 2)
     both = likelihood._per_plane(where, 4)
     assert {w for _, w in both} == {1} and threading.get_ident() not in {i for i, _ in both}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 4), st.integers(0, 4),
+       st.integers(0, 2**16))
+def test_window_totals_and_binning_are_the_brute_force_sums(h, w, my, mx, seed):
+    from siff_xarray.registration import likelihood
+
+    rng = np.random.default_rng(seed)
+    canvas = rng.random((h + 2 * my, w + 2 * mx)) + 0.1
+    got = likelihood._window_totals(canvas, (h, w))
+    want = np.array([[canvas[y: y + h, x: x + w].sum() for x in range(2 * mx + 1)]
+                     for y in range(2 * my + 1)])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    frames = rng.integers(0, 50, (3, h, w)).astype(np.uint16)
+    hb, wb = h // 2 * 2, w // 2 * 2
+    want_bin = frames[:, :hb, :wb].reshape(3, hb // 2, 2, wb // 2, 2).sum(axis=(2, 4))
+    np.testing.assert_array_equal(likelihood._bin(frames, 2), want_bin)
+
+
+def test_coarse_peaks_and_the_search_range():
+    from siff_xarray.registration import likelihood
+
+    # a map that is a parabola in each axis with its vertex between grid points
+    yy, xx = np.mgrid[-4:5, -4:5]
+    vertex = (1.3, -2.4)
+    maps = -((yy - vertex[0]) ** 2 + 2 * (xx - vertex[1]) ** 2)[None, None].astype(float)
+    at = np.array([[[1, -2]]])  # the grid maximum, (N=1, Z=1, 2)
+    off = likelihood._peak_offsets(maps, at, (4, 4))
+    np.testing.assert_allclose(off[0, 0], [0.3, -0.4])
+    # at the map's edge there is no neighbour: no offset
+    assert (likelihood._peak_offsets(maps, np.array([[[4, -4]]]), (4, 4)) == 0).all()
+    # the search range covers what is needed, stays within the limit, and gives
+    # canvases with small prime factors only
+    import scipy.fft as sfft
+
+    for need in range(0, 40):
+        my, mx = likelihood._search_margin((256, 128), (32, 32), np.array([need, need]))
+        assert min(need, 32) <= my <= 32 and min(need, 32) <= mx <= 32
+        assert my == 32 or sfft.next_fast_len(256 + 2 * my, real=True) == 256 + 2 * my
+
+
+def test_a_rare_jump_outside_the_coarse_frames_is_still_found(tmp_path):
+    import xarray as xr
+
+    # The coarse levels place 64 evenly spaced frames first; the fine levels search
+    # only as far as the coarse shifts of *every* frame reach (a faster transform).
+    # Frames jumping far away outside those 64 must widen that range.
+    n = 100
+    coarse = set(np.unique(np.linspace(0, n - 1, 64).round()).astype(int).tolist())
+    jumps = [k for k in range(n) if k not in coarse][5::7][:4]
+    walk = np.random.default_rng(2).integers(-1, 2, (n, 2))
+    walk[jumps] = [[10, -9], [-11, 8], [9, 10], [-10, -10]]
+    t = write_siff(tmp_path / "j.siff", shape=(128, 96), n_timepoints=n,
+                   photons_per_frame=6000, max_shift=12, motion=walk, seed=4,
+                   encoding="compressed")
+    with xr.open_dataset(t.path, engine="siff") as ds:
+        reg = ds.siff.register(max_shift=16)
+        oracle = _oracle_rates(t, ds)
+        rates = _rates(t, ds, reg)
+    est = np.stack([reg.shift_y.values[:, 0], reg.shift_x.values[:, 0]], axis=-1)
+    offset = np.median(est - t.shifts, axis=0)
+    np.testing.assert_array_equal(est[jumps] - t.shifts[jumps], np.tile(offset, (4, 1)))
+    assert rates[0] >= oracle[0] - 0.02, (rates, oracle)

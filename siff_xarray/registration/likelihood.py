@@ -53,6 +53,9 @@ __all__ = [
 
 _JIT = {"cache": True, "nogil": True}
 
+#: Pixels beyond the largest coarse shift that the full-resolution levels search.
+SLACK = 4
+
 #: Bytes of frame spectra :func:`register_likelihood` keeps between iterations.
 SPECTRA_BUDGET = 1 << 30
 
@@ -140,7 +143,8 @@ def frame_spectra(frames: np.ndarray, canvas_shape: tuple[int, int], *, workers:
 
 
 def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
-                    spectra: np.ndarray | None = None, workers: int = -1) -> np.ndarray:
+                    spectra: np.ndarray | None = None, totals: np.ndarray | None = None,
+                    workers: int = -1) -> np.ndarray:
     """Log-likelihood of every shift of every frame under ``canvas``.
 
     Parameters
@@ -154,6 +158,8 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
     spectra
         The frames' :func:`frame_spectra` for this canvas shape, when already
         computed (iterations over the same frames reuse them).
+    totals
+        The frames' photon counts, when already known.
     workers
         Threads of each transform (``scipy.fft``; -1: every core).
 
@@ -171,13 +177,9 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
     log_r = np.log(canvas)
     log_r -= log_r.mean()  # a constant per frame; keeps float32 sums small
     f_log = sfft.rfft2(log_r.astype(np.float32), workers=workers)
-    # the window total at every offset, from an integral image
-    cs = np.zeros((hh + 1, ww + 1))
-    cs[1:, 1:] = canvas.cumsum(0).cumsum(1)
-    oy, ox = np.arange(2 * my + 1)[:, None], np.arange(2 * mx + 1)[None, :]
-    box = cs[oy + h, ox + w] - cs[oy, ox + w] - cs[oy + h, ox] + cs[oy, ox]
-    log_box = np.log(box)
-    totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
+    log_box = np.log(_window_totals(canvas, (h, w)))
+    if totals is None:
+        totals = frames.reshape(n, -1).sum(axis=1, dtype=np.float64)
     out = np.empty((n, 2 * my + 1, 2 * mx + 1))
     for a in range(0, n, batch):
         f = (frame_spectra(frames[a: a + batch], (hh, ww), workers=workers) if spectra is None
@@ -191,6 +193,26 @@ def likelihood_maps(frames: np.ndarray, canvas: np.ndarray, *, batch: int = 128,
         out[a: a + batch] = corr[:, :, : 2 * mx + 1]
         out[a: a + batch] -= totals[a: a + batch, None, None] * log_box
     return out
+
+
+def _sliding_sums(a: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Return the sums of ``n`` consecutive entries along ``axis``, for every start."""
+    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, 0)
+    out = np.empty((a.shape[0] - n + 1, *a.shape[1:]))
+    out[0] = a[:n].sum(axis=0)
+    out[1:] = a[n:] - a[: a.shape[0] - n]  # what enters minus what leaves
+    np.cumsum(out, axis=0, out=out)
+    return np.moveaxis(out, 0, axis)
+
+
+def _window_totals(canvas: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
+    """Total of ``canvas`` under a frame's window at every offset ``(2 My + 1, 2 Mx + 1)``.
+
+    Separable running sums: the full frame's rows are added once, then only the
+    rows and columns that enter and leave the window as it moves.
+    """
+    h, w = frame_shape
+    return _sliding_sums(_sliding_sums(canvas, h, 0), w, 1)
 
 
 @numba.njit(**_JIT)
@@ -437,11 +459,63 @@ def _per_plane(fn: Callable[[int, int], Any], nz: int) -> list[Any]:
         return list(pool.map(lambda z: fn(z, 1), range(nz)))
 
 
+def _peak_offsets(maps: np.ndarray, at: np.ndarray, margin: tuple[int, int]) -> np.ndarray:
+    """Sub-pixel offsets ``(N, Z, 2)`` in ``[-0.5, 0.5]`` of the peaks of ``maps (Z, N, A, B)``.
+
+    A parabola through each frame's chosen shift ``at (N, Z, 2)`` and its two
+    neighbours, per axis (0 where a neighbour lies outside the map or the three
+    values do not curve down).
+    """
+    nz, n, a_len, b_len = maps.shape
+    out = np.zeros((n, nz, 2))
+    if not maps.size:
+        return out
+    iy = at[..., 0].T + margin[0]  # (Z, N)
+    ix = at[..., 1].T + margin[1]
+    zz, nn = np.meshgrid(np.arange(nz), np.arange(n), indexing="ij")
+    for axis, (i, length) in enumerate(((iy, a_len), (ix, b_len))):
+        inside = (i > 0) & (i < length - 1)
+        lo, hi = np.clip(i - 1, 0, length - 1), np.clip(i + 1, 0, length - 1)
+        if axis == 0:
+            v0, v1, v2 = maps[zz, nn, lo, ix], maps[zz, nn, i, ix], maps[zz, nn, hi, ix]
+        else:
+            v0, v1, v2 = maps[zz, nn, iy, lo], maps[zz, nn, iy, i], maps[zz, nn, iy, hi]
+        curve = v0 - 2 * v1 + v2
+        ok = inside & (curve < 0)
+        off = np.where(ok, 0.5 * (v0 - v2) / np.where(ok, curve, -1.0), 0.0)
+        out[..., axis] = np.clip(off, -0.5, 0.5).T
+    return out
+
+
+def _search_margin(frame_shape: tuple[int, int], limit: tuple[int, int],
+                   need: np.ndarray) -> tuple[int, int]:
+    """Return the smallest margin per axis ``>= need`` (at most ``limit``).
+
+    Among those, the first whose canvas side has only small prime factors (fast
+    transforms).
+    """
+    out = []
+    for d, lim, m in zip(frame_shape, limit, need.tolist(), strict=True):
+        m = min(int(m), lim)
+        while m < lim and sfft.next_fast_len(d + 2 * m, real=True) != d + 2 * m:
+            m += 1
+        out.append(m)
+    return out[0], out[1]
+
+
 def _bin(frames: np.ndarray, b: int) -> np.ndarray:
-    """Sum ``b x b`` blocks of the last two axes (a remainder row/column is dropped)."""
+    """Sum ``b x b`` blocks of the last two axes (a remainder row/column is dropped).
+
+    One strided add per position in the block (float32): a reduction over two
+    axes of a reshaped view, with the cast, is ten times slower.
+    """
     h, w = frames.shape[-2] // b * b, frames.shape[-1] // b * b
-    f = frames[..., :h, :w].reshape(*frames.shape[:-2], h // b, b, w // b, b)
-    return np.ascontiguousarray(f.sum(axis=(-3, -1), dtype=np.float32))
+    out = frames[..., 0:h:b, 0:w:b].astype(np.float32)
+    for i in range(b):
+        for j in range(b):
+            if i or j:
+                out += frames[..., i:h:b, j:w:b]
+    return out
 
 
 class _Stack:
@@ -493,7 +567,7 @@ class _Stack:
                 out[z, rows] = likelihood_maps(
                     frames[sel], canvas,
                     spectra=None if self.spectra is None else self.spectra[z][sel],
-                    workers=workers)
+                    totals=self.totals[z][sel], workers=workers)
 
         _per_plane(plane, len(self.planes))
         return out
@@ -550,8 +624,9 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
     subset, everything = np.arange(len(first)), np.arange(n)
     shifts = np.zeros((n, nz, 2), dtype=np.int64)
     quality = np.zeros((n, nz))
-    full = _Stack([np.ascontiguousarray(frames[perm, z]) for z in range(nz)], margin)
+    planes = [np.ascontiguousarray(frames[perm, z]) for z in range(nz)]
     settle = 4 * max(n_iter, 3)  # the coarse levels see few frames: let them converge
+    last_maps: list[np.ndarray] = [np.zeros(0)]
 
     def align(stack: _Stack, at: np.ndarray, idx: np.ndarray, fit: np.ndarray,
               sigma: float) -> bool:
@@ -561,6 +636,7 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
         between two shifts forever.
         """
         maps = _pool(stack.maps(at, idx, fit, sigma, folds, prior), pool)
+        last_maps[0] = maps
         if step_cost and len(idx) == n:  # the prior links frames in time order
             new, margins = decode_maps(maps[:, in_time], step_cost=step_cost)
             new, margins = new[:, perm], margins[:, perm]
@@ -568,7 +644,7 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
             new, margins = decode_maps(maps)
         moved = int((new.transpose(1, 0, 2) != at[idx]).any(axis=2).sum())
         at[idx] = new.transpose(1, 0, 2)
-        if stack is full:
+        if stack.shape == (h, w):
             quality[idx] = margins.T
         return moved > 0.01 * len(idx) * nz
 
@@ -578,20 +654,26 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
     # the coarsest levels place the subset on frames binned 2 x 2 (a quarter of the
     # work; a canvas smoothed by 4 pixels or more loses nothing to 2-pixel bins)
     binned = [sg for sg in levels if sg >= 4] if min(h, w) >= 64 else []
+    search = margin
     if binned and len(subset):
-        coarse = _Stack([_bin(p[subset], 2) for p in full.planes],
+        coarse = _Stack([_bin(p, 2) for p in planes],
                         tuple(min(-(-m // 2), max(d // 4 - 1, 0))
                               for m, d in zip(margin, (h, w), strict=True)))
-        at = np.zeros((len(subset), nz, 2), dtype=np.int64)
-        local = np.arange(len(subset))
+        at = np.zeros((n, nz, 2), dtype=np.int64)
         for sigma in binned:
             for _ in range(settle):
-                if not align(coarse, at, local, local, sigma / 2):
+                if not align(coarse, at, subset, subset, sigma / 2):
                     break
             if on_level is not None:
                 on_level()
-        shifts[subset] = np.clip(2 * at, -np.array(margin), np.array(margin))
+        if n > len(subset):  # a rough place for every frame, and so a search range
+            align(coarse, at, everything, subset, binned[-1] / 2)
+        start = 2 * (at + _peak_offsets(last_maps[0], at, coarse.margin))
+        shifts = np.clip(np.round(start).astype(np.int64), -np.array(margin),
+                         np.array(margin))
+        search = _search_margin((h, w), margin, np.abs(shifts).max(axis=(0, 1)) + SLACK)
         levels = [sg for sg in levels if sg < 4]
+    full = _Stack(planes, search)
     used = subset
     for sigma in levels:
         idx = subset if sigma >= 2 else everything
@@ -610,6 +692,6 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
         shifts = np.clip(shifts - np.broadcast_to(centre, (nz, 2)), -np.array(margin),
                          np.array(margin))
     last = float(schedule[-1]) if len(schedule) else 0.0
-    canvases = np.stack([estimate_canvas(full.planes[z], shifts[:, z], margin, prior=prior,
+    canvases = np.stack([estimate_canvas(planes[z], shifts[:, z], margin, prior=prior,
                                          sigma=last) for z in range(nz)])
     return canvases, shifts[in_time], quality[in_time]
