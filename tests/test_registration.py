@@ -384,3 +384,37 @@ def test_a_rare_jump_outside_the_coarse_frames_is_still_found(tmp_path):
     offset = np.median(est - t.shifts, axis=0)
     np.testing.assert_array_equal(est[jumps] - t.shifts[jumps], np.tile(offset, (4, 1)))
     assert rates[0] >= oracle[0] - 0.02, (rates, oracle)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.floats(0.5, 7.0), st.integers(0, 2**16))
+def test_compiled_smoothing_is_scipys_gaussian_filter(h, w, sigma, seed):
+    from scipy.ndimage import gaussian_filter
+
+    from siff_xarray.registration import likelihood
+
+    img = np.random.default_rng(seed).random((h, w)) * 100
+    want = gaussian_filter(img.astype(np.float32), sigma, mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(likelihood._smooth(img, sigma), want, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 3), st.integers(0, 3),
+       st.integers(1, 5), st.integers(0, 2**16))
+def test_accumulated_photons_and_exposure_are_the_brute_force_sums(h, w, my, mx, n, seed):
+    from siff_xarray.registration import likelihood
+
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 9, (n, h, w)).astype(np.uint16)
+    shifts = np.stack([rng.integers(-my, my + 1, n), rng.integers(-mx, mx + 1, n)], axis=1)
+    totals = frames.reshape(n, -1).sum(axis=1).astype(float) + 1.0
+    group = rng.integers(0, 2, n)
+    acc, exposure = likelihood._accumulate(frames, shifts, (my, mx), totals, 3.0, group, 2)
+    want_acc = np.zeros((2, h + 2 * my, w + 2 * mx))
+    want_exp = np.zeros_like(want_acc)
+    for i in range(n):
+        y, x = shifts[i] + (my, mx)
+        want_acc[group[i], y: y + h, x: x + w] += frames[i]
+        want_exp[group[i], y: y + h, x: x + w] += totals[i] / 3.0
+    np.testing.assert_array_equal(acc, want_acc)
+    np.testing.assert_allclose(exposure, want_exp, rtol=1e-12, atol=1e-12)

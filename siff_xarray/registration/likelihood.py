@@ -44,7 +44,7 @@ from typing import Any
 import numba
 import numpy as np
 import scipy.fft as sfft
-from scipy.ndimage import distance_transform_edt, gaussian_filter
+from scipy.ndimage import distance_transform_edt
 
 __all__ = [
     "align_planes", "canvas_margin", "decode_maps", "default_schedule", "estimate_canvas",
@@ -221,8 +221,9 @@ def _accumulate_kernel(frames: np.ndarray, offsets: np.ndarray, group: np.ndarra
                        exposure: np.ndarray) -> None:  # pragma: no cover - jitted
     """Add each frame ``n`` at ``offsets[n]`` into ``acc[group[n]]``.
 
-    Its brightness goes over its window into ``exposure[group[n]]`` (the corners of
-    a difference array, summed up by the caller).
+    Its brightness goes over its window into ``exposure[group[n]]``: the corners of
+    a difference array ``(G, H + 1, W + 1)``, summed up at the end (the running
+    sums along both axes, in place).
     """
     n, h, w = frames.shape
     n_groups, hh, ww = acc.shape
@@ -237,6 +238,13 @@ def _accumulate_kernel(frames: np.ndarray, offsets: np.ndarray, group: np.ndarra
         exposure[g, oy, ox + w] -= bright[i]
         exposure[g, oy + h, ox] -= bright[i]
         exposure[g, oy + h, ox + w] += bright[i]
+    for g in range(exposure.shape[0]):
+        for y in range(exposure.shape[1]):
+            for x in range(1, exposure.shape[2]):
+                exposure[g, y, x] += exposure[g, y, x - 1]
+            if y:
+                for x in range(exposure.shape[2]):
+                    exposure[g, y, x] += exposure[g, y - 1, x]
 
 
 def _accumulate(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, int],
@@ -261,8 +269,7 @@ def _accumulate(frames: np.ndarray, shifts: np.ndarray, margin: tuple[int, int],
             np.asarray(group, dtype=np.int64)
         _accumulate_kernel(np.ascontiguousarray(frames), offsets, group,
                            np.asarray(totals, dtype=np.float64) / mean_total, acc, diff)
-    exposure = diff.cumsum(axis=1).cumsum(axis=2)[:, :hh, :ww]
-    return acc, exposure
+    return acc, diff[:, :hh, :ww]
 
 
 #: The covered masks seen last and their nearest-pixel maps (a few per plane).
@@ -281,9 +288,55 @@ def _nearest(covered: np.ndarray) -> tuple[np.ndarray, ...]:
     return found
 
 
+@numba.njit(**_JIT)
+def _gauss_kernel(img: np.ndarray, weights: np.ndarray,
+                  out: np.ndarray) -> None:  # pragma: no cover - jitted
+    """Correlate ``img (H, W)`` with ``weights`` along y, then x; edges repeat.
+
+    float64 sums, float32 between the passes and out: what
+    ``scipy.ndimage.gaussian_filter(img.astype(float32), mode="nearest")`` computes,
+    with the taps as the outer loop so that the inner one runs along a row.
+    """
+    hh, ww = img.shape
+    r = (weights.shape[0] - 1) // 2
+    tmp = np.empty((hh, ww), dtype=np.float32)
+    acc = np.empty(ww, dtype=np.float64)
+    for y in range(hh):
+        acc[:] = 0.0
+        for t in range(2 * r + 1):
+            src = min(max(y + t - r, 0), hh - 1)
+            wt = weights[t]
+            for x in range(ww):
+                acc[x] += wt * img[src, x]
+        for x in range(ww):
+            tmp[y, x] = acc[x]
+    buf = np.empty(ww + 2 * r, dtype=np.float32)
+    for y in range(hh):
+        for x in range(ww + 2 * r):
+            buf[x] = tmp[y, min(max(x - r, 0), ww - 1)]
+        acc[:] = 0.0
+        for t in range(2 * r + 1):
+            wt = weights[t]
+            for x in range(ww):
+                acc[x] += wt * buf[x + t]
+        for x in range(ww):
+            out[y, x] = acc[x]
+
+
 def _smooth(img: np.ndarray, sigma: float) -> np.ndarray:
-    return gaussian_filter(img.astype(np.float32), sigma, mode="nearest", truncate=3.0
-                           ).astype(np.float64)
+    """Gaussian smoothing (``truncate=3``, edges repeated) of a 2-D image, as float64.
+
+    The same weights and order as ``scipy.ndimage.gaussian_filter`` on float32, in a
+    compiled loop that releases the GIL (about twice as fast on canvases).
+    """
+    r = int(3.0 * float(sigma) + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    weights = np.exp(-0.5 / float(sigma) ** 2 * x * x)
+    weights /= weights.sum()
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    out = np.empty(src.shape, dtype=np.float32)
+    _gauss_kernel(src, weights, out)
+    return out.astype(np.float64)
 
 
 def _local_rate(acc: np.ndarray, exposure: np.ndarray, rate: float) -> np.ndarray:
