@@ -643,6 +643,12 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
     (they only place frames roughly); the first finer level aligns every frame
     to their canvas, then refines with all.
 
+    Levels smoothed by 4 pixels or more run on frames binned 2 x 2 and end by
+    placing every frame on their canvas; the full-resolution levels start from
+    twice those shifts plus the sub-pixel peak of the coarse map, and search only
+    as far as the largest of them plus :data:`SLACK` pixels (smaller transforms),
+    never beyond ``max_shift``.
+
     Cross-fitting: frames fall into ``folds`` interleaved groups, and each frame
     is aligned to the canvas of the *other* groups. A frame inside its own
     reference favours wherever it was last put (at 0.7 photons per pixel and
