@@ -56,7 +56,9 @@ _JIT = {"cache": True, "nogil": True}
 #: Pixels beyond the largest coarse shift that the full-resolution levels search.
 SLACK = 4
 
-#: Bytes of frame spectra :func:`register_likelihood` keeps between iterations.
+#: Bytes of frame spectra :func:`register_likelihood` keeps between iterations (at
+#: one resolution at a time: the binned levels' spectra are dropped before the
+#: full-resolution ones are computed).
 SPECTRA_BUDGET = 1 << 30
 
 
@@ -732,6 +734,8 @@ def register_likelihood(frames: np.ndarray, *, max_shift: int | None = None,
                          np.array(margin))
         search = _search_margin((h, w), margin, np.abs(shifts).max(axis=(0, 1)) + SLACK)
         levels = [sg for sg in levels if sg < 4]
+        del coarse  # its spectra go before the full-resolution ones are made
+        last_maps[0] = np.zeros(0)
     full = _Stack(planes, search)
     used = subset
     for sigma in levels:
