@@ -84,6 +84,10 @@ class PhotonReductions:
         """
         return [slice(0, len(f))]
 
+    #: parts of a streamed read that are being fetched while one decodes: with two,
+    #: a round trip's latency hides behind the fetch of the part before
+    read_ahead_parts = 2
+
     def _read_ahead(self, f: np.ndarray) -> None:
         """Start fetching the bytes of frames ``f``, decoded next (default: nothing)."""
 
@@ -97,18 +101,19 @@ class PhotonReductions:
         Yields ``(part, args, shape, max_photons)`` per part, at least one (an
         empty ``f`` gives one empty part): ``part`` slices ``f`` and every per-frame
         array, and ``args`` are :meth:`_frame_args` of ``f[part]``. While one part
-        decodes, the next is fetched; its bytes are dropped once it is done. A
-        source read in place gives one part.
+        decodes, the next :attr:`read_ahead_parts` are fetched; its bytes are
+        dropped once it is done. A source read in place gives one part.
         """
         parts = self._streamed(f)
         streamed = len(parts) > 1
         if streamed:
             if shifts is not None:  # resolved once, then cut with the frames
                 shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
-            self._read_ahead(f[parts[0]])
+            for first in parts[: self.read_ahead_parts]:
+                self._read_ahead(f[first])
         for k, part in enumerate(parts):
-            if k + 1 < len(parts):  # fetched while this part decodes
-                self._read_ahead(f[parts[k + 1]])
+            if streamed and k + self.read_ahead_parts < len(parts):  # while this decodes
+                self._read_ahead(f[parts[k + self.read_ahead_parts]])
             sh = shifts[part] if streamed and shifts is not None else shifts
             args, shape, maxn = self._frame_args(f[part], sh, photons)
             yield part, args, shape, maxn

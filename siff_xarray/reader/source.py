@@ -623,7 +623,7 @@ class FsspecSource(ByteSource):
 
     #: largest span :meth:`will_need` fetches ahead, and how many spans it holds
     ahead_limit = 256 * 2**20
-    ahead_spans = 2
+    ahead_spans = 3  # the part decoding and two fetched ahead (``read_ahead_parts``)
 
     def will_need(self, start: int, stop: int) -> None:
         """Start fetching bytes ``start:stop`` in the background, to be read soon.
@@ -672,10 +672,14 @@ class FsspecSource(ByteSource):
         return job.result(), starts - a  # the span itself: no copy per range
 
     def release(self) -> None:
-        """Drop bytes kept from the walk and every span fetched ahead but the newest."""
+        """Drop bytes kept from the walk and the oldest span fetched ahead.
+
+        The newest ``ahead_spans - 1`` spans stay: the parts a streamed read
+        requested ahead of the one it just finished.
+        """
         super().release()
         with self._lock:
-            del self._ahead[:-1]
+            del self._ahead[: max(len(self._ahead) - (self.ahead_spans - 1), 0)]
 
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
