@@ -1253,3 +1253,61 @@ def test_verify_reports_batches_in_frame_order_and_stops_after_50(tmp_path):
     frames = [int(p.rsplit("frame ", 1)[1].rstrip(")")) for p in problems
               if p.startswith("arrival times differ")]
     assert frames == list(range(len(frames))) and len(frames) >= 25, problems
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_verify_checks_derived_variables_on_the_intensity_it_read_for_the_photons(
+        siff_files, tmp_path, monkeypatch, where):
+    """The count images' timepoints serve the photon_count/OME checks: read once, all covered.
+
+    On a file with a partial last volume, kept by verify, and batches that end
+    inside timepoints.
+    """
+    import zarr
+
+    from siff_xarray.store import verifier
+
+    t = siff_files["partial_volume"]
+    dst = tmp_path / "pv.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    reads = []
+    real = verifier.checked
+
+    def checked(fn, store, what):
+        reads.append(what)
+        return real(fn, store, what)
+
+    monkeypatch.setattr(verifier, "checked", checked)
+    assert zs.verify(t.path, dst, batch_frames=3) == []
+    assert "intensity" not in reads and "ome/0" in reads  # no second read of the intensity
+    arr = zarr.open_array(str(dst), path="photon_count", mode="r+")
+    k = 0 if where == "first" else arr.shape[0] - 1
+    values = arr[k]
+    values.flat[-1] += 1
+    arr[k] = values
+    problems = zs.verify(t.path, dst, batch_frames=3)
+    assert len(problems) == 1 and problems[0].startswith("photon_count differs"), problems
+    first = int(problems[0].rsplit("time index ", 1)[1].rstrip(")"))
+    assert first <= k and (where == "first" or first >= k - 1), problems
+
+
+def test_verify_checks_derived_variables_of_timepoints_no_batch_read(siff_files, tmp_path,
+                                                                     monkeypatch):
+    """Timepoints that no batch's count images covered are read and checked at the end."""
+    import zarr
+
+    from siff_xarray.store import verifier
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "d.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    real = verifier.count_images
+    monkeypatch.setattr(verifier, "count_images",  # as if no batch kept its timepoints
+                        lambda *a, keep=None, **k: real(*a, **k))
+    assert zs.verify(t.path, dst) == []
+    arr = zarr.open_array(str(dst), path="photon_count", mode="r+")
+    values = arr[1]
+    values.flat[0] += 1
+    arr[1] = values
+    problems = zs.verify(t.path, dst)
+    assert len(problems) == 1 and problems[0].startswith("photon_count differs"), problems

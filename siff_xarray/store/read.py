@@ -221,8 +221,14 @@ def checked(read: Any, store: str, what: str, *, array: bool = True) -> Any:
 
 
 def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.ndarray,
-                  shape: tuple[int, int]) -> np.ndarray:
-    """Count images of file frames ``fr`` from a store (imaging and flyback frames)."""
+                  shape: tuple[int, int], keep: list[tuple[int, np.ndarray]] | None = None
+                  ) -> np.ndarray:
+    """Count images of file frames ``fr`` from a store (imaging and flyback frames).
+
+    ``keep``: a list that receives ``(t0, block)``, the whole timepoints of
+    ``intensity`` read for the imaging frames (from time index ``t0``), for a
+    caller that checks them too.
+    """
     out = np.zeros((len(fr), *shape), dtype=ds.intensity.dtype)
     k = np.searchsorted(fly, fr)
     is_fly = (k < fly.size) & (fly[np.minimum(k, max(fly.size - 1, 0))] == fr) if fly.size \
@@ -234,19 +240,23 @@ def count_images(ds: Any, grp: Any, fr: np.ndarray, pos: np.ndarray, fly: np.nda
         out[is_fly] = block[rows - rows.min()]
     img = ~is_fly
     if img.any():
-        out[img] = cell_values(ds, "intensity", pos[fr[img]])
+        out[img] = cell_values(ds, "intensity", pos[fr[img]], keep)
     return out
 
 
-def cell_values(ds: Any, name: str, cells: np.ndarray) -> np.ndarray:
+def cell_values(ds: Any, name: str, cells: np.ndarray,
+                keep: list[tuple[int, np.ndarray]] | None = None) -> np.ndarray:
     """Values of variable ``name`` at Dataset cells ``(n, ndim)`` (time first).
 
     Reads the time range the cells span once (a damaged chunk named, as
-    :func:`checked` does) and picks the cells from it.
+    :func:`checked` does) and picks the cells from it; ``keep`` receives
+    ``(first time index, that block)``.
     """
     t0, t1 = int(cells[:, 0].min()), int(cells[:, 0].max()) + 1
     block = checked(lambda: ds[name].isel(time=slice(t0, t1)).values,
                     str(ds.encoding.get("source", "store")), name)
+    if keep is not None:
+        keep.append((t0, block))
     at = cells.copy()
     at[:, 0] -= t0
     return block[tuple(at.T)]

@@ -107,11 +107,28 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             bar = stack.enter_context(Reporter(f"verify {short_name(target.destination)}",
                                                n, "frames", progress))
 
-            def check(a: int) -> list[str]:
-                """Differences in the batch of frames from ``a`` (runs in a worker thread)."""
+            levels = _ome_levels(root)
+            covered = np.zeros(ds.sizes["time"], dtype=bool)  # timepoints checked for derived
+            derived: dict[str, int] = {}
+
+            def check(a: int) -> tuple[list[str], dict[str, int], tuple[int, int] | None]:
+                """Differences in the batch of frames from ``a`` (runs in a worker thread).
+
+                Also checks what the store derives from the intensity on the whole
+                timepoints read for the batch's count images (read once for both).
+                """
                 fr = np.arange(a, min(a + batch_frames, n), dtype=np.int64)
                 imgs = f.read_frames(fr)
-                imgs_z = count_images(ds, grp, fr, pos, fly, imgs.shape[1:])
+                kept: list[tuple[int, np.ndarray]] = []
+                imgs_z = count_images(ds, grp, fr, pos, fly, imgs.shape[1:], keep=kept)
+                found, span = {}, None
+                for t0, block in kept:
+                    found = _derived_block(ds, levels, block, t0, target.destination)
+                    span = (t0, t0 + block.shape[0])
+                return differences(a, fr, imgs, imgs_z), found, span
+
+            def differences(a: int, fr: np.ndarray, imgs: np.ndarray, imgs_z: np.ndarray
+                            ) -> list[str]:
                 out = []
                 bad = np.flatnonzero((imgs_z != imgs).reshape(len(fr), -1).any(axis=1))
                 if bad.size:
@@ -159,16 +176,20 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             # two batches at once: while one thread waits for the store's chunks (zarr
             # decompresses on its own threads) the other decodes and compares (Numba
             # and numpy release the GIL); results are taken in order
-            for a, found in _in_order(check, range(0, n, batch_frames), stack):
+            for a, (found, bad, span) in _in_order(check, range(0, n, batch_frames), stack):
                 problems.extend(found)
+                for name, t0 in bad.items():  # batches come in frame order
+                    derived.setdefault(name, t0)
+                if span is not None:
+                    covered[span[0]:span[1]] = True
                 bar.advance(min(batch_frames, n - a))
                 if len(problems) > 50:
                     problems.append("... (stopped after 50 differences)")
                     break
                 f.release()
             if len(problems) <= 50:
-                problems.extend(_derived_differences(ds, root, target.destination,
-                                                     batch_frames))
+                problems.extend(_derived_differences(ds, levels, target.destination,
+                                                     batch_frames, derived, covered))
     finally:
         ds.close()
     return problems
@@ -218,41 +239,62 @@ def _histograms_agree(ds: Any, fr: np.ndarray, pos: np.ndarray, frame_z: np.ndar
     return bool(np.array_equal(cell_values(ds, "histogram", pos[fr[img]]), want))
 
 
-def _derived_differences(ds: Any, root: Any, where: str, batch_frames: int) -> list[str]:
-    """Differences between the stored intensity and what is derived from it.
+def _ome_levels(root: Any) -> list[tuple[str, Any]]:
+    """Return the store's OME levels ``(name, array)``, finest first (none without one)."""
+    if "ome" not in root:
+        return []
+    ome = root["ome"]
+    return [(k, ome[k]) for k in sorted(ome.array_keys(), key=int)]
+
+
+def _derived_block(ds: Any, levels: list[tuple[str, Any]], block: np.ndarray, t0: int,
+                   where: str) -> dict[str, int]:
+    """Check what the store derives from the intensity on whole timepoints ``block``.
 
     The root's ``photon_count`` is each cell's intensity summed over y and x, and
     each OME level is the intensity in NGFF order (the partial last volume left
-    out), halved level by level. Reads about ``batch_frames`` frames at a time
-    (whole timepoints).
+    out), halved level by level. Returns ``{name: t0}`` for each that differs.
     """
-    out: list[str] = []
-    levels = []
-    if "ome" in root:
-        ome = root["ome"]
-        levels = [(k, ome[k]) for k in sorted(ome.array_keys(), key=int)]
+    bad: dict[str, int] = {}
+    t1 = t0 + block.shape[0]
+    if "photon_count" in ds:
+        want = block.reshape(*block.shape[:-2], -1).sum(axis=-1, dtype=np.int64)
+        got = np.asarray(ds.photon_count.isel(time=slice(t0, t1)).values)
+        if not np.array_equal(got, want.astype(got.dtype)):
+            bad["photon_count"] = t0
+    reps, level = ome_repeats(block), block
+    for k, arr in levels:
+        if int(k):
+            level = downsample2(level)
+        r0, r1 = t0 * reps, min(t1 * reps, arr.shape[0])
+        if r1 > r0:
+            stored = checked(lambda arr=arr, r0=r0, r1=r1: arr[r0:r1], where, f"ome/{k}")
+            if not np.array_equal(stored, to_ome_order(level)[: r1 - r0]):
+                bad[f"ome/{k}"] = t0
+    return bad
+
+
+def _derived_differences(ds: Any, levels: list[tuple[str, Any]], where: str,
+                         batch_frames: int, bad: dict[str, int],
+                         covered: np.ndarray) -> list[str]:
+    """Report the derived variables that differ (see :func:`_derived_block`).
+
+    ``bad`` holds what the batches found on the timepoints they read
+    (``covered``); timepoints no batch read are checked here, about
+    ``batch_frames`` frames at a time.
+    """
     n_t = ds.sizes["time"]
     frames_per_t = int(np.prod([ds.sizes[d] for d in ds.intensity.dims[1:-2]]))
     step = max(1, batch_frames // max(frames_per_t, 1))
-    bad: dict[str, int] = {}
     for t0 in range(0, n_t, step):
         t1 = min(n_t, t0 + step)
+        if covered[t0:t1].all():
+            continue
         block = checked(lambda t0=t0, t1=t1: ds.intensity.isel(time=slice(t0, t1)).values,
                         where, "intensity")
-        if "photon_count" in ds:
-            want = block.reshape(*block.shape[:-2], -1).sum(axis=-1, dtype=np.int64)
-            got = np.asarray(ds.photon_count.isel(time=slice(t0, t1)).values)
-            if not np.array_equal(got, want.astype(got.dtype)):
-                bad.setdefault("photon_count", t0)
-        reps, level = ome_repeats(block), block
-        for k, arr in levels:
-            if int(k):
-                level = downsample2(level)
-            r0, r1 = t0 * reps, min(t1 * reps, arr.shape[0])
-            if r1 > r0:
-                stored = checked(lambda arr=arr, r0=r0, r1=r1: arr[r0:r1], where, f"ome/{k}")
-                if not np.array_equal(stored, to_ome_order(level)[: r1 - r0]):
-                    bad.setdefault(f"ome/{k}", t0)
+        for name, t in _derived_block(ds, levels, block, t0, where).items():
+            bad[name] = min(bad.get(name, t), t)
+    out = []
     for name, t0 in bad.items():
         what = ("the intensity summed over y and x" if name == "photon_count"
                 else "the stored intensity")
