@@ -1311,3 +1311,28 @@ def test_verify_checks_derived_variables_of_timepoints_no_batch_read(siff_files,
     arr[1] = values
     problems = zs.verify(t.path, dst)
     assert len(problems) == 1 and problems[0].startswith("photon_count differs"), problems
+
+
+def test_conversion_fetches_two_sub_batches_ahead(tmp_path, monkeypatch):
+    """While a sub-batch decodes, the next two of its batch have been asked for."""
+    from siff_xarray.reader.acquisition import Acquisition
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "s.siff", shape=(16, 16), n_timepoints=40,
+                   photons_per_frame=300, seed=2)
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 2000)  # a few frames each
+    events = []  # what the converter asks of its source, in order
+    real_prefetch, real_decode = Acquisition.prefetch, Acquisition.decode_into
+    monkeypatch.setattr(Acquisition, "prefetch", lambda self, fr: (
+        events.append(("ahead", int(fr[0]))), real_prefetch(self, fr))[1])
+    monkeypatch.setattr(Acquisition, "decode_into", lambda self, fr, *a: (
+        events.append(("decode", int(fr[0]))), real_decode(self, fr, *a))[1])
+    zs.convert(t.path, tmp_path / "s.zarr", scheduler="sync")
+    monkeypatch.setattr(Acquisition, "prefetch", real_prefetch)
+    monkeypatch.setattr(Acquisition, "decode_into", real_decode)
+    decoded = [fr for what, fr in events if what == "decode"]
+    assert len(decoded) >= 6 and sorted(fr for w, fr in events if w == "ahead") == decoded
+    ahead = [sum(1 for w, g in events[:k] if w == "ahead" and g > fr)
+             for k, (what, fr) in enumerate(events) if what == "decode"]
+    assert ahead[:-2] == [2] * (len(decoded) - 2) and ahead[-2:] == [1, 0], ahead
+    assert zs.verify(t.path, tmp_path / "s.zarr") == []

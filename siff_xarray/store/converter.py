@@ -244,6 +244,10 @@ class _ShardWriter:
 
 #: source bytes decoded at a time inside a batch (bounds a worker's memory)
 SUB_BATCH_BYTES = 16 * 2**20
+#: sub-batches being fetched while one decodes (a remote source holds them and the one
+#: decoding: ``FsspecSource.ahead_spans``); with two, a request's latency hides behind
+#: the transfer of the sub-batch before
+SUB_BATCHES_AHEAD = 2
 
 
 def _open_for_batch(store: Any, path: str) -> Any:
@@ -308,13 +312,13 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
         bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
         descriptions = []
-        if bounds:
-            f.prefetch(np.arange(*bounds[0], dtype=np.int64))
+        for first in bounds[:SUB_BATCHES_AHEAD]:
+            f.prefetch(np.arange(*first, dtype=np.int64))
         checked.result()
         for k, (s0, s1) in enumerate(bounds):
             frames = np.arange(s0, s1, dtype=np.int64)
-            if k + 1 < len(bounds):  # the next sub-batch is read during this one
-                f.prefetch(np.arange(*bounds[k + 1], dtype=np.int64))
+            if k + SUB_BATCHES_AHEAD < len(bounds):  # read during this one and the next
+                f.prefetch(np.arange(*bounds[k + SUB_BATCHES_AHEAD], dtype=np.int64))
             tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
             hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
             if hi > np.iinfo(arrival_dtype).max:
