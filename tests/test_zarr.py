@@ -1278,8 +1278,20 @@ def test_verify_checks_derived_variables_on_the_intensity_it_read_for_the_photon
         return real(fn, store, what)
 
     monkeypatch.setattr(verifier, "checked", checked)
+    spans = []  # timepoints whose derived values were checked, per call
+    real_block = verifier._derived_block
+
+    def derived_block(ds, levels, block, t0, where):
+        spans.append((t0, t0 + block.shape[0]))
+        return real_block(ds, levels, block, t0, where)
+
+    monkeypatch.setattr(verifier, "_derived_block", derived_block)
     assert zs.verify(t.path, dst, batch_frames=3) == []
     assert "intensity" not in reads and "ome/0" in reads  # no second read of the intensity
+    # batches of 3 frames end inside timepoints: each timepoint is checked exactly once
+    with zs.open_converted(dst, partial_volume="keep") as z:
+        n_t = z.sizes["time"]
+    assert sorted(t for a, b in spans for t in range(a, b)) == list(range(n_t)), spans
     arr = zarr.open_array(str(dst), path="photon_count", mode="r+")
     k = 0 if where == "first" else arr.shape[0] - 1
     values = arr[k]

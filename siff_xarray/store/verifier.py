@@ -110,6 +110,11 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             levels = _ome_levels(root)
             covered = np.zeros(ds.sizes["time"], dtype=bool)  # timepoints checked for derived
             derived: dict[str, int] = {}
+            # each timepoint's derived values are checked by the batch holding its first
+            # frame (a timepoint that spans two batches is read by both, checked once)
+            first_frame = np.full(ds.sizes["time"], n, dtype=np.int64)
+            held = pos[:, 0] >= 0
+            np.minimum.at(first_frame, pos[held, 0], np.flatnonzero(held))
 
             def check(a: int) -> tuple[list[str], dict[str, int], tuple[int, int] | None]:
                 """Differences in the batch of frames from ``a`` (runs in a worker thread).
@@ -122,9 +127,15 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
                 kept: list[tuple[int, np.ndarray]] = []
                 imgs_z = count_images(ds, grp, fr, pos, fly, imgs.shape[1:], keep=kept)
                 found, span = {}, None
-                for t0, block in kept:
-                    found = _derived_block(ds, levels, block, t0, target.destination)
-                    span = (t0, t0 + block.shape[0])
+                if kept:  # the whole timepoints of the batch's imaging frames
+                    t0, block = kept[0]
+                    first = first_frame[t0 : t0 + block.shape[0]]
+                    own = np.flatnonzero((first >= fr[0]) & (first <= fr[-1]))
+                    if own.size:  # consecutive: timepoints start in frame order
+                        o0, o1 = int(own[0]), int(own[-1]) + 1
+                        found = _derived_block(ds, levels, block[o0:o1], t0 + o0,
+                                               target.destination)
+                        span = (t0 + o0, t0 + o1)
                 return differences(a, fr, imgs, imgs_z), found, span
 
             def differences(a: int, fr: np.ndarray, imgs: np.ndarray, imgs_z: np.ndarray
