@@ -396,6 +396,7 @@ def test_compiled_smoothing_is_scipys_gaussian_filter(h, w, sigma, seed):
     img = np.random.default_rng(seed).random((h, w)) * 100
     want = gaussian_filter(img.astype(np.float32), sigma, mode="nearest", truncate=3.0)
     np.testing.assert_allclose(likelihood._smooth(img, sigma), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(likelihood._smooth(img, 0.0), img)  # no NaN weights
 
 
 @settings(max_examples=30, deadline=None)
