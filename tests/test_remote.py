@@ -419,6 +419,64 @@ def test_spans_fetched_ahead_serve_reads_inside_them_and_fail_when_read(http_ser
     assert src._ahead == []
 
 
+def test_span_memory_is_reused_once_nothing_refers_to_it(http_server, tmp_path):
+    """A streamed read's spans reuse released memory, never memory still referred to.
+
+    A new 32 MiB span is a fresh mapping the kernel zeroes page by page; reusing
+    a released span's memory saves that. A span array someone still holds (a
+    kernel's argument, a view) keeps its memory out of reuse.
+    """
+    from siff_xarray.reader.source import FsspecSource
+
+    data = np.random.default_rng(2).integers(0, 256, 3 * 2**20, dtype=np.uint8)
+    (tmp_path / "blob.bin").write_bytes(data.tobytes())
+    src = FsspecSource(f"{http_server.url}/blob.bin")
+    src.walk_window = 2**17
+    spans = [(a, a + 200_000 + 1000 * (a % 7)) for a in range(0, 2_800_000, 250_000)]
+
+    def read(k):
+        a, b = spans[k]
+        buf, base = src.read_ranges(np.array([a]), np.array([b]))
+        np.testing.assert_array_equal(buf[base[0] : base[0] + b - a], data[a:b])
+        return buf
+
+    kept = read(0)  # not a span: fetched directly
+    src.will_need(*spans[0])
+    kept = read(0)[10:5000]  # a view of the first span, held throughout
+    kept_bytes = kept.copy()
+    memory = []
+    for k in range(1, len(spans)):
+        src.release()
+        src.will_need(*spans[k])
+        if k + 1 < len(spans):
+            src.will_need(*spans[k + 1])
+        buf = read(k)
+        memory.append(buf.base.obj)
+        del buf
+    np.testing.assert_array_equal(kept, kept_bytes)  # its memory was never reused
+    assert all(m is not kept.base.base.obj for m in memory)
+    distinct = {id(m) for m in memory}
+    assert len(distinct) <= src.ahead_spans + src.spare_spans < len(memory)
+    src.close()
+    assert src._spare == []
+
+
+def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path):
+    from siff_xarray.errors import SiffFormatError
+    from siff_xarray.reader.source import FsspecSource
+
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(2**20))
+    src = FsspecSource(f"{http_server.url}/blob.bin")
+    src.walk_window = 2**17
+    with open(path, "r+b") as fh:
+        fh.truncate(600_000)
+    src.will_need(500_000, 900_000)
+    with pytest.raises(SiffFormatError, match=r"blob\.bin.*file ends inside"):
+        src.read_ranges(np.array([500_000]), np.array([900_000]))
+    src.close()
+
+
 def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, monkeypatch):
     """An eager read of many frames decodes part by part while the next part arrives.
 

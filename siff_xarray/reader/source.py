@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import IO, Any
@@ -564,6 +565,9 @@ class FsspecSource(ByteSource):
         self._lock = threading.Lock()  # guards the caches only
         #: spans fetched ahead (:meth:`will_need`): ``(start, stop, future)``, oldest first
         self._ahead: list[tuple[int, int, Any]] = []
+        #: memory of spans no longer held, reused for new ones (:meth:`_span_buffer`):
+        #: ``(memory, weak reference to the array last made over it)``
+        self._spare: list[tuple[bytearray, Any]] = []
         #: bytes requested from the filesystem so far (for tests and benchmarks)
         self.bytes_fetched = 0
 
@@ -646,11 +650,54 @@ class FsspecSource(ByteSource):
             job = _background().submit(self._fetch_span, parts, ends)
             self._ahead.append((start, stop, job))
             while len(self._ahead) > self.ahead_spans:
-                self._ahead.pop(0)[2].cancel()
+                old = self._ahead.pop(0)[2]
+                old.cancel()
+                self._keep_spare(old)
 
     def _fetch_span(self, starts: list[int], stops: list[int]) -> np.ndarray:
-        """Fetch consecutive ranges concurrently; return them joined (once per span)."""
-        return np.frombuffer(b"".join(self.fetch_windows(starts, stops)), dtype=np.uint8)
+        """Fetch consecutive ranges concurrently into one buffer (see :meth:`_span_buffer`)."""
+        windows = self.fetch_windows(starts, stops)
+        out = self._span_buffer(stops[-1] - starts[0])
+        for a, b, data in zip(starts, stops, windows, strict=True):
+            if len(data) != b - a:  # the object is shorter than its listed size
+                raise SiffFormatError(self.name, f"file ends inside a {b - a}-byte data "
+                                      "block", a)
+            out[a - starts[0] : b - starts[0]] = np.frombuffer(data, dtype=np.uint8)
+        return out
+
+    #: buffers of released spans kept for the next ones (at most this many)
+    spare_spans = 2
+
+    def _span_buffer(self, n: int) -> np.ndarray:
+        """Return an ``n``-byte array for a span, over a released span's memory if one is free.
+
+        A streamed read fetches a span of about 32 MiB per part. New memory of
+        that size is a fresh mapping whose every page the kernel zeroes and maps
+        on first touch; memory reused is already mapped. The array handed out does
+        not own its memory, so every view of it (a kernel's argument, a slice)
+        refers to it: the memory is free for reuse only once that array is gone,
+        which a weak reference tells without guessing.
+        """
+        mem = None
+        with self._lock:
+            for i, (spare, last) in enumerate(self._spare):
+                if len(spare) >= n and last() is None:
+                    mem = self._spare.pop(i)[0]
+                    break
+        if mem is None:
+            step = self.walk_window  # room for the next span, which is about as long
+            mem = bytearray(-(-n // step) * step)
+        return np.frombuffer(mem, dtype=np.uint8, count=n)
+
+    def _keep_spare(self, job: Any) -> None:
+        """Keep the memory of a dropped span's fetch for :meth:`_span_buffer` (lock held)."""
+        if not job.done() or job.cancelled() or job.exception() is not None:
+            return
+        out = job.result()
+        mem = out.base.obj if isinstance(out.base, memoryview) else None
+        if isinstance(mem, bytearray):
+            self._spare.append((mem, weakref.ref(out)))
+            del self._spare[: max(len(self._spare) - self.spare_spans, 0)]
 
     def _span_holding(self, starts: np.ndarray, stops: np.ndarray) -> tuple[int, Any] | None:
         """Return the fetched-ahead span holding every range as ``(start, job)``, or None."""
@@ -679,7 +726,10 @@ class FsspecSource(ByteSource):
         """
         super().release()
         with self._lock:
-            del self._ahead[: max(len(self._ahead) - (self.ahead_spans - 1), 0)]
+            drop = max(len(self._ahead) - (self.ahead_spans - 1), 0)
+            for _, _, job in self._ahead[:drop]:
+                self._keep_spare(job)
+            del self._ahead[:drop]
 
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
@@ -751,6 +801,7 @@ class FsspecSource(ByteSource):
             for _, _, job in self._ahead:
                 job.cancel()
             self._ahead.clear()
+            self._spare.clear()
 
 
 _pool: Any = None
