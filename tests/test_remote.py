@@ -514,8 +514,27 @@ def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, 
         # while a part decodes, the next two are on their way (latency hides behind one)
         assert spans[0] == 3 and max(spans) == 3
         assert http_server.bytes_sent - sent <= 1.05 * size
+        # the file stays open, but nothing of the read stays held with it
+        assert remote._source._ahead == [] and remote._source._spare == []
         some = rng.permutation(frames)[:40]  # any order: parts follow the request
         np.testing.assert_array_equal(remote.read_frames(some), local.read_frames(some))
+        # a read that fails part-way holds nothing either
+        monkeypatch.setattr(SiffFile, "_frame_args", _fail_on_third_part(SiffFile._frame_args))
+        with pytest.raises(RuntimeError, match="third part"):
+            remote.read_frames(frames)
+        assert remote._source._ahead == [] and remote._source._spare == []
+
+
+def _fail_on_third_part(frame_args):
+    calls = []
+
+    def wrapped(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("third part")
+        return frame_args(self, *args, **kwargs)
+
+    return wrapped
 
 
 def _every_reduction(f, frames, shifts, masks) -> dict:

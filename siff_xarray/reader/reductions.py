@@ -94,6 +94,9 @@ class PhotonReductions:
     def _read_done(self) -> None:
         """Drop the bytes of the part just decoded (default: nothing)."""
 
+    def _stream_done(self) -> None:
+        """Drop every byte a streamed read fetched or kept for its parts (default: nothing)."""
+
     def _parts(self, f: np.ndarray, shifts: Shifts = None, photons: bool = False
                ) -> Iterator[tuple[slice, tuple, tuple[int, int], int]]:
         """Kernel arguments of consecutive parts of frames ``f`` (see :meth:`_streamed`).
@@ -102,7 +105,8 @@ class PhotonReductions:
         empty ``f`` gives one empty part): ``part`` slices ``f`` and every per-frame
         array, and ``args`` are :meth:`_frame_args` of ``f[part]``. While one part
         decodes, the next :attr:`read_ahead_parts` are fetched; its bytes are
-        dropped once it is done. A source read in place gives one part.
+        dropped once it is done, and all of them when the read ends (also when
+        it fails or its consumer stops early). A source read in place gives one part.
         """
         parts = self._streamed(f)
         streamed = len(parts) > 1
@@ -111,14 +115,18 @@ class PhotonReductions:
                 shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
             for first in parts[: self.read_ahead_parts]:
                 self._read_ahead(f[first])
-        for k, part in enumerate(parts):
-            if streamed and k + self.read_ahead_parts < len(parts):  # while this decodes
-                self._read_ahead(f[parts[k + self.read_ahead_parts]])
-            sh = shifts[part] if streamed and shifts is not None else shifts
-            args, shape, maxn = self._frame_args(f[part], sh, photons)
-            yield part, args, shape, maxn
-            if streamed:
-                self._read_done()
+        try:
+            for k, part in enumerate(parts):
+                if streamed and k + self.read_ahead_parts < len(parts):  # while this decodes
+                    self._read_ahead(f[parts[k + self.read_ahead_parts]])
+                sh = shifts[part] if streamed and shifts is not None else shifts
+                args, shape, maxn = self._frame_args(f[part], sh, photons)
+                yield part, args, shape, maxn
+                if streamed:
+                    self._read_done()
+        finally:
+            if streamed:  # done, failed or abandoned: hold no part's bytes after the read
+                self._stream_done()
 
     def _shape_of(self, f: np.ndarray) -> tuple[int, int]:
         """Return the frame shape shared by frames ``f`` (sources that stream provide it)."""

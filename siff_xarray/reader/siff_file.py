@@ -345,6 +345,9 @@ class SiffFile(PhotonReductions):
     def _read_done(self) -> None:
         self._source.release()
 
+    def _stream_done(self) -> None:
+        self._source.drop_ahead()
+
     def _gather(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Buffer and strip offsets (in that buffer) for frames ``f``."""
         if self._source.closed:

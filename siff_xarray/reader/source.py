@@ -101,6 +101,9 @@ class ByteSource:
     def will_need(self, start: int, stop: int) -> None:
         """Hint that bytes ``start:stop`` are read soon (a memory map reads them ahead)."""
 
+    def drop_ahead(self) -> None:
+        """Forget bytes fetched ahead (:meth:`will_need`) and buffers kept for them."""
+
     def holding(self) -> contextlib.AbstractContextManager[bool]:
         """Hold the file against truncation while its :meth:`buffer` is read.
 
@@ -731,6 +734,19 @@ class FsspecSource(ByteSource):
                 self._keep_spare(job)
             del self._ahead[:drop]
 
+    def drop_ahead(self) -> None:
+        """Forget every span fetched ahead and the memory kept for new ones.
+
+        A streamed read calls it when it ends: the parts it held, and the spare
+        memory for its next parts (up to :attr:`ahead_spans` + :attr:`spare_spans`
+        buffers of a part's size), must not stay with a file that is kept open.
+        """
+        with self._lock:
+            for _, _, job in self._ahead:
+                job.cancel()
+            self._ahead.clear()
+            self._spare.clear()
+
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
         with self._lock:
@@ -795,13 +811,10 @@ class FsspecSource(ByteSource):
         """Drop the caches (fsspec filesystems need no closing)."""
         self._closed = True
         self.forget_kept()
+        self.drop_ahead()
         with self._lock:
             self._cache.clear()
             self._cached = 0
-            for _, _, job in self._ahead:
-                job.cancel()
-            self._ahead.clear()
-            self._spare.clear()
 
 
 _pool: Any = None
