@@ -146,3 +146,74 @@ def test_moved_modules_still_import_with_a_deprecation_warning():
         assert imparams.ImParams is siff_xarray.ImParams
     with pytest.raises(AttributeError, match="moved to"):
         _ = zarr_store.no_such_name
+
+
+# --------------------------------------------------------------- Numba's on-disk cache
+#: modules whose functions Numba compiles with ``cache=True``
+COMPILED = ("siff_xarray.reader.kernels", "siff_xarray.reader.ifd_walk",
+            "siff_xarray.reader.frame_meta_scan", "siff_xarray.store.ome",
+            "siff_xarray.registration.likelihood")
+
+
+def _simple(value) -> bool:
+    return isinstance(value, (int, float, str, bytes)) or (
+        isinstance(value, tuple) and all(_simple(v) for v in value))
+
+
+def _foreign_inputs(module) -> str:
+    """Digest of what ``module`` imports from other siff_xarray modules.
+
+    Constants by value, modules by their upper-case constants, functions by their
+    source and the simple globals they read (Numba freezes all of these into the
+    compiled code).
+    """
+    import hashlib
+    import importlib
+    import inspect
+    import types
+
+    tree = ast.parse(inspect.getsource(module))
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                "siff_xarray")):
+            names += [a.asname or a.name for a in node.names]
+    parts = []
+    for name in sorted(names):
+        value = getattr(module, name)
+        if isinstance(value, types.ModuleType):
+            consts = {k: v for k, v in vars(value).items() if k.isupper() and _simple(v)}
+            parts.append(f"{name}={sorted(consts.items())!r}")
+        elif isinstance(value, types.FunctionType):
+            home = importlib.import_module(value.__module__)
+            used = {k: getattr(home, k) for k in value.__code__.co_names
+                    if _simple(getattr(home, k, None))}
+            parts.append(f"{name}={inspect.getsource(value)}{sorted(used.items())!r}")
+        elif _simple(value):
+            parts.append(f"{name}={value!r}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_modules_change_when_what_they_compile_in_changes(name):
+    """Numba's cache keys a kernel on its own file's mtime and size only.
+
+    A helper or constant imported from another file is compiled into the cached
+    kernel, so editing only that file would leave the old one running (it
+    happened with ``decode.in_bounds``). Each compiled module records a digest of
+    its imports: changing them fails here until the module's ``_FOREIGN_INPUTS``
+    is updated, and that edit of the module's own file invalidates its cache.
+    """
+    import importlib
+
+    module = importlib.import_module(name)
+    assert getattr(module, "_FOREIGN_INPUTS", None) == _foreign_inputs(module), (
+        f"{name}: what it imports from other modules changed (or was never recorded): "
+        f"set _FOREIGN_INPUTS = {_foreign_inputs(module)!r} in it, which also makes "
+        "Numba recompile its cached functions")
+
+
+def test_every_module_numba_caches_is_checked():
+    cached = {_module_name(p) for p in ROOT.rglob("*.py")
+              if "cache=True" in p.read_text() or '"cache": True' in p.read_text()}
+    assert cached == set(COMPILED)

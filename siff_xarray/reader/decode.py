@@ -52,8 +52,9 @@ def in_bounds(buf: np.ndarray, enc: int, off: int, nbytes: int, h: int, w: int) 
 
     Plain Python that :mod:`.kernels` compiles for its kernels' prologue, so the
     check is written once for both paths. (Numba's on-disk cache of a kernel does not
-    notice edits to a function in another file: after changing this one, touch
-    ``kernels.py`` or clear its ``__pycache__``.)
+    notice edits to a function in another file: after changing this one, the
+    architecture test asks for a new ``kernels._FOREIGN_INPUTS``, whose edit makes
+    Numba recompile.)
     """
     if h < 0 or w < 0 or h > 65535 or w > 65535 or nbytes < 0:
         return False
