@@ -461,6 +461,24 @@ def test_span_memory_is_reused_once_nothing_refers_to_it(http_server, tmp_path):
     assert src._spare == []
 
 
+def test_a_span_dropped_by_another_read_before_it_ran_is_read_directly(http_server,
+                                                                        tmp_path):
+    """Two streamed reads share a source: one's end drops the other's pending spans."""
+    from concurrent.futures import Future
+
+    from siff_xarray.reader.source import FsspecSource
+
+    data = np.random.default_rng(3).integers(0, 256, 2**20, dtype=np.uint8)
+    (tmp_path / "blob.bin").write_bytes(data.tobytes())
+    src = FsspecSource(f"{http_server.url}/blob.bin")
+    dropped = Future()
+    dropped.cancel()
+    src._span_holding = lambda starts, stops: (100_000, dropped)
+    buf, base = src.read_ranges(np.array([150_000]), np.array([160_000]))
+    np.testing.assert_array_equal(buf[base[0] : base[0] + 10_000], data[150_000:160_000])
+    src.close()
+
+
 def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path):
     from siff_xarray.errors import SiffFormatError
     from siff_xarray.reader.source import FsspecSource

@@ -30,6 +30,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from typing import IO, Any
 
 import numpy as np
@@ -719,7 +720,10 @@ class FsspecSource(ByteSource):
         if held is None:
             return super()._read_ranges(starts, stops)
         a, job = held
-        return job.result(), starts - a  # the span itself: no copy per range
+        try:
+            return job.result(), starts - a  # the span itself: no copy per range
+        except CancelledError:  # another read dropped it before it ran: read directly
+            return super()._read_ranges(starts, stops)
 
     def release(self) -> None:
         """Drop bytes kept from the walk and the oldest span fetched ahead.
