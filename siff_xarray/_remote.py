@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConversionError, RemoteAccessError, SiffFormatError
 
-__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "naming_url", "one_retry_loop",
-           "remote_error", "with_timeouts"]
+__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "PinnedS3Kwargs", "naming_url",
+           "one_retry_loop", "pin_kind", "pinned_http_options", "reading_version",
+           "remote_error", "replaced_error", "with_timeouts"]
 
 #: seconds to establish a connection
 CONNECT_TIMEOUT_S = 10.0
@@ -60,6 +62,84 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         config.setdefault("retries", {"max_attempts": RETRIES, "mode": "standard"})
         opts["config_kwargs"] = config
     return opts
+
+
+#: the ETag the request running in this context requires (S3 reads of a pinned source)
+_PIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("siff_xarray_pin",
+                                                                  default=None)
+
+
+def pin_kind(url: str, etag: str | None) -> str | None:
+    """How reads of ``url`` can require version ``etag``: "headers", "context" or None.
+
+    Every read then carries the object's ETag as a precondition, so a server answers
+    a read of an object replaced since it was opened with 412 instead of the new
+    object's bytes at the old offsets (:func:`replaced_error` names that). HTTP(S)
+    sends ``If-Match`` from the filesystem's headers (:func:`pinned_http_options`);
+    S3 adds ``IfMatch`` to the requests made inside :func:`reading_version` on a
+    filesystem whose extra arguments are :class:`PinnedS3Kwargs` (one per set of
+    storage options: an S3 client takes ~0.25 s to make). None where it cannot be
+    done: no ETag or a weak one (``W/...``, never equal under If-Match), a chained
+    URL, or another protocol.
+    """
+    if not etag or etag.startswith("W/") or "::" in url or "://" not in url:
+        return None
+    protocol = url.split("://", 1)[0].lower()
+    if protocol in ("http", "https"):
+        return "headers"
+    if protocol in ("s3", "s3a"):
+        return "context"
+    return None
+
+
+def pinned_http_options(storage_options: dict[str, Any] | None, etag: str) -> dict[str, Any]:
+    """HTTP storage options whose every request requires version ``etag`` (If-Match)."""
+    opts = dict(storage_options or {})
+    opts["headers"] = {**(opts.get("headers") or {}), "If-Match": etag}
+    return opts
+
+
+class PinnedS3Kwargs(dict):
+    """s3fs's extra request arguments, plus ``IfMatch`` inside :func:`reading_version`.
+
+    s3fs copies its ``s3_additional_kwargs`` for every request and keeps those the
+    operation accepts (GetObject and HeadObject take IfMatch). The ETag comes from
+    a context variable, which follows the request from the reading thread into
+    fsspec's event loop, so one filesystem serves sources of many versions.
+    """
+
+    def copy(self) -> dict[str, Any]:  # type: ignore[override]
+        out = dict(self)
+        pin = _PIN.get()
+        if pin is not None:
+            out["IfMatch"] = pin
+        return out
+
+
+@contextlib.contextmanager
+def reading_version(etag: str | None) -> Iterator[None]:
+    """Within the block, S3 reads on a pinning filesystem require version ``etag``."""
+    token = _PIN.set(etag)
+    try:
+        yield
+    finally:
+        _PIN.reset(token)
+
+
+def replaced_error(url: str, exc: BaseException) -> SiffFormatError | None:
+    """Return the error for a read refused because the object changed (412), else None."""
+    seen = 0
+    while exc is not None and seen < 10:
+        status = getattr(exc, "status", None)
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", "")) \
+            if isinstance(getattr(exc, "response", None), dict) else ""
+        if status == 412 or code in ("PreconditionFailed", "412") or \
+                "PreconditionFailed" in str(exc) or "Precondition Failed" in str(exc):
+            return SiffFormatError(url, "the object was replaced since it was opened (its "
+                                   "ETag no longer matches); open it again")
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def one_retry_loop(fs: Any) -> Any:

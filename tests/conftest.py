@@ -140,6 +140,9 @@ class _RangeServer:
         self.bytes_sent = 0
         self.requests = 0  # GET requests
         self.heads = 0  # HEAD requests
+        self.refused = 0  # requests answered 412: their If-Match named another version
+        #: name each file version with an ETag and honour If-Match (False: a server without)
+        self.etags = True
         self.log = []  # (path, start, stop) of every GET
         #: answer every GET with the whole file (a server without Range support)
         self.ignore_ranges = False
@@ -156,13 +159,28 @@ class _RangeServer:
                 return p if os.path.isfile(p) else None
 
             def _arrive(self):
-                """Wait the injected latency; return the served file (None: 404 sent)."""
+                """Wait the injected latency; return the served file (None: answer sent).
+
+                Like S3 and most HTTP servers, it names each version of a file with a
+                strong ETag and refuses a request whose If-Match names another (412).
+                """
                 if server.latency:
                     time.sleep(server.latency)
                 p = self._file()
                 if p is None:
                     self.send_error(404)
+                    return None
+                want = self.headers.get("If-Match") if server.etags else None
+                if want is not None and want not in ("*", self._etag(p)):
+                    with server.lock:
+                        server.refused += 1
+                    self.send_error(412)
+                    return None
                 return p
+
+            def _etag(self, p):
+                st = os.stat(p)
+                return f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
 
             def do_HEAD(self):
                 with server.lock:
@@ -173,6 +191,8 @@ class _RangeServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(os.path.getsize(p)))
                 self.send_header("Accept-Ranges", "bytes")
+                if server.etags:
+                    self.send_header("ETag", self._etag(p))
                 self.end_headers()
 
             def do_GET(self):
@@ -195,6 +215,8 @@ class _RangeServer:
                 self.send_response(206 if rng else 200)
                 self.send_header("Content-Length", str(n))
                 self.send_header("Accept-Ranges", "bytes")
+                if server.etags:
+                    self.send_header("ETag", self._etag(p))
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.end_headers()

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from siff_xarray import SiffFile
 from siff_xarray import store as zs
 from siff_xarray.backend import open_acquisition
+from siff_xarray.errors import SiffFormatError
 from siff_xarray.synthetic import write_siff
 
 #: where each cell's photons are (the URL, not the local path): compared on their own
@@ -461,6 +463,89 @@ def test_span_memory_is_reused_once_nothing_refers_to_it(http_server, tmp_path):
     assert src._spare == []
 
 
+def _two_versions(tmp_path):
+    """Two files of the same layout and size with different pixels (TIFF frames), as bytes."""
+    kw = dict(shape=(128, 128), channels=(1, 2), n_slices=2, n_timepoints=40,
+              photons_per_frame=300, format="tiff")
+    a = write_siff(tmp_path / "a.siff", seed=1, **kw).path
+    b = write_siff(tmp_path / "b.siff", seed=2, **kw).path
+    first, second = Path(a).read_bytes(), Path(b).read_bytes()
+    assert len(first) == len(second) and first != second
+    return first, second
+
+
+@pytest.mark.parametrize("chunks", [None, {}])
+def test_a_remote_object_replaced_under_an_open_dataset_is_an_error(http_server, tmp_path,
+                                                                     chunks):
+    """Reads carry the object's ETag: a replaced object is refused, never decoded.
+
+    Before, the new object's bytes were decoded at the old file's offsets: another
+    file's photons (same layout and size here, so nothing looked wrong).
+    """
+    from siff_xarray.errors import SiffFormatError
+
+    first, second = _two_versions(tmp_path)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "run.siff").write_bytes(first)
+    url = f"{http_server.url}/served/run.siff"
+    with xr.open_dataset(url, engine="siff", chunks=chunks,
+                         index_cache=tmp_path / "cache") as ds:
+        want = ds.intensity.isel(time=0).values  # reads work while it is unchanged
+        time.sleep(0.01)
+        (served / "run.siff").write_bytes(second)  # same size, new photons, new ETag
+        with pytest.raises(SiffFormatError, match=r"run\.siff.*replaced since it was opened"):
+            ds.intensity.load()
+        assert http_server.refused > 0
+    # opened again, it reads the new version
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "cache") as ds, \
+            xr.open_dataset(tmp_path / "b.siff", engine="siff") as local:
+        np.testing.assert_array_equal(ds.intensity.values, local.intensity.values)
+        assert not np.array_equal(want, local.intensity.isel(time=0).values)
+
+
+def test_pinned_reads_keep_no_filesystem_per_version(http_server, tmp_path):
+    """Each open file pins its own filesystem, dropped with it (none kept per ETag)."""
+    import gc
+    import weakref
+
+    from fsspec.implementations.http import HTTPFileSystem
+
+    cached = len(HTTPFileSystem._cache)
+    gone = []
+    for k in range(4):
+        t = write_siff(tmp_path / f"f{k}.siff", shape=(16, 16), n_timepoints=2, seed=k)
+        with SiffFile(f"{http_server.url}/f{k}.siff", index_cache=False) as f:
+            assert f.version and f.read_frames([0]).shape == (1, 16, 16)
+            gone.append(weakref.ref(f._source._fs))
+        del f, t
+    gc.collect()
+    assert len(HTTPFileSystem._cache) <= cached + 1  # the unpinned one, shared
+    assert all(r() is None for r in gone)
+
+
+def test_an_s3_object_replaced_under_an_open_dataset_is_an_error(s3_server, tmp_path):
+    import s3fs
+
+    from siff_xarray.errors import SiffFormatError
+
+    first, second = _two_versions(tmp_path)
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("replaced")
+    fs.pipe("replaced/run.siff", first)
+    url = "s3://replaced/run.siff"
+    with xr.open_dataset(url, engine="siff", storage_options=s3_server,
+                         index_cache=tmp_path / "cache") as ds:
+        ds.intensity.isel(time=0).load()
+        fs.pipe("replaced/run.siff", second)
+        with pytest.raises(SiffFormatError, match=r"run\.siff.*replaced since it was opened"):
+            ds.intensity.load()
+    with xr.open_dataset(url, engine="siff", storage_options=s3_server,
+                         index_cache=tmp_path / "cache") as ds, \
+            xr.open_dataset(tmp_path / "b.siff", engine="siff") as local:
+        np.testing.assert_array_equal(ds.intensity.values, local.intensity.values)
+
+
 def test_a_span_dropped_by_another_read_before_it_ran_is_read_directly(http_server,
                                                                         tmp_path):
     """Two streamed reads share a source: one's end drops the other's pending spans."""
@@ -479,10 +564,13 @@ def test_a_span_dropped_by_another_read_before_it_ran_is_read_directly(http_serv
     src.close()
 
 
-def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path):
+@pytest.mark.parametrize("etags", [True, False])
+def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path, etags):
+    """With ETags the server refuses the read (412); without, the short answer is caught."""
     from siff_xarray.errors import SiffFormatError
     from siff_xarray.reader.source import FsspecSource
 
+    http_server.etags = etags
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(2**20))
     src = FsspecSource(f"{http_server.url}/blob.bin")
@@ -490,7 +578,8 @@ def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path
     with open(path, "r+b") as fh:
         fh.truncate(600_000)
     src.will_need(500_000, 900_000)
-    with pytest.raises(SiffFormatError, match=r"blob\.bin.*file ends inside"):
+    why = "was replaced since it was opened" if etags else "file ends inside"
+    with pytest.raises(SiffFormatError, match=rf"blob\.bin.*{why}"):
         src.read_ranges(np.array([500_000]), np.array([900_000]))
     src.close()
 
@@ -714,14 +803,47 @@ def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, t
         summary = zs.convert(url, tmp_path / "dist.zarr", scheduler=client,
                              shard_bytes=2 * 4 * 2 * 32 * 16 * 2, chunk_bytes=1)
         kept = client.run(_kept_sources)
+        assert zs.verify(t.path, tmp_path / "dist.zarr") == []
+        # the object replaced under the open Dataset: workers that hold the file open
+        # give what they read before (bytes they kept) or refuse it, and workers that
+        # open it afresh refuse it (the shipped hint carries the ETag the Dataset was
+        # opened with); none decodes the new object
+        other = write_siff(tmp_path / "other.siff", shape=(32, 16), channels=(1, 2),
+                           n_slices=3, n_flyback=1, n_timepoints=30,
+                           photons_per_frame=3000, seed=9, encoding="raw")
+        time.sleep(0.01)
+        Path(t.path).write_bytes(Path(other.path).read_bytes())
+        jobs = {"trace": (lambda: client.compute(ds.intensity.sum(("y", "x")).data,
+                                                 sync=True), want_trace),
+                "lifetime": (lambda: ds.siff.lifetime(masks).compute().values, want_life)}
+        for fresh in (False, True):
+            if fresh:
+                client.run(_forget_open_files)
+            for name, (job, want) in jobs.items():
+                try:
+                    got = job()
+                except SiffFormatError as exc:
+                    assert re.search(r"w\.siff.*replaced since it was", str(exc)), exc
+                else:
+                    assert not fresh, f"{name}: a fresh worker read the replaced object"
+                    np.testing.assert_array_equal(got, want)
     assert summary.batches >= 10 and set(kept.values()) == {0}
-    assert zs.verify(t.path, tmp_path / "dist.zarr") == []
     np.testing.assert_array_equal(trace, want_trace)
     np.testing.assert_array_equal(life, want_life)
     # every frame is read once for each of the two results (~2x the file); a worker
     # that walked the chain would stream the file again (windows of the whole file)
     assert moved < 2.2 * size, (moved, size)
     assert max(b - a for _, a, b in ranges) < size / 4
+
+
+def _forget_open_files() -> None:
+    """On a worker: drop the open files (xarray's and the reductions'), as on a fresh one."""
+    from xarray.backends.file_manager import FILE_CACHE
+
+    from siff_xarray.accessor import reductions
+
+    FILE_CACHE.clear()
+    reductions._OPEN.clear()
 
 
 def _kept_sources() -> int:

@@ -370,9 +370,11 @@ class SiffAccessor:
         if is_remote(location):
             if is_converted_store(location, opts):
                 return PhotonSource("store", location, opts)
-            from ..reader.index_cache import IndexHint
+            from ..reader.index_cache import IndexHint, known_version
 
-            return PhotonSource("siff", location, opts, IndexHint(location))
+            # the object this process opened: workers read it or fail, never a newer one
+            return PhotonSource("siff", location, opts,
+                                IndexHint(location, known_version(location)))
         if os.path.isfile(location):
             return PhotonSource("siff", location)
         if os.path.isdir(location) and is_converted_store(location):

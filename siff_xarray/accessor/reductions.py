@@ -53,7 +53,8 @@ class PhotonSource:
         if self.kind == "siff":
             from ..reader.siff_file import SiffFile
 
-            return SiffFile(self.path, storage_options=self.storage_options)
+            return SiffFile(self.path, storage_options=self.storage_options,
+                            version=self.hint.version if self.hint else None)
         from ..store.read import StorePhotons
 
         return StorePhotons(self.path, storage_options=self.storage_options)

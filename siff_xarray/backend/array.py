@@ -30,13 +30,18 @@ def _open_siff_file(path: str, options: FileOptions, hint: IndexHint | None = No
                     mode: str = "r") -> SiffFile:
     """Open a file for the file managers (module level so that it pickles).
 
-    ``hint`` only travels with the pickled manager (unpickling it records the
-    shipped index for the open). ``mode`` is always ``"r"``: it is passed
-    explicitly because xarray's "no mode" sentinel does not survive pickling.
+    ``hint`` travels with the pickled manager: unpickling it records the shipped
+    index for the open, and it carries the ETag of the object when it was first
+    opened, so a reopen here or on a Dask worker reads that object or fails, never
+    a newer one. ``mode`` is always ``"r"``: it is passed explicitly because
+    xarray's "no mode" sentinel does not survive pickling.
     """
     if mode != "r":
         raise ValueError(f"{path}: siff-xarray opens files read-only (mode={mode!r})")
-    return SiffFile.from_options(path, options)
+    f = SiffFile.from_options(path, options, version=hint.version if hint else None)
+    if hint is not None and hint.version is None:
+        hint.version = f.version
+    return f
 
 
 def file_manager(source: Any, options: FileOptions) -> Any:

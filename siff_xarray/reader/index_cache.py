@@ -56,7 +56,8 @@ from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex
 from .source import ByteSource
 
 __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "forget", "known",
-           "load_index", "pack", "portable_key", "remember", "save_index", "unpack"]
+           "known_version", "load_index", "pack", "portable_key", "remember",
+           "remember_version", "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = 4096
@@ -300,13 +301,33 @@ def remember(name: str, data: bytes) -> None:
             _KNOWN.popitem(last=False)
 
 
+_VERSIONS: OrderedDict[str, str] = OrderedDict()
+
+
+def remember_version(name: str, version: str) -> None:
+    """Record the ETag the file at ``name`` (a URL) had when this process last opened it."""
+    with _KNOWN_LOCK:
+        _VERSIONS[name] = version
+        _VERSIONS.move_to_end(name)
+        while len(_VERSIONS) > MAX_KNOWN:
+            _VERSIONS.popitem(last=False)
+
+
+def known_version(name: str) -> str | None:
+    """Return the ETag recorded for ``name`` (:func:`remember_version`), if any."""
+    with _KNOWN_LOCK:
+        return _VERSIONS.get(name)
+
+
 def forget(name: str | None = None) -> None:
-    """Drop the packed index recorded for ``name`` (every one if ``None``)."""
+    """Drop the packed index and version recorded for ``name`` (every one if ``None``)."""
     with _KNOWN_LOCK:
         if name is None:
             _KNOWN.clear()
+            _VERSIONS.clear()
         else:
             _KNOWN.pop(name, None)
+            _VERSIONS.pop(name, None)
 
 
 def known(name: str) -> bytes | None:
@@ -325,11 +346,14 @@ class IndexHint:
     use the name only, so file managers keyed by their arguments are unaffected.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, version: str | None = None) -> None:
         self.name = name
+        #: the ETag of the object when this process first opened it (set by the opener):
+        #: a worker's open requires it, so it never reads a newer object
+        self.version = version
 
-    def __reduce__(self) -> tuple[Any, tuple[str, bytes | None]]:
-        return (_restore_hint, (self.name, known(self.name)))
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes | None, str | None]]:
+        return (_restore_hint, (self.name, known(self.name), self.version))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IndexHint) and other.name == self.name
@@ -338,10 +362,10 @@ class IndexHint:
         return hash(("IndexHint", self.name))
 
     def __repr__(self) -> str:
-        return f"IndexHint({self.name!r})"
+        return f"IndexHint({self.name!r}, version={self.version!r})"
 
 
-def _restore_hint(name: str, data: bytes | None) -> IndexHint:
+def _restore_hint(name: str, data: bytes | None, version: str | None = None) -> IndexHint:
     if data is not None and known(name) is None:
         remember(name, data)
-    return IndexHint(name)
+    return IndexHint(name, version)

@@ -54,6 +54,7 @@ from .index_cache import (
     pack,
     portable_key,
     remember,
+    remember_version,
     save_index,
 )
 from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
@@ -85,6 +86,12 @@ class SiffFile(PhotonReductions):
         (default): for files opened by path or URL, in the default directory (not
         for file objects); ``True``: always; a path: always, in that directory;
         ``False``: never.
+    version
+        For URLs: the ETag the object must still have, as :attr:`version` reported
+        when it was first opened; a replaced object is a ``SiffFormatError``. Dask
+        workers reopen a Dataset's file this way, so they never read a newer object
+        than the one the Dataset describes. Reads of an open file are pinned to its
+        version anyway (where the server names versions with strong ETags).
 
     Examples
     --------
@@ -102,12 +109,15 @@ class SiffFile(PhotonReductions):
         bin_width_ps: float | None = None,
         base_resolution_ps: float = MULTIHARP_BASE_RESOLUTION_PS,
         index_cache: bool | str | os.PathLike[str] | None = None,
+        version: str | None = None,
     ) -> None:
         self.options = FileOptions(storage_options=storage_options, tau_bins=tau_bins,
                                    bin_width_ps=bin_width_ps,
                                    base_resolution_ps=base_resolution_ps, index_cache=index_cache)
         self._path_or_fileobj = path_or_fileobj
-        self._source = open_source(path_or_fileobj, storage_options)
+        self._source = open_source(path_or_fileobj, storage_options, version=version)
+        if getattr(self._source, "version", None):  # the object a reduction's workers read
+            remember_version(self._source.name, self._source.version)
         self._all_timestamps: FrameTimestamps | None = None
         try:
             self.header: FileHeader = read_header(self._source)
@@ -119,6 +129,11 @@ class SiffFile(PhotonReductions):
         except BaseException:
             self._source.close()
             raise
+
+    @property
+    def version(self) -> str | None:
+        """The ETag every read of a remote file requires (None: local, or not pinned)."""
+        return getattr(self._source, "version", None)
 
     @property
     def unread_bytes(self) -> int:
@@ -150,12 +165,12 @@ class SiffFile(PhotonReductions):
 
     @classmethod
     def from_options(cls, path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,
-                     options: FileOptions) -> SiffFile:
+                     options: FileOptions, version: str | None = None) -> SiffFile:
         """Open a file with the options of an open call (see :class:`FileOptions`)."""
         return cls(path_or_fileobj, storage_options=options.storage,
                    tau_bins=options.tau_bins, bin_width_ps=options.bin_width_ps,
                    base_resolution_ps=options.base_resolution_ps,
-                   index_cache=options.index_cache)
+                   index_cache=options.index_cache, version=version)
 
     def _load_index(self, index_cache: bool | str | os.PathLike[str] | None) -> FrameIndex:
         """Find the frame index without walking the file where possible.

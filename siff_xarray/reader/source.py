@@ -36,7 +36,16 @@ from typing import IO, Any
 import numpy as np
 
 from .._paths import is_remote, local_path
-from .._remote import one_retry_loop, remote_error, with_timeouts
+from .._remote import (
+    PinnedS3Kwargs,
+    one_retry_loop,
+    pin_kind,
+    pinned_http_options,
+    reading_version,
+    remote_error,
+    replaced_error,
+    with_timeouts,
+)
 from ..errors import RemoteAccessError, SiffFormatError
 
 try:
@@ -540,7 +549,7 @@ class FsspecSource(ByteSource):
     coalesce_gap = 4 * 2**10  # requests run concurrently: do not fetch data between ranges
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
-                 cache_bytes: int = 64 * 2**20) -> None:
+                 cache_bytes: int = 64 * 2**20, version: str | None = None) -> None:
         import fsspec
 
         self.name = url
@@ -563,6 +572,25 @@ class FsspecSource(ByteSource):
         self.size = int(size) if size is not None else int(self._fs.size(self._path))
         self._version = "|".join(str(info[k]) for k in ("ETag", "etag", "LastModified",
                                                          "mtime", "created") if k in info)
+        etag = info.get("ETag") or info.get("etag")
+        if version is not None and etag and etag != version:
+            raise SiffFormatError(url, f"the object was replaced since it was first opened "
+                                  f"(ETag {version}, now {etag}); open it again")
+        #: siblings (sidecars) are other objects: read and written without the pin below
+        self._fs_any = self._fs
+        kind = pin_kind(url, etag)
+        #: the ETag every read of this file's bytes requires (None: reads are not pinned);
+        #: a server refuses a read of another version (412)
+        self.version: str | None = etag if kind else None
+        self._pin: str | None = None  # set for S3: the reads' context carries it
+        if kind == "headers":
+            # its own instance, dropped with this source: fsspec's instance cache would
+            # keep one filesystem (and its connection pool) per version ever opened
+            opts = with_timeouts(url, pinned_http_options(storage_options, etag))
+            opts["skip_instance_cache"] = True
+            self._fs = one_retry_loop(fsspec.core.url_to_fs(url, **opts)[0])
+        elif kind == "context":
+            self._fs, self._pin = _pinning_filesystem(url, storage_options), etag
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
@@ -576,11 +604,16 @@ class FsspecSource(ByteSource):
         self.bytes_fetched = 0
 
     def _network(self, call: Any) -> Any:
-        """Run a request; a timeout or unreachable server becomes a RemoteAccessError."""
+        """Run a request; a timeout or unreachable server becomes a RemoteAccessError.
+
+        A read refused because the object was replaced since it was opened (the
+        version pin of ``__init__``) becomes a SiffFormatError saying so.
+        """
         try:
-            return call()
+            with reading_version(self._pin):
+                return call()
         except Exception as exc:
-            err = remote_error(self.name, exc)
+            err = replaced_error(self.name, exc) or remote_error(self.name, exc)
             if err is None:
                 raise
             raise err from exc
@@ -777,7 +810,7 @@ class FsspecSource(ByteSource):
     def read_sibling(self, suffix: str) -> bytes | None:
         """Return the object ``name + suffix`` (one request), or ``None`` if absent."""
         try:
-            data = self._fs.cat_file(self._path + suffix)
+            data = self._fs_any.cat_file(self._path + suffix)
         except Exception:  # absent, forbidden or unreachable: the walk will do
             return None
         self.bytes_fetched += len(data)
@@ -785,7 +818,7 @@ class FsspecSource(ByteSource):
 
     def write_sibling(self, suffix: str, data: bytes) -> str:
         """Upload ``name + suffix`` (one object: readers see all of it or none)."""
-        self._network(lambda: self._fs.pipe_file(self._path + suffix, data))
+        self._network(lambda: self._fs_any.pipe_file(self._path + suffix, data))
         return self.name + suffix
 
     def fetch_windows(self, starts: list[int], stops: list[int]) -> list[bytes]:
@@ -821,6 +854,34 @@ class FsspecSource(ByteSource):
             self._cached = 0
 
 
+_pinning: dict[tuple[int, str], Any] = {}  # (process, storage options) -> filesystem
+_pinning_lock = threading.Lock()
+
+
+def _pinning_filesystem(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """Return an S3 filesystem whose reads require the version ``reading_version`` sets.
+
+    One per set of storage options in a process (made on first use, its client on
+    first request): the version travels with each read, not with the filesystem.
+    It is this module's own instance (``skip_instance_cache``), so the caller's
+    s3fs instances never send a precondition.
+    """
+    import json
+
+    import fsspec
+
+    key = (os.getpid(), json.dumps([url.split("://", 1)[0], storage_options],
+                                   sort_keys=True, default=repr))
+    with _pinning_lock:
+        fs = _pinning.get(key)
+        if fs is None:
+            opts = {**with_timeouts(url, storage_options), "skip_instance_cache": True}
+            fs = one_retry_loop(fsspec.core.url_to_fs(url, **opts)[0])
+            fs.s3_additional_kwargs = PinnedS3Kwargs(fs.s3_additional_kwargs or {})
+            _pinning[key] = fs
+        return fs
+
+
 _pool: Any = None
 _pool_lock = threading.Lock()
 
@@ -849,6 +910,7 @@ def open_source(
     path_or_fileobj: str | os.PathLike[str] | IO[bytes] | ByteSource,
     storage_options: dict[str, Any] | None = None,
     cache_bytes: int = 64 * 2**20,
+    version: str | None = None,
 ) -> ByteSource:
     """Open a :class:`ByteSource` for a local path, an fsspec URL or a file object.
 
@@ -861,6 +923,9 @@ def open_source(
         Passed to fsspec for URLs.
     cache_bytes
         Size of the LRU cache of data blocks for URLs.
+    version
+        For URLs: the ETag the object must still have (a replaced object is a
+        :class:`~siff_xarray.errors.SiffFormatError`); ``None``: the current one.
 
     """
     if isinstance(path_or_fileobj, ByteSource):
@@ -868,7 +933,7 @@ def open_source(
     if isinstance(path_or_fileobj, (str, os.PathLike)):
         path = os.fspath(path_or_fileobj)
         if is_remote(path):
-            return FsspecSource(path, storage_options, cache_bytes)
+            return FsspecSource(path, storage_options, cache_bytes, version)
         return LocalSource(local_path(path))
     return FileObjectSource(path_or_fileobj)
 
