@@ -836,6 +836,28 @@ def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, t
     assert max(b - a for _, a, b in ranges) < size / 4
 
 
+def test_index_hints_carry_the_version_and_the_index_to_workers():
+    from siff_xarray.reader.index_cache import (
+        IndexHint,
+        forget,
+        known,
+        known_version,
+        remember,
+        remember_version,
+    )
+
+    url = "http://127.0.0.1:1/hint.siff"
+    remember(url, b"packed")
+    remember_version(url, '"v1"')
+    hint = IndexHint(url, known_version(url))
+    data = pickle.dumps(hint)
+    forget(url)  # as on a fresh worker
+    assert known(url) is None and known_version(url) is None
+    back = pickle.loads(data)
+    assert back == hint and back.version == '"v1"' and known(url) == b"packed"
+    forget(url)
+
+
 def _forget_open_files() -> None:
     """On a worker: drop the open files (xarray's and the reductions'), as on a fresh one."""
     from xarray.backends.file_manager import FILE_CACHE

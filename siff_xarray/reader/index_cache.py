@@ -289,28 +289,27 @@ def _prune(directory: Path, keep: int = MAX_ENTRIES) -> None:
 # ---------------------------------------------------------------- indexes known to this process
 
 _KNOWN: OrderedDict[str, bytes] = OrderedDict()
+_VERSIONS: OrderedDict[str, str] = OrderedDict()
 _KNOWN_LOCK = threading.Lock()
+
+
+def _record(table: OrderedDict[str, Any], name: str, value: Any) -> None:
+    """Put ``name`` last in ``table``, keeping its newest :data:`MAX_KNOWN` entries."""
+    with _KNOWN_LOCK:
+        table[name] = value
+        table.move_to_end(name)
+        while len(table) > MAX_KNOWN:
+            table.popitem(last=False)
 
 
 def remember(name: str, data: bytes) -> None:
     """Record the packed index of the file at ``name`` (a URL) for this process."""
-    with _KNOWN_LOCK:
-        _KNOWN[name] = data
-        _KNOWN.move_to_end(name)
-        while len(_KNOWN) > MAX_KNOWN:
-            _KNOWN.popitem(last=False)
-
-
-_VERSIONS: OrderedDict[str, str] = OrderedDict()
+    _record(_KNOWN, name, data)
 
 
 def remember_version(name: str, version: str) -> None:
     """Record the ETag the file at ``name`` (a URL) had when this process last opened it."""
-    with _KNOWN_LOCK:
-        _VERSIONS[name] = version
-        _VERSIONS.move_to_end(name)
-        while len(_VERSIONS) > MAX_KNOWN:
-            _VERSIONS.popitem(last=False)
+    _record(_VERSIONS, name, version)
 
 
 def known_version(name: str) -> str | None:
