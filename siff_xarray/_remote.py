@@ -5,7 +5,9 @@ accepts a connection and never answers hangs a call forever. :func:`with_timeout
 adds a connect and a read timeout (and, for S3, retries with backoff) to a URL's
 storage options, unless the caller set their own. :func:`remote_error` turns the
 errors of an unreachable or silent server into one :class:`RemoteAccessError` that
-names the URL.
+names the URL. :func:`pin_kind` and its helpers make every read of an open file
+require the ETag the object had when it was opened; :func:`replaced_error` names a
+read refused because the object was replaced since.
 
 Import rule: the standard library only (aiohttp lazily, for HTTP URLs).
 """
