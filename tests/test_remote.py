@@ -504,6 +504,40 @@ def test_a_remote_object_replaced_under_an_open_dataset_is_an_error(http_server,
         assert not np.array_equal(want, local.intensity.isel(time=0).values)
 
 
+def test_an_object_replaced_after_fsspec_listed_it_opens_as_it_is_now(s3_server, tmp_path):
+    """s3fs answers ``info`` from listings it cached: a stale ETag must not lock a file out.
+
+    The first read, pinned to the listed (old) ETag, is refused; nothing was read
+    yet, so the open takes the object as it is now. A caller that required the old
+    version (a Dask worker) still gets the error.
+    """
+    import fsspec
+
+    from siff_xarray._remote import with_timeouts
+
+    first, second = _two_versions(tmp_path)
+    url = "s3://relisted/run.siff"
+    ours = fsspec.core.url_to_fs(url, **with_timeouts(url, s3_server))[0]  # as the reader's
+    ours.mkdir("relisted")
+    ours.pipe("relisted/run.siff", first)
+    with SiffFile(url, storage_options=s3_server, index_cache=False) as f:
+        old = f.version
+    ours.ls("relisted")  # cached listing with the first ETag
+    other = fsspec.filesystem("s3", skip_instance_cache=True, **s3_server)
+    other.pipe("relisted/run.siff", second)
+    assert ours.info("relisted/run.siff")["ETag"] == old  # stale
+    with SiffFile(url, storage_options=s3_server, index_cache=False) as f, \
+            SiffFile(tmp_path / "b.siff") as local:
+        assert f.version != old
+        np.testing.assert_array_equal(f.read_frames(), local.read_frames())
+    ours.ls("relisted", refresh=True)
+    other.pipe("relisted/run.siff", first)
+    ours.ls("relisted")  # stale again, and the caller requires the version it listed
+    with pytest.raises(SiffFormatError, match="replaced since it was"):
+        SiffFile(url, storage_options=s3_server, index_cache=False,
+                 version=ours.info("relisted/run.siff")["ETag"])
+
+
 def test_pinned_reads_keep_no_filesystem_per_version(http_server, tmp_path):
     """Each open file pins its own filesystem, dropped with it (none kept per ETag)."""
     import gc
@@ -575,6 +609,7 @@ def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path
     path.write_bytes(bytes(2**20))
     src = FsspecSource(f"{http_server.url}/blob.bin")
     src.walk_window = 2**17
+    src.read(0, 100)  # as an open reads the header first
     with open(path, "r+b") as fh:
         fh.truncate(600_000)
     src.will_need(500_000, 900_000)

@@ -534,6 +534,10 @@ class FileObjectSource(ByteSource):
             self._f.close()
 
 
+#: the keys of fsspec's ``info`` that tell versions of an object apart
+_VERSION_KEYS = ("ETag", "etag", "LastModified", "mtime", "created")
+
+
 class FsspecSource(ByteSource):
     """A file reached through fsspec, read with stateless byte-range requests.
 
@@ -570,8 +574,7 @@ class FsspecSource(ByteSource):
             raise IsADirectoryError(f"{url}: is a directory")
         size = info.get("size")
         self.size = int(size) if size is not None else int(self._fs.size(self._path))
-        self._version = "|".join(str(info[k]) for k in ("ETag", "etag", "LastModified",
-                                                         "mtime", "created") if k in info)
+        self._version = "|".join(str(info[k]) for k in _VERSION_KEYS if k in info)
         etag = info.get("ETag") or info.get("etag")
         if version is not None and etag and etag != version:
             raise SiffFormatError(url, f"the object was replaced since it was first opened "
@@ -583,12 +586,9 @@ class FsspecSource(ByteSource):
         #: a server refuses a read of another version (412)
         self.version: str | None = etag if kind else None
         self._pin: str | None = None  # set for S3: the reads' context carries it
+        self._required, self._options = version, storage_options
         if kind == "headers":
-            # its own instance, dropped with this source: fsspec's instance cache would
-            # keep one filesystem (and its connection pool) per version ever opened
-            opts = with_timeouts(url, pinned_http_options(storage_options, etag))
-            opts["skip_instance_cache"] = True
-            self._fs = one_retry_loop(fsspec.core.url_to_fs(url, **opts)[0])
+            self._fs = self._pinned_http(etag)
         elif kind == "context":
             self._fs, self._pin = _pinning_filesystem(url, storage_options), etag
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -613,10 +613,48 @@ class FsspecSource(ByteSource):
             with reading_version(self._pin):
                 return call()
         except Exception as exc:
-            err = replaced_error(self.name, exc) or remote_error(self.name, exc)
+            replaced = replaced_error(self.name, exc)
+            if replaced is not None and self.bytes_fetched == 0 and self._repin():
+                return self._network(call)  # the version came from a stale listing
+            err = replaced or remote_error(self.name, exc)
             if err is None:
                 raise
             raise err from exc
+
+    def _repin(self) -> bool:
+        """Pin reads to the object's current version; return whether it changed.
+
+        Called when the first read of the file was refused: the ETag came from a
+        listing fsspec cached before the object was replaced (s3fs keeps listings
+        until told otherwise), not from the object. Nothing was read yet, so the
+        file is taken as it is now, unless the caller required the old version.
+        """
+        self._fs_any.invalidate_cache(self._path)
+        info = self._fs_any.info(self._path)
+        etag = info.get("ETag") or info.get("etag")
+        if not etag or etag == self.version or self._required not in (None, etag):
+            return False
+        size = info.get("size")
+        self.size = int(size) if size is not None else self.size
+        self._version = "|".join(str(info[k]) for k in _VERSION_KEYS if k in info)
+        self.version = etag
+        if self._pin is not None:
+            self._pin = etag
+        else:
+            self._fs = self._pinned_http(etag)
+        return True
+
+    def _pinned_http(self, etag: str) -> Any:
+        """Return an HTTP filesystem of its own whose every request requires ``etag``.
+
+        Its own instance, dropped with this source: fsspec's instance cache would
+        keep one filesystem (and its connection pool) per version ever opened.
+        """
+        import fsspec
+
+        opts = with_timeouts(self.name, pinned_http_options(self._options, etag))
+        opts["skip_instance_cache"] = True
+        return one_retry_loop(fsspec.core.url_to_fs(self.name, **opts)[0])
 
     #: bytes fetched by the first read near the start of the file and kept: the
     #: header, the first IFD and description come in one request, not three
