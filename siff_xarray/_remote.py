@@ -132,11 +132,9 @@ def replaced_error(url: str, exc: BaseException) -> SiffFormatError | None:
     """Return the error for a read refused because the object changed (412), else None."""
     seen = 0
     while exc is not None and seen < 10:
-        status = getattr(exc, "status", None)
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", "")) \
-            if isinstance(getattr(exc, "response", None), dict) else ""
-        if status == 412 or code in ("PreconditionFailed", "412") or \
-                "PreconditionFailed" in str(exc) or "Precondition Failed" in str(exc):
+        # aiohttp's ClientResponseError has the status; botocore's ClientError names
+        # the code in its message (s3fs re-raises it as an OSError from it)
+        if getattr(exc, "status", None) == 412 or "PreconditionFailed" in str(exc):
             return SiffFormatError(url, "the object was replaced since it was opened (its "
                                    "ETag no longer matches); open it again")
         exc = exc.__cause__ or exc.__context__

@@ -116,8 +116,8 @@ class SiffFile(PhotonReductions):
                                    base_resolution_ps=base_resolution_ps, index_cache=index_cache)
         self._path_or_fileobj = path_or_fileobj
         self._source = open_source(path_or_fileobj, storage_options, version=version)
-        if getattr(self._source, "version", None):  # the object a reduction's workers read
-            remember_version(self._source.name, self._source.version)
+        if self.version:  # the object a reduction's workers read
+            remember_version(self._source.name, self.version)
         self._all_timestamps: FrameTimestamps | None = None
         try:
             self.header: FileHeader = read_header(self._source)

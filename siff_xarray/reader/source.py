@@ -561,6 +561,8 @@ class FsspecSource(ByteSource):
             self._fs, self._path = fsspec.core.url_to_fs(
                 url, **with_timeouts(url, storage_options))
             one_retry_loop(self._fs)
+            #: siblings (sidecars) are other objects: read and written without the pin
+            self._fs_any = self._fs
             info = self._fs.info(self._path)
         except Exception as exc:
             err = remote_error(url, exc)  # a timeout may come as a FileNotFoundError
@@ -572,15 +574,10 @@ class FsspecSource(ByteSource):
             raise
         if info.get("type") == "directory":
             raise IsADirectoryError(f"{url}: is a directory")
-        size = info.get("size")
-        self.size = int(size) if size is not None else int(self._fs.size(self._path))
-        self._version = "|".join(str(info[k]) for k in _VERSION_KEYS if k in info)
-        etag = info.get("ETag") or info.get("etag")
+        etag = self._adopt(info)
         if version is not None and etag and etag != version:
             raise SiffFormatError(url, f"the object was replaced since it was first opened "
                                   f"(ETag {version}, now {etag}); open it again")
-        #: siblings (sidecars) are other objects: read and written without the pin below
-        self._fs_any = self._fs
         kind = pin_kind(url, etag)
         #: the ETag every read of this file's bytes requires (None: reads are not pinned);
         #: a server refuses a read of another version (412)
@@ -634,15 +631,20 @@ class FsspecSource(ByteSource):
         etag = info.get("ETag") or info.get("etag")
         if not etag or etag == self.version or self._required not in (None, etag):
             return False
-        size = info.get("size")
-        self.size = int(size) if size is not None else self.size
-        self._version = "|".join(str(info[k]) for k in _VERSION_KEYS if k in info)
+        self._adopt(info)
         self.version = etag
         if self._pin is not None:
             self._pin = etag
         else:
             self._fs = self._pinned_http(etag)
         return True
+
+    def _adopt(self, info: dict[str, Any]) -> str | None:
+        """Take size and fingerprint from fsspec's ``info`` of the file; return its ETag."""
+        size = info.get("size")
+        self.size = int(size) if size is not None else int(self._fs_any.size(self._path))
+        self._fingerprint = "|".join(str(info[k]) for k in _VERSION_KEYS if k in info)
+        return info.get("ETag") or info.get("etag")
 
     def _pinned_http(self, etag: str) -> Any:
         """Return an HTTP filesystem of its own whose every request requires ``etag``.
@@ -698,7 +700,7 @@ class FsspecSource(ByteSource):
 
     def fingerprint(self) -> str:
         """ETag / modification time as the filesystem reports them ('' if none)."""
-        return self._version
+        return self._fingerprint
 
     #: largest span :meth:`will_need` fetches ahead, and how many spans it holds
     ahead_limit = 256 * 2**20
