@@ -12,9 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-#: digest of the helpers and constants this module's compiled code takes from other
-#: modules. Numba's on-disk cache notices edits of this file only, so when those change,
-#: tests/test_architecture.py asks for a new value here, and the edit recompiles.
+#: what the compiled code takes from other modules (docs/architecture.md, Rules)
 _FOREIGN_INPUTS = "e3b0c44298fc1c14"
 
 __all__ = ["convert", "pack", "scan_descriptions"]

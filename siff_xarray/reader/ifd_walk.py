@@ -45,9 +45,7 @@ from .ifd import (
     S_ZERO_IFD,
 )
 
-#: digest of the helpers and constants this module's compiled code takes from other
-#: modules. Numba's on-disk cache notices edits of this file only, so when those change,
-#: tests/test_architecture.py asks for a new value here, and the edit recompiles.
+#: what the compiled code takes from other modules (docs/architecture.md, Rules)
 _FOREIGN_INPUTS = "945057ff9bef5dd1"
 
 __all__ = ["pread_gather", "walk", "walk_fd"]

@@ -58,9 +58,7 @@ from .decode import (
     in_bounds,
 )
 
-#: digest of the helpers and constants this module's compiled code takes from other
-#: modules. Numba's on-disk cache notices edits of this file only, so when those change,
-#: tests/test_architecture.py asks for a new value here, and the edit recompiles.
+#: what the compiled code takes from other modules (docs/architecture.md, Rules)
 _FOREIGN_INPUTS = "6e442955aaad53a0"
 
 __all__ = ["kernel", "run_compiled"]

@@ -14,9 +14,7 @@ import numpy as np
 
 from .layout import compressors
 
-#: digest of the helpers and constants this module's compiled code takes from other
-#: modules. Numba's on-disk cache notices edits of this file only, so when those change,
-#: tests/test_architecture.py asks for a new value here, and the edit recompiles.
+#: what the compiled code takes from other modules (docs/architecture.md, Rules)
 _FOREIGN_INPUTS = "97b4776af36ffb14"
 
 __all__ = ["CHANNEL_COLORS", "INTENSITY_ORDER", "create_ome", "downsample2", "ome_repeats",
