@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,6 +192,14 @@ def remote_error(url: str, exc: BaseException) -> RemoteAccessError | None:
 
 
 def _network_error(url: str, exc: BaseException) -> RemoteAccessError | None:
+    if isinstance(exc, ssl.SSLCertVerificationError) or type(exc).__name__ == \
+            "ClientConnectorCertificateError":
+        cause = getattr(exc, "certificate_error", exc)  # aiohttp wraps ssl's error
+        reason = getattr(cause, "verify_message", None) or cause
+        return RemoteAccessError(url, f"the server's TLS certificate is not trusted "
+                                 f"({reason}); for a server of your own, pass "
+                                 "storage_options={'ssl': ssl.create_default_context("
+                                 "cafile=...)}")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return RemoteAccessError(url, "the server did not answer in time (timeout); check "
                                  "the URL and the network, or raise the timeout through "
@@ -198,7 +207,7 @@ def _network_error(url: str, exc: BaseException) -> RemoteAccessError | None:
     if isinstance(exc, ConnectionError) or type(exc).__name__ in (
             "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
             "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-            "ConnectionClosedError"):
+            "ConnectionClosedError", "IncompleteRead", "BadStatusLine"):
         return RemoteAccessError(url, f"the server cannot be reached ({exc})")
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return RemoteAccessError(url, "no credentials for this bucket; configure them or "

@@ -148,11 +148,34 @@ class _RangeServer:
         self.ignore_ranges = False
         #: seconds added before answering each request (object-store first-byte latency)
         self.latency = 0.0
+        #: answer HTTP/1.1 and keep connections open between requests (as S3 does)
+        self.keep_alive = False
+        #: with keep_alive: close a connection, unannounced, after this many requests
+        #: (as servers close idle connections); 0 keeps it open
+        self.requests_per_connection = 0
+        #: redirect every GET without a query string to the same path with "?moved"
+        self.redirects = False
+        #: answer this many GETs with 503 before serving again (a busy server)
+        self.busy = 0
+        #: send only half the body of this many GETs, then close (a connection lost)
+        self.cut = 0
+        #: connections accepted (with keep_alive, fewer than requests)
+        self.connections = 0
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                self.served = 0
+                with server.lock:
+                    server.connections += 1
+
+            def parse_request(self):
+                self.protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
+                return super().parse_request()
 
             def _file(self):
                 p = os.path.join(server.root, self.path.lstrip("/").split("?")[0])
@@ -196,6 +219,21 @@ class _RangeServer:
                 self.end_headers()
 
             def do_GET(self):
+                self.served += 1
+                if (server.requests_per_connection
+                        and self.served >= server.requests_per_connection):
+                    self.close_connection = True  # after this answer, without saying so
+                if server.redirects and "?" not in self.path:
+                    self.send_response(307)
+                    self.send_header("Location", self.path + "?moved")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with server.lock:
+                    busy, server.busy = server.busy > 0, max(server.busy - 1, 0)
+                if busy:
+                    self.send_error(503)
+                    return
                 p = self._arrive()
                 if p is None:
                     return
@@ -220,6 +258,11 @@ class _RangeServer:
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.end_headers()
+                with server.lock:
+                    cut, server.cut = server.cut > 0, max(server.cut - 1, 0)
+                if cut:
+                    self.close_connection = True
+                    n = n // 2
                 with open(p, "rb") as fh:
                     if server.tls:  # an SSL socket must encrypt what it sends
                         fh.seek(start)
@@ -234,6 +277,12 @@ class _RangeServer:
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256  # clients open many connections at once, as S3 allows
             daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                import sys
+
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)  # a client may hang up
 
         self.httpd = Server(("127.0.0.1", 0), Handler)
         scheme = "http"

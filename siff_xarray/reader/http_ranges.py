@@ -1,0 +1,299 @@
+"""Byte ranges of one HTTP(S) object, read straight into the caller's memory.
+
+fsspec's HTTP filesystem receives every byte on its one event-loop thread
+(aiohttp) and returns ``bytes`` that the reader then copies into its span: a long
+remote read spent about as much CPU moving bytes as decoding them. For the large
+reads of a file (the walk's windows, the spans a streamed read fetches ahead), a
+:class:`~siff_xarray.reader.source.FsspecSource` of a plain ``http(s)://`` URL uses
+:class:`DirectRanges` instead: blocking :mod:`http.client` connections, one per
+worker thread and kept alive, each receiving its range with ``readinto`` into the
+caller's buffer while the GIL is released. On the loopback benchmark server this
+halves the CPU of a download (see docs/performance.md).
+
+It sends the GET fsspec would send (the source's headers, its If-Match pin and a
+Range) with this package's timeouts, and answers as the source's other reads do:
+a 412 carries ``status`` for :func:`~siff_xarray._remote.replaced_error`, a
+missing object is a FileNotFoundError naming the URL, a server that ignores Range
+a RemoteAccessError. It steps aside (:class:`StepAside`) for what it does not
+handle, a redirect, so the source falls back to fsspec. Storage options it does
+not understand (authentication, proxies, other client settings) keep the source
+on fsspec from the start (:func:`direct_ranges`).
+
+Import rule: the standard library, ``errors`` and ``_remote``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+from .. import _remote
+from ..errors import RemoteAccessError
+
+__all__ = ["DirectRanges", "StepAside", "direct_ranges"]
+
+#: storage options of fsspec's HTTP filesystem that do not change what a GET sends
+_HARMLESS = frozenset({"headers", "ssl", "client_kwargs", "skip_instance_cache",
+                       "use_listings_cache", "listings_expiry_time", "block_size",
+                       "simple_links", "same_scheme", "size_policy", "cache_type",
+                       "cache_options"})
+#: requests in flight at once (one connection each), shared by all sources of a process
+MAX_CONNECTIONS = 32
+#: servers a thread keeps a connection to (the oldest is closed beyond)
+_KEPT_SERVERS = 8
+#: statuses answered again after a pause (the server is busy or restarting)
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class StepAside(Exception):
+    """The server answered in a way left to fsspec (a redirect)."""
+
+
+class HTTPStatusError(RemoteAccessError):
+    """An HTTP error status; ``status`` holds it (a 412 means the object was replaced)."""
+
+    def __init__(self, url: str, status: int, reason: str) -> None:
+        self.status, self.reason = status, reason
+        super().__init__(url, f"the server answered HTTP {status} {reason}")
+
+    def __reduce__(self):  # keep the fields through pickling (dask workers)
+        return (type(self), (self.url, self.status, self.reason))
+
+
+def direct_ranges(url: str, storage_options: dict[str, Any] | None) -> DirectRanges | None:
+    """Return a :class:`DirectRanges` for ``url``, or None where fsspec must read it.
+
+    Only plain ``http://`` and ``https://`` URLs whose storage options set nothing
+    but headers, the ``ssl`` argument and aiohttp timeouts: anything else (basic
+    auth, a custom session, a chained URL) may change the request in ways this
+    module does not reproduce. The timeouts are those of
+    :func:`~siff_xarray._remote.with_timeouts` unless the options set their own.
+    """
+    if "::" in url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    opts = _remote.with_timeouts(url, storage_options)
+    if not set(opts) <= _HARMLESS:
+        return None
+    client = dict(opts.get("client_kwargs") or {})
+    timeout = client.pop("timeout", None)
+    if client:
+        return None
+    connect = getattr(timeout, "connect", None) or _remote.CONNECT_TIMEOUT_S
+    read = getattr(timeout, "sock_read", None) or _remote.READ_TIMEOUT_S
+    headers = opts.get("headers") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        return None
+    context = None
+    if parts.scheme == "https":
+        given = opts.get("ssl", True)
+        if isinstance(given, ssl.SSLContext):
+            context = given
+        elif given is False:  # aiohttp's "do not verify"
+            context = ssl._create_unverified_context()
+        elif given in (True, None):
+            context = ssl.create_default_context()
+        else:  # a fingerprint or another aiohttp object
+            return None
+    return DirectRanges(url, dict(headers), context, float(connect), float(read))
+
+
+class DirectRanges:
+    """Concurrent byte-range GETs of one URL into memory the caller owns.
+
+    Parameters
+    ----------
+    url
+        The object's ``http(s)://`` URL (query string kept, fragment dropped).
+    headers
+        Headers sent with every request (the caller adds If-Match per call).
+    context
+        TLS context for ``https`` (None for ``http``).
+    connect_timeout, read_timeout
+        Seconds to connect, and without a byte from the server, before failing.
+
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], context: ssl.SSLContext | None,
+                 connect_timeout: float = _remote.CONNECT_TIMEOUT_S,
+                 read_timeout: float = _remote.READ_TIMEOUT_S) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.url = url
+        self.headers = headers
+        self._scheme, self._host = parts.scheme, parts.hostname or ""
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._context = context
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._key = (self._scheme, self._host, self._port, id(context))
+
+    def fetch_into(self, out: memoryview, starts: list[int], stops: list[int],
+                   at: list[int], headers: dict[str, str] | None = None) -> list[int]:
+        """Read bytes ``starts[i]:stops[i]`` into ``out[at[i]:]``, concurrently.
+
+        Returns the number of bytes each range received: fewer than asked where
+        the object ends before the range does. Every request has finished when
+        this returns or raises, so ``out`` is no longer written to.
+        """
+        extra = headers or {}
+        if len(starts) == 1:
+            return [self._get(out, starts[0], stops[0], at[0], extra)]
+        jobs = [_pool().submit(self._get, out, a, b, o, extra)
+                for a, b, o in zip(starts, stops, at, strict=True)]
+        wait(jobs)  # all of them, failed or not: none may write into `out` later
+        for job in jobs:
+            exc = job.exception()
+            if exc is not None:
+                raise exc
+        return [job.result() for job in jobs]
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """Return this thread's kept-alive connection to the server, and whether it is reused."""
+        conns = _local_connections()
+        conn = conns.get(self._key)
+        if conn is not None:
+            return conn, True
+        if self._scheme == "https":
+            conn = http.client.HTTPSConnection(self._host, self._port,
+                                               timeout=self._connect_timeout,
+                                               context=self._context)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port,
+                                              timeout=self._connect_timeout)
+        conn.connect()
+        conn.sock.settimeout(self._read_timeout)
+        conns[self._key] = conn
+        while len(conns) > _KEPT_SERVERS:  # dicts keep insertion order: oldest first
+            conns.pop(next(iter(conns))).close()
+        return conn, False
+
+    def _drop(self) -> None:
+        conn = _local_connections().pop(self._key, None)
+        if conn is not None:
+            conn.close()
+
+    def _get(self, out: memoryview, start: int, stop: int, at: int,
+             extra: dict[str, str]) -> int:
+        """GET one range into ``out[at:]``; return its length (short where the object ends).
+
+        A kept-alive connection the server closed meanwhile is replaced at once; a
+        connection lost otherwise, or a busy server (429, 5xx), is tried again after
+        a pause, up to :data:`~siff_xarray._remote.RETRIES` attempts. A timeout is not
+        retried: the caller hears of a silent server after one read timeout.
+        """
+        headers = {**self.headers, **extra, "Range": f"bytes={start}-{stop - 1}",
+                   "Accept-Encoding": "identity"}
+        retries, attempt = _remote.RETRIES, 0
+        while True:
+            reused = False
+            try:
+                conn, reused = self._connection()
+                conn.request("GET", self._target, headers=headers)
+                resp = conn.getresponse()
+                status = resp.status
+                if status == 206 or (status == 200 and start == 0
+                                     and resp.length == stop - start):
+                    return self._receive(resp, out, start, stop, at)
+                self._finish(resp, small=status != 200)
+            except (ConnectionError, http.client.HTTPException) as exc:
+                self._drop()
+                if reused:  # closed while idle: a fresh connection, not a new attempt
+                    continue
+                attempt += 1
+                if attempt >= retries or isinstance(exc, ConnectionRefusedError):
+                    raise
+                time.sleep(0.1 * 2**attempt)
+                continue
+            except BaseException:
+                self._drop()
+                raise
+            if status == 416:  # the range starts at or past the end of the object
+                return 0
+            if status == 200:
+                raise RemoteAccessError(
+                    self.url, f"the server ignored a Range request (it answered bytes "
+                    f"{start}-{stop - 1} with the whole object); siff-xarray reads byte "
+                    "ranges, so serve the file from a server that supports them (S3, GCS "
+                    "and most HTTP servers do) or download it first")
+            if 300 <= status < 400:
+                raise StepAside(f"HTTP {status}")
+            if status in (404, 410):
+                raise FileNotFoundError(f"{self.url}: no such file (HTTP {status})")
+            attempt += 1
+            if status in _RETRY_STATUS and attempt < retries:
+                time.sleep(0.1 * 2**attempt)
+                continue
+            raise HTTPStatusError(self.url, status, resp.reason)
+
+    def _receive(self, resp: http.client.HTTPResponse, out: memoryview, start: int,
+                 stop: int, at: int) -> int:
+        """Receive a range's body into ``out``; return its length (short at the end).
+
+        A body that stops before its announced length is a lost connection
+        (``IncompleteRead``), not a short object: the object's end shows in the
+        ``Content-Range`` the server announced.
+        """
+        if resp.status == 206:
+            first, last = _content_range(resp.getheader("Content-Range", ""))
+            if first != start or last >= stop:
+                raise RemoteAccessError(
+                    self.url, f"the server answered bytes {start}-{stop - 1} with bytes "
+                    f"{first}-{last}; siff-xarray reads byte ranges, so serve the file "
+                    "from a server that honours them or download it first")
+        want = resp.length if resp.length is not None else stop - start
+        view = out[at : at + min(want, stop - start)]
+        got = 0
+        while got < len(view):
+            n = resp.readinto(view[got:])
+            if not n:
+                raise http.client.IncompleteRead(b"", len(view) - got)
+            got += n
+        self._finish(resp, small=True)
+        return got
+
+    def _finish(self, resp: http.client.HTTPResponse, small: bool) -> None:
+        """Leave the connection ready for the next request, or drop it."""
+        if resp.will_close or not small or (resp.length or 0) > 2**16:
+            resp.close()
+            self._drop()
+        else:
+            resp.read()  # an error page or an empty remainder: keep the connection
+
+
+def _content_range(value: str) -> tuple[int, int]:
+    """``(first, last)`` byte of a ``Content-Range: bytes first-last/size`` (-1s if absent)."""
+    try:
+        first, last = value.split()[1].split("/")[0].split("-")
+        return int(first), int(last)
+    except (IndexError, ValueError):
+        return -1, -1
+
+
+_state = threading.local()
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
+
+
+def _local_connections() -> dict[tuple[Any, ...], http.client.HTTPConnection]:
+    conns = getattr(_state, "conns", None)
+    if conns is None or getattr(_state, "pid", None) != os.getpid():
+        conns = _state.conns = {}
+        _state.pid = os.getpid()
+    return conns
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _pool_lock:
+        pool = _pools.get(os.getpid())
+        if pool is None:
+            pool = _pools[os.getpid()] = ThreadPoolExecutor(
+                MAX_CONNECTIONS, thread_name_prefix="siff-http")
+        return pool

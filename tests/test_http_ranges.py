@@ -1,0 +1,234 @@
+"""Direct HTTP range reads (reader.http_ranges) against the loopback range server.
+
+A remote file's large reads bypass fsspec's event loop; these tests hold them to what
+fsspec's reads give (the same bytes, the same requests) and to what servers do that
+fsspec handled for us: keep-alive connections closed while idle, redirects, busy
+servers, bodies cut off, objects deleted, silence.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from siff_xarray import _remote
+from siff_xarray.errors import RemoteAccessError, SiffFormatError
+from siff_xarray.reader import http_ranges
+from siff_xarray.reader.http_ranges import DirectRanges, HTTPStatusError, direct_ranges
+from siff_xarray.reader.source import FsspecSource
+from siff_xarray.synthetic import write_siff
+
+
+@pytest.fixture
+def blob(http_server, tmp_path):
+    """Six MiB of random bytes served as ``blob.bin``: (url, bytes)."""
+    data = np.random.default_rng(7).integers(0, 256, 6 * 2**20, dtype=np.uint8).tobytes()
+    (tmp_path / "blob.bin").write_bytes(data)
+    return f"{http_server.url}/blob.bin", data
+
+
+def _ranges(seed: int, size: int, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    starts = np.sort(rng.integers(0, size - 300_000, n))
+    return starts, starts + rng.integers(1, 300_000, n)
+
+
+def _check(src: FsspecSource, data: bytes, starts: np.ndarray, stops: np.ndarray) -> None:
+    buf, base = src.read_ranges(starts, stops)
+    for a, b, at in zip(starts, stops, base, strict=True):
+        assert bytes(buf[at : at + b - a]) == data[a:b]
+
+
+def test_direct_reads_give_fsspecs_bytes_with_the_same_requests(http_server, tmp_path,
+                                                                monkeypatch):
+    t = write_siff(tmp_path / "r.siff", shape=(64, 32), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=4000, seed=5)
+    url = f"{http_server.url}/r.siff"
+    with xr.open_dataset(t.path, engine="siff", flim=True) as local:
+        want = local.load().drop_attrs().drop_vars(["source_file", "source_frame"])
+    counts = {}
+    for direct in (True, False):
+        monkeypatch.setattr(FsspecSource, "direct_http", direct)
+        before = http_server.requests + http_server.heads
+        with xr.open_dataset(url, engine="siff", flim=True, index_cache=False) as ds:
+            assert (ds.intensity.variable._data is not None)
+            got = ds.load().drop_attrs().drop_vars(["source_file", "source_frame"])
+            xr.testing.assert_identical(got, want)
+            trace = ds.intensity.mean(("y", "x")).values
+        np.testing.assert_array_equal(trace, want.intensity.mean(("y", "x")).values)
+        counts[direct] = http_server.requests + http_server.heads - before
+    assert counts[True] == counts[False], counts
+
+
+def test_spans_fetched_ahead_are_received_into_their_buffers(http_server, blob):
+    url, data = blob
+    with FsspecSource(url) as src:
+        assert src._direct is not None
+        sent = http_server.bytes_sent
+        src.will_need(0, len(data))
+        starts, stops = _ranges(1, len(data))
+        _check(src, data, starts, stops)
+        assert http_server.bytes_sent - sent == len(data)  # the span once, nothing more
+        assert src.bytes_fetched == len(data)
+
+
+def test_a_server_closing_idle_connections_is_answered_with_a_new_one(http_server, blob):
+    url, data = blob
+    http_server.keep_alive = True
+    with FsspecSource(url) as src:
+        requests, connections = http_server.requests, http_server.connections
+        starts, stops = _ranges(2, len(data), n=30)
+        src.coalesce_gap = 0
+        for a, b in zip(starts, stops, strict=True):  # one request at a time: one thread
+            _check(src, data, np.array([a]), np.array([b]))
+        assert http_server.requests - requests == 30
+        assert http_server.connections - connections == 1  # kept alive: one for all
+        connections = http_server.connections
+        # the server now closes each connection after two requests without saying so:
+        # the third request on it finds it closed and goes out on a new one
+        http_server.requests_per_connection = 2
+        starts, stops = _ranges(22, len(data), n=30)  # not in the source's cache
+        for a, b in zip(starts, stops, strict=True):
+            _check(src, data, np.array([a]), np.array([b]))
+        assert http_server.requests - requests == 60  # no request served twice
+        assert http_server.connections - connections == 15  # a new one every 2 requests
+
+
+def test_redirects_are_left_to_fsspec(http_server, blob):
+    url, data = blob
+    http_server.redirects = True
+    with FsspecSource(url) as src:
+        assert src._direct is not None
+        starts, stops = _ranges(3, len(data))
+        _check(src, data, starts, stops)
+        assert src._direct is None  # fsspec followed the redirect; the source stays there
+        _check(src, data, *_ranges(4, len(data)))
+
+
+def test_a_busy_server_is_asked_again_and_then_blamed(http_server, blob, monkeypatch):
+    url, data = blob
+    with FsspecSource(url) as src:
+        http_server.busy = 2  # two 503s, then the bytes
+        _check(src, data, np.array([1000]), np.array([500_000]))
+        monkeypatch.setattr(_remote, "RETRIES", 2)
+        http_server.busy = 5
+        with pytest.raises(RemoteAccessError, match=r"blob\.bin: the server answered HTTP 503"):
+            src.read_ranges(np.array([600_000]), np.array([900_000]))
+
+
+def test_a_body_cut_off_is_read_again_not_taken_for_the_end_of_the_file(http_server, blob):
+    url, data = blob
+    with FsspecSource(url) as src:
+        http_server.cut = 1
+        requests = http_server.requests
+        src.will_need(0, 2 * 2**20)
+        _check(src, data, np.array([0]), np.array([2 * 2**20]))
+        assert http_server.requests - requests == 2  # the cut one and its repeat
+        http_server.cut = 100  # every answer cut: the connection is blamed, not the file
+        with pytest.raises(RemoteAccessError, match=r"blob\.bin: the server cannot be "):
+            src.read_ranges(np.array([3_000_000]), np.array([3_500_000]))
+
+
+def test_an_object_deleted_after_open_names_the_url(http_server, blob, tmp_path):
+    url, _ = blob
+    with FsspecSource(url) as src:
+        os.remove(tmp_path / "blob.bin")
+        with pytest.raises(FileNotFoundError, match=r"blob\.bin: no such file \(HTTP 404\)"):
+            src.read_ranges(np.array([0]), np.array([100_000]))
+
+
+def test_a_truncated_object_is_a_short_read_not_a_connection_error(http_server, blob,
+                                                                   tmp_path):
+    url, _ = blob
+    with FsspecSource(url) as src:
+        with open(tmp_path / "blob.bin", "r+b") as fh:
+            fh.truncate(4 * 2**20)
+        with pytest.raises(SiffFormatError, match="file ends inside"):
+            src.read_ranges(np.array([4 * 2**20 - 10]), np.array([4 * 2**20 + 10]))
+
+
+def test_a_silent_server_times_out_after_one_read_timeout():
+    srv = socket.socket()  # accepts connections (the kernel's backlog), never answers
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    try:
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/run.siff"
+        direct = DirectRanges(url, {}, None, connect_timeout=1.0, read_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError) as err:
+            direct.fetch_into(memoryview(bytearray(100)), [0, 50], [50, 100], [0, 50])
+        assert time.monotonic() - t0 < 5
+        assert "did not answer in time" in str(_remote.remote_error(url, err.value))
+    finally:
+        srv.close()
+
+
+def test_which_urls_and_options_are_read_directly():
+    url = "http://127.0.0.1:1/run.siff"
+    assert direct_ranges(url, None) is not None
+    got = direct_ranges(url, {"headers": {"Authorization": "Bearer x"}})
+    assert got is not None and got.headers == {"Authorization": "Bearer x"}
+    aiohttp = pytest.importorskip("aiohttp")
+    got = direct_ranges(url, {"client_kwargs": {"timeout": aiohttp.ClientTimeout(
+        connect=2.0, sock_read=3.0)}})
+    assert (got._connect_timeout, got._read_timeout) == (2.0, 3.0)
+    assert direct_ranges(url, None)._read_timeout == _remote.READ_TIMEOUT_S
+    # what this module does not reproduce stays with fsspec
+    assert direct_ranges(url, {"client_kwargs": {"trust_env": True}}) is None  # proxies
+    assert direct_ranges(url, {"auth": ("user", "password")}) is None
+    assert direct_ranges("https://127.0.0.1:1/r", {"ssl": b"fingerprint"}) is None
+    assert direct_ranges("s3://bucket/run.siff", None) is None
+    assert direct_ranges(f"simplecache::{url}", None) is None
+    assert direct_ranges("memory://run.siff", None) is None
+    # https: the given context, aiohttp's "do not verify", or the system's trust
+    ctx = ssl.create_default_context()
+    assert direct_ranges("https://127.0.0.1:1/r", {"ssl": ctx})._context is ctx
+    unverified = direct_ranges("https://127.0.0.1:1/r", {"ssl": False})._context
+    assert unverified.verify_mode == ssl.CERT_NONE
+    assert direct_ranges("https://127.0.0.1:1/r", None)._context.verify_mode == \
+        ssl.CERT_REQUIRED
+
+
+def test_https_spans_are_received_directly(https_server, tmp_path):
+    data = np.random.default_rng(9).integers(0, 256, 3 * 2**20, dtype=np.uint8).tobytes()
+    (tmp_path / "blob.bin").write_bytes(data)
+    url = f"{https_server.url}/blob.bin"
+    with FsspecSource(url, {"ssl": https_server.client_ssl}) as src:
+        assert src._direct is not None
+        src.will_need(0, len(data))
+        _check(src, data, *_ranges(5, len(data), n=10))
+    # a certificate the client does not trust is named, at open and on a direct read
+    with pytest.raises(RemoteAccessError, match=r"blob\.bin: the server's TLS certificate "
+                       r"is not trusted \(self-signed certificate\)"):
+        FsspecSource(url)
+    direct = direct_ranges(url, None)
+    with pytest.raises(ssl.SSLCertVerificationError) as err:
+        direct.fetch_into(memoryview(bytearray(10)), [0], [10], [0])
+    assert "not trusted" in str(_remote.remote_error(url, err.value))
+
+
+def test_the_http_status_error_pickles_with_its_status():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(HTTPStatusError("http://h/r.siff", 412, "Precondition")))
+    assert (err.status, err.url) == (412, "http://h/r.siff")
+    assert _remote.replaced_error(err.url, err) is not None
+
+
+def test_each_thread_keeps_connections_to_few_servers(http_server, blob):
+    url, _ = blob
+    conns = http_ranges._local_connections()
+    for port in range(1, 12):  # servers that refuse: each attempt opens and fails
+        direct = DirectRanges(f"http://127.0.0.1:{port}/x", {}, None, 0.5, 0.5)
+        with pytest.raises(OSError):
+            direct.fetch_into(memoryview(bytearray(4)), [0], [4], [0])
+    for k in range(12):  # a dozen servers that answer
+        DirectRanges(url + f"?{k}", {}, None).fetch_into(memoryview(bytearray(4)), [0], [4],
+                                                         [0])
+    assert len(conns) <= http_ranges._KEPT_SERVERS
