@@ -72,13 +72,15 @@ def session_file(volumes: int, photons: float, path: Path | None = None) -> Path
     return path
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """Command-line options shared by the benchmark scripts."""
+def parse_args(doc: str, flags: dict[str, str] | None = None) -> argparse.Namespace:
+    """Command-line options shared by the benchmark scripts (plus ``flags``: name -> help)."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--volumes", type=int, default=700)
     ap.add_argument("--photons", type=float, default=24000)
     ap.add_argument("--path", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    for name, text in (flags or {}).items():
+        ap.add_argument(name, action="store_true", help=text)
     return ap.parse_args()
 
 
