@@ -320,6 +320,10 @@ class _CountingProxy:
         proxy = self
         self.latency = 0.0
         self.counts: dict[str, int] = {}
+        #: GETs through a presigned URL (a signature in the query string)
+        self.signed = 0
+        #: answer those 403, as S3 does for a signature it does not accept
+        self.refuse_signed = False
         self.bytes_sent = 0
         self.lock = threading.Lock()
         host, port = urlsplit(target).hostname, urlsplit(target).port
@@ -335,6 +339,12 @@ class _CountingProxy:
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if "Signature=" in self.path:  # moto does not check signatures
+                    with proxy.lock:
+                        proxy.signed += 1
+                    if proxy.refuse_signed:
+                        self.send_error(403)
+                        return
                 conn = http.client.HTTPConnection(host, port, timeout=60)
                 try:
                     conn.request(self.command, self.path, body=body,

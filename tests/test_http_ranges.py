@@ -232,3 +232,97 @@ def test_each_thread_keeps_connections_to_few_servers(http_server, blob):
         DirectRanges(url + f"?{k}", {}, None).fetch_into(memoryview(bytearray(4)), [0], [4],
                                                          [0])
     assert len(conns) <= http_ranges._KEPT_SERVERS
+
+
+# --- S3 objects, through URLs s3fs presigns -------------------------------------------
+
+
+@pytest.fixture
+def s3_blob(s3_latency, tmp_path):
+    """A session-like file on the moto server behind the counting proxy: (url, opts, path)."""
+    import s3fs
+
+    _, opts = s3_latency
+    t = write_siff(tmp_path / "r.siff", shape=(64, 32), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=4000, seed=6)
+    fs = s3fs.S3FileSystem(**opts)
+    if not fs.exists("direct-bucket"):
+        fs.mkdir("direct-bucket")
+    fs.put_file(t.path, "direct-bucket/r.siff")
+    return "s3://direct-bucket/r.siff", opts, t.path
+
+
+def test_s3_reads_go_through_presigned_urls_with_the_same_requests(s3_latency, s3_blob,
+                                                                   monkeypatch):
+    from siff_xarray import SiffFile
+
+    proxy, _ = s3_latency
+    url, opts, path = s3_blob
+    with xr.open_dataset(path, engine="siff", flim=True) as local:
+        want = local.load().drop_attrs().drop_vars(["source_file", "source_frame"])
+    counts, signed = {}, {}
+    for direct in (True, False):
+        monkeypatch.setattr(FsspecSource, "direct_http", direct)
+        before, signed_before = proxy.requests, proxy.signed
+        with xr.open_dataset(url, engine="siff", flim=True, storage_options=opts,
+                             index_cache=False) as ds:
+            got = ds.load().drop_attrs().drop_vars(["source_file", "source_frame"])
+        xr.testing.assert_identical(got, want)
+        counts[direct] = proxy.requests - before
+        signed[direct] = proxy.signed - signed_before
+    assert counts[True] == counts[False], counts
+    assert signed[False] == 0 and signed[True] > 0, signed
+    monkeypatch.setattr(FsspecSource, "direct_http", True)
+    with SiffFile(url, storage_options=opts) as f:
+        direct = f._source._direct
+        assert direct is not None and direct.url == url  # messages name the s3:// URL
+        assert "Signature=" in direct._target
+
+
+def test_a_refused_signature_leaves_the_object_to_s3fs(s3_latency, s3_blob):
+    proxy, _ = s3_latency
+    url, opts, path = s3_blob
+    with FsspecSource(url, opts) as src, open(path, "rb") as fh:
+        data = fh.read()
+        assert src._direct is not None
+        proxy.refuse_signed = True  # a bucket policy or clock skew the signature fails
+        _check(src, data, np.array([0, 40_000]), np.array([30_000, len(data)]))
+        assert src._direct is None and src._s3 is None
+        signed = proxy.signed
+        _check(src, data, np.array([10]), np.array([90_000]))
+        assert proxy.signed == signed  # s3fs reads it from now on
+
+
+def test_presigned_urls_are_renewed_before_they_expire(s3_blob, monkeypatch):
+    url, opts, path = s3_blob
+    monkeypatch.setattr(FsspecSource, "signed_for_s", 2)  # renewed after 1 s
+    with FsspecSource(url, opts) as src, open(path, "rb") as fh:
+        data = fh.read()
+        first = src._direct
+        _check(src, data, np.array([0]), np.array([20_000]))
+        assert src._direct is first
+        time.sleep(1.1)
+        _check(src, data, np.array([20_000]), np.array([60_000]))
+        assert src._direct is not None and src._direct is not first
+        assert src._direct._target != first._target
+
+
+def test_which_s3_options_are_read_through_presigned_urls():
+    from siff_xarray.reader.http_ranges import s3_settings
+
+    url = "s3://bucket/run.siff"
+    plain = s3_settings(url, {"key": "k", "secret": "s"})
+    assert plain is not None and plain.context.verify_mode == ssl.CERT_REQUIRED
+    assert (plain.connect, plain.read) == (_remote.CONNECT_TIMEOUT_S, _remote.READ_TIMEOUT_S)
+    local = s3_settings(url, {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+                              "config_kwargs": {"read_timeout": 5}})
+    assert local is not None and local.context is None and local.read == 5
+    assert s3_settings(url, {"client_kwargs": {"verify": False}}).context.verify_mode == \
+        ssl.CERT_NONE
+    # what changes the request beyond its signature stays with s3fs
+    assert s3_settings(url, {"requester_pays": True}) is None
+    assert s3_settings(url, {"s3_additional_kwargs": {"SSECustomerKey": "x"}}) is None
+    assert s3_settings(url, {"client_kwargs": {"aws_session_token": "t", "proxies": {}}}) \
+        is None
+    assert s3_settings(f"simplecache::{url}", None) is None
+    assert s3_settings("http://127.0.0.1/run.siff", None) is None

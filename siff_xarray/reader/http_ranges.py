@@ -10,6 +10,10 @@ worker thread and kept alive, each receiving its range with ``readinto`` into th
 caller's buffer while the GIL is released. On the loopback benchmark server this
 halves the CPU of a download (see docs/performance.md).
 
+S3 objects are read the same way through a presigned GET URL that s3fs signs
+(:func:`s3_settings` says which storage options allow it): the request carries no
+credentials, only the signature, which expires and is renewed by the source.
+
 It sends the GET fsspec would send (the source's headers, its If-Match pin and a
 Range) with this package's timeouts, and answers as the source's other reads do:
 a 412 carries ``status`` for :func:`~siff_xarray._remote.replaced_error`, a
@@ -36,7 +40,7 @@ from typing import Any
 from .. import _remote
 from ..errors import RemoteAccessError
 
-__all__ = ["DirectRanges", "StepAside", "direct_ranges"]
+__all__ = ["DirectRanges", "S3Settings", "StepAside", "direct_ranges", "s3_settings"]
 
 #: storage options of fsspec's HTTP filesystem that do not change what a GET sends
 _HARMLESS = frozenset({"headers", "ssl", "client_kwargs", "skip_instance_cache",
@@ -49,6 +53,14 @@ MAX_CONNECTIONS = 32
 _KEPT_SERVERS = 8
 #: statuses answered again after a pause (the server is busy or restarting)
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+#: s3fs storage options that do not change what a GetObject sends
+_S3_HARMLESS = frozenset({"key", "secret", "token", "anon", "profile", "endpoint_url",
+                          "client_kwargs", "config_kwargs", "skip_instance_cache",
+                          "use_listings_cache", "listings_expiry_time", "version_aware",
+                          "default_block_size", "default_fill_cache", "default_cache_type"})
+#: statuses of a presigned S3 GET left to s3fs: a redirect to another region, and a
+#: signature or policy the server refuses (s3fs then reports what is wrong)
+S3_STEP_ASIDE = frozenset({301, 302, 307, 308, 400, 403})
 
 
 class StepAside(Exception):
@@ -64,6 +76,55 @@ class HTTPStatusError(RemoteAccessError):
 
     def __reduce__(self):  # keep the fields through pickling (dask workers)
         return (type(self), (self.url, self.status, self.reason))
+
+
+class S3Settings:
+    """How presigned GETs of an S3 object connect: TLS context and timeouts."""
+
+    def __init__(self, context: ssl.SSLContext | None, connect: float, read: float) -> None:
+        self.context, self.connect, self.read = context, connect, read
+
+
+def s3_settings(url: str, storage_options: dict[str, Any] | None) -> S3Settings | None:
+    """Return how to read ``url`` (``s3://``) through presigned GETs, or None if not.
+
+    None where the storage options change the request beyond its signature
+    (requester pays, server-side encryption keys and other extra arguments,
+    client settings other than endpoint, region and certificate checking), so
+    s3fs keeps reading it.
+    """
+    if "::" in url or not url.lower().startswith(("s3://", "s3a://")):
+        return None
+    opts = _remote.with_timeouts(url, storage_options)
+    if not set(opts) <= _S3_HARMLESS:
+        return None
+    client = dict(opts.get("client_kwargs") or {})
+    verify = client.pop("verify", None)
+    client.pop("endpoint_url", None)
+    client.pop("region_name", None)
+    if client:
+        return None
+    config = opts.get("config_kwargs") or {}
+    if not set(config) <= {"connect_timeout", "read_timeout", "retries", "region_name",
+                           "signature_version", "max_pool_connections"}:
+        return None
+    endpoint = str(opts.get("endpoint_url") or
+                   (opts.get("client_kwargs") or {}).get("endpoint_url") or "https://")
+    context = None
+    if endpoint.lower().startswith("https") or "://" not in endpoint:
+        if verify is False:
+            context = ssl._create_unverified_context()
+        elif isinstance(verify, str):
+            context = ssl.create_default_context(cafile=verify)
+        else:  # botocore trusts certifi's bundle where it is installed
+            try:
+                import certifi
+
+                context = ssl.create_default_context(cafile=certifi.where())
+            except ImportError:
+                context = ssl.create_default_context()
+    return S3Settings(context, float(config.get("connect_timeout", _remote.CONNECT_TIMEOUT_S)),
+                      float(config.get("read_timeout", _remote.READ_TIMEOUT_S)))
 
 
 def direct_ranges(url: str, storage_options: dict[str, Any] | None) -> DirectRanges | None:
@@ -119,14 +180,21 @@ class DirectRanges:
         TLS context for ``https`` (None for ``http``).
     connect_timeout, read_timeout
         Seconds to connect, and without a byte from the server, before failing.
+    name
+        What error messages call the object (default ``url``; a presigned URL's
+        signature must not end up in messages and logs).
+    step_aside
+        Statuses that raise :class:`StepAside` (default: redirects).
 
     """
 
     def __init__(self, url: str, headers: dict[str, str], context: ssl.SSLContext | None,
                  connect_timeout: float = _remote.CONNECT_TIMEOUT_S,
-                 read_timeout: float = _remote.READ_TIMEOUT_S) -> None:
+                 read_timeout: float = _remote.READ_TIMEOUT_S, name: str | None = None,
+                 step_aside: frozenset[int] = frozenset({301, 302, 303, 307, 308})) -> None:
         parts = urllib.parse.urlsplit(url)
-        self.url = url
+        self.url = name or url
+        self._step_aside = step_aside
         self.headers = headers
         self._scheme, self._host = parts.scheme, parts.hostname or ""
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -223,7 +291,7 @@ class DirectRanges:
                     f"{start}-{stop - 1} with the whole object); siff-xarray reads byte "
                     "ranges, so serve the file from a server that supports them (S3, GCS "
                     "and most HTTP servers do) or download it first")
-            if 300 <= status < 400:
+            if status in self._step_aside:
                 raise StepAside(f"HTTP {status}")
             if status in (404, 410):
                 raise FileNotFoundError(f"{self.url}: no such file (HTTP {status})")

@@ -47,7 +47,7 @@ from .._remote import (
     with_timeouts,
 )
 from ..errors import RemoteAccessError, SiffFormatError
-from .http_ranges import StepAside, direct_ranges
+from .http_ranges import S3_STEP_ASIDE, DirectRanges, StepAside, direct_ranges, s3_settings
 
 try:
     import fcntl
@@ -552,9 +552,11 @@ class FsspecSource(ByteSource):
     walk_window = 4 * 2**20
     walk_inflight = 8
     coalesce_gap = 4 * 2**10  # requests run concurrently: do not fetch data between ranges
-    #: read the large ranges of plain http(s) URLs with :mod:`.http_ranges` (False:
-    #: always through fsspec, as benchmarks compare)
+    #: read the large ranges of plain http(s) URLs and S3 objects with
+    #: :mod:`.http_ranges` (False: always through fsspec, as benchmarks compare)
     direct_http = True
+    #: seconds a presigned S3 URL is valid; it is renewed after half of that
+    signed_for_s = 3600
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
                  cache_bytes: int = 64 * 2**20, version: str | None = None) -> None:
@@ -594,7 +596,13 @@ class FsspecSource(ByteSource):
             self._fs, self._pin = _pinning_filesystem(url, storage_options), etag
         #: the walk's windows and the spans fetched ahead, received straight into
         #: their buffers where the URL allows (None: through fsspec)
-        self._direct = direct_ranges(url, storage_options) if self.direct_http else None
+        self._direct: DirectRanges | None = None
+        self._s3 = s3_settings(url, storage_options) if self.direct_http else None
+        self._signed_until = 0.0  # when the presigned S3 URL is to be renewed
+        if self._s3 is not None:
+            self._direct = self._presigned()
+        elif self.direct_http:
+            self._direct = direct_ranges(url, storage_options)
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
@@ -669,6 +677,24 @@ class FsspecSource(ByteSource):
     #: header, the first IFD and description come in one request, not three
     head_bytes = 64 * 2**10
     _head: bytes | None = None
+
+    def _presigned(self) -> DirectRanges | None:
+        """Return direct reads of this S3 object through a URL s3fs presigns (None: s3fs).
+
+        The URL carries a signature valid for :attr:`signed_for_s` seconds, not the
+        credentials; messages name the ``s3://`` URL, never the signed one.
+        """
+        settings = self._s3
+        if settings is None:
+            return None
+        try:
+            signed = self._fs.sign(self._path, expiration=self.signed_for_s)
+        except Exception:  # nothing to sign with (anonymous access...): s3fs reads it
+            self._s3 = None
+            return None
+        self._signed_until = time.monotonic() + self.signed_for_s / 2
+        return DirectRanges(signed, {}, settings.context, settings.connect, settings.read,
+                            name=self.name, step_aside=S3_STEP_ASIDE)
 
     def _direct_blocks(self, starts: list[int], stops: list[int]) -> list[memoryview] | None:
         """Return ranges received without fsspec into one new buffer, or None.
@@ -779,6 +805,8 @@ class FsspecSource(ByteSource):
         Returns each range's length as received, or None where this source reads
         through fsspec (not a plain http(s) URL, or the server redirected).
         """
+        if self._s3 is not None and time.monotonic() > self._signed_until:
+            self._direct = self._presigned()
         direct = self._direct
         if direct is None:
             return None
@@ -786,7 +814,7 @@ class FsspecSource(ByteSource):
             got = self._network(lambda: direct.fetch_into(
                 out, starts, stops, at, {"If-Match": self.version} if self.version else None))
         except StepAside:
-            self._direct = None
+            self._direct = self._s3 = None
             return None
         self.bytes_fetched += sum(got)
         return got
