@@ -19,7 +19,8 @@ Range) with this package's timeouts, and answers as the source's other reads do:
 a 412 carries ``status`` for :func:`~siff_xarray._remote.replaced_error`, a
 missing object is a FileNotFoundError naming the URL, a server that ignores Range
 a RemoteAccessError. It steps aside (:class:`StepAside`) for what it does not
-handle, a redirect, so the source falls back to fsspec. Storage options it does
+handle, a redirect (for S3 also a refused signature), so the source falls back to
+fsspec. Storage options it does
 not understand (authentication, proxies, other client settings) keep the source
 on fsspec from the start (:func:`direct_ranges`).
 
@@ -85,6 +86,14 @@ class S3Settings:
         self.context, self.connect, self.read = context, connect, read
 
 
+def _unverified() -> ssl.SSLContext:
+    """Return a TLS context that checks no certificate (the caller asked for none)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def s3_settings(url: str, storage_options: dict[str, Any] | None) -> S3Settings | None:
     """Return how to read ``url`` (``s3://``) through presigned GETs, or None if not.
 
@@ -113,7 +122,7 @@ def s3_settings(url: str, storage_options: dict[str, Any] | None) -> S3Settings 
     context = None
     if endpoint.lower().startswith("https") or "://" not in endpoint:
         if verify is False:
-            context = ssl._create_unverified_context()
+            context = _unverified()
         elif isinstance(verify, str):
             context = ssl.create_default_context(cafile=verify)
         else:  # botocore trusts certifi's bundle where it is installed
@@ -159,7 +168,7 @@ def direct_ranges(url: str, storage_options: dict[str, Any] | None) -> DirectRan
         if isinstance(given, ssl.SSLContext):
             context = given
         elif given is False:  # aiohttp's "do not verify"
-            context = ssl._create_unverified_context()
+            context = _unverified()
         elif given in (True, None):
             context = ssl.create_default_context()
         else:  # a fingerprint or another aiohttp object

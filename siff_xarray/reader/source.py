@@ -11,9 +11,10 @@ Two implementations share one small interface:
   same kernels on the gathered bytes.
 * :class:`FsspecSource` reads fsspec URLs (``s3://``, ``https://``,
   ``memory://`` ...) with stateless range requests (``cat_file`` /
-  ``cat_ranges``, concurrent on async filesystems), small reads for the IFD
-  walk so opening does not fetch photon data, and an LRU cache of the data
-  blocks read recently.
+  ``cat_ranges``, concurrent on async filesystems; the large ranges of
+  http(s) and S3 objects received by :mod:`.http_ranges` straight into their
+  buffers), small reads for the IFD walk so opening does not fetch photon
+  data, and an LRU cache of the data blocks read recently.
 
 Neither ever writes to the file.
 """
@@ -545,6 +546,8 @@ class FsspecSource(ByteSource):
     No shared file position, hence no lock: ``cat_file``/``cat_ranges`` may run
     from many threads. Recently read data blocks are kept in an LRU cache of
     ``cache_bytes`` (reads of the same frames for several variables hit it).
+    Large ranges of http(s) URLs and S3 objects are received with
+    :mod:`.http_ranges` where the storage options allow (:attr:`direct_http`).
     """
 
     ifd_window = 2 * 2**10  # an IFD is a few hundred bytes: do not fetch photons
@@ -803,7 +806,8 @@ class FsspecSource(ByteSource):
         """Receive bytes ``starts[i]:stops[i]`` into ``out[at[i]:]`` without fsspec.
 
         Returns each range's length as received, or None where this source reads
-        through fsspec (not a plain http(s) URL, or the server redirected).
+        through fsspec (not a plain http(s) URL or an S3 object it could presign, or
+        the server redirected, or refused the signature).
         """
         if self._s3 is not None and time.monotonic() > self._signed_until:
             self._direct = self._presigned()
