@@ -52,9 +52,13 @@ def test_direct_reads_give_fsspecs_bytes_with_the_same_requests(http_server, tmp
     url = f"{http_server.url}/r.siff"
     with xr.open_dataset(t.path, engine="siff", flim=True) as local:
         want = local.load().drop_attrs().drop_vars(["source_file", "source_frame"])
-    counts = {}
+    counts, direct_gets = {}, []
+    get = DirectRanges._get
+    monkeypatch.setattr(DirectRanges, "_get",
+                        lambda self, *a: direct_gets.append(a[1]) or get(self, *a))
     for direct in (True, False):
         monkeypatch.setattr(FsspecSource, "direct_http", direct)
+        direct_gets.clear()
         before = http_server.requests + http_server.heads
         with xr.open_dataset(url, engine="siff", flim=True, index_cache=False) as ds:
             got = ds.load().drop_attrs().drop_vars(["source_file", "source_frame"])
@@ -62,6 +66,7 @@ def test_direct_reads_give_fsspecs_bytes_with_the_same_requests(http_server, tmp
             trace = ds.intensity.mean(("y", "x")).values
         np.testing.assert_array_equal(trace, want.intensity.mean(("y", "x")).values)
         counts[direct] = http_server.requests + http_server.heads - before
+        assert bool(direct_gets) == direct  # every large read direct, or none
     assert counts[True] == counts[False], counts
 
 
