@@ -86,6 +86,23 @@ class S3Settings:
         self.context, self.connect, self.read = context, connect, read
 
 
+def _options_within(url: str, storage_options: dict[str, Any] | None,
+                    schemes: tuple[str, ...], allowed: frozenset[str]
+                    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Return ``(options, client_kwargs copy)`` with this package's timeouts.
+
+    None for a chained URL, another scheme or host-less URL, or options that set a
+    key outside ``allowed``.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "::" in url or parts.scheme.lower() not in schemes or not parts.netloc:
+        return None
+    opts = _remote.with_timeouts(url, storage_options)
+    if not set(opts) <= allowed:
+        return None
+    return opts, dict(opts.get("client_kwargs") or {})
+
+
 def _unverified() -> ssl.SSLContext:
     """Return a TLS context that checks no certificate (the caller asked for none)."""
     context = ssl.create_default_context()
@@ -102,12 +119,10 @@ def s3_settings(url: str, storage_options: dict[str, Any] | None) -> S3Settings 
     client settings other than endpoint, region and certificate checking), so
     s3fs keeps reading it.
     """
-    if "::" in url or not url.lower().startswith(("s3://", "s3a://")):
+    given = _options_within(url, storage_options, ("s3", "s3a"), _S3_HARMLESS)
+    if given is None:
         return None
-    opts = _remote.with_timeouts(url, storage_options)
-    if not set(opts) <= _S3_HARMLESS:
-        return None
-    client = dict(opts.get("client_kwargs") or {})
+    opts, client = given
     verify = client.pop("verify", None)
     client.pop("endpoint_url", None)
     client.pop("region_name", None)
@@ -145,15 +160,11 @@ def direct_ranges(url: str, storage_options: dict[str, Any] | None) -> DirectRan
     module does not reproduce. The timeouts are those of
     :func:`~siff_xarray._remote.with_timeouts` unless the options set their own.
     """
-    if "::" in url:
+    given = _options_within(url, storage_options, ("http", "https"), _HARMLESS)
+    if given is None:
         return None
+    opts, client = given
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    opts = _remote.with_timeouts(url, storage_options)
-    if not set(opts) <= _HARMLESS:
-        return None
-    client = dict(opts.get("client_kwargs") or {})
     timeout = client.pop("timeout", None)
     if client:
         return None
