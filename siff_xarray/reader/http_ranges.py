@@ -29,12 +29,14 @@ Import rule: the standard library, ``errors`` and ``_remote``.
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import os
 import ssl
 import threading
 import time
 import urllib.parse
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -259,6 +261,7 @@ class DirectRanges:
         conn.connect()
         conn.sock.settimeout(self._read_timeout)
         conns[self._key] = conn
+        _every_connection.add(conn)
         while len(conns) > _KEPT_SERVERS:  # dicts keep insertion order: oldest first
             conns.pop(next(iter(conns))).close()
         return conn, False
@@ -366,6 +369,15 @@ def _content_range(value: str) -> tuple[int, int]:
 
 
 _state = threading.local()
+#: every connection a thread keeps, closed when the interpreter exits
+_every_connection: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_connections() -> None:
+    for conn in list(_every_connection):
+        conn.close()
+
 _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
 
