@@ -4,7 +4,7 @@ Run from the repository root (after the README's test set-up):
 
     .venv/bin/python benchmarks/bench_remote.py                 # 0.83 GB file
     .venv/bin/python benchmarks/bench_remote.py --volumes 100   # quick look
-    .venv/bin/python benchmarks/bench_remote.py --fsspec-only   # as before 0.2's direct reads
+    .venv/bin/python benchmarks/bench_remote.py --fsspec-only   # every byte through fsspec
 
 The session-like file of ``bench_reader.py`` is served by the tests' loopback range
 server (127.0.0.1 only) with 0, 20 and 50 ms added to every request (S3's

@@ -38,7 +38,7 @@ import time
 import urllib.parse
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import _remote
 from ..errors import RemoteAccessError
@@ -67,7 +67,7 @@ S3_STEP_ASIDE = frozenset({301, 302, 307, 308, 400, 403})
 
 
 class StepAside(Exception):
-    """The server answered in a way left to fsspec (a redirect)."""
+    """The server answered in a way left to fsspec (a redirect, a refused signature)."""
 
 
 class HTTPStatusError(RemoteAccessError):
@@ -81,11 +81,12 @@ class HTTPStatusError(RemoteAccessError):
         return (type(self), (self.url, self.status, self.reason))
 
 
-class S3Settings:
-    """How presigned GETs of an S3 object connect: TLS context and timeouts."""
+class S3Settings(NamedTuple):
+    """How presigned GETs of an S3 object connect: TLS context and timeouts (s)."""
 
-    def __init__(self, context: ssl.SSLContext | None, connect: float, read: float) -> None:
-        self.context, self.connect, self.read = context, connect, read
+    context: ssl.SSLContext | None
+    connect: float
+    read: float
 
 
 def _options_within(url: str, storage_options: dict[str, Any] | None,
@@ -377,6 +378,7 @@ _every_connection: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet
 def _close_connections() -> None:
     for conn in list(_every_connection):
         conn.close()
+
 
 _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)

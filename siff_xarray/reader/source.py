@@ -942,7 +942,8 @@ class FsspecSource(ByteSource):
         self._network(lambda: self._fs_any.pipe_file(self._path + suffix, data))
         return self.name + suffix
 
-    def fetch_windows(self, starts: list[int], stops: list[int]) -> list[bytes]:
+    def fetch_windows(self, starts: list[int], stops: list[int]
+                      ) -> list[bytes] | list[memoryview]:
         """Read the walk's windows concurrently, past the data cache (read once)."""
         got = self._direct_blocks(starts, stops)
         if got is not None:
