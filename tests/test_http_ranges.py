@@ -330,3 +330,25 @@ def test_which_s3_options_are_read_through_presigned_urls():
         is None
     assert s3_settings(f"simplecache::{url}", None) is None
     assert s3_settings("http://127.0.0.1/run.siff", None) is None
+
+
+def test_two_remote_files_combined_each_give_their_own_photons(http_server, tmp_path):
+    """open_mfdataset over two URLs on one server: direct reads share its connections."""
+    kw = dict(shape=(16, 8), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=4,
+              photons_per_frame=900)
+    a = write_siff(tmp_path / "run_a.siff", seed=21, **kw)
+    b = write_siff(tmp_path / "run_b.siff", seed=22, lifetimes_ns=(1.5, 4.0), **kw)
+    urls = [f"{http_server.url}/run_a.siff", f"{http_server.url}/run_b.siff"]
+    masks = np.random.default_rng(1).random((2, 16, 8)) > 0.5
+    want = []
+    for t in (a, b):
+        with xr.open_dataset(t.path, engine="siff") as local:
+            want.append((local.intensity.values, local.siff.histogram(masks)))
+    assert not np.array_equal(want[0][0], want[1][0])
+    with xr.open_mfdataset(urls, engine="siff", combine="nested", concat_dim="run",
+                           data_vars="all", coords="different", compat="equals",
+                           join="override", index_cache=False) as mf:
+        for k in range(2):
+            part = mf.isel(run=k)
+            np.testing.assert_array_equal(part.intensity.values, want[k][0])
+            np.testing.assert_array_equal(part.siff.histogram(masks), want[k][1])
