@@ -161,6 +161,8 @@ class _RangeServer:
         self.cut = 0
         #: connections accepted (with keep_alive, fewer than requests)
         self.connections = 0
+        #: when each request arrived (``time.monotonic()``): see :meth:`round_trips`
+        self.arrivals = []
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -187,6 +189,8 @@ class _RangeServer:
                 Like S3 and most HTTP servers, it names each version of a file with a
                 strong ETag and refuses a request whose If-Match names another (412).
                 """
+                with server.lock:
+                    server.arrivals.append(time.monotonic())
                 if server.latency:
                     time.sleep(server.latency)
                 p = self._file()
@@ -300,6 +304,17 @@ class _RangeServer:
         self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def round_trips(self, since: int = 0) -> int:
+        """Rounds of requests since arrival ``since``, with ``latency`` set.
+
+        Requests a client sends together arrive within a few milliseconds; one that
+        waits for an answer arrives at least ``latency`` after the request before:
+        a gap of more than half the latency starts a new round.
+        """
+        times = sorted(self.arrivals[since:])
+        return sum(1 for a, b in zip([None, *times], times, strict=False)
+                   if a is None or b - a > self.latency / 2)
 
     def close(self):
         self.httpd.shutdown()

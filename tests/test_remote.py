@@ -21,6 +21,7 @@ from siff_xarray import SiffFile
 from siff_xarray import store as zs
 from siff_xarray.backend import open_acquisition
 from siff_xarray.errors import SiffFormatError
+from siff_xarray.reader.index_cache import forget
 from siff_xarray.synthetic import write_siff
 
 #: where each cell's photons are (the URL, not the local path): compared on their own
@@ -186,6 +187,30 @@ def test_index_cache_makes_the_second_remote_open_cheap(http_server, big_frames,
         # header + file tail (the key) + three spot-checked IFDs
         assert http_server.requests - req <= 8
         assert http_server.bytes_sent - before < first_open / 2
+        xr.testing.assert_identical(ds.load(), want)
+
+
+def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path):
+    """At object-store latency an open costs its round trips, not its bytes."""
+    url = f"{http_server.url}/big.siff"
+    cache = tmp_path / "cache"
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        want = ds.load()
+    http_server.latency = 0.1
+    forget()
+    at = len(http_server.arrivals)
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        # info; header with the file's tail (the key); the spot-checked IFDs
+        assert http_server.round_trips(at) == 3
+        assert len(http_server.arrivals) - at == 5
+        xr.testing.assert_identical(ds.load(), want)
+    with SiffFile(big_frames.path) as f:
+        f.write_sidecar()
+    forget()
+    at = len(http_server.arrivals)
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "empty") as ds:
+        # info; header with tail; sidecar; the spot-checked middle IFD
+        assert http_server.round_trips(at) == 4
         xr.testing.assert_identical(ds.load(), want)
 
 

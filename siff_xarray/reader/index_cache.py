@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SiffFormatError
 from ..format.constants import TAG_STRIP_BYTE_COUNTS, TAG_STRIP_OFFSETS, TIFF_TYPE_SIZES
 from ..format.header import FileHeader
 from .frame_meta import Event, FrameTimestamps
@@ -60,7 +61,7 @@ __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "
            "remember_version", "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
-TAIL = 4096
+TAIL = ByteSource.tail_bytes
 SIDECAR_SUFFIX = ".siffidx"
 #: how many shipped/known indexes a process keeps (by URL)
 MAX_KNOWN = 64
@@ -149,9 +150,17 @@ def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
         return header.first_ifd == 0
     if int(index.ifd_offset[0]) != header.first_ifd:
         return False
-    for k in sorted({0, n // 2, n - 1} if thorough else {n // 2}):
-        pos = int(index.ifd_offset[k])
-        got = _strips_and_next(source.read(pos, 2 * 2**10), header.bigtiff)
+    checked = sorted({0, n // 2, n - 1} if thorough else {n // 2})
+    pos_all = index.ifd_offset[checked].astype(np.int64)
+    if (pos_all < 0).any() or (pos_all >= source.size).any():
+        return False
+    try:  # together: one round trip for a remote file
+        buf, base = source.read_ranges(pos_all, np.minimum(pos_all + 2 * 2**10, source.size))
+    except SiffFormatError:  # shorter than it says: not the file the index describes
+        return False
+    for k, pos, at in zip(checked, pos_all.tolist(), base.tolist(), strict=True):
+        raw = buf[at : at + min(2 * 2**10, source.size - pos)].tobytes()
+        got = _strips_and_next(raw, header.bigtiff)
         if got is None:  # not a plain single-strip IFD: ask the walk
             got = _walk_one(source, header, pos)
         if got is None:

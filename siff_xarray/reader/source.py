@@ -139,8 +139,16 @@ class ByteSource:
         """
         raise OSError(f"{self.name}: a file object has no place for a sidecar")
 
-    def tail(self, length: int) -> bytes:
-        """Return the file's last ``length`` bytes (read once per source, then kept)."""
+    #: bytes at the end of the file that, with its header, identify its content (the
+    #: index cache's key reads them on every open)
+    tail_bytes = 4096
+
+    def tail(self, length: int | None = None) -> bytes:
+        """Return the file's last ``length`` bytes (read once per source, then kept).
+
+        ``length`` defaults to :attr:`tail_bytes`.
+        """
+        length = self.tail_bytes if length is None else length
         if self._tail is None or len(self._tail) < min(length, self.size):
             self._tail = self.read(max(0, self.size - length), length)
         return self._tail[len(self._tail) - min(length, self.size):]
@@ -729,13 +737,24 @@ class FsspecSource(ByteSource):
         return data
 
     def _from_head(self, offset: int, end: int) -> bytes | None:
-        """Bytes ``offset:end`` from the kept head of the file (fetched on first use)."""
+        """Bytes ``offset:end`` from the kept head of the file (fetched on first use).
+
+        The head and the file's last :attr:`tail_bytes` (the content key's) are
+        requested together: every open needs both, and at object-store latency
+        a round trip costs more than the 4 KiB.
+        """
         if end > self.head_bytes:
             return None
         if self._head is None:
             stop = min(self.head_bytes, self.size)
-            self._head = self._exact(self._network(
-                lambda: self._fs.cat_file(self._path, start=0, end=stop)), 0, stop)
+            starts, stops = [0], [stop]
+            if self._tail is None and self.size > stop:
+                starts.append(max(stop, self.size - self.tail_bytes))
+                stops.append(self.size)
+            got = self._read_blocks(starts, stops)
+            self._head = bytes(got[0])
+            if len(got) > 1 and len(got[1]) == stops[1] - starts[1]:  # else read again
+                self._tail = bytes(got[1])
         return self._head[offset:end] if end <= len(self._head) else None
 
     def read(self, offset: int, length: int) -> bytes:
