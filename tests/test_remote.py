@@ -214,6 +214,23 @@ def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path):
         xr.testing.assert_identical(ds.load(), want)
 
 
+def test_one_channel_of_a_remote_file_reads_in_few_requests(http_server, big_frames,
+                                                            tmp_path):
+    """Frames of the other channel between the ones read are fetched, not skipped:
+    a request costs more than a frame's bytes."""
+    url = f"{http_server.url}/big.siff"
+    with xr.open_dataset(big_frames.path, engine="siff") as ds:
+        want = ds.intensity.isel(channel=0).load()
+    with xr.open_dataset(url, engine="siff", chunks={}, index_cache=tmp_path / "c") as ds:
+        one = ds.intensity.isel(channel=0)
+        tasks = one.data.npartitions
+        req = http_server.requests
+        got = one.load()
+        # one request per Dask task, not one per frame (10 frames of channel 0)
+        assert http_server.requests - req <= tasks < 10
+    xr.testing.assert_identical(got.drop_attrs(), want.drop_attrs())
+
+
 def test_index_cache_local_and_invalidation(tmp_path):
     from siff_xarray.reader.index_cache import content_key
 
