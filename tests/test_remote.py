@@ -433,7 +433,8 @@ def test_spans_fetched_ahead_serve_reads_inside_them_and_fail_when_read(http_ser
     data = np.random.default_rng(1).integers(0, 256, 3 * 2**20, dtype=np.uint8)
     (tmp_path / "blob.bin").write_bytes(data.tobytes())
     src = FsspecSource(f"{http_server.url}/blob.bin")
-    src.walk_window = 2**19  # the span comes in 512 KiB parts, concurrently
+    src.span_window = 2**19  # the span comes in 512 KiB parts, concurrently
+    src.ahead_spans = 3
     req = http_server.requests
     src.will_need(100_000, 2_100_000)
     src.will_need(200_000, 300_000)  # inside the held span: nothing more is fetched
@@ -475,7 +476,7 @@ def test_span_memory_is_reused_once_nothing_refers_to_it(http_server, tmp_path):
     data = np.random.default_rng(2).integers(0, 256, 3 * 2**20, dtype=np.uint8)
     (tmp_path / "blob.bin").write_bytes(data.tobytes())
     src = FsspecSource(f"{http_server.url}/blob.bin")
-    src.walk_window = 2**17
+    src.span_window = 2**17
     spans = [(a, a + 200_000 + 1000 * (a % 7)) for a in range(0, 2_800_000, 250_000)]
 
     def read(k):
@@ -650,7 +651,7 @@ def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(2**20))
     src = FsspecSource(f"{http_server.url}/blob.bin")
-    src.walk_window = 2**17
+    src.span_window = 2**17
     src.read(0, 100)  # as an open reads the header first
     with open(path, "r+b") as fh:
         fh.truncate(600_000)
@@ -673,7 +674,7 @@ def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, 
                    n_flyback=1, n_timepoints=12, photons_per_frame=900, seed=6)
     size = os.path.getsize(t.path)
     monkeypatch.setattr(SiffFile, "stream_part_bytes", size // 7)
-    monkeypatch.setattr(FsspecSource, "walk_window", size // 20)
+    monkeypatch.setattr(FsspecSource, "span_window", size // 20)
     held = []
     real = FsspecSource.release
 
@@ -693,10 +694,12 @@ def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, 
         got = remote.read_frames(frames, shifts=shifts)
         np.testing.assert_array_equal(got, local.read_frames(frames, shifts=shifts))
         assert len(held) >= 7  # part by part
-        # the part decoding and the two fetched ahead of it, never the file
-        assert max(held) <= 4 * size // 7
-        # while a part decodes, the next two are on their way (latency hides behind one)
-        assert spans[0] == 3 and max(spans) == 3
+        # the part decoding and the three fetched ahead of it, never the file
+        ahead = SiffFile.read_ahead_parts
+        assert ahead == FsspecSource.ahead_spans - 1 == 3
+        assert max(held) <= (ahead + 2) * size // 7
+        # while a part decodes, the next ones are on their way (latency hides behind them)
+        assert spans[0] == ahead + 1 and max(spans) == ahead + 1
         assert http_server.bytes_sent - sent <= 1.05 * size
         # the file stays open, but nothing of the read stays held with it
         assert remote._source._ahead == [] and remote._source._spare == []

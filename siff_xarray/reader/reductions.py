@@ -84,9 +84,9 @@ class PhotonReductions:
         """
         return [slice(0, len(f))]
 
-    #: parts of a streamed read that are being fetched while one decodes: with two,
-    #: a round trip's latency hides behind the fetch of the part before
-    read_ahead_parts = 2
+    #: parts of a streamed read that are being fetched while one decodes: with
+    #: several, a round trip's latency hides behind the fetch of the parts before
+    read_ahead_parts = 3
 
     def _read_ahead(self, f: np.ndarray) -> None:
         """Start fetching the bytes of frames ``f``, decoded next (default: nothing)."""

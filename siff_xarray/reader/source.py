@@ -780,12 +780,16 @@ class FsspecSource(ByteSource):
 
     #: largest span :meth:`will_need` fetches ahead, and how many spans it holds
     ahead_limit = 256 * 2**20
-    ahead_spans = 3  # the part decoding and two fetched ahead (``read_ahead_parts``)
+    ahead_spans = 4  # the part decoding and three fetched ahead (``read_ahead_parts``)
+    #: a span fetched ahead comes in requests of this many bytes, all at once: at
+    #: 20-50 ms per request, 8 MiB requests with three parts on their way read the
+    #: benchmark file 20-25 % faster than 4 MiB with two (docs/performance.md)
+    span_window = 8 * 2**20
 
     def will_need(self, start: int, stop: int) -> None:
         """Start fetching bytes ``start:stop`` in the background, to be read soon.
 
-        The span is requested in :attr:`walk_window` parts at once (object stores
+        The span is requested in :attr:`span_window` parts at once (object stores
         serve parallel ranges faster than one stream) while the caller decodes
         what it fetched before; :meth:`read_ranges` then serves every range inside
         the span from it. The newest :attr:`ahead_spans` spans are held; a span
@@ -798,7 +802,7 @@ class FsspecSource(ByteSource):
         with self._lock:
             if any(a <= start and stop <= b for a, b, _ in self._ahead):
                 return
-            parts = list(range(start, stop, self.walk_window))
+            parts = list(range(start, stop, self.span_window))
             ends = [*parts[1:], stop]
             job = _background().submit(self._fetch_span, parts, ends)
             self._ahead.append((start, stop, job))
@@ -1036,7 +1040,10 @@ def _background() -> Any:
         if _pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            _pool = ThreadPoolExecutor(2, thread_name_prefix="siff-xarray-ahead")
+            # each waits for its span's requests (no CPU): enough for two readers
+            # (the converter's workers) with every part they ask for on its way
+            _pool = ThreadPoolExecutor(2 * (FsspecSource.ahead_spans - 1),
+                                       thread_name_prefix="siff-xarray-ahead")
         return _pool
 
 

@@ -245,9 +245,9 @@ class _ShardWriter:
 #: source bytes decoded at a time inside a batch (bounds a worker's memory)
 SUB_BATCH_BYTES = 16 * 2**20
 #: sub-batches being fetched while one decodes (a remote source holds them and the one
-#: decoding: ``FsspecSource.ahead_spans``); with two, a request's latency hides behind
-#: the transfer of the sub-batch before
-SUB_BATCHES_AHEAD = 2
+#: decoding: ``FsspecSource.ahead_spans``); with several, a request's latency hides
+#: behind the transfer of the sub-batches before
+SUB_BATCHES_AHEAD = 3
 
 
 def _open_for_batch(store: Any, path: str) -> Any:
