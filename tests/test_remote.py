@@ -662,6 +662,44 @@ def test_a_span_of_a_file_truncated_after_open_is_an_error(http_server, tmp_path
     src.close()
 
 
+@pytest.mark.parametrize("where", ["http", "file object"])
+def test_a_file_truncated_before_its_walk_is_an_error_not_a_hang(http_server, tmp_path,
+                                                                  where):
+    """A server without ETags cannot refuse the new version: the walk gets short
+    windows. Before, it asked for the same bytes again, forever."""
+    import threading
+
+    from siff_xarray.errors import SiffFormatError
+    from siff_xarray.reader.source import FileObjectSource, FsspecSource
+
+    http_server.etags = False
+    t = write_siff(tmp_path / "s.siff", shape=(64, 64), channels=(1, 2), n_slices=2,
+                   n_timepoints=5, photons_per_frame=12000, encoding="raw", seed=3)
+    for cut in (30_000, 200_000):  # inside the header's 64 KiB, and after it
+        path = tmp_path / f"cut{cut}.siff"
+        path.write_bytes(Path(t.path).read_bytes())
+        src = (FsspecSource(f"{http_server.url}/{path.name}") if where == "http"
+               else FileObjectSource(open(path, "rb"), owns=True))  # noqa: SIM115
+        os.truncate(path, cut)
+        outcome = []
+
+        def walk(src=src, outcome=outcome):
+            try:
+                with SiffFile(src, index_cache=False):
+                    outcome.append(None)
+            except Exception as exc:
+                outcome.append(exc)
+
+        job = threading.Thread(target=walk, daemon=True)
+        job.start()
+        job.join(60)
+        assert not job.is_alive(), "the walk of a truncated file did not end"
+        err = outcome[0]
+        assert isinstance(err, SiffFormatError), err
+        assert str(path.name) in str(err) and f"ends at byte {cut}" in str(err)
+        src.close()
+
+
 def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, monkeypatch):
     """An eager read of many frames decodes part by part while the next part arrives.
 

@@ -1325,8 +1325,8 @@ def test_verify_checks_derived_variables_of_timepoints_no_batch_read(siff_files,
     assert len(problems) == 1 and problems[0].startswith("photon_count differs"), problems
 
 
-def test_conversion_fetches_two_sub_batches_ahead(tmp_path, monkeypatch):
-    """While a sub-batch decodes, the next two of its batch have been asked for."""
+def test_conversion_fetches_sub_batches_ahead(tmp_path, monkeypatch):
+    """While a sub-batch decodes, the next ones of its batch have been asked for."""
     from siff_xarray.reader.acquisition import Acquisition
     from siff_xarray.store import converter as conv
 
@@ -1346,5 +1346,8 @@ def test_conversion_fetches_two_sub_batches_ahead(tmp_path, monkeypatch):
     assert len(decoded) >= 6 and sorted(fr for w, fr in events if w == "ahead") == decoded
     ahead = [sum(1 for w, g in events[:k] if w == "ahead" and g > fr)
              for k, (what, fr) in enumerate(events) if what == "decode"]
-    assert ahead[:-2] == [2] * (len(decoded) - 2) and ahead[-2:] == [1, 0], ahead
+    k = conv.SUB_BATCHES_AHEAD
+    assert k == 3
+    assert ahead[:-k] == [k] * (len(decoded) - k) and ahead[-k:] == list(range(k))[::-1], \
+        ahead
     assert zs.verify(t.path, tmp_path / "s.zarr") == []

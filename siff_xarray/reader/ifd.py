@@ -246,7 +246,13 @@ class _Streamer:
     def _fetch(self, start: int, stop: int) -> bytes:
         w = self.source.walk_window
         edges = [*range(start, stop, w), stop]
-        return b"".join(self.source.fetch_windows(edges[:-1], edges[1:]))
+        data = b"".join(self.source.fetch_windows(edges[:-1], edges[1:]))
+        if len(data) < stop - start:  # asking again would get no more: not a retry
+            end = start + len(data)
+            raise SiffFormatError(self.source.name, f"the file ends at byte {end}, before "
+                                  f"the {self.file_size} bytes it had when opened: it was "
+                                  "truncated or replaced while being read", end)
+        return data
 
     def advance(self, buf: np.ndarray, buf_start: int, pos: int, need: int, n: int,
                 prefetch: bool = True) -> tuple[np.ndarray, int, int]:
