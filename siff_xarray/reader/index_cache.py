@@ -63,6 +63,7 @@ __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = ByteSource.tail_bytes
 SIDECAR_SUFFIX = ".siffidx"
+IFD_PEEK = 2 * 2**10  #: bytes read at a cached IFD to check it (an IFD is a few hundred)
 #: how many shipped/known indexes a process keeps (by URL)
 MAX_KNOWN = 64
 MAX_ENTRIES = 1000  #: the oldest entries beyond this many are deleted when one is added
@@ -133,7 +134,7 @@ def _walk_one(source: ByteSource, header: FileHeader, pos: int) -> tuple[int, in
     """StripOffsets, StripByteCounts and next-IFD offset of the IFD at ``pos``, by the walk."""
     from .ifd_walk import walk
 
-    data = np.frombuffer(source.read(pos, 2 * 2**10), dtype=np.uint8)
+    data = np.frombuffer(source.read(pos, IFD_PEEK), dtype=np.uint8)
     out = np.empty((1, N_COLS), dtype=np.int64)
     _, _, count, _, _ = walk(data, pos, header.file_size, pos, 0, out, header.bigtiff,
                              header.header_end, True, TYPE_SIZE)
@@ -154,13 +155,14 @@ def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
     pos_all = index.ifd_offset[checked].astype(np.int64)
     if (pos_all < 0).any() or (pos_all >= source.size).any():
         return False
+    stop_all = np.minimum(pos_all + IFD_PEEK, source.size)
     try:  # together: one round trip for a remote file
-        buf, base = source.read_ranges(pos_all, np.minimum(pos_all + 2 * 2**10, source.size))
+        buf, base = source.read_ranges(pos_all, stop_all)
     except SiffFormatError:  # shorter than it says: not the file the index describes
         return False
-    for k, pos, at in zip(checked, pos_all.tolist(), base.tolist(), strict=True):
-        raw = buf[at : at + min(2 * 2**10, source.size - pos)].tobytes()
-        got = _strips_and_next(raw, header.bigtiff)
+    for k, pos, stop, at in zip(checked, pos_all.tolist(), stop_all.tolist(), base.tolist(),
+                                strict=True):
+        got = _strips_and_next(buf[at : at + stop - pos].tobytes(), header.bigtiff)
         if got is None:  # not a plain single-strip IFD: ask the walk
             got = _walk_one(source, header, pos)
         if got is None:
