@@ -231,6 +231,97 @@ def test_one_channel_of_a_remote_file_reads_in_few_requests(http_server, big_fra
     xr.testing.assert_identical(got.drop_attrs(), want.drop_attrs())
 
 
+def _open_file(url: str) -> SiffFile:
+    """The SiffFile xarray keeps open for ``url`` (its file manager's cache)."""
+    from xarray.backends.file_manager import FILE_CACHE
+
+    found = [f for f in list(FILE_CACHE.values())
+             if isinstance(f, SiffFile) and f.name == url]
+    assert len(found) == 1
+    return found[0]
+
+
+@pytest.fixture
+def many_chunks(tmp_path):
+    """A file of 24 Dask chunks of 2 volumes (3 planes, 2 channels, a flyback frame)."""
+    return write_siff(tmp_path / "chunks.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
+                      n_flyback=1, n_timepoints=48, photons_per_frame=2000, seed=8)
+
+
+def test_dask_chunks_of_a_remote_file_are_fetched_before_their_tasks_ask(
+        http_server, many_chunks, tmp_path):
+    """Each Dask task waited a round trip for its chunk; most now find it fetched.
+
+    Chunks are read in Dask's order (runs, often backwards, with jumps between
+    them); within a run, once three reads a constant stride apart confirm the
+    stride, each read predicts the chunks that follow it.
+    """
+    url = f"{http_server.url}/chunks.siff"
+    size = os.path.getsize(many_chunks.path)
+    per_volume = 3 * 2 * 32 * 24 * 2  # bytes of one volume's intensity
+    opts = dict(engine="siff", index_cache=tmp_path / "c", chunk_bytes=2 * per_volume)
+    with xr.open_dataset(many_chunks.path, **{**opts, "index_cache": None}) as ds:
+        want = ds.intensity.mean(("y", "x")).load()
+    with xr.open_dataset(url, chunks={}, **opts) as ds:
+        assert ds.intensity.data.npartitions == 24
+        sent, req = http_server.bytes_sent, http_server.requests
+        got = ds.intensity.mean(("y", "x")).compute(scheduler="threads", num_workers=2)
+        src = _open_file(url)._source
+        # the first reads of each run of Dask's order wait; most were predicted
+        # (18 of 24 when written; none before)
+        assert src.expected_read >= 24 // 2
+        assert src.expected_fetched - src.expected_read <= SiffFile.predicted_reads
+        # every byte once: a prediction is never fetched again by the read
+        assert http_server.bytes_sent - sent <= 1.1 * size
+        assert http_server.requests - req <= 24 + 2
+    xr.testing.assert_identical(got.drop_attrs(), want.drop_attrs())
+
+
+def test_reads_in_no_order_fetch_little_they_did_not_ask_for(http_server, many_chunks):
+    from siff_xarray.reader.source import _PREDICTED
+
+    url = f"{http_server.url}/chunks.siff"
+    rng = np.random.default_rng(1)
+    with SiffFile(many_chunks.path) as local, SiffFile(url) as remote:
+        per_chunk = 2 * 7  # two volumes of 3 planes x 2 channels + a flyback frame
+        frames = np.array([v * 7 + p for v in range(2) for p in range(6)])
+        for k in rng.permutation(24)[:12]:
+            f = frames + k * per_chunk
+            np.testing.assert_array_equal(remote.read_frames(f), local.read_frames(f))
+        # now and then three of them are a constant stride apart: a few predictions
+        src = remote._source
+        assert src.expected_fetched - src.expected_read <= 2 * SiffFile.predicted_reads
+        # then in order: predicted, read from the predictions, and nothing held after
+        for k in range(24):
+            f = frames + k * per_chunk
+            np.testing.assert_array_equal(remote.read_frames(f), local.read_frames(f))
+        assert src.expected_read >= 12
+    assert not any(s is src for s, *_ in _PREDICTED.spans)  # closing dropped them
+
+
+def test_predicted_spans_of_every_file_share_one_budget(http_server, tmp_path, monkeypatch):
+    """A Dataset of many remote files holds no more predicted bytes than one of one."""
+    from siff_xarray.reader.source import _PREDICTED, FsspecSource
+
+    files = [write_siff(tmp_path / f"f{i}.siff", shape=(32, 24), channels=(1, 2),
+                        n_slices=3, n_flyback=1, n_timepoints=24, photons_per_frame=2000,
+                        seed=i) for i in range(3)]
+    chunk = os.path.getsize(files[0].path) // 12  # about one 2-volume chunk
+    monkeypatch.setattr(FsspecSource, "expected_bytes", 5 * chunk)
+    frames = np.array([v * 7 + p for v in range(2) for p in range(6)])
+    opened = [SiffFile(f"{http_server.url}/f{i}.siff") for i in range(3)]
+    try:
+        for f in opened:
+            for k in range(3):  # three reads confirm the grid: the next four are predicted
+                f.read_frames(frames + k * 14)
+        assert all(f._source.expected_fetched >= 3 for f in opened)
+        assert sum(b - a for _, a, b, _ in _PREDICTED.spans) <= 5 * chunk
+    finally:
+        for f in opened:
+            f.close()
+    assert _PREDICTED.spans == []
+
+
 def test_index_cache_local_and_invalidation(tmp_path):
     from siff_xarray.reader.index_cache import content_key
 
@@ -625,7 +716,10 @@ def test_an_s3_object_replaced_under_an_open_dataset_is_an_error(s3_server, tmp_
 
 def test_a_span_dropped_by_another_read_before_it_ran_is_read_directly(http_server,
                                                                         tmp_path):
-    """Two streamed reads share a source: one's end drops the other's pending spans."""
+    """Two streamed reads share a source: one's end drops the other's pending spans.
+
+    And a predicted span whose fetch failed is read directly.
+    """
     from concurrent.futures import Future
 
     from siff_xarray.reader.source import FsspecSource
@@ -635,9 +729,19 @@ def test_a_span_dropped_by_another_read_before_it_ran_is_read_directly(http_serv
     src = FsspecSource(f"{http_server.url}/blob.bin")
     dropped = Future()
     dropped.cancel()
-    src._span_holding = lambda starts, stops: (100_000, dropped)
+    src._span_holding = lambda starts, stops: (100_000, dropped, False)
     buf, base = src.read_ranges(np.array([150_000]), np.array([160_000]))
     np.testing.assert_array_equal(buf[base[0] : base[0] + 10_000], data[150_000:160_000])
+    # a predicted span that failed: nobody asked for it, the read tries for itself
+    failed = Future()
+    failed.set_exception(OSError("connection reset while predicting"))
+    src._span_holding = lambda starts, stops: (100_000, failed, True)
+    buf, base = src.read_ranges(np.array([150_000]), np.array([160_000]))
+    np.testing.assert_array_equal(buf[base[0] : base[0] + 10_000], data[150_000:160_000])
+    # one the read asked for (will_need): its failure is the read's
+    src._span_holding = lambda starts, stops: (100_000, failed, False)
+    with pytest.raises(OSError, match="while predicting"):
+        src.read_ranges(np.array([150_000]), np.array([160_000]))
     src.close()
 
 

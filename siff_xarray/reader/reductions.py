@@ -94,6 +94,13 @@ class PhotonReductions:
     def _read_done(self) -> None:
         """Drop the bytes of the part just decoded (default: nothing)."""
 
+    def _read_in_one(self, f: np.ndarray) -> None:
+        """Note that a read of frames ``f`` in one part starts (default: nothing).
+
+        A fetched file predicts from it the reads that follow (the next chunks of
+        a Dask graph) and starts fetching them.
+        """
+
     def _stream_done(self) -> None:
         """Drop every byte a streamed read fetched or kept for its parts (default: nothing)."""
 
@@ -115,6 +122,8 @@ class PhotonReductions:
                 shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
             for first in parts[: self.read_ahead_parts]:
                 self._read_ahead(f[first])
+        else:
+            self._read_in_one(f)
         try:
             for k, part in enumerate(parts):
                 if streamed and k + self.read_ahead_parts < len(parts):  # while this decodes

@@ -57,6 +57,7 @@ from .index_cache import (
     remember_version,
     save_index,
 )
+from .readahead import StridePredictor
 from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
 from .source import ByteSource, FsspecSource, LocalSource, open_source
 
@@ -119,6 +120,7 @@ class SiffFile(PhotonReductions):
         if self.version:  # the object a reduction's workers read
             remember_version(self._source.name, self.version)
         self._all_timestamps: FrameTimestamps | None = None
+        self._predictor: StridePredictor | None = None  # made by the first read in one part
         try:
             self.header: FileHeader = read_header(self._source)
             self.index: FrameIndex = self._load_index(index_cache)
@@ -316,9 +318,18 @@ class SiffFile(PhotonReductions):
         decoding calls it; the converter also calls it for the next frames while
         it decodes the current ones.
         """
-        f = np.asarray(frames, dtype=np.int64)
+        span = self._span_of(np.asarray(frames, dtype=np.int64))
+        if span is not None:
+            self._source.will_need(*span)
+
+    def _span_of(self, f: np.ndarray) -> tuple[int, int] | None:
+        """Return the bytes of frames ``f`` (IFDs, descriptions, data) as one span, or None.
+
+        None where ``f`` is empty, the file is closed, or the frames lie so far
+        apart that the span would be more than twice their bytes.
+        """
         if f.size == 0 or self._source.closed:
-            return
+            return None
         idx = self.index
         has_desc = idx.desc_length[f] > 0
         start = int(idx.ifd_offset[f].min())
@@ -326,7 +337,22 @@ class SiffFile(PhotonReductions):
             start = min(start, int(idx.desc_offset[f][has_desc].min()))
         stop = int(max(idx.data_stop[f].max(), (idx.desc_offset[f] + idx.desc_length[f]).max()))
         if stop - start <= 2 * int((idx.data_stop[f] - idx.ifd_offset[f]).sum()):
-            self._source.will_need(start, stop)
+            return start, stop
+        return None
+
+    #: reads a fetched file predicts ahead of a read in one part whose stride is
+    #: known (:class:`.readahead.StridePredictor`): the Dask chunks that follow
+    predicted_reads = 4
+
+    def _read_in_one(self, f: np.ndarray) -> None:
+        if self.is_local or len(f) < 2:
+            return  # local files: the OS reads ahead
+        if self._predictor is None:
+            self._predictor = StridePredictor(self.predicted_reads)
+        for g in self._predictor.after(f, self.num_frames):
+            span = self._span_of(g)
+            if span is not None:
+                self._source.expect(*span)
 
     #: bytes of a part of a long read of a fetched (not mapped) file: see ``_streamed``
     stream_part_bytes = 32 * 2**20

@@ -116,6 +116,14 @@ class ByteSource:
     def drop_ahead(self) -> None:
         """Forget bytes fetched ahead (:meth:`will_need`) and buffers kept for them."""
 
+    def expect(self, start: int, stop: int) -> None:
+        """Hint that bytes ``start:stop`` are predicted to be read (default: nothing).
+
+        Unlike :meth:`will_need`, nobody asked for them yet: a remote file fetches
+        them in the background and holds them until they are read or newer
+        predictions push them out (see :class:`.readahead.StridePredictor`).
+        """
+
     def holding(self) -> contextlib.AbstractContextManager[bool]:
         """Hold the file against truncation while its :meth:`buffer` is read.
 
@@ -624,6 +632,9 @@ class FsspecSource(ByteSource):
         self._lock = threading.Lock()  # guards the caches only
         #: spans fetched ahead (:meth:`will_need`): ``(start, stop, future)``, oldest first
         self._ahead: list[tuple[int, int, Any]] = []
+        #: predicted spans fetched, and those a read was served from (tests, benchmarks)
+        self.expected_fetched = 0
+        self.expected_read = 0
         #: memory of spans no longer held, reused for new ones (:meth:`_span_buffer`):
         #: ``(memory, weak reference to the array last made over it)``
         self._spare: list[tuple[bytearray, Any]] = []
@@ -800,16 +811,48 @@ class FsspecSource(ByteSource):
         if not 0 < stop - start <= self.ahead_limit or self._closed:
             return
         with self._lock:
-            if any(a <= start and stop <= b for a, b, _ in self._ahead):
+            if self._fetching(start, stop):
                 return
-            parts = list(range(start, stop, self.span_window))
-            ends = [*parts[1:], stop]
-            job = _background().submit(self._fetch_span, parts, ends)
-            self._ahead.append((start, stop, job))
+            self._ahead.append((start, stop, self._submit_span(start, stop)))
             while len(self._ahead) > self.ahead_spans:
                 old = self._ahead.pop(0)[2]
                 old.cancel()
                 self._keep_spare(old)
+
+    #: bytes of predicted spans (:meth:`expect`) held at most, by every remote file
+    #: of the process together: each is about a Dask chunk's bytes (24 MB for the
+    #: benchmark file's 16 MiB chunks), and Dask reads some chunks predicted at the
+    #: end of one run of its order only after the next run
+    expected_bytes = 256 * 2**20
+
+    def expect(self, start: int, stop: int) -> None:
+        """Fetch bytes ``start:stop`` in the background: a read of them is predicted.
+
+        Held apart from the spans a read asked for (:meth:`will_need`), so neither
+        pushes out the other, until a read is served from it (it then belongs to
+        that read) or newer predictions of any file push it out: the process holds
+        at most :attr:`expected_bytes` of them. A span larger than a quarter of that
+        is not fetched. Counted in :attr:`expected_fetched` and, once read from,
+        :attr:`expected_read`.
+        """
+        start, stop = max(0, int(start)), min(int(stop), self.size)
+        if not 0 < stop - start <= self.expected_bytes // 4 or self._closed:
+            return
+        with self._lock:
+            if self._fetching(start, stop):
+                return
+        if _PREDICTED.add(self, start, stop, self.expected_bytes):
+            self.expected_fetched += 1
+
+    def _fetching(self, start: int, stop: int) -> bool:
+        """Whether a span asked for or predicted holds bytes ``start:stop`` (lock held)."""
+        return (any(a <= start and stop <= b for a, b, _ in self._ahead)
+                or _PREDICTED.holds(self, start, stop))
+
+    def _submit_span(self, start: int, stop: int) -> Any:
+        """Start fetching a span in :attr:`span_window` requests; return its job."""
+        parts = list(range(start, stop, self.span_window))
+        return _background().submit(self._fetch_span, parts, [*parts[1:], stop])
 
     def _fetch_span(self, starts: list[int], stops: list[int]) -> np.ndarray:
         """Fetch consecutive ranges concurrently into one buffer (see :meth:`_span_buffer`)."""
@@ -884,26 +927,46 @@ class FsspecSource(ByteSource):
             self._spare.append((mem, weakref.ref(out)))
             del self._spare[: max(len(self._spare) - self.spare_spans, 0)]
 
-    def _span_holding(self, starts: np.ndarray, stops: np.ndarray) -> tuple[int, Any] | None:
-        """Return the fetched-ahead span holding every range as ``(start, job)``, or None."""
-        if not self._ahead or starts.size == 0:
+    def _span_holding(self, starts: np.ndarray, stops: np.ndarray
+                      ) -> tuple[int, Any, bool] | None:
+        """Return the span fetched ahead or predicted holding every range, or None.
+
+        As ``(start, job, predicted)``. A predicted span is handed to this read:
+        the source no longer holds it.
+        """
+        if starts.size == 0:
             return None
         lo, hi = int(starts.min()), int(stops.max())
         with self._lock:
             for a, b, job in reversed(self._ahead):
                 if a <= lo and hi <= b:
-                    return a, job
-        return None
+                    return a, job, False
+        taken = _PREDICTED.take(self, lo, hi)
+        if taken is None:
+            return None
+        with self._lock:
+            self.expected_read += 1
+        return taken[0], taken[1], True
 
     def _read_ranges(self, starts: np.ndarray, stops: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
         held = self._span_holding(starts, stops)
         if held is None:
             return super()._read_ranges(starts, stops)
-        a, job = held
+        a, job, predicted = held
         try:
-            return job.result(), starts - a  # the span itself: no copy per range
+            span = job.result()
+            if predicted:  # its memory serves a new span once this read lets go of it
+                with self._lock:
+                    self._keep_spare(job)
+            return span, starts - a  # the span itself: no copy per range
         except CancelledError:  # another read dropped it before it ran: read directly
+            return super()._read_ranges(starts, stops)
+        except Exception:
+            if not predicted:  # the read asked for it: its failure is the read's
+                raise
+            # nobody asked for a predicted span: the read tries itself, and fails
+            # with its own error if the cause lasts
             return super()._read_ranges(starts, stops)
 
     def release(self) -> None:
@@ -931,6 +994,10 @@ class FsspecSource(ByteSource):
                 job.cancel()
             self._ahead.clear()
             self._spare.clear()
+
+    def drop_expected(self) -> None:
+        """Forget every span predicted for this file (:meth:`expect`)."""
+        _PREDICTED.drop(self)
 
     def _read_blocks(self, starts: list[int], stops: list[int]) -> list[bytes]:
         keys = [(a, min(b, self.size)) for a, b in zip(starts, stops, strict=True)]
@@ -996,6 +1063,7 @@ class FsspecSource(ByteSource):
         self._closed = True
         self.forget_kept()
         self.drop_ahead()
+        self.drop_expected()
         with self._lock:
             self._cache.clear()
             self._cached = 0
@@ -1029,6 +1097,54 @@ def _pinning_filesystem(url: str, storage_options: dict[str, Any] | None) -> Any
         return fs
 
 
+class _Predicted:
+    """The spans fetched for predicted reads (:meth:`FsspecSource.expect`) of every file.
+
+    One budget for the process: a Dataset of many remote files holds no more
+    predicted bytes than a Dataset of one. Oldest first; a read takes its span out.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spans: list[tuple[FsspecSource, int, int, Any]] = []  # (source, start, stop, job)
+
+    def holds(self, source: FsspecSource, start: int, stop: int) -> bool:
+        with self.lock:
+            return any(s is source and a <= start and stop <= b for s, a, b, _ in self.spans)
+
+    def add(self, source: FsspecSource, start: int, stop: int, budget: int) -> bool:
+        """Start fetching a span unless one holds it; push out the oldest over ``budget``."""
+        with self.lock:
+            if any(s is source and a <= start and stop <= b for s, a, b, _ in self.spans):
+                return False
+            self.spans.append((source, start, stop, source._submit_span(start, stop)))
+            total = sum(b - a for _, a, b, _ in self.spans)
+            while total > budget:
+                _, a, b, job = self.spans.pop(0)
+                job.cancel()
+                total -= b - a
+            return True
+
+    def take(self, source: FsspecSource, lo: int, hi: int) -> tuple[int, Any] | None:
+        """Hand over (and forget) the newest span of ``source`` holding bytes ``lo:hi``."""
+        with self.lock:
+            for i in range(len(self.spans) - 1, -1, -1):
+                s, a, b, job = self.spans[i]
+                if s is source and a <= lo and hi <= b:
+                    del self.spans[i]
+                    return a, job
+        return None
+
+    def drop(self, source: FsspecSource) -> None:
+        with self.lock:
+            for s, _, _, job in self.spans:
+                if s is source:
+                    job.cancel()
+            self.spans = [e for e in self.spans if e[0] is not source]
+
+
+_PREDICTED = _Predicted()
+
 _pool: Any = None
 _pool_lock = threading.Lock()
 
@@ -1048,8 +1164,9 @@ def _background() -> Any:
 
 
 def _forget_pool() -> None:  # a forked child has the pool object but not its threads
-    global _pool
+    global _pool, _PREDICTED
     _pool = None
+    _PREDICTED = _Predicted()  # nor the fetches of its predicted spans
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,0 +1,142 @@
+"""The stride predictor behind the read-ahead of Dask chunks of remote files."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from siff_xarray.reader.readahead import StridePredictor
+
+N = 1000  # frames in the file
+STRIDE = 14  # frames from one chunk to the next (two volumes of 6 planes + a flyback)
+#: a chunk's frames: two volumes of six planes, without the flyback frame of each
+PATTERN = np.array([v * 7 + p for v in range(2) for p in range(6)], dtype=np.int64)
+
+
+def chunk(k: int) -> np.ndarray:
+    return PATTERN + k * STRIDE
+
+
+def firsts(reads: list[np.ndarray]) -> list[int]:
+    return [int(g[0]) for g in reads]
+
+
+@pytest.mark.parametrize("step", [1, -1])
+def test_a_run_of_chunks_predicts_once_three_confirm_the_stride(step):
+    p = StridePredictor(depth=3)
+    order = list(range(10, 30)) if step == 1 else list(range(30, 10, -1))
+    got = [firsts(p.after(chunk(k), N)) for k in order]
+    assert got[0] == got[1] == []  # two reads: no stride known yet
+    k2 = order[2]
+    assert got[2] == [(k2 + j * step) * STRIDE for j in (1, 2, 3)]
+    # each later read was predicted: it predicts the one read `depth` ahead of it
+    for k, g in zip(order[3:], got[3:], strict=True):
+        assert g == [(k + 3 * step) * STRIDE]
+
+
+def test_predictions_keep_the_reads_pattern_and_stop_at_the_file_end():
+    p = StridePredictor(depth=4)
+    for k in (67, 68):
+        assert p.after(chunk(k), N) == []
+    got = p.after(chunk(69), N)  # chunk 70 fits; 71 is cut at frame 999; 72 is past the end
+    assert len(got) == 2
+    np.testing.assert_array_equal(got[0], chunk(70))
+    np.testing.assert_array_equal(got[1], chunk(71)[:6])
+    assert p.after(chunk(70), N) == []  # nothing after the last one left to predict
+
+
+def test_two_threads_interleaving_their_chunks_still_confirm_the_stride():
+    p = StridePredictor(depth=2)
+    # Dask's two threads start chunks 20 and 19, then 18 and 17 in either order
+    assert p.after(chunk(20), N) == p.after(chunk(19), N) == []
+    assert p.after(chunk(17), N) == []  # 19 - 17: a stride of -2 chunks, not confirmed
+    assert firsts(p.after(chunk(18), N)) == [16 * STRIDE]  # 20, 19, 18; 17 was read
+    assert firsts(p.after(chunk(16), N)) == [15 * STRIDE, 14 * STRIDE]
+
+
+def test_reads_in_no_order_or_of_other_shapes_predict_nothing():
+    p = StridePredictor(depth=4)
+    for k in (5, 40, 12, 33, 7, 21, 2):
+        assert p.after(chunk(k), N) == []
+    # a constant stride, but each read a different shape (no chunk grid)
+    q = StridePredictor(depth=4)
+    for n in (3, 4, 5, 6):
+        assert q.after(np.arange(n * 10, n * 10 + n), N) == []
+    assert StridePredictor(depth=4).after(np.array([5]), N) == []  # one frame: no pattern
+
+
+@settings(max_examples=200, deadline=None)
+@given(order=st.permutations(list(range(40))), depth=st.integers(1, 5),
+       again=st.booleans())
+def test_predictions_never_repeat_a_waiting_read_or_one_of_this_pass(order, depth, again):
+    """In any order of reads, a chunk is fetched at most once per pass (read or
+    predicted), and at most ``2 * depth`` predictions wait unread."""
+    p = StridePredictor(depth=depth)
+    waiting: set[int] = set()
+    this_pass: set[int] = set()
+    fetched: list[int] = []
+    for k in order + (sorted(order) if again else []):
+        if k in this_pass:  # read again: a new pass
+            this_pass.clear()
+            fetched.clear()
+        if k not in waiting:
+            fetched.append(k)
+        waiting.discard(k)
+        this_pass.add(k)
+        for g in p.after(chunk(k), 40 * STRIDE):
+            j, r = divmod(int(g[0]), STRIDE)
+            assert r == 0 and 0 <= j < 40
+            np.testing.assert_array_equal(g, chunk(j))
+            assert j not in waiting and j not in this_pass
+            waiting.add(j)
+            fetched.append(j)
+        assert len(waiting) <= 2 * depth
+        assert len(fetched) == len(set(fetched)), "a chunk was fetched twice in a pass"
+
+
+def test_a_second_pass_over_the_chunks_is_predicted_again():
+    p = StridePredictor(depth=2)
+    for _ in range(2):
+        got = [firsts(p.after(chunk(k), N)) for k in range(20)]
+        assert sum(map(len, got)) >= 20 - 3
+    assert got[3] == [5 * STRIDE]
+
+
+@settings(max_examples=100, deadline=None)
+@given(start=st.integers(0, 30), stop=st.integers(0, 30), depth=st.integers(1, 5))
+def test_a_run_that_stops_leaves_at_most_depth_predictions_unread(start, stop, depth):
+    p = StridePredictor(depth=depth)
+    step = 1 if stop >= start else -1
+    read, predicted = set(), set()
+    for k in range(start, stop + step, step):
+        read.add(k)
+        predicted.update(int(g[0]) // STRIDE for g in p.after(chunk(k), 40 * STRIDE))
+    assert len(predicted - read) <= depth
+
+
+def test_the_predictor_is_safe_from_several_threads():
+    p = StridePredictor(depth=3, memory=64)
+    out: list[int] = []
+    lock = threading.Lock()
+
+    def reader(ks):
+        for k in ks:
+            got = firsts(p.after(chunk(k), N))
+            with lock:
+                out.extend(got)
+
+    threads = [threading.Thread(target=reader, args=(range(i, 60, 4),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == len(set(out))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="depth"):
+        StridePredictor(depth=0)
