@@ -27,35 +27,53 @@ def firsts(reads: list[np.ndarray]) -> list[int]:
 
 @pytest.mark.parametrize("step", [1, -1])
 def test_a_run_of_chunks_predicts_once_three_confirm_the_stride(step):
-    p = StridePredictor(depth=3)
+    p = StridePredictor(depth=4)
     order = list(range(10, 30)) if step == 1 else list(range(30, 10, -1))
     got = [firsts(p.after(chunk(k), N)) for k in order]
     assert got[0] == got[1] == []  # two reads: no stride known yet
-    k2 = order[2]
-    assert got[2] == [(k2 + j * step) * STRIDE for j in (1, 2, 3)]
-    # each later read was predicted: it predicts the one read `depth` ahead of it
-    for k, g in zip(order[3:], got[3:], strict=True):
-        assert g == [(k + 3 * step) * STRIDE]
+    k = order[2]
+
+    def at(*js):
+        return [(k + j * step) * STRIDE for j in js]
+
+    # confirmed: one read ahead; each predicted read doubles the window, up to depth
+    assert got[2:6] == [at(1), at(2, 3), at(4, 5, 6), at(7)]
+    # from then on each read predicts the one `depth` ahead of it
+    for i, g in enumerate(got[6:], start=4):
+        assert g == at(i + 4)
 
 
 def test_predictions_keep_the_reads_pattern_and_stop_at_the_file_end():
     p = StridePredictor(depth=4)
     for k in (67, 68):
         assert p.after(chunk(k), N) == []
-    got = p.after(chunk(69), N)  # chunk 70 fits; 71 is cut at frame 999; 72 is past the end
-    assert len(got) == 2
+    got = p.after(chunk(69), N)
+    assert len(got) == 1
     np.testing.assert_array_equal(got[0], chunk(70))
-    np.testing.assert_array_equal(got[1], chunk(71)[:6])
-    assert p.after(chunk(70), N) == []  # nothing after the last one left to predict
+    got = p.after(chunk(70), N)  # chunk 71 is cut at frame 999; 72 is past the end
+    assert len(got) == 1
+    np.testing.assert_array_equal(got[0], chunk(71)[:6])
+    assert p.after(chunk(71)[:6], N) == []  # nothing after the last one left to predict
 
 
 def test_two_threads_interleaving_their_chunks_still_confirm_the_stride():
-    p = StridePredictor(depth=2)
+    p = StridePredictor(depth=4)
     # Dask's two threads start chunks 20 and 19, then 18 and 17 in either order
     assert p.after(chunk(20), N) == p.after(chunk(19), N) == []
     assert p.after(chunk(17), N) == []  # 19 - 17: a stride of -2 chunks, not confirmed
-    assert firsts(p.after(chunk(18), N)) == [16 * STRIDE]  # 20, 19, 18; 17 was read
-    assert firsts(p.after(chunk(16), N)) == [15 * STRIDE, 14 * STRIDE]
+    assert p.after(chunk(18), N) == []  # 20, 19, 18 confirm -1; 17 was read already
+    assert firsts(p.after(chunk(16), N)) == [15 * STRIDE]  # 18, 17, 16
+    assert firsts(p.after(chunk(15), N)) == [14 * STRIDE, 13 * STRIDE]
+
+
+def test_a_run_that_breaks_early_leaves_one_prediction_unread():
+    """As where a cluster spreads a run's chunks over workers: the window starts at one."""
+    p = StridePredictor(depth=4)
+    for k in (10, 11):
+        assert p.after(chunk(k), N) == []
+    assert firsts(p.after(chunk(12), N)) == [13 * STRIDE]
+    for k in (40, 25, 33):  # the run went on elsewhere
+        assert p.after(chunk(k), N) == []
 
 
 def test_reads_in_no_order_or_of_other_shapes_predict_nothing():
@@ -103,7 +121,7 @@ def test_a_second_pass_over_the_chunks_is_predicted_again():
     for _ in range(2):
         got = [firsts(p.after(chunk(k), N)) for k in range(20)]
         assert sum(map(len, got)) >= 20 - 3
-    assert got[3] == [5 * STRIDE]
+    assert got[3] == [4 * STRIDE, 5 * STRIDE]
 
 
 @settings(max_examples=100, deadline=None)

@@ -312,7 +312,7 @@ def test_predicted_spans_of_every_file_share_one_budget(http_server, tmp_path, m
     opened = [SiffFile(f"{http_server.url}/f{i}.siff") for i in range(3)]
     try:
         for f in opened:
-            for k in range(3):  # three reads confirm the grid: the next four are predicted
+            for k in range(5):  # three reads confirm the stride; predicted ones widen it
                 f.read_frames(frames + k * 14)
         assert all(f._source.expected_fetched >= 3 for f in opened)
         assert sum(b - a for _, a, b, _ in _PREDICTED.spans) <= 5 * chunk
@@ -1017,6 +1017,11 @@ def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, t
             xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=1) as ds:
         before, n_log = http_server.bytes_sent, len(http_server.log)
         trace = client.compute(ds.intensity.sum(("y", "x")).data, sync=True)
+        # workers predict no chunks: the scheduler spreads each run over them
+        from siff_xarray.reader.siff_file import _on_distributed_worker
+
+        assert client.submit(_on_distributed_worker, pure=False).result() is True
+        assert _on_distributed_worker() is False
         life = ds.siff.lifetime(masks).compute().values
         moved = http_server.bytes_sent - before
         ranges = http_server.log[n_log:]

@@ -8,13 +8,16 @@ the stride is known, the reads that follow can be fetched while earlier ones dec
 
 A read predicts others only when its stride is confirmed: with two of the three
 reads of its frame pattern just before it, it makes three reads a constant stride
-apart (two threads taking chunks in turn still do), or it was itself predicted.
-No read is predicted while a prediction of it waits or once it was read in this
-pass over the file (Dask's runs often end at chunks read long before); a read of a
-chunk read before starts a new pass (a second computation over a Dataset), whose
-reads are predicted again. At most ``2 * depth`` predictions of a pattern wait
-unread at any time: reads in no order, which now and then happen to make such a run
-of three, cannot fetch much they do not read.
+apart (two threads taking chunks in turn still do), or it was itself predicted. A
+confirmed run predicts one read ahead; each read that was predicted doubles that, up
+to ``depth`` (as an operating system's read-ahead window grows): a run that breaks
+early, as where a Dask cluster spreads a run's chunks over several workers, leaves
+few predictions unread. No read is predicted while a prediction of it waits or once
+it was read in this pass over the file (Dask's runs often end at chunks read long
+before); a read of a chunk read before starts a new pass (a second computation over
+a Dataset), whose reads are predicted again. At most ``2 * depth`` predictions of a
+pattern wait unread at any time: reads in no order, which now and then happen to
+make such a run of three, cannot fetch much they do not read.
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ class StridePredictor:
         self._lock = threading.Lock()
         self._seen: OrderedDict[_Key, None] = OrderedDict()
         self._predicted: OrderedDict[_Key, int] = OrderedDict()  # key -> its stride
+        #: pattern -> reads predicted ahead now: 1 when a run is confirmed, doubled
+        #: (up to ``depth``) by each read that was predicted
+        self._window: dict[tuple[int, int], int] = {}
 
     def after(self, frames: np.ndarray, n_frames: int) -> list[np.ndarray]:
         """Record a read of ``frames``; return the reads predicted to follow it.
 
-        Each prediction is ``frames + j * stride`` (``j = 1 .. depth``) without the
+        Each prediction is ``frames + j * stride`` (``j = 1 .. window``) without the
         frames outside ``[0, n_frames)``, left out where that read is predicted
         already, was read in this pass, or would hold no frame.
         """
@@ -72,14 +78,17 @@ class StridePredictor:
                 for k in [k for k in self._seen if k[:2] == pattern]:
                     del self._seen[k]
             stride = self._predicted.pop(key, None)
-            if stride is None:
-                stride = self._confirmed(pattern, first)
+            if stride is not None:  # predicted right: look further ahead
+                window = min(self.depth, 2 * self._window.get(pattern, 1))
+            else:
+                stride, window = self._confirmed(pattern, first), 1
             self._remember(self._seen, key, None)
             if stride is None:
                 return []
+            self._window[pattern] = window
             waiting = sum(1 for k in self._predicted if k[:2] == pattern)
             out = []
-            for j in range(1, self.depth + 1):
+            for j in range(1, window + 1):
                 nxt = (*pattern, first + j * stride)
                 if nxt in self._seen or nxt in self._predicted:
                     continue
