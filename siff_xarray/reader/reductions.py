@@ -29,6 +29,7 @@ import numpy as np
 from .._options import HistogramMode, histogram_length
 from ..errors import SiffFormatError, SiffWarning, user_stacklevel
 from . import decode as K
+from .source import PARTS_AHEAD
 
 __all__ = ["FrameSelection", "PhotonReductions", "Shifts", "shifts_for_frames"]
 
@@ -84,9 +85,9 @@ class PhotonReductions:
         """
         return [slice(0, len(f))]
 
-    #: parts of a streamed read that are being fetched while one decodes: with
-    #: several, a round trip's latency hides behind the fetch of the parts before
-    read_ahead_parts = 3
+    #: parts of a streamed read that are being fetched while one decodes
+    #: (:data:`.source.PARTS_AHEAD`)
+    read_ahead_parts = PARTS_AHEAD
 
     def _read_ahead(self, f: np.ndarray) -> None:
         """Start fetching the bytes of frames ``f``, decoded next (default: nothing)."""

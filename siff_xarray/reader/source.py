@@ -62,6 +62,14 @@ _SHRINKS_UNDER_MAP = os.name != "nt"
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
 
 
+#: parts of a long read (or sub-batches of a conversion) fetched while one decodes:
+#: with several on their way, a round trip's latency hides behind the transfer of
+#: the parts before. ``PhotonReductions.read_ahead_parts``, the converter's
+#: sub-batches ahead and :attr:`FsspecSource.ahead_spans` (one more: the part
+#: decoding) follow it.
+PARTS_AHEAD = 3
+
+
 class ByteSource:
     """Interface of a read-only byte source (see module docstring)."""
 
@@ -791,7 +799,7 @@ class FsspecSource(ByteSource):
 
     #: largest span :meth:`will_need` fetches ahead, and how many spans it holds
     ahead_limit = 256 * 2**20
-    ahead_spans = 4  # the part decoding and three fetched ahead (``read_ahead_parts``)
+    ahead_spans = PARTS_AHEAD + 1  # the part decoding and those fetched ahead
     #: a span fetched ahead comes in requests of this many bytes, all at once: at
     #: 20-50 ms per request, 8 MiB requests with three parts on their way read the
     #: benchmark file 20-25 % faster than 4 MiB with two (docs/performance.md)

@@ -31,6 +31,7 @@ from .._remote import naming_url
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
+from ..reader.source import PARTS_AHEAD
 from . import owner
 from .layout import (
     ALL_CHUNKS_STORED,
@@ -244,10 +245,9 @@ class _ShardWriter:
 
 #: source bytes decoded at a time inside a batch (bounds a worker's memory)
 SUB_BATCH_BYTES = 16 * 2**20
-#: sub-batches being fetched while one decodes (a remote source holds them and the one
-#: decoding: ``FsspecSource.ahead_spans``); with several, a request's latency hides
-#: behind the transfer of the sub-batches before
-SUB_BATCHES_AHEAD = 3
+#: sub-batches being fetched while one decodes, as many as the parts of a long read
+#: (a remote source holds them and the one decoding: ``FsspecSource.ahead_spans``)
+SUB_BATCHES_AHEAD = PARTS_AHEAD
 
 
 def _open_for_batch(store: Any, path: str) -> Any:
