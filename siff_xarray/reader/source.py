@@ -850,7 +850,8 @@ class FsspecSource(ByteSource):
             if self._fetching(start, stop):
                 return
         if _PREDICTED.add(self, start, stop, self.expected_bytes):
-            self.expected_fetched += 1
+            with self._lock:  # several threads predict
+                self.expected_fetched += 1
 
     def _fetching(self, start: int, stop: int) -> bool:
         """Whether a span asked for or predicted holds bytes ``start:stop`` (lock held)."""
