@@ -1117,14 +1117,22 @@ class _Predicted:
         self.lock = threading.Lock()
         self.spans: list[tuple[FsspecSource, int, int, Any]] = []  # (source, start, stop, job)
 
+    def _newest(self, source: FsspecSource, start: int, stop: int) -> int | None:
+        """Index of the newest span of ``source`` holding bytes ``start:stop`` (lock held)."""
+        for i in range(len(self.spans) - 1, -1, -1):
+            s, a, b, _ = self.spans[i]
+            if s is source and a <= start and stop <= b:
+                return i
+        return None
+
     def holds(self, source: FsspecSource, start: int, stop: int) -> bool:
         with self.lock:
-            return any(s is source and a <= start and stop <= b for s, a, b, _ in self.spans)
+            return self._newest(source, start, stop) is not None
 
     def add(self, source: FsspecSource, start: int, stop: int, budget: int) -> bool:
         """Start fetching a span unless one holds it; push out the oldest over ``budget``."""
         with self.lock:
-            if any(s is source and a <= start and stop <= b for s, a, b, _ in self.spans):
+            if self._newest(source, start, stop) is not None:
                 return False
             self.spans.append((source, start, stop, source._submit_span(start, stop)))
             total = sum(b - a for _, a, b, _ in self.spans)
@@ -1137,12 +1145,11 @@ class _Predicted:
     def take(self, source: FsspecSource, lo: int, hi: int) -> tuple[int, Any] | None:
         """Hand over (and forget) the newest span of ``source`` holding bytes ``lo:hi``."""
         with self.lock:
-            for i in range(len(self.spans) - 1, -1, -1):
-                s, a, b, job = self.spans[i]
-                if s is source and a <= lo and hi <= b:
-                    del self.spans[i]
-                    return a, job
-        return None
+            i = self._newest(source, lo, hi)
+            if i is None:
+                return None
+            _, a, _, job = self.spans.pop(i)
+            return a, job
 
     def drop(self, source: FsspecSource) -> None:
         with self.lock:
