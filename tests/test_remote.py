@@ -299,6 +299,21 @@ def test_reads_in_no_order_fetch_little_they_did_not_ask_for(http_server, many_c
     assert not any(s is src for s, *_ in _PREDICTED.spans)  # closing dropped them
 
 
+@pytest.mark.parametrize("on_workers", [False, True])
+def test_reads_on_a_distributed_worker_predict_nothing_unless_asked(
+        http_server, many_chunks, monkeypatch, on_workers):
+    """A worker's runs of chunks break where the scheduler gives the next to another."""
+    from siff_xarray.reader import siff_file
+
+    monkeypatch.setattr(siff_file, "_on_distributed_worker", lambda: True)
+    monkeypatch.setattr(SiffFile, "predict_on_workers", on_workers)
+    frames = np.array([v * 7 + p for v in range(2) for p in range(6)])
+    with SiffFile(f"{http_server.url}/chunks.siff") as f:
+        for k in range(6):
+            f.read_frames(frames + k * 14)
+        assert (f._source.expected_fetched > 0) == on_workers
+
+
 def test_predicted_spans_of_every_file_share_one_budget(http_server, tmp_path, monkeypatch):
     """A Dataset of many remote files holds no more predicted bytes than one of one."""
     from siff_xarray.reader.source import _PREDICTED, FsspecSource
