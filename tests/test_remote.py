@@ -314,6 +314,27 @@ def test_reads_on_a_distributed_worker_predict_nothing_unless_asked(
         assert (f._source.expected_fetched > 0) == on_workers
 
 
+def test_two_remote_files_combined_read_each_its_own_predicted_chunks(http_server, tmp_path):
+    """Predicted spans belong to their file: a combined Dataset never gets another's photons.
+
+    Both files have the same byte layout (same shape and photons per frame, other
+    photons), so a span of one would fit the other's reads.
+    """
+    paths = [write_siff(tmp_path / f"m{i}.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
+                        n_flyback=1, n_timepoints=24, photons_per_frame=2000,
+                        seed=20 + i).path for i in range(2)]
+    per_volume = 3 * 2 * 32 * 24 * 2
+    opts = dict(engine="siff", chunk_bytes=2 * per_volume, index_cache=tmp_path / "c")
+    urls = [f"{http_server.url}/m{i}.siff" for i in range(2)]
+    with xr.open_mfdataset(paths, combine="nested", concat_dim="time", **opts) as ds:
+        want = ds.intensity.mean(("y", "x")).compute(scheduler="threads", num_workers=2)
+    with xr.open_mfdataset(urls, combine="nested", concat_dim="time", **opts) as ds:
+        got = ds.intensity.mean(("y", "x")).compute(scheduler="threads", num_workers=2)
+        assert all(_open_file(u)._source.expected_read > 0 for u in urls)
+    assert not np.array_equal(want.values[:24], want.values[24:])  # different photons
+    np.testing.assert_array_equal(got.values, want.values)
+
+
 def test_predicted_spans_of_every_file_share_one_budget(http_server, tmp_path, monkeypatch):
     """A Dataset of many remote files holds no more predicted bytes than one of one."""
     from siff_xarray.reader.source import _PREDICTED, FsspecSource
