@@ -173,6 +173,86 @@ def test_a_silent_server_times_out_after_one_read_timeout():
         srv.close()
 
 
+class _Dribbler:
+    """A one-connection server that answers each range GET with the right bytes,
+    sent in ``pieces`` parts ``pause`` seconds apart, then (``stall``) nothing."""
+
+    def __init__(self, data: bytes, pieces: int, pause: float, stall: bool = False) -> None:
+        import threading
+
+        self.data, self.pieces, self.pause, self.stall = data, pieces, pause, stall
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.url = f"http://127.0.0.1:{self.srv.getsockname()[1]}/blob.bin"
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.srv.accept()
+        with conn:
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    got = conn.recv(4096)
+                    if not got:
+                        return
+                    head += got
+                rng = [ln for ln in head.decode().split("\r\n") if ln.lower().startswith("range")]
+                a, b = (int(v) for v in rng[0].split("=")[1].split("-"))
+                body = self.data[a : b + 1]
+                cut = len(body) - 1000 if self.stall else len(body)
+                conn.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
+                             f"Content-Range: bytes {a}-{b}/{len(self.data)}\r\n\r\n".encode()
+                             + body[:100])  # the first bytes come with the headers
+                step = -(-(cut - 100) // self.pieces)
+                for k in range(100, cut, step):
+                    time.sleep(self.pause)
+                    conn.sendall(body[k : min(k + step, cut)])
+                if self.stall:
+                    self.done.wait(10)
+                    return
+
+    def close(self) -> None:
+        self.done.set()
+        self.srv.close()
+
+
+@pytest.mark.parametrize("wait_all", [True, False])
+def test_a_body_sent_in_pieces_arrives_whole_and_the_connection_is_reused(monkeypatch,
+                                                                          wait_all):
+    # MSG_WAITALL or readinto: every byte, the bytes http.client buffered with the
+    # headers first, and the response finished so the next GET reuses the connection
+    monkeypatch.setattr(http_ranges, "WAIT_ALL", wait_all and http_ranges.WAIT_ALL)
+    data = np.random.default_rng(3).integers(0, 256, 3 * 2**20, dtype=np.uint8).tobytes()
+    srv = _Dribbler(data, pieces=7, pause=0.05)
+    try:
+        direct = DirectRanges(srv.url, {}, None, connect_timeout=1.0, read_timeout=1.0)
+        out = memoryview(bytearray(2 * 2**20 + 50))
+        assert direct.fetch_into(out, [5], [2**20 + 5], [0]) == [2**20]
+        assert direct.fetch_into(out, [2**20], [2 * 2**20 + 50], [2**20]) == [2**20 + 50]
+        assert bytes(out[: 2**20]) == data[5 : 2**20 + 5]
+        assert bytes(out[2**20 :]) == data[2**20 : 2 * 2**20 + 50]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("wait_all", [True, False])
+def test_a_body_that_stops_coming_times_out_after_one_read_timeout(monkeypatch, wait_all):
+    monkeypatch.setattr(http_ranges, "WAIT_ALL", wait_all and http_ranges.WAIT_ALL)
+    data = bytes(range(256)) * 4096
+    srv = _Dribbler(data, pieces=3, pause=0.1, stall=True)
+    try:
+        direct = DirectRanges(srv.url, {}, None, connect_timeout=1.0, read_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError) as err:  # pieces 0.1 s apart are not a timeout
+            direct.fetch_into(memoryview(bytearray(2**20)), [0], [2**20], [0])
+        assert 0.7 < time.monotonic() - t0 < 5
+        assert "did not answer in time" in str(_remote.remote_error(srv.url, err.value))
+    finally:
+        srv.close()
+
+
 def test_which_urls_and_options_are_read_directly():
     url = "http://127.0.0.1:1/run.siff"
     assert direct_ranges(url, None) is not None

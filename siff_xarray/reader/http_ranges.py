@@ -32,7 +32,10 @@ from __future__ import annotations
 import atexit
 import http.client
 import os
+import socket
 import ssl
+import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -289,11 +292,12 @@ class DirectRanges:
             try:
                 conn, reused = self._connection()
                 conn.request("GET", self._target, headers=headers)
+                sock = conn.sock  # the connection lets go of it if the server will close
                 resp = conn.getresponse()
                 status = resp.status
                 if status == 206 or (status == 200 and start == 0
                                      and resp.length == stop - start):
-                    return self._receive(resp, out, start, stop, at)
+                    return self._receive(resp, sock, out, start, stop, at)
                 self._finish(resp, small=status != 200)
             except (ConnectionError, http.client.HTTPException) as exc:
                 self._drop()
@@ -325,13 +329,14 @@ class DirectRanges:
                 continue
             raise HTTPStatusError(self.url, status, resp.reason)
 
-    def _receive(self, resp: http.client.HTTPResponse, out: memoryview, start: int,
-                 stop: int, at: int) -> int:
+    def _receive(self, resp: http.client.HTTPResponse, sock: Any, out: memoryview,
+                 start: int, stop: int, at: int) -> int:
         """Receive a range's body into ``out``; return its length (short at the end).
 
         A body that stops before its announced length is a lost connection
         (``IncompleteRead``), not a short object: the object's end shows in the
-        ``Content-Range`` the server announced.
+        ``Content-Range`` the server announced. On a plain (not TLS) connection
+        the body is received by :func:`_receive_whole`.
         """
         if resp.status == 206:
             first, last = _content_range(resp.getheader("Content-Range", ""))
@@ -343,6 +348,8 @@ class DirectRanges:
         want = resp.length if resp.length is not None else stop - start
         view = out[at : at + min(want, stop - start)]
         got = 0
+        if WAIT_ALL and resp.length is not None and not isinstance(sock, ssl.SSLSocket):
+            got = _receive_whole(resp, sock, view, self._read_timeout)
         while got < len(view):
             n = resp.readinto(view[got:])
             if not n:
@@ -358,6 +365,54 @@ class DirectRanges:
             self._drop()
         else:
             resp.read()  # an error page or an empty remainder: keep the connection
+
+
+#: receive the body of a plain-HTTP range with one blocking ``recv_into(MSG_WAITALL)``
+#: (Linux), not one ``readinto`` per segment the kernel hands over. On the loopback
+#: benchmark server, a download of the benchmark file in 36 MiB spans, three ahead:
+#: 0.66-0.76 CPU s against 0.79-0.83 (medians of 5, 4 processes each), 0.52-0.58 s
+#: against 0.56-0.60 s; eager plane traces at 50 ms 1.24-1.36 s against 1.40-1.44 s
+WAIT_ALL = sys.platform.startswith("linux") and hasattr(socket, "MSG_WAITALL")
+
+
+def _receive_whole(resp: http.client.HTTPResponse, sock: socket.socket, view: memoryview,
+                   timeout: float) -> int:
+    """Receive up to ``len(view)`` bytes of ``resp``'s body into ``view``; return how many.
+
+    ``readinto`` returns each segment as the kernel hands it over (tens of KiB on
+    loopback), taking the GIL back for every one, so the threads receiving ranges
+    and the thread decoding them hand the GIL back and forth thousands of times per
+    file. Here the socket is blocking while the body arrives and the kernel fills
+    ``view`` in one call (``MSG_WAITALL``); ``SO_RCVTIMEO`` keeps the read timeout:
+    a call that waits ``timeout`` seconds for a byte raises ``TimeoutError`` as a
+    timed-out ``readinto`` does. The bytes ``http.client`` already buffered with the
+    headers are taken first, and the response is told how much of its body is
+    left, so it finishes as if it had read the body itself. Fewer bytes than asked
+    mean the server closed the connection (the caller raises ``IncompleteRead``).
+    """
+    left = resp.length or 0
+    held = resp.fp.peek(1)[: min(len(view), left)] if left else b""  # no raw read if held
+    got = len(held)
+    view[:got] = held
+    resp.fp.read(got)
+    before = sock.gettimeout()
+    sock.settimeout(None)  # blocking: MSG_WAITALL waits for every byte
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
+    try:
+        while got < len(view):
+            try:
+                n = sock.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+            except BlockingIOError:  # SO_RCVTIMEO expired without a byte
+                raise TimeoutError("timed out") from None
+            if not n:
+                break
+            got += n
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+        sock.settimeout(before)
+        resp.length = left - got  # the body the response itself has left to read
+    return got
 
 
 def _content_range(value: str) -> tuple[int, int]:
