@@ -872,9 +872,9 @@ def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, 
         got = remote.read_frames(frames, shifts=shifts)
         np.testing.assert_array_equal(got, local.read_frames(frames, shifts=shifts))
         assert len(held) >= 7  # part by part
-        # the part decoding and the three fetched ahead of it, never the file
+        # the part decoding and the four fetched ahead of it, never the file
         ahead = SiffFile.read_ahead_parts
-        assert ahead == FsspecSource.ahead_spans - 1 == 3
+        assert ahead == FsspecSource.ahead_spans - 1 == 4
         assert max(held) <= (ahead + 2) * size // 7
         # while a part decodes, the next ones are on their way (latency hides behind them)
         assert spans[0] == ahead + 1 and max(spans) == ahead + 1

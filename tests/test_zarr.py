@@ -1347,7 +1347,7 @@ def test_conversion_fetches_sub_batches_ahead(tmp_path, monkeypatch):
     ahead = [sum(1 for w, g in events[:k] if w == "ahead" and g > fr)
              for k, (what, fr) in enumerate(events) if what == "decode"]
     k = conv.SUB_BATCHES_AHEAD
-    assert k == 3
+    assert k == 4
     assert ahead[:-k] == [k] * (len(decoded) - k) and ahead[-k:] == list(range(k))[::-1], \
         ahead
     assert zs.verify(t.path, tmp_path / "s.zarr") == []

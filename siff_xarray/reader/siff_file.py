@@ -363,7 +363,7 @@ class SiffFile(PhotonReductions):
                 self._source.expect(*span)
 
     #: bytes of a part of a long read of a fetched (not mapped) file: see ``_streamed``
-    stream_part_bytes = 32 * 2**20
+    stream_part_bytes = 24 * 2**20
 
     def _streamed(self, f: np.ndarray) -> list[slice]:
         if len(f) < 2 or (self.is_local and self._source.maps_safely()):

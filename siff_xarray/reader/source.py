@@ -66,8 +66,11 @@ __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "ope
 #: with several on their way, a round trip's latency hides behind the transfer of
 #: the parts before. ``PhotonReductions.read_ahead_parts``, the converter's
 #: sub-batches ahead and :attr:`FsspecSource.ahead_spans` (one more: the part
-#: decoding) follow it.
-PARTS_AHEAD = 3
+#: decoding) follow it. Four 24 MiB parts rather than three of 32 (the same bytes
+#: on their way): eager plane traces of the benchmark file at 50 ms 1.05-1.24 s
+#: against 1.28-1.52 s, at 0 ms 0.85-0.89 s against 0.93-0.99 s (medians of 7
+#: calls, 3 processes each; docs/performance.md)
+PARTS_AHEAD = 4
 
 
 class ByteSource:
@@ -801,8 +804,8 @@ class FsspecSource(ByteSource):
     ahead_limit = 256 * 2**20
     ahead_spans = PARTS_AHEAD + 1  # the part decoding and those fetched ahead
     #: a span fetched ahead comes in requests of this many bytes, all at once: at
-    #: 20-50 ms per request, 8 MiB requests with three parts on their way read the
-    #: benchmark file 20-25 % faster than 4 MiB with two (docs/performance.md)
+    #: 20-50 ms per request, 8 MiB requests with three 32 MiB parts on their way read
+    #: the benchmark file 20-25 % faster than 4 MiB with two (docs/performance.md)
     span_window = 8 * 2**20
 
     def will_need(self, start: int, stop: int) -> None:
@@ -908,7 +911,7 @@ class FsspecSource(ByteSource):
     def _span_buffer(self, n: int) -> np.ndarray:
         """Return an ``n``-byte array for a span, over a released span's memory if one is free.
 
-        A streamed read fetches a span of about 32 MiB per part. New memory of
+        A streamed read fetches a span of about 24 MiB per part. New memory of
         that size is a fresh mapping whose every page the kernel zeroes and maps
         on first touch; memory reused is already mapped. The array handed out does
         not own its memory, so every view of it (a kernel's argument, a slice)
