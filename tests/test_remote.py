@@ -200,10 +200,23 @@ def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path):
     forget()
     at = len(http_server.arrivals)
     with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
-        # info; header with the file's tail (the key); the spot-checked IFDs
-        assert http_server.round_trips(at) == 3
+        # info; header with the file's tail (the key) and the IFDs the check of the
+        # cached index reads (the cache recorded which they were)
+        assert http_server.round_trips(at) == 2
         assert len(http_server.arrivals) - at == 5
         xr.testing.assert_identical(ds.load(), want)
+    hints = list(cache.glob("*.ifds"))
+    assert len(hints) == 1
+    for text in ("", "not json", "[[1, 2]]", '[["a", 3]]', "[[-5, 10], [10, 5]]"):
+        hints[0].write_text(text)  # gone, unreadable or wrong: the check reads its own
+        if not text:
+            hints[0].unlink()
+        forget()
+        at = len(http_server.arrivals)
+        with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+            # info; header with tail; the spot-checked IFDs
+            assert http_server.round_trips(at) == 3, text
+            xr.testing.assert_identical(ds.load(), want)
     with SiffFile(big_frames.path) as f:
         f.write_sidecar()
     forget()

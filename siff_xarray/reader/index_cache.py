@@ -28,7 +28,9 @@ Two more ways to skip the walk work on machines that never opened the file:
 
 Location: ``$SIFF_XARRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/siff-xarray/index``,
 else ``~/.cache/siff-xarray/index``. An entry takes about 100 bytes per frame; the
-oldest entries beyond :data:`MAX_ENTRIES` are deleted when one is added.
+oldest entries beyond :data:`MAX_ENTRIES` are deleted when one is added. Next to
+them, per remote URL, the byte ranges the last check of its index read
+(:func:`checks_for`), so that an open requests them with the file's head.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ from .ifd import _TYPE_SIZE as TYPE_SIZE
 from .ifd import C_IFD, C_NEXT, C_STRIP_BYTES, C_STRIP_OFF, N_COLS, FrameIndex
 from .source import ByteSource
 
-__all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "default_cache_dir", "forget", "known",
-           "known_version", "load_index", "pack", "portable_key", "remember",
-           "remember_version", "save_index", "unpack"]
+__all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "check_ranges", "checks_for",
+           "default_cache_dir", "forget", "known", "known_version", "load_index",
+           "note_checks", "pack", "portable_key", "remember", "remember_version",
+           "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = ByteSource.tail_bytes
@@ -143,6 +146,19 @@ def _walk_one(source: ByteSource, header: FileHeader, pos: int) -> tuple[int, in
     return int(out[0, C_STRIP_OFF]), int(out[0, C_STRIP_BYTES]), int(out[0, C_NEXT])
 
 
+def check_ranges(index: FrameIndex, size: int, frames: list[int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes a check of ``index`` reads: ``IFD_PEEK`` at the IFDs of ``frames``.
+
+    ``frames`` defaults to every frame a thorough check reads (first, middle, last).
+    """
+    n = len(index)
+    if frames is None:
+        frames = sorted({0, n // 2, n - 1}) if n else []
+    pos = index.ifd_offset[frames].astype(np.int64)
+    return pos, np.minimum(pos + IFD_PEEK, size)
+
+
 def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
                 thorough: bool = True) -> bool:
     """Re-read a few IFDs (first, middle, last; only the middle one if not ``thorough``)."""
@@ -152,10 +168,9 @@ def _spot_check(source: ByteSource, header: FileHeader, index: FrameIndex,
     if int(index.ifd_offset[0]) != header.first_ifd:
         return False
     checked = sorted({0, n // 2, n - 1} if thorough else {n // 2})
-    pos_all = index.ifd_offset[checked].astype(np.int64)
+    pos_all, stop_all = check_ranges(index, source.size, checked)
     if (pos_all < 0).any() or (pos_all >= source.size).any():
         return False
-    stop_all = np.minimum(pos_all + IFD_PEEK, source.size)
     try:  # together: one round trip for a remote file
         buf, base = source.read_ranges(pos_all, stop_all)
     except SiffFormatError:  # shorter than it says: not the file the index describes
@@ -259,6 +274,64 @@ def load_index(directory: Path, source: ByteSource, header: FileHeader
     return key, got[1], got[2]
 
 
+_CHECKED: OrderedDict[str, tuple[list[int], list[int]]] = OrderedDict()
+HINT_SUFFIX = ".ifds"
+
+
+def _hint_path(directory: Path, name: str) -> Path:
+    return Path(directory) / (hashlib.sha256(name.encode()).hexdigest()[:40] + HINT_SUFFIX)
+
+
+def checks_for(name: str, directory: Path | None) -> tuple[list[int], list[int]] | None:
+    """Return the byte ranges the last check of the index of ``name`` (a URL) read.
+
+    From this process (:func:`note_checks`), else from a small file in the cache
+    ``directory`` named by a hash of ``name``. An open requests them with the
+    file's head (:meth:`~.source.ByteSource.with_head`), so checking a cached
+    index costs no round trip of its own. Only a hint: the check compares what
+    it reads with the index whatever the ranges were, and a wrong or stale hint
+    costs a few KiB read for nothing. None when nothing is recorded.
+    """
+    with _KNOWN_LOCK:
+        got = _CHECKED.get(name)
+    if got is not None or directory is None:
+        return got
+    try:
+        ranges = json.loads(_hint_path(directory, name).read_text())
+        starts, stops = [int(a) for a, _ in ranges], [int(b) for _, b in ranges]
+    except (OSError, ValueError, TypeError):
+        return None
+    return starts, stops
+
+
+def note_checks(name: str, directory: Path | None, index: FrameIndex, size: int) -> None:
+    """Record the ranges a thorough check of ``index`` reads, for :func:`checks_for`.
+
+    Kept in this process and, where ``directory`` is given and writable, in a file
+    there (written atomically; failures are ignored: it is only a hint).
+    """
+    starts, stops = (a.tolist() for a in check_ranges(index, size))
+    if checks_for(name, directory) == (starts, stops):
+        return
+    _record(_CHECKED, name, (starts, stops))
+    if directory is None:
+        return
+    try:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump([[a, b] for a, b in zip(starts, stops, strict=True)], fh)
+            os.replace(tmp, _hint_path(directory, name))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _prune(directory, pattern="*" + HINT_SUFFIX)
+    except OSError:
+        return
+
+
 def save_index(directory: Path, key: str, index: FrameIndex,
                timestamps: FrameTimestamps | None) -> bool:
     """Write the cache entry atomically; return False (and change nothing) on failure."""
@@ -287,9 +360,9 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _prune(directory: Path, keep: int = MAX_ENTRIES) -> None:
-    """Delete the least recently written entries beyond ``keep``."""
-    entries = list(directory.glob("*.npz"))
+def _prune(directory: Path, keep: int = MAX_ENTRIES, pattern: str = "*.npz") -> None:
+    """Delete the least recently written entries (or hints) beyond ``keep``."""
+    entries = list(directory.glob(pattern))
     if len(entries) <= keep:
         return
     for old in sorted(entries, key=_mtime)[: len(entries) - keep]:
@@ -335,9 +408,11 @@ def forget(name: str | None = None) -> None:
         if name is None:
             _KNOWN.clear()
             _VERSIONS.clear()
+            _CHECKED.clear()
         else:
             _KNOWN.pop(name, None)
             _VERSIONS.pop(name, None)
+            _CHECKED.pop(name, None)
 
 
 def known(name: str) -> bytes | None:

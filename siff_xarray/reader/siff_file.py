@@ -49,9 +49,11 @@ from .ifd import FrameIndex, build_frame_index, pread_ranges, unread_bytes
 from .index_cache import (
     SIDECAR_SUFFIX,
     check_packed,
+    checks_for,
     default_cache_dir,
     known,
     load_index,
+    note_checks,
     pack,
     portable_key,
     remember,
@@ -123,6 +125,11 @@ class SiffFile(PhotonReductions):
         self._all_timestamps: FrameTimestamps | None = None
         self._predictor: StridePredictor | None = None  # made by the first read in one part
         try:
+            if isinstance(self._source, FsspecSource) and index_cache is not False:
+                # the IFDs that checking the cached index will read come with the head
+                hint = checks_for(self._source.name, _cache_dir(index_cache))
+                if hint is not None:
+                    self._source.with_head(*hint)
             self.header: FileHeader = read_header(self._source)
             self.index: FrameIndex = self._load_index(index_cache)
             self._warn_unread()
@@ -190,7 +197,7 @@ class SiffFile(PhotonReductions):
         src, hdr = self._source, self.header
         remote = isinstance(src, FsspecSource)
         got = check_packed(known(src.name), src, hdr) if remote else None
-        directory = default_cache_dir() if index_cache is True else Path(index_cache)
+        directory = _cache_dir(index_cache)
         key, index, ts = load_index(directory, src, hdr) if got is None else ("", *got)
         if index is None:
             got = check_packed(src.read_sibling(SIDECAR_SUFFIX), src, hdr)
@@ -203,8 +210,10 @@ class SiffFile(PhotonReductions):
                 src.forget_kept()  # the descriptions kept from the walk are parsed
             save_index(directory, key, index, ts)
         self._all_timestamps = ts
-        if remote and known(src.name) is None:  # for Dask workers (IndexHint)
-            remember(src.name, pack(portable_key(src, hdr), index, ts))
+        if remote:
+            note_checks(src.name, directory, index, src.size)  # for the next open
+            if known(src.name) is None:  # for Dask workers (IndexHint)
+                remember(src.name, pack(portable_key(src, hdr), index, ts))
         return index
 
     def write_sidecar(self) -> str | None:
@@ -561,6 +570,11 @@ class SiffFile(PhotonReductions):
     def is_local(self) -> bool:
         """True when the file is memory-mapped from local disk."""
         return isinstance(self._source, LocalSource)
+
+
+def _cache_dir(index_cache: bool | str | os.PathLike[str] | None) -> Path:
+    """Return the index cache directory an ``index_cache`` argument means (not False)."""
+    return default_cache_dir() if index_cache in (None, True) else Path(index_cache)
 
 
 def _on_distributed_worker() -> bool:

@@ -147,6 +147,16 @@ class ByteSource:
 
     _tail: bytes | None = None
 
+    def with_head(self, starts: list[int], stops: list[int]) -> None:
+        """Ask for bytes ``starts[i]:stops[i]`` along with the file's head (default: nothing).
+
+        A fetched file requests them in the same round trip as its head and tail,
+        which every open reads first, and keeps them for the read that asks for
+        exactly those ranges (an open checking a cached index at IFDs it checked
+        before). Ranges the head or tail holds are left out. A file read in place
+        has no round trips to save.
+        """
+
     def read_sibling(self, suffix: str) -> bytes | None:
         """Return the file ``name + suffix`` next to this one, or ``None`` if absent."""
         return None
@@ -777,11 +787,26 @@ class FsspecSource(ByteSource):
             if self._tail is None and self.size > stop:
                 starts.append(max(stop, self.size - self.tail_bytes))
                 stops.append(self.size)
+            tail_start = starts[-1] if len(starts) > 1 else self.size
+            for a, b in self._with_head:  # kept in the block cache by _read_blocks
+                if stop <= a < b <= tail_start:
+                    starts.append(a)
+                    stops.append(b)
+            self._with_head = ()
             got = self._read_blocks(starts, stops)
             self._head = bytes(got[0])
-            if len(got) > 1 and len(got[1]) == stops[1] - starts[1]:  # else read again
+            tail = len(got) > 1 and tail_start < self.size
+            if tail and len(got[1]) == stops[1] - starts[1]:  # else read again
                 self._tail = bytes(got[1])
         return self._head[offset:end] if end <= len(self._head) else None
+
+    _with_head: tuple[tuple[int, int], ...] = ()
+
+    def with_head(self, starts: list[int], stops: list[int]) -> None:
+        """See :meth:`ByteSource.with_head` (only before the head is fetched)."""
+        if self._head is None:
+            self._with_head = tuple((int(a), min(int(b), self.size))
+                                    for a, b in zip(starts, stops, strict=True))
 
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset``."""
