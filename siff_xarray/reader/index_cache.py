@@ -314,40 +314,37 @@ def note_checks(name: str, directory: Path | None, index: FrameIndex, size: int)
     if checks_for(name, directory) == (starts, stops):
         return
     _record(_CHECKED, name, (starts, stops))
-    if directory is None:
-        return
-    try:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump([[a, b] for a, b in zip(starts, stops, strict=True)], fh)
-            os.replace(tmp, _hint_path(directory, name))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        _prune(directory, pattern="*" + HINT_SUFFIX)
-    except OSError:
-        return
+    if directory is not None:
+        text = json.dumps([[a, b] for a, b in zip(starts, stops, strict=True)]).encode()
+        _write_entry(Path(directory), _hint_path(directory, name).name,
+                     lambda fh: fh.write(text), "*" + HINT_SUFFIX)
 
 
 def save_index(directory: Path, key: str, index: FrameIndex,
                timestamps: FrameTimestamps | None) -> bool:
     """Write the cache entry atomically; return False (and change nothing) on failure."""
     arrays = _arrays(key, index, timestamps)
+    return _write_entry(Path(directory), f"{key}.npz", lambda fh: np.savez(fh, **arrays),
+                        "*.npz")
+
+
+def _write_entry(directory: Path, name: str, write: Any, kind: str) -> bool:
+    """Write file ``name`` in ``directory`` atomically with ``write(binary file)``.
+
+    Then prunes the oldest files matching ``kind`` there. Returns False (and changes
+    nothing) when the directory cannot be written.
+    """
     try:
-        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, directory / f"{key}.npz")
+                write(fh)
+            os.replace(tmp, directory / name)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _prune(directory)
+        _prune(directory, pattern=kind)
     except OSError:
         return False
     return True
