@@ -364,11 +364,42 @@ def test_predicted_spans_of_every_file_share_one_budget(http_server, tmp_path, m
             for k in range(5):  # three reads confirm the stride; predicted ones widen it
                 f.read_frames(frames + k * 14)
         assert all(f._source.expected_fetched >= 3 for f in opened)
-        assert sum(b - a for _, a, b, _ in _PREDICTED.spans) <= 5 * chunk
+        assert sum(e[2] - e[1] for e in _PREDICTED.spans) <= 5 * chunk
     finally:
         for f in opened:
             f.close()
     assert _PREDICTED.spans == []
+
+
+def test_predicted_spans_nobody_reads_are_dropped_after_a_while(http_server, tmp_path,
+                                                                 monkeypatch):
+    """A Dataset left open after its computation does not keep chunks it never read."""
+    from siff_xarray.reader import source
+
+    _PREDICTED = source._Predicted()  # its own: no other test's spans or timer
+    monkeypatch.setattr(source, "_PREDICTED", _PREDICTED)
+    monkeypatch.setattr(_PREDICTED, "unread_s", 0.5)
+    t = write_siff(tmp_path / "p.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=24, photons_per_frame=2000, seed=4)
+    frames = np.array([v * 7 + p for v in range(2) for p in range(6)])
+    with SiffFile(t.path) as local, SiffFile(f"{http_server.url}/p.siff") as remote:
+        src = remote._source
+        for k in range(4):  # three reads confirm the stride: the next chunks are fetched
+            remote.read_frames(frames + k * 14)
+        held = [e for e in _PREDICTED.spans if e[0] is src]
+        assert held and src.expected_fetched >= 2
+        for e in held:
+            e[3].result()  # fetched, and not read
+        time.sleep(0.2)
+        assert [e for e in _PREDICTED.spans if e[0] is src]  # not yet
+        deadline = time.monotonic() + 5
+        while any(e[0] is src for e in _PREDICTED.spans) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(e[0] is src for e in _PREDICTED.spans)
+        assert _PREDICTED._timer is None  # nothing held: no timer left running
+        # a read of a chunk whose prediction was dropped fetches it itself
+        f = frames + 4 * 14
+        np.testing.assert_array_equal(remote.read_frames(f), local.read_frames(f))
 
 
 def test_index_cache_local_and_invalidation(tmp_path):

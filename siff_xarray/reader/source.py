@@ -1139,19 +1139,53 @@ class _Predicted:
 
     One budget for the process: a Dataset of many remote files holds no more
     predicted bytes than a Dataset of one. Oldest first; a read takes its span out.
+    A span nobody read for :attr:`unread_s` seconds is dropped: a prediction is
+    read within moments or not at all (the run of reads stopped), and a Dataset
+    left open after its computation must not keep the bytes of chunks it never read.
     """
+
+    #: seconds a predicted span stays unread before it is dropped (checked by a timer
+    #: that runs only while spans are held)
+    unread_s = 20.0
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.spans: list[tuple[FsspecSource, int, int, Any]] = []  # (source, start, stop, job)
+        #: ``(source, start, stop, job, monotonic time added)``, oldest first
+        self.spans: list[tuple[FsspecSource, int, int, Any, float]] = []
+        self._timer: threading.Timer | None = None
 
     def _newest(self, source: FsspecSource, start: int, stop: int) -> int | None:
         """Index of the newest span of ``source`` holding bytes ``start:stop`` (lock held)."""
         for i in range(len(self.spans) - 1, -1, -1):
-            s, a, b, _ = self.spans[i]
+            s, a, b, _, _ = self.spans[i]
             if s is source and a <= start and stop <= b:
                 return i
         return None
+
+    def _arm(self) -> None:
+        """Run :meth:`_expire` when the oldest span turns stale (lock held; one timer)."""
+        if self._timer is None and self.spans:
+            due = self.spans[0][4] + self.unread_s - time.monotonic()
+            self._timer = threading.Timer(max(due, 0.0) + 0.01, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _disarm_if_empty(self) -> None:
+        """Stop the timer once no span is held (lock held)."""
+        if not self.spans and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        """Drop the spans added more than :attr:`unread_s` ago, and wait for the next."""
+        with self.lock:
+            self._timer = None
+            old = time.monotonic() - self.unread_s
+            for _, _, _, job, added in self.spans:
+                if added <= old:
+                    job.cancel()
+            self.spans = [e for e in self.spans if e[4] > old]
+            self._arm()
 
     def holds(self, source: FsspecSource, start: int, stop: int) -> bool:
         with self.lock:
@@ -1162,12 +1196,14 @@ class _Predicted:
         with self.lock:
             if self._newest(source, start, stop) is not None:
                 return False
-            self.spans.append((source, start, stop, source._submit_span(start, stop)))
-            total = sum(b - a for _, a, b, _ in self.spans)
+            self.spans.append((source, start, stop, source._submit_span(start, stop),
+                               time.monotonic()))
+            total = sum(e[2] - e[1] for e in self.spans)
             while total > budget:
-                _, a, b, job = self.spans.pop(0)
+                _, a, b, job, _ = self.spans.pop(0)
                 job.cancel()
                 total -= b - a
+            self._arm()
             return True
 
     def take(self, source: FsspecSource, lo: int, hi: int) -> tuple[int, Any] | None:
@@ -1176,15 +1212,17 @@ class _Predicted:
             i = self._newest(source, lo, hi)
             if i is None:
                 return None
-            _, a, _, job = self.spans.pop(i)
+            _, a, _, job, _ = self.spans.pop(i)
+            self._disarm_if_empty()
             return a, job
 
     def drop(self, source: FsspecSource) -> None:
         with self.lock:
-            for s, _, _, job in self.spans:
+            for s, _, _, job, _ in self.spans:
                 if s is source:
                     job.cancel()
             self.spans = [e for e in self.spans if e[0] is not source]
+            self._disarm_if_empty()
 
 
 _PREDICTED = _Predicted()
