@@ -207,15 +207,19 @@ def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path):
         xr.testing.assert_identical(ds.load(), want)
     hints = list(cache.glob("*.ifds"))
     assert len(hints) == 1
-    for text in ("", "not json", "[[1, 2]]", '[["a", 3]]', "[[-5, 10], [10, 5]]"):
+    size = os.path.getsize(big_frames.path)
+    for text in ("", "not json", "[[1, 2]]", '[["a", 3]]', "[[-5, 10], [10, 5]]",
+                 f"[[70000, {size - 5000}]]"):
         hints[0].write_text(text)  # gone, unreadable or wrong: the check reads its own
         if not text:
             hints[0].unlink()
         forget()
-        at = len(http_server.arrivals)
+        at, sent = len(http_server.arrivals), http_server.bytes_sent
         with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
             # info; header with tail; the spot-checked IFDs
             assert http_server.round_trips(at) == 3, text
+            assert http_server.bytes_sent - sent < 100_000  # a hint is no download
+        with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
             xr.testing.assert_identical(ds.load(), want)
     with SiffFile(big_frames.path) as f:
         f.write_sidecar()

@@ -802,11 +802,16 @@ class FsspecSource(ByteSource):
 
     _with_head: tuple[tuple[int, int], ...] = ()
 
+    #: at most this many ranges of at most :attr:`ifd_window` bytes each come with the
+    #: head (:meth:`with_head` is a hint, which must not turn an open into a download)
+    with_head_ranges = 8
+
     def with_head(self, starts: list[int], stops: list[int]) -> None:
         """See :meth:`ByteSource.with_head` (only before the head is fetched)."""
         if self._head is None:
-            self._with_head = tuple((int(a), min(int(b), self.size))
-                                    for a, b in zip(starts, stops, strict=True))
+            self._with_head = tuple(
+                (int(a), min(int(b), self.size)) for a, b in zip(starts, stops, strict=True)
+                if 0 < int(b) - int(a) <= self.ifd_window)[: self.with_head_ranges]
 
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset``."""
