@@ -67,19 +67,49 @@ def test_direct_reads_give_fsspecs_bytes_with_the_same_requests(http_server, tmp
         np.testing.assert_array_equal(trace, want.intensity.mean(("y", "x")).values)
         counts[direct] = http_server.requests + http_server.heads - before
         assert bool(direct_gets) == direct  # reads went direct (turned off: none did)
-    assert counts[True] == counts[False], counts
+    # the same reads; the direct open learns size and ETag from its first ranges
+    # (Content-Range), where fsspec asks with a HEAD first
+    assert counts[True] == counts[False] - 1, counts
 
 
 def test_spans_fetched_ahead_are_received_into_their_buffers(http_server, blob):
     url, data = blob
     with FsspecSource(url) as src:
         assert src._direct is not None
-        sent = http_server.bytes_sent
+        sent, fetched = http_server.bytes_sent, src.bytes_fetched
         src.will_need(0, len(data))
         starts, stops = _ranges(1, len(data))
         _check(src, data, starts, stops)
         assert http_server.bytes_sent - sent == len(data)  # the span once, nothing more
-        assert src.bytes_fetched == len(data)
+        assert src.bytes_fetched - fetched == len(data)
+
+
+def test_a_probe_learns_size_and_etag_with_head_tail_and_ranges_in_one_round_trip(
+        http_server, blob):
+    url, data = blob
+    direct = direct_ranges(url, None)
+    http_server.latency = 0.05
+    at = len(http_server.arrivals)
+    got = direct.probe(65536, 4096, [3_000_000, len(data) - 10, len(data) + 5],
+                       [3_002_048, len(data) + 2000, len(data) + 100])
+    assert http_server.round_trips(at) == 1 and len(http_server.arrivals) - at == 5
+    assert got.size == len(data) and got.etag and got.etag.startswith('"')
+    assert got.head == data[:65536] and got.tail == data[-4096:]
+    # a range past the end is left out; one that runs over it comes short
+    assert got.blocks == [(3_000_000, data[3_000_000:3_002_048]),
+                          (len(data) - 10, data[-10:])]
+    # another version required: the server refuses (412), and fsspec is to answer
+    assert direct.probe(65536, 4096, [], [], {"If-Match": '"other"'}) is None
+    with FsspecSource(url, version=got.etag) as src:  # the version it has: one round trip
+        assert src.size == len(data) and src.version == got.etag
+    http_server.redirects = True  # left to fsspec, which follows it
+    assert direct.probe(65536, 4096, [], []) is None
+    http_server.redirects = False
+    small = direct_ranges(url.replace("blob.bin", "small.bin"), None)
+    with open(http_server.root + "/small.bin", "wb") as fh:
+        fh.write(data[:1000])
+    got = small.probe(65536, 4096, [], [])
+    assert (got.size, got.head, got.tail) == (1000, data[:1000], data[:1000])
 
 
 def test_a_server_closing_idle_connections_is_answered_with_a_new_one(http_server, blob):
@@ -150,6 +180,12 @@ def test_an_object_deleted_after_open_names_the_url(http_server, blob, tmp_path)
 def test_a_truncated_object_is_a_short_read_not_a_connection_error(http_server, blob,
                                                                    tmp_path):
     url, _ = blob
+    with FsspecSource(url) as src:  # pinned to its ETag: the server refuses the new version
+        with open(tmp_path / "blob.bin", "r+b") as fh:
+            fh.truncate(5 * 2**20)
+        with pytest.raises(SiffFormatError, match="object was replaced since it was opened"):
+            src.read_ranges(np.array([5 * 2**20 - 10]), np.array([5 * 2**20 + 10]))
+    http_server.etags = False  # a server without ETags: the read comes up short
     with FsspecSource(url) as src:
         with open(tmp_path / "blob.bin", "r+b") as fh:
             fh.truncate(4 * 2**20)

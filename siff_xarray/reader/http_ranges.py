@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 from .. import _remote
 from ..errors import RemoteAccessError
 
-__all__ = ["DirectRanges", "S3Settings", "StepAside", "direct_ranges", "s3_settings"]
+__all__ = ["DirectRanges", "Probe", "S3Settings", "StepAside", "direct_ranges", "s3_settings"]
 
 #: storage options of fsspec's HTTP filesystem that do not change what a GET sends
 _HARMLESS = frozenset({"headers", "ssl", "client_kwargs", "skip_instance_cache",
@@ -82,6 +82,17 @@ class HTTPStatusError(RemoteAccessError):
 
     def __reduce__(self):  # keep the fields through pickling (dask workers)
         return (type(self), (self.url, self.status, self.reason))
+
+
+class Probe(NamedTuple):
+    """What :meth:`DirectRanges.probe` learnt in one round trip."""
+
+    size: int  #: the object's length (from ``Content-Range``)
+    etag: str | None  #: its ETag, if the server sent one
+    head: bytes  #: its first bytes
+    tail: bytes  #: its last bytes
+    #: ``(start, bytes)`` of the extra ranges the server answered
+    blocks: list[tuple[int, bytes]]
 
 
 class S3Settings(NamedTuple):
@@ -249,6 +260,77 @@ class DirectRanges:
                 raise exc
         return [job.result() for job in jobs]
 
+    def probe(self, head: int, tail: int, starts: list[int], stops: list[int],
+              headers: dict[str, str] | None = None) -> Probe | None:
+        """Fetch the object's first ``head`` and last ``tail`` bytes and small ranges at once.
+
+        One round trip instead of two for an open, which needs the object's size and
+        ETag (an ``info``, a HEAD request) before it can ask for the tail: a suffix
+        range (``bytes=-tail``) needs no size, and every 206 answer carries the size
+        in ``Content-Range`` and the ETag. Returns None where the server answers
+        anything but 206 for the head or tail (a missing object, a redirect, an
+        ignored Range, a refused precondition, an empty object): the caller then
+        asks fsspec, whose answer and errors are the reference. A timeout raises
+        (asking again would wait as long again); other network errors return None
+        as well. Extra ranges the server does not answer with 206 are left out.
+        """
+        extra = headers or {}
+        ranges = [f"bytes=0-{head - 1}", f"bytes=-{tail}"]
+        ranges += [f"bytes={a}-{b - 1}" for a, b in zip(starts, stops, strict=True)]
+        jobs = [_pool().submit(self._small_get, r, extra) for r in ranges]
+        wait(jobs)
+        got = []
+        for job in jobs:
+            exc = job.exception()
+            if isinstance(exc, TimeoutError):
+                raise exc
+            got.append(None if exc is not None else job.result())
+        first, last = got[0], got[1]
+        if first is None or last is None or first[1] != last[1] or first[2] != last[2]:
+            return None  # not answered, or two versions of the object: fsspec decides
+        size, etag = first[1], first[2]
+        blocks = [(a, g[3]) for a, g in zip(starts, got[2:], strict=True)
+                  if g is not None and g[0] == a and g[1] == size and g[2] == etag and g[3]]
+        return Probe(size, etag, first[3], last[3], blocks)
+
+    #: largest body :meth:`_small_get` reads (a probe's ranges are a few KiB each)
+    _SMALL = 2**20
+
+    def _small_get(self, range_value: str, extra: dict[str, str]
+                   ) -> tuple[int, int, str | None, bytes] | None:
+        """GET one small range: ``(first byte, object size, ETag, body)``, or None if not 206.
+
+        A kept-alive connection the server closed while idle is replaced once.
+        """
+        headers = {**self.headers, **extra, "Range": range_value,
+                   "Accept-Encoding": "identity"}
+        for _ in range(2):
+            conn, reused = self._connection()
+            try:
+                conn.request("GET", self._target, headers=headers)
+                resp = conn.getresponse()
+            except (ConnectionError, http.client.HTTPException):
+                self._drop()
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                self._drop()
+                raise
+            try:
+                total = _content_size(resp.getheader("Content-Range", ""))
+                if resp.status != 206 or total < 0 or (resp.length or 0) > self._SMALL:
+                    self._finish(resp, small=False)
+                    return None
+                first, _ = _content_range(resp.getheader("Content-Range", ""))
+                body = resp.read()
+                self._finish(resp, small=True)
+                return first, total, resp.getheader("ETag"), body
+            except BaseException:
+                self._drop()
+                raise
+        return None
+
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         """Return this thread's kept-alive connection to the server, and whether it is reused."""
         conns = _local_connections()
@@ -413,6 +495,14 @@ def _receive_whole(resp: http.client.HTTPResponse, sock: socket.socket, view: me
         sock.settimeout(before)
         resp.length = left - got  # the body the response itself has left to read
     return got
+
+
+def _content_size(value: str) -> int:
+    """Return the size in ``Content-Range: bytes first-last/size`` (-1 if absent or ``*``)."""
+    try:
+        return int(value.split("/")[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _content_range(value: str) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._options import FileOptions
+from .._paths import is_remote
 from ..errors import SiffFormatError, SiffWarning, user_stacklevel
 from ..format.constants import (
     ENC_COMPRESSED,
@@ -119,17 +120,18 @@ class SiffFile(PhotonReductions):
                                    bin_width_ps=bin_width_ps,
                                    base_resolution_ps=base_resolution_ps, index_cache=index_cache)
         self._path_or_fileobj = path_or_fileobj
-        self._source = open_source(path_or_fileobj, storage_options, version=version)
+        hint = None
+        if isinstance(path_or_fileobj, str) and is_remote(path_or_fileobj) \
+                and index_cache is not False:
+            # the IFDs that checking the cached index will read come with the head
+            hint = checks_for(path_or_fileobj, _cache_dir(index_cache))
+        self._source = open_source(path_or_fileobj, storage_options, version=version,
+                                   with_head=hint)
         if self.version:  # the object a reduction's workers read
             remember_version(self._source.name, self.version)
         self._all_timestamps: FrameTimestamps | None = None
         self._predictor: StridePredictor | None = None  # made by the first read in one part
         try:
-            if isinstance(self._source, FsspecSource) and index_cache is not False:
-                # the IFDs that checking the cached index will read come with the head
-                hint = checks_for(self._source.name, _cache_dir(index_cache))
-                if hint is not None:
-                    self._source.with_head(*hint)
             self.header: FileHeader = read_header(self._source)
             self.index: FrameIndex = self._load_index(index_cache)
             self._warn_unread()

@@ -48,7 +48,14 @@ from .._remote import (
     with_timeouts,
 )
 from ..errors import RemoteAccessError, SiffFormatError
-from .http_ranges import S3_STEP_ASIDE, DirectRanges, StepAside, direct_ranges, s3_settings
+from .http_ranges import (
+    S3_STEP_ASIDE,
+    DirectRanges,
+    Probe,
+    StepAside,
+    direct_ranges,
+    s3_settings,
+)
 
 try:
     import fcntl
@@ -603,17 +610,24 @@ class FsspecSource(ByteSource):
     signed_for_s = 3600
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
-                 cache_bytes: int = 64 * 2**20, version: str | None = None) -> None:
+                 cache_bytes: int = 64 * 2**20, version: str | None = None,
+                 with_head: tuple[list[int], list[int]] | None = None) -> None:
         import fsspec
 
         self.name = url
+        if with_head is not None:
+            self._with_head = self._hinted(*with_head, size=None)
+        probe = None
         try:
             self._fs, self._path = fsspec.core.url_to_fs(
                 url, **with_timeouts(url, storage_options))
             one_retry_loop(self._fs)
             #: siblings (sidecars) are other objects: read and written without the pin
             self._fs_any = self._fs
-            info = self._fs.info(self._path)
+            probe = self._probe(url, storage_options, version)
+            info = self._fs.info(self._path) if probe is None else {
+                "size": probe.size, "type": "file",
+                **({"ETag": probe.etag} if probe.etag else {})}
         except Exception as exc:
             err = remote_error(url, exc)  # a timeout may come as a FileNotFoundError
             if err is not None:
@@ -661,6 +675,36 @@ class FsspecSource(ByteSource):
         self._spare: list[tuple[bytearray, Any]] = []
         #: bytes requested from the filesystem so far (for tests and benchmarks)
         self.bytes_fetched = 0
+        if probe is not None:  # the head, the tail and the hinted ranges came with the size
+            self._head = probe.head
+            if len(probe.tail) == min(self.tail_bytes, self.size):
+                self._tail = probe.tail
+            for a, data in probe.blocks:
+                self._remember((a, a + len(data)), data)
+            self._with_head = ()
+            self.bytes_fetched += len(probe.head) + len(probe.tail) + sum(
+                len(d) for _, d in probe.blocks)
+
+    def _probe(self, url: str, storage_options: dict[str, Any] | None,
+               version: str | None) -> Probe | None:
+        """Learn size and ETag with the head, tail and hinted ranges: one round trip.
+
+        For plain http(s) URLs read directly (:func:`.http_ranges.direct_ranges`);
+        None elsewhere, and where the server's answer is left to fsspec's ``info``
+        (whose errors name what is wrong). A timeout raises.
+        """
+        direct = direct_ranges(url, storage_options) if self.direct_http else None
+        if direct is None:
+            return None
+        starts = [a for a, b in self._with_head if a >= self.head_bytes]
+        stops = [b for a, b in self._with_head if a >= self.head_bytes]
+        try:
+            return direct.probe(self.head_bytes, self.tail_bytes, starts, stops,
+                                {"If-Match": version} if version else None)
+        except TimeoutError:
+            raise
+        except Exception:  # fsspec asks again and reports
+            return None
 
     def _network(self, call: Any) -> Any:
         """Run a request; a timeout or unreachable server becomes a RemoteAccessError.
@@ -809,9 +853,14 @@ class FsspecSource(ByteSource):
     def with_head(self, starts: list[int], stops: list[int]) -> None:
         """See :meth:`ByteSource.with_head` (only before the head is fetched)."""
         if self._head is None:
-            self._with_head = tuple(
-                (int(a), min(int(b), self.size)) for a, b in zip(starts, stops, strict=True)
-                if 0 < int(b) - int(a) <= self.ifd_window)[: self.with_head_ranges]
+            self._with_head = self._hinted(starts, stops, self.size)
+
+    def _hinted(self, starts: list[int], stops: list[int], size: int | None
+                ) -> tuple[tuple[int, int], ...]:
+        """Return the ranges of a :meth:`with_head` hint kept: a few small ones in ``size``."""
+        end = size if size is not None else 2**63
+        return tuple((int(a), min(int(b), end)) for a, b in zip(starts, stops, strict=True)
+                     if 0 < int(b) - int(a) <= self.ifd_window)[: self.with_head_ranges]
 
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset``."""
@@ -1265,6 +1314,7 @@ def open_source(
     storage_options: dict[str, Any] | None = None,
     cache_bytes: int = 64 * 2**20,
     version: str | None = None,
+    with_head: tuple[list[int], list[int]] | None = None,
 ) -> ByteSource:
     """Open a :class:`ByteSource` for a local path, an fsspec URL or a file object.
 
@@ -1280,6 +1330,9 @@ def open_source(
     version
         For URLs: the ETag the object must still have (a replaced object is a
         :class:`~siff_xarray.errors.SiffFormatError`); ``None``: the current one.
+    with_head
+        For URLs: ``(starts, stops)`` of small ranges to fetch with the file's head
+        (see :meth:`ByteSource.with_head`).
 
     """
     if isinstance(path_or_fileobj, ByteSource):
@@ -1287,7 +1340,7 @@ def open_source(
     if isinstance(path_or_fileobj, (str, os.PathLike)):
         path = os.fspath(path_or_fileobj)
         if is_remote(path):
-            return FsspecSource(path, storage_options, cache_bytes, version)
+            return FsspecSource(path, storage_options, cache_bytes, version, with_head)
         return LocalSource(local_path(path))
     return FileObjectSource(path_or_fileobj)
 
