@@ -190,6 +190,19 @@ def test_index_cache_makes_the_second_remote_open_cheap(http_server, big_frames,
         xr.testing.assert_identical(ds.load(), want)
 
 
+def _open_costs(server, url: str, cache, want: xr.Dataset) -> tuple[int, int, int]:
+    """Open ``url`` as a fresh process would: (round trips, requests, bytes) it took.
+
+    The Dataset it opened must equal ``want``.
+    """
+    forget()
+    at, sent = len(server.arrivals), server.bytes_sent
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        costs = (server.round_trips(at), len(server.arrivals) - at, server.bytes_sent - sent)
+        xr.testing.assert_identical(ds.load(), want)
+    return costs
+
+
 def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path, monkeypatch):
     """At object-store latency an open costs its round trips, not its bytes."""
     from siff_xarray.reader.source import FsspecSource
@@ -199,23 +212,13 @@ def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path, mo
     with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
         want = ds.load()
     http_server.latency = 0.1
-    forget()
-    at = len(http_server.arrivals)
-    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
-        # the header, the file's tail (the key; its Content-Range gives the size, no
-        # HEAD), and the IFDs the check of the cached index reads (the cache recorded
-        # which they were), all at once
-        assert http_server.round_trips(at) == 1
-        assert len(http_server.arrivals) - at == 4
-        xr.testing.assert_identical(ds.load(), want)
+    # the header, the file's tail (the key; its Content-Range gives the size, no HEAD),
+    # and the IFDs the check of the cached index reads (the cache recorded which they
+    # were), all at once
+    assert _open_costs(http_server, url, cache, want)[:2] == (1, 4)
     with monkeypatch.context() as m:  # through fsspec: its info (HEAD) first
         m.setattr(FsspecSource, "direct_http", False)
-        forget()
-        at = len(http_server.arrivals)
-        with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
-            assert http_server.round_trips(at) == 2
-            assert len(http_server.arrivals) - at == 5
-            xr.testing.assert_identical(ds.load(), want)
+        assert _open_costs(http_server, url, cache, want)[:2] == (2, 5)
     hints = list(cache.glob("*.ifds"))
     assert len(hints) == 1
     size = os.path.getsize(big_frames.path)
@@ -224,22 +227,13 @@ def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path, mo
         hints[0].write_text(text)  # gone, unreadable or wrong: the check reads its own
         if not text:
             hints[0].unlink()
-        forget()
-        at, sent = len(http_server.arrivals), http_server.bytes_sent
-        with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
-            # header with tail; the spot-checked IFDs
-            assert http_server.round_trips(at) == 2, text
-            assert http_server.bytes_sent - sent < 100_000  # a hint is no download
-        with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
-            xr.testing.assert_identical(ds.load(), want)
+        trips, _, sent = _open_costs(http_server, url, cache, want)
+        assert trips == 2, text  # header with tail; the spot-checked IFDs
+        assert sent < 100_000  # a hint is no download (head, tail, IFDs: ~70 kB; file 2.2 MB)
     with SiffFile(big_frames.path) as f:
         f.write_sidecar()
-    forget()
-    at = len(http_server.arrivals)
-    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "empty") as ds:
-        # header with tail; sidecar; the spot-checked middle IFD
-        assert http_server.round_trips(at) == 3
-        xr.testing.assert_identical(ds.load(), want)
+    # header with tail; sidecar; the spot-checked middle IFD
+    assert _open_costs(http_server, url, tmp_path / "empty", want)[0] == 3
 
 
 def test_one_channel_of_a_remote_file_reads_in_few_requests(http_server, big_frames,
