@@ -287,7 +287,7 @@ def checks_for(name: str, directory: Path | None) -> tuple[list[int], list[int]]
 
     From this process (:func:`note_checks`), else from a small file in the cache
     ``directory`` named by a hash of ``name``. An open requests them with the
-    file's head (:meth:`~.source.ByteSource.with_head`), so checking a cached
+    file's head (``with_head`` of :func:`~.source.open_source`), so checking a cached
     index costs no round trip of its own. Only a hint: the check compares what
     it reads with the index whatever the ranges were, and a wrong or stale hint
     costs a few KiB read for nothing. None when nothing is recorded.

@@ -154,16 +154,6 @@ class ByteSource:
 
     _tail: bytes | None = None
 
-    def with_head(self, starts: list[int], stops: list[int]) -> None:
-        """Ask for bytes ``starts[i]:stops[i]`` along with the file's head (default: nothing).
-
-        A fetched file requests them in the same round trip as its head and tail,
-        which every open reads first, and keeps them for the read that asks for
-        exactly those ranges (an open checking a cached index at IFDs it checked
-        before). Ranges the head or tail holds are left out. A file read in place
-        has no round trips to save.
-        """
-
     def read_sibling(self, suffix: str) -> bytes | None:
         """Return the file ``name + suffix`` next to this one, or ``None`` if absent."""
         return None
@@ -616,7 +606,7 @@ class FsspecSource(ByteSource):
 
         self.name = url
         if with_head is not None:
-            self._with_head = self._hinted(*with_head, size=None)
+            self._with_head = self._hinted(*with_head)
         probe = None
         try:
             self._fs, self._path = fsspec.core.url_to_fs(
@@ -696,8 +686,7 @@ class FsspecSource(ByteSource):
         direct = direct_ranges(url, storage_options) if self.direct_http else None
         if direct is None:
             return None
-        starts = [a for a, b in self._with_head if a >= self.head_bytes]
-        stops = [b for a, b in self._with_head if a >= self.head_bytes]
+        starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
         try:
             return direct.probe(self.head_bytes, self.tail_bytes, starts, stops,
                                 {"If-Match": version} if version else None)
@@ -833,7 +822,7 @@ class FsspecSource(ByteSource):
                 stops.append(self.size)
             tail_start = starts[-1] if len(starts) > 1 else self.size
             for a, b in self._with_head:  # kept in the block cache by _read_blocks
-                if stop <= a < b <= tail_start:
+                if b <= tail_start:
                     starts.append(a)
                     stops.append(b)
             self._with_head = ()
@@ -844,23 +833,18 @@ class FsspecSource(ByteSource):
                 self._tail = bytes(got[1])
         return self._head[offset:end] if end <= len(self._head) else None
 
+    #: ranges asked for with the head (the ``with_head`` argument), not yet fetched
     _with_head: tuple[tuple[int, int], ...] = ()
 
     #: at most this many ranges of at most :attr:`ifd_window` bytes each come with the
-    #: head (:meth:`with_head` is a hint, which must not turn an open into a download)
+    #: head (``with_head`` is a hint, which must not turn an open into a download)
     with_head_ranges = 8
 
-    def with_head(self, starts: list[int], stops: list[int]) -> None:
-        """See :meth:`ByteSource.with_head` (only before the head is fetched)."""
-        if self._head is None:
-            self._with_head = self._hinted(starts, stops, self.size)
-
-    def _hinted(self, starts: list[int], stops: list[int], size: int | None
-                ) -> tuple[tuple[int, int], ...]:
-        """Return the ranges of a :meth:`with_head` hint kept: a few small ones in ``size``."""
-        end = size if size is not None else 2**63
-        return tuple((int(a), min(int(b), end)) for a, b in zip(starts, stops, strict=True)
-                     if 0 < int(b) - int(a) <= self.ifd_window)[: self.with_head_ranges]
+    def _hinted(self, starts: list[int], stops: list[int]) -> tuple[tuple[int, int], ...]:
+        """Return the ranges of a ``with_head`` hint kept: a few small ones past the head."""
+        return tuple((int(a), int(b)) for a, b in zip(starts, stops, strict=True)
+                     if int(a) >= self.head_bytes and 0 < int(b) - int(a) <= self.ifd_window
+                     )[: self.with_head_ranges]
 
     def read(self, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes at ``offset``."""
@@ -1331,8 +1315,11 @@ def open_source(
         For URLs: the ETag the object must still have (a replaced object is a
         :class:`~siff_xarray.errors.SiffFormatError`); ``None``: the current one.
     with_head
-        For URLs: ``(starts, stops)`` of small ranges to fetch with the file's head
-        (see :meth:`ByteSource.with_head`).
+        For URLs: ``(starts, stops)`` of small ranges to fetch in the same round trip
+        as the file's head and tail, which every open reads first, kept for the read
+        that asks for exactly those ranges (an open checking a cached index at the
+        IFDs it checked before). Only a hint: at most eight ranges of 2 KiB, past
+        the head; ranges in the tail are left out.
 
     """
     if isinstance(path_or_fileobj, ByteSource):
