@@ -6,9 +6,12 @@ remote read spent about as much CPU moving bytes as decoding them. For the large
 reads of a file (the walk's windows, the spans a streamed read fetches ahead), a
 :class:`~siff_xarray.reader.source.FsspecSource` of a plain ``http(s)://`` URL uses
 :class:`DirectRanges` instead: blocking :mod:`http.client` connections, one per
-worker thread and kept alive, each receiving its range with ``readinto`` into the
-caller's buffer while the GIL is released. On the loopback benchmark server this
-halves the CPU of a download (see docs/performance.md).
+worker thread and kept alive, each receiving its range into the caller's buffer
+while the GIL is released (on Linux a plain-HTTP body in one ``recv_into`` with
+``MSG_WAITALL``, else with ``readinto``). On the loopback benchmark server this
+halves the CPU of a download (see docs/performance.md). An open's first ranges
+(:meth:`DirectRanges.probe`) also tell the object's size and ETag, so it needs no
+HEAD request.
 
 S3 objects are read the same way through a presigned GET URL that s3fs signs
 (:func:`s3_settings` says which storage options allow it): the request carries no
