@@ -387,7 +387,7 @@ def test_predicted_spans_nobody_reads_are_dropped_after_a_while(http_server, tmp
 
     _PREDICTED = source._Predicted()  # its own: no other test's spans or timer
     monkeypatch.setattr(source, "_PREDICTED", _PREDICTED)
-    monkeypatch.setattr(_PREDICTED, "unread_s", 0.5)
+    monkeypatch.setattr(_PREDICTED, "unread_s", 2.0)  # well past the reads, on a busy CI
     t = write_siff(tmp_path / "p.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
                    n_flyback=1, n_timepoints=24, photons_per_frame=2000, seed=4)
     frames = np.array([v * 7 + p for v in range(2) for p in range(6)])
@@ -399,9 +399,8 @@ def test_predicted_spans_nobody_reads_are_dropped_after_a_while(http_server, tmp
         assert held and src.expected_fetched >= 2
         for e in held:
             e[3].result()  # fetched, and not read
-        time.sleep(0.2)
         assert [e for e in _PREDICTED.spans if e[0] is src]  # not yet
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while any(e[0] is src for e in _PREDICTED.spans) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(e[0] is src for e in _PREDICTED.spans)
