@@ -66,14 +66,47 @@ def test_two_threads_interleaving_their_chunks_still_confirm_the_stride():
     assert firsts(p.after(chunk(15), N)) == [14 * STRIDE, 13 * STRIDE]
 
 
-def test_a_run_that_breaks_early_leaves_one_prediction_unread():
-    """As where a cluster spreads a run's chunks over workers: the window starts at one."""
+def test_a_run_that_breaks_early_leaves_few_predictions_unread():
+    """As where a cluster spreads a run's chunks over workers: the window starts at one,
+    and of the reads elsewhere only the first predicts (two reads, resuming the stride)."""
     p = StridePredictor(depth=4)
     for k in (10, 11):
         assert p.after(chunk(k), N) == []
     assert firsts(p.after(chunk(12), N)) == [13 * STRIDE]
-    for k in (40, 25, 33):  # the run went on elsewhere
+    assert firsts(p.after(chunk(40), N)) == [41 * STRIDE, 42 * STRIDE]  # resumed once
+    for k in (25, 33, 7, 19):  # the run went on elsewhere
         assert p.after(chunk(k), N) == []
+
+
+def test_the_first_read_after_a_jump_resumes_the_last_runs_stride():
+    """Dask's order: a run down to chunk 0, then another down from chunk 60."""
+    p = StridePredictor(depth=4)
+    for k in range(10, -1, -1):
+        p.after(chunk(k), N)
+    assert firsts(p.after(chunk(60), N)) == [59 * STRIDE, 58 * STRIDE]
+    # one of them read: the run is confirmed, and its window grows from two
+    assert firsts(p.after(chunk(59), N)) == [57 * STRIDE, 56 * STRIDE, 55 * STRIDE]
+    assert firsts(p.after(chunk(58), N)) == [54 * STRIDE]
+    # and the next jump resumes again (chunks 49 to 46 are predicted and wait)
+    for k in range(57, 49, -1):
+        p.after(chunk(k), N)
+    assert firsts(p.after(chunk(30), N)) == [29 * STRIDE, 28 * STRIDE]
+    # without a run before, a jump's reads wait for three of the new run
+    q = StridePredictor(depth=4)
+    assert q.after(chunk(60), N) == q.after(chunk(59), N) == []
+
+
+def test_a_resumed_stride_is_used_once_and_only_within_its_pass():
+    p = StridePredictor(depth=4)
+    for k in (10, 11, 12, 13):
+        p.after(chunk(k), N)
+    assert len(p.after(chunk(30), N)) == 2  # resumed: 31 and 32
+    assert p.after(chunk(5), N) == []  # neither was read: no second resume
+    # a new pass (chunk 10 read again) forgets the strides of the last one
+    r = StridePredictor(depth=4)
+    for k in (10, 11, 12, 13):
+        r.after(chunk(k), N)
+    assert r.after(chunk(10), N) == [] and r.after(chunk(30), N) == []
 
 
 def test_reads_in_no_order_or_of_other_shapes_predict_nothing():

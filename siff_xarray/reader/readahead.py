@@ -18,6 +18,13 @@ before); a read of a chunk read before starts a new pass (a second computation o
 a Dataset), whose reads are predicted again. At most ``2 * depth`` predictions of a
 pattern wait unread at any time: reads in no order, which now and then happen to
 make such a run of three, cannot fetch much they do not read.
+
+Dask's order is a series of such runs: one ends and the next starts elsewhere in
+the array, going the same way. The first read after such a jump resumes the stride
+the last run was confirmed with and predicts two reads at once, instead of waiting
+for three reads of the new run. A resumed stride is used once: only when one of
+those two is read does the run count as confirmed (and the next jump resume again),
+so reads in no order after a run fetch at most two chunks they do not read.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class StridePredictor:
         #: pattern -> reads predicted ahead now: 1 when a run is confirmed, doubled
         #: (up to ``depth``) by each read that was predicted
         self._window: dict[tuple[int, int], int] = {}
+        #: pattern -> the stride of its last confirmed run in this pass, until a
+        #: read that is neither predicted nor confirmed resumes it
+        self._resumable: dict[tuple[int, int], int] = {}
 
     def after(self, frames: np.ndarray, n_frames: int) -> list[np.ndarray]:
         """Record a read of ``frames``; return the reads predicted to follow it.
@@ -77,11 +87,16 @@ class StridePredictor:
             if key in self._seen:  # read again: a new pass, whose reads are all to come
                 for k in [k for k in self._seen if k[:2] == pattern]:
                     del self._seen[k]
+                self._resumable.pop(pattern, None)
             stride = self._predicted.pop(key, None)
             if stride is not None:  # predicted right: look further ahead
                 window = min(self.depth, 2 * self._window.get(pattern, 1))
             else:
                 stride, window = self._confirmed(pattern, first), 1
+            if stride is not None:
+                self._resumable[pattern] = stride
+            else:  # the first read after a jump: the last run's stride, once
+                stride, window = self._resumable.pop(pattern, None), min(self.depth, 2)
             self._remember(self._seen, key, None)
             if stride is None:
                 return []
