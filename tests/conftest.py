@@ -306,19 +306,24 @@ class _RangeServer:
         self.thread.start()
 
     def round_trips(self, since: int = 0) -> int:
-        """Rounds of requests since arrival ``since``, with ``latency`` set.
-
-        Requests a client sends together arrive within a few milliseconds; one that
-        waits for an answer arrives at least ``latency`` after the request before:
-        a gap of more than half the latency starts a new round.
-        """
-        times = sorted(self.arrivals[since:])
-        return sum(1 for a, b in zip([None, *times], times, strict=False)
-                   if a is None or b - a > self.latency / 2)
+        """Rounds of requests since arrival ``since``, with ``latency`` set."""
+        return _rounds(self.arrivals[since:], self.latency)
 
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _rounds(arrivals: list[float], latency: float) -> int:
+    """How many rounds of requests arrived at these times (``latency`` s per request).
+
+    Requests a client sends together arrive within a few milliseconds; one that
+    waits for an answer arrives at least ``latency`` after the request before:
+    a gap of more than half the latency starts a new round.
+    """
+    times = sorted(arrivals)
+    return sum(1 for a, b in zip([None, *times], times, strict=False)
+               if a is None or b - a > latency / 2)
 
 
 class _CountingProxy:
@@ -340,6 +345,8 @@ class _CountingProxy:
         #: answer those 403, as S3 does for a signature it does not accept
         self.refuse_signed = False
         self.bytes_sent = 0
+        #: when each request arrived (``time.monotonic()``), before the latency
+        self.arrivals: list[float] = []
         self.lock = threading.Lock()
         host, port = urlsplit(target).hostname, urlsplit(target).port
         assert host == "127.0.0.1"
@@ -351,6 +358,8 @@ class _CountingProxy:
                 pass
 
             def _forward(self):
+                with proxy.lock:
+                    proxy.arrivals.append(time.monotonic())
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -398,6 +407,11 @@ class _CountingProxy:
     def requests(self) -> int:
         with self.lock:
             return sum(self.counts.values())
+
+    def round_trips(self, since: int = 0) -> int:
+        """Rounds of requests since arrival ``since``, with ``latency`` set."""
+        with self.lock:
+            return _rounds(self.arrivals[since:], self.latency)
 
     def close(self):
         self.httpd.shutdown()

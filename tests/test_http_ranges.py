@@ -390,7 +390,9 @@ def test_s3_reads_go_through_presigned_urls_with_the_same_requests(s3_latency, s
         xr.testing.assert_identical(got, want)
         counts[direct] = proxy.requests - before
         signed[direct] = proxy.signed - signed_before
-    assert counts[True] == counts[False], counts
+    # the same GETs; s3fs's HeadObject is left out: size, ETag and modification time
+    # come with the first ranges
+    assert counts[True] == counts[False] - 1, counts
     assert signed[False] == 0 and signed[True] > 0, signed
     monkeypatch.setattr(FsspecSource, "direct_http", True)
     with SiffFile(url, storage_options=opts) as f:
@@ -419,10 +421,11 @@ def test_presigned_urls_are_renewed_before_they_expire(s3_blob, monkeypatch):
     with FsspecSource(url, opts) as src, open(path, "rb") as fh:
         data = fh.read()
         first = src._direct
-        _check(src, data, np.array([0]), np.array([20_000]))
+        mid = len(data) // 3  # past the head, which the open fetched
+        _check(src, data, np.array([mid]), np.array([mid + 20_000]))
         assert src._direct is first
         time.sleep(1.1)
-        _check(src, data, np.array([20_000]), np.array([60_000]))
+        _check(src, data, np.array([mid + 20_000]), np.array([mid + 60_000]))
         assert src._direct is not None and src._direct is not first
         assert src._direct._target != first._target
 

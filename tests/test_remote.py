@@ -1244,6 +1244,50 @@ def test_s3_cold_open_and_sidecar_at_latency_count_requests(s3_server, s3_latenc
         xr.testing.assert_identical(_bare(ds), want)
 
 
+def test_an_s3_open_with_a_cached_index_takes_one_round_trip(s3_server, s3_latency, big_frames,
+                                                            tmp_path, monkeypatch):
+    """Size, ETag and modification time come with the first presigned ranges: no
+    HeadObject before them, and the same index cache key as an open through s3fs."""
+    import fsspec
+
+    from siff_xarray.reader.source import FsspecSource
+
+    proxy, opts = s3_latency
+    fs = fsspec.filesystem("s3", **s3_server)
+    if not fs.exists("probe-bucket"):
+        fs.mkdir("probe-bucket")
+    fs.put_file(big_frames.path, "probe-bucket/big.siff")
+    url, cache = "s3://probe-bucket/big.siff", tmp_path / "cache"
+    with xr.open_dataset(big_frames.path, engine="siff") as local:
+        want = _bare(local)
+    with xr.open_dataset(url, engine="siff", storage_options=opts, index_cache=cache) as ds:
+        xr.testing.assert_identical(_bare(ds), want)  # walked: the index is cached now
+    proxy.latency = 0.1
+
+    def open_once() -> tuple[int, int]:
+        forget()  # as a fresh process: only the cache on disk
+        at, heads = len(proxy.arrivals), proxy.counts.get("HEAD", 0)
+        with xr.open_dataset(url, engine="siff", storage_options=opts,
+                             index_cache=cache) as ds:
+            costs = proxy.round_trips(at), proxy.counts.get("HEAD", 0) - heads
+            xr.testing.assert_identical(_bare(ds), want)
+        return costs
+
+    assert open_once() == (1, 0)  # header, tail and the IFDs that check the index
+    probed = FsspecSource(url, opts)
+    with monkeypatch.context() as m:  # s3fs asks for the object's info (HeadObject) first
+        m.setattr(FsspecSource, "direct_http", False)
+        asked = FsspecSource(url, opts)
+        assert open_once() == (2, 1)  # the same cache entry: no walk
+    assert probed.fingerprint() == asked.fingerprint() != ""
+    assert (probed.size, probed.version) == (asked.size, asked.version)
+    probed.close()
+    asked.close()
+    proxy.refuse_signed = True  # a signature S3 does not accept: s3fs opens and reads it
+    trips, heads = open_once()
+    assert heads == 1 and trips >= 2
+
+
 def test_store_destinations_and_chained_urls_time_out_with_a_clear_error(
         silent_server, tmp_path, monkeypatch):
     from siff_xarray import _remote

@@ -92,6 +92,7 @@ class Probe(NamedTuple):
 
     size: int  #: the object's length (from ``Content-Range``)
     etag: str | None  #: its ETag, if the server sent one
+    modified: str | None  #: its ``Last-Modified`` header, if the server sent one
     head: bytes  #: its first bytes
     tail: bytes  #: its last bytes
     #: ``(start, bytes)`` of the extra ranges the server answered
@@ -289,19 +290,21 @@ class DirectRanges:
                 raise exc
             got.append(None if exc is not None else job.result())
         first, last = got[0], got[1]
-        if first is None or last is None or first[1] != last[1] or first[2] != last[2]:
+        if first is None or last is None or first[1:4] != last[1:4]:
             return None  # not answered, or two versions of the object: fsspec decides
-        size, etag = first[1], first[2]
-        blocks = [(a, g[3]) for a, g in zip(starts, got[2:], strict=True)
-                  if g is not None and g[0] == a and g[1] == size and g[2] == etag and g[3]]
-        return Probe(size, etag, first[3], last[3], blocks)
+        size, etag, modified = first[1:4]
+        blocks = [(a, g[4]) for a, g in zip(starts, got[2:], strict=True)
+                  if g is not None and g[0] == a and g[1:4] == first[1:4] and g[4]]
+        return Probe(size, etag, modified, first[4], last[4], blocks)
 
     #: largest body :meth:`_small_get` reads (a probe's ranges are a few KiB each)
     _SMALL = 2**20
 
     def _small_get(self, range_value: str, extra: dict[str, str]
-                   ) -> tuple[int, int, str | None, bytes] | None:
-        """GET one small range: ``(first byte, object size, ETag, body)``, or None if not 206.
+                   ) -> tuple[int, int, str | None, str | None, bytes] | None:
+        """GET one small range, or None if not answered with 206.
+
+        Returns ``(first byte, object size, ETag, Last-Modified, body)``.
 
         A kept-alive connection the server closed while idle is replaced once.
         """
@@ -328,7 +331,8 @@ class DirectRanges:
                 first, _ = _content_range(resp.getheader("Content-Range", ""))
                 body = resp.read()
                 self._finish(resp, small=True)
-                return first, total, resp.getheader("ETag"), body
+                return (first, total, resp.getheader("ETag"), resp.getheader("Last-Modified"),
+                        body)
             except BaseException:
                 self._drop()
                 raise

@@ -22,6 +22,7 @@ Neither ever writes to the file.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import mmap
 import os
@@ -614,10 +615,13 @@ class FsspecSource(ByteSource):
             one_retry_loop(self._fs)
             #: siblings (sidecars) are other objects: read and written without the pin
             self._fs_any = self._fs
-            probe = self._probe(url, storage_options, version)
-            info = self._fs.info(self._path) if probe is None else {
-                "size": probe.size, "type": "file",
-                **({"ETag": probe.etag} if probe.etag else {})}
+            #: S3 objects are read through URLs s3fs presigns (None: through s3fs)
+            self._s3 = s3_settings(url, storage_options) if self.direct_http else None
+            self._signed_until = 0.0  # when the presigned S3 URL is to be renewed
+            presigned = self._presigned() if self._s3 is not None else None
+            probe = self._probe(url, storage_options, version, presigned)
+            info = self._fs.info(self._path) if probe is None else _probed_info(
+                probe, s3=presigned is not None)
         except Exception as exc:
             err = remote_error(url, exc)  # a timeout may come as a FileNotFoundError
             if err is not None:
@@ -645,10 +649,8 @@ class FsspecSource(ByteSource):
         #: the walk's windows and the spans fetched ahead, received straight into
         #: their buffers where the URL allows (None: through fsspec)
         self._direct: DirectRanges | None = None
-        self._s3 = s3_settings(url, storage_options) if self.direct_http else None
-        self._signed_until = 0.0  # when the presigned S3 URL is to be renewed
         if self._s3 is not None:
-            self._direct = self._presigned()
+            self._direct = presigned
         elif self.direct_http:
             self._direct = direct_ranges(url, storage_options)
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -676,14 +678,17 @@ class FsspecSource(ByteSource):
                 len(d) for _, d in probe.blocks)
 
     def _probe(self, url: str, storage_options: dict[str, Any] | None,
-               version: str | None) -> Probe | None:
+               version: str | None, presigned: DirectRanges | None) -> Probe | None:
         """Learn size and ETag with the head, tail and hinted ranges: one round trip.
 
-        For plain http(s) URLs read directly (:func:`.http_ranges.direct_ranges`);
-        None elsewhere, and where the server's answer is left to fsspec's ``info``
-        (whose errors name what is wrong). A timeout raises.
+        For plain http(s) URLs read directly (:func:`.http_ranges.direct_ranges`)
+        and S3 objects read through a ``presigned`` URL; None elsewhere, and where
+        the server's answer is left to fsspec's ``info`` (whose errors name what is
+        wrong: a missing bucket or key, refused credentials). A timeout raises.
         """
-        direct = direct_ranges(url, storage_options) if self.direct_http else None
+        direct = presigned
+        if direct is None and self._s3 is None and self.direct_http:
+            direct = direct_ranges(url, storage_options)
         if direct is None:
             return None
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
@@ -1171,6 +1176,23 @@ def _pinning_filesystem(url: str, storage_options: dict[str, Any] | None) -> Any
             fs.s3_additional_kwargs = PinnedS3Kwargs(fs.s3_additional_kwargs or {})
             _pinning[key] = fs
         return fs
+
+
+def _probed_info(probe: Probe, s3: bool) -> dict[str, Any]:
+    """Return fsspec's ``info`` of a file, as far as :meth:`FsspecSource._adopt` uses it.
+
+    For S3 the keys and values are those s3fs gives (``LastModified`` a UTC
+    datetime, from the same ``Last-Modified`` header its HeadObject reads), so the
+    file's fingerprint, and with it its index cache key, does not depend on
+    whether the open probed or asked s3fs.
+    """
+    info: dict[str, Any] = {"size": probe.size, "type": "file"}
+    if probe.etag:
+        info["ETag"] = probe.etag
+    if s3 and probe.modified:
+        with contextlib.suppress(TypeError, ValueError):
+            info["LastModified"] = email.utils.parsedate_to_datetime(probe.modified)
+    return info
 
 
 def _fresh(n: int) -> np.ndarray:
