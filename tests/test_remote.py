@@ -236,6 +236,22 @@ def test_an_open_waits_for_few_round_trips(http_server, big_frames, tmp_path, mo
     assert _open_costs(http_server, url, tmp_path / "empty", want)[0] == 3
 
 
+def test_a_small_files_open_takes_one_round_trip_too(http_server, tmp_path):
+    """In a small file the IFDs that check a cached index lie closer together than
+    reads are coalesced: they come with the first request all the same, and the check
+    reads them from there instead of fetching the stretch between them."""
+    t = write_siff(tmp_path / "small.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_timepoints=30, photons_per_frame=300, seed=4)
+    url, cache = f"{http_server.url}/small.siff", tmp_path / "cache"
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        want = ds.load()
+    http_server.latency = 0.1
+    trips, requests, sent = _open_costs(http_server, url, cache, want)
+    assert (trips, requests) == (1, 4)
+    assert sent < 80_000  # head, tail and three IFDs; the file is 247 kB
+    assert os.path.getsize(t.path) > 200_000
+
+
 def test_one_channel_of_a_remote_file_reads_in_few_requests(http_server, big_frames,
                                                             tmp_path):
     """Frames of the other channel between the ones read are fetched, not skipped:

@@ -1033,7 +1033,7 @@ class FsspecSource(ByteSource):
                      ) -> tuple[np.ndarray, np.ndarray]:
         held = self._span_holding(starts, stops)
         if held is None:
-            return super()._read_ranges(starts, stops)
+            return self._held_blocks(starts, stops) or super()._read_ranges(starts, stops)
         a, job, predicted = held
         try:
             span = job.result()
@@ -1126,6 +1126,36 @@ class FsspecSource(ByteSource):
         got = self._network(lambda: self._fs.cat_ranges(
             [self._path] * len(starts), starts, stops, on_error="raise"))
         return [self._exact(data, a, b) for data, a, b in zip(got, starts, stops, strict=True)]
+
+    #: a read of at most this many ranges is served from the kept blocks if each lies
+    #: in one (larger reads are the frames' data, which coalescing reads in blocks)
+    held_ranges = 16
+
+    def _held_blocks(self, starts: np.ndarray, stops: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Serve a few ranges from the head and the blocks kept, or None if one is not held.
+
+        An open fetches the header and the IFDs that check a cached index as small
+        separate blocks with its first request. In a small file those IFDs lie
+        closer together than :attr:`coalesce_gap`, so read as one coalesced block
+        they would be fetched again: each range is looked up on its own here.
+        """
+        if not 0 < len(starts) <= self.held_ranges:
+            return None
+        with self._lock:
+            blocks = [(0, self._head)] if self._head is not None else []
+            blocks += [(a, data) for (a, _), data in self._cache.items()]
+        parts = []
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            hit = next((data[a - k : b - k] for k, data in blocks
+                        if k <= a and b <= k + len(data)), None)
+            if hit is None:
+                return None
+            parts.append(np.frombuffer(hit, dtype=np.uint8))
+        lengths = [len(p) for p in parts]
+        base = np.zeros(len(parts), dtype=np.int64)
+        base[1:] = np.cumsum(lengths)[:-1]
+        return np.concatenate(parts), base
 
     def _remember(self, key: tuple[int, int], data: bytes) -> None:
         if len(data) > self._cache_bytes:
