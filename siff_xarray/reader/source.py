@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
+import itertools
 import mmap
 import os
 import signal
@@ -1130,6 +1131,8 @@ class FsspecSource(ByteSource):
     #: a read of at most this many ranges is served from the kept blocks if each lies
     #: in one (larger reads are the frames' data, which coalescing reads in blocks)
     held_ranges = 16
+    #: how many of the newest kept blocks such a read looks in
+    held_blocks = 64
 
     def _held_blocks(self, starts: np.ndarray, stops: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -1142,9 +1145,10 @@ class FsspecSource(ByteSource):
         """
         if not 0 < len(starts) <= self.held_ranges:
             return None
-        with self._lock:
+        with self._lock:  # the newest blocks only: a walk by IFD keeps thousands
             blocks = [(0, self._head)] if self._head is not None else []
-            blocks += [(a, data) for (a, _), data in self._cache.items()]
+            blocks += [(a, data) for (a, _), data in
+                       itertools.islice(reversed(self._cache.items()), self.held_blocks)]
         parts = []
         for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
             hit = next((data[a - k : b - k] for k, data in blocks
