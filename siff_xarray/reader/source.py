@@ -619,10 +619,13 @@ class FsspecSource(ByteSource):
             #: S3 objects are read through URLs s3fs presigns (None: through s3fs)
             self._s3 = s3_settings(url, storage_options) if self.direct_http else None
             self._signed_until = 0.0  # when the presigned S3 URL is to be renewed
-            presigned = self._presigned() if self._s3 is not None else None
-            probe = self._probe(url, storage_options, version, presigned)
+            if self._s3 is not None:
+                direct = self._presigned()
+            else:
+                direct = direct_ranges(url, storage_options) if self.direct_http else None
+            probe = self._probe(direct, version)
             info = self._fs.info(self._path) if probe is None else _probed_info(
-                probe, s3=presigned is not None)
+                probe, s3=self._s3 is not None)
         except Exception as exc:
             err = remote_error(url, exc)  # a timeout may come as a FileNotFoundError
             if err is not None:
@@ -649,11 +652,7 @@ class FsspecSource(ByteSource):
             self._fs, self._pin = _pinning_filesystem(url, storage_options), etag
         #: the walk's windows and the spans fetched ahead, received straight into
         #: their buffers where the URL allows (None: through fsspec)
-        self._direct: DirectRanges | None = None
-        if self._s3 is not None:
-            self._direct = presigned
-        elif self.direct_http:
-            self._direct = direct_ranges(url, storage_options)
+        self._direct: DirectRanges | None = direct
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
@@ -678,18 +677,14 @@ class FsspecSource(ByteSource):
             self.bytes_fetched += len(probe.head) + len(probe.tail) + sum(
                 len(d) for _, d in probe.blocks)
 
-    def _probe(self, url: str, storage_options: dict[str, Any] | None,
-               version: str | None, presigned: DirectRanges | None) -> Probe | None:
+    def _probe(self, direct: DirectRanges | None, version: str | None) -> Probe | None:
         """Learn size and ETag with the head, tail and hinted ranges: one round trip.
 
-        For plain http(s) URLs read directly (:func:`.http_ranges.direct_ranges`)
-        and S3 objects read through a ``presigned`` URL; None elsewhere, and where
-        the server's answer is left to fsspec's ``info`` (whose errors name what is
-        wrong: a missing bucket or key, refused credentials). A timeout raises.
+        Through ``direct``: plain http(s) URLs (:func:`.http_ranges.direct_ranges`)
+        and S3 objects (a presigned URL). None without it, and where the server's
+        answer is left to fsspec's ``info`` (whose errors name what is wrong: a
+        missing bucket or key, refused credentials). A timeout raises.
         """
-        direct = presigned
-        if direct is None and self._s3 is None and self.direct_http:
-            direct = direct_ranges(url, storage_options)
         if direct is None:
             return None
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
