@@ -594,6 +594,52 @@ def test_streaming_sub_batches_and_many_shards(siff_files, tmp_path, monkeypatch
                                       np.sort(tp.astype(np.int64) << 32 | tt))
 
 
+def test_a_batch_decodes_while_its_check_runs_but_writes_only_after_it(siff_files,
+                                                                      tmp_path, monkeypatch):
+    """The source's check overlaps decoding (a few round trips saved per remote batch).
+
+    Photon shards stream into the store as they fill, so the first one must wait for
+    the check: a check that fails late leaves no photons of that batch stored, and a
+    decoding error of a changed source is reported as the change.
+    """
+    import threading
+
+    from siff_xarray.store import converter as conv
+
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 3000)
+    monkeypatch.setattr(conv, "PHOTON_SHARD", 1024)
+    monkeypatch.setattr(conv, "PHOTON_CHUNK", 256)
+    t = siff_files["smallest_bright"]
+    dst = tmp_path / "late.zarr"
+    decoded = threading.Event()
+    real_decode = conv.Acquisition.decode_into
+
+    def decode_into(self, *args):
+        out = real_decode(self, *args)
+        decoded.set()
+        return out
+
+    def late_refusal(sources, options, recorded, context):
+        if "batch" in context:  # the conversion's own start check passes
+            assert decoded.wait(10)  # the batch decodes while the check is pending
+            raise ConversionError(f"{context}: changed since the conversion started")
+
+    monkeypatch.setattr(conv.Acquisition, "decode_into", decode_into)
+    monkeypatch.setattr(conv, "_check_fingerprint", late_refusal)
+    with pytest.raises(ConversionError, match="changed since the conversion started"):
+        zs.convert(t.path, dst, scheduler="sync", **_small_shards(t))
+    stored = [p for p in (dst / "photons" / "arrival_time").rglob("*") if p.is_file()]
+    assert [p.name for p in stored] == ["zarr.json"]
+
+    def broken(self, *args):  # what decoding a replaced file may meet
+        raise SiffFormatError(f"{self}: IFD claims 99999 entries")
+
+    monkeypatch.setattr(conv.Acquisition, "decode_into", broken)
+    decoded.set()
+    with pytest.raises(ConversionError, match="changed since the conversion started"):
+        zs.convert(t.path, dst, scheduler="sync", overwrite=True, **_small_shards(t))
+
+
 def test_split_acquisition_becomes_one_store(tmp_path):
     from siff_xarray import SiffFile, open_acquisition
 

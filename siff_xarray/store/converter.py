@@ -261,6 +261,36 @@ def _open_for_batch(store: Any, path: str) -> Any:
     return zarr.open_array(store, path=path, mode="r+").with_config({"write_empty_chunks": True})
 
 
+def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarray,
+                  photons: np.ndarray, f0: int, arrival_dtype: np.dtype,
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray], writer: _ShardWriter,
+                  descriptions: list[np.ndarray], checked: Any) -> int:
+    """Decode a batch's frames, sub-batch by sub-batch ``bounds``; return its photons.
+
+    Images, counts and histograms land in ``out`` at ``rows``; arrival times stream
+    into ``writer`` once ``checked.result()`` (the source's check) has passed; each
+    sub-batch's raw descriptions are appended to ``descriptions``.
+    """
+    images, counts, hists = out
+    n = 0
+    for k, (s0, s1) in enumerate(bounds):
+        frames = np.arange(s0, s1, dtype=np.int64)
+        if k + SUB_BATCHES_AHEAD < len(bounds):  # read during this one and the next
+            f.prefetch(np.arange(*bounds[k + SUB_BATCHES_AHEAD], dtype=np.int64))
+        tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
+        hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
+        if hi > np.iinfo(arrival_dtype).max:
+            raise _NeedsWideArrivals
+        if k == 0:
+            checked.result()  # the writer may store a shard: not before the check passed
+        writer.append(tau)
+        n += int(tau.size)
+        # from the same bytes as the frames (remote: the span fetched ahead)
+        descriptions.append(f.description_bytes(frames)[0])
+        f.release()  # keep the memory map's pages out of the RSS between sub-batches
+    return n
+
+
 def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     """Convert batch ``b`` for run ``run_id``; returns ``(b, frames, photons)``. Runs on any worker.
 
@@ -271,8 +301,10 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     plan = Plan.from_json(plan_json)
     target = Target(plan.destination, plan.destination_options)
     context = f"{plan.destination}: batch {b}"
-    # the source is checked while the store and the source open (each a few round trips
-    # on object storage); nothing is decoded before the check passed
+    # the source is checked while the store and the source open and the first frames
+    # decode (the check is a few round trips on object storage); nothing is written
+    # before it passed, and an error while decoding is reported as the change when
+    # the source changed
     checked = _checking(plan, context)
     owner.check(target, run_id)  # a conversion that lost the store writes nothing more
     store = target.zarr()
@@ -284,7 +316,6 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     n_rows = int(np.prod(lead))
     writer = _ShardWriter(_open_for_batch(store, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype)
-    n = 0
     with _batch_source(plan, run_id) as f:
         ip = f.im_params()
         loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
@@ -314,20 +345,13 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         descriptions = []
         for first in bounds[:SUB_BATCHES_AHEAD]:
             f.prefetch(np.arange(*first, dtype=np.int64))
-        checked.result()
-        for k, (s0, s1) in enumerate(bounds):
-            frames = np.arange(s0, s1, dtype=np.int64)
-            if k + SUB_BATCHES_AHEAD < len(bounds):  # read during this one and the next
-                f.prefetch(np.arange(*bounds[k + SUB_BATCHES_AHEAD], dtype=np.int64))
-            tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
-            hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
-            if hi > np.iinfo(arrival_dtype).max:
-                raise _NeedsWideArrivals
-            writer.append(tau)
-            n += int(tau.size)
-            # from the same bytes as the frames (remote: the span fetched ahead)
-            descriptions.append(f.description_bytes(frames)[0])
-            f.release()  # keep the memory map's pages out of the RSS between sub-batches
+        try:
+            n = _decode_batch(f, bounds, rows, photons, f0, arrival_dtype,
+                              (images, counts, hists), writer, descriptions, checked)
+            checked.result()  # (a batch of no frames wrote nothing and waited for nothing)
+        except Exception:
+            checked.result()  # a source that changed is the error, not what decoding met
+            raise
     # every byte is read: check the source again while the results are written
     checked = _checking(plan, context)
     block = images[:n_rows].reshape(shape)
