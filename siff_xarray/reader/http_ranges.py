@@ -310,33 +310,41 @@ class DirectRanges:
         """
         headers = {**self.headers, **extra, "Range": range_value,
                    "Accept-Encoding": "identity"}
-        for _ in range(2):
+        resp, _ = self._send(headers)
+        try:
+            total = _content_size(resp.getheader("Content-Range", ""))
+            if resp.status != 206 or total < 0 or (resp.length or 0) > self._SMALL:
+                self._finish(resp, small=False)
+                return None
+            first, _ = _content_range(resp.getheader("Content-Range", ""))
+            body = resp.read()
+            self._finish(resp, small=True)
+            return first, total, resp.getheader("ETag"), resp.getheader("Last-Modified"), body
+        except BaseException:
+            self._drop()
+            raise
+
+    def _send(self, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, Any]:
+        """GET this object on this thread's connection; return the response and its socket.
+
+        A kept-alive connection the server closed while idle is replaced at once
+        (once: a new connection that fails is a failure); a failure drops the
+        connection and raises. The socket is returned because the connection lets
+        go of it when the server announces that it will close.
+        """
+        while True:
             conn, reused = self._connection()
             try:
                 conn.request("GET", self._target, headers=headers)
-                resp = conn.getresponse()
+                sock = conn.sock
+                return conn.getresponse(), sock
             except (ConnectionError, http.client.HTTPException):
                 self._drop()
-                if reused:
-                    continue
-                raise
+                if not reused:
+                    raise
             except BaseException:
                 self._drop()
                 raise
-            try:
-                total = _content_size(resp.getheader("Content-Range", ""))
-                if resp.status != 206 or total < 0 or (resp.length or 0) > self._SMALL:
-                    self._finish(resp, small=False)
-                    return None
-                first, _ = _content_range(resp.getheader("Content-Range", ""))
-                body = resp.read()
-                self._finish(resp, small=True)
-                return (first, total, resp.getheader("ETag"), resp.getheader("Last-Modified"),
-                        body)
-            except BaseException:
-                self._drop()
-                raise
-        return None
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         """Return this thread's kept-alive connection to the server, and whether it is reused."""
@@ -377,12 +385,8 @@ class DirectRanges:
                    "Accept-Encoding": "identity"}
         retries, attempt = _remote.RETRIES, 0
         while True:
-            reused = False
             try:
-                conn, reused = self._connection()
-                conn.request("GET", self._target, headers=headers)
-                sock = conn.sock  # the connection lets go of it if the server will close
-                resp = conn.getresponse()
+                resp, sock = self._send(headers)
                 status = resp.status
                 if status == 206 or (status == 200 and start == 0
                                      and resp.length == stop - start):
@@ -390,8 +394,6 @@ class DirectRanges:
                 self._finish(resp, small=status != 200)
             except (ConnectionError, http.client.HTTPException) as exc:
                 self._drop()
-                if reused:  # closed while idle: a fresh connection, not a new attempt
-                    continue
                 attempt += 1
                 if attempt >= retries or isinstance(exc, ConnectionRefusedError):
                     raise
