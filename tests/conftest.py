@@ -347,6 +347,8 @@ class _CountingProxy:
         self.bytes_sent = 0
         #: when each request arrived (``time.monotonic()``), before the latency
         self.arrivals: list[float] = []
+        #: response headers left out (lower case): an S3-compatible server without them
+        self.drop_headers: set[str] = set()
         self.lock = threading.Lock()
         host, port = urlsplit(target).hostname, urlsplit(target).port
         assert host == "127.0.0.1"
@@ -380,7 +382,8 @@ class _CountingProxy:
                 self.send_response(resp.status)
                 head = self.command == "HEAD"  # its Content-Length is the object's size
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection") and (
+                    if k.lower() not in ("transfer-encoding", "connection",
+                                         *proxy.drop_headers) and (
                             head or k.lower() != "content-length"):
                         self.send_header(k, v)
                 if not head:

@@ -1216,11 +1216,13 @@ def _probed_info(probe: Probe, s3: bool) -> dict[str, Any]:
     whether the open probed or asked s3fs.
     """
     info: dict[str, Any] = {"size": probe.size, "type": "file"}
-    if probe.etag:
+    if s3:  # s3fs gives both keys, empty where the server sent no such header
+        info["ETag"], info["LastModified"] = probe.etag or "", ""
+        if probe.modified:
+            with contextlib.suppress(TypeError, ValueError):
+                info["LastModified"] = email.utils.parsedate_to_datetime(probe.modified)
+    elif probe.etag:
         info["ETag"] = probe.etag
-    if s3 and probe.modified:
-        with contextlib.suppress(TypeError, ValueError):
-            info["LastModified"] = email.utils.parsedate_to_datetime(probe.modified)
     return info
 
 
