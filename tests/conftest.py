@@ -382,7 +382,8 @@ class _CountingProxy:
                 self.send_response(resp.status)
                 head = self.command == "HEAD"  # its Content-Length is the object's size
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection",
+                    # (send_response wrote Server and Date: a second one is malformed)
+                    if k.lower() not in ("transfer-encoding", "connection", "server", "date",
                                          *proxy.drop_headers) and (
                             head or k.lower() != "content-length"):
                         self.send_header(k, v)
