@@ -1463,3 +1463,86 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
         zs.convert(url, tmp_path / "f.zarr", scheduler="sync", shard_bytes=volume,
                    chunk_bytes=1, progress=fail_in_batch_3)
     assert conv._kept == {} and all(f.files[0]._source.closed for f in opened)
+
+
+def _plane_file(tmp_path):
+    """140 frames of ~100 kB in 7 planes: one plane's frames lie ~600 kB apart."""
+    return write_siff(tmp_path / "planes.siff", shape=(64, 64), n_slices=7, n_flyback=0,
+                      n_timepoints=20, photons_per_frame=12000, encoding="raw", seed=4)
+
+
+def _link_of(server):
+    from urllib.parse import urlsplit
+
+    from siff_xarray.reader import http_ranges
+
+    return http_ranges.link("http", "127.0.0.1", urlsplit(server.url).port)
+
+
+def test_one_planes_frames_are_read_through_their_gaps_only_on_a_fast_link(
+        http_server, tmp_path, monkeypatch):
+    """A request per frame of one plane costs more than the other planes' bytes
+    where the server is fast and far; where it is slow, only the frames are read."""
+    from siff_xarray.reader.source import FsspecSource
+
+    t = _plane_file(tmp_path)
+    url = f"{http_server.url}/planes.siff"
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.isel(z=3).values
+        frames = local.frame_index.isel(z=3).values.ravel()
+    with SiffFile(t.path) as f:
+        asked = int((f.index.data_stop[frames] - f.index.ifd_offset[frames]).sum())
+    link = _link_of(http_server)
+    cache = tmp_path / "cache"
+    moved = {}
+    # (latency, rate) as measured: 20 ms and 50 MB/s (a home link), 20 ms and 2 GB/s
+    for name, rate in (("slow", 50e6), ("fast", 2e9)):
+        monkeypatch.setattr(link, "_first", [0.02] * link.KEEP)  # the reads' own samples
+        monkeypatch.setattr(link, "_rate", [rate] * link.KEEP)   # do not outvote these
+        with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+            req, sent = http_server.requests, http_server.bytes_sent
+            np.testing.assert_array_equal(ds.intensity.isel(z=3).values, want)
+            moved[name] = (http_server.requests - req, http_server.bytes_sent - sent)
+    assert moved["slow"][0] >= 20 and moved["slow"][1] <= 1.1 * asked  # a GET per frame
+    assert moved["fast"][0] <= 4  # the plane's stretch of the file, in 8 MiB parts
+    assert asked * 5 < moved["fast"][1] <= asked * (1 + FsspecSource.coalesce_ratio)
+
+
+def test_the_first_read_of_many_ranges_measures_the_servers_rate(http_server, tmp_path,
+                                                                  monkeypatch):
+    from siff_xarray.reader import http_ranges
+    from siff_xarray.reader.source import FsspecSource
+
+    t = _plane_file(tmp_path)
+    url = f"{http_server.url}/planes.siff"
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.isel(z=2).values
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "cache"):
+        pass  # the walk's windows measure the rate: the index is cached now
+    monkeypatch.setattr(http_ranges, "_links", {})  # nothing measured in this process
+    monkeypatch.setattr(FsspecSource, "rate_sample_bytes", 4 * 2**20)
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "cache") as ds:
+        link = _link_of(http_server)
+        assert link.bytes_per_s is None  # the open made no read of many ranges
+        req = len(http_server.log)
+        np.testing.assert_array_equal(ds.intensity.isel(z=2).values, want)
+        assert link.bytes_per_s is not None and link.first_byte_s is not None
+        sampled = [b - a for _, a, b in http_server.log[req:] if b - a >= 2**18]
+        assert len(sampled) >= 4 and sum(sampled) >= 2**21  # the sample, in parts
+
+
+def test_a_link_measures_rates_from_large_requests_only():
+    from siff_xarray.reader.http_ranges import Link
+
+    link = Link()
+    link.received(64 * 2**20, 1.0, 8, 1)
+    assert link.bytes_per_s is None  # no latency measured yet
+    link.answered(0.1)
+    link.received(2**20, 0.2, 16, 1)  # 64 kB per request: their time is not the bytes'
+    assert link.bytes_per_s is None
+    link.received(64 * 2**20, 1.1, 8, 1)  # 1 s of moving after a 0.1 s round
+    assert link.bytes_per_s == pytest.approx(64 * 2**20 / (1.0 - 8 * Link.REQUEST_CPU_S))
+    fresh = Link()
+    fresh.answered(0.1)
+    fresh.received(8 * 2**20, 0.1, 8, 1)  # all latency: at least as fast as a quarter
+    assert fresh.bytes_per_s == pytest.approx(8 * 2**20 / 0.025)

@@ -49,7 +49,8 @@ from typing import Any, NamedTuple
 from .. import _remote
 from ..errors import RemoteAccessError
 
-__all__ = ["DirectRanges", "Probe", "S3Settings", "StepAside", "direct_ranges", "s3_settings"]
+__all__ = ["DirectRanges", "Link", "Probe", "S3Settings", "StepAside", "direct_ranges",
+           "s3_settings"]
 
 #: storage options of fsspec's HTTP filesystem that do not change what a GET sends
 _HARMLESS = frozenset({"headers", "ssl", "client_kwargs", "skip_instance_cache",
@@ -208,6 +209,83 @@ def direct_ranges(url: str, storage_options: dict[str, Any] | None) -> DirectRan
     return DirectRanges(url, dict(headers), context, float(connect), float(read))
 
 
+class Link:
+    """What requests to one server cost, as this process's requests to it measured.
+
+    ``first_byte_s`` is the time from sending a GET to its answer's headers (the
+    server's latency, the round trip and a connection's set-up when one is made);
+    ``bytes_per_s`` the rate at which a call of several ranges received its bytes
+    once they came (all its connections together). Both are running medians of
+    the last :attr:`KEEP` samples, None until measured. Shared by every
+    :class:`DirectRanges` of the server (``scheme://host:port``).
+    """
+
+    #: samples each median is taken over
+    KEEP = 32
+    #: CPU a request costs this process beyond its bytes (http.client, the pool's
+    #: hand-over): 705 ranged GETs of 118 kB each from a loopback server in another
+    #: process took 0.25-0.39 CPU s on this project's benchmark machine
+    REQUEST_CPU_S = 0.0005
+    #: receiving is taken to have lasted at least this share of a call's time: a
+    #: call that was nearly all latency tells only a lower bound of the rate
+    MIN_TRANSFER_SHARE = 0.25
+    #: and only calls of at least this many bytes per request (many small requests
+    #: take their time in the server and the client's CPU, not in moving bytes)
+    MIN_SAMPLE_BYTES = 2**19
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: list[float] = []
+        self._rate: list[float] = []
+
+    @staticmethod
+    def _median(xs: list[float]) -> float | None:
+        if not xs:
+            return None
+        ys = sorted(xs)
+        return ys[len(ys) // 2]
+
+    @property
+    def first_byte_s(self) -> float | None:
+        """Median seconds a GET waited for its answer's headers (None: not measured)."""
+        with self._lock:
+            return self._median(self._first)
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        """Median rate at which calls of several ranges received (None: not measured)."""
+        with self._lock:
+            return self._median(self._rate)
+
+    def answered(self, seconds: float) -> None:
+        """Record the time a GET waited for its answer's headers."""
+        with self._lock:
+            self._first.append(seconds)
+            del self._first[: -self.KEEP]
+
+    def received(self, nbytes: int, seconds: float, requests: int, rounds: int) -> None:
+        """Record a call that received ``nbytes`` in ``seconds`` with ``requests`` in ``rounds``."""
+        first = self.first_byte_s
+        if first is None or nbytes < self.MIN_SAMPLE_BYTES * requests:
+            return
+        moving = seconds - rounds * first - requests * self.REQUEST_CPU_S
+        # a transfer too short to measure against the latency is at least this fast
+        moving = max(moving, self.MIN_TRANSFER_SHARE * seconds)
+        with self._lock:
+            self._rate.append(nbytes / moving)
+            del self._rate[: -self.KEEP]
+
+
+_links: dict[tuple[str, str, int], Link] = {}
+_links_lock = threading.Lock()
+
+
+def link(scheme: str, host: str, port: int) -> Link:
+    """Return the process's :class:`Link` of a server."""
+    with _links_lock:
+        return _links.setdefault((scheme, host, port), Link())
+
+
 class DirectRanges:
     """Concurrent byte-range GETs of one URL into memory the caller owns.
 
@@ -243,6 +321,8 @@ class DirectRanges:
         self._context = context
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._key = (self._scheme, self._host, self._port, id(context))
+        #: what requests to this server cost (shared with its other objects)
+        self.link = link(self._scheme, self._host, self._port)
 
     def fetch_into(self, out: memoryview, starts: list[int], stops: list[int],
                    at: list[int], headers: dict[str, str] | None = None) -> list[int]:
@@ -255,6 +335,7 @@ class DirectRanges:
         extra = headers or {}
         if len(starts) == 1:
             return [self._get(out, starts[0], stops[0], at[0], extra)]
+        t0 = time.monotonic()
         jobs = [_pool().submit(self._get, out, a, b, o, extra)
                 for a, b, o in zip(starts, stops, at, strict=True)]
         wait(jobs)  # all of them, failed or not: none may write into `out` later
@@ -262,7 +343,10 @@ class DirectRanges:
             exc = job.exception()
             if exc is not None:
                 raise exc
-        return [job.result() for job in jobs]
+        got = [job.result() for job in jobs]
+        self.link.received(sum(got), time.monotonic() - t0, len(starts),
+                           -(-len(starts) // MAX_CONNECTIONS))
+        return got
 
     def probe(self, head: int, tail: int, starts: list[int], stops: list[int],
               headers: dict[str, str] | None = None) -> Probe | None:
@@ -386,7 +470,9 @@ class DirectRanges:
         retries, attempt = _remote.RETRIES, 0
         while True:
             try:
+                t0 = time.monotonic()
                 resp, sock = self._send(headers)
+                self.link.answered(time.monotonic() - t0)
                 status = resp.status
                 if status == 206 or (status == 200 and start == 0
                                      and resp.length == stop - start):

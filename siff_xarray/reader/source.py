@@ -51,6 +51,7 @@ from .._remote import (
 )
 from ..errors import RemoteAccessError, SiffFormatError
 from .http_ranges import (
+    MAX_CONNECTIONS,
     S3_STEP_ASIDE,
     DirectRanges,
     Probe,
@@ -258,16 +259,22 @@ class ByteSource:
         """Read several byte ranges (one read each by default)."""
         return [self.read(a, b - a) for a, b in zip(starts, stops, strict=True)]
 
-    def _read_ranges(self, starts: np.ndarray, stops: np.ndarray
+    def _gap_for(self, starts: np.ndarray, stops: np.ndarray) -> int:
+        """Gaps up to this many bytes between ranges (in file order) are read through."""
+        return self.coalesce_gap
+
+    def _read_ranges(self, starts: np.ndarray, stops: np.ndarray, gap: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`read_ranges` from the file itself."""
+        """:meth:`read_ranges` from the file itself (gaps up to ``gap`` read through)."""
         if len(starts) == 0:
             return np.empty(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
         # merge ranges (in file order) whose gaps are small into read blocks
         order = np.argsort(starts, kind="stable")
         s_sorted, e_sorted = starts[order], np.maximum.accumulate(stops[order])
+        if gap is None:
+            gap = self._gap_for(s_sorted, e_sorted)
         new_block = np.ones(len(order), dtype=bool)
-        new_block[1:] = s_sorted[1:] > e_sorted[:-1] + self.coalesce_gap
+        new_block[1:] = s_sorted[1:] > e_sorted[:-1] + gap
         block_of = np.cumsum(new_block) - 1
         first = np.flatnonzero(new_block)
         block_start = s_sorted[first]
@@ -595,6 +602,11 @@ class FsspecSource(ByteSource):
     #: of the benchmark file with Dask: 4,203 requests and 6.5 s with a 4 KiB gap,
     #: 37 requests and 1.0 s with this one, both channels' bytes read)
     coalesce_gap = 256 * 2**10
+    #: bytes a read may move beyond those it asked for by reading gaps through
+    #: (:meth:`_gap_for`); they are held in memory until the read is decoded
+    coalesce_budget = 256 * 2**20
+    #: ... and at most this many times the bytes it asked for
+    coalesce_ratio = 8
     #: read the large ranges of plain http(s) URLs and S3 objects with
     #: :mod:`.http_ranges` (False: always through fsspec, as benchmarks compare)
     direct_http = True
@@ -777,9 +789,84 @@ class FsspecSource(ByteSource):
         return DirectRanges(signed, {}, settings.context, settings.connect, settings.read,
                             name=self.name, step_aside=S3_STEP_ASIDE)
 
-    def _direct_blocks(self, starts: list[int], stops: list[int]) -> list[memoryview] | None:
+    def _sampling(self, starts: np.ndarray, stops: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Read ranges measuring the server's rate first, or None where that is not needed.
+
+        Needed where the rate is not known yet and the read asks for at least
+        :attr:`rate_sample_asked` bytes in at least :attr:`rate_sample_ranges`
+        requests: the ranges in the first :attr:`rate_sample_bytes` of the read
+        are then read as one block, in 16 parts at once (the rate of many
+        connections, as a read through gaps has), which measures the rate, and the
+        rest as :meth:`_gap_for` then says. Once per server and process, at the
+        cost of up to that many bytes more.
+        """
+        direct = self._direct
+        if direct is None or direct.link.bytes_per_s is not None:
+            return None
+        if int(np.maximum(stops - starts, 0).sum()) < self.rate_sample_asked:
+            return None  # a small read (IFDs...): the sample would cost more than it saves
+        lo = int(starts.min())
+        order = np.argsort(starts)
+        gaps = starts[order][1:] - np.maximum.accumulate(stops[order])[:-1]
+        if int((gaps > self.coalesce_gap).sum()) < self.rate_sample_ranges:
+            return None  # few requests: little to save
+        first = stops <= lo + self.rate_sample_bytes
+        if first.all() or not first.any():
+            return None
+        hi = int(stops[first].max())
+        region = self._direct_blocks([lo], [hi], part=max(-(-(hi - lo) // 16), 2**20))
+        if region is None:
+            return None
+        buf1 = np.frombuffer(region[0], dtype=np.uint8)
+        if len(buf1) != hi - lo:
+            raise SiffFormatError(self.name, f"file ends inside a {hi - lo}-byte data block",
+                                  lo)
+        base1 = starts[first] - lo
+        buf2, base2 = super()._read_ranges(starts[~first], stops[~first])
+        base = np.empty(len(starts), dtype=np.int64)
+        base[first], base[~first] = base1, base2 + len(buf1)
+        return np.concatenate([buf1, buf2]), base
+
+    def _gap_for(self, starts: np.ndarray, stops: np.ndarray) -> int:
+        """Read gaps through where that is faster than another request (direct reads).
+
+        A request more costs its share of a round trip (:data:`MAX_CONNECTIONS`
+        are in flight at once) and its CPU (``Link.REQUEST_CPU_S``); reading a gap through
+        costs its bytes at the rate the server delivers. Both are measured on this
+        process's requests to the server (:class:`~.http_ranges.Link`): until they
+        are, and where reading through is no faster, :attr:`coalesce_gap` holds.
+        The gaps read through beyond that (smallest first) add at most
+        :attr:`coalesce_ratio` times the bytes asked for, and at most
+        :attr:`coalesce_budget` bytes, to the read. Frames of one plane of seven
+        at 20 ms on the loopback server: one request per frame before, a few
+        dozen now (docs/performance.md).
+        """
+        gap = self.coalesce_gap
+        direct = self._direct
+        if direct is None or len(starts) < 2:
+            return gap
+        first, rate = direct.link.first_byte_s, direct.link.bytes_per_s
+        if first is None or rate is None:
+            return gap
+        even = int(rate * (first / MAX_CONNECTIONS + direct.link.REQUEST_CPU_S))
+        if even <= gap:
+            return gap
+        gaps = starts[1:] - stops[:-1]
+        gaps = np.sort(gaps[(gaps > gap) & (gaps <= even)])
+        asked = int(np.maximum(stops - starts, 0).sum())
+        budget = min(self.coalesce_ratio * asked, self.coalesce_budget)
+        fit = int(np.searchsorted(np.cumsum(gaps), budget, side="right"))
+        if fit < len(gaps):  # gaps as long as the first left out are left out too
+            fit = int(np.searchsorted(gaps, gaps[fit], side="left"))
+        return int(gaps[fit - 1]) if fit else gap
+
+    def _direct_blocks(self, starts: list[int], stops: list[int], part: int | None = None
+                       ) -> list[memoryview] | None:
         """Return ranges received without fsspec into one new buffer, or None.
 
+        Ranges longer than ``part`` (default :attr:`span_window`; gaps read
+        through) are requested in parts of that size, all at once, as spans are.
         None where the source reads through fsspec (see :meth:`_fetch_direct`).
         """
         if self._direct is None:
@@ -787,10 +874,18 @@ class FsspecSource(ByteSource):
         lengths = [b - a for a, b in zip(starts, stops, strict=True)]
         at = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
         mem = memoryview(_fresh(sum(lengths)))
-        got = self._fetch_direct(mem, starts, stops, at)
+        step = part or self.span_window
+        parts = [(x, min(x + step, b), o + x - a, i)
+                 for i, (a, b, o) in enumerate(zip(starts, stops, at, strict=True))
+                 for x in range(a, max(b, a + 1), step)]
+        got = self._fetch_direct(mem, [p[0] for p in parts], [p[1] for p in parts],
+                                 [p[2] for p in parts])
         if got is None:
             return None
-        return [mem[o : o + n] for o, n in zip(at, got, strict=True)]
+        n = [0] * len(starts)
+        for (_, _, _, i), g in zip(parts, got, strict=True):
+            n[i] += g
+        return [mem[o : o + k] for o, k in zip(at, n, strict=True)]
 
     def _exact(self, data: Any, start: int, stop: int) -> bytes:
         """Check that a range request returned that range (some servers ignore Range)."""
@@ -1025,11 +1120,19 @@ class FsspecSource(ByteSource):
             self.expected_read += 1
         return taken[0], taken[1], True
 
-    def _read_ranges(self, starts: np.ndarray, stops: np.ndarray
+    #: bytes read through at the start of a read of many ranges to measure the
+    #: server's rate, when no read has measured it yet (see :meth:`_gap_for`)
+    rate_sample_bytes = 16 * 2**20
+    #: ... in a read of at least this many bytes in this many requests
+    rate_sample_asked = 2**20
+    rate_sample_ranges = 8
+
+    def _read_ranges(self, starts: np.ndarray, stops: np.ndarray, gap: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
         held = self._span_holding(starts, stops)
         if held is None:
-            return self._held_blocks(starts, stops) or super()._read_ranges(starts, stops)
+            return (self._held_blocks(starts, stops) or self._sampling(starts, stops)
+                    or super()._read_ranges(starts, stops, gap))
         a, job, predicted = held
         try:
             span = job.result()
