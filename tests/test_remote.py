@@ -1546,3 +1546,30 @@ def test_a_link_measures_rates_from_large_requests_only():
     fresh.answered(0.1)
     fresh.received(8 * 2**20, 0.1, 8, 1)  # all latency: at least as fast as a quarter
     assert fresh.bytes_per_s == pytest.approx(8 * 2**20 / 0.025)
+
+
+def test_one_planes_dask_chunks_are_predicted_only_where_reading_through_pays(
+        http_server, tmp_path, monkeypatch):
+    """A chunk of one plane spans the other planes' frames too: fetching it ahead
+    reads them through, which a fast link makes worth it and a slow one does not."""
+    t = _plane_file(tmp_path)
+    url = f"{http_server.url}/planes.siff"
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.isel(z=5).mean(("y", "x")).values
+    link = _link_of(http_server)
+    per_frame = 64 * 64 * 2
+    opts = dict(engine="siff", index_cache=tmp_path / "c", chunk_bytes=7 * 2 * per_frame)
+    fetched = {}
+    for name, rate in (("slow", 50e6), ("fast", 2e9)):
+        monkeypatch.setattr(link, "_first", [0.02] * link.KEEP)
+        monkeypatch.setattr(link, "_rate", [rate] * link.KEEP)
+        forget()
+        with xr.open_dataset(url, chunks={}, **opts) as ds:
+            assert ds.intensity.data.npartitions == 10  # two volumes each
+            got = ds.intensity.isel(z=5).mean(("y", "x")).compute(scheduler="threads",
+                                                                   num_workers=1)
+            np.testing.assert_array_equal(got.values, want)
+            src = _open_file(url)._source
+            fetched[name] = (src.expected_fetched, src.expected_read)
+    assert fetched["slow"] == (0, 0)
+    assert fetched["fast"][1] >= 5 and fetched["fast"][0] - fetched["fast"][1] <= 4

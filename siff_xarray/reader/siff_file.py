@@ -334,11 +334,13 @@ class SiffFile(PhotonReductions):
         if span is not None:
             self._source.will_need(*span)
 
-    def _span_of(self, f: np.ndarray) -> tuple[int, int] | None:
+    def _span_of(self, f: np.ndarray, through: bool = False) -> tuple[int, int] | None:
         """Return the bytes of frames ``f`` (IFDs, descriptions, data) as one span, or None.
 
         None where ``f`` is empty, the file is closed, or the frames lie so far
-        apart that the span would be more than twice their bytes.
+        apart that the span would be more than twice their bytes, unless
+        ``through`` and the source finds reading the gaps through worth it
+        (:meth:`~.source.ByteSource.reads_through`: a remote file on a fast link).
         """
         if f.size == 0 or self._source.closed:
             return None
@@ -348,8 +350,14 @@ class SiffFile(PhotonReductions):
         if has_desc.any():
             start = min(start, int(idx.desc_offset[f][has_desc].min()))
         stop = int(max(idx.data_stop[f].max(), (idx.desc_offset[f] + idx.desc_length[f]).max()))
-        if stop - start <= 2 * int((idx.data_stop[f] - idx.ifd_offset[f]).sum()):
+        asked = int((idx.data_stop[f] - idx.ifd_offset[f]).sum())
+        if stop - start <= 2 * asked:
             return start, stop
+        if through:
+            fs = np.sort(f)
+            widest = int((idx.ifd_offset[fs[1:]] - idx.data_stop[fs[:-1]]).max(initial=0))
+            if self._source.reads_through(widest, stop - start, asked):
+                return start, stop
         return None
 
     #: reads a fetched file predicts ahead of a read in one part whose stride is
@@ -369,7 +377,7 @@ class SiffFile(PhotonReductions):
         if self._predictor is None:
             self._predictor = StridePredictor(self.predicted_reads)
         for g in self._predictor.after(f, self.num_frames):
-            span = self._span_of(g)
+            span = self._span_of(g, through=True)
             if span is not None:
                 self._source.expect(*span)
 

@@ -263,6 +263,15 @@ class ByteSource:
         """Gaps up to this many bytes between ranges (in file order) are read through."""
         return self.coalesce_gap
 
+    def reads_through(self, widest_gap: int, span: int, asked: int) -> bool:
+        """Whether one read of ``span`` bytes beats a read of the ``asked`` bytes in it.
+
+        ``widest_gap`` is the longest stretch between the ranges asked for. True for
+        a remote file where every gap costs less than a request (see
+        :meth:`FsspecSource._gap_for`); False here.
+        """
+        return False
+
     def _read_ranges(self, starts: np.ndarray, stops: np.ndarray, gap: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`read_ranges` from the file itself (gaps up to ``gap`` read through)."""
@@ -796,10 +805,10 @@ class FsspecSource(ByteSource):
         Needed where the rate is not known yet and the read asks for at least
         :attr:`rate_sample_asked` bytes in at least :attr:`rate_sample_ranges`
         requests: the ranges in the first :attr:`rate_sample_bytes` of the read
-        are then read as one block, in 16 parts at once (the rate of many
-        connections, as a read through gaps has), which measures the rate, and the
-        rest as :meth:`_gap_for` then says. Once per server and process, at the
-        cost of up to that many bytes more.
+        are then read as one block, in 8 parts at once (the rate of several
+        connections, as a read through gaps has and as the walk's windows measure
+        it), and the rest as :meth:`_gap_for` then says. Once per server and
+        process, at the cost of up to that many bytes more.
         """
         direct = self._direct
         if direct is None or direct.link.bytes_per_s is not None:
@@ -812,10 +821,10 @@ class FsspecSource(ByteSource):
         if int((gaps > self.coalesce_gap).sum()) < self.rate_sample_ranges:
             return None  # few requests: little to save
         first = stops <= lo + self.rate_sample_bytes
-        if first.all() or not first.any():
+        if not first.any():
             return None
         hi = int(stops[first].max())
-        region = self._direct_blocks([lo], [hi], part=max(-(-(hi - lo) // 16), 2**20))
+        region = self._direct_blocks([lo], [hi], part=max(-(-(hi - lo) // 8), 2**20))
         if region is None:
             return None
         buf1 = np.frombuffer(region[0], dtype=np.uint8)
@@ -823,6 +832,8 @@ class FsspecSource(ByteSource):
             raise SiffFormatError(self.name, f"file ends inside a {hi - lo}-byte data block",
                                   lo)
         base1 = starts[first] - lo
+        if first.all():
+            return buf1, base1
         buf2, base2 = super()._read_ranges(starts[~first], stops[~first])
         base = np.empty(len(starts), dtype=np.int64)
         base[first], base[~first] = base1, base2 + len(buf1)
@@ -843,14 +854,8 @@ class FsspecSource(ByteSource):
         dozen now (docs/performance.md).
         """
         gap = self.coalesce_gap
-        direct = self._direct
-        if direct is None or len(starts) < 2:
-            return gap
-        first, rate = direct.link.first_byte_s, direct.link.bytes_per_s
-        if first is None or rate is None:
-            return gap
-        even = int(rate * (first / MAX_CONNECTIONS + direct.link.REQUEST_CPU_S))
-        if even <= gap:
+        even = self._even_gap()
+        if len(starts) < 2 or even <= gap:
             return gap
         gaps = starts[1:] - stops[:-1]
         gaps = np.sort(gaps[(gaps > gap) & (gaps <= even)])
@@ -860,6 +865,26 @@ class FsspecSource(ByteSource):
         if fit < len(gaps):  # gaps as long as the first left out are left out too
             fit = int(np.searchsorted(gaps, gaps[fit], side="left"))
         return int(gaps[fit - 1]) if fit else gap
+
+    def _even_gap(self) -> int:
+        """Return the gap whose bytes cost as much as a request (0: unmeasured, or fsspec)."""
+        direct = self._direct
+        if direct is None:
+            return 0
+        first, rate = direct.link.first_byte_s, direct.link.bytes_per_s
+        if first is None or rate is None:
+            return 0
+        return int(rate * (first / MAX_CONNECTIONS + direct.link.REQUEST_CPU_S))
+
+    def reads_through(self, widest_gap: int, span: int, asked: int) -> bool:
+        """Whether one read of ``span`` bytes beats a read of the ``asked`` bytes in it.
+
+        True where every gap (at most ``widest_gap``) costs less than a request,
+        and the span adds no more than :meth:`_gap_for` allows a read.
+        """
+        extra = span - asked
+        return (widest_gap <= self._even_gap()
+                and extra <= min(self.coalesce_ratio * asked, self.coalesce_budget))
 
     def _direct_blocks(self, starts: list[int], stops: list[int], part: int | None = None
                        ) -> list[memoryview] | None:
@@ -1122,7 +1147,7 @@ class FsspecSource(ByteSource):
 
     #: bytes read through at the start of a read of many ranges to measure the
     #: server's rate, when no read has measured it yet (see :meth:`_gap_for`)
-    rate_sample_bytes = 16 * 2**20
+    rate_sample_bytes = 32 * 2**20
     #: ... in a read of at least this many bytes in this many requests
     rate_sample_asked = 2**20
     rate_sample_ranges = 8
