@@ -222,7 +222,7 @@ def main() -> None:
                 for chunks, name in ((None, "one plane (eager)"), ({}, "one plane (Dask)")):
                     res = measure(server, lambda c=chunks: traces(url, c, 0),  # noqa: B023
                                   REPEAT)
-                    rows.append((name, res, ref[name], "local", 3, None))
+                    rows.append((name, res, ref[name], "local", None, None))
                 Path(local + ".siffidx").unlink(missing_ok=True)
                 res = measure(server, lambda: convert(url, "remote.zarr"))  # noqa: B023
                 rows.append(("convert", res, ref["convert"], "local", 3, floor_convert))
