@@ -1506,6 +1506,16 @@ def test_one_planes_frames_are_read_through_their_gaps_only_on_a_fast_link(
     assert moved["slow"][0] >= 20 and moved["slow"][1] <= 1.1 * asked  # a GET per frame
     assert moved["fast"][0] <= 4  # the plane's stretch of the file, in 8 MiB parts
     assert asked * 5 < moved["fast"][1] <= asked * (1 + FsspecSource.coalesce_ratio)
+    # a long read streams in parts of that many bytes of the file, not of the frames
+    # (each part's gaps are held with it), fetched ahead as parts of all frames are
+    spans = []
+    real = FsspecSource.will_need
+    monkeypatch.setattr(FsspecSource, "will_need",
+                        lambda self, a, b: (spans.append(b - a), real(self, a, b)))
+    monkeypatch.setattr(SiffFile, "stream_part_bytes", 2**20)
+    with xr.open_dataset(url, engine="siff", index_cache=cache) as ds:
+        np.testing.assert_array_equal(ds.intensity.isel(z=3).values, want)
+    assert len(spans) >= 8 and max(spans) <= 2 * 2**20 + 2**18, spans
 
 
 def test_the_first_read_of_many_ranges_measures_the_servers_rate(http_server, tmp_path,

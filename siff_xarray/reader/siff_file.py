@@ -334,13 +334,14 @@ class SiffFile(PhotonReductions):
         if span is not None:
             self._source.will_need(*span)
 
-    def _span_of(self, f: np.ndarray, through: bool = False) -> tuple[int, int] | None:
+    def _span_of(self, f: np.ndarray, through: int = 0) -> tuple[int, int] | None:
         """Return the bytes of frames ``f`` (IFDs, descriptions, data) as one span, or None.
 
         None where ``f`` is empty, the file is closed, or the frames lie so far
-        apart that the span would be more than twice their bytes, unless
-        ``through`` and the source finds reading the gaps through worth it
-        (:meth:`~.source.ByteSource.reads_through`: a remote file on a fast link).
+        apart that the span would be more than twice their bytes, unless the span
+        is at most ``through`` bytes and the source reads such gaps through
+        (:meth:`~.source.ByteSource.reads_gaps`: a remote file on a fast link)
+        within what it allows a read to add (``through_budget``).
         """
         if f.size == 0 or self._source.closed:
             return None
@@ -353,12 +354,16 @@ class SiffFile(PhotonReductions):
         asked = int((idx.data_stop[f] - idx.ifd_offset[f]).sum())
         if stop - start <= 2 * asked:
             return start, stop
-        if through:
-            fs = np.sort(f)
-            widest = int((idx.ifd_offset[fs[1:]] - idx.data_stop[fs[:-1]]).max(initial=0))
-            if self._source.reads_through(widest, stop - start, asked):
-                return start, stop
+        if (stop - start <= through and self._source.reads_gaps(self._widest_gap(f))
+                and stop - start - asked <= self._source.through_budget(asked)):
+            return start, stop
         return None
+
+    def _widest_gap(self, f: np.ndarray) -> int:
+        """Return the longest stretch of the file between frames ``f`` (in file order)."""
+        fs = np.sort(f)
+        idx = self.index
+        return int((idx.ifd_offset[fs[1:]] - idx.data_stop[fs[:-1]]).max(initial=0))
 
     #: reads a fetched file predicts ahead of a read in one part whose stride is
     #: known (:class:`.readahead.StridePredictor`): the Dask chunks that follow
@@ -377,7 +382,7 @@ class SiffFile(PhotonReductions):
         if self._predictor is None:
             self._predictor = StridePredictor(self.predicted_reads)
         for g in self._predictor.after(f, self.num_frames):
-            span = self._span_of(g, through=True)
+            span = self._span_of(g, through=self._source.size)  # (expect bounds it)
             if span is not None:
                 self._source.expect(*span)
 
@@ -389,13 +394,22 @@ class SiffFile(PhotonReductions):
             return [slice(0, len(f))]  # the kernels read the map in place
         idx = self.index
         ends = np.cumsum(idx.data_stop[f] - idx.ifd_offset[f])
+        if (np.all(f[1:] > f[:-1]) and self._span_of(f) is None
+                and self._source.reads_gaps(self._widest_gap(f))):
+            # frames apart whose gaps are read through: parts of that many bytes of the
+            # file, not of the frames (a part holds its gaps as well)
+            ends = idx.data_stop[f] - idx.ifd_offset[f[0]]
         cuts = np.searchsorted(ends, np.arange(1, int(ends[-1]) // self.stream_part_bytes + 1)
                                * self.stream_part_bytes, side="right")
         edges = np.unique(np.concatenate([[0], cuts, [len(f)]]).clip(0, len(f)))
         return [slice(a, b) for a, b in itertools.pairwise(edges.tolist())]
 
     def _read_ahead(self, f: np.ndarray) -> None:
-        self.prefetch(f)
+        # a part's span: its frames' bytes, or about that many of the file where its
+        # gaps are read through (see _streamed)
+        span = self._span_of(np.asarray(f, dtype=np.int64), through=2 * self.stream_part_bytes)
+        if span is not None:
+            self._source.will_need(*span)
 
     @contextlib.contextmanager
     def _reading(self, args: tuple) -> Iterator[tuple]:
