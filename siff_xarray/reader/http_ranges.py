@@ -220,7 +220,7 @@ class Link:
     :class:`DirectRanges` of the server (``scheme://host:port``).
     """
 
-    #: samples each median is taken over
+    #: samples each estimate is taken from
     KEEP = 32
     #: CPU a request costs this process beyond its bytes (http.client, the pool's
     #: hand-over): 705 ranged GETs of 118 kB each from a loopback server in another
