@@ -262,6 +262,12 @@ class Link:
         with self._lock:
             return self._quantile(self._rate, 0.75)
 
+    @property
+    def rate_samples(self) -> int:
+        """How many calls the rate was measured on (the last :attr:`KEEP`)."""
+        with self._lock:
+            return len(self._rate)
+
     def answered(self, seconds: float) -> None:
         """Record the time a GET waited for its answer's headers."""
         with self._lock:

@@ -812,16 +812,20 @@ class FsspecSource(ByteSource):
                   ) -> tuple[np.ndarray, np.ndarray] | None:
         """Read ranges measuring the server's rate first, or None where that is not needed.
 
-        Needed where the rate is not known yet and the read asks for at least
+        Needed where the rate is measured on fewer than :attr:`rate_samples` calls
+        (one sample taken while other reads share the connections can be far too
+        low, and reads of one frame per request measure nothing to correct it) and
+        the read asks for at least
         :attr:`rate_sample_asked` bytes in at least :attr:`rate_sample_ranges`
         requests: the ranges in the first :attr:`rate_sample_bytes` of the read
         are then read as one block, in 8 parts at once (the rate of several
         connections, as a read through gaps has and as the walk's windows measure
-        it), and the rest as :meth:`_gap_for` then says. Once per server and
-        process, at the cost of up to that many bytes more.
+        it), and the rest as :meth:`_gap_for` then says. A few times per server
+        and process, at the cost of up to that many bytes more each.
         """
         direct = self._direct
-        if direct is None or direct.link.bytes_per_s is not None:
+        if (direct is None or direct.link.rate_samples >= self.rate_samples
+                or self.coalesce_ratio <= 0):
             return None
         if int(np.maximum(stops - starts, 0).sum()) < self.rate_sample_asked:
             return None  # a small read (IFDs...): the sample would cost more than it saves
@@ -878,7 +882,7 @@ class FsspecSource(ByteSource):
     def _even_gap(self) -> int:
         """Return the gap whose bytes cost as much as a request (0: unmeasured, or fsspec)."""
         direct = self._direct
-        if direct is None:
+        if direct is None or self.coalesce_ratio <= 0:  # (0: read only what is asked)
             return 0
         first, rate = direct.link.first_byte_s, direct.link.bytes_per_s
         if first is None or rate is None:
@@ -1158,6 +1162,8 @@ class FsspecSource(ByteSource):
     #: ... in a read of at least this many bytes in this many requests
     rate_sample_asked = 2**20
     rate_sample_ranges = 8
+    #: ... until this many calls measured the rate
+    rate_samples = 3
 
     def _read_ranges(self, starts: np.ndarray, stops: np.ndarray, gap: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
