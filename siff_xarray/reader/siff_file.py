@@ -330,7 +330,11 @@ class SiffFile(PhotonReductions):
         decoding calls it; the converter also calls it for the next frames while
         it decodes the current ones.
         """
-        span = self._span_of(np.asarray(frames, dtype=np.int64))
+        self._will_need(np.asarray(frames, dtype=np.int64))
+
+    def _will_need(self, f: np.ndarray, through: int = 0) -> None:
+        """Hand the span of frames ``f`` to the source to fetch ahead (see :meth:`_span_of`)."""
+        span = self._span_of(f, through)
         if span is not None:
             self._source.will_need(*span)
 
@@ -407,9 +411,7 @@ class SiffFile(PhotonReductions):
     def _read_ahead(self, f: np.ndarray) -> None:
         # a part's span: its frames' bytes, or about that many of the file where its
         # gaps are read through (see _streamed)
-        span = self._span_of(np.asarray(f, dtype=np.int64), through=2 * self.stream_part_bytes)
-        if span is not None:
-            self._source.will_need(*span)
+        self._will_need(np.asarray(f, dtype=np.int64), through=2 * self.stream_part_bytes)
 
     @contextlib.contextmanager
     def _reading(self, args: tuple) -> Iterator[tuple]:

@@ -259,6 +259,16 @@ class ByteSource:
         """Read several byte ranges (one read each by default)."""
         return [self.read(a, b - a) for a, b in zip(starts, stops, strict=True)]
 
+    def _block(self, chunk: Any, start: int, stop: int) -> np.ndarray:
+        """Return the bytes read for block ``start:stop`` as an array over them.
+
+        Raises SiffFormatError where fewer came: the file ends inside the block.
+        """
+        if len(chunk) != stop - start:
+            raise SiffFormatError(self.name, f"file ends inside a {stop - start}-byte data "
+                                  "block", start)
+        return np.frombuffer(chunk, dtype=np.uint8)
+
     def _gap_for(self, starts: np.ndarray, stops: np.ndarray) -> int:
         """Gaps up to this many bytes between ranges (in file order) are read through."""
         return self.coalesce_gap
@@ -294,20 +304,15 @@ class ByteSource:
         block_base = np.zeros(len(first), dtype=np.int64)
         block_base[1:] = np.cumsum(block_stop - block_start)[:-1]
         chunks = self._read_blocks(block_start.tolist(), block_stop.tolist())
-        whole = int(block_stop[0] - block_start[0])
         if (len(chunks) == 1 and isinstance(chunks[0], memoryview)
-                and not chunks[0].readonly and len(chunks[0]) == whole):
+                and not chunks[0].readonly):
             # one block received into new memory (gaps read through): no copy of it
-            buf = np.frombuffer(chunks[0], dtype=np.uint8)
-            chunks = []
+            buf = self._block(chunks[0], int(block_start[0]), int(block_stop[0]))
         else:
             buf = np.empty(int((block_stop - block_start).sum()), dtype=np.uint8)
-        for b0, b1, at, chunk in zip(block_start.tolist(), block_stop.tolist(),
-                                     block_base.tolist(), chunks, strict=False):
-            if len(chunk) != b1 - b0:
-                raise SiffFormatError(self.name, f"file ends inside a {b1 - b0}-byte data "
-                                      "block", b0)
-            buf[at : at + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            for b0, b1, at, chunk in zip(block_start.tolist(), block_stop.tolist(),
+                                         block_base.tolist(), chunks, strict=True):
+                buf[at : at + b1 - b0] = self._block(chunk, b0, b1)
         base = np.empty(len(starts), dtype=np.int64)
         base[order] = block_base[block_of] + (s_sorted - block_start[block_of])
         return buf, base
@@ -815,9 +820,9 @@ class FsspecSource(ByteSource):
         Needed where the rate is measured on fewer than :attr:`rate_samples` calls
         (one sample taken while other reads share the connections can be far too
         low, and reads of one frame per request measure nothing to correct it) and
-        the read asks for at least
-        :attr:`rate_sample_asked` bytes in at least :attr:`rate_sample_ranges`
-        requests: the ranges in the first :attr:`rate_sample_bytes` of the read
+        the read asks for at least :attr:`rate_sample_asked` bytes in at least
+        :attr:`rate_sample_ranges` requests: the ranges in the first
+        :attr:`rate_sample_bytes` of the read
         are then read as one block, in 8 parts at once (the rate of several
         connections, as a read through gaps has and as the walk's windows measure
         it), and the rest as :meth:`_gap_for` then says. A few times per server
@@ -841,10 +846,7 @@ class FsspecSource(ByteSource):
         region = self._direct_blocks([lo], [hi], part=max(-(-(hi - lo) // 8), 2**20))
         if region is None:
             return None
-        buf1 = np.frombuffer(region[0], dtype=np.uint8)
-        if len(buf1) != hi - lo:
-            raise SiffFormatError(self.name, f"file ends inside a {hi - lo}-byte data block",
-                                  lo)
+        buf1 = self._block(region[0], lo, hi)
         base1 = starts[first] - lo
         if first.all():
             return buf1, base1
