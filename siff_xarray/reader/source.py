@@ -290,6 +290,12 @@ class ByteSource:
         """:meth:`read_ranges` from the file itself (gaps up to ``gap`` read through)."""
         if len(starts) == 0:
             return np.empty(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+        empty = stops <= starts
+        if empty.any():  # they need no bytes: never read the stretch between them
+            buf, some = self._read_ranges(starts[~empty], stops[~empty], gap)
+            base = np.zeros(len(starts), dtype=np.int64)
+            base[~empty] = some
+            return buf, base
         # merge ranges (in file order) whose gaps are small into read blocks
         order = np.argsort(starts, kind="stable")
         s_sorted, e_sorted = starts[order], np.maximum.accumulate(stops[order])
