@@ -148,6 +148,9 @@ class _RangeServer:
         self.ignore_ranges = False
         #: seconds added before answering each request (object-store first-byte latency)
         self.latency = 0.0
+        #: bytes per second each connection sends at most (0: as fast as it can); object
+        #: stores serve one connection at tens of MB/s and many connections in parallel
+        self.rate = 0.0
         #: answer HTTP/1.1 and keep connections open between requests (as S3 does)
         self.keep_alive = False
         #: with keep_alive: close a connection, unannounced, after this many requests
@@ -273,10 +276,14 @@ class _RangeServer:
                         self.wfile.write(fh.read(n))
                     else:  # the kernel copies file to socket: little CPU, no GIL
                         self.wfile.flush()
-                        sent = 0
+                        sent, t0 = 0, time.monotonic()
+                        step = n if not server.rate else max(int(server.rate / 100), 1)
                         while sent < n:
                             sent += os.sendfile(self.connection.fileno(), fh.fileno(),
-                                                start + sent, n - sent)
+                                                start + sent, min(n - sent, step))
+                            if server.rate:  # paced: never ahead of rate x time
+                                time.sleep(max(t0 + sent / server.rate - time.monotonic(),
+                                               0.0))
 
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256  # clients open many connections at once, as S3 allows

@@ -1202,7 +1202,7 @@ def _forget_open_files() -> None:
 def _kept_sources() -> int:
     from siff_xarray.store import converter
 
-    return len(converter._kept)
+    return len(converter._runs)
 
 
 def test_errors_blame_the_server_or_the_url_not_the_file(http_server, s3_server, tmp_path):
@@ -1444,12 +1444,12 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
     summary = zs.convert(url, tmp_path / "k.zarr", scheduler="sync", shard_bytes=volume,
                          chunk_bytes=1)
     assert summary.batches >= 8 and len(opened) == 1
-    assert conv._kept == {} and all(f.files[0]._source.closed for f in opened)
+    assert conv._runs == {} and all(f.files[0]._source.closed for f in opened)
     assert zs.verify(t.path, tmp_path / "k.zarr") == []
     opened.clear()
     zs.convert(url, tmp_path / "t.zarr", scheduler="threads", num_workers=2,
                shard_bytes=volume, chunk_bytes=1)
-    assert 1 <= len(opened) <= 2 and conv._kept == {}
+    assert 1 <= len(opened) <= 2 and conv._runs == {}
     assert all(f.files[0]._source.closed for f in opened)
 
     def fail_in_batch_3(p):  # a batch that fails closes its source at once
@@ -1462,7 +1462,70 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
     with pytest.raises(ConversionError, match="changed since"):
         zs.convert(url, tmp_path / "f.zarr", scheduler="sync", shard_bytes=volume,
                    chunk_bytes=1, progress=fail_in_batch_3)
-    assert conv._kept == {} and all(f.files[0]._source.closed for f in opened)
+    assert conv._runs == {} and all(f.files[0]._source.closed for f in opened)
+    # two threads: the one still converting when the other failed closes its source
+    # when its batch ends (the run is gone), and no source is left holding bytes
+    t = write_siff(tmp_path / "k.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=300, seed=3)
+    opened.clear()
+    with pytest.raises(ConversionError, match="changed since"):
+        zs.convert(url, tmp_path / "g.zarr", scheduler="threads", num_workers=2,
+                   shard_bytes=volume, chunk_bytes=1, progress=fail_in_batch_3)
+    deadline = time.monotonic() + 10
+    while not all(f.files[0]._source.closed for f in opened) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert conv._runs == {} and opened and all(f.files[0]._source.closed for f in opened)
+
+
+def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp_path,
+                                                                 monkeypatch):
+    """Under a threaded scheduler the batches run in order, and a batch that has read
+    its bytes starts fetching the next batch's first bytes before it writes its
+    results: no batch but the first waits a round trip for its first frames."""
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "n.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=12, photons_per_frame=20000, seed=5)
+    url = f"{http_server.url}/n.siff"
+    with SiffFile(t.path) as f:
+        offsets = f.index.data_stop - 1  # the last byte of each frame
+    size, ends = os.path.getsize(t.path), conv._FINGERPRINT_BYTES
+    checks = {(0, ends), (size - ends, size)}  # each batch's source checks read the ends
+    started, mark = {}, {}
+    real = conv._write_batch
+
+    def recording(plan_json, b, run_id):
+        f0 = conv.Plan.from_json(plan_json).batch_frames[b][0]
+        mark.setdefault("first", len(http_server.log))  # the open read the whole file
+        asked = [(a, z) for p, a, z in http_server.log[mark["first"]:]
+                 if p.endswith("n.siff") and (a, z) not in checks]
+        started[b] = any(a <= offsets[f0] < z for a, z in asked)  # its first frame
+        return real(plan_json, b, run_id)
+
+    monkeypatch.setattr(conv, "_write_batch", recording)
+    volume = 2 * 3 * 32 * 32 * 2
+    moved, threaded = {}, conv._THREADED
+    for scheduler, workers, ordered in (("sync", None, False), ("sync", None, True),
+                                        ("threads", 2, True)):
+        monkeypatch.setattr(conv, "_THREADED", threaded if ordered else ())
+        started.clear()
+        mark.clear()
+        dst = tmp_path / f"{scheduler}{ordered}.zarr"
+        sent = http_server.bytes_sent
+        summary = zs.convert(url, dst, scheduler=scheduler, num_workers=workers,
+                             shard_bytes=volume, chunk_bytes=1)
+        moved[scheduler, ordered] = http_server.bytes_sent - sent
+        assert summary.batches >= 10 and sorted(started) == list(range(summary.batches))
+        assert zs.verify(t.path, dst) == [] and conv._runs == {}
+        ahead = [b for b, was in started.items() if was]
+        if not ordered:  # batches in dask's order: most ask for their frames once started
+            assert len(ahead) < summary.batches - 1, started  # (some, a neighbour's
+            continue                                          # read-ahead before)
+        # every batch but those the first threads started had its first frame asked for
+        assert len(ahead) >= summary.batches - (workers or 1), (scheduler, started)
+        # and no more bytes move than when each batch fetches its own (the source's
+        # checks read both ends of the file: many times the frames of this small file)
+        assert moved[scheduler, ordered] <= 1.02 * moved["sync", False], moved
 
 
 def _plane_file(tmp_path):

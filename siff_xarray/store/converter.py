@@ -164,12 +164,46 @@ def _open_source(plan: Plan) -> Acquisition:
     return Acquisition.open(plan.sources, plan.source_options)
 
 
-#: remote sources kept open between the batches that one worker thread converts in one
-#: run, keyed by (run id, thread): opening a remote file costs four dependent requests
-#: (info, header, tail, an IFD of the index), and every batch checks the source's
-#: fingerprint before it decodes, so a kept source is still the file the run started from
-_kept: dict[tuple[str, int], Acquisition] = {}
-_kept_lock = threading.Lock()
+class _RunSources:
+    """Remote sources of one run kept open in this process, and its batches to take in order.
+
+    Opening a remote file costs four dependent requests (info, header, tail, an IFD
+    of the index), and every batch checks the source's fingerprint anyway, so a
+    source is kept between the batches this process converts and closed when the
+    run ends. Under a threaded scheduler the batches are also taken in order from
+    :attr:`order`: a batch that has read its last byte then starts fetching the
+    first bytes of the next batch not yet taken, and leaves its source, holding
+    them, for whichever thread takes that batch (its bytes arrive while this batch
+    writes its results, not a round trip after the next batch started).
+    """
+
+    def __init__(self, order: list[int] | None = None) -> None:
+        self.order = None if order is None else list(reversed(order))  # next at the end
+        self.idle: list[Acquisition] = []
+        self.ready: dict[int, Acquisition] = {}  # batch -> source fetching its first bytes
+        self.taken: dict[int, Acquisition] = {}  # such a batch, taken by a thread
+
+    def take(self) -> int:
+        """Take the next batch: one whose first bytes are on their way first (lock held)."""
+        if self.ready:
+            b = min(self.ready)
+            self.taken[b] = self.ready.pop(b)
+            return b
+        if not self.order:
+            raise ConversionError("no batch left to convert: more tasks than batches")
+        return self.order.pop()
+
+    def source(self, b: int) -> Acquisition | None:
+        """Give a kept source for batch ``b``, the one with its first bytes if any (lock held)."""
+        return self.taken.pop(b, None) or (self.idle.pop() if self.idle else None)
+
+    def sources(self) -> list[Acquisition]:
+        return [*self.idle, *self.ready.values(), *self.taken.values()]
+
+
+#: per run id, this process's kept sources (remote sources only)
+_runs: dict[str, _RunSources] = {}
+_runs_lock = threading.Lock()
 
 
 def _checking(plan: Plan, context: str) -> Any:
@@ -181,16 +215,30 @@ def _checking(plan: Plan, context: str) -> Any:
     return job
 
 
+def _sub_batches(f: Acquisition, f0: int, f1: int) -> list[tuple[int, int]]:
+    """Frames ``f0:f1`` cut into runs of about :data:`SUB_BATCH_BYTES` of source data."""
+    sizes = f.frame_bytes[f0:f1]
+    cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
+                          SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
+    edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+
+
 @contextlib.contextmanager
-def _batch_source(plan: Plan, run_id: str) -> Iterator[Acquisition]:
-    """Open the plan's sources for one batch (local: closed after it; remote: kept)."""
+def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
+    """Open the plan's sources for batch ``b`` (local: closed after it; remote: kept).
+
+    A remote source is taken from the run's kept sources (the one that fetched the
+    batch's first bytes ahead, if any) and returned when the batch has read its
+    bytes; a batch that fails closes it.
+    """
     if not any(is_remote(s) for s in plan.sources):
         with _open_source(plan) as f:
             yield f
         return
-    key = (run_id, threading.get_ident())
-    with _kept_lock:
-        f = _kept.pop(key, None)
+    with _runs_lock:
+        run = _runs.setdefault(run_id, _RunSources())
+        f = run.source(b)
     if f is None:
         f = _open_source(plan)
     try:
@@ -198,15 +246,32 @@ def _batch_source(plan: Plan, run_id: str) -> Iterator[Acquisition]:
     except BaseException:
         f.close()  # a failed batch leaves nothing open behind it
         raise
-    with _kept_lock:
-        _kept[key] = f
+    with _runs_lock:
+        if run_id not in _runs:  # the run ended (another thread failed): not kept
+            f.close()
+            return
+        if run.order:  # the next batch's first bytes come while this one writes
+            after = run.order.pop()
+            bounds = _sub_batches(f, *plan.batch_frames[after])
+            for first in bounds[:SUB_BATCHES_AHEAD]:
+                f.prefetch(np.arange(*first, dtype=np.int64))
+            run.ready[after] = f
+        else:
+            run.idle.append(f)
+
+
+def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
+    """Convert the next batch of run ``run_id`` in order (threaded schedulers only)."""
+    with _runs_lock:
+        b = _runs[run_id].take()
+    return _write_batch(plan_json, b, run_id)
 
 
 def _forget_sources(run_id: str) -> None:
     """Close the sources kept for run ``run_id`` in this process."""
-    with _kept_lock:
-        gone = [_kept.pop(k) for k in [k for k in _kept if k[0] == run_id]]
-    for f in gone:
+    with _runs_lock:
+        run = _runs.pop(run_id, None)
+    for f in run.sources() if run is not None else []:
         f.close()
 
 
@@ -316,7 +381,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     n_rows = int(np.prod(lead))
     writer = _ShardWriter(_open_for_batch(store, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype)
-    with _batch_source(plan, run_id) as f:
+    with _batch_source(plan, run_id, b) as f:
         ip = f.im_params()
         loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
         fly = loc_all["flyback"]
@@ -334,14 +399,9 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         idx.append(loc_all["channel"][~fly])
         rows[~fly] = np.ravel_multi_index(tuple(idx), lead)
         rows[fly] = n_rows + np.arange(n_fly)
-        sizes = f.frame_bytes[f0:f1]
         photons = f.n_photons[f0:f1].astype(np.int64)
         arrival_dtype = np.dtype(plan.arrival_dtype)
-        # sub-batch boundaries: one decode call per ~SUB_BATCH_BYTES, not per frame
-        cut = np.searchsorted(np.cumsum(sizes), np.arange(1, int(sizes.sum()) //
-                              SUB_BATCH_BYTES + 1) * SUB_BATCH_BYTES) + f0
-        edges = np.unique(np.concatenate([[f0], cut, [f1]]).clip(f0, f1))
-        bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+        bounds = _sub_batches(f, f0, f1)  # one decode call per ~SUB_BATCH_BYTES
         descriptions = []
         for first in bounds[:SUB_BATCHES_AHEAD]:
             f.prefetch(np.arange(*first, dtype=np.int64))
@@ -974,6 +1034,10 @@ def _already_complete(srcs: list[str], src: str, target: Target,
                              batches_skipped=0, already_complete=True)
 
 
+#: local schedulers whose tasks share one process (and its kept sources)
+_THREADED = ("threads", "threading", "sync", "synchronous", "single-threaded")
+
+
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
          progress: Callable[[Progress], None] | bool | None) -> int:
     """Run the batches not yet recorded as done; return how many were skipped."""
@@ -984,7 +1048,14 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
     tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id))
     plan_json = plan.to_json()
     if todo:
-        tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id) for b in todo]
+        if scheduler in _THREADED and any(is_remote(s) for s in plan.sources):
+            # one process: its threads take the batches in order (see _RunSources)
+            with _runs_lock:
+                _runs[run_id] = _RunSources(todo)
+            tasks = [dask.delayed(_next_batch, pure=False)(plan_json, run_id) for _ in todo]
+        else:
+            tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id)
+                     for b in todo]
         try:
             if isinstance(scheduler, str) and is_remote(scheduler):
                 from dask.distributed import Client
