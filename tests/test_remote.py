@@ -1587,6 +1587,46 @@ def test_one_planes_frames_are_read_through_their_gaps_only_on_a_fast_link(
     assert moved["off"][0] >= 20 and moved["off"][1] <= 1.1 * asked
 
 
+@pytest.mark.slow
+def test_one_plane_on_fresh_cluster_workers_reads_the_planes_values(http_server, tmp_path,
+                                                                    monkeypatch):
+    """Workers have measured nothing of the link: each measures it with its own first
+    reads (or reads only the frames), never walks the file, and gives the local values."""
+    distributed = pytest.importorskip("distributed")
+    from siff_xarray.reader.source import FsspecSource
+
+    t = write_siff(tmp_path / "planes.siff", shape=(64, 64), n_slices=7, n_flyback=0,
+                   n_timepoints=60, photons_per_frame=12000, encoding="raw", seed=4)
+    url = f"{http_server.url}/planes.siff"
+    size = os.path.getsize(t.path)
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.isel(z=3).mean(("y", "x")).values
+        frames = local.frame_index.isel(z=3).values.ravel()
+    with SiffFile(t.path) as f:
+        asked = int((f.index.data_stop[frames] - f.index.ifd_offset[frames]).sum())
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    (tmp_path / "no-cache").write_text("")
+    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "no-cache"))
+    monkeypatch.chdir(elsewhere)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, \
+            xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=2**20) as ds:
+        plane = ds.intensity.isel(z=3)
+        assert plane.data.npartitions >= 4  # chunks of ~1.4 MB of frames ~630 kB apart
+        n_log, sent = len(http_server.log), http_server.bytes_sent
+        got = client.compute(plane.mean(("y", "x")).data, sync=True)
+        ranges = http_server.log[n_log:]
+        moved = http_server.bytes_sent - sent
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # each chunk: its frames, or its stretch of the file read through (within the
+    # budget); no walk (a walk reads windows of the file from its start)
+    assert asked <= moved <= (1 + FsspecSource.coalesce_ratio) * asked + size // 4, \
+        (moved, asked, size)
+    assert all(a >= 0 and b - a <= 8 * 2**20 for _, a, b in ranges)
+
+
 def test_the_first_read_of_many_ranges_measures_the_servers_rate(http_server, tmp_path,
                                                                   monkeypatch):
     from siff_xarray.reader import http_ranges

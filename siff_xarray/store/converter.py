@@ -252,10 +252,10 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
             return
         if run.order:  # the next batch's first bytes come while this one writes
             after = run.order.pop()
-            bounds = _sub_batches(f, *plan.batch_frames[after])
-            for first in bounds[:SUB_BATCHES_AHEAD]:
-                f.prefetch(np.arange(*first, dtype=np.int64))
             run.ready[after] = f
+            with contextlib.suppress(Exception):  # a hint: that batch's reads report errors
+                for first in _sub_batches(f, *plan.batch_frames[after])[:SUB_BATCHES_AHEAD]:
+                    f.prefetch(np.arange(*first, dtype=np.int64))
         else:
             run.idle.append(f)
 
@@ -263,7 +263,10 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
 def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
     """Convert the next batch of run ``run_id`` in order (threaded schedulers only)."""
     with _runs_lock:
-        b = _runs[run_id].take()
+        run = _runs.get(run_id)
+        if run is None:  # another batch failed and the run ended: start nothing more
+            raise ConversionError(f"conversion run {run_id} has ended")
+        b = run.take()
     return _write_batch(plan_json, b, run_id)
 
 
