@@ -958,6 +958,39 @@ def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, 
         assert remote._source._ahead == [] and remote._source._spare == []
 
 
+def test_a_far_link_keeps_twice_as_many_parts_on_their_way(http_server, tmp_path,
+                                                            monkeypatch):
+    """Where each request waits long for its first byte, four parts on their way no
+    longer hide it behind the transfer of the parts before: twice as many go out."""
+    from siff_xarray.reader.source import PARTS_AHEAD, FsspecSource
+
+    t = write_siff(tmp_path / "far.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=12, photons_per_frame=900, seed=6)
+    size = os.path.getsize(t.path)
+    monkeypatch.setattr(SiffFile, "stream_part_bytes", size // 14)
+    monkeypatch.setattr(FsspecSource, "span_window", size // 40)
+    spans = []
+    real = FsspecSource.release
+    monkeypatch.setattr(FsspecSource, "release",
+                        lambda self: (spans.append(len(self._ahead)), real(self))[1])
+    link = _link_of(http_server)
+    with SiffFile(t.path) as local:
+        want = local.read_frames(np.arange(local.num_frames))
+    held = {}
+    for name, first in (("near", 0.02), ("far", 0.05)):
+        monkeypatch.setattr(link, "_first", [first] * link.KEEP)
+        with SiffFile(f"{http_server.url}/far.siff") as remote:
+            assert remote._source.parts_ahead() == PARTS_AHEAD * (1 + (name == "far"))
+            spans.clear()
+            sent = http_server.bytes_sent
+            np.testing.assert_array_equal(remote.read_frames(np.arange(len(want))), want)
+            held[name] = max(spans)
+            assert http_server.bytes_sent - sent <= 1.05 * size  # nothing fetched twice
+            assert remote._source._ahead == []
+    # the part decoding and those on their way
+    assert held == {"near": PARTS_AHEAD + 1, "far": 2 * PARTS_AHEAD + 1}, held
+
+
 def _fail_on_third_part(frame_args):
     calls = []
 

@@ -89,6 +89,10 @@ class PhotonReductions:
     #: (:data:`.source.PARTS_AHEAD`)
     read_ahead_parts = PARTS_AHEAD
 
+    def _parts_ahead(self) -> int:
+        """Parts of a streamed read to have on their way (default :attr:`read_ahead_parts`)."""
+        return self.read_ahead_parts
+
     def _read_ahead(self, f: np.ndarray) -> None:
         """Start fetching the bytes of frames ``f``, decoded next (default: nothing)."""
 
@@ -112,23 +116,24 @@ class PhotonReductions:
         Yields ``(part, args, shape, max_photons)`` per part, at least one (an
         empty ``f`` gives one empty part): ``part`` slices ``f`` and every per-frame
         array, and ``args`` are :meth:`_frame_args` of ``f[part]``. While one part
-        decodes, the next :attr:`read_ahead_parts` are fetched; its bytes are
+        decodes, the next :meth:`_parts_ahead` are fetched; its bytes are
         dropped once it is done, and all of them when the read ends (also when
         it fails or its consumer stops early). A source read in place gives one part.
         """
         parts = self._streamed(f)
         streamed = len(parts) > 1
+        ahead = self._parts_ahead() if streamed else 0
         if streamed:
             if shifts is not None:  # resolved once, then cut with the frames
                 shifts = np.stack(self._shifts(shifts, f, self._shape_of(f)), axis=1)
-            for first in parts[: self.read_ahead_parts]:
+            for first in parts[:ahead]:
                 self._read_ahead(f[first])
         else:
             self._read_in_one(f)
         try:
             for k, part in enumerate(parts):
-                if streamed and k + self.read_ahead_parts < len(parts):  # while this decodes
-                    self._read_ahead(f[parts[k + self.read_ahead_parts]])
+                if streamed and k + ahead < len(parts):  # while this decodes
+                    self._read_ahead(f[parts[k + ahead]])
                 sh = shifts[part] if streamed and shifts is not None else shifts
                 args, shape, maxn = self._frame_args(f[part], sh, photons)
                 yield part, args, shape, maxn

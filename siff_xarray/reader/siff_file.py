@@ -408,6 +408,10 @@ class SiffFile(PhotonReductions):
         edges = np.unique(np.concatenate([[0], cuts, [len(f)]]).clip(0, len(f)))
         return [slice(a, b) for a, b in itertools.pairwise(edges.tolist())]
 
+    def _parts_ahead(self) -> int:
+        # more on a far link (FsspecSource.parts_ahead), never fewer than asked for
+        return max(self.read_ahead_parts, self._source.parts_ahead())
+
     def _read_ahead(self, f: np.ndarray) -> None:
         # a part's span: its frames' bytes, or about that many of the file where its
         # gaps are read through (see _streamed)

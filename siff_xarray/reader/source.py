@@ -273,6 +273,10 @@ class ByteSource:
         """Gaps up to this many bytes between ranges (in file order) are read through."""
         return self.coalesce_gap
 
+    def parts_ahead(self) -> int:
+        """Parts of a long read to have on their way while one decodes (:data:`PARTS_AHEAD`)."""
+        return PARTS_AHEAD
+
     def reads_gaps(self, widest_gap: int) -> bool:
         """Whether gaps of up to ``widest_gap`` bytes between ranges are best read through.
 
@@ -1011,24 +1015,53 @@ class FsspecSource(ByteSource):
     #: the benchmark file 20-25 % faster than 4 MiB with two (docs/performance.md)
     span_window = 8 * 2**20
 
+    #: a link whose requests wait at least this long for their first byte (median,
+    #: measured: ``http_ranges.Link``) is far: a long read keeps twice as many parts on
+    #: their way. Eager plane traces of the benchmark file at 50 ms, 4 calls in each
+    #: of two processes: 0.63-0.94 s with eight parts ahead against 0.78-1.02 s with
+    #: four; at 0 and 20 ms within noise, so there the memory is not spent
+    far_first_byte_s = 0.03
+    _parts_now = 0  # parts_ahead's answer while spans are held
+
+    def parts_ahead(self) -> int:
+        """Parts of a long read to have on their way while one decodes.
+
+        ``ahead_spans - 1`` (:data:`PARTS_AHEAD`), twice that on a far link (see
+        :attr:`far_first_byte_s`; the latency of each part's requests is then
+        longer than the transfer of the parts before it). Decided when no span is
+        held, so a read keeps one answer: were it to fall while parts are on
+        their way, they would be dropped and fetched again.
+        """
+        with self._lock:  # fixed while spans are held: a read's parts stay on their way
+            if self._ahead and self._parts_now:
+                return self._parts_now
+        near = self.ahead_spans - 1
+        direct = self._direct
+        first = None if direct is None else direct.link.first_byte_s
+        far = first is not None and first >= self.far_first_byte_s
+        self._parts_now = 2 * near if far else near
+        return self._parts_now
+
     def will_need(self, start: int, stop: int) -> None:
         """Start fetching bytes ``start:stop`` in the background, to be read soon.
 
         The span is requested in :attr:`span_window` parts at once (object stores
         serve parallel ranges faster than one stream) while the caller decodes
         what it fetched before; :meth:`read_ranges` then serves every range inside
-        the span from it. The newest :attr:`ahead_spans` spans are held; a span
-        larger than :attr:`ahead_limit` is not fetched ahead. A failed fetch
-        raises when its bytes are read, as the read itself would.
+        the span from it. The newest :meth:`parts_ahead` + 1 spans are held (the
+        part decoding and those on their way); a span larger than
+        :attr:`ahead_limit` is not fetched ahead. A failed fetch raises when its
+        bytes are read, as the read itself would.
         """
         start, stop = max(0, int(start)), min(int(stop), self.size)
         if not 0 < stop - start <= self.ahead_limit or self._closed:
             return
+        held = self.parts_ahead() + 1
         with self._lock:
             if self._fetching(start, stop):
                 return
             self._ahead.append((start, stop, self._submit_span(start, stop)))
-            while len(self._ahead) > self.ahead_spans:
+            while len(self._ahead) > held:
                 old = self._ahead.pop(0)[2]
                 old.cancel()
                 self._keep_spare(old)
@@ -1198,12 +1231,13 @@ class FsspecSource(ByteSource):
     def release(self) -> None:
         """Drop bytes kept from the walk and the oldest span fetched ahead.
 
-        The newest ``ahead_spans - 1`` spans stay: the parts a streamed read
+        The newest :meth:`parts_ahead` spans stay: the parts a streamed read
         requested ahead of the one it just finished.
         """
         super().release()
+        keep = self.parts_ahead()
         with self._lock:
-            drop = max(len(self._ahead) - (self.ahead_spans - 1), 0)
+            drop = max(len(self._ahead) - keep, 0)
             for _, _, job in self._ahead[:drop]:
                 self._keep_spare(job)
             del self._ahead[:drop]
@@ -1212,7 +1246,7 @@ class FsspecSource(ByteSource):
         """Forget every span fetched ahead and the memory kept for new ones.
 
         A streamed read calls it when it ends: the parts it held, and the spare
-        memory for its next parts (up to :attr:`ahead_spans` + :attr:`spare_spans`
+        memory for its next parts (up to :meth:`parts_ahead` + 1 + :attr:`spare_spans`
         buffers of a part's size), must not stay with a file that is kept open.
         """
         with self._lock:
@@ -1493,8 +1527,9 @@ def _background() -> Any:
             from concurrent.futures import ThreadPoolExecutor
 
             # each waits for its span's requests (no CPU): enough for two readers
-            # (the converter's workers) with every part they ask for on its way
-            _pool = ThreadPoolExecutor(2 * (FsspecSource.ahead_spans - 1),
+            # (the converter's workers) with every part they ask for on its way,
+            # twice as many on a far link (FsspecSource.parts_ahead)
+            _pool = ThreadPoolExecutor(4 * (FsspecSource.ahead_spans - 1),
                                        thread_name_prefix="siff-xarray-ahead")
         return _pool
 
