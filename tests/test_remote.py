@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -908,6 +909,18 @@ def test_a_file_truncated_before_its_walk_is_an_error_not_a_hang(http_server, tm
         src.close()
 
 
+def _streamed_file(path, monkeypatch, parts):
+    """A small file whose long reads stream in ``parts`` parts of spans in ~3 requests."""
+    from siff_xarray.reader.source import FsspecSource
+
+    t = write_siff(path, shape=(32, 24), channels=(1, 2), n_slices=3, n_flyback=1,
+                   n_timepoints=12, photons_per_frame=900, seed=6)
+    size = os.path.getsize(t.path)
+    monkeypatch.setattr(SiffFile, "stream_part_bytes", size // parts)
+    monkeypatch.setattr(FsspecSource, "span_window", size // (3 * parts))
+    return t, size
+
+
 def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, monkeypatch):
     """An eager read of many frames decodes part by part while the next part arrives.
 
@@ -916,11 +929,7 @@ def test_long_remote_reads_stream_in_parts_fetched_ahead(http_server, tmp_path, 
     """
     from siff_xarray.reader.source import FsspecSource
 
-    t = write_siff(tmp_path / "s.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
-                   n_flyback=1, n_timepoints=12, photons_per_frame=900, seed=6)
-    size = os.path.getsize(t.path)
-    monkeypatch.setattr(SiffFile, "stream_part_bytes", size // 7)
-    monkeypatch.setattr(FsspecSource, "span_window", size // 20)
+    t, size = _streamed_file(tmp_path / "s.siff", monkeypatch, parts=7)
     held = []
     real = FsspecSource.release
 
@@ -962,23 +971,19 @@ def test_a_far_link_keeps_twice_as_many_parts_on_their_way(http_server, tmp_path
                                                             monkeypatch):
     """Where each request waits long for its first byte, four parts on their way no
     longer hide it behind the transfer of the parts before: twice as many go out."""
+    from siff_xarray.reader import http_ranges
     from siff_xarray.reader.source import PARTS_AHEAD, FsspecSource
 
-    t = write_siff(tmp_path / "far.siff", shape=(32, 24), channels=(1, 2), n_slices=3,
-                   n_flyback=1, n_timepoints=12, photons_per_frame=900, seed=6)
-    size = os.path.getsize(t.path)
-    monkeypatch.setattr(SiffFile, "stream_part_bytes", size // 14)
-    monkeypatch.setattr(FsspecSource, "span_window", size // 40)
+    t, size = _streamed_file(tmp_path / "far.siff", monkeypatch, parts=14)
     spans = []
     real = FsspecSource.release
     monkeypatch.setattr(FsspecSource, "release",
                         lambda self: (spans.append(len(self._ahead)), real(self))[1])
-    link = _link_of(http_server)
     with SiffFile(t.path) as local:
         want = local.read_frames(np.arange(local.num_frames))
     held = {}
-    for name, first in (("near", 0.02), ("far", 0.05)):
-        monkeypatch.setattr(link, "_first", [first] * link.KEEP)
+    for name, first in (("near", 0.02), ("far", 0.05)):  # as measured, whatever happens
+        monkeypatch.setattr(http_ranges.Link, "first_byte_s", property(lambda _, s=first: s))
         with SiffFile(f"{http_server.url}/far.siff") as remote:
             assert remote._source.parts_ahead() == PARTS_AHEAD * (1 + (name == "far"))
             spans.clear()
@@ -1129,10 +1134,27 @@ def test_sidecar_cli_and_read_only_places(tmp_path, s3_server):
         assert f.write_sidecar() is None  # nowhere to put it: skipped
 
 
+@contextlib.contextmanager
+def _fresh_cluster(tmp_path, monkeypatch):
+    """A client of two worker processes in another working directory, no usable cache.
+
+    As fresh cluster nodes: their index cache is a file, not a directory.
+    """
+    distributed = pytest.importorskip("distributed")
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    (tmp_path / "no-cache").write_text("")
+    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "no-cache"))
+    monkeypatch.chdir(elsewhere)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
 @pytest.mark.slow
 def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, tmp_path,
                                                                   monkeypatch):
-    distributed = pytest.importorskip("distributed")
     t = write_siff(tmp_path / "w.siff", shape=(32, 16), channels=(1, 2), n_slices=3,
                    n_flyback=1, n_timepoints=30, photons_per_frame=3000, seed=8,
                    encoding="raw")
@@ -1142,15 +1164,7 @@ def test_workers_with_empty_caches_do_not_walk_remote_files_again(http_server, t
     with xr.open_dataset(t.path, engine="siff") as local:
         want_trace = local.intensity.sum(("y", "x")).values
         want_life = local.siff.lifetime(masks).values
-    # workers: another working directory and no usable index cache (a file, not a dir)
-    elsewhere = tmp_path / "worker-cwd"
-    elsewhere.mkdir()
-    (tmp_path / "no-cache").write_text("")
-    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "no-cache"))
-    monkeypatch.chdir(elsewhere)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client, \
+    with _fresh_cluster(tmp_path, monkeypatch) as client, \
             xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=1) as ds:
         before, n_log = http_server.bytes_sent, len(http_server.log)
         trace = client.compute(ds.intensity.sum(("y", "x")).data, sync=True)
@@ -1625,7 +1639,6 @@ def test_one_plane_on_fresh_cluster_workers_reads_the_planes_values(http_server,
                                                                     monkeypatch):
     """Workers have measured nothing of the link: each measures it with its own first
     reads (or reads only the frames), never walks the file, and gives the local values."""
-    distributed = pytest.importorskip("distributed")
     from siff_xarray.reader.source import FsspecSource
 
     t = write_siff(tmp_path / "planes.siff", shape=(64, 64), n_slices=7, n_flyback=0,
@@ -1637,14 +1650,7 @@ def test_one_plane_on_fresh_cluster_workers_reads_the_planes_values(http_server,
         frames = local.frame_index.isel(z=3).values.ravel()
     with SiffFile(t.path) as f:
         asked = int((f.index.data_stop[frames] - f.index.ifd_offset[frames]).sum())
-    elsewhere = tmp_path / "worker-cwd"
-    elsewhere.mkdir()
-    (tmp_path / "no-cache").write_text("")
-    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "no-cache"))
-    monkeypatch.chdir(elsewhere)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client, \
+    with _fresh_cluster(tmp_path, monkeypatch) as client, \
             xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=2**20) as ds:
         plane = ds.intensity.isel(z=3)
         assert plane.data.npartitions >= 4  # chunks of ~1.4 MB of frames ~630 kB apart
