@@ -1529,6 +1529,7 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
     """Under a threaded scheduler the batches run in order, and a batch that has read
     its bytes starts fetching the next batch's first bytes before it writes its
     results: no batch but the first waits a round trip for its first frames."""
+    from siff_xarray.reader.source import FsspecSource
     from siff_xarray.store import converter as conv
 
     t = write_siff(tmp_path / "n.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
@@ -1536,17 +1537,16 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
     url = f"{http_server.url}/n.siff"
     with SiffFile(t.path) as f:
         offsets = f.index.data_stop - 1  # the last byte of each frame
-    size, ends = os.path.getsize(t.path), conv._FINGERPRINT_BYTES
-    checks = {(0, ends), (size - ends, size)}  # each batch's source checks read the ends
-    started, mark = {}, {}
-    real = conv._write_batch
+    started, mark, spans = {}, {}, []
+    real, real_need = conv._write_batch, FsspecSource.will_need
+    # spans asked to be fetched ahead, when asked (the request may leave a little later)
+    monkeypatch.setattr(FsspecSource, "will_need",
+                        lambda self, a, z: (spans.append((a, z)), real_need(self, a, z))[1])
 
     def recording(plan_json, b, run_id):
         f0 = conv.Plan.from_json(plan_json).batch_frames[b][0]
-        mark.setdefault("first", len(http_server.log))  # the open read the whole file
-        asked = [(a, z) for p, a, z in http_server.log[mark["first"]:]
-                 if p.endswith("n.siff") and (a, z) not in checks]
-        started[b] = any(a <= offsets[f0] < z for a, z in asked)  # its first frame
+        mark.setdefault("first", len(spans))  # (what the open asked for does not count)
+        started[b] = any(a <= offsets[f0] < z for a, z in spans[mark["first"]:])
         return real(plan_json, b, run_id)
 
     monkeypatch.setattr(conv, "_write_batch", recording)
@@ -1557,6 +1557,7 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
         monkeypatch.setattr(conv, "_THREADED", threaded if ordered else ())
         started.clear()
         mark.clear()
+        spans.clear()
         dst = tmp_path / f"{scheduler}{ordered}.zarr"
         sent = http_server.bytes_sent
         summary = zs.convert(url, dst, scheduler=scheduler, num_workers=workers,
@@ -1573,6 +1574,34 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
         # and no more bytes move than when each batch fetches its own (the source's
         # checks read both ends of the file: many times the frames of this small file)
         assert moved[scheduler, ordered] <= 1.02 * moved["sync", False], moved
+
+
+def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
+        http_server, tmp_path, monkeypatch):
+    from siff_xarray.reader import http_ranges
+    from siff_xarray.reader.acquisition import Acquisition
+    from siff_xarray.reader.source import PARTS_AHEAD
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "c.siff", shape=(16, 16), n_timepoints=40,
+                   photons_per_frame=300, seed=2)
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 2000)  # a few frames each
+    real_prefetch, real_decode = Acquisition.prefetch, Acquisition.decode_into
+    events = []
+    monkeypatch.setattr(Acquisition, "prefetch", lambda self, fr: (
+        events.append(("ahead", int(fr[0]))), real_prefetch(self, fr))[1])
+    monkeypatch.setattr(Acquisition, "decode_into", lambda self, fr, *a: (
+        events.append(("decode", int(fr[0]))), real_decode(self, fr, *a))[1])
+    most = {}
+    for name, first in (("near", 0.02), ("far", 0.05)):
+        monkeypatch.setattr(http_ranges.Link, "first_byte_s", property(lambda _, s=first: s))
+        events.clear()
+        zs.convert(f"{http_server.url}/c.siff", tmp_path / f"{name}.zarr", scheduler="sync")
+        assert zs.verify(t.path, tmp_path / f"{name}.zarr") == []
+        # sub-batches asked for ahead of each one that decodes (distinct, still to come)
+        most[name] = max(len({g for w, g in events[:k] if w == "ahead" and g > fr})
+                         for k, (what, fr) in enumerate(events) if what == "decode")
+    assert most == {"near": PARTS_AHEAD, "far": 2 * PARTS_AHEAD}, most
 
 
 def _plane_file(tmp_path):

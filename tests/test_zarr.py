@@ -1374,6 +1374,7 @@ def test_verify_checks_derived_variables_of_timepoints_no_batch_read(siff_files,
 def test_conversion_fetches_sub_batches_ahead(tmp_path, monkeypatch):
     """While a sub-batch decodes, the next ones of its batch have been asked for."""
     from siff_xarray.reader.acquisition import Acquisition
+    from siff_xarray.reader.source import PARTS_AHEAD
     from siff_xarray.store import converter as conv
 
     t = write_siff(tmp_path / "s.siff", shape=(16, 16), n_timepoints=40,
@@ -1392,7 +1393,7 @@ def test_conversion_fetches_sub_batches_ahead(tmp_path, monkeypatch):
     assert len(decoded) >= 6 and sorted(fr for w, fr in events if w == "ahead") == decoded
     ahead = [sum(1 for w, g in events[:k] if w == "ahead" and g > fr)
              for k, (what, fr) in enumerate(events) if what == "decode"]
-    k = conv.SUB_BATCHES_AHEAD
+    k = PARTS_AHEAD  # a local file: the parts of any long read
     assert k == 4
     assert ahead[:-k] == [k] * (len(decoded) - k) and ahead[-k:] == list(range(k))[::-1], \
         ahead

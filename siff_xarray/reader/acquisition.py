@@ -154,6 +154,10 @@ class Acquisition:
             base += n
         return hi
 
+    def parts_ahead(self) -> int:
+        """Parts of a long read to have on their way while one decodes (more on a far link)."""
+        return max(f._parts_ahead() for f in self.files)
+
     def prefetch(self, frames: np.ndarray) -> None:
         """As :meth:`SiffFile.prefetch` (frames ascending)."""
         for f, local in self._pieces(frames):

@@ -31,7 +31,6 @@ from .._remote import naming_url
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
-from ..reader.source import PARTS_AHEAD
 from . import owner
 from .layout import (
     ALL_CHUNKS_STORED,
@@ -254,7 +253,7 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
             after = run.order.pop()
             run.ready[after] = f
             with contextlib.suppress(Exception):  # a hint: that batch's reads report errors
-                for first in _sub_batches(f, *plan.batch_frames[after])[:SUB_BATCHES_AHEAD]:
+                for first in _sub_batches(f, *plan.batch_frames[after])[:f.parts_ahead()]:
                     f.prefetch(np.arange(*first, dtype=np.int64))
         else:
             run.idle.append(f)
@@ -313,9 +312,8 @@ class _ShardWriter:
 
 #: source bytes decoded at a time inside a batch (bounds a worker's memory)
 SUB_BATCH_BYTES = 16 * 2**20
-#: sub-batches being fetched while one decodes, as many as the parts of a long read
-#: (a remote source holds them and the one decoding: ``FsspecSource.ahead_spans``)
-SUB_BATCHES_AHEAD = PARTS_AHEAD
+# sub-batches being fetched while one decodes: as many as the parts of a long read
+# (``Acquisition.parts_ahead``: four, eight on a far link)
 
 
 def _open_for_batch(store: Any, path: str) -> Any:
@@ -341,10 +339,11 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
     """
     images, counts, hists = out
     n = 0
+    ahead = f.parts_ahead()
     for k, (s0, s1) in enumerate(bounds):
         frames = np.arange(s0, s1, dtype=np.int64)
-        if k + SUB_BATCHES_AHEAD < len(bounds):  # read during this one and the next
-            f.prefetch(np.arange(*bounds[k + SUB_BATCHES_AHEAD], dtype=np.int64))
+        if k + ahead < len(bounds):  # read during this one and the next
+            f.prefetch(np.arange(*bounds[k + ahead], dtype=np.int64))
         tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
         hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
         if hi > np.iinfo(arrival_dtype).max:
@@ -406,7 +405,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         arrival_dtype = np.dtype(plan.arrival_dtype)
         bounds = _sub_batches(f, f0, f1)  # one decode call per ~SUB_BATCH_BYTES
         descriptions = []
-        for first in bounds[:SUB_BATCHES_AHEAD]:
+        for first in bounds[:f.parts_ahead()]:
             f.prefetch(np.arange(*first, dtype=np.int64))
         try:
             n = _decode_batch(f, bounds, rows, photons, f0, arrival_dtype,
