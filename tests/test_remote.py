@@ -1604,6 +1604,25 @@ def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
     assert most == {"near": PARTS_AHEAD, "far": 2 * PARTS_AHEAD}, most
 
 
+def test_a_remote_conversion_that_needs_wide_arrival_times_runs_again(http_server,
+                                                                       tmp_path):
+    """Arrival times above 65535 show only while decoding: the run starts again with
+    uint32 under the same run id, taking its batches in order again."""
+    import zarr
+
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "w.siff", shape=(8, 8), n_timepoints=12, tau_bins=30000,
+                   overflow_fraction=0.2, encoding="raw", photons_per_frame=300)
+    assert t.arrival.max() > 65535
+    dst = tmp_path / "w.zarr"
+    summary = zs.convert(f"{http_server.url}/w.siff", dst, scheduler="threads",
+                         num_workers=2, shard_bytes=2 * 8 * 8 * 2, chunk_bytes=1)
+    assert summary.batches >= 4
+    assert zarr.open_array(str(dst), path="photons/arrival_time").dtype == np.uint32
+    assert zs.verify(t.path, dst) == [] and conv._runs == {}
+
+
 def _plane_file(tmp_path):
     """140 frames of ~100 kB in 7 planes: one plane's frames lie ~600 kB apart."""
     return write_siff(tmp_path / "planes.siff", shape=(64, 64), n_slices=7, n_flyback=0,

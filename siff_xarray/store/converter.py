@@ -202,6 +202,8 @@ class _RunSources:
 
 #: per run id, this process's kept sources (remote sources only)
 _runs: dict[str, _RunSources] = {}
+#: runs that ended in this process: a batch still running keeps nothing for them
+_ended: set[str] = set()
 _runs_lock = threading.Lock()
 
 
@@ -236,7 +238,10 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
             yield f
         return
     with _runs_lock:
-        run = _runs.setdefault(run_id, _RunSources())
+        ended = run_id in _ended  # (a batch of a failed run, started before it ended)
+        run = _runs.get(run_id) or _RunSources()
+        if not ended:
+            _runs[run_id] = run
         f = run.source(b)
     if f is None:
         f = _open_source(plan)
@@ -246,7 +251,7 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
         f.close()  # a failed batch leaves nothing open behind it
         raise
     with _runs_lock:
-        if run_id not in _runs:  # the run ended (another thread failed): not kept
+        if run_id in _ended:  # the run ended (another batch failed): nothing is kept
             f.close()
             return
         if run.order:  # the next batch's first bytes come while this one writes
@@ -263,7 +268,7 @@ def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
     """Convert the next batch of run ``run_id`` in order (threaded schedulers only)."""
     with _runs_lock:
         run = _runs.get(run_id)
-        if run is None:  # another batch failed and the run ended: start nothing more
+        if run is None or run_id in _ended:  # another batch failed: start nothing more
             raise ConversionError(f"conversion run {run_id} has ended")
         b = run.take()
     return _write_batch(plan_json, b, run_id)
@@ -273,6 +278,7 @@ def _forget_sources(run_id: str) -> None:
     """Close the sources kept for run ``run_id`` in this process."""
     with _runs_lock:
         run = _runs.pop(run_id, None)
+        _ended.add(run_id)
     for f in run.sources() if run is not None else []:
         f.close()
 
@@ -1050,6 +1056,8 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
     tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id))
     plan_json = plan.to_json()
     if todo:
+        with _runs_lock:  # (a run converts again with wider arrival times: same id)
+            _ended.discard(run_id)
         if scheduler in _THREADED and any(is_remote(s) for s in plan.sources):
             # one process: its threads take the batches in order (see _RunSources)
             with _runs_lock:
