@@ -148,8 +148,8 @@ class _RangeServer:
         self.ignore_ranges = False
         #: seconds added before answering each request (object-store first-byte latency)
         self.latency = 0.0
-        #: bytes per second each connection sends at most (0: as fast as it can); object
-        #: stores serve one connection at tens of MB/s and many connections in parallel
+        #: bytes per second each connection sends at most (0: as fast as it can; plain
+        #: HTTP only); object stores serve one connection at tens of MB/s, many at once
         self.rate = 0.0
         #: answer HTTP/1.1 and keep connections open between requests (as S3 does)
         self.keep_alive = False

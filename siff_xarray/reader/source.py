@@ -1032,15 +1032,13 @@ class FsspecSource(ByteSource):
         held, so a read keeps one answer: were it to fall while parts are on
         their way, they would be dropped and fetched again.
         """
-        with self._lock:  # fixed while spans are held: a read's parts stay on their way
-            if self._ahead and self._parts_now:
-                return self._parts_now
-        near = self.ahead_spans - 1
         direct = self._direct
-        first = None if direct is None else direct.link.first_byte_s
-        far = first is not None and first >= self.far_first_byte_s
-        self._parts_now = 2 * near if far else near
-        return self._parts_now
+        with self._lock:  # fixed while spans are held: a read's parts stay on their way
+            if not (self._ahead and self._parts_now):
+                first = None if direct is None else direct.link.first_byte_s
+                far = first is not None and first >= self.far_first_byte_s
+                self._parts_now = (self.ahead_spans - 1) * (2 if far else 1)
+            return self._parts_now
 
     def will_need(self, start: int, stop: int) -> None:
         """Start fetching bytes ``start:stop`` in the background, to be read soon.

@@ -318,8 +318,6 @@ class _ShardWriter:
 
 #: source bytes decoded at a time inside a batch (bounds a worker's memory)
 SUB_BATCH_BYTES = 16 * 2**20
-# sub-batches being fetched while one decodes: as many as the parts of a long read
-# (``Acquisition.parts_ahead``: four, eight on a far link)
 
 
 def _open_for_batch(store: Any, path: str) -> Any:
@@ -345,7 +343,7 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
     """
     images, counts, hists = out
     n = 0
-    ahead = f.parts_ahead()
+    ahead = f.parts_ahead()  # as many as a long read's parts: four, eight on a far link
     for k, (s0, s1) in enumerate(bounds):
         frames = np.arange(s0, s1, dtype=np.int64)
         if k + ahead < len(bounds):  # read during this one and the next
