@@ -1604,6 +1604,29 @@ def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
     assert most == {"near": PARTS_AHEAD, "far": 2 * PARTS_AHEAD}, most
 
 
+def test_a_remote_split_acquisition_converts_in_order_across_its_parts(http_server,
+                                                                        tmp_path):
+    """Batches taken in order, each fetching the next one's first frames ahead, give
+    the store of the whole file where batches and volumes straddle the part files."""
+    from siff_xarray.store import converter as conv
+
+    kw = dict(shape=(16, 12), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=10,
+              photons_per_frame=400, seed=13)
+    whole = write_siff(tmp_path / "whole.siff", **kw)
+    split = write_siff(tmp_path / "run.siff", frames_per_file=11, **kw)  # volumes straddle
+    assert len(split.paths) >= 5
+    urls = [f"{http_server.url}/{Path(p).name}" for p in split.paths]
+    volume = 2 * 3 * 16 * 12 * 2
+    summaries = zs.convert(urls, tmp_path / "out", scheduler="threads", num_workers=2,
+                           shard_bytes=volume, chunk_bytes=1)
+    [summary] = summaries  # the parts are one acquisition: one store
+    assert summary.frames == whole.n_frames and summary.batches >= 8
+    store = tmp_path / "out" / "run.zarr"
+    assert zs.verify(split.paths, store) == [] and conv._runs == {}
+    with zs.open_converted(store) as ds, xr.open_dataset(whole.path, engine="siff") as one:
+        np.testing.assert_array_equal(ds.intensity.values, one.intensity.values)
+
+
 def test_a_remote_conversion_that_needs_wide_arrival_times_runs_again(http_server,
                                                                        tmp_path):
     """Arrival times above 65535 show only while decoding: the run starts again with
