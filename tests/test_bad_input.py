@@ -558,6 +558,16 @@ def test_a_cut_off_file_converts_only_when_allowed(tmp_path, small):
             zs.convert(cut, tmp_path / "c.zarr")
         summary = zs.convert(cut, tmp_path / "c.zarr", allow_truncated=True)
     assert summary.frames == t.n_frames - 1
+    # refused: the error says it all, no warning besides; allowed: the open's warning
+    # says what is left out (the start opens the file once and shows it then)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ConversionError, match="cut off mid-write"):
+            zs.convert(cut, tmp_path / "d.zarr")
+        assert not [w for w in seen if issubclass(w.category, SiffWarning)]
+        zs.convert(cut, tmp_path / "d.zarr", allow_truncated=True)
+    said = [str(w.message) for w in seen if issubclass(w.category, SiffWarning)]
+    assert said and all("cut.siff" in m for m in said), said
 
 
 def test_work_and_memory_follow_the_data_not_a_header_that_claims_100000_channels(tmp_path):

@@ -1475,17 +1475,19 @@ def test_a_remote_source_that_changes_stops_the_conversion(http_server, tmp_path
 
 def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, tmp_path,
                                                                    monkeypatch):
-    """Opening a remote file costs four dependent requests; each batch checks the
+    """Opening a remote file costs a round trip (four requests); each batch checks the
     source's fingerprint anyway, so a worker thread keeps its source for the run's next
-    batches and closes it when the run ends (or when a batch fails)."""
+    batches and closes it when the run ends (or when a batch fails). The source the
+    run's start opened (its checks and plan) is the first batch's."""
+    from siff_xarray.reader.acquisition import Acquisition
     from siff_xarray.store import converter as conv
 
     t = write_siff(tmp_path / "k.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=8, photons_per_frame=300, seed=3)
     url = f"{http_server.url}/k.siff"
     opened = []
-    real = conv._open_source
-    monkeypatch.setattr(conv, "_open_source", lambda plan: opened.append(real(plan))
+    real = Acquisition.open
+    monkeypatch.setattr(Acquisition, "open", lambda *a, **k: opened.append(real(*a, **k))
                         or opened[-1])
     volume = 2 * 3 * 16 * 12 * 2
     summary = zs.convert(url, tmp_path / "k.zarr", scheduler="sync", shard_bytes=volume,
@@ -1496,7 +1498,7 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
     opened.clear()
     zs.convert(url, tmp_path / "t.zarr", scheduler="threads", num_workers=2,
                shard_bytes=volume, chunk_bytes=1)
-    assert 1 <= len(opened) <= 2 and conv._runs == {}
+    assert 1 <= len(opened) <= 2 and conv._runs == {}  # the start's and one more thread's
     assert all(f.files[0]._source.closed for f in opened)
 
     def fail_in_batch_3(p):  # a batch that fails closes its source at once
@@ -1522,6 +1524,74 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
     while not all(f.files[0]._source.closed for f in opened) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert conv._runs == {} and opened and all(f.files[0]._source.closed for f in opened)
+
+
+def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
+        http_server, tmp_path, monkeypatch):
+    """The start of a remote conversion (its check for unread bytes, fingerprint, plan
+    and the Dataset its metadata come from) opens the source once, asks for the
+    fingerprint's info and both ends at once, and lends the open source to the first
+    batch, which is fetching its frames before it starts.
+
+    Before: six rounds of requests before the first batch started (the check, the
+    plan and the Dataset each opened the file, the fingerprint took three dependent
+    requests), and the first batch then opened the file again. (A first version of
+    the change built the Dataset on the open files, and Dask's tokenizing of its
+    lazy arrays reopened the file six times: the template's arrays are named.)
+    """
+    from conftest import _rounds
+
+    from siff_xarray.reader.acquisition import Acquisition
+    from siff_xarray.reader.source import FsspecSource
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "s.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=20000, seed=6)
+    url = f"{http_server.url}/s.siff"
+    with SiffFile(t.path) as f:
+        first_frame = (int(f.index.data_start[0]), int(f.index.data_stop[0]))
+    opened, real_open = [], Acquisition.open
+    monkeypatch.setattr(Acquisition, "open",
+                        lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
+    # when the start ended (its source lent to the first batch), and the spans asked
+    # for ahead by the time the first batch started
+    started, spans, at_batch = [], [], []
+    real_pass, real_need, real_batch = (conv._RunSources.pass_on, FsspecSource.will_need,
+                                        conv._write_batch)
+
+    def passing(run, f, plan):
+        started.append(len(http_server.arrivals))
+        return real_pass(run, f, plan)
+
+    def recording(plan_json, b, run_id):
+        at_batch.append(len(spans))
+        return real_batch(plan_json, b, run_id)
+
+    monkeypatch.setattr(conv._RunSources, "pass_on", passing)
+    monkeypatch.setattr(FsspecSource, "will_need",
+                        lambda self, a, z: (spans.append((a, z)), real_need(self, a, z))[1])
+    monkeypatch.setattr(conv, "_write_batch", recording)
+    volume = 2 * 3 * 32 * 32 * 2
+    zs.convert(url, tmp_path / "warm.zarr", scheduler="sync", shard_bytes=volume,
+               chunk_bytes=1)  # (the index is cached now, as for every later open)
+    http_server.latency = 0.05
+    for scheduler in ("sync", "threads"):
+        opened.clear()
+        started.clear()
+        spans.clear()
+        at_batch.clear()
+        at = len(http_server.arrivals)
+        dst = tmp_path / f"{scheduler}.zarr"
+        zs.convert(url, dst, scheduler=scheduler, num_workers=2, shard_bytes=volume,
+                   chunk_bytes=1)
+        # the open (header with tail and the checked IFDs), then the fingerprint
+        assert _rounds(http_server.arrivals[at:started[0]], 0.05) == 2, scheduler
+        if scheduler == "sync":
+            assert len(opened) == 1
+        # the first frame was asked for before the first batch started
+        assert any(a <= first_frame[0] and first_frame[1] <= z
+                   for a, z in spans[:at_batch[0]]), (spans, at_batch)
+        assert zs.verify(t.path, dst) == [] and conv._runs == {}
 
 
 def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp_path,

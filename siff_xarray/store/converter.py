@@ -199,6 +199,20 @@ class _RunSources:
     def sources(self) -> list[Acquisition]:
         return [*self.idle, *self.ready.values(), *self.taken.values()]
 
+    def pass_on(self, f: Acquisition, plan: Plan) -> None:
+        """Keep ``f`` for the next batch not yet taken, fetching its first bytes (lock held).
+
+        Without such a batch ``f`` waits, idle, for any batch that needs a source.
+        """
+        if not self.order:
+            self.idle.append(f)
+            return
+        after = self.order.pop()
+        self.ready[after] = f
+        with contextlib.suppress(Exception):  # a hint: that batch's reads report errors
+            for first in _sub_batches(f, *plan.batch_frames[after])[:f.parts_ahead()]:
+                f.prefetch(np.arange(*first, dtype=np.int64))
+
 
 #: per run id, this process's kept sources (remote sources only)
 _runs: dict[str, _RunSources] = {}
@@ -254,14 +268,7 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
         if run_id in _ended:  # the run ended (another batch failed): nothing is kept
             f.close()
             return
-        if run.order:  # the next batch's first bytes come while this one writes
-            after = run.order.pop()
-            run.ready[after] = f
-            with contextlib.suppress(Exception):  # a hint: that batch's reads report errors
-                for first in _sub_batches(f, *plan.batch_frames[after])[:f.parts_ahead()]:
-                    f.prefetch(np.arange(*first, dtype=np.int64))
-        else:
-            run.idle.append(f)
+        run.pass_on(f, plan)  # the next batch's first bytes come while this one writes
 
 
 def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
@@ -460,92 +467,90 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
 
 def _prepare(sources: list[str], target: Target, build: Target,
              source_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
-             arrival_dtype: str, ome: bool = True, ome_levels: int | None = None) -> Plan:
+             arrival_dtype: str, ome: bool, ome_levels: int | None, lead: Acquisition) -> Plan:
     """Create every array (metadata and the small per-frame arrays) in ``build``.
 
-    Returns the plan of the conversion into ``target``.
+    ``lead`` holds the sources, open (see :func:`_open_lead`). Returns the plan of
+    the conversion into ``target``.
     """
     import zarr
 
     from ..backend import open_acquisition, open_siff
 
-    # lossless: the frames of a partial last volume are converted too
-    ds = (open_siff(sources[0], storage_options=source_options, partial_volume="keep")
-          if len(sources) == 1 else
-          open_acquisition(sources, storage_options=source_options, partial_volume="keep"))
-    try:
-        with Acquisition.open(sources, source_options) as f:
-            for part in f.files:  # later opens anywhere skip the walk (read-only: skipped)
-                part.write_sidecar()
-            tiff = f.encoding == ENC_TIFF
-            if tiff.any() and not tiff.all():
-                raise ConversionError(
-                    f"{sources[0]}: mixes intensity-only TIFF pages with photon frames; "
-                    "convert files of one kind at a time")
-            intensity_only = bool(tiff.all()) and tiff.size > 0
-            signed = f.signed.astype(np.int8)
-            ip = f.im_params()
-            n_frames = f.num_frames
-            fmap = ds.frame_index.values
-            n_t = fmap.shape[0]
-            vol_shape = ds.intensity.shape[1:]
-            ct, st = chunking(vol_shape, n_t, shard_bytes, chunk_bytes)
-            n_batches = -(-n_t // st)
-            # batch b: timepoints [b*st, (b+1)*st) = file frames [b*st*P, (b+1)*st*P)
-            p = ip.file_frames_per_volume
-            bounds = [min(b * st * p, n_frames) for b in range(n_batches)] + [n_frames]
-            batch_frames = [[bounds[b], bounds[b + 1]] for b in range(n_batches)]
-            counts = f.n_photons.astype(np.int64)
-            starts = np.zeros(n_frames, dtype=np.int64)
-            batch_base = []
-            end = 0
-            for f0, f1 in batch_frames:  # one iteration per batch (shard), not per frame
-                base = roundup(end, PHOTON_SHARD)
-                batch_base.append(base)
-                c = counts[f0:f1]
-                starts[f0:f1] = base + np.concatenate([[0], np.cumsum(c)[:-1]]) if len(c) \
-                    else starts[f0:f1]
-                end = base + int(c.sum())
-            loc = ip.locate(np.arange(n_frames))
-            fly_frames = np.flatnonzero(loc["flyback"])
-            flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
-            batch_bytes = [int(f.frame_bytes[f0:f1].sum()) for f0, f1 in batch_frames]
-            ts = f.timestamps()
-            dlen = f.description_lengths  # the bytes come from the batches (_finish)
-            encoding = f.encoding.astype(np.int8)
-            h, w = f.frame_shape
-            source_bytes = int(f.file_size)
-        total_len = max(end, 1)
-        inten_dtype = str(ds.intensity.dtype)
+    # lossless: the frames of a partial last volume are converted too; the Dataset is
+    # built on the open files (not closed here: closing it would close them)
+    ds = (open_siff(lead.files[0], partial_volume="keep") if len(lead.files) == 1 else
+          open_acquisition(lead.files, partial_volume="keep"))
+    f = lead
+    for part in f.files:  # later opens anywhere skip the walk (read-only: skipped)
+        part.write_sidecar()
+    tiff = f.encoding == ENC_TIFF
+    if tiff.any() and not tiff.all():
+        raise ConversionError(
+            f"{sources[0]}: mixes intensity-only TIFF pages with photon frames; "
+            "convert files of one kind at a time")
+    intensity_only = bool(tiff.all()) and tiff.size > 0
+    signed = f.signed.astype(np.int8)
+    ip = f.im_params()
+    n_frames = f.num_frames
+    fmap = ds.frame_index.values
+    n_t = fmap.shape[0]
+    vol_shape = ds.intensity.shape[1:]
+    ct, st = chunking(vol_shape, n_t, shard_bytes, chunk_bytes)
+    n_batches = -(-n_t // st)
+    # batch b: timepoints [b*st, (b+1)*st) = file frames [b*st*P, (b+1)*st*P)
+    p = ip.file_frames_per_volume
+    bounds = [min(b * st * p, n_frames) for b in range(n_batches)] + [n_frames]
+    batch_frames = [[bounds[b], bounds[b + 1]] for b in range(n_batches)]
+    counts = f.n_photons.astype(np.int64)
+    starts = np.zeros(n_frames, dtype=np.int64)
+    batch_base = []
+    end = 0
+    for f0, f1 in batch_frames:  # one iteration per batch (shard), not per frame
+        base = roundup(end, PHOTON_SHARD)
+        batch_base.append(base)
+        c = counts[f0:f1]
+        starts[f0:f1] = base + np.concatenate([[0], np.cumsum(c)[:-1]]) if len(c) \
+            else starts[f0:f1]
+        end = base + int(c.sum())
+    loc = ip.locate(np.arange(n_frames))
+    fly_frames = np.flatnonzero(loc["flyback"])
+    flyback_base = [int(np.searchsorted(fly_frames, f0)) for f0, _ in batch_frames]
+    batch_bytes = [int(f.frame_bytes[f0:f1].sum()) for f0, f1 in batch_frames]
+    ts = f.timestamps()
+    dlen = f.description_lengths  # the bytes come from the batches (_finish)
+    encoding = f.encoding.astype(np.int8)
+    h, w = f.frame_shape
+    source_bytes = int(f.file_size)
+    total_len = max(end, 1)
+    inten_dtype = str(ds.intensity.dtype)
 
-        # --- the root Dataset: metadata now, data by the batches
-        enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
-                     "compressors": compressors()}
-        template = ds.drop_vars([v for v in ("mean_arrival",) if v in ds])
-        if "source_file" in template:  # the store holds these photons, at store frames
-            sf = template.source_file
-            template["source_file"] = sf.copy(data=np.where(
-                fmap >= 0, normalize(target.destination), "").reshape(sf.shape))
-            template["source_frame"] = template.source_frame.copy(data=fmap.copy())
-        lazy = [v for v in ("intensity", "photon_count", "histogram") if v in template]
-        for v in lazy:
-            template[v] = template[v].chunk({"time": st})
-        encoding_all: dict[str, dict[str, Any]] = {"intensity": enc_inten}
-        for v in ("photon_count", "histogram"):
-            if v in template:
-                encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
-                                   "compressors": compressors()}
-        for v in template.variables:  # coordinates and eager variables: checksummed too
-            encoding_all.setdefault(str(v), {"compressors": compressors()})
-        store = build.zarr()
-        with quiet_text_dtype():
-            template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
-                             consolidated=False, zarr_format=3, write_empty_chunks=True)
-        levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
-        if ome:
-            create_ome(store, ds, ct, st, levels)
-    finally:
-        ds.close()
+    # --- the root Dataset: metadata now, data by the batches
+    enc_inten = {"chunks": (ct, *vol_shape), "shards": (st, *vol_shape),
+                 "compressors": compressors()}
+    template = ds.drop_vars([v for v in ("mean_arrival",) if v in ds])
+    if "source_file" in template:  # the store holds these photons, at store frames
+        sf = template.source_file
+        template["source_file"] = sf.copy(data=np.where(
+            fmap >= 0, normalize(target.destination), "").reshape(sf.shape))
+        template["source_frame"] = template.source_frame.copy(data=fmap.copy())
+    lazy = [v for v in ("intensity", "photon_count", "histogram") if v in template]
+    for v in lazy:  # (named by the store: tokenizing would pickle, reopening, the files)
+        template[v] = template[v].chunk({"time": st}, token=f"{target.destination}/{v}")
+    encoding_all: dict[str, dict[str, Any]] = {"intensity": enc_inten}
+    for v in ("photon_count", "histogram"):
+        if v in template:
+            encoding_all[v] = {"chunks": (st, *template[v].shape[1:]),
+                               "compressors": compressors()}
+    for v in template.variables:  # coordinates and eager variables: checksummed too
+        encoding_all.setdefault(str(v), {"compressors": compressors()})
+    store = build.zarr()
+    with quiet_text_dtype():
+        template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
+                         consolidated=False, zarr_format=3, write_empty_chunks=True)
+    levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
+    if ome:
+        create_ome(store, ds, ct, st, levels)
 
     # --- the photons group
     grp = zarr.open_group(store, path="photons", mode="a")
@@ -823,6 +828,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             return _already_complete(srcs, src, target, storage_options, t_start)
         raise ConversionError(f"{target.destination}: a finished store exists; pass "
                               "overwrite=True (--overwrite) to replace it")
+    lead: Acquisition | None = None  # the sources opened for a run's start (_open_lead)
     try:
         if resume and not overwrite:
             if not interrupted:
@@ -838,7 +844,9 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                 _same_sources(target, started["sources"], srcs)
                 log.info("%s: interrupted before its first batch; starting again", src)
                 target.fs.rm(target.root, recursive=True)
-                plan = _start(srcs, target, storage_options, run_id=run_id, **started["layout"])
+                lead = _open_lead(srcs, storage_options, allow_truncated=True)
+                plan = _start(srcs, target, storage_options, run_id=run_id, lead=lead,
+                              **started["layout"])
         else:
             if interrupted and not overwrite:
                 raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
@@ -849,23 +857,26 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                     raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                           "overwrite=True (--overwrite) to replace it")
                 target.fs.rm(target.root, recursive=True)
-            if not allow_truncated:
-                _refuse_unread_bytes(srcs, storage_options)
+            lead = _open_lead(srcs, storage_options, allow_truncated)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
-                          ome_levels, run_id=run_id)
+                          ome_levels, run_id=run_id, lead=lead)
         try:
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
         except _NeedsWideArrivals:
             log.info("%s: arrival times above 65535; converting again with uint32", src)
             owner.check(target, run_id)
             target.fs.rm(target.root, recursive=True)
+            lead = _open_lead(srcs, storage_options, allow_truncated=True)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
-                          plan.ome, plan.ome_levels, run_id=run_id)
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress)
+                          plan.ome, plan.ome_levels, run_id=run_id, lead=lead)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
         _finish(target, run_id, plan)
     except BaseException:  # an error or an interrupt: resume may take the store at once
         owner.release(target, run_id)
         raise
+    finally:  # (closing twice is harmless: a run may have closed it)
+        if lead is not None:
+            lead.close()
     src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
                     ["source_bytes"])
     return ConversionSummary(source=src, destination=target.destination,
@@ -876,21 +887,39 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                              batches_skipped=skipped)
 
 
-def _refuse_unread_bytes(srcs: list[str], storage_options: dict[str, Any] | None) -> None:
-    """Raise ConversionError for a source with bytes after the last frame it indexes."""
+def _open_lead(srcs: list[str], storage_options: dict[str, Any] | None,
+               allow_truncated: bool) -> Acquisition:
+    """Open the sources once for the start of a run: its checks, its plan, its first batch.
+
+    A remote open costs a round trip (each part of a split acquisition one); the
+    sources opened here serve the check for unread bytes, the fingerprint, the plan
+    and then the run's first batch (:meth:`_RunSources.pass_on`). Unless
+    ``allow_truncated``, a source with bytes after its last frame is refused
+    (ConversionError); the open's warnings are shown only once the sources pass.
+    """
     import warnings
 
-    from ..errors import SiffWarning
-    from ..reader.siff_file import SiffFile
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lead = Acquisition.open([normalize(s) for s in srcs], storage_options)
+    try:
+        if not allow_truncated:
+            _refuse_unread_bytes(lead)
+    except BaseException:
+        lead.close()
+        raise
+    for w in seen:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return lead
 
-    for path in srcs:
-        with warnings.catch_warnings():  # reported here, as an error
-            warnings.simplefilter("ignore", SiffWarning)
-            with SiffFile(path, storage_options=storage_options) as f:
-                tail, n = f.unread_bytes, f.num_frames
+
+def _refuse_unread_bytes(lead: Acquisition) -> None:
+    """Raise ConversionError for a source with bytes after the last frame it indexes."""
+    for f in lead.files:
+        tail, n = f.unread_bytes, f.num_frames
         if tail:
             raise ConversionError(
-                f"{path}: {tail} bytes after its last complete frame (frame {n - 1}) would "
+                f"{f.name}: {tail} bytes after its last complete frame (frame {n - 1}) would "
                 "not be converted: the acquisition was cut off mid-write, or the file is "
                 "damaged. Pass allow_truncated=True (--allow-truncated) to convert the "
                 f"{n} complete frames")
@@ -898,7 +927,7 @@ def _refuse_unread_bytes(srcs: list[str], storage_options: dict[str, Any] | None
 
 def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
            shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
-           ome_levels: int | None = None, *, run_id: str) -> Plan:
+           ome_levels: int | None = None, *, run_id: str, lead: Acquisition) -> Plan:
     """Lay out a new store: owner, marker, metadata and small arrays, plan (in that order).
 
     The metadata are built in a local temporary directory and then copied in, the
@@ -906,10 +935,12 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     group before :func:`_finish`, and from its first byte on it is marked as an
     unfinished conversion (``open_converted`` and ``verify`` say so; ``resume``
     finishes or restarts it), whatever moment a kill or a full disk strikes.
+    ``lead``: the sources, open (:func:`_open_lead`).
     """
     import tempfile
 
-    fingerprint = _fingerprint(srcs, storage_options)
+    # the sizes known from the open: a remote fingerprint asks for all it needs at once
+    fingerprint = _fingerprint(srcs, storage_options, [p.header.file_size for p in lead.files])
     layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
               "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
     owner.claim(target, run_id)
@@ -919,7 +950,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     with tempfile.TemporaryDirectory(prefix="siff-xarray-") as tmp:
         build = Target(tmp, None)
         plan = _prepare(srcs, target, build, storage_options, shard_bytes, chunk_bytes,
-                        arrival_dtype, ome, ome_levels)
+                        arrival_dtype, ome, ome_levels, lead)
         _phase("prepared")
         files = {}
         for path in build.fs.find(build.root):
@@ -1045,21 +1076,32 @@ _THREADED = ("threads", "threading", "sync", "synchronous", "single-threaded")
 
 
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
-         progress: Callable[[Progress], None] | bool | None) -> int:
-    """Run the batches not yet recorded as done; return how many were skipped."""
+         progress: Callable[[Progress], None] | bool | None,
+         lead: Acquisition | None = None) -> int:
+    """Run the batches not yet recorded as done; return how many were skipped.
+
+    ``lead`` (the sources the run's start opened) is lent to the first batch where
+    this process's threads convert a remote source, else closed.
+    """
     import dask
 
     done = target.done_batches()
     todo = [b for b in range(plan.n_batches) if b not in done]
     tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id))
     plan_json = plan.to_json()
+    # one process: its threads take the batches in order (see _RunSources)
+    in_order = scheduler in _THREADED and any(is_remote(s) for s in plan.sources)
+    if lead is not None and not (todo and in_order):  # the batches open their sources
+        lead.close()
+        lead = None
     if todo:
         with _runs_lock:  # (a run converts again with wider arrival times: same id)
             _ended.discard(run_id)
-        if scheduler in _THREADED and any(is_remote(s) for s in plan.sources):
-            # one process: its threads take the batches in order (see _RunSources)
-            with _runs_lock:
-                _runs[run_id] = _RunSources(todo)
+            if in_order:
+                run = _runs[run_id] = _RunSources(todo)
+                if lead is not None:  # the first batch's bytes are asked for now
+                    run.pass_on(lead, plan)
+        if in_order:
             tasks = [dask.delayed(_next_batch, pure=False)(plan_json, run_id) for _ in todo]
         else:
             tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id)
