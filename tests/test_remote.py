@@ -1697,6 +1697,46 @@ def test_a_remote_split_acquisition_converts_in_order_across_its_parts(http_serv
         np.testing.assert_array_equal(ds.intensity.values, one.intensity.values)
 
 
+def test_the_parts_of_a_remote_acquisition_open_at_once(http_server, tmp_path):
+    """Each part's open waits a round trip or more, so the parts of a split
+    acquisition open together (as a Dataset and for a conversion): the whole
+    acquisition opens in one part's round trips. Before: one part after the other
+    (six parts at 50 ms: six rounds). A missing part is named."""
+    from siff_xarray.reader.acquisition import Acquisition
+
+    kw = dict(shape=(16, 12), channels=(1, 2), n_slices=2, n_flyback=1, n_timepoints=10,
+              photons_per_frame=400, seed=14)
+    split = write_siff(tmp_path / "run.siff", frames_per_file=11, **kw)
+    assert len(split.paths) >= 5
+    urls = [f"{http_server.url}/{Path(p).name}" for p in split.paths]
+    with open_acquisition(urls) as ds:  # each part walked once; their indexes cached
+        want = ds.load()
+    http_server.latency = 0.05
+
+    def rounds(open_them, check=lambda got: None):
+        forget()
+        at = len(http_server.arrivals)
+        with open_them() as got:
+            trips = http_server.round_trips(at)
+            check(got)
+        return trips
+
+    one = rounds(lambda: open_acquisition(urls[:1]))
+    assert one >= 1
+    assert rounds(lambda: open_acquisition(urls),
+                  lambda got: xr.testing.assert_identical(got.load(), want)) == one
+
+    def every_frame(got):
+        assert got.num_frames == split.n_frames
+
+    assert rounds(lambda: Acquisition.open(urls), every_frame) == one
+    missing = [*urls[:2], f"{http_server.url}/gone.siff", *urls[2:]]
+    with pytest.raises(FileNotFoundError, match="gone.siff"):
+        open_acquisition(missing)
+    with pytest.raises(FileNotFoundError, match="gone.siff"):
+        Acquisition.open(missing)
+
+
 def test_a_remote_conversion_that_needs_wide_arrival_times_runs_again(http_server,
                                                                        tmp_path):
     """Arrival times above 65535 show only while decoding: the run starts again with

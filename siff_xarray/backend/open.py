@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from .._options import OpenOptions
-from .._paths import expand
+from .._paths import expand, is_remote
 from .array import file_manager
 from .build import build_dataset
 
@@ -33,13 +34,22 @@ def drop_set(drop_variables: str | Iterable[str] | None) -> set[str]:
 
 def open_files(sources: Sequence[Any], options: OpenOptions,
                drop_variables: str | Iterable[str] | None = None) -> xr.Dataset:
-    """Open ``sources`` (one file, or the parts of one acquisition) and build the Dataset."""
+    """Open ``sources`` (one file, or the parts of one acquisition) and build the Dataset.
+
+    The parts of a remote acquisition are opened at once (each open waits at least
+    a round trip), at most eight together.
+    """
     managers = []
     try:
-        files = []
         for s in sources:
             managers.append(file_manager(s, options.file))
-            files.append(managers[-1].acquire())
+        if len(managers) > 1 and any(is_remote(s) for s in sources
+                                     if isinstance(s, (str, os.PathLike))):
+            with ThreadPoolExecutor(min(len(managers), 8)) as pool:
+                jobs = [pool.submit(m.acquire) for m in managers]
+            files = [job.result() for job in jobs]  # the first failure in order raises
+        else:
+            files = [m.acquire() for m in managers]
         return build_dataset(files, managers, options, drop_set(drop_variables))
     except BaseException:
         for m in managers:

@@ -10,11 +10,14 @@ acquisition frame. The xarray backend and the Zarr converter both build on it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from .._paths import is_remote
 from ..errors import SiffFormatError
 from ..format.imparams import ImParams
 from .frame_meta import Event, FrameTimestamps
@@ -39,6 +42,9 @@ class Acquisition:
         the parts hold no frame at all.
 
     """
+
+    #: remote parts :meth:`open` opens together at most
+    opening_at_once = 8
 
     def __init__(self, files: Sequence[SiffFile], *, owns: bool = False) -> None:
         self.files = list(files)
@@ -65,14 +71,30 @@ class Acquisition:
     @classmethod
     def open(cls, sources: Sequence[Any], storage_options: dict[str, Any] | None = None
              ) -> Acquisition:
-        """Open every part (paths or URLs) and own them."""
+        """Open every part (paths or URLs) and own them.
+
+        Remote parts are opened at once (each open waits a round trip or more), at
+        most :attr:`opening_at_once` together; a part that fails to open raises its
+        error (the first part's in order) and no part stays open.
+        """
         files: list[SiffFile] = []
+        jobs: list[Any] = []
         try:
-            for src in sources:
-                files.append(SiffFile(src, storage_options=storage_options))
+            if len(sources) > 1 and any(is_remote(s) for s in sources if
+                                        isinstance(s, (str, os.PathLike))):
+                with ThreadPoolExecutor(min(len(sources), cls.opening_at_once)) as pool:
+                    jobs = [pool.submit(SiffFile, s, storage_options=storage_options)
+                            for s in sources]
+                for job in jobs:
+                    files.append(job.result())  # the first failure in order raises
+            else:
+                for src in sources:
+                    files.append(SiffFile(src, storage_options=storage_options))
             return cls(files, owns=True)
         except BaseException:
-            for f in files:
+            opened = [j.result() for j in jobs
+                      if j.done() and not j.cancelled() and j.exception() is None]
+            for f in {id(f): f for f in [*files, *opened]}.values():
                 f.close()
             raise
 
