@@ -10,8 +10,8 @@ The session-like file of ``bench_reader.py`` is served by the tests' loopback ra
 server (127.0.0.1 only) with 0, 20 and 50 ms added to every request (S3's
 first-byte latency is typically 10-50 ms), keeping connections open between
 requests as S3 does. Per latency, each job runs in this process
-(imports and Numba warm; the traces, and the local references, three times, reporting
-the median call; the others once): a plain sequential download of the file through
+(imports and Numba warm; the traces, the conversion and the local references three
+times, reporting the median call; the others once): a plain sequential download of the file through
 fsspec (the floor any reader of every byte pays), a cold open (empty index cache, no
 sidecar), an open with a sidecar, all plane traces (``intensity.mean(("y", "x"))``)
 eagerly and with Dask, the traces of one plane of seven (``intensity.isel(z=0)``:
@@ -19,7 +19,9 @@ its frames lie apart in the file, so they are read through their gaps only where
 the server is measured to be fast enough), and a conversion to a local store. Reported: seconds,
 requests (GET + HEAD), MB transferred, and ratios against the download (opens) or
 the same job on the local file (traces, conversion), the issue's targets. The
-conversion runs again with each connection paced to 50 MB/s, as object stores serve
+conversion runs three times alternated with the local conversion, and is compared
+with the median of those local calls (the machine's speed drifts over a run). It
+runs again with each connection paced to 50 MB/s, as object stores serve
 a single connection: there the transfer, not the CPU of moving bytes on this
 machine, is what a conversion waits for.
 
@@ -87,6 +89,25 @@ def measure(server: _RangeServer | None, fn, repeat: int = 1
     if server is None:
         return dt, 0, 0.0, cpu
     return dt, server.requests + server.heads - r0, (server.bytes_sent - b0) / 1e6, cpu
+
+
+Measured = tuple[float, int, float, float]
+
+
+def measure_alternating(server: _RangeServer, remote, local, repeat: int
+                        ) -> tuple[Measured, Measured]:
+    """Run ``remote`` and ``local`` in turn, ``repeat`` times each; the median call of each.
+
+    The ratio of the two then compares calls made under the same conditions: this
+    machine's speed drifts by 10-30 % over a run, more than a conversion's ratio
+    to local moves with a change.
+    """
+    runs: tuple[list, list] = ([], [])
+    for _ in range(repeat):
+        runs[0].append(measure(server, remote))
+        runs[1].append(measure(None, local))
+    med = [sorted(r, key=lambda x: x[0])[len(r) // 2] for r in runs]
+    return med[0], med[1]
 
 
 #: calls per local reference and per remote traces job (the median call is reported)
@@ -230,14 +251,18 @@ def main() -> None:
                                   REPEAT)
                     rows.append((name, res, ref[name], "local", None, None))
                 Path(local + ".siffidx").unlink(missing_ok=True)
-                res = measure(server, lambda: convert(url, "remote.zarr"))  # noqa: B023
-                rows.append(("convert", res, ref["convert"], "local", 3, floor_convert))
+                res, here = measure_alternating(
+                    server, lambda: convert(url, "remote.zarr"),  # noqa: B023
+                    lambda: convert(local, "local.zarr"), REPEAT)
+                rows.append(("local convert, alternated with the next row", here, None, "",
+                             None, None))
+                rows.append(("convert", res, here[0], "local", 3, floor_convert))
                 # as object stores serve one connection: tens of MB/s, many at once
                 server.rate = PACED_RATE
                 res = measure(server, lambda: convert(url, "paced.zarr"))  # noqa: B023
                 server.rate = 0.0
                 rows.append((f"convert, {PACED_RATE / 1e6:.0f} MB/s per connection", res,
-                             ref["convert"], "local", None, None))
+                             here[0], "local", None, None))
             finally:
                 server.close()
             for name, (sec, req, mb, cpu), against, what, target, floor in rows:
