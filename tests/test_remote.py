@@ -1646,6 +1646,45 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
         assert moved[scheduler, ordered] <= 1.02 * moved["sync", False], moved
 
 
+def test_a_remote_conversion_predicts_no_reads_and_moves_each_frame_once(
+        http_server, tmp_path, monkeypatch):
+    """A conversion asks for what its batches read next itself. The parts' stride
+    predictor (for Dask chunks) took a thread's batches, same-shaped sub-batches a
+    constant stride apart, for a run to follow and fetched the first bytes of
+    batches far ahead, which the other thread's source then read again (at the
+    walkthrough's size 128-336 MB moved twice in two of five conversions)."""
+    from siff_xarray.reader.source import FsspecSource
+
+    t = write_siff(tmp_path / "p.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=24, photons_per_frame=20000, seed=7)
+    url = f"{http_server.url}/p.siff"
+    predicted = []
+    real = FsspecSource.expect
+    monkeypatch.setattr(FsspecSource, "expect",
+                        lambda self, a, z: (predicted.append((a, z)), real(self, a, z))[1])
+    volume = 2 * 3 * 32 * 32 * 2
+    zs.convert(url, tmp_path / "warm.zarr", scheduler="sync", shard_bytes=volume,
+               chunk_bytes=1)  # (the index is cached now)
+    for scheduler in ("sync", "threads"):
+        predicted.clear()
+        at = len(http_server.log)
+        dst = tmp_path / f"{scheduler}.zarr"
+        summary = zs.convert(url, dst, scheduler=scheduler, num_workers=2,
+                             shard_bytes=volume, chunk_bytes=1)
+        assert summary.batches >= 20 and predicted == [], (scheduler, len(predicted))
+        # the frames' bytes move once: ranges of more than the checks' 64 KiB ends
+        # never overlap (the open's and checks' small ranges may repeat)
+        big = sorted((a, z) for _, a, z in http_server.log[at:] if z - a > 2**16 + 1)
+        assert all(z <= a2 for (_, z), (a2, _) in itertools.pairwise(big)), scheduler
+        assert zs.verify(t.path, dst) == []
+    # Dask reads of the same file still predict (the predictor is the converter's to
+    # turn off, not the file's)
+    forget()
+    with xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=2 * volume) as ds:
+        ds.intensity.mean(("y", "x")).compute(scheduler="threads", num_workers=2)
+    assert predicted
+
+
 def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
         http_server, tmp_path, monkeypatch):
     from siff_xarray.reader import http_ranges

@@ -370,7 +370,9 @@ class SiffFile(PhotonReductions):
         return int((idx.ifd_offset[fs[1:]] - idx.data_stop[fs[:-1]]).max(initial=0))
 
     #: reads a fetched file predicts ahead of a read in one part whose stride is
-    #: known (:class:`.readahead.StridePredictor`): the Dask chunks that follow
+    #: known (:class:`.readahead.StridePredictor`): the Dask chunks that follow.
+    #: 0 predicts nothing: for a reader that fetches what it reads next itself (the
+    #: converter), whose reads would otherwise be taken for a stride to follow
     predicted_reads = 4
     #: predict on dask.distributed workers too. Off: the scheduler spreads each run
     #: of chunks over the workers, so a worker's reads break off where another's go
@@ -379,7 +381,7 @@ class SiffFile(PhotonReductions):
     predict_on_workers = False
 
     def _read_in_one(self, f: np.ndarray) -> None:
-        if self.is_local or len(f) < 2:
+        if self.is_local or len(f) < 2 or self.predicted_reads < 1:
             return  # local files: the OS reads ahead
         if not self.predict_on_workers and _on_distributed_worker():
             return
