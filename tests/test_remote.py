@@ -1594,6 +1594,49 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
         assert zs.verify(t.path, dst) == [] and conv._runs == {}
 
 
+def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
+        s3_server, s3_latency, tmp_path, monkeypatch):
+    """From S3 the start is the open (presigned ranges: header, tail, the checked
+    IFDs), the fingerprint (HeadObject and both ends at once) and the sidecar's
+    upload, and its open is the first batch's (no other open before it)."""
+    import fsspec
+    from conftest import _rounds
+
+    from siff_xarray.reader.acquisition import Acquisition
+    from siff_xarray.store import converter as conv
+
+    proxy, opts = s3_latency
+    t = write_siff(tmp_path / "s3c.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=5000, seed=8)
+    fs = fsspec.filesystem("s3", **s3_server)
+    if not fs.exists("conv-bucket"):
+        fs.mkdir("conv-bucket")
+    fs.put_file(t.path, "conv-bucket/s3c.siff")
+    url = "s3://conv-bucket/s3c.siff"
+    opened, started = [], []
+    real_open, real_pass = Acquisition.open, conv._RunSources.pass_on
+    monkeypatch.setattr(Acquisition, "open",
+                        lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
+
+    def passing(run, f, plan):
+        started.append(len(proxy.arrivals))
+        return real_pass(run, f, plan)
+
+    monkeypatch.setattr(conv._RunSources, "pass_on", passing)
+    volume = 2 * 3 * 32 * 32 * 2
+    zs.convert(url, tmp_path / "warm.zarr", scheduler="sync", shard_bytes=volume,
+               chunk_bytes=1, storage_options=opts)  # (the index is cached now)
+    proxy.latency = 0.05
+    opened.clear()
+    started.clear()
+    at = len(proxy.arrivals)
+    zs.convert(url, tmp_path / "s3.zarr", scheduler="sync", shard_bytes=volume,
+               chunk_bytes=1, storage_options=opts)
+    assert _rounds(proxy.arrivals[at:started[0]], 0.05) == 3
+    assert len(opened) == 1
+    assert zs.verify(t.path, tmp_path / "s3.zarr") == [] and conv._runs == {}
+
+
 def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp_path,
                                                                  monkeypatch):
     """Under a threaded scheduler the batches run in order, and a batch that has read
@@ -1770,9 +1813,9 @@ def test_the_parts_of_a_remote_acquisition_open_at_once(http_server, tmp_path):
 
     assert rounds(lambda: Acquisition.open(urls), every_frame) == one
     missing = [*urls[:2], f"{http_server.url}/gone.siff", *urls[2:]]
-    with pytest.raises(FileNotFoundError, match="gone.siff"):
+    with pytest.raises(FileNotFoundError, match=r"gone\.siff"):
         open_acquisition(missing)
-    with pytest.raises(FileNotFoundError, match="gone.siff"):
+    with pytest.raises(FileNotFoundError, match=r"gone\.siff"):
         Acquisition.open(missing)
 
 
