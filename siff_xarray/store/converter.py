@@ -179,10 +179,11 @@ def _fetching_itself(f: Acquisition) -> Acquisition:
 class _RunSources:
     """Remote sources of one run kept open in this process, and its batches to take in order.
 
-    Opening a remote file costs four dependent requests (info, header, tail, an IFD
-    of the index), and every batch checks the source's fingerprint anyway, so a
-    source is kept between the batches this process converts and closed when the
-    run ends. Under a threaded scheduler the batches are also taken in order from
+    Opening a remote file costs a round trip or more (its header, its tail and the
+    IFDs that check its cached index), and every batch checks the source's
+    fingerprint anyway, so a source is kept between the batches this process
+    converts and closed when the run ends; the first is the one the run's start
+    opened (:func:`_open_lead`). Under a threaded scheduler the batches are also taken in order from
     :attr:`order`: a batch that has read its last byte then starts fetching the
     first bytes of the next batch not yet taken, and leaves its source, holding
     them, for whichever thread takes that batch (its bytes arrive while this batch
