@@ -1598,7 +1598,8 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
         s3_server, s3_latency, tmp_path, monkeypatch):
     """From S3 the start is the open (presigned ranges: header, tail, the checked
     IFDs), the fingerprint (HeadObject and both ends at once) and the sidecar's
-    upload, and its open is the first batch's (no other open before it)."""
+    upload (while the plan is made), and its open is the first batch's (no other
+    open before it)."""
     import fsspec
     from conftest import _rounds
 
@@ -1627,13 +1628,14 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     zs.convert(url, tmp_path / "warm.zarr", scheduler="sync", shard_bytes=volume,
                chunk_bytes=1, storage_options=opts)  # (the index is cached now)
     proxy.latency = 0.05
+    fs.rm("conv-bucket/s3c.siff.siffidx")  # (the open uses the index cache)
     opened.clear()
     started.clear()
     at = len(proxy.arrivals)
     zs.convert(url, tmp_path / "s3.zarr", scheduler="sync", shard_bytes=volume,
                chunk_bytes=1, storage_options=opts)
     assert _rounds(proxy.arrivals[at:started[0]], 0.05) == 3
-    assert len(opened) == 1
+    assert len(opened) == 1 and fs.exists("conv-bucket/s3c.siff.siffidx")
     assert zs.verify(t.path, tmp_path / "s3.zarr") == [] and conv._runs == {}
 
 

@@ -496,8 +496,11 @@ def _prepare(sources: list[str], target: Target, build: Target,
     ds = (open_siff(lead.files[0], partial_volume="keep") if len(lead.files) == 1 else
           open_acquisition(lead.files, partial_volume="keep"))
     f = lead
-    for part in f.files:  # later opens anywhere skip the walk (read-only: skipped)
-        part.write_sidecar()
+    # later opens anywhere skip the walk (read-only places: skipped); on object
+    # storage an upload waits a round trip, so the sidecars go while the plan is made
+    uploads = ThreadPoolExecutor(1)
+    sidecars = [uploads.submit(part.write_sidecar) for part in f.files]
+    uploads.shutdown(wait=False)
     tiff = f.encoding == ENC_TIFF
     if tiff.any() and not tiff.all():
         raise ConversionError(
@@ -620,6 +623,8 @@ def _prepare(sources: list[str], target: Target, build: Target,
     if len(fly_frames) and any(fb % per_batch_fly for fb in flyback_base):
         raise ConversionError("internal: flyback rows are not chunk-aligned")  # pragma: no cover
 
+    for job in sidecars:
+        job.result()
     return Plan(sources=list(sources), source_options=source_options,
                  destination=target.destination, destination_options=target.storage_options,
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
