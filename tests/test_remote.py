@@ -120,6 +120,18 @@ def test_http_cache_serves_repeated_reads(http_server, big_frames):
         assert http_server.bytes_sent == after_first  # from the range cache
 
 
+def _put_on_s3(s3_server, path, key: str):
+    """Upload ``path`` to ``bucket/name`` (``key``) on the moto server; return (fs, url)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server)
+    bucket = key.split("/")[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put_file(path, key)
+    return fs, f"s3://{key}"
+
+
 def test_s3_round_trip(s3_server, big_frames, tmp_path):
     import s3fs
 
@@ -1113,7 +1125,6 @@ def test_sidecar_opens_in_a_few_requests_and_is_ignored_when_stale(http_server, 
 
 
 def test_sidecar_cli_and_read_only_places(tmp_path, s3_server):
-    import fsspec
     from click.testing import CliRunner
 
     from siff_xarray.cli import cli
@@ -1122,10 +1133,7 @@ def test_sidecar_cli_and_read_only_places(tmp_path, s3_server):
     res = CliRunner().invoke(cli, ["index", t.path])
     assert res.exit_code == 0, res.output
     assert os.path.isfile(t.path + ".siffidx") and "c.siff.siffidx" in res.output
-    fs = fsspec.filesystem("s3", **s3_server)
-    if not fs.exists("idx-bucket"):
-        fs.mkdir("idx-bucket")
-    fs.put_file(t.path, "idx-bucket/c.siff")
+    fs, _ = _put_on_s3(s3_server, t.path, "idx-bucket/c.siff")
     res = CliRunner().invoke(cli, ["index", "s3://idx-bucket/c.siff", "--storage-options",
                                     json.dumps(s3_server)])
     assert res.exit_code == 0, res.output
@@ -1276,15 +1284,10 @@ def test_errors_blame_the_server_or_the_url_not_the_file(http_server, s3_server,
 
 
 def test_s3_cold_open_and_sidecar_at_latency_count_requests(s3_server, s3_latency, tmp_path):
-    import fsspec
-
     proxy, opts = s3_latency
     t = write_siff(tmp_path / "session.siff", shape=(64, 32), channels=(1, 2), n_slices=6,
                    n_flyback=1, n_timepoints=100, photons_per_frame=600, seed=2)
-    fs = fsspec.filesystem("s3", **s3_server)
-    if not fs.exists("lat-bucket"):
-        fs.mkdir("lat-bucket")
-    fs.put_file(t.path, "lat-bucket/session.siff")
+    fs, _ = _put_on_s3(s3_server, t.path, "lat-bucket/session.siff")
     with xr.open_dataset(t.path, engine="siff") as local:
         want = _bare(local)
     proxy.latency = 0.005
@@ -1316,11 +1319,8 @@ def test_an_s3_open_with_a_cached_index_takes_one_round_trip(s3_server, s3_laten
     from siff_xarray.reader.source import FsspecSource
 
     proxy, opts = s3_latency
-    fs = fsspec.filesystem("s3", **s3_server)
-    if not fs.exists("probe-bucket"):
-        fs.mkdir("probe-bucket")
-    fs.put_file(big_frames.path, "probe-bucket/big.siff")
-    url, cache = "s3://probe-bucket/big.siff", tmp_path / "cache"
+    _, url = _put_on_s3(s3_server, big_frames.path, "probe-bucket/big.siff")
+    cache = tmp_path / "cache"
     with xr.open_dataset(big_frames.path, engine="siff") as local:
         want = _bare(local)
     with xr.open_dataset(url, engine="siff", storage_options=opts, index_cache=cache) as ds:
@@ -1600,7 +1600,6 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     IFDs), the fingerprint (HeadObject and both ends at once) and the sidecar's
     upload (while the plan is made), and its open is the first batch's (no other
     open before it)."""
-    import fsspec
     from conftest import _rounds
 
     from siff_xarray.reader.acquisition import Acquisition
@@ -1609,11 +1608,7 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     proxy, opts = s3_latency
     t = write_siff(tmp_path / "s3c.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=6, photons_per_frame=5000, seed=8)
-    fs = fsspec.filesystem("s3", **s3_server)
-    if not fs.exists("conv-bucket"):
-        fs.mkdir("conv-bucket")
-    fs.put_file(t.path, "conv-bucket/s3c.siff")
-    url = "s3://conv-bucket/s3c.siff"
+    fs, url = _put_on_s3(s3_server, t.path, "conv-bucket/s3c.siff")
     opened, started = [], []
     real_open, real_pass = Acquisition.open, conv._RunSources.pass_on
     monkeypatch.setattr(Acquisition, "open",
