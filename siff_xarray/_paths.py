@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["expand", "is_remote", "local_path", "normalize"]
+__all__ = ["any_remote", "expand", "is_remote", "local_path", "normalize"]
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -25,6 +25,11 @@ def is_remote(path: str | os.PathLike[str]) -> bool:
     if not isinstance(text, str):
         return False
     return ("://" in text or "::" in text) and not text.startswith("file://")
+
+
+def any_remote(sources: Sequence[Any]) -> bool:
+    """Tell whether any of ``sources`` is a URL (file objects and open files are not)."""
+    return any(is_remote(s) for s in sources if isinstance(s, (str, os.PathLike)))
 
 
 def local_path(path: str | os.PathLike[str]) -> str:

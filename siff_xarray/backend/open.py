@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from .._options import OpenOptions
-from .._paths import expand, is_remote
+from .._paths import any_remote, expand
+from ..reader.acquisition import open_all
 from .array import file_manager
 from .build import build_dataset
 
@@ -37,19 +37,13 @@ def open_files(sources: Sequence[Any], options: OpenOptions,
     """Open ``sources`` (one file, or the parts of one acquisition) and build the Dataset.
 
     The parts of a remote acquisition are opened at once (each open waits at least
-    a round trip), at most eight together.
+    a round trip; :func:`~siff_xarray.reader.acquisition.open_all`).
     """
     managers = []
     try:
         for s in sources:
             managers.append(file_manager(s, options.file))
-        if len(managers) > 1 and any(is_remote(s) for s in sources
-                                     if isinstance(s, (str, os.PathLike))):
-            with ThreadPoolExecutor(min(len(managers), 8)) as pool:
-                jobs = [pool.submit(m.acquire) for m in managers]
-            files = [job.result() for job in jobs]  # the first failure in order raises
-        else:
-            files = [m.acquire() for m in managers]
+        files = open_all([m.acquire for m in managers], any_remote(sources))
         return build_dataset(files, managers, options, drop_set(drop_variables))
     except BaseException:
         for m in managers:

@@ -10,20 +10,50 @@ acquisition frame. The xarray backend and the Zarr converter both build on it.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from .._paths import is_remote
+from .._paths import any_remote
 from ..errors import SiffFormatError
 from ..format.imparams import ImParams
 from .frame_meta import Event, FrameTimestamps
 from .siff_file import SiffFile
 
-__all__ = ["Acquisition"]
+__all__ = ["OPENING_AT_ONCE", "Acquisition", "open_all"]
+
+#: files :func:`open_all` opens together at most
+OPENING_AT_ONCE = 8
+
+
+def open_all(openers: Sequence[Callable[[], SiffFile]], together: bool) -> list[SiffFile]:
+    """Call each opener, in order; all at once (in a small pool) when ``together``.
+
+    For remote files, whose every open waits a round trip or more: the parts of an
+    acquisition then open in one part's time, at most :data:`OPENING_AT_ONCE`
+    together. The first failure in order raises, and the files that did open are
+    closed first.
+    """
+    jobs: list[Future[SiffFile]] = []
+    files: list[SiffFile] = []
+    try:
+        if together and len(openers) > 1:
+            with ThreadPoolExecutor(min(len(openers), OPENING_AT_ONCE)) as pool:
+                jobs = [pool.submit(o) for o in openers]
+            files = [job.result() for job in jobs]
+        else:
+            for o in openers:  # (appended one by one: a failure closes those before)
+                files.append(o())
+        return files
+    except BaseException:
+        # (in a pool ``files`` stays empty on failure: the jobs hold what opened)
+        for f in files or [j.result() for j in jobs
+                           if j.done() and not j.cancelled() and j.exception() is None]:
+            f.close()
+        raise
 
 
 class Acquisition:
@@ -42,9 +72,6 @@ class Acquisition:
         the parts hold no frame at all.
 
     """
-
-    #: remote parts :meth:`open` opens together at most
-    opening_at_once = 8
 
     def __init__(self, files: Sequence[SiffFile], *, owns: bool = False) -> None:
         self.files = list(files)
@@ -73,28 +100,15 @@ class Acquisition:
              ) -> Acquisition:
         """Open every part (paths or URLs) and own them.
 
-        Remote parts are opened at once (each open waits a round trip or more), at
-        most :attr:`opening_at_once` together; a part that fails to open raises its
-        error (the first part's in order) and no part stays open.
+        Remote parts are opened at once (:func:`open_all`); a part that fails to
+        open raises its error (the first part's in order) and no part stays open.
         """
-        files: list[SiffFile] = []
-        jobs: list[Any] = []
+        files = open_all([functools.partial(SiffFile, s, storage_options=storage_options)
+                          for s in sources], any_remote(sources))
         try:
-            if len(sources) > 1 and any(is_remote(s) for s in sources if
-                                        isinstance(s, (str, os.PathLike))):
-                with ThreadPoolExecutor(min(len(sources), cls.opening_at_once)) as pool:
-                    jobs = [pool.submit(SiffFile, s, storage_options=storage_options)
-                            for s in sources]
-                for job in jobs:
-                    files.append(job.result())  # the first failure in order raises
-            else:
-                for src in sources:
-                    files.append(SiffFile(src, storage_options=storage_options))
             return cls(files, owns=True)
         except BaseException:
-            opened = [j.result() for j in jobs
-                      if j.done() and not j.cancelled() and j.exception() is None]
-            for f in {id(f): f for f in [*files, *opened]}.values():
+            for f in files:
                 f.close()
             raise
 
