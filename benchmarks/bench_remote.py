@@ -65,9 +65,15 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_reader import parse_args, session_file  # noqa: E402
 from conftest import _RangeServer  # noqa: E402
 
+Measured = tuple[float, int, float, float]
 
-def measure(server: _RangeServer | None, fn, repeat: int = 1
-            ) -> tuple[float, int, float, float]:
+
+def median_call(runs: list[Measured]) -> Measured:
+    """The call of median seconds among ``runs`` (of :func:`measure`)."""
+    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+
+
+def measure(server: _RangeServer | None, fn, repeat: int = 1) -> Measured:
     """Run ``fn``; return (seconds, requests, MB sent by the server, CPU seconds).
 
     CPU seconds are this process's user + system time: the client's, and the
@@ -76,8 +82,7 @@ def measure(server: _RangeServer | None, fn, repeat: int = 1
     is returned (the same call on this machine varies by 30 % and more).
     """
     if repeat > 1:
-        runs = sorted((measure(server, fn) for _ in range(repeat)), key=lambda r: r[0])
-        return runs[len(runs) // 2]
+        return median_call([measure(server, fn) for _ in range(repeat)])
     r0 = 0 if server is None else server.requests + server.heads
     b0 = 0 if server is None else server.bytes_sent
     c0 = os.times()
@@ -89,9 +94,6 @@ def measure(server: _RangeServer | None, fn, repeat: int = 1
     if server is None:
         return dt, 0, 0.0, cpu
     return dt, server.requests + server.heads - r0, (server.bytes_sent - b0) / 1e6, cpu
-
-
-Measured = tuple[float, int, float, float]
 
 
 def measure_alternating(server: _RangeServer, remote, local, repeat: int
@@ -106,8 +108,7 @@ def measure_alternating(server: _RangeServer, remote, local, repeat: int
     for _ in range(repeat):
         runs[0].append(measure(server, remote))
         runs[1].append(measure(None, local))
-    med = [sorted(r, key=lambda x: x[0])[len(r) // 2] for r in runs]
-    return med[0], med[1]
+    return median_call(runs[0]), median_call(runs[1])
 
 
 #: calls per local reference and per remote traces job (the median call is reported)
