@@ -1398,3 +1398,33 @@ def test_conversion_fetches_sub_batches_ahead(tmp_path, monkeypatch):
     assert ahead[:-k] == [k] * (len(decoded) - k) and ahead[-k:] == list(range(k))[::-1], \
         ahead
     assert zs.verify(t.path, tmp_path / "s.zarr") == []
+
+
+def test_the_sidecar_is_written_while_the_plan_is_made(tmp_path, monkeypatch):
+    """On object storage the sidecar's upload waits a round trip and its transfer:
+    the conversion's start writes it beside the plan's template, not before it (an
+    upload that waits for the template to be made must not hold the start up)."""
+    import threading
+
+    from siff_xarray import SiffFile
+    from siff_xarray.store import converter as conv
+    from siff_xarray.synthetic import write_siff
+
+    t = write_siff(tmp_path / "w.siff", shape=(8, 8), channels=(1, 2), n_slices=2,
+                   n_timepoints=3, seed=4)
+    made, seen = threading.Event(), []
+    real_write, real_ome = SiffFile.write_sidecar, conv.create_ome
+
+    def waiting_write(self):  # an upload that finishes only once the template is made
+        seen.append(made.wait(10))
+        return real_write(self)
+
+    def ome(*args, **kwargs):
+        made.set()
+        return real_ome(*args, **kwargs)
+
+    monkeypatch.setattr(SiffFile, "write_sidecar", waiting_write)
+    monkeypatch.setattr(conv, "create_ome", ome)
+    zs.convert(t.path, tmp_path / "w.zarr")
+    assert seen == [True] and os.path.isfile(str(t.path) + ".siffidx")
+    assert zs.verify(t.path, tmp_path / "w.zarr") == []
