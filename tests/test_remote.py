@@ -1445,10 +1445,17 @@ def test_conversion_from_http_reads_the_file_once_in_a_few_large_ranges(http_ser
         np.testing.assert_array_equal(got.intensity.values, local.intensity.values)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["ranges", "fsspec"])
 @pytest.mark.parametrize("change", ["rewritten", "shorter", "longer"])
-def test_a_remote_source_that_changes_stops_the_conversion(http_server, tmp_path, change):
-    """Each batch checks the source (info and both ends at once) before it decodes."""
+def test_a_remote_source_that_changes_stops_the_conversion(http_server, tmp_path, change,
+                                                           direct, monkeypatch):
+    """Each batch checks the source (size, ETag and both ends at once) before it
+    decodes: through two range requests of its own, or through fsspec where the
+    URL's reads are left to fsspec."""
     from siff_xarray.errors import ConversionError
+    from siff_xarray.reader.source import FsspecSource
+
+    monkeypatch.setattr(FsspecSource, "direct_http", direct)
 
     kw = {"shape": (12, 10), "channels": (1, 2), "n_slices": 2, "n_flyback": 1,
           "n_timepoints": 6, "photons_per_frame": 300}
@@ -1471,6 +1478,40 @@ def test_a_remote_source_that_changes_stops_the_conversion(http_server, tmp_path
     with pytest.raises(ConversionError, match="changed since the conversion started"):
         zs.convert(f"{http_server.url}/c.siff", tmp_path / "c.zarr", scheduler="sync",
                    progress=change_after_first_batch, shard_bytes=2 * volume, chunk_bytes=1)
+
+
+def test_a_remote_conversion_checks_its_source_with_two_ranges_and_no_head(
+        http_server, s3_server, s3_latency, tmp_path):
+    """The check of the source before and after every batch (and the start's
+    fingerprint) asks for the file's first and last 64 KiB, whose answers carry its
+    size and ETag: two requests, no HEAD (HeadObject from S3). Before: fsspec's
+    info (a HEAD) and two GETs per check, on fsspec's event loop, which cost a
+    conversion of the benchmark file about 0.4 s of CPU (18 checks)."""
+    t = write_siff(tmp_path / "h.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=3000, seed=3)
+    size = os.path.getsize(t.path)
+    assert size > 2**17
+    volume = 2 * 3 * 16 * 12 * 2
+    kw = {"scheduler": "sync", "shard_bytes": volume, "chunk_bytes": 1}
+    url = f"{http_server.url}/h.siff"
+    zs.convert(url, tmp_path / "warm.zarr", **kw)  # (the index is cached now)
+    heads, at = http_server.heads, len(http_server.log)
+    summary = zs.convert(url, tmp_path / "h.zarr", **kw)
+    assert summary.batches >= 8 and http_server.heads == heads
+    tails = [r for r in http_server.log[at:] if r == ("/h.siff", size - 2**16, size)]
+    assert len(tails) == 2 * summary.batches + 1, tails  # the start, before and after each
+    assert zs.verify(t.path, tmp_path / "h.zarr") == []
+
+    proxy, opts = s3_latency
+    _, s3_url = _put_on_s3(s3_server, t.path, "check-bucket/h.siff")
+    zs.convert(s3_url, tmp_path / "s3warm.zarr", storage_options=opts, **kw)
+    before = dict(proxy.counts)
+    summary = zs.convert(s3_url, tmp_path / "s3.zarr", storage_options=opts, **kw)
+    assert proxy.counts.get("HEAD", 0) == before.get("HEAD", 0), (before, proxy.counts)
+    gets = proxy.counts["GET"] - before["GET"]
+    # the checks, a read of each batch's frames, the open's few
+    assert gets <= 2 * (2 * summary.batches + 1) + summary.batches + 6, (gets, summary.batches)
+    assert zs.verify(t.path, tmp_path / "s3.zarr") == []
 
 
 def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, tmp_path,
@@ -1530,8 +1571,8 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
         http_server, tmp_path, monkeypatch):
     """The start of a remote conversion (its check for unread bytes, fingerprint, plan
     and the Dataset its metadata come from) opens the source once, asks for the
-    fingerprint's info and both ends at once, and lends the open source to the first
-    batch, which is fetching its frames before it starts.
+    fingerprint's ends (their answers carry size and ETag) at once, and lends the open
+    source to the first batch, which is fetching its frames before it starts.
 
     Before: six rounds of requests before the first batch started (the check, the
     plan and the Dataset each opened the file, the fingerprint took three dependent
@@ -1597,7 +1638,7 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
 def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
         s3_server, s3_latency, tmp_path, monkeypatch):
     """From S3 the start is the open (presigned ranges: header, tail, the checked
-    IFDs), the fingerprint (HeadObject and both ends at once) and the sidecar's
+    IFDs), the fingerprint (both ends, whose answers carry size and ETag) and the sidecar's
     upload (while the plan is made), and its open is the first batch's (no other
     open before it)."""
     from conftest import _rounds

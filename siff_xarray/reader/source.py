@@ -55,6 +55,7 @@ from .http_ranges import (
     S3_STEP_ASIDE,
     DirectRanges,
     Probe,
+    S3Settings,
     StepAside,
     direct_ranges,
     s3_settings,
@@ -69,7 +70,8 @@ except ImportError:  # pragma: no cover - Windows
 #: whether another process can truncate a file this one has mapped (Windows refuses)
 _SHRINKS_UNDER_MAP = os.name != "nt"
 
-__all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source"]
+__all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source",
+           "probe_ends"]
 
 
 #: parts of a long read (or sub-batches of a conversion) fetched while one decodes:
@@ -811,17 +813,14 @@ class FsspecSource(ByteSource):
         The URL carries a signature valid for :attr:`signed_for_s` seconds, not the
         credentials; messages name the ``s3://`` URL, never the signed one.
         """
-        settings = self._s3
-        if settings is None:
+        if self._s3 is None:
             return None
-        try:
-            signed = self._fs.sign(self._path, expiration=self.signed_for_s)
-        except Exception:  # nothing to sign with (anonymous access...): s3fs reads it
+        direct = _presigned_ranges(self._fs, self._path, self.name, self._s3, self.signed_for_s)
+        if direct is None:  # nothing to sign with (anonymous access...): s3fs reads it
             self._s3 = None
             return None
         self._signed_until = time.monotonic() + self.signed_for_s / 2
-        return DirectRanges(signed, {}, settings.context, settings.connect, settings.read,
-                            name=self.name, step_aside=S3_STEP_ASIDE)
+        return direct
 
     def _sampling(self, starts: np.ndarray, stops: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -1386,6 +1385,61 @@ def _pinning_filesystem(url: str, storage_options: dict[str, Any] | None) -> Any
             fs.s3_additional_kwargs = PinnedS3Kwargs(fs.s3_additional_kwargs or {})
             _pinning[key] = fs
         return fs
+
+
+def _presigned_ranges(fs: Any, path: str, url: str, settings: S3Settings, seconds: float
+                      ) -> DirectRanges | None:
+    """Return direct reads of S3 object ``url`` through a URL s3fs presigns, or None.
+
+    None where s3fs has nothing to sign with (anonymous access...). Messages name
+    ``url``, never the signed URL, whose signature expires after ``seconds``.
+    """
+    try:
+        signed = fs.sign(path, expiration=seconds)
+    except Exception:
+        return None
+    return DirectRanges(signed, {}, settings.context, settings.connect, settings.read,
+                        name=url, step_aside=S3_STEP_ASIDE)
+
+
+def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int
+               ) -> tuple[dict[str, Any], bytes, bytes] | None:
+    """Return a remote file's ``info`` with its first and last ``nbytes``: one round trip.
+
+    The ``info`` has the keys and values fsspec's would have for what a file's
+    identity is made of (size, ETag, for S3 ``LastModified``). Two range requests
+    sent at once through :mod:`.http_ranges` (a plain http(s) URL, or an S3 object
+    through a presigned URL), none through fsspec: checking a file this way costs a
+    fraction of the CPU of fsspec's HEAD and two GETs on its event loop. None where
+    the URL or its storage options are left to fsspec, or the server answers
+    anything but the two ranges of one version of the object (the caller then asks
+    fsspec, whose answers and errors are the reference), and where
+    :attr:`FsspecSource.direct_http` is off. A timeout or an
+    unreachable server raises a RemoteAccessError naming ``url``.
+    """
+    if not FsspecSource.direct_http:
+        return None
+    settings = s3_settings(url, storage_options)
+    if settings is not None:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **with_timeouts(url, storage_options))
+        direct = _presigned_ranges(fs, path, url, settings, FsspecSource.signed_for_s)
+    else:
+        direct = direct_ranges(url, storage_options)
+    if direct is None:
+        return None
+    try:
+        probe = direct.probe(nbytes, nbytes, [], [])
+    except Exception as exc:
+        err = remote_error(url, exc)
+        if err is None:
+            raise
+        raise err from exc
+    if probe is None or len(probe.head) != min(nbytes, probe.size) or len(
+            probe.tail) != min(nbytes, probe.size):
+        return None
+    return _probed_info(probe, s3=settings is not None), probe.head, probe.tail
 
 
 def _probed_info(probe: Probe, s3: bool) -> dict[str, Any]:

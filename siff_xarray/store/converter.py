@@ -31,6 +31,7 @@ from .._remote import naming_url
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
+from ..reader.source import probe_ends
 from . import owner
 from .layout import (
     ALL_CHUNKS_STORED,
@@ -1013,41 +1014,56 @@ def _fingerprint(sources: list[str], options: dict[str, Any] | None,
     resume), so a source that is replaced, grows or is rewritten while being
     converted stops the conversion instead of mixing two files in one store.
 
-    ``sizes`` (a check: the sizes recorded before) lets a remote file's ends be
+    A remote file's size, ETag and ends come from two range requests sent at once
+    where its URL allows (:func:`~siff_xarray.reader.source.probe_ends`), else from
+    fsspec, where ``sizes`` (a check: the sizes recorded before) lets its ends be
     requested together with its info, in one round trip instead of three.
     """
-    import fsspec
-
     out = []
     for k, src in enumerate(sources):
-        fs, path = fsspec.core.url_to_fs(src, **(options or {}))
-        # two exact ranges: a file object would read ahead a whole block (5 MiB over
-        # HTTP, 50 MiB on S3) at each end, before and after every batch
-        def ends(n: int) -> list[tuple[int, int]]:
-            return [(0, min(n, _FINGERPRINT_BYTES)), (max(0, n - _FINGERPRINT_BYTES), n)]
-
-        guess = None
-        if sizes is not None and is_remote(src):
-            with ThreadPoolExecutor(3) as pool:
-                info_job = pool.submit(fs.info, path)
-                parts = [pool.submit(fs.cat_file, path, start=a, end=b)
-                         for a, b in ends(sizes[k])]
-                info = info_job.result()
-                with contextlib.suppress(Exception):  # a shorter file: its size tells
-                    guess = [p.result() for p in parts]
+        got = probe_ends(src, options, _FINGERPRINT_BYTES) if is_remote(src) else None
+        if got is not None:  # no HEAD, and none of fsspec's event-loop CPU
+            info, *ends = got
         else:
-            info = fs.info(path)
-        size = int(info["size"])
+            info, ends = _fsspec_identity(src, options, None if sizes is None else sizes[k])
         stamp = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified",
                                               "last_modified") if info.get(k) is not None), "")
         if not is_remote(src):  # the inode change time: os.utime cannot set it back
             stamp += f"/ctime {os.stat(local_path(src)).st_ctime_ns}"
-        if guess is None or size != sizes[k]:
-            guess = [fs.cat_file(path, start=a, end=b) for a, b in ends(size)]
-        digest = hashlib.sha256(guess[0])
-        digest.update(guess[1])
-        out.append({"source": src, "size": size, "stamp": stamp, "sha256": digest.hexdigest()})
+        digest = hashlib.sha256(ends[0])
+        digest.update(ends[1])
+        out.append({"source": src, "size": int(info["size"]), "stamp": stamp,
+                    "sha256": digest.hexdigest()})
     return out
+
+
+def _fsspec_identity(src: str, options: dict[str, Any] | None, size: int | None
+                     ) -> tuple[dict[str, Any], list[bytes]]:
+    """Return fsspec's ``info`` of ``src`` and its first and last 64 KiB.
+
+    With ``size`` (the size recorded before) a remote file's ends are requested
+    together with its info.
+    """
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(src, **(options or {}))
+
+    # two exact ranges: a file object would read ahead a whole block (5 MiB over
+    # HTTP, 50 MiB on S3) at each end, before and after every batch
+    def ends(n: int) -> list[tuple[int, int]]:
+        return [(0, min(n, _FINGERPRINT_BYTES)), (max(0, n - _FINGERPRINT_BYTES), n)]
+
+    if size is not None and is_remote(src):
+        with ThreadPoolExecutor(3) as pool:
+            info_job = pool.submit(fs.info, path)
+            parts = [pool.submit(fs.cat_file, path, start=a, end=b) for a, b in ends(size)]
+            info = info_job.result()
+            if int(info["size"]) == size:  # else: a shorter file, whose size tells
+                with contextlib.suppress(Exception):
+                    return info, [p.result() for p in parts]
+    else:
+        info = fs.info(path)
+    return info, [fs.cat_file(path, start=a, end=b) for a, b in ends(int(info["size"]))]
 
 
 def _check_fingerprint(sources: list[str], options: dict[str, Any] | None,
