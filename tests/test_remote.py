@@ -1766,8 +1766,49 @@ def test_a_remote_conversion_predicts_no_reads_and_moves_each_frame_once(
     assert predicted
 
 
-def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
-        http_server, tmp_path, monkeypatch):
+def test_run_sources_hand_a_reserved_batch_on_with_its_source():
+    """A batch near its end reserves the next one (its source fetches that batch's
+    first bytes); no other thread takes it meanwhile, one that finds nothing else
+    waits (take gives None), and the batch goes with the source that fetched it;
+    a failed batch gives its reservation back."""
+    from siff_xarray.errors import ConversionError
+    from siff_xarray.store.converter import _RunSources
+
+    class Src:
+        def prefetch(self, frames):
+            pass
+
+        frame_bytes = np.ones(10, dtype=np.int64)
+
+        def parts_ahead(self):
+            return 4
+
+    class P:
+        batch_frames = ((0, 2), (2, 4), (4, 6), (6, 8))
+
+    a, b = Src(), Src()
+    run = _RunSources([0, 1, 2, 3])
+    assert run.take() == 0 and run.take() == 1
+    assert run.reserve(a) == 2 and run.reserve(a) == 2  # (asked again: the same)
+    assert run.reserve(b) == 3
+    assert run.take() is None  # both left are reserved: wait for their sources
+    run.unreserve(b)  # b's batch failed: batch 3 goes back
+    assert run.take() == 3 and run.source(3) is None  # (no source holds its bytes)
+    run.pass_on(a, P())  # a read its batch's last byte: batch 2 goes with it
+    assert run.take() == 2 and run.source(2) is a
+    with pytest.raises(ConversionError, match="no batch left"):
+        run.take()
+
+
+@pytest.mark.parametrize("per_batch", [3, 6, 12])
+def test_a_remote_conversion_fetches_a_batch_ahead_and_more_on_a_far_link(
+        http_server, tmp_path, monkeypatch, per_batch):
+    """Sub-batches on their way while one decodes: PARTS_AHEAD, twice that on a far
+    link, and at least a batch's (at most twice PARTS_AHEAD), across the batches:
+    a batch near its end asks for the next one's first sub-batches. Before, the
+    window ended with each batch (the next batch's asked for when it had read its
+    last byte) and held PARTS_AHEAD whatever the batches' size, so the next
+    batch's later sub-batches were asked for only when it decoded."""
     from siff_xarray.reader import http_ranges
     from siff_xarray.reader.acquisition import Acquisition
     from siff_xarray.reader.source import PARTS_AHEAD
@@ -1775,7 +1816,7 @@ def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
 
     t = write_siff(tmp_path / "c.siff", shape=(16, 16), n_timepoints=40,
                    photons_per_frame=300, seed=2)
-    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 2000)  # a few frames each
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 1)  # a frame each
     real_prefetch, real_decode = Acquisition.prefetch, Acquisition.decode_into
     events = []
     monkeypatch.setattr(Acquisition, "prefetch", lambda self, fr: (
@@ -1786,12 +1827,23 @@ def test_a_remote_conversion_on_a_far_link_fetches_more_sub_batches_ahead(
     for name, first in (("near", 0.02), ("far", 0.05)):
         monkeypatch.setattr(http_ranges.Link, "first_byte_s", property(lambda _, s=first: s))
         events.clear()
-        zs.convert(f"{http_server.url}/c.siff", tmp_path / f"{name}.zarr", scheduler="sync")
+        summary = zs.convert(f"{http_server.url}/c.siff", tmp_path / f"{name}.zarr",
+                             scheduler="sync", shard_bytes=per_batch * 16 * 16 * 2,
+                             chunk_bytes=1)
+        assert summary.batches >= 40 // per_batch
         assert zs.verify(t.path, tmp_path / f"{name}.zarr") == []
         # sub-batches asked for ahead of each one that decodes (distinct, still to come)
-        most[name] = max(len({g for w, g in events[:k] if w == "ahead" and g > fr})
-                         for k, (what, fr) in enumerate(events) if what == "decode")
-    assert most == {"near": PARTS_AHEAD, "far": 2 * PARTS_AHEAD}, most
+        ahead = [len({g for w, g in events[:k] if w == "ahead" and g > fr})
+                 for k, (what, fr) in enumerate(events) if what == "decode"]
+        most[name] = max(ahead)
+        # as many in every batch but the last ones (fewer sub-batches left), near a
+        # batch's end too; at least the next batch's where the window is longer
+        body = ahead[:-2 * per_batch]
+        assert body and min(body) >= min(most[name], per_batch), ahead
+    window = {"near": max(PARTS_AHEAD, min(per_batch, 2 * PARTS_AHEAD)),
+              "far": 2 * PARTS_AHEAD}
+    # (the window runs into the next batch, not the one after it)
+    assert most == {k: min(w, 2 * per_batch - 1) for k, w in window.items()}, most
 
 
 def test_a_remote_split_acquisition_converts_in_order_across_its_parts(http_server,

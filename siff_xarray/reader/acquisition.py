@@ -194,6 +194,11 @@ class Acquisition:
         """Parts of a long read to have on their way while one decodes (more on a far link)."""
         return max(f._parts_ahead() for f in self.files)
 
+    def keep_parts_ahead(self, n: int) -> None:
+        """As :meth:`SiffFile.keep_parts_ahead`, for every part."""
+        for f in self.files:
+            f.keep_parts_ahead(n)
+
     def prefetch(self, frames: np.ndarray) -> None:
         """As :meth:`SiffFile.prefetch` (frames ascending)."""
         for f, local in self._pieces(frames):

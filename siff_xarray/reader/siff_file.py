@@ -410,6 +410,17 @@ class SiffFile(PhotonReductions):
         edges = np.unique(np.concatenate([[0], cuts, [len(f)]]).clip(0, len(f)))
         return [slice(a, b) for a, b in itertools.pairwise(edges.tolist())]
 
+    def keep_parts_ahead(self, n: int) -> None:
+        """Have at least ``n`` parts of a long read on their way, held by the source.
+
+        For a reader that fetches its next parts itself (:meth:`prefetch`) in bursts
+        longer than the usual :data:`~.source.PARTS_AHEAD`: the converter fetches a
+        whole batch while it writes the one before. The source holds that many
+        parts (and the one decoding) instead of dropping the oldest. Set it before
+        a read starts (it is fixed while parts are held).
+        """
+        self._source.least_parts_ahead = int(n)
+
     def _parts_ahead(self) -> int:
         # more on a far link (FsspecSource.parts_ahead), never fewer than asked for
         return max(self.read_ahead_parts, self._source.parts_ahead())

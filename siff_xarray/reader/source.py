@@ -275,9 +275,13 @@ class ByteSource:
         """Gaps up to this many bytes between ranges (in file order) are read through."""
         return self.coalesce_gap
 
+    #: parts a long read keeps on their way at least, where a reader asks for more
+    #: than :data:`PARTS_AHEAD` (:meth:`SiffFile.keep_parts_ahead`)
+    least_parts_ahead = 0
+
     def parts_ahead(self) -> int:
         """Parts of a long read to have on their way while one decodes (:data:`PARTS_AHEAD`)."""
-        return PARTS_AHEAD
+        return max(PARTS_AHEAD, self.least_parts_ahead)
 
     def reads_gaps(self, widest_gap: int) -> bool:
         """Whether gaps of up to ``widest_gap`` bytes between ranges are best read through.
@@ -1027,16 +1031,18 @@ class FsspecSource(ByteSource):
 
         ``ahead_spans - 1`` (:data:`PARTS_AHEAD`), twice that on a far link (see
         :attr:`far_first_byte_s`; the latency of each part's requests is then
-        longer than the transfer of the parts before it). Decided when no span is
-        held, so a read keeps one answer: were it to fall while parts are on
-        their way, they would be dropped and fetched again.
+        longer than the transfer of the parts before it), or
+        :attr:`least_parts_ahead` where more. Decided when no span is held, so a
+        read keeps one answer: were it to fall while parts are on their way, they
+        would be dropped and fetched again.
         """
         direct = self._direct
         with self._lock:  # fixed while spans are held: a read's parts stay on their way
             if not (self._ahead and self._parts_now):
                 first = None if direct is None else direct.link.first_byte_s
                 far = first is not None and first >= self.far_first_byte_s
-                self._parts_now = (self.ahead_spans - 1) * (2 if far else 1)
+                self._parts_now = max((self.ahead_spans - 1) * (2 if far else 1),
+                                      self.least_parts_ahead)
             return self._parts_now
 
     def will_need(self, start: int, stop: int) -> None:
