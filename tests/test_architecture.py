@@ -15,7 +15,7 @@ import pytest
 import siff_xarray
 
 ROOT = Path(siff_xarray.__file__).resolve().parent
-LEAVES = {"errors", "_version", "_paths", "_lazy", "_remote", "_progress"}
+LEAVES = {"errors", "_version", "_paths", "_lazy", "_remote", "_progress", "_allocator"}
 # what each unit may import (besides itself and the leaves)
 ALLOWED = {
     "_options": {"format"},

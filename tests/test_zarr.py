@@ -333,9 +333,87 @@ def test_distributed_processes(siff_files, tmp_path):
         zs.convert(t.path, out, scheduler=client, **_small_shards(t),
                    progress=lambda p: seen.append((p.batches_done, p.batches_total,
                                                    p.frames_done, p.photons_done)))
+        # dask starts its workers with MALLOC_TRIM_THRESHOLD_ set, which fixes glibc's
+        # mmap threshold at 128 KiB: the batches raised it, the run's end restored it
+        # (siff_xarray._allocator)
+        tuned = client.run(lambda: (__import__("siff_xarray._allocator").
+                                    _allocator.times_tuned,
+                                    __import__("siff_xarray._allocator")._allocator.tuned))
+        fixed = client.run(lambda: __import__("siff_xarray._allocator").
+                           _allocator.fixed_mmap_threshold())
     assert _tree(out) == _tree(ref)
     assert [s[0] for s in seen] == list(range(1, len(seen) + 1)) and seen[-1][0] == seen[-1][1]
     assert seen[-1][2] == t.n_frames and seen[-1][3] == len(t.arrival)
+    if sys.platform.startswith("linux") and all(fixed.values()):
+        # every worker that converted a batch raised them once, and none still has them
+        assert all(n <= 1 and not now for n, now in tuned.values()), tuned
+        assert sum(n for n, _ in tuned.values()) >= 1, tuned
+
+
+@pytest.mark.parametrize(("env", "fixed"), [
+    ({}, False),
+    ({"MALLOC_TRIM_THRESHOLD_": "65536"}, True),
+    ({"MALLOC_TOP_PAD_": "0"}, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536"}, True),
+    ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "131072"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=9"}, False),
+])
+def test_which_environments_fix_the_mmap_threshold(env, fixed):
+    from siff_xarray._allocator import fixed_mmap_threshold
+
+    assert fixed_mmap_threshold(env) is fixed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_conversion_lets_freed_buffers_be_reused_and_gives_memory_back_after():
+    """A process started with MALLOC_TRIM_THRESHOLD_ (as dask's workers are) maps
+    every buffer of 128 KiB or more afresh: 1 MiB arrays allocated and freed in turn
+    each fault their 256 pages in. While a conversion runs they reuse the heap; when
+    the last one ends the process's settings are back, its free memory handed back
+    (its RSS falls back to where it was before the conversion's buffers)."""
+    code = textwrap.dedent("""
+        import resource, numpy as np
+        from siff_xarray import _allocator
+
+        def faults():
+            r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(200):
+                a = np.ones(2**20, dtype=np.uint8)
+                del a
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+
+        def rss_kib():
+            return int(next(l for l in open("/proc/self/status")
+                            if l.startswith("RssAnon")).split()[1])
+
+        before = faults()
+        raised = _allocator.raise_thresholds("run-a")
+        _allocator.raise_thresholds("run-b")
+        during = faults()
+        rss0 = rss_kib()
+        kept = [np.ones(2**19, dtype=np.uint8) for _ in range(200)]  # 100 MiB on the heap
+        del kept[:-1]  # freed, below the last one: no trim gives it back
+        rss1 = rss_kib()
+        _allocator.restore_thresholds("run-a")
+        still = _allocator.tuned
+        _allocator.restore_thresholds("run-b")
+        rss2 = rss_kib()
+        del kept  # the heap is free to its top: nothing left to reuse below 128 KiB maps
+        print(before, raised, during, still, _allocator.tuned, faults(), rss0, rss1, rss2)
+    """)
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    before, raised, during, still, tuned, after = (int(out[0]), out[1], int(out[2]),
+                                                   out[3], out[4], int(out[5]))
+    rss0, rss1, rss2 = (int(x) for x in out[6:9])
+    if raised == "False":  # (not glibc)
+        pytest.skip("mallopt is not available")
+    assert before > 200 * 200 and during < before / 20, (before, during)
+    assert still == "True" and tuned == "False"  # restored after the last run only
+    assert after > before / 2, (before, after)  # the environment's settings again
+    assert rss1 - rss0 > 90 * 1024 and rss2 - rss0 < 10 * 1024, (rss0, rss1, rss2)
 
 
 def test_existing_stores_are_protected(siff_files, tmp_path):

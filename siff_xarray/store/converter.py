@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .._allocator import raise_thresholds, restore_thresholds
 from .._paths import expand, has_glob, is_remote, local_path, normalize
 from .._progress import Reporter, short_name
 from .._remote import naming_url
@@ -383,11 +384,12 @@ def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
 
 
 def _forget_sources(run_id: str) -> None:
-    """Close the sources kept for run ``run_id`` in this process."""
+    """Close the sources kept for run ``run_id`` in this process, restore its malloc settings."""
     with _runs_changed:
         run = _runs.pop(run_id, None)
         _ended.add(run_id)
         _runs_changed.notify_all()
+    restore_thresholds(run_id)  # this process's memory settings back, if the run raised them
     for f in run.sources() if run is not None else []:
         f.close()
 
@@ -494,6 +496,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     of source data; photons stream into whole ``arrival_time`` shards, so memory
     stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
     """
+    raise_thresholds(run_id)  # where a dask worker's environment fixed glibc's (_allocator)
     plan = Plan.from_json(plan_json)
     target = Target(plan.destination, plan.destination_options)
     context = f"{plan.destination}: batch {b}"
