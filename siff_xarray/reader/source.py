@@ -1442,8 +1442,7 @@ def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int
         if err is None:
             raise
         raise err from exc
-    if probe is None or len(probe.head) != min(nbytes, probe.size) or len(
-            probe.tail) != min(nbytes, probe.size):
+    if probe is None or not len(probe.head) == len(probe.tail) == min(nbytes, probe.size):
         return None
     return _probed_info(probe, s3=settings is not None), probe.head, probe.tail
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .._allocator import raise_thresholds, restore_thresholds
-from .._paths import expand, has_glob, is_remote, local_path, normalize
+from .._paths import any_remote, expand, has_glob, is_remote, local_path, normalize
 from .._progress import Reporter, short_name
 from .._remote import naming_url
 from ..errors import ConversionError
@@ -180,7 +180,7 @@ def _streaming(f: Acquisition, plan: Plan) -> Acquisition:
     ones); unpaced within noise.
     """
     _fetching_itself(f)
-    if any(is_remote(s) for s in plan.sources):
+    if any_remote(plan.sources):
         most = max((len(_sub_batches(f, *fr)) for fr in plan.batch_frames), default=0)
         f.keep_parts_ahead(min(most, 2 * PARTS_AHEAD))
     return f
@@ -318,7 +318,7 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
     batch's first bytes ahead, if any) and returned when the batch has read its
     bytes; a batch that fails closes it.
     """
-    if not any(is_remote(s) for s in plan.sources):
+    if not any_remote(plan.sources):
         with _open_source(plan) as f:
             yield f
         return
@@ -1231,7 +1231,7 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
     tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id))
     plan_json = plan.to_json()
     # one process: its threads take the batches in order (see _RunSources)
-    in_order = scheduler in _THREADED and any(is_remote(s) for s in plan.sources)
+    in_order = scheduler in _THREADED and any_remote(plan.sources)
     if lead is not None and not (todo and in_order):  # the batches open their sources
         lead.close()
         lead = None
