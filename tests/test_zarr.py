@@ -350,6 +350,21 @@ def test_distributed_processes(siff_files, tmp_path):
         assert sum(n for n, _ in tuned.values()) >= 1, tuned
 
 
+def test_a_batch_of_a_run_that_ended_here_leaves_the_malloc_settings(monkeypatch):
+    """The thresholds a batch raises are restored when its run ends in the process; a
+    batch that starts after that (a distributed task still running when another
+    failed) must not raise them again, or nothing would restore them."""
+    from siff_xarray.store import converter as conv
+
+    raised = []
+    monkeypatch.setattr(conv, "raise_thresholds", raised.append)
+    monkeypatch.setattr(conv, "_ended", {"ended-run"})
+    for run_id in ("ended-run", "live-run"):
+        with pytest.raises(Exception):  # noqa: B017 (the plan is not one: it stops there)
+            conv._write_batch("{}", 0, run_id)
+    assert raised == ["live-run"]
+
+
 @pytest.mark.parametrize(("env", "fixed"), [
     ({}, False),
     ({"MALLOC_TRIM_THRESHOLD_": "65536"}, True),

@@ -496,7 +496,9 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     of source data; photons stream into whole ``arrival_time`` shards, so memory
     stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
     """
-    raise_thresholds(run_id)  # where a dask worker's environment fixed glibc's (_allocator)
+    with _runs_lock:  # where a dask worker's environment fixed glibc's (_allocator); not
+        if run_id not in _ended:  # for a run that ended here: nothing would restore them
+            raise_thresholds(run_id)
     plan = Plan.from_json(plan_json)
     target = Target(plan.destination, plan.destination_options)
     context = f"{plan.destination}: batch {b}"
