@@ -589,6 +589,30 @@ def test_mixed_tiff_and_photon_parts_are_refused(tmp_path):
         zs.convert_file([a.path, b.path], tmp_path / "m.zarr")
 
 
+def test_a_failed_plan_waits_for_the_sidecar_uploads(tmp_path, monkeypatch):
+    # the uploads run while the plan is made; when the plan fails, convert returns
+    # only after they ended (the caller closes the sources they write from)
+    import time
+
+    from siff_xarray import SiffFile
+
+    a = write_siff(tmp_path / "i.tif", shape=(6, 6), n_timepoints=2, format="tiff")
+    b = write_siff(tmp_path / "p.siff", shape=(6, 6), n_timepoints=2)
+    ended = []
+    real_write = SiffFile.write_sidecar
+
+    def slow_write(self):
+        time.sleep(0.3)
+        out = real_write(self)
+        ended.append(out)
+        return out
+
+    monkeypatch.setattr(SiffFile, "write_sidecar", slow_write)
+    with pytest.raises(ConversionError, match="mixes"):
+        zs.convert_file([a.path, b.path], tmp_path / "m.zarr")
+    assert len(ended) == 2
+
+
 def test_s3_to_s3_end_to_end(s3_server, tmp_path):
     import s3fs
 

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -595,8 +595,6 @@ def _prepare(sources: list[str], target: Target, build: Target,
     ``lead`` holds the sources, open (see :func:`_open_lead`). Returns the plan of
     the conversion into ``target``.
     """
-    import zarr
-
     from ..backend import open_acquisition, open_siff
 
     # lossless: the frames of a partial last volume are converted too; the Dataset is
@@ -609,6 +607,23 @@ def _prepare(sources: list[str], target: Target, build: Target,
     uploads = ThreadPoolExecutor(1)
     sidecars = [uploads.submit(part.write_sidecar) for part in f.files]
     uploads.shutdown(wait=False)
+    try:
+        plan = _plan(sources, target, build, source_options, shard_bytes, chunk_bytes,
+                     arrival_dtype, ome, ome_levels, f, ds)
+    finally:  # the uploads end before the caller may close the sources, also on errors
+        wait(sidecars)
+    for job in sidecars:
+        job.result()
+    return plan
+
+
+def _plan(sources: list[str], target: Target, build: Target,
+          source_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
+          arrival_dtype: str, ome: bool, ome_levels: int | None, f: Acquisition,
+          ds: Any) -> Plan:
+    """Create the arrays of :func:`_prepare` and return the plan (``f``: the sources)."""
+    import zarr
+
     tiff = f.encoding == ENC_TIFF
     if tiff.any() and not tiff.all():
         raise ConversionError(
@@ -731,8 +746,6 @@ def _prepare(sources: list[str], target: Target, build: Target,
     if len(fly_frames) and any(fb % per_batch_fly for fb in flyback_base):
         raise ConversionError("internal: flyback rows are not chunk-aligned")  # pragma: no cover
 
-    for job in sidecars:
-        job.result()
     return Plan(sources=list(sources), source_options=source_options,
                  destination=target.destination, destination_options=target.storage_options,
                  shard_t=st, n_timepoints=n_t, batch_frames=batch_frames,
