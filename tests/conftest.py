@@ -164,6 +164,9 @@ class _RangeServer:
         self.cut = 0
         #: connections accepted (with keep_alive, fewer than requests)
         self.connections = 0
+        #: send weak ETags (``W/"..."``), which If-Match never matches (as servers
+        #: that compress or generate what they serve do)
+        self.weak_etags = False
         #: when each request arrived (``time.monotonic()``): see :meth:`round_trips`
         self.arrivals = []
         self.lock = threading.Lock()
@@ -201,7 +204,9 @@ class _RangeServer:
                     self.send_error(404)
                     return None
                 want = self.headers.get("If-Match") if server.etags else None
-                if want is not None and want not in ("*", self._etag(p)):
+                # (If-Match compares strongly: a weak ETag never matches)
+                if want is not None and want != "*" and (want != self._etag(p)
+                                                         or server.weak_etags):
                     with server.lock:
                         server.refused += 1
                     self.send_error(412)
@@ -210,7 +215,7 @@ class _RangeServer:
 
             def _etag(self, p):
                 st = os.stat(p)
-                return f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+                return ("W/" if server.weak_etags else "") + f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
 
             def do_HEAD(self):
                 with server.lock:

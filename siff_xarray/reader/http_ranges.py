@@ -334,6 +334,9 @@ class DirectRanges:
         self._key = (self._scheme, self._host, self._port, id(context))
         #: what requests to this server cost (shared with its other objects)
         self.link = link(self._scheme, self._host, self._port)
+        #: the ETag every answer must carry, where one is sent (None: not checked);
+        #: weakly compared, so a weak ETag, which If-Match cannot require, is checked
+        self.expected_etag: str | None = None
 
     def fetch_into(self, out: memoryview, starts: list[int], stops: list[int],
                    at: list[int], headers: dict[str, str] | None = None) -> list[int]:
@@ -487,6 +490,7 @@ class DirectRanges:
                 status = resp.status
                 if status == 206 or (status == 200 and start == 0
                                      and resp.length == stop - start):
+                    self._check_version(resp)
                     return self._receive(resp, sock, out, start, stop, at)
                 self._finish(resp, small=status != 200)
             except (ConnectionError, http.client.HTTPException) as exc:
@@ -516,6 +520,18 @@ class DirectRanges:
                 time.sleep(0.1 * 2**attempt)
                 continue
             raise HTTPStatusError(self.url, status, resp.reason)
+
+    def _check_version(self, resp: http.client.HTTPResponse) -> None:
+        """Refuse an answer from another version of the object than :attr:`expected_etag`.
+
+        Raised as the server's own refusal would be (412), so the caller reports
+        the object as replaced. An answer without an ETag is taken as it is.
+        """
+        tag = resp.getheader("ETag")
+        if self.expected_etag and tag and _opaque(tag) != _opaque(self.expected_etag):
+            resp.close()
+            raise HTTPStatusError(self.url, 412, f"the object's ETag is now {tag}, "
+                                  f"not {self.expected_etag}")
 
     def _receive(self, resp: http.client.HTTPResponse, sock: Any, out: memoryview,
                  start: int, stop: int, at: int) -> int:
@@ -601,6 +617,11 @@ def _receive_whole(resp: http.client.HTTPResponse, sock: socket.socket, view: me
         sock.settimeout(before)
         resp.length = left - got  # the body the response itself has left to read
     return got
+
+
+def _opaque(etag: str) -> str:
+    """Return an ETag without its weakness mark (weak comparison, RFC 9110 8.8.3.2)."""
+    return etag[2:] if etag.startswith("W/") else etag
 
 
 def _content_size(value: str) -> int:

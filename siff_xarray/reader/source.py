@@ -693,9 +693,14 @@ class FsspecSource(ByteSource):
             raise SiffFormatError(url, f"the object was replaced since it was first opened "
                                   f"(ETag {version}, now {etag}); open it again")
         kind = pin_kind(url, etag)
-        #: the ETag every read of this file's bytes requires (None: reads are not pinned);
-        #: a server refuses a read of another version (412)
-        self.version: str | None = etag if kind else None
+        #: the ETag every read of this file's bytes requires (None: reads are not pinned):
+        #: a server refuses a read of another version (412, ``If-Match``); a weak ETag
+        #: (never equal under If-Match) is compared with each direct read's answer instead
+        self.version: str | None = etag if kind or (etag and direct is not None) else None
+        #: whether reads send ``If-Match: version`` (a strong ETag)
+        self._if_match = kind is not None
+        if direct is not None:
+            direct.expected_etag = self.version
         self._pin: str | None = None  # set for S3: the reads' context carries it
         self._required, self._options = version, storage_options
         if kind == "headers":
@@ -741,8 +746,9 @@ class FsspecSource(ByteSource):
             return None
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
         try:
+            strong = version and not version.startswith("W/")  # (If-Match: strong only)
             return direct.probe(self.head_bytes, self.tail_bytes, starts, stops,
-                                {"If-Match": version} if version else None)
+                                {"If-Match": version} if strong else None)
         except TimeoutError:
             raise
         except Exception:  # fsspec asks again and reports
@@ -781,9 +787,12 @@ class FsspecSource(ByteSource):
             return False
         self._adopt(info)
         self.version = etag
+        self._if_match = pin_kind(self.name, etag) is not None
+        if self._direct is not None:
+            self._direct.expected_etag = etag
         if self._pin is not None:
             self._pin = etag
-        else:
+        elif self._if_match:
             self._fs = self._pinned_http(etag)
         return True
 
@@ -1131,13 +1140,17 @@ class FsspecSource(ByteSource):
         the server redirected, or refused the signature).
         """
         if self._s3 is not None and time.monotonic() > self._signed_until:
-            self._direct = self._presigned()
+            renewed = self._presigned()
+            if renewed is not None:
+                renewed.expected_etag = self.version
+            self._direct = renewed
         direct = self._direct
         if direct is None:
             return None
         try:
             got = self._network(lambda: direct.fetch_into(
-                out, starts, stops, at, {"If-Match": self.version} if self.version else None))
+                out, starts, stops, at,
+                {"If-Match": self.version} if self.version and self._if_match else None))
         except StepAside:
             self._direct = self._s3 = None
             return None
