@@ -1,0 +1,115 @@
+"""Remote conversion with the loopback server in a process of its own: whose CPU is it?
+
+Run from the repository root (after the README's test set-up):
+
+    .venv/bin/python benchmarks/bench_remote_split.py                # 0.83 GB file, 20 ms
+    .venv/bin/python benchmarks/bench_remote_split.py --latency 50 --repeats 5
+
+``bench_remote.py`` runs the server in its own process, where the server's CPU
+(sending the file) and the client's (receiving it) add up and share one GIL. Here
+the tests' loopback range server (127.0.0.1 only, connections kept open as S3
+does) runs in a child process; the conversion of the benchmark file from it runs
+``--repeats`` times, alternated with a local conversion of the same file (the
+machine's speed drifts over a run). Printed: the medians of wall time, of this
+process's CPU (user + system) and of the server process's CPU over the same calls,
+and the ratio of the remote median to the local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_reader import session_file  # noqa: E402
+
+#: the child process: serve a directory at a latency, print the URL, wait to be killed
+SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import _RangeServer
+s = _RangeServer(sys.argv[1]); s.latency = float(sys.argv[2]); s.keep_alive = True
+print(s.url, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    import numpy as np
+
+    import siff_xarray
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--volumes", type=int, default=700)
+    ap.add_argument("--photons", type=float, default=24000)
+    ap.add_argument("--latency", type=float, default=20.0, help="ms added per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    src = session_file(args.volumes, args.photons, None)
+    warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp_name:
+        tmp = Path(tmp_name)
+        served = tmp / "served"
+        served.mkdir()
+        os.link(src, served / "run.siff") if src.stat().st_dev == served.stat().st_dev \
+            else shutil.copy(src, served / "run.siff")
+        local = str(served / "run.siff")
+        code = SERVER.format(tests=str(HERE.parent / "tests"))
+        server = subprocess.Popen([sys.executable, "-c", code, str(served),
+                                   str(args.latency / 1000)], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            url = server.stdout.readline().strip() + "/run.siff"
+
+            def convert(path: str) -> None:
+                siff_xarray.convert(path, tmp / "out.zarr", overwrite=True)
+                shutil.rmtree(tmp / "out.zarr")
+                Path(local + ".siffidx").unlink(missing_ok=True)
+
+            def measure(path: str) -> tuple[float, float, float]:
+                s0, c0, t0 = process_cpu(server.pid), os.times(), time.perf_counter()
+                convert(path)
+                dt, c1 = time.perf_counter() - t0, os.times()
+                return (dt, c1.user - c0.user + c1.system - c0.system,
+                        process_cpu(server.pid) - s0)
+
+            convert(local)  # warm-up: Numba cache, page cache, connections
+            convert(url)
+            runs: dict[str, list] = {"remote": [], "local": []}
+            for _ in range(args.repeats):
+                runs["remote"].append(measure(url))
+                runs["local"].append(measure(local))
+        finally:
+            server.kill()
+            server.wait()
+    print(f"file: {src.name}, {src.stat().st_size / 1e6:.0f} MB; {args.latency:g} ms per "
+          f"request; medians of {args.repeats} calls each, alternated")
+    print("| job | seconds | client CPU s | server CPU s |")
+    print("|---|---:|---:|---:|")
+    for name, rows in runs.items():
+        wall, client, served_cpu = np.median(np.array(rows), axis=0)
+        print(f"| {name} convert | {wall:.2f} | {client:.2f} | {served_cpu:.2f} |")
+    ratio = (np.median([r[0] for r in runs["remote"]])
+             / np.median([r[0] for r in runs["local"]]))
+    print(f"remote / local: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
