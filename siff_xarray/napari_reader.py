@@ -25,6 +25,7 @@ packages' public names.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +67,13 @@ def read(path: str | list[str]) -> list[LayerData]:
     from .store import is_converted_store, open_converted
 
     p = os.fspath(path[0] if isinstance(path, (list, tuple)) else path)
-    ds = (open_converted(p, chunks={"time": 1}) if is_converted_store(p)
-          else xr.open_dataset(p, engine="siff", chunks={"time": 1}))
+    with warnings.catch_warnings():
+        # one timepoint per chunk on purpose: a viewer shows one at a time, and
+        # decoding the neighbours sharing a file's or store's chunk would slow each step
+        warnings.filterwarnings("ignore", message="The specified chunks separate",
+                                category=UserWarning)
+        ds = (open_converted(p, chunks={"time": 1}) if is_converted_store(p)
+              else xr.open_dataset(p, engine="siff", chunks={"time": 1}))
     return layers(ds, name=short_name(p))
 
 

@@ -48,10 +48,14 @@ def test_reader_finds_siff_files_and_store_roots_only(files, tmp_path):
 
 @pytest.mark.parametrize("which", ["n.siff", "n.zarr"])
 def test_layers_have_physical_scale_colours_contrast_and_lazy_lifetimes(files, which):
+    import warnings
+
     import dask.array as da
 
     t, d = files
-    out = read(str(d / which))
+    with warnings.catch_warnings():  # a viewer's user sees no warning about its chunks
+        warnings.simplefilter("error")
+        out = read(str(d / which))
     names = [meta["name"] for _, meta, _ in out]
     assert names == [f"{which} Channel 1", f"{which} Channel 2",
                      f"{which} Channel 1 lifetime", f"{which} Channel 2 lifetime"]
