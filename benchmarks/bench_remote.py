@@ -144,6 +144,16 @@ def download(fs, url: str, direct, size: int, inflight: int, step: int = 4 * 2**
             direct.fetch_into(mem, part, stops, [i * step for i in range(len(part))])
 
 
+def served_copy(src: Path, tmp: Path) -> str:
+    """Put ``src`` in a new ``tmp/served`` directory as ``run.siff`` (a hard link where
+    it can be); return its path. The server serves that directory."""
+    served = tmp / "served"
+    served.mkdir()
+    os.link(src, served / "run.siff") if src.stat().st_dev == served.stat().st_dev \
+        else shutil.copy(src, served / "run.siff")
+    return str(served / "run.siff")
+
+
 def cores() -> int:
     """CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
@@ -168,11 +178,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:
         tmp = Path(tmp)
-        served = tmp / "served"
-        served.mkdir()
-        os.link(src, served / "run.siff") if src.stat().st_dev == served.stat().st_dev \
-            else shutil.copy(src, served / "run.siff")
-        local = str(served / "run.siff")
+        local = served_copy(src, tmp)
+        served = Path(local).parent
 
         def traces(path: str, chunks, plane: int | None = None) -> None:
             with xr.open_dataset(path, engine="siff", chunks=chunks,

@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_reader import session_file  # noqa: E402
+from bench_remote import served_copy  # noqa: E402
 
 #: the child process: serve a directory at a latency, print the URL, wait to be killed
 SERVER = """
@@ -66,11 +67,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp_name:
         tmp = Path(tmp_name)
-        served = tmp / "served"
-        served.mkdir()
-        os.link(src, served / "run.siff") if src.stat().st_dev == served.stat().st_dev \
-            else shutil.copy(src, served / "run.siff")
-        local = str(served / "run.siff")
+        local = served_copy(src, tmp)
+        served = Path(local).parent
         code = SERVER.format(tests=str(HERE.parent / "tests"))
         server = subprocess.Popen([sys.executable, "-c", code, str(served),
                                    str(args.latency / 1000)], stdout=subprocess.PIPE,
