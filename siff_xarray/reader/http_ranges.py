@@ -334,23 +334,23 @@ class DirectRanges:
         self._key = (self._scheme, self._host, self._port, id(context))
         #: what requests to this server cost (shared with its other objects)
         self.link = link(self._scheme, self._host, self._port)
-        #: the ETag every answer must carry, where one is sent (None: not checked);
-        #: weakly compared, so a weak ETag, which If-Match cannot require, is checked
-        self.expected_etag: str | None = None
 
     def fetch_into(self, out: memoryview, starts: list[int], stops: list[int],
-                   at: list[int], headers: dict[str, str] | None = None) -> list[int]:
+                   at: list[int], headers: dict[str, str] | None = None,
+                   etag: str | None = None) -> list[int]:
         """Read bytes ``starts[i]:stops[i]`` into ``out[at[i]:]``, concurrently.
 
         Returns the number of bytes each range received: fewer than asked where
         the object ends before the range does. Every request has finished when
-        this returns or raises, so ``out`` is no longer written to.
+        this returns or raises, so ``out`` is no longer written to. With ``etag``,
+        an answer that carries another ETag (weakly compared, so a weak ETag, which
+        If-Match cannot require, is checked too) is refused as a 412.
         """
         extra = headers or {}
         if len(starts) == 1:
-            return [self._get(out, starts[0], stops[0], at[0], extra)]
+            return [self._get(out, starts[0], stops[0], at[0], extra, etag)]
         t0 = time.monotonic()
-        jobs = [_pool().submit(self._get, out, a, b, o, extra)
+        jobs = [_pool().submit(self._get, out, a, b, o, extra, etag)
                 for a, b, o in zip(starts, stops, at, strict=True)]
         wait(jobs)  # all of them, failed or not: none may write into `out` later
         for job in jobs:
@@ -471,7 +471,7 @@ class DirectRanges:
             conn.close()
 
     def _get(self, out: memoryview, start: int, stop: int, at: int,
-             extra: dict[str, str]) -> int:
+             extra: dict[str, str], etag: str | None = None) -> int:
         """GET one range into ``out[at:]``; return its length (short where the object ends).
 
         A kept-alive connection the server closed meanwhile is replaced at once; a
@@ -490,7 +490,7 @@ class DirectRanges:
                 status = resp.status
                 if status == 206 or (status == 200 and start == 0
                                      and resp.length == stop - start):
-                    self._check_version(resp)
+                    self._check_version(resp, etag)
                     return self._receive(resp, sock, out, start, stop, at)
                 self._finish(resp, small=status != 200)
             except (ConnectionError, http.client.HTTPException) as exc:
@@ -521,17 +521,16 @@ class DirectRanges:
                 continue
             raise HTTPStatusError(self.url, status, resp.reason)
 
-    def _check_version(self, resp: http.client.HTTPResponse) -> None:
-        """Refuse an answer from another version of the object than :attr:`expected_etag`.
+    def _check_version(self, resp: http.client.HTTPResponse, etag: str | None) -> None:
+        """Refuse an answer from another version of the object than ``etag`` (if any).
 
         Raised as the server's own refusal would be (412), so the caller reports
         the object as replaced. An answer without an ETag is taken as it is.
         """
         tag = resp.getheader("ETag")
-        if self.expected_etag and tag and _opaque(tag) != _opaque(self.expected_etag):
+        if etag and tag and _opaque(tag) != _opaque(etag):
             resp.close()
-            raise HTTPStatusError(self.url, 412, f"the object's ETag is now {tag}, "
-                                  f"not {self.expected_etag}")
+            raise HTTPStatusError(self.url, 412, f"the object's ETag is now {tag}, not {etag}")
 
     def _receive(self, resp: http.client.HTTPResponse, sock: Any, out: memoryview,
                  start: int, stop: int, at: int) -> int:

@@ -697,10 +697,6 @@ class FsspecSource(ByteSource):
         #: a server refuses a read of another version (412, ``If-Match``); a weak ETag
         #: (never equal under If-Match) is compared with each direct read's answer instead
         self.version: str | None = etag if kind or (etag and direct is not None) else None
-        #: whether reads send ``If-Match: version`` (a strong ETag)
-        self._if_match = kind is not None
-        if direct is not None:
-            direct.expected_etag = self.version
         self._pin: str | None = None  # set for S3: the reads' context carries it
         self._required, self._options = version, storage_options
         if kind == "headers":
@@ -746,13 +742,20 @@ class FsspecSource(ByteSource):
             return None
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
         try:
-            strong = version and not version.startswith("W/")  # (If-Match: strong only)
             return direct.probe(self.head_bytes, self.tail_bytes, starts, stops,
-                                {"If-Match": version} if strong else None)
+                                self._if_match(version))
         except TimeoutError:
             raise
         except Exception:  # fsspec asks again and reports
             return None
+
+    def _if_match(self, etag: str | None) -> dict[str, str] | None:
+        """Return the ``If-Match`` header requiring ``etag``, where a server can be asked to.
+
+        None for no ETag or a weak one (If-Match compares strongly: it would refuse
+        every read); direct reads compare a weak one with each answer instead.
+        """
+        return {"If-Match": etag} if etag and pin_kind(self.name, etag) else None
 
     def _network(self, call: Any) -> Any:
         """Run a request; a timeout or unreachable server becomes a RemoteAccessError.
@@ -787,12 +790,9 @@ class FsspecSource(ByteSource):
             return False
         self._adopt(info)
         self.version = etag
-        self._if_match = pin_kind(self.name, etag) is not None
-        if self._direct is not None:
-            self._direct.expected_etag = etag
         if self._pin is not None:
             self._pin = etag
-        elif self._if_match:
+        elif self._if_match(etag):
             self._fs = self._pinned_http(etag)
         return True
 
@@ -1140,17 +1140,13 @@ class FsspecSource(ByteSource):
         the server redirected, or refused the signature).
         """
         if self._s3 is not None and time.monotonic() > self._signed_until:
-            renewed = self._presigned()
-            if renewed is not None:
-                renewed.expected_etag = self.version
-            self._direct = renewed
+            self._direct = self._presigned()
         direct = self._direct
         if direct is None:
             return None
         try:
             got = self._network(lambda: direct.fetch_into(
-                out, starts, stops, at,
-                {"If-Match": self.version} if self.version and self._if_match else None))
+                out, starts, stops, at, self._if_match(self.version), etag=self.version))
         except StepAside:
             self._direct = self._s3 = None
             return None
