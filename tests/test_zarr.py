@@ -920,6 +920,62 @@ def test_sigkill_at_every_phase_never_leaves_a_finished_looking_store(tmp_path, 
     assert _tree(dst) == _tree(ref)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", [*_PHASES, "batch"])
+def test_an_s3_conversion_killed_at_any_phase_resumes_from_another_process(
+        s3_server, tmp_path, phase):
+    """Object storage has no partial files, but a killed converter leaves objects
+    behind at every phase: the store in the bucket must read as unfinished until
+    it is resumed, and resume (from another process, as on another node) must
+    finish it to a store that verifies against the source."""
+    import s3fs
+
+    t = write_siff(tmp_path / "p.siff", shape=(12, 10), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=300, seed=15)
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.makedirs("kill-raw", exist_ok=True)  # the server is shared by the parameters
+    fs.makedirs("kill-zarr", exist_ok=True)
+    fs.put(t.path, "kill-raw/p.siff")
+    src, dst = "s3://kill-raw/p.siff", f"s3://kill-zarr/{phase}.zarr"
+    opts = dict(storage_options=s3_server, target_options=s3_server, **_small_shards(t))
+    script = textwrap.dedent(f"""
+        import os, signal
+        from siff_xarray.store import converter as conv
+
+        def die(name):
+            if name == {phase!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        write_batch = conv._write_batch
+
+        def write_then_die(*args):
+            out = write_batch(*args)
+            die("batch")  # after the first batch is in the bucket
+            return out
+
+        conv._phase = die
+        conv._write_batch = write_then_die
+        conv.convert_file({src!r}, {dst!r}, scheduler="sync", **{opts!r})
+    """)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if phase not in ("started", "prepared"):
+        assert fs.ls(dst.removeprefix("s3://"), refresh=True)  # it did leave objects
+    with pytest.raises(IncompleteStoreError, match="resume"):
+        zs.open_converted(dst, storage_options=s3_server)
+    with pytest.raises(ConversionError, match="resume"):
+        zs.convert(src, dst, **opts)
+    summary = zs.convert(src, dst, resume=True, scheduler="sync", **opts)
+    assert summary.frames == t.n_frames
+    assert zs.verify(src, dst, storage_options=s3_server, target_options=s3_server) == []
+    with zs.open_converted(dst, storage_options=s3_server) as ds, \
+            xr.open_dataset(t.path, engine="siff") as local:
+        xr.testing.assert_identical(ds.load().drop_attrs().drop_vars("source_file"),
+                                    local.load().drop_attrs().drop_vars("source_file"))
+
+
 def test_a_lost_description_record_is_redone_on_resume(tmp_path, monkeypatch):
     """Each batch records its frames' descriptions; _finish joins them. A batch whose
     record is gone (or was never written) is not done, so resume converts it again."""
