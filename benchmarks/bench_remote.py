@@ -53,13 +53,16 @@ that way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -152,6 +155,40 @@ def served_copy(src: Path, tmp: Path) -> str:
     os.link(src, served / "run.siff") if src.stat().st_dev == served.stat().st_dev \
         else shutil.copy(src, served / "run.siff")
     return str(served / "run.siff")
+
+
+#: the child process of :func:`served_in_child`: serve a directory, print its URL, wait
+CHILD_SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import _RangeServer
+s = _RangeServer(sys.argv[1]); s.latency = float(sys.argv[2]); s.keep_alive = True
+print(s.url, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+@contextlib.contextmanager
+def served_in_child(directory: str | Path, latency_s: float
+                    ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Serve ``directory`` with the tests' loopback range server in a child process.
+
+    127.0.0.1 only, ``latency_s`` added to every request, connections kept open as
+    S3 does. Yields the process (its CPU and memory are its own) and the server's
+    base URL; the process is killed on exit.
+    """
+    code = CHILD_SERVER.format(tests=str(HERE.parent / "tests"))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory), str(latency_s)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        if not url:
+            raise RuntimeError("the loopback server did not start")
+        yield proc, url
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def cores() -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,18 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_reader import session_file  # noqa: E402
-from bench_remote import served_copy  # noqa: E402
-
-#: the child process: serve a directory at a latency, print the URL, wait to be killed
-SERVER = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from conftest import _RangeServer
-s = _RangeServer(sys.argv[1]); s.latency = float(sys.argv[2]); s.keep_alive = True
-print(s.url, flush=True)
-while True:
-    time.sleep(3600)
-"""
+from bench_remote import served_copy, served_in_child  # noqa: E402
 
 
 def process_cpu(pid: int) -> float:
@@ -81,12 +69,8 @@ def main() -> None:
         tmp = Path(tmp_name)
         local = served_copy(src, tmp)
         served = Path(local).parent
-        code = SERVER.format(tests=str(HERE.parent / "tests"))
-        server = subprocess.Popen([sys.executable, "-c", code, str(served),
-                                   str(args.latency / 1000)], stdout=subprocess.PIPE,
-                                  text=True)
-        try:
-            url = server.stdout.readline().strip() + "/run.siff"
+        with served_in_child(served, args.latency / 1000) as (server, base):
+            url = base + "/run.siff"
 
             def convert(path: str) -> None:
                 siff_xarray.convert(path, tmp / "out.zarr", overwrite=True)
@@ -109,9 +93,6 @@ def main() -> None:
                 runs["remote"].append(measure(url))
                 runs["local"].append(measure(local))
                 runs["cold local"].append(measure(local, cold=True))
-        finally:
-            server.kill()
-            server.wait()
     print(f"file: {src.name}, {src.stat().st_size / 1e6:.0f} MB; {args.latency:g} ms per "
           f"request; medians of {args.repeats} calls each, alternated")
     print("| job | seconds | client CPU s | server CPU s |")

@@ -21,10 +21,19 @@ processes or threads all live in that process, likewise.
 
 Jobs (``--jobs``, comma-separated): ``copy`` (the references ``cp`` and ``cat``),
 ``convert``, ``verify`` (the converted store against the file, every photon),
-``values`` (the bright channel eagerly), ``register`` and ``startup`` (a first
+``values`` (the bright channel eagerly), ``register``, ``startup`` (a first
 ``open_dataset`` + one frame against importing xarray and numba and building a first
 Dataset, our share timed in one process, and ``siff-xarray info``; our modules are
-compiled to bytecode first, as an install does).
+compiled to bytecode first, as an install does) and ``remote``: the file served by
+the tests' loopback HTTP server (127.0.0.1, in a child process, so that its CPU and
+memory are not the job's; ``--latency`` ms added to every request): a plain
+sequential download through fsspec and the reader's fastest download (8 MiB
+ranges, 32 at once; both into one reused buffer), a cold
+open (no sidecar, no index cache; in a fresh process, so with Numba's first load
+of its cached kernels, about 0.4 s here), then, with the sidecar ``siff-xarray index``
+writes, the conversion and the Dask plane traces (the mean of every frame), each
+against the same job on the local file. Not in the default set (it moves the file
+about five times: 40 GB).
 
 References measured in the same run: ``cp`` of the file to the same disk and ``cat``
 to /dev/null (the disk and page-cache floors of a conversion), the size of the
@@ -119,7 +128,9 @@ def main() -> None:
     ap.add_argument("--path", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jobs", default="copy,convert,verify,values,register,startup",
-                    help="comma-separated subset of the jobs")
+                    help="comma-separated subset of the jobs (also: remote)")
+    ap.add_argument("--latency", type=float, default=20.0,
+                    help="ms the loopback server adds to every request (remote job)")
     args = ap.parse_args()
     path = args.path or HERE / "_data" / f"scale_{args.volumes}v.siff"
     if not path.exists():
@@ -134,7 +145,10 @@ def main() -> None:
     rows: list[tuple[str, str, float, float | None, str]] = []
     mb = 1e6
 
+    measured: dict[str, dict[str, float]] = {}
+
     def add(name: str, who: str, r: dict[str, float], note: str = "") -> None:
+        measured[name] = r
         rows.append((name, who, r["seconds"], r.get("peak_anon"), note))
         print(f"{name} | {who} | {r['seconds']:.2f} s | "
               f"{(r.get('peak_anon') or 0) / mb:.0f} MB anon | {note}", flush=True)
@@ -173,6 +187,8 @@ def main() -> None:
             add("verify the store against the file", "siff-xarray", r,
                 f"{size / mb / r['seconds']:.0f} MB/s of .siff")
             shutil.rmtree(dst, ignore_errors=True)
+        if "remote" in jobs:
+            remote_jobs(path, tmp_dir, args.latency / 1000, args.repeats, add, measured)
         opened = ("import numpy as np, xarray as xr, siff_xarray\n"
                   f"ds = xr.open_dataset({src!r}, engine='siff')\n")
         if "values" in jobs:
@@ -242,6 +258,72 @@ def main() -> None:
     for name, who, s, anon, note in rows:
         a = "" if anon is None else f"{anon / mb:.0f}"
         print(f"| {name} | {who} | {s:.2f} | {a} | {note} |")
+
+
+def remote_jobs(path: Path, tmp_dir: Path, latency_s: float, repeats: int, add,
+                measured: dict[str, dict[str, float]]) -> None:
+    """The ``remote`` job: the file over the loopback server against the local file."""
+    import os
+
+    from bench_remote import served_copy, served_in_child
+
+    from siff_xarray import SiffFile
+
+    size = path.stat().st_size
+    local = served_copy(path, tmp_dir)  # a hard link in a directory of its own
+    dst = str(tmp_dir / "remote.zarr")
+    cache = os.environ.get("SIFF_XARRAY_CACHE_DIR")
+    os.environ["SIFF_XARRAY_CACHE_DIR"] = str(tmp_dir / "index-cache")  # the jobs' own
+    ms = f"{latency_s * 1000:g} ms"
+    try:
+        with served_in_child(Path(local).parent, latency_s) as (_, base):
+            url = base + "/run.siff"
+            setup = (f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
+                     "import fsspec, numpy as np\n"
+                     "from bench_remote import download\n"
+                     "from siff_xarray.reader.http_ranges import MAX_CONNECTIONS, "
+                     "direct_ranges\n"
+                     f"fs, d = fsspec.filesystem('http'), direct_ranges({url!r}, None)\n"
+                     "mem = memoryview(np.ones(MAX_CONNECTIONS * 2**23, np.uint8))\n")
+            plain = median_job(f"with fs.open({url!r}, block_size=0) as fh:\n"
+                               "    while fh.readinto(mem):\n"
+                               "        pass", setup, repeats)
+            add(f"plain sequential download through fsspec ({ms})", "reference", plain,
+                f"{size / 1e6 / plain['seconds']:.0f} MB/s; one GET, into a reused buffer")
+            dl = median_job(f"download(fs, {url!r}, d, {size}, MAX_CONNECTIONS, 2**23, mem)",
+                            setup, repeats)
+            add(f"download, 8 MiB ranges 32 at once ({ms})", "reference", dl,
+                f"{size / 1e6 / dl['seconds']:.0f} MB/s; the same buffer")
+            r = median_job(f"with SiffFile({url!r}, index_cache=False) as f:\n"
+                           "    f.timestamps()", "from siff_xarray import SiffFile", repeats)
+            add(f"cold open over HTTP ({ms}; no sidecar, no cache)", "siff-xarray", r,
+                f"{r['seconds'] / plain['seconds']:.2f}x the plain download (target <= 2x), "
+                f"{r['seconds'] / dl['seconds']:.2f}x the fast one; in a fresh process")
+            with SiffFile(local) as f:  # as `siff-xarray index` does
+                f.write_sidecar()
+            if "convert to Zarr" not in measured:
+                r = median_job(f"convert({local!r}, {dst!r}, overwrite=True, progress=False)",
+                               "from siff_xarray import convert", repeats)
+                add("convert to Zarr", "siff-xarray", r)
+            ref = measured["convert to Zarr"]["seconds"]
+            r = median_job(f"convert({url!r}, {dst!r}, overwrite=True, progress=False)",
+                           "from siff_xarray import convert", repeats)
+            add(f"convert to Zarr over HTTP ({ms}, sidecar)", "siff-xarray", r,
+                f"{r['seconds'] / ref:.2f}x local; {size / 1e6 / r['seconds']:.0f} MB/s")
+            shutil.rmtree(dst, ignore_errors=True)
+            traces = "t = ds.intensity.mean(('y', 'x')).compute()"
+            lazy = "import xarray as xr\nds = xr.open_dataset({!r}, engine='siff', chunks={{}})"
+            r = median_job(traces, lazy.format(local), repeats)
+            add("plane traces (Dask, `chunks={}`)", "siff-xarray", r)
+            ref = r["seconds"]
+            r = median_job(traces, lazy.format(url), repeats)
+            add(f"plane traces over HTTP (Dask, {ms}, sidecar)", "siff-xarray", r,
+                f"{r['seconds'] / ref:.2f}x local; target <= 3x")
+    finally:
+        if cache is None:
+            os.environ.pop("SIFF_XARRAY_CACHE_DIR", None)
+        else:
+            os.environ["SIFF_XARRAY_CACHE_DIR"] = cache
 
 
 def _copy(path: Path, tmp_dir: Path) -> float:
