@@ -169,6 +169,10 @@ class _RangeServer:
         self.weak_etags = False
         #: when each request arrived (``time.monotonic()``): see :meth:`round_trips`
         self.arrivals = []
+        #: the most requests waiting out their latency at once (requests a client has
+        #: on their way together; with ``latency`` set)
+        self.most_waiting = 0
+        self._waiting = 0
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -197,8 +201,14 @@ class _RangeServer:
                 """
                 with server.lock:
                     server.arrivals.append(time.monotonic())
-                if server.latency:
-                    time.sleep(server.latency)
+                    server._waiting += 1
+                    server.most_waiting = max(server.most_waiting, server._waiting)
+                try:
+                    if server.latency:
+                        time.sleep(server.latency)
+                finally:
+                    with server.lock:
+                        server._waiting -= 1
                 p = self._file()
                 if p is None:
                     self.send_error(404)

@@ -88,6 +88,41 @@ def test_cold_open_of_1400_frames_at_latency_costs_a_few_requests(http_server, t
             xr.testing.assert_identical(_bare(ds), want)
 
 
+def test_a_cold_walk_keeps_three_batches_of_windows_on_their_way(http_server, big_frames,
+                                                                monkeypatch):
+    """A cold open streams the chain with batches of up to eight windows, three of
+    them on their way while one is walked (before: two), each received into one
+    buffer."""
+    from siff_xarray.reader import source as so
+
+    # 16 KiB windows: the 2.2 MB file walks through about 140 of them
+    monkeypatch.setattr(so.FsspecSource, "walk_window", 16 * 2**10)
+    url = f"{http_server.url}/big.siff"
+    size = os.path.getsize(big_frames.path)
+    with SiffFile(big_frames.path) as local:
+        want = local.timestamps().experiment_s
+    http_server.latency = 0.02
+    sent = http_server.bytes_sent
+    with SiffFile(url, index_cache=False) as f:
+        np.testing.assert_array_equal(f.timestamps().experiment_s, want)
+    assert http_server.bytes_sent - sent <= 1.05 * size + 65536
+    assert 2 * 8 < http_server.most_waiting <= 3 * 8 + 1, http_server.most_waiting
+
+
+def test_a_walks_batch_is_read_where_it_was_received(http_server, big_frames, monkeypatch):
+    from siff_xarray.reader import source as so
+
+    made = []
+    fresh = so._fresh
+    monkeypatch.setattr(so, "_fresh", lambda n: made.append(fresh(n)) or made[-1])
+    with so.open_source(f"{http_server.url}/big.siff") as src:
+        got = src.fetch_consecutive(1000, 1000 + 3 * src.walk_window // 2)
+        assert np.shares_memory(got, made[-1])  # not joined into a copy
+        assert got.tobytes() == Path(big_frames.path).read_bytes()[1000:1000 + got.size]
+        short = src.fetch_consecutive(src.size - 10, src.size + 100)
+        assert short.size == 10  # the end of the file: fewer bytes, no error
+
+
 def test_huge_frames_are_walked_ifd_by_ifd_not_downloaded(http_server, tmp_path):
     # 2 MiB TIFF pages: streaming them would move the whole file to read a few IFDs
     t = write_siff(tmp_path / "pages.tif", shape=(1024, 1040), n_slices=1, n_flyback=0,

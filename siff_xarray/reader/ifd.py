@@ -216,12 +216,12 @@ def _walk_table(source: ByteSource, header: FileHeader) -> tuple[np.ndarray, int
 class _Streamer:
     """Consecutive windows of a remote file for the walk, the next batches in flight.
 
-    While the walk decodes one batch of windows, the next :data:`DEPTH` batches
-    (each up to ``source.walk_inflight`` windows, growing from one) are already
-    being fetched, so round trips overlap with transfer instead of adding up.
+    While the walk decodes one batch of windows, the next ``source.walk_depth``
+    batches (each up to ``source.walk_inflight`` windows, growing from one) are
+    already being fetched, so round trips overlap with transfer instead of adding
+    up. A batch arrives as one array (``source.fetch_consecutive``), which the walk
+    reads in place.
     """
-
-    DEPTH = 2
 
     def __init__(self, source: ByteSource, file_size: int) -> None:
         self.source = source
@@ -243,10 +243,8 @@ class _Streamer:
             p[2].cancel()
         self.pending = []
 
-    def _fetch(self, start: int, stop: int) -> bytes:
-        w = self.source.walk_window
-        edges = [*range(start, stop, w), stop]
-        data = b"".join(self.source.fetch_windows(edges[:-1], edges[1:]))
+    def _fetch(self, start: int, stop: int) -> np.ndarray:
+        data = self.source.fetch_consecutive(start, stop)
         if len(data) < stop - start:  # asking again would get no more: not a retry
             end = start + len(data)
             raise SiffFormatError(self.source.name, f"the file ends at byte {end}, before "
@@ -265,7 +263,7 @@ class _Streamer:
         p = self.pending[0] if self.pending else None
         if p is not None and p[0] == buf_stop and buf_start <= pos < p[1]:
             self.pending.pop(0)
-            data = np.frombuffer(p[2].result(), dtype=np.uint8)
+            data = p[2].result()
             if pos >= p[0]:
                 new = data[pos - p[0]:]
             else:  # the IFD straddles the two batches
@@ -274,19 +272,20 @@ class _Streamer:
         else:  # first batch, or the chain jumped: fetch synchronously
             self.cancel()
             stop = min(max(pos + n * w, pos + need), self.file_size)
-            new = np.frombuffer(self._fetch(pos, stop), dtype=np.uint8)
+            new = self._fetch(pos, stop)
             nxt = stop
         if new.shape[0] < need and pos + new.shape[0] < self.file_size:
             self.cancel()  # an IFD larger than the batch: rare, fetch the rest now
             more = self._fetch(pos + new.shape[0], min(pos + need, self.file_size))
-            new = np.concatenate([new, np.frombuffer(more, dtype=np.uint8)])
+            new = np.concatenate([new, more])
             nxt = pos + new.shape[0]
-        while prefetch and len(self.pending) < self.DEPTH and nxt < self.file_size:
+        depth = self.source.walk_depth
+        while prefetch and len(self.pending) < depth and nxt < self.file_size:
             n = min(2 * n, self.source.walk_inflight)
             if self.pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self.pool = ThreadPoolExecutor(self.DEPTH, thread_name_prefix="siff-walk")
+                self.pool = ThreadPoolExecutor(depth, thread_name_prefix="siff-walk")
             stop = min(nxt + n * w, self.file_size)
             self.pending.append((nxt, stop, self.pool.submit(self._fetch, nxt, stop)))
             nxt = stop
