@@ -638,6 +638,52 @@ def test_a_refused_port_is_a_clear_error():
         SiffFile(url, index_cache=False)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.booleans(), st.booleans(),
+                          st.integers(0, 40)), max_size=20))
+def test_ranges_are_copied_as_each_alone_would_be(steps):
+    """_copy_ranges merges ranges that follow each other in both buffers into one
+    slice: the result must be that of one copy per range, contiguous or not."""
+    from siff_xarray.reader.source import _copy_ranges
+
+    src = np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8)
+    src_at, dst_at, lengths = [], [], []
+    s_pos = d_pos = 0
+    for n, next_in_src, next_in_dst, gap in steps:
+        s_pos += 0 if next_in_src else gap  # right after the range before, or apart
+        d_pos += 0 if next_in_dst else gap
+        src_at.append(s_pos)
+        dst_at.append(d_pos)
+        lengths.append(n)
+        s_pos, d_pos = s_pos + n, d_pos + n
+    want = np.zeros(4000, dtype=np.uint8)
+    for a, d, n in zip(src_at, dst_at, lengths, strict=True):
+        want[d:d + n] = src[a:a + n]
+    got = np.zeros(4000, dtype=np.uint8)
+    _copy_ranges(src, np.array(src_at, dtype=np.int64), got, np.array(dst_at, dtype=np.int64),
+                 np.array(lengths, dtype=np.int64))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_descriptions_kept_by_a_walk_read_back_in_one_pass():
+    """The walk keeps many ranges per window; reading them all back (timestamps)
+    gives the file's bytes, whatever the windows' cuts."""
+    from siff_xarray.reader.source import FileObjectSource
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 50_000, dtype=np.uint8)
+    src = FileObjectSource(io.BytesIO(data.tobytes()))
+    starts = np.sort(rng.choice(np.arange(0, 49_000, 100), 300, replace=False))
+    stops = starts + rng.integers(0, 100, starts.size)  # some empty, some back to back
+    for w0 in range(0, 50_000, 7_000):  # windows of the walk: the ranges starting in each
+        inside = (starts >= w0) & (starts < w0 + 7_000)
+        src.keep(starts[inside], stops[inside], data[w0:], w0)
+    src.read = lambda off, n: pytest.fail("kept bytes were read again")
+    buf, base = src.read_ranges(starts, stops)
+    for a, b, at in zip(starts, stops, base, strict=True):
+        np.testing.assert_array_equal(buf[at:at + b - a], data[a:b])
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 400)), min_size=1,
                 max_size=12),

@@ -212,8 +212,9 @@ class ByteSource:
             return
         starts, stops = starts.astype(np.int64), stops.astype(np.int64)
         lengths = stops - starts
-        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        data = buf[np.repeat(starts - buf_start, lengths) + within].tobytes()  # no loop
+        out = np.empty(int(lengths.sum()), dtype=np.uint8)
+        _copy_ranges(buf, starts - buf_start, out, np.cumsum(lengths) - lengths, lengths)
+        data = out.tobytes()
         if self._kept_parts is None:
             self._kept_parts = []
         self._kept_parts.append((starts, stops, data))
@@ -258,9 +259,7 @@ class ByteSource:
         np.cumsum(lengths[:-1], out=base[1:])
         out = np.empty(int(lengths.sum()), dtype=np.uint8)
         src = k_base[jj] + (starts - k_start[jj])  # where each hit starts in k_buf
-        n_hit = lengths[hit]
-        within = np.arange(int(n_hit.sum())) - np.repeat(np.cumsum(n_hit) - n_hit, n_hit)
-        out[np.repeat(base[hit], n_hit) + within] = k_buf[np.repeat(src[hit], n_hit) + within]
+        _copy_ranges(k_buf, src[hit], out, base[hit], lengths[hit])
         miss = np.flatnonzero(~hit)
         if miss.size:
             got, gbase = self._read_ranges(starts[miss], stops[miss])
@@ -1500,6 +1499,31 @@ def _probed_info(probe: Probe, s3: bool) -> dict[str, Any]:
     elif probe.etag:
         info["ETag"] = probe.etag
     return info
+
+
+def _copy_ranges(src: np.ndarray, src_at: np.ndarray, dst: np.ndarray, dst_at: np.ndarray,
+                 lengths: np.ndarray) -> None:
+    """Copy ``src[src_at[i]:][:lengths[i]]`` to ``dst[dst_at[i]:]`` for every ``i``.
+
+    Ranges that follow each other in both buffers are copied as one slice (the
+    frame descriptions a walk kept, read back in the order kept: a few slices
+    for the whole file); the others one slice each. An index array of every byte
+    (the vectorised alternative) took 0.84 s and 0.5 GB for the 31 MB of
+    descriptions of a 94,306-frame file.
+    """
+    if lengths.size == 0:
+        return
+    src_at, dst_at = src_at.astype(np.int64), dst_at.astype(np.int64)
+    lengths = lengths.astype(np.int64)
+    ends = np.cumsum(lengths)
+    apart = np.flatnonzero((src_at[1:] != src_at[:-1] + lengths[:-1])
+                           | (dst_at[1:] != dst_at[:-1] + lengths[:-1])) + 1
+    first = np.concatenate([[0], apart])
+    last = np.concatenate([apart, [lengths.size]]) - 1
+    size = ends[last] - ends[first] + lengths[first]
+    for a, d, n in zip(src_at[first].tolist(), dst_at[first].tolist(), size.tolist(),
+                       strict=True):
+        dst[d : d + n] = src[a : a + n]
 
 
 def _fresh(n: int) -> np.ndarray:
