@@ -1,6 +1,6 @@
 """Byte sources: where the reader gets its bytes from.
 
-Two implementations share one small interface:
+Three implementations share one small interface:
 
 * :class:`LocalSource` memory-maps a local file read-only. Its :meth:`buffer`
   is the whole file as a ``uint8`` array, so Numba kernels decode frames in
@@ -13,10 +13,11 @@ Two implementations share one small interface:
   ``memory://`` ...) with stateless range requests (``cat_file`` /
   ``cat_ranges``, concurrent on async filesystems; the large ranges of
   http(s) and S3 objects received by :mod:`.http_ranges` straight into their
-  buffers), small reads for the IFD walk so opening does not fetch photon
-  data, and an LRU cache of the data blocks read recently.
+  buffers), the IFD walk streamed through large windows received in place
+  (IFD by IFD where frames lie far apart, so that opening does not fetch
+  their photons), and an LRU cache of the data blocks read recently.
 
-Neither ever writes to the file.
+None ever writes to the file.
 """
 
 from __future__ import annotations
