@@ -35,8 +35,21 @@ from .array import FrameReader, SiffBackendArray, chunks_in_time
 
 __all__ = ["build_dataset"]
 
+#: the encoding dtype of text variables (see :func:`_text`); None with NumPy 1.x
+_VARIABLE_LENGTH_TEXT = getattr(np.dtypes, "StringDType", lambda: None)()
+
+
 def _text(values: list[str]) -> np.ndarray:
-    """Fixed-width unicode (not object): Dask sizes it, so ``chunks="auto"`` works."""
+    """Fixed-width unicode (not object): Dask sizes it, so ``chunks="auto"`` works.
+
+    Their encoding asks writers for variable-length strings (``build_dataset``):
+    zarr-python writes fixed-width unicode as ``FixedLengthUTF32``, which has no Zarr
+    v3 specification (other readers may not read it; it warns on every write), and
+    variable-length UTF-8 strings, which have one, from NumPy's ``StringDType``
+    (``dtype=object`` would do it too, but makes xarray load Dask-backed text to find
+    a type, with a warning). NumPy 1.x has no ``StringDType``: text is then written
+    as it is.
+    """
     return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")
 
 
@@ -305,6 +318,10 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
         attrs["file_frame_offsets"] = offsets[:-1].tolist()
         attrs["num_frames_in_file"] = counts.tolist()
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    if _VARIABLE_LENGTH_TEXT is not None:
+        for var in ds.variables.values():
+            if var.dtype.kind == "U":  # written as variable-length strings (see _text)
+                var.encoding["dtype"] = _VARIABLE_LENGTH_TEXT
     if opts.file.storage:  # photon reductions reopen remote files with them
         ds.encoding["storage_options"] = opts.file.storage
     ds.set_close(reader.close)
