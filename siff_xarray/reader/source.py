@@ -1510,7 +1510,9 @@ def _copy_ranges(src: np.ndarray, src_at: np.ndarray, dst: np.ndarray, dst_at: n
     frame descriptions a walk kept, read back in the order kept: a few slices
     for the whole file); the others one slice each. An index array of every byte
     (the vectorised alternative) took 0.84 s and 0.5 GB for the 31 MB of
-    descriptions of a 94,306-frame file.
+    descriptions of a 94,306-frame file. Even for scattered ranges (one per frame:
+    a walk's batch keeps about 750 descriptions of 330 bytes from 64 MiB) the
+    slices are faster: 0.27 ms per batch against 1.8 ms (median of 200 calls).
     """
     if lengths.size == 0:
         return
