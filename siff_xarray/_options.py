@@ -61,6 +61,7 @@ class FileOptions:
     bin_width_ps: float | None = None
     base_resolution_ps: float = MULTIHARP_BASE_RESOLUTION_PS
     index_cache: bool | str | None = None
+    pin_version: bool = True
 
     def __post_init__(self) -> None:
         cache = self.index_cache
@@ -68,6 +69,8 @@ class FileOptions:
             object.__setattr__(self, "index_cache", os.fspath(cache))
         elif cache is not None and not isinstance(cache, (bool, str)):
             raise TypeError(f"index_cache must be None, a bool or a directory, got {cache!r}")
+        if not isinstance(self.pin_version, bool):
+            raise TypeError(f"pin_version must be True or False, got {self.pin_version!r}")
         if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
             raise TypeError("storage_options must be a dict, got "
                             f"{type(self.storage_options).__name__}")
@@ -80,7 +83,7 @@ class FileOptions:
     def _key(self) -> tuple[Any, ...]:
         # storage_options may hold dicts (unhashable): compare them by their JSON text
         return (_frozen_key(self.storage), self.tau_bins, self.bin_width_ps,
-                self.base_resolution_ps, self.index_cache)
+                self.base_resolution_ps, self.index_cache, self.pin_version)
 
     def __hash__(self) -> int:
         return hash(self._key())

@@ -23,8 +23,8 @@ from typing import Any
 
 from .errors import ConversionError, RemoteAccessError, SiffFormatError
 
-__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "PinnedS3Kwargs", "naming_url",
-           "one_retry_loop", "pin_kind", "pinned_http_options", "reading_version",
+__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "UNPIN_HINT", "PinnedS3Kwargs",
+           "naming_url", "one_retry_loop", "pin_kind", "pinned_http_options", "reading_version",
            "remote_error", "replaced_error", "with_timeouts"]
 
 #: seconds to establish a connection
@@ -129,6 +129,12 @@ def reading_version(etag: str | None) -> Iterator[None]:
         _PIN.reset(token)
 
 
+#: added to every "replaced" error: what else a changed ETag can mean, and the way out
+UNPIN_HINT = ("; if it was not replaced, the server gives this object different ETags "
+              "from one request to the next (as some load-balanced servers do): open it "
+              "with pin_version=False (--no-pin-version)")
+
+
 def replaced_error(url: str, exc: BaseException) -> SiffFormatError | None:
     """Return the error for a read refused because the object changed (412), else None."""
     seen = 0
@@ -137,7 +143,7 @@ def replaced_error(url: str, exc: BaseException) -> SiffFormatError | None:
         # the code in its message (s3fs re-raises it as an OSError from it)
         if getattr(exc, "status", None) == 412 or "PreconditionFailed" in str(exc):
             return SiffFormatError(url, "the object was replaced since it was opened (its "
-                                   "ETag no longer matches); open it again")
+                                   f"ETag no longer matches); open it again{UNPIN_HINT}")
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None

@@ -242,6 +242,24 @@ class _ProgressLine:
             click.echo("", err=True)
 
 
+_NO_PIN_HELP = ("Remote sources: do not require every read to be of the version (ETag) "
+                "first seen, for servers that give one object different ETags from one "
+                "request to the next.")
+
+
+def _json_option(name: str, text: str | None) -> dict[str, Any] | None:
+    """Parse a JSON object given on the command line (None if not given)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=name) from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object ({...})", param_hint=name)
+    return value
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.argument("destination")
@@ -257,10 +275,16 @@ class _ProgressLine:
               help="OME pyramid levels (default: halve y and x down to 32 pixels).")
 @click.option("--allow-truncated", is_flag=True,
               help="Convert the complete frames of a file cut off mid-write (or damaged).")
+@click.option("--storage-options", default=None,
+              help="fsspec storage options for source URLs, as JSON.")
+@click.option("--target-options", default=None,
+              help="fsspec storage options for the destination, as JSON.")
+@click.option("--no-pin-version", is_flag=True, help=_NO_PIN_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume: bool,
             scheduler: str, workers: int | None, shard_mb: float, no_ome: bool,
-            ome_levels: int | None, allow_truncated: bool, quiet: bool) -> None:
+            ome_levels: int | None, allow_truncated: bool, storage_options: str | None,
+            target_options: str | None, no_pin_version: bool, quiet: bool) -> None:
     """Convert SOURCES (.siff files, URLs or globs) to Zarr v3 stores under DESTINATION.
 
     The numbered parts of a split acquisition (NAME_00001.siff, NAME_00002.siff...)
@@ -271,9 +295,10 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
     from ._paths import expand
     from .store import convert_file, group_acquisitions, store_name
 
+    opts = _json_option("--storage-options", storage_options)
     files: list[str] = []
     for s in sources:
-        files.extend(os.fspath(p) for p in expand(s))
+        files.extend(os.fspath(p) for p in expand(s, opts))
     if not files:
         raise FileNotFoundError(f"no source files match {' '.join(sources)}")
     groups = group_acquisitions(files)
@@ -284,7 +309,10 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
         summary = convert_file(group if len(group) > 1 else group[0], out,
                                overwrite=overwrite, resume=resume, scheduler=scheduler,
                                num_workers=workers, shard_bytes=int(shard_mb * 2**20),
-                               allow_truncated=allow_truncated,
+                               allow_truncated=allow_truncated, storage_options=opts,
+                               target_options=_json_option("--target-options",
+                                                           target_options),
+                               pin_version=not no_pin_version,
                                ome=not no_ome, ome_levels=ome_levels,
                                progress=_ProgressLine(store_name(group[0]), quiet))
         if not quiet and summary.already_complete:
@@ -302,19 +330,29 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
 @cli.command()
 @click.argument("source")
 @click.argument("store")
+@click.option("--storage-options", default=None,
+              help="fsspec storage options for a source URL, as JSON.")
+@click.option("--target-options", default=None,
+              help="fsspec storage options for a store URL, as JSON.")
+@click.option("--no-pin-version", is_flag=True, help=_NO_PIN_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify(source: str, store: str, quiet: bool) -> None:
+def verify(source: str, store: str, storage_options: str | None, target_options: str | None,
+           no_pin_version: bool, quiet: bool) -> None:
     """Compare STORE (a converted Zarr store) with SOURCE, frame by frame."""
     from .store import is_converted_store
     from .store import verify as run_verify
 
-    if not is_converted_store(store):
+    source_opts = _json_option("--storage-options", storage_options)
+    store_opts = _json_option("--target-options", target_options)
+    if not is_converted_store(store, store_opts):
         hint = (f"; {source} is one: the arguments are SOURCE then STORE"
-                if is_converted_store(source) else "")
+                if is_converted_store(source, source_opts) else "")
         raise ValueError(f"verify SOURCE STORE: {store} is not a converted siff-xarray "
                          f"store{hint}")
 
-    problems = run_verify(source, store, progress=not quiet)
+    problems = run_verify(source, store, storage_options=source_opts,
+                          target_options=store_opts, pin_version=not no_pin_version,
+                          progress=not quiet)
     if problems:
         for p in problems:
             click.echo(f"DIFFERENT: {p}")
@@ -327,7 +365,8 @@ def verify(source: str, store: str, quiet: bool) -> None:
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--storage-options", default=None,
               help="fsspec storage options for URLs, as JSON (e.g. '{\"anon\": true}').")
-def index(sources: tuple[str, ...], storage_options: str | None) -> None:
+@click.option("--no-pin-version", is_flag=True, help=_NO_PIN_HELP)
+def index(sources: tuple[str, ...], storage_options: str | None, no_pin_version: bool) -> None:
     """Write a frame-index sidecar (FILE.siffidx) next to each SOURCE file or URL.
 
     Any machine then opens SOURCE without walking its IFD chain (a few requests on
@@ -337,9 +376,9 @@ def index(sources: tuple[str, ...], storage_options: str | None) -> None:
     from ._paths import expand
     from .reader.siff_file import SiffFile
 
-    opts = json.loads(storage_options) if storage_options else None
+    opts = _json_option("--storage-options", storage_options)
     for src in [x for s in sources for x in expand(s, opts)]:
-        with SiffFile(src, storage_options=opts) as f:
+        with SiffFile(src, storage_options=opts, pin_version=not no_pin_version) as f:
             where = f.write_sidecar()
             n = f.num_frames
         if where is None:

@@ -44,7 +44,8 @@ def _uninline(value: str) -> bytes:
 
 
 def references(source: str | os.PathLike[str], *,
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None,
+               pin_version: bool = True) -> dict[str, Any]:
     """Kerchunk (version 1) references exposing a ``.siff`` file's Dataset as Zarr.
 
     Parameters
@@ -55,6 +56,8 @@ def references(source: str | os.PathLike[str], *,
     storage_options
         fsspec options to read the source (used here only; pass them again to
         :func:`open_virtual`).
+    pin_version
+        For a URL: as for :class:`~siff_xarray.SiffFile` (reading the source here).
 
     Returns
     -------
@@ -76,10 +79,11 @@ def references(source: str | os.PathLike[str], *,
     path = os.fspath(source)
     if "://" not in path:
         path = os.path.abspath(path)
-    ds = open_siff(path, storage_options=storage_options, drop_variables=["histogram"],
+    ds = open_siff(path, storage_options=storage_options, pin_version=pin_version,
+                   drop_variables=["histogram"],
                    partial_volume="keep")
     try:
-        with SiffFile(path, storage_options=storage_options) as f:
+        with SiffFile(path, storage_options=storage_options, pin_version=pin_version) as f:
             fmap = ds.frame_index.values
             frames = fmap[fmap >= 0]
             raw = frames[f.index.encoding[frames] != ENC_COMPRESSED]
@@ -124,7 +128,7 @@ def _is_metadata(key: str) -> bool:
 
 def write_references(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      storage_options: dict[str, Any] | None = None,
-                     inline: bool = True) -> None:
+                     inline: bool = True, pin_version: bool = True) -> None:
     """Write :func:`references` of ``source`` to the JSON file ``out``.
 
     With ``inline=False``, the chunks of the small variables and coordinates are
@@ -133,7 +137,7 @@ def write_references(source: str | os.PathLike[str], out: str | os.PathLike[str]
     then a plain reference, as VirtualiZarr's kerchunk parser needs (2.5 reads no
     inlined data). The chunk file is referenced by its absolute local path.
     """
-    refs = references(source, storage_options=storage_options)
+    refs = references(source, storage_options=storage_options, pin_version=pin_version)
     if not inline:
         chunks_path = os.path.abspath(os.fspath(out)) + CHUNKS_SUFFIX
         pos = 0

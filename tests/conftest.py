@@ -167,6 +167,11 @@ class _RangeServer:
         #: send weak ETags (``W/"..."``), which If-Match never matches (as servers
         #: that compress or generate what they serve do)
         self.weak_etags = False
+        #: answer each request from one of this many "backends" in turn, each naming
+        #: the same file with an ETag of its own (as some load-balanced servers do);
+        #: 0 or 1: one ETag per file version
+        self.etag_backends = 0
+        self._answered = 0
         #: when each request arrived (``time.monotonic()``): see :meth:`round_trips`
         self.arrivals = []
         #: the most requests waiting out their latency at once (requests a client has
@@ -202,6 +207,8 @@ class _RangeServer:
                 with server.lock:
                     server.arrivals.append(time.monotonic())
                     server._waiting += 1
+                    server._answered += 1
+                    self.backend = server._answered % max(server.etag_backends, 1)
                     server.most_waiting = max(server.most_waiting, server._waiting)
                 try:
                     if server.latency:
@@ -225,7 +232,9 @@ class _RangeServer:
 
             def _etag(self, p):
                 st = os.stat(p)
-                return ("W/" if server.weak_etags else "") + f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+                farm = f"-b{self.backend}" if server.etag_backends > 1 else ""
+                return (("W/" if server.weak_etags else "")
+                        + f'"{st.st_mtime_ns:x}-{st.st_size:x}{farm}"')
 
             def do_HEAD(self):
                 with server.lock:

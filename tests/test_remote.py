@@ -2206,3 +2206,122 @@ def test_one_planes_dask_chunks_are_predicted_only_where_reading_through_pays(
             fetched[name] = (src.expected_fetched, src.expected_read)
     assert fetched["slow"] == (0, 0)
     assert fetched["fast"][1] >= 5 and fetched["fast"][0] - fetched["fast"][1] <= 4
+
+
+# --------------------------------------------------------------- ETags that differ per request
+
+
+def _farm_file(tmp_path, http_server):
+    """A file served by "two backends" that name it with different ETags, and its local read."""
+    t = write_siff(tmp_path / "farm.siff", shape=(64, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=24, photons_per_frame=2000, seed=13)
+    http_server.etag_backends = 2
+    masks = np.random.default_rng(2).random((2, 64, 32)) > 0.5
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = (local.intensity.values, local.siff.lifetime(masks).values)
+    return t, f"{http_server.url}/farm.siff", masks, want
+
+
+@pytest.mark.parametrize("chunks", [None, {}])
+def test_a_server_whose_etags_differ_per_request_reads_with_pin_version_false(
+        http_server, tmp_path, chunks):
+    """Some load-balanced servers name one object with an ETag per backend.
+
+    Pinned (the default), its reads are refused as of a replaced object; the error
+    says what else that can mean and names the way out. Unpinned, no If-Match is
+    sent and no answer's ETag compared: the Dataset and its photon reductions read
+    the file (eagerly and with Dask) as the local read does.
+    """
+    _, url, masks, (want, want_life) = _farm_file(tmp_path, http_server)
+    with pytest.raises(SiffFormatError, match=r"farm\.siff.*replaced.*pin_version=False"), \
+            xr.open_dataset(url, engine="siff", chunks=chunks, index_cache=False) as ds:
+        ds.intensity.load()
+    refused = http_server.refused
+    assert refused > 0
+    with xr.open_dataset(url, engine="siff", chunks=chunks, index_cache=False,
+                         pin_version=False) as ds:
+        assert ds.encoding["pin_version"] is False
+        np.testing.assert_array_equal(ds.intensity.values, want)
+        np.testing.assert_array_equal(ds.siff.lifetime(masks).values, want_life)
+    assert http_server.refused == refused  # nothing required a version
+    # an open SiffFile given to open_siff: its Dataset's reductions reopen it unpinned
+    from siff_xarray import open_siff
+
+    with SiffFile(url, pin_version=False, index_cache=False) as f:
+        assert f.version is None and f.options.pin_version is False
+        ds = open_siff(f)
+        assert ds.encoding["pin_version"] is False
+        np.testing.assert_array_equal(ds.siff.lifetime(masks).values, want_life)
+    with pytest.raises(TypeError, match="pin_version must be True or False"):
+        xr.open_dataset(url, engine="siff", pin_version="no")
+
+
+def test_a_conversion_from_a_server_whose_etags_differ_per_request(http_server, tmp_path):
+    """Pinned, its batches' reads and source checks fail as of a replaced source;
+    unpinned, the source is recognised by its size and the digests of its ends, and
+    the store holds every photon (also through the command line, and on resume)."""
+    from click.testing import CliRunner
+
+    from siff_xarray.cli import cli
+
+    t, url, _, _ = _farm_file(tmp_path, http_server)
+    h, w = t.shape
+    shards = {"shard_bytes": 2 * t.n_slices * t.frames_per_slice * len(t.channels) * h * w * 2,
+              "chunk_bytes": 1}
+    dst = tmp_path / "farm.zarr"
+    with pytest.raises(SiffFormatError, match=r"farm\.siff.*replaced.*pin_version=False"):
+        zs.convert(url, dst, **shards)
+    summary = zs.convert(url, dst, overwrite=True, pin_version=False, **shards)
+    assert summary.batches >= 5
+    assert zs.verify(t.path, dst) == []
+
+    # interrupted after two batches, an unpinned conversion resumes unpinned (its plan
+    # says so): from the command line, without the flag
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(p):
+        if p.batches_done >= 2:
+            raise Stop
+
+    cli_dst = tmp_path / "cli.zarr"
+    with pytest.raises(Stop):
+        zs.convert(url, cli_dst, pin_version=False, progress=stop_after_two, **shards)
+    from siff_xarray.errors import IncompleteStoreError
+
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
+        zs.verify(t.path, cli_dst)
+    res = CliRunner().invoke(cli, ["convert", url, str(cli_dst), "--resume", "--quiet",
+                                   "--storage-options", "{}"])
+    assert res.exit_code == 0, res.output
+    assert zs.verify(t.path, cli_dst) == []
+    res = CliRunner().invoke(cli, ["convert", url, str(tmp_path / "c2.zarr"),
+                                   "--no-pin-version"])
+    assert res.exit_code == 0 and "farm.siff" in res.output, res.output
+    assert zs.verify(t.path, tmp_path / "c2.zarr") == []
+    # checked against the served file itself
+    assert zs.verify(url, tmp_path / "c2.zarr", pin_version=False) == []
+    res = CliRunner().invoke(cli, ["verify", url, str(tmp_path / "c2.zarr"), "--quiet",
+                                   "--no-pin-version"])
+    assert res.exit_code == 0 and res.output.startswith("OK"), res.output
+    res = CliRunner().invoke(cli, ["verify", url, str(tmp_path / "c2.zarr"), "--quiet"])
+    assert res.exit_code != 0 and "pin_version=False" in str(res.exception), res.output
+    res = CliRunner().invoke(cli, ["convert", url, str(tmp_path / "bad.zarr"),
+                                   "--storage-options", "[1, 2]"])
+    assert res.exit_code == 2 and "--storage-options" in res.output
+    assert "JSON object" in res.output
+
+
+@pytest.mark.slow
+def test_workers_read_a_farm_served_file_unpinned(http_server, tmp_path, monkeypatch):
+    """Workers with empty caches open the file as the Dataset was opened: unpinned."""
+    _, url, masks, (want, want_life) = _farm_file(tmp_path, http_server)
+    with _fresh_cluster(tmp_path, monkeypatch) as client, \
+            xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=1,
+                            pin_version=False) as ds:
+        got = client.compute(ds.intensity.data, sync=True)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(ds.siff.lifetime(masks).compute().values, want_life)
+        client.run(_forget_open_files)  # opened afresh by every worker
+        np.testing.assert_array_equal(client.compute(ds.intensity.data, sync=True), want)
+    assert http_server.refused == 0

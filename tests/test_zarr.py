@@ -755,7 +755,7 @@ def test_a_batch_decodes_while_its_check_runs_but_writes_only_after_it(siff_file
         decoded.set()
         return out
 
-    def late_refusal(sources, options, recorded, context):
+    def late_refusal(sources, options, recorded, context, pinned=True):
         if "batch" in context:  # the conversion's own start check passes
             assert decoded.wait(10)  # the batch decodes while the check is pending
             raise ConversionError(f"{context}: changed since the conversion started")

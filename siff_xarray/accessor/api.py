@@ -374,7 +374,8 @@ class SiffAccessor:
 
             # the object this process opened: workers read it or fail, never a newer one
             return PhotonSource("siff", location, opts,
-                                IndexHint(location, known_version(location)))
+                                IndexHint(location, known_version(location)),
+                                pin_version=ds.encoding.get("pin_version", True))
         if os.path.isfile(location):
             return PhotonSource("siff", location)
         if os.path.isdir(location) and is_converted_store(location):

@@ -48,13 +48,16 @@ class PhotonSource:
     storage_options: dict[str, Any] | None = None
     #: remote ``.siff``: carries the frame index this process knows to Dask workers
     hint: IndexHint | None = None
+    #: remote ``.siff``: whether reads require the version the Dataset was opened at
+    pin_version: bool = True
 
     def _create(self) -> Any:
         if self.kind == "siff":
             from ..reader.siff_file import SiffFile
 
             return SiffFile(self.path, storage_options=self.storage_options,
-                            version=self.hint.version if self.hint else None)
+                            version=self.hint.version if self.hint else None,
+                            pin_version=self.pin_version)
         from ..store.read import StorePhotons
 
         return StorePhotons(self.path, storage_options=self.storage_options)
@@ -70,7 +73,7 @@ class PhotonSource:
         last block using it is done, never under a running read.
         """
         key = (self.kind, self.path, json.dumps(self.storage_options, sort_keys=True,
-                                                default=repr))
+                                                default=repr), self.pin_version)
         stamp = _local_stamp(self.path)
         with _OPEN_LOCK:
             held = _OPEN.get(key)

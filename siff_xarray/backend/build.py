@@ -322,7 +322,12 @@ def build_dataset(files: list[SiffFile], managers: list[Any], opts: OpenOptions,
         for var in ds.variables.values():
             if var.dtype.kind == "U":  # written as variable-length strings (see _text)
                 var.encoding["dtype"] = _VARIABLE_LENGTH_TEXT
-    if opts.file.storage:  # photon reductions reopen remote files with them
-        ds.encoding["storage_options"] = opts.file.storage
+    # photon reductions reopen remote files with the options they were opened with
+    # (an open SiffFile given to open_siff: its own)
+    storage = opts.file.storage or first.options.storage
+    if storage:
+        ds.encoding["storage_options"] = storage
+    if not (opts.file.pin_version and all(f.options.pin_version for f in files)):
+        ds.encoding["pin_version"] = False  # ... and unpinned, as the Dataset was read
     ds.set_close(reader.close)
     return ds

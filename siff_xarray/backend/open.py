@@ -106,6 +106,10 @@ def open_siff(
         Persistent frame-index cache: ``None`` (default) for paths and URLs (not file
         objects), a directory to use that one, ``False`` never (see
         :class:`~siff_xarray.SiffFile`).
+    pin_version : bool
+        For URLs: every read (also on Dask workers) requires the version (ETag) the
+        open saw (default). ``False`` for servers that give one object different
+        ETags from one request to the next (see :class:`~siff_xarray.SiffFile`).
 
     Returns
     -------

@@ -96,14 +96,16 @@ class Acquisition:
         self.frame_shape = filled[0].frame_shape
 
     @classmethod
-    def open(cls, sources: Sequence[Any], storage_options: dict[str, Any] | None = None
-             ) -> Acquisition:
+    def open(cls, sources: Sequence[Any], storage_options: dict[str, Any] | None = None,
+             pin_version: bool = True) -> Acquisition:
         """Open every part (paths or URLs) and own them.
 
         Remote parts are opened at once (:func:`open_all`); a part that fails to
         open raises its error (the first part's in order) and no part stays open.
+        ``pin_version``: as for :class:`SiffFile`.
         """
-        files = open_all([functools.partial(SiffFile, s, storage_options=storage_options)
+        files = open_all([functools.partial(SiffFile, s, storage_options=storage_options,
+                                            pin_version=pin_version)
                           for s in sources], any_remote(sources))
         try:
             return cls(files, owns=True)

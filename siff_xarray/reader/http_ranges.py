@@ -363,7 +363,8 @@ class DirectRanges:
         return got
 
     def probe(self, head: int, tail: int, starts: list[int], stops: list[int],
-              headers: dict[str, str] | None = None) -> Probe | None:
+              headers: dict[str, str] | None = None, versions: bool = True
+              ) -> Probe | None:
         """Fetch the object's first ``head`` and last ``tail`` bytes and small ranges at once.
 
         One round trip instead of two for an open, which needs the object's size and
@@ -375,6 +376,9 @@ class DirectRanges:
         asks fsspec, whose answer and errors are the reference. A timeout raises
         (asking again would wait as long again); other network errors return None
         as well. Extra ranges the server does not answer with 206 are left out.
+        ``versions=False`` takes answers of one size as one object whatever their
+        ETags and modification times (and returns neither): for a caller that
+        ignores the server's versions.
         """
         extra = headers or {}
         ranges = [f"bytes=0-{head - 1}", f"bytes=-{tail}"]
@@ -386,7 +390,10 @@ class DirectRanges:
             exc = job.exception()
             if isinstance(exc, TimeoutError):
                 raise exc
-            got.append(None if exc is not None else job.result())
+            answer = None if exc is not None else job.result()
+            if answer is not None and not versions:
+                answer = (answer[0], answer[1], None, None, answer[4])
+            got.append(answer)
         first, last = got[0], got[1]
         if first is None or last is None or first[1:4] != last[1:4]:
             return None  # not answered, or two versions of the object: fsspec decides

@@ -97,6 +97,13 @@ class SiffFile(PhotonReductions):
         workers reopen a Dataset's file this way, so they never read a newer object
         than the one the Dataset describes. Reads of an open file are pinned to its
         version anyway (where the server names versions with strong ETags).
+    pin_version
+        For URLs: require every read to be of the version (ETag) the open saw
+        (default). ``False`` ignores the server's ETags and modification times:
+        for servers that give one object different ETags from one request to the
+        next (some load-balanced ones), whose reads would otherwise be refused as
+        of a replaced object. An object replaced by another of the same size is
+        then not detected.
 
     Examples
     --------
@@ -115,10 +122,12 @@ class SiffFile(PhotonReductions):
         base_resolution_ps: float = MULTIHARP_BASE_RESOLUTION_PS,
         index_cache: bool | str | os.PathLike[str] | None = None,
         version: str | None = None,
+        pin_version: bool = True,
     ) -> None:
         self.options = FileOptions(storage_options=storage_options, tau_bins=tau_bins,
                                    bin_width_ps=bin_width_ps,
-                                   base_resolution_ps=base_resolution_ps, index_cache=index_cache)
+                                   base_resolution_ps=base_resolution_ps, index_cache=index_cache,
+                                   pin_version=pin_version)
         self._path_or_fileobj = path_or_fileobj
         hint = None
         if isinstance(path_or_fileobj, str) and is_remote(path_or_fileobj) \
@@ -126,7 +135,7 @@ class SiffFile(PhotonReductions):
             # the IFDs that checking the cached index will read come with the head
             hint = checks_for(path_or_fileobj, _cache_dir(index_cache))
         self._source = open_source(path_or_fileobj, storage_options, version=version,
-                                   with_head=hint)
+                                   with_head=hint, pin=pin_version)
         if self.version:  # the object a reduction's workers read
             remember_version(self._source.name, self.version)
         self._all_timestamps: FrameTimestamps | None = None
@@ -182,7 +191,8 @@ class SiffFile(PhotonReductions):
         return cls(path_or_fileobj, storage_options=options.storage,
                    tau_bins=options.tau_bins, bin_width_ps=options.bin_width_ps,
                    base_resolution_ps=options.base_resolution_ps,
-                   index_cache=options.index_cache, version=version)
+                   index_cache=options.index_cache, version=version,
+                   pin_version=options.pin_version)
 
     def _load_index(self, index_cache: bool | str | os.PathLike[str] | None) -> FrameIndex:
         """Find the frame index without walking the file where possible.

@@ -41,6 +41,7 @@ import numpy as np
 
 from .._paths import is_remote, local_path
 from .._remote import (
+    UNPIN_HINT,
     PinnedS3Kwargs,
     one_retry_loop,
     pin_kind,
@@ -671,10 +672,16 @@ class FsspecSource(ByteSource):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
                  cache_bytes: int = 64 * 2**20, version: str | None = None,
-                 with_head: tuple[list[int], list[int]] | None = None) -> None:
+                 with_head: tuple[list[int], list[int]] | None = None,
+                 pin: bool = True) -> None:
         import fsspec
 
         self.name = url
+        #: whether reads require the version the open saw (False: the server's ETags
+        #: are not used at all, as for a server that sends none; see ``pin_version``)
+        self.pinned = pin
+        if not pin:
+            version = None
         if with_head is not None:
             self._with_head = self._hinted(*with_head)
         probe = None
@@ -707,13 +714,14 @@ class FsspecSource(ByteSource):
         etag = self._adopt(info)
         if version is not None and etag and etag != version:
             raise SiffFormatError(url, f"the object was replaced since it was first opened "
-                                  f"(ETag {version}, now {etag}); open it again")
+                                  f"(ETag {version}, now {etag}); open it again{UNPIN_HINT}")
         kind = pin_kind(url, etag)
         #: the ETag every read of this file's bytes requires (None: reads are not pinned):
         #: a server refuses a read of another version (412, ``If-Match``); a weak ETag
         #: (never equal under If-Match) is compared with each direct read's answer instead
         self.version: str | None = etag if kind or (etag and direct is not None) else None
         self._pin: str | None = None  # set for S3: the reads' context carries it
+        self._repinned = False  # whether a refused first read took a new version
         self._required, self._options = version, storage_options
         if kind == "headers":
             self._fs = self._pinned_http(etag)
@@ -759,7 +767,7 @@ class FsspecSource(ByteSource):
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
         try:
             return direct.probe(self.head_bytes, self.tail_bytes, starts, stops,
-                                self._if_match(version))
+                                self._if_match(version), versions=self.pinned)
         except TimeoutError:
             raise
         except Exception:  # fsspec asks again and reports
@@ -784,7 +792,8 @@ class FsspecSource(ByteSource):
                 return call()
         except Exception as exc:
             replaced = replaced_error(self.name, exc)
-            if replaced is not None and self.bytes_fetched == 0 and self._repin():
+            if (replaced is not None and self.bytes_fetched == 0 and not self._repinned
+                    and self._repin()):
                 return self._network(call)  # the version came from a stale listing
             err = replaced or remote_error(self.name, exc)
             if err is None:
@@ -798,7 +807,10 @@ class FsspecSource(ByteSource):
         listing fsspec cached before the object was replaced (s3fs keeps listings
         until told otherwise), not from the object. Nothing was read yet, so the
         file is taken as it is now, unless the caller required the old version.
+        Only once: a server whose ETags differ from one request to the next would
+        otherwise be asked again and again.
         """
+        self._repinned = True
         self._fs_any.invalidate_cache(self._path)
         info = self._fs_any.info(self._path)
         etag = info.get("ETag") or info.get("etag")
@@ -813,9 +825,16 @@ class FsspecSource(ByteSource):
         return True
 
     def _adopt(self, info: dict[str, Any]) -> str | None:
-        """Take size and fingerprint from fsspec's ``info`` of the file; return its ETag."""
+        """Take size and fingerprint from fsspec's ``info`` of the file; return its ETag.
+
+        Unpinned (``pin=False``), the server's ETag and modification time are
+        ignored: the fingerprint is empty and no ETag is returned.
+        """
         size = info.get("size")
         self.size = int(size) if size is not None else int(self._fs_any.size(self._path))
+        if not self.pinned:
+            self._fingerprint = ""
+            return None
         self._fingerprint = "|".join(str(info[k]) for k in _VERSION_KEYS if k in info)
         return info.get("ETag") or info.get("etag")
 
@@ -1444,8 +1463,8 @@ def _presigned_ranges(fs: Any, path: str, url: str, settings: S3Settings, second
                         name=url, step_aside=S3_STEP_ASIDE)
 
 
-def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int
-               ) -> tuple[dict[str, Any], bytes, bytes] | None:
+def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int,
+               pin: bool = True) -> tuple[dict[str, Any], bytes, bytes] | None:
     """Return a remote file's ``info`` with its first and last ``nbytes``: one round trip.
 
     The ``info`` has the keys and values fsspec's would have for what a file's
@@ -1457,7 +1476,8 @@ def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int
     anything but the two ranges of one version of the object (the caller then asks
     fsspec, whose answers and errors are the reference), and where
     :attr:`FsspecSource.direct_http` is off. A timeout or an
-    unreachable server raises a RemoteAccessError naming ``url``.
+    unreachable server raises a RemoteAccessError naming ``url``. ``pin=False``
+    ignores the server's ETags and modification times (none are returned).
     """
     if not FsspecSource.direct_http:
         return None
@@ -1472,7 +1492,7 @@ def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int
     if direct is None:
         return None
     try:
-        probe = direct.probe(nbytes, nbytes, [], [])
+        probe = direct.probe(nbytes, nbytes, [], [], versions=pin)
     except Exception as exc:
         err = remote_error(url, exc)
         if err is None:
@@ -1670,6 +1690,7 @@ def open_source(
     cache_bytes: int = 64 * 2**20,
     version: str | None = None,
     with_head: tuple[list[int], list[int]] | None = None,
+    pin: bool = True,
 ) -> ByteSource:
     """Open a :class:`ByteSource` for a local path, an fsspec URL or a file object.
 
@@ -1691,6 +1712,10 @@ def open_source(
         that asks for exactly those ranges (an open checking a cached index at the
         IFDs it checked before). Only a hint: at most eight ranges of 2 KiB, past
         the head; ranges in the tail are left out.
+    pin
+        For URLs: require every read to be of the version (ETag) the open saw
+        (default). False ignores the server's ETags and modification times, for
+        servers whose ETags differ between requests to one object.
 
     """
     if isinstance(path_or_fileobj, ByteSource):
@@ -1698,7 +1723,7 @@ def open_source(
     if isinstance(path_or_fileobj, (str, os.PathLike)):
         path = os.fspath(path_or_fileobj)
         if is_remote(path):
-            return FsspecSource(path, storage_options, cache_bytes, version, with_head)
+            return FsspecSource(path, storage_options, cache_bytes, version, with_head, pin)
         return LocalSource(local_path(path))
     return FileObjectSource(path_or_fileobj)
 

@@ -162,7 +162,8 @@ class _Tracker:
 
 
 def _open_source(plan: Plan) -> Acquisition:
-    return _streaming(Acquisition.open(plan.sources, plan.source_options), plan)
+    return _streaming(Acquisition.open(plan.sources, plan.source_options, plan.pin_version),
+                      plan)
 
 
 def _streaming(f: Acquisition, plan: Plan) -> Acquisition:
@@ -296,7 +297,7 @@ def _checking(plan: Plan, context: str) -> Any:
     """Start checking the plan's sources in another thread; ``.result()`` raises if changed."""
     pool = ThreadPoolExecutor(1)
     job = pool.submit(_check_fingerprint, plan.sources, plan.source_options,
-                      plan.fingerprint, context)
+                      plan.fingerprint, context, plan.pin_version)
     pool.shutdown(wait=False)
     return job
 
@@ -883,6 +884,7 @@ def convert_file(
     ome_levels: int | None = None,
     progress: Callable[[Progress], None] | bool | None = None,
     allow_truncated: bool = False,
+    pin_version: bool = True,
 ) -> ConversionSummary:
     """Convert one ``.siff`` file (or one split acquisition) to a Zarr v3 store, losslessly.
 
@@ -920,6 +922,13 @@ def convert_file(
         (an acquisition cut off mid-write, or a damaged IFD chain that hides frames);
         by default such a source is refused, so that a store is never mistaken for
         the whole file (``SiffFile.unread_bytes`` tells how much is left out).
+    pin_version
+        Remote sources: every read, and the check of the source before each batch,
+        requires the version (ETag) the conversion started from (default; a
+        replaced source stops the conversion). ``False`` for servers that give one
+        object different ETags from one request to the next (as some load-balanced
+        ones do): the source is then recognised by its size and the digest of its
+        first and last 64 KiB only (see :class:`~siff_xarray.SiffFile`).
     progress
         A callable is called with a :class:`Progress` after each batch. Otherwise a
         progress bar over the frames: ``None`` (default) when someone watches (a
@@ -941,7 +950,7 @@ def convert_file(
     with naming_url(os.fspath(destination)):  # a destination that times out or is gone
         return _convert(source, destination, overwrite, resume, scheduler, num_workers,
                         storage_options, target_options, shard_bytes, chunk_bytes, ome,
-                        ome_levels, progress, allow_truncated)
+                        ome_levels, progress, allow_truncated, pin_version)
 
 
 def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, scheduler: Any,
@@ -949,7 +958,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
              target_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
              ome: bool, ome_levels: int | None,
              progress: Callable[[Progress], None] | bool | None,
-             allow_truncated: bool) -> ConversionSummary:
+             allow_truncated: bool, pin_version: bool = True) -> ConversionSummary:
     """Convert as :func:`convert_file` says (which maps network failures to clear errors)."""
     t_start = time.perf_counter()
     srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
@@ -976,15 +985,17 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             if target.exists(PLAN_KEY):
                 plan = Plan.from_json(target.read_text(PLAN_KEY))
                 _same_sources(target, plan.sources, srcs)
+                # unpinned if either run was: a pinned run's stamps are not compared
+                plan.pin_version = plan.pin_version and pin_version
                 _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint,
-                                   f"{target.destination}: cannot resume")
+                                   f"{target.destination}: cannot resume", plan.pin_version)
                 owner.claim(target, run_id)  # takes over from the dead run
             else:  # interrupted before the first batch: nothing to keep, start again
                 started = json.loads(target.read_text(STARTED_KEY))
                 _same_sources(target, started["sources"], srcs)
                 log.info("%s: interrupted before its first batch; starting again", src)
                 target.fs.rm(target.root, recursive=True)
-                lead = _open_lead(srcs, storage_options, allow_truncated=True)
+                lead = _open_lead(srcs, storage_options, True, pin_version)
                 plan = _start(srcs, target, storage_options, run_id=run_id, lead=lead,
                               **started["layout"])
         else:
@@ -997,7 +1008,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                     raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                           "overwrite=True (--overwrite) to replace it")
                 target.fs.rm(target.root, recursive=True)
-            lead = _open_lead(srcs, storage_options, allow_truncated)
+            lead = _open_lead(srcs, storage_options, allow_truncated, pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
                           ome_levels, run_id=run_id, lead=lead)
         try:
@@ -1006,7 +1017,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             log.info("%s: arrival times above 65535; converting again with uint32", src)
             owner.check(target, run_id)
             target.fs.rm(target.root, recursive=True)
-            lead = _open_lead(srcs, storage_options, allow_truncated=True)
+            lead = _open_lead(srcs, storage_options, True, plan.pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                           plan.ome, plan.ome_levels, run_id=run_id, lead=lead)
             skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
@@ -1028,7 +1039,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
 
 
 def _open_lead(srcs: list[str], storage_options: dict[str, Any] | None,
-               allow_truncated: bool) -> Acquisition:
+               allow_truncated: bool, pin_version: bool = True) -> Acquisition:
     """Open the sources once for the start of a run: its checks, its plan, its first batch.
 
     A remote open costs a round trip (each part of a split acquisition one); the
@@ -1036,13 +1047,14 @@ def _open_lead(srcs: list[str], storage_options: dict[str, Any] | None,
     and then the run's first batch (:meth:`_RunSources.pass_on`). Unless
     ``allow_truncated``, a source with bytes after its last frame is refused
     (ConversionError); the open's warnings are shown only once the sources pass.
+    ``pin_version``: as for :func:`convert_file`.
     """
     import warnings
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         lead = _fetching_itself(Acquisition.open([normalize(s) for s in srcs],
-                                                 storage_options))
+                                                 storage_options, pin_version))
     try:
         if not allow_truncated:
             _refuse_unread_bytes(lead)
@@ -1081,7 +1093,9 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     import tempfile
 
     # the sizes known from the open: a remote fingerprint asks for all it needs at once
-    fingerprint = _fingerprint(srcs, storage_options, [p.header.file_size for p in lead.files])
+    pinned = all(p.options.pin_version for p in lead.files)
+    fingerprint = _fingerprint(srcs, storage_options, [p.header.file_size for p in lead.files],
+                               pinned)
     layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
               "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
     owner.claim(target, run_id)
@@ -1102,7 +1116,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     owner.check(target, run_id)
     target.fs.pipe(files)
     _phase("metadata")
-    plan.fingerprint = fingerprint
+    plan.fingerprint, plan.pin_version = fingerprint, pinned
     target.write_text(PLAN_KEY, plan.to_json())
     _phase("planned")
     return plan
@@ -1123,7 +1137,7 @@ _FINGERPRINT_BYTES = 1 << 16
 
 
 def _fingerprint(sources: list[str], options: dict[str, Any] | None,
-                 sizes: list[int] | None = None) -> list[dict[str, Any]]:
+                 sizes: list[int] | None = None, pinned: bool = True) -> list[dict[str, Any]]:
     """Identity of each source: size, modification stamp, digest of its first and last 64 KiB.
 
     The stamp is the ETag or modification time, and for local files also the inode
@@ -1138,16 +1152,21 @@ def _fingerprint(sources: list[str], options: dict[str, Any] | None,
     where its URL allows (:func:`~siff_xarray.reader.source.probe_ends`), else from
     fsspec, where ``sizes`` (a check: the sizes recorded before) lets its ends be
     requested together with its info, in one round trip instead of three.
+
+    Unpinned (``pinned=False``, see ``pin_version``), a remote file's stamp is
+    empty: its server's ETags and modification times are not used.
     """
     out = []
     for k, src in enumerate(sources):
-        got = probe_ends(src, options, _FINGERPRINT_BYTES) if is_remote(src) else None
+        got = probe_ends(src, options, _FINGERPRINT_BYTES, pinned) if is_remote(src) else None
         if got is not None:  # no HEAD, and none of fsspec's event-loop CPU
             info, *ends = got
         else:
             info, ends = _fsspec_identity(src, options, None if sizes is None else sizes[k])
         stamp = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified",
                                               "last_modified") if info.get(k) is not None), "")
+        if is_remote(src) and not pinned:
+            stamp = ""
         if not is_remote(src):  # the inode change time: os.utime cannot set it back
             stamp += f"/ctime {os.stat(local_path(src)).st_ctime_ns}"
         digest = hashlib.sha256(ends[0])
@@ -1187,13 +1206,19 @@ def _fsspec_identity(src: str, options: dict[str, Any] | None, size: int | None
 
 
 def _check_fingerprint(sources: list[str], options: dict[str, Any] | None,
-                       recorded: list[dict[str, Any]] | None, context: str) -> None:
-    """Raise ConversionError if a source is no longer the file the conversion started from."""
+                       recorded: list[dict[str, Any]] | None, context: str,
+                       pinned: bool = True) -> None:
+    """Raise ConversionError if a source is no longer the file the conversion started from.
+
+    Unpinned, the stamps (ETags, modification times) of remote sources are not compared.
+    """
     if recorded is None:  # a plan written before fingerprints existed
         return
     sizes = [int(r.get("size", -1)) for r in recorded]
-    for was, now in zip(recorded, _fingerprint(sources, options, sizes), strict=True):
-        changed = [k for k in ("size", "stamp", "sha256") if was.get(k) != now[k]]
+    for was, now in zip(recorded, _fingerprint(sources, options, sizes, pinned), strict=True):
+        keys = ("size", "stamp", "sha256") if pinned or not is_remote(now["source"]) else \
+            ("size", "sha256")
+        changed = [k for k in keys if was.get(k) != now[k]]
         if changed:
             what = ", ".join(f"{k} {was.get(k)} -> {now[k]}" if k != "sha256" else
                              "content" for k in changed)

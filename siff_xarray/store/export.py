@@ -93,7 +93,8 @@ def to_siff(store: str | os.PathLike[str], path: str | os.PathLike[str], *,
 
 def to_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *,
             storage_options: dict[str, Any] | None = None, overwrite: bool = False,
-            bigtiff: bool | None = None, batch_frames: int = 512) -> int:
+            bigtiff: bool | None = None, batch_frames: int = 512,
+            pin_version: bool = True) -> int:
     """Write the photon counts of every frame of ``source`` as a ScanImage TIFF.
 
     Parameters
@@ -110,6 +111,8 @@ def to_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *,
         BigTIFF container (default: as the source; classic TIFFs cannot exceed 4 GiB).
     batch_frames
         Frames decoded at a time.
+    pin_version
+        For a URL source: as for :class:`~siff_xarray.SiffFile`.
 
     Returns
     -------
@@ -123,7 +126,7 @@ def to_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *,
     if out.exists() and not overwrite:
         raise ConversionError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
     tmp = out.with_name(out.name + ".partial")
-    with SiffFile(source, storage_options=storage_options) as f:
+    with SiffFile(source, storage_options=storage_options, pin_version=pin_version) as f:
         n = f.num_frames
         big = f.header.bigtiff if bigtiff is None else bigtiff
         desc, dlen = f.description_bytes()

@@ -231,6 +231,7 @@ class Plan:
     intensity_only: bool = False      # ScanImage intensity-only TIFF: pages, no photons
     intensity_dtype: str = "uint16"   # int16 for TIFF pages of signed samples
     fingerprint: list[dict[str, Any]] | None = None  # of the sources (see converter)
+    pin_version: bool = True          # remote reads require the version (ETag) first seen
 
     @property
     def n_batches(self) -> int:

@@ -22,7 +22,8 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
            store: str | os.PathLike[str], *,
            storage_options: dict[str, Any] | None = None,
            target_options: dict[str, Any] | None = None,
-           batch_frames: int = 256, progress: ProgressArg = None) -> list[str]:
+           batch_frames: int = 256, progress: ProgressArg = None,
+           pin_version: bool = True) -> list[str]:
     """Compare a converted store with its source, frame by frame; return the differences.
 
     Checks every frame's photon count, its pixel-sorted (pixel, arrival time) pairs
@@ -35,13 +36,14 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     ``progress``: a bar over the frames compared (``None``: when someone watches
     and it takes over a second; ``True``/``False``; or a callable taking a
     :class:`~siff_xarray.Step`), see :func:`siff_xarray.set_progress`.
+    ``pin_version``: for remote sources, as for :class:`~siff_xarray.SiffFile`.
     """
     srcs = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
             else [os.fspath(x) for x in source])
     target = Target(os.fspath(store), target_options)
     try:
         return _compare(srcs, store, target, storage_options, target_options, batch_frames,
-                        progress)
+                        progress, pin_version)
     except ValueError as exc:  # a checksum mismatch (SiffFormatError is a ValueError too)
         if "checksum" not in str(exc):
             raise
@@ -50,7 +52,8 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
 
 def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
              storage_options: dict[str, Any] | None, target_options: dict[str, Any] | None,
-             batch_frames: int, progress: ProgressArg = None) -> list[str]:
+             batch_frames: int, progress: ProgressArg = None,
+             pin_version: bool = True) -> list[str]:
     """Return the differences between the store and its sources (see :func:`verify`)."""
     import zarr
 
@@ -63,14 +66,16 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
     try:
         zstore = target.zarr()
         grp = zarr.open_group(zstore, path="photons", mode="r")
-        with Acquisition.open(srcs, storage_options) as f, contextlib.ExitStack() as stack:
+        with Acquisition.open(srcs, storage_options, pin_version) as f, \
+                contextlib.ExitStack() as stack:
             n = f.num_frames
             if grp["photon_count"].shape[0] != n:
                 return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
             root = zarr.open_group(zstore, mode="r")
             with quiet_text_dtype():  # as written, not as open_converted relocates it
                 raw_files = root["source_file"][...] if "source_file" in root else None
-            problems.extend(_dataset_differences(ds, srcs, storage_options, raw_files))
+            problems.extend(_dataset_differences(ds, srcs, storage_options, raw_files,
+                                                 pin_version))
             problems.extend(_missing_chunks(target, grp))
             if ds.attrs.get("scanimage_header") != f.header.nvfd_text:
                 problems.append("ScanImage header text differs")
@@ -342,7 +347,8 @@ def _same_values(a: Any, b: Any) -> bool:
 
 def _dataset_differences(store_ds: Any, srcs: list[str],
                          storage_options: dict[str, Any] | None,
-                         raw_files: np.ndarray | None = None) -> list[str]:
+                         raw_files: np.ndarray | None = None,
+                         pin_version: bool = True) -> list[str]:
     """Differences between the store's root Dataset and the source's, beyond the photons.
 
     Every attribute (but the ones naming the source file), every coordinate (values,
@@ -351,9 +357,9 @@ def _dataset_differences(store_ds: Any, srcs: list[str],
     """
     from ..backend import open_acquisition, open_siff
 
-    src = (open_siff(srcs[0], storage_options=storage_options, partial_volume="keep")
-           if len(srcs) == 1 else
-           open_acquisition(srcs, storage_options=storage_options, partial_volume="keep"))
+    opts = {"storage_options": storage_options, "partial_volume": "keep",
+            "pin_version": pin_version}
+    src = open_siff(srcs[0], **opts) if len(srcs) == 1 else open_acquisition(srcs, **opts)
     out = []
     with src:
         for k in sorted(set(src.attrs) | set(store_ds.attrs)):
