@@ -45,8 +45,19 @@ def normalize(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.path.expanduser(local_path(text)))
 
 
+def _is_http(url: str) -> bool:
+    """Tell whether ``url`` (the last link of a chained URL) is plain http(s)."""
+    return url.rsplit("::", 1)[-1].lower().startswith(("http://", "https://"))
+
+
 def has_glob(text: str) -> bool:
-    """Tell whether ``text`` holds a glob wildcard."""
+    """Tell whether ``text`` holds a glob wildcard.
+
+    In an http(s) URL ``?`` starts the query (a presigned URL's signature, a
+    download flag), so only ``*`` and ``[`` before it count.
+    """
+    if _is_http(text):
+        return any(ch in text.rsplit("::", 1)[-1].split("?", 1)[0] for ch in "*[")
     return any(ch in text for ch in "*?[")
 
 
@@ -73,7 +84,8 @@ def expand(paths_or_glob: str | os.PathLike[str] | Sequence[Any],
 
             fs, _, found = fsspec.get_fs_token_paths(pattern, storage_options=storage_options)
             protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-            paths = sorted(f"{protocol}://{p}" for p in found)
+            # (fsspec's HTTP paths are whole URLs; other filesystems' lack the protocol)
+            paths = sorted(p if "://" in p else f"{protocol}://{p}" for p in found)
         else:
             paths = sorted(glob.glob(local_path(pattern)))
         if not paths:

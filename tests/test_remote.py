@@ -2325,3 +2325,76 @@ def test_workers_read_a_farm_served_file_unpinned(http_server, tmp_path, monkeyp
         client.run(_forget_open_files)  # opened afresh by every worker
         np.testing.assert_array_equal(client.compute(ds.intensity.data, sync=True), want)
     assert http_server.refused == 0
+
+
+# ------------------------------------------------------------------ URLs with a query string
+
+
+@pytest.fixture
+def signed_server(http_server):
+    """The loopback server as a presigned URL is served: GETs only with the signature
+    (the query), HEAD refused (a signature covers one method). Yields (server, log)."""
+    handler = http_server.httpd.RequestHandlerClass
+    get = handler.do_GET
+    seen = []
+
+    def signed_get(self):
+        seen.append(("GET", self.path))
+        if not self.path.endswith("?X-Signature=abc%3D"):
+            self.send_error(403)
+            return None
+        return get(self)
+
+    def no_head(self):
+        seen.append(("HEAD", self.path))
+        self.send_error(403)
+
+    handler.do_GET, handler.do_HEAD = signed_get, no_head
+    yield http_server, seen
+
+
+def test_a_url_with_a_query_opens_converts_and_finds_its_sidecar(signed_server, tmp_path):
+    """``?`` starts an http(s) URL's query, not a glob: a presigned URL converts (before:
+    globbed into ``http://http://...``, "no such file"), opens as one acquisition, and
+    its sidecar is looked for at ``run.siff.siffidx?<query>``."""
+    from click.testing import CliRunner
+
+    from siff_xarray.cli import cli
+
+    server, seen = signed_server
+    t = write_siff(tmp_path / "q.siff", shape=(64, 32), channels=(1, 2), n_slices=2,
+                   n_timepoints=30, photons_per_frame=1500, seed=21)
+    url = f"{server.url}/q.siff?X-Signature=abc%3D"
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.values
+    for ds in (xr.open_dataset(url, engine="siff", index_cache=False),
+               open_acquisition(url, index_cache=False)):
+        with ds:
+            np.testing.assert_array_equal(ds.intensity.values, want)
+    assert seen and not [s for s in seen if s[0] == "HEAD"]
+    summary = zs.convert(url, tmp_path / "q.zarr")
+    assert summary.source == url and zs.verify(url, tmp_path / "q.zarr") == []
+    res = CliRunner().invoke(cli, ["convert", url, str(tmp_path / "cli.zarr"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert zs.verify(t.path, tmp_path / "cli.zarr") == []
+    # a sidecar next to the file is found with the URL's query: a few small requests
+    assert CliRunner().invoke(cli, ["index", t.path]).exit_code == 0
+    forget(url)  # (this process knows the index from the opens above)
+    seen.clear()
+    with xr.open_dataset(url, engine="siff", index_cache=tmp_path / "empty") as ds:
+        assert ds.sizes["time"] == 30
+    assert ("GET", "/q.siff.siffidx?X-Signature=abc%3D") in seen and len(seen) <= 5, seen
+
+
+def test_only_wildcards_before_an_http_query_are_globs():
+    from siff_xarray._paths import expand, has_glob
+    from siff_xarray.reader.source import sibling_url
+
+    assert not has_glob("https://h/run.siff?X-Amz-Signature=a&b=[1]*")
+    assert not has_glob("simplecache::http://h/run.siff?download=1")
+    assert has_glob("https://h/2026-*/run.siff?x=1") and has_glob("http://h/run_[0-9].siff")
+    assert has_glob("s3://bucket/run_0000?.siff") and has_glob("/data/run?.siff")
+    assert expand("https://h/run.siff?sig=1") == ["https://h/run.siff?sig=1"]
+    assert sibling_url("https://h/a/run.siff?sig=1&x=2", ".siffidx") == \
+        "https://h/a/run.siff.siffidx?sig=1&x=2"
+    assert sibling_url("s3://b/run?.siff", ".siffidx") == "s3://b/run?.siff.siffidx"

@@ -73,7 +73,7 @@ except ImportError:  # pragma: no cover - Windows
 _SHRINKS_UNDER_MAP = os.name != "nt"
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source",
-           "probe_ends"]
+           "probe_ends", "sibling_url"]
 
 
 #: parts of a long read (or sub-batches of a conversion) fetched while one decodes:
@@ -1330,9 +1330,12 @@ class FsspecSource(ByteSource):
         return [found[k] for k in keys]
 
     def read_sibling(self, suffix: str) -> bytes | None:
-        """Return the object ``name + suffix`` (one request), or ``None`` if absent."""
+        """Return the object ``name + suffix`` (one request), or ``None`` if absent.
+
+        In an http(s) URL the suffix goes before the query (:func:`sibling_url`).
+        """
         try:
-            data = self._fs_any.cat_file(self._path + suffix)
+            data = self._fs_any.cat_file(sibling_url(self._path, suffix))
         except Exception:  # absent, forbidden or unreachable: the walk will do
             return None
         self.bytes_fetched += len(data)
@@ -1340,8 +1343,8 @@ class FsspecSource(ByteSource):
 
     def write_sibling(self, suffix: str, data: bytes) -> str:
         """Upload ``name + suffix`` (one object: readers see all of it or none)."""
-        self._network(lambda: self._fs_any.pipe_file(self._path + suffix, data))
-        return self.name + suffix
+        self._network(lambda: self._fs_any.pipe_file(sibling_url(self._path, suffix), data))
+        return sibling_url(self.name, suffix)
 
     def fetch_consecutive(self, start: int, stop: int) -> np.ndarray:
         """Return bytes ``start:stop`` for the walk, received where they are kept.
@@ -1461,6 +1464,19 @@ def _presigned_ranges(fs: Any, path: str, url: str, settings: S3Settings, second
         return None
     return DirectRanges(signed, {}, settings.context, settings.connect, settings.read,
                         name=url, step_aside=S3_STEP_ASIDE)
+
+
+def sibling_url(url: str, suffix: str) -> str:
+    """Return the URL of the object ``suffix`` names next to ``url`` (a sidecar).
+
+    In an http(s) URL the suffix is added to the path, before the query
+    (``https://host/run.siff?download=1`` -> ``https://host/run.siff.siffidx?download=1``);
+    elsewhere (``s3://``, paths, where ``?`` may be part of a key) to the end.
+    """
+    if url.lower().startswith(("http://", "https://")) and "?" in url:
+        path, query = url.split("?", 1)
+        return f"{path}{suffix}?{query}"
+    return url + suffix
 
 
 def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int,
