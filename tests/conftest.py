@@ -519,3 +519,12 @@ def http_server(tmp_path):
     srv = _RangeServer(str(tmp_path))
     yield srv
     srv.close()
+
+
+@pytest.fixture
+def other_http_server(tmp_path):
+    """A second server of ``tmp_path`` on another port: another origin than ``http_server``."""
+    pytest.importorskip("aiohttp")
+    srv = _RangeServer(str(tmp_path))
+    yield srv
+    srv.close()

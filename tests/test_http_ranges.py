@@ -20,8 +20,13 @@ import xarray as xr
 from siff_xarray import _remote
 from siff_xarray.errors import RemoteAccessError, SiffFormatError
 from siff_xarray.reader import http_ranges
-from siff_xarray.reader.http_ranges import DirectRanges, HTTPStatusError, direct_ranges
-from siff_xarray.reader.source import FsspecSource
+from siff_xarray.reader.http_ranges import (
+    DirectRanges,
+    HTTPStatusError,
+    Redirected,
+    direct_ranges,
+)
+from siff_xarray.reader.source import FsspecSource, probe_following
 from siff_xarray.synthetic import write_siff
 
 
@@ -102,8 +107,13 @@ def test_a_probe_learns_size_and_etag_with_head_tail_and_ranges_in_one_round_tri
     assert direct.probe(65536, 4096, [], [], {"If-Match": '"other"'}) is None
     with FsspecSource(url, version=got.etag) as src:  # the version it has: one round trip
         assert src.size == len(data) and src.version == got.etag
-    http_server.redirects = True  # left to fsspec, which follows it
-    assert direct.probe(65536, 4096, [], []) is None
+    http_server.redirects = True  # the caller may follow it (probe_following)
+    with pytest.raises(Redirected) as moved:
+        direct.probe(65536, 4096, [], [])
+    assert moved.value.location == url + "?moved"
+    got, there = probe_following(direct, True, 65536, 4096, [], [])
+    assert got.size == len(data) and there is not direct and there.url == url
+    assert probe_following(direct, False, 65536, 4096, [], []) == (None, direct)
     http_server.redirects = False
     small = direct_ranges(url.replace("blob.bin", "small.bin"), None)
     with open(http_server.root + "/small.bin", "wb") as fh:
@@ -135,13 +145,19 @@ def test_a_server_closing_idle_connections_is_answered_with_a_new_one(http_serve
         assert http_server.connections - connections == 15  # a new one every 2 requests
 
 
-def test_redirects_are_left_to_fsspec(http_server, blob):
+def test_a_redirect_at_open_is_followed_and_a_later_one_left_to_fsspec(http_server, blob):
     url, data = blob
     http_server.redirects = True
-    with FsspecSource(url) as src:
+    with FsspecSource(url) as src:  # the open's probe follows it: reads go to the target
+        assert src._direct is not None and src._direct._address == url + "?moved"
+        requests = http_server.requests
+        _check(src, data, *_ranges(3, len(data)))
         assert src._direct is not None
-        starts, stops = _ranges(3, len(data))
-        _check(src, data, starts, stops)
+        assert all("?moved" in p for p, *_ in http_server.log[requests:])
+    http_server.redirects = False
+    with FsspecSource(url) as src:
+        http_server.redirects = True  # a redirect the open did not see
+        _check(src, data, *_ranges(3, len(data)))
         assert src._direct is None  # fsspec followed the redirect; the source stays there
         _check(src, data, *_ranges(4, len(data)))
 

@@ -2398,3 +2398,85 @@ def test_only_wildcards_before_an_http_query_are_globs():
     assert sibling_url("https://h/a/run.siff?sig=1&x=2", ".siffidx") == \
         "https://h/a/run.siff.siffidx?sig=1&x=2"
     assert sibling_url("s3://b/run?.siff", ".siffidx") == "s3://b/run?.siff.siffidx"
+
+
+# ------------------------------------------------------------------------- redirects
+
+
+def test_a_redirected_link_is_read_at_its_target_which_is_asked_again_when_it_expires(
+        http_server, other_http_server, tmp_path):
+    """A download link that redirects to a presigned URL on another server (as data
+    archives and release downloads do).
+
+    The open's probe follows the redirect and every read goes to the target
+    directly: before, the first reads and the size went through fsspec, which
+    followed the redirect for each request (16 requests for this small file's open
+    and read, against 6). The link's Authorization header never reaches the other
+    server (a presigned URL refuses a second kind of authentication). When the
+    target's signature expires (403), the link is asked for a new one.
+    """
+    api, files = http_server, other_http_server
+    t = write_siff(tmp_path / "r.siff", shape=(64, 32), channels=(1, 2), n_slices=2,
+                   n_timepoints=30, photons_per_frame=1500, seed=31)
+    token, seen = [1], []
+    api_handler = api.httpd.RequestHandlerClass
+    files_handler = files.httpd.RequestHandlerClass
+    serve = files_handler.do_GET
+
+    def redirect(self):
+        seen.append(("api", self.path))
+        if self.headers.get("Authorization") != "Bearer lab":
+            self.send_error(401)
+            return
+        self.send_response(302)
+        self.send_header("Location", f"{files.url}/r.siff?sig={token[0]}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def signed(self):
+        seen.append(("files", self.path))
+        if "Authorization" in self.headers:  # as S3: one way to authenticate only
+            self.send_error(400)
+            return None
+        if not self.path.endswith(f"?sig={token[0]}"):
+            self.send_error(403)  # expired
+            return None
+        return serve(self)
+
+    api_handler.do_GET = api_handler.do_HEAD = redirect
+    files_handler.do_GET = signed
+    files_handler.do_HEAD = lambda self: self.send_error(403)
+    url = f"{api.url}/download/r"
+    opts = {"headers": {"Authorization": "Bearer lab"}}
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.values
+    with xr.open_dataset(url, engine="siff", index_cache=False, storage_options=opts) as ds:
+        np.testing.assert_array_equal(ds.intensity.isel(time=slice(0, 10)).values,
+                                      want[:10])
+        # the probe's two ranges at the link, then everything at the target
+        assert [w for w, _ in seen] == ["api"] * 2 + ["files"] * (len(seen) - 2), seen
+        assert len(seen) <= 6
+        token[0] = 2  # the signature expired
+        seen.clear()
+        np.testing.assert_array_equal(ds.intensity.values, want)
+        assert ("api", "/download/r") in seen and ("files", "/r.siff?sig=2") in seen
+        # asked once for the new place (one probe: its two ranges)
+        assert seen.count(("api", "/download/r")) == 2, seen
+    assert files.refused == 0
+
+
+def test_which_redirects_are_followed_and_with_which_headers():
+    from siff_xarray.reader.http_ranges import DirectRanges
+
+    d = DirectRanges("https://a.example/x?k=1", {"Authorization": "Bearer lab"}, None,
+                     name="https://a.example/x?k=1")
+    same = d.redirected("https://a.example/files/x.siff")
+    other = d.redirected("https://bucket.s3.example/x.siff?X-Amz-Signature=z")
+    assert same.headers == {"Authorization": "Bearer lab"} and other.headers == {}
+    assert other.url == "https://a.example/x?k=1"  # messages name the link, not the signature
+    assert d.redirected("http://a.example/x") is None  # no downgrade from https
+    assert d.redirected("ftp://a.example/x") is None
+    plain = DirectRanges("http://a.example:8080/x", {"H": "1"}, None)
+    assert plain.redirected("http://a.example:8080/y").headers == {"H": "1"}
+    assert plain.redirected("http://a.example:8081/y").headers == {}
+    assert plain.redirected("https://a.example/y") is not None  # an upgrade is fine

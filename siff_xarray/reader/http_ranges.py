@@ -49,8 +49,8 @@ from typing import Any, NamedTuple
 from .. import _remote
 from ..errors import RemoteAccessError
 
-__all__ = ["DirectRanges", "Link", "Probe", "S3Settings", "StepAside", "direct_ranges",
-           "s3_settings"]
+__all__ = ["MAX_REDIRECTS", "DirectRanges", "HTTPStatusError", "Link", "Probe", "Redirected",
+           "S3Settings", "StepAside", "direct_ranges", "s3_settings"]
 
 #: storage options of fsspec's HTTP filesystem that do not change what a GET sends
 _HARMLESS = frozenset({"headers", "ssl", "client_kwargs", "skip_instance_cache",
@@ -73,8 +73,23 @@ _S3_HARMLESS = frozenset({"key", "secret", "token", "anon", "profile", "endpoint
 S3_STEP_ASIDE = frozenset({301, 302, 307, 308, 400, 403})
 
 
+#: redirect statuses
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: redirects a probe follows to find an object (a download link to a presigned URL
+#: takes one)
+MAX_REDIRECTS = 5
+
+
 class StepAside(Exception):
     """The server answered in a way left to fsspec (a redirect, a refused signature)."""
+
+
+class Redirected(StepAside):
+    """A probe was redirected; ``location`` is the absolute URL the server named."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        super().__init__("redirected")
 
 
 class HTTPStatusError(RemoteAccessError):
@@ -324,6 +339,7 @@ class DirectRanges:
                  step_aside: frozenset[int] = frozenset({301, 302, 303, 307, 308})) -> None:
         parts = urllib.parse.urlsplit(url)
         self.url = name or url
+        self._address = url  # where the requests go (``url`` may be a signed one)
         self._step_aside = step_aside
         self.headers = headers
         self._scheme, self._host = parts.scheme, parts.hostname or ""
@@ -362,6 +378,26 @@ class DirectRanges:
                            -(-len(starts) // MAX_CONNECTIONS))
         return got
 
+    def redirected(self, location: str) -> DirectRanges | None:
+        """Return direct reads of ``location``, where a probe of this URL was redirected.
+
+        Messages still name this object. The headers go along to the same scheme,
+        host and port only (credentials meant for one server never reach another,
+        and a presigned URL refuses a second kind of authentication); None for a
+        redirect from https to http or to another scheme (fsspec decides).
+        """
+        parts = urllib.parse.urlsplit(location)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or (self._scheme == "https" and scheme == "http"):
+            return None
+        port = parts.port or (443 if scheme == "https" else 80)
+        same = (scheme, parts.hostname or "", port) == (self._scheme, self._host, self._port)
+        context = self._context if scheme == "https" else None
+        if scheme == "https" and context is None:
+            context = ssl.create_default_context()
+        return DirectRanges(location, dict(self.headers) if same else {}, context,
+                            self._connect_timeout, self._read_timeout, name=self.url)
+
     def probe(self, head: int, tail: int, starts: list[int], stops: list[int],
               headers: dict[str, str] | None = None, versions: bool = True
               ) -> Probe | None:
@@ -375,7 +411,9 @@ class DirectRanges:
         ignored Range, a refused precondition, an empty object): the caller then
         asks fsspec, whose answer and errors are the reference. A timeout raises
         (asking again would wait as long again); other network errors return None
-        as well. Extra ranges the server does not answer with 206 are left out.
+        as well. Extra ranges the server does not answer with 206 are left out. A
+        redirect of the head's request raises :class:`Redirected` (the caller may
+        follow it with :meth:`redirected`).
         ``versions=False`` takes answers of one size as one object whatever their
         ETags and modification times (and returns neither): for a caller that
         ignores the server's versions.
@@ -389,6 +427,8 @@ class DirectRanges:
         for job in jobs:
             exc = job.exception()
             if isinstance(exc, TimeoutError):
+                raise exc
+            if isinstance(exc, Redirected) and job is jobs[0]:
                 raise exc
             answer = None if exc is not None else job.result()
             if answer is not None and not versions:
@@ -417,6 +457,10 @@ class DirectRanges:
                    "Accept-Encoding": "identity"}
         resp, _ = self._send(headers)
         try:
+            location = resp.getheader("Location")
+            if resp.status in _REDIRECTS and location:
+                self._finish(resp, small=True)
+                raise Redirected(urllib.parse.urljoin(self._address, location))
             total = _content_size(resp.getheader("Content-Range", ""))
             if resp.status != 206 or total < 0 or (resp.length or 0) > self._SMALL:
                 self._finish(resp, small=False)

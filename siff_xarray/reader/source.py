@@ -54,9 +54,12 @@ from .._remote import (
 from ..errors import RemoteAccessError, SiffFormatError
 from .http_ranges import (
     MAX_CONNECTIONS,
+    MAX_REDIRECTS,
     S3_STEP_ASIDE,
     DirectRanges,
+    HTTPStatusError,
     Probe,
+    Redirected,
     S3Settings,
     StepAside,
     direct_ranges,
@@ -73,7 +76,7 @@ except ImportError:  # pragma: no cover - Windows
 _SHRINKS_UNDER_MAP = os.name != "nt"
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source",
-           "probe_ends", "sibling_url"]
+           "probe_ends", "probe_following", "sibling_url"]
 
 
 #: parts of a long read (or sub-batches of a conversion) fetched while one decodes:
@@ -698,7 +701,9 @@ class FsspecSource(ByteSource):
                 direct = self._presigned()
             else:
                 direct = direct_ranges(url, storage_options) if self.direct_http else None
-            probe = self._probe(direct, version)
+            #: the direct reads as first made (a redirect's target expires: asked again)
+            self._origin = direct
+            probe, direct = self._probe(direct, version)
             info = self._fs.info(self._path) if probe is None else _probed_info(
                 probe, s3=self._s3 is not None)
         except Exception as exc:
@@ -754,24 +759,29 @@ class FsspecSource(ByteSource):
             self.bytes_fetched += len(probe.head) + len(probe.tail) + sum(
                 len(d) for _, d in probe.blocks)
 
-    def _probe(self, direct: DirectRanges | None, version: str | None) -> Probe | None:
+    def _probe(self, direct: DirectRanges | None, version: str | None
+               ) -> tuple[Probe | None, DirectRanges | None]:
         """Learn size and ETag with the head, tail and hinted ranges: one round trip.
 
         Through ``direct``: plain http(s) URLs (:func:`.http_ranges.direct_ranges`)
-        and S3 objects (a presigned URL). None without it, and where the server's
-        answer is left to fsspec's ``info`` (whose errors name what is wrong: a
-        missing bucket or key, refused credentials). A timeout raises.
+        and S3 objects (a presigned URL). Returns the probe and the direct reads that
+        answered it: a plain URL's redirects are followed (a download link to a
+        presigned URL), one round trip each, and the reads then go to the target.
+        The probe is None without ``direct``, and where the server's answer is left
+        to fsspec's ``info`` (whose errors name what is wrong: a missing bucket or
+        key, refused credentials). A timeout raises.
         """
         if direct is None:
-            return None
+            return None, None
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
         try:
-            return direct.probe(self.head_bytes, self.tail_bytes, starts, stops,
-                                self._if_match(version), versions=self.pinned)
+            return probe_following(direct, self._s3 is None, self.head_bytes,
+                                   self.tail_bytes, starts, stops, self._if_match(version),
+                                   versions=self.pinned)
         except TimeoutError:
             raise
         except Exception:  # fsspec asks again and reports
-            return None
+            return None, direct
 
     def _if_match(self, etag: str | None) -> dict[str, str] | None:
         """Return the ``If-Match`` header requiring ``etag``, where a server can be asked to.
@@ -1179,14 +1189,39 @@ class FsspecSource(ByteSource):
         direct = self._direct
         if direct is None:
             return None
-        try:
-            got = self._network(lambda: direct.fetch_into(
+        def fetch(direct: DirectRanges) -> list[int]:
+            return self._network(lambda: direct.fetch_into(
                 out, starts, stops, at, self._if_match(self.version), etag=self.version))
+
+        try:
+            try:
+                got = fetch(direct)
+            except (HTTPStatusError, FileNotFoundError) as exc:
+                # a redirect's target refused: a presigned URL expires, the link
+                # that redirected to it gives a new one
+                if (self._s3 is not None or direct is self._origin
+                        or getattr(exc, "status", 404) not in _EXPIRED):
+                    raise
+                self._direct = direct = self._follow_again(exc)
+                got = fetch(direct)
         except StepAside:
             self._direct = self._s3 = None
             return None
         self.bytes_fetched += sum(got)
         return got
+
+    def _follow_again(self, refused: Exception) -> DirectRanges:
+        """Ask the redirecting URL for the object's place again (the old one expired).
+
+        Raises ``refused`` where it no longer redirects to an object of this size
+        and version.
+        """
+        probe, direct = probe_following(self._origin, True, 1, 1, [], [],
+                                        self._if_match(self.version), versions=self.pinned)
+        if (direct is None or direct is self._origin or probe is None or probe.size != self.size
+                or (self.version is not None and probe.etag != self.version)):
+            raise refused
+        return direct
 
     #: buffers of released spans kept for the next ones (at most this many)
     spare_spans = 2
@@ -1466,6 +1501,31 @@ def _presigned_ranges(fs: Any, path: str, url: str, settings: S3Settings, second
                         name=url, step_aside=S3_STEP_ASIDE)
 
 
+#: statuses of a redirect's target that may mean its (presigned) URL expired
+_EXPIRED = frozenset({400, 401, 403, 404, 410})
+
+
+def probe_following(direct: DirectRanges, follow: bool, *args: Any, **kwargs: Any
+                    ) -> tuple[Probe | None, DirectRanges]:
+    """:meth:`DirectRanges.probe`, following redirects where ``follow``.
+
+    Returns the probe (None: left to fsspec) and the direct reads that answered it:
+    ``direct`` itself, or those of the URL it redirected to (at most
+    :data:`~.http_ranges.MAX_REDIRECTS` hops). A redirect not followed (``follow``
+    False, a downgrade from https, too many hops) gives None and ``direct``.
+    """
+    here = direct
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            return here.probe(*args, **kwargs), here
+        except Redirected as moved:
+            there = here.redirected(moved.location) if follow else None
+            if there is None:
+                return None, direct
+            here = there
+    return None, direct
+
+
 def sibling_url(url: str, suffix: str) -> str:
     """Return the URL of the object ``suffix`` names next to ``url`` (a sidecar).
 
@@ -1508,7 +1568,8 @@ def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int,
     if direct is None:
         return None
     try:
-        probe = direct.probe(nbytes, nbytes, [], [], versions=pin)
+        probe, _ = probe_following(direct, settings is None, nbytes, nbytes, [], [],
+                                   versions=pin)
     except Exception as exc:
         err = remote_error(url, exc)
         if err is None:
