@@ -378,6 +378,8 @@ class _CountingProxy:
         self.bytes_sent = 0
         #: when each request arrived (``time.monotonic()``), before the latency
         self.arrivals: list[float] = []
+        #: ``(method, path)`` of every request, in order of arrival
+        self.log: list[tuple[str, str]] = []
         #: response headers left out (lower case): an S3-compatible server without them
         self.drop_headers: set[str] = set()
         self.lock = threading.Lock()
@@ -393,6 +395,7 @@ class _CountingProxy:
             def _forward(self):
                 with proxy.lock:
                     proxy.arrivals.append(time.monotonic())
+                    proxy.log.append((self.command, self.path))
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -1620,3 +1620,31 @@ def test_the_sidecar_is_written_while_the_plan_is_made(tmp_path, monkeypatch):
     zs.convert(t.path, tmp_path / "w.zarr")
     assert seen == [True] and os.path.isfile(str(t.path) + ".siffidx")
     assert zs.verify(t.path, tmp_path / "w.zarr") == []
+
+
+def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latency, tmp_path):
+    """Every request to an object store waits a round trip: a conversion to S3 must not
+    chain them. Before, a batch reopened each array (its metadata, and zarr's look for
+    Zarr v2 keys), wrote its arrays one after another with a bucket check before each
+    key, and the start checked the bucket once per directory (56 HEADs in a row for a
+    store of this layout); the end read the OME image one timepoint at a time."""
+    import s3fs
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("rt-bucket")
+    t = write_siff(tmp_path / "rt.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=4)
+    dst = "s3://rt-bucket/run.zarr"
+    proxy.latency = 0.05
+    at, n0 = len(proxy.arrivals), len(proxy.log)
+    summary = zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
+    rounds, log = proxy.round_trips(at), proxy.log[n0:]
+    proxy.latency = 0.0
+    n = summary.batches
+    print(f"{n} batches: {len(log)} requests in {rounds} round trips")
+    assert n == 8
+    assert zs.verify(t.path, dst, target_options=opts) == []
+    assert ("HEAD", "/rt-bucket") not in log  # no "directories" on an object store
+    metadata = [p for m, p in log if m == "GET" and p == "/rt-bucket/run.zarr/intensity/zarr.json"]
+    assert len(metadata) <= 2, metadata  # opened once for the batches (and at the end)
+    assert rounds <= 70 + 10 * n, rounds  # 446 round trips (732 requests) before

@@ -12,6 +12,7 @@ says the conversion is incomplete. Finished batches are recorded under
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -116,15 +117,23 @@ class Progress:
         return (self.bytes_total - self.bytes_done) / rate if rate > 0 else float("nan")
 
 
+#: seconds between heartbeats of a conversion to object storage (a record is stale
+#: after :data:`~.owner.STALE_AFTER_S`; every batch checks the store is still its own)
+HEARTBEAT_S = 10.0
+
+
 class _Tracker:
     """Accumulates batch results into :class:`Progress` and reports them."""
 
     def __init__(self, plan: Plan, done: set[int],
                  callback: Callable[[Progress], None] | bool | None,
-                 heartbeat: Callable[[], None] | None = None) -> None:
+                 heartbeat: Callable[[], None] | None = None,
+                 heartbeat_every_s: float = 0.0) -> None:
         self.plan = plan
         self.callback = callback if callable(callback) else None
         self.heartbeat = heartbeat
+        self.heartbeat_every_s = heartbeat_every_s
+        self._last_beat = time.monotonic()
         self.t0 = time.perf_counter()
         self.p = Progress(
             batches_done=len(done), batches_total=plan.n_batches,
@@ -153,7 +162,11 @@ class _Tracker:
         p.elapsed_s = time.perf_counter() - self.t0
         log.debug("batch %d of %d done (%d frames, %d photons)", b + 1, p.batches_total,
                   frames, photons)
-        if self.heartbeat is not None:  # the store is still ours, and we are alive
+        # the store is still ours, and we are alive (on object storage at most every
+        # HEARTBEAT_S: two round trips in the thread that hands out the next batches)
+        now = time.monotonic()
+        if self.heartbeat is not None and now - self._last_beat >= self.heartbeat_every_s:
+            self._last_beat = now
             self.heartbeat()
         if self.bar is not None:
             self.bar.advance(frames)
@@ -293,11 +306,21 @@ _runs_lock = threading.Lock()
 _runs_changed = threading.Condition(_runs_lock)
 
 
-def _checking(plan: Plan, context: str) -> Any:
-    """Start checking the plan's sources in another thread; ``.result()`` raises if changed."""
+def _checking(plan: Plan, context: str, owned: tuple[Target, str] | None = None) -> Any:
+    """Start checking the plan's sources in another thread; ``.result()`` raises if changed.
+
+    With ``owned`` (the target and run id), the check also makes sure the run
+    still owns the store (:func:`.owner.check`): on object storage each is a round
+    trip, and both run while the batch's first frames decode.
+    """
+    def check() -> None:
+        if owned is not None:
+            owner.check(*owned)
+        _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context,
+                           plan.pin_version)
+
     pool = ThreadPoolExecutor(1)
-    job = pool.submit(_check_fingerprint, plan.sources, plan.source_options,
-                      plan.fingerprint, context, plan.pin_version)
+    job = pool.submit(check)
     pool.shutdown(wait=False)
     return job
 
@@ -390,6 +413,9 @@ def _forget_sources(run_id: str) -> None:
         run = _runs.pop(run_id, None)
         _ended.add(run_id)
         _runs_changed.notify_all()
+    with _run_arrays_lock:
+        for key in [k for k in _run_arrays if k[0] == run_id]:
+            del _run_arrays[key]
     restore_thresholds(run_id)  # this process's memory settings back, if the run raised them
     for f in run.sources() if run is not None else []:
         f.close()
@@ -440,7 +466,48 @@ def _open_for_batch(store: Any, path: str) -> Any:
     """
     import zarr
 
-    return zarr.open_array(store, path=path, mode="r+").with_config({"write_empty_chunks": True})
+    return zarr.open_array(store, path=path, mode="r+", zarr_format=3).with_config(
+        {"write_empty_chunks": True})
+
+
+#: per (run id, destination): the zarr store and the arrays this process opened for
+#: the run's batches; its later batches write through them (an open reads the
+#: array's metadata: a round trip or two on object storage). Dropped when the run
+#: ends here (:func:`_forget_sources`).
+_run_arrays: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
+_run_arrays_lock = threading.Lock()
+
+
+def _batch_array(target: Target, run_id: str, path: str) -> Any:
+    """Return array ``path`` of the run's store, opened once per process and run."""
+    key = (run_id, target.destination)
+    with _run_arrays_lock:
+        if key not in _run_arrays:
+            _run_arrays[key] = (target.zarr(), {})
+        store, arrays = _run_arrays[key]
+        arr = arrays.get(path)
+    if arr is None:  # (two threads may both open it: the same array either way)
+        arr = _open_for_batch(store, path)
+        with _run_arrays_lock:
+            arrays[path] = arr
+    return arr
+
+
+def _run_writes(target: Target, writes: list[Callable[[], None]]) -> None:
+    """Run a batch's independent writes: at once on object stores, else in order.
+
+    On object storage each write waits its requests' round trips, and the arrays a
+    batch writes (intensity, OME levels, counts, histogram, flyback) do not
+    depend on each other; locally they are compression-bound and run in order.
+    """
+    if not target.object_store or len(writes) < 2:
+        for w in writes:
+            w()
+        return
+    with ThreadPoolExecutor(len(writes)) as pool:
+        jobs = [pool.submit(w) for w in writes]
+    for job in jobs:
+        job.result()
 
 
 def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarray,
@@ -507,16 +574,15 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     # decode (the check is a few round trips on object storage); nothing is written
     # before it passed, and an error while decoding is reported as the change when
     # the source changed
-    checked = _checking(plan, context)
-    owner.check(target, run_id)  # a conversion that lost the store writes nothing more
-    store = target.zarr()
+    # ... and a conversion that lost the store writes nothing more
+    checked = _checking(plan, context, (target, run_id))
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
-    inten = _open_for_batch(store, "intensity")
+    inten = _batch_array(target, run_id, "intensity")
     shape = (t1 - t0, *inten.shape[1:])
     lead = shape[:-2]
     n_rows = int(np.prod(lead))
-    writer = _ShardWriter(_open_for_batch(store, "photons/arrival_time"),
+    writer = _ShardWriter(_batch_array(target, run_id, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype)
     with _batch_source(plan, run_id, b) as f:
         ip = f.im_params()
@@ -559,30 +625,48 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     hblock = hists[:n_rows].reshape(*lead, nbins) if nbins else None
     fly_rows = images[n_rows:].view(block.dtype)
     writer.close()
-    inten[t0:t1] = block
+
+    def array(path: str) -> Any:
+        return _batch_array(target, run_id, path)
+
+    def ome_level(k: int, level: np.ndarray) -> None:
+        arr = array(f"ome/{k}")
+        r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
+        end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
+        shared = shared_shards(inten, arr, t0, t1) if k == 0 else []
+        for src, dst in shared:  # the same bytes: copied, not compressed again
+            target.copy(src, dst)
+        if end > r0 and not shared:
+            arr[r0:end] = to_ome_order(level)[: end - r0]
+
+    def intensity() -> None:
+        inten[t0:t1] = block
+        if plan.ome:  # level 0 may copy the intensity's shards: after them
+            ome_level(0, block)
+
+    def assign(path: str, at: int, values: np.ndarray) -> Callable[[], None]:
+        def write() -> None:
+            array(path)[at : at + len(values)] = values
+        return write
+
+    writes = [intensity]
     if plan.ome:
         level = block  # halved in the block's own (contiguous) order, then reordered
-        r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
-        for k in range(plan.ome_levels):  # the same time range, so a whole shard per level
-            if k:
-                level = downsample2(level)
-            arr = _open_for_batch(store, f"ome/{k}")
-            end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
-            shared = shared_shards(inten, arr, t0, t1) if k == 0 else []
-            for src, dst in shared:  # the same bytes: copied, not compressed again
-                target.copy(src, dst)
-            if end > r0 and not shared:
-                arr[r0:end] = to_ome_order(level)[: end - r0]
-    _open_for_batch(store, "photon_count")[t0:t1] = pc
+        for k in range(1, plan.ome_levels):  # the same time range: a whole shard per level
+            level = downsample2(level)
+            writes.append(functools.partial(ome_level, k, level))
+    writes.append(assign("photon_count", t0, pc))
     if hblock is not None:
-        _open_for_batch(store, "histogram")[t0:t1] = hblock
+        writes.append(assign("histogram", t0, hblock))
     if len(fly_rows):
-        r0 = plan.flyback_base[b]
-        _open_for_batch(store, "photons/flyback_intensity")[r0 : r0 + len(fly_rows)] = fly_rows
+        writes.append(assign("photons/flyback_intensity", plan.flyback_base[b], fly_rows))
+    # the batch's frame descriptions, joined into photons/description by _finish (a
+    # batch is done only when its record, written last, is there too)
+    text = b"".join(d.tobytes() for d in descriptions)
+    writes.append(lambda: target.write_bytes(_description_key(b), text))
+    _run_writes(target, writes)
     checked.result()
     owner.check(target, run_id)
-    # the batch's frame descriptions, joined into photons/description by _finish
-    target.write_bytes(_description_key(b), b"".join(d.tobytes() for d in descriptions))
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
                                                                "photons": n}))
     return b, f1 - f0, n
@@ -1112,7 +1196,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
             key = path[len(build.root) + 1 :]
             files[target.key(ROOT_KEY if key == "zarr.json" else key)] = build.fs.cat_file(path)
     for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
-        target.fs.makedirs(parent, exist_ok=True)
+        target.makedirs(parent)
     owner.check(target, run_id)
     target.fs.pipe(files)
     _phase("metadata")
@@ -1268,7 +1352,8 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
 
     done = target.done_batches()
     todo = [b for b in range(plan.n_batches) if b not in done]
-    tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id))
+    tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id),
+                       heartbeat_every_s=HEARTBEAT_S if target.object_store else 0.0)
     plan_json = plan.to_json()
     # one process: its threads take the batches in order (see _RunSources)
     in_order = scheduler in _THREADED and any_remote(plan.sources)

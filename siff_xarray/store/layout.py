@@ -9,6 +9,7 @@ values that every batch (on any Dask worker) reads back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -107,33 +108,102 @@ def _zarr_store(destination: str | os.PathLike[str],
     dst = os.fspath(destination)
     if not is_remote(dst):
         return LocalStore(local_path(dst))
-    store = FsspecStore.from_url(dst, storage_options=with_timeouts(dst, storage_options))
+    opts = with_timeouts(dst, storage_options)
+    store = FsspecStore.from_url(dst, storage_options=opts)
+    if type(store.fs).__name__ == "S3FileSystem":
+        store = _s3_store_class().from_url(dst, storage_options=opts)
     one_retry_loop(store.fs)
     return store
 
 
+@functools.cache
+def _s3_store_class() -> type:
+    """Return zarr's FsspecStore made to read a whole object with one request on S3.
+
+    s3fs asks for an object's size (a HEAD) before it reads all of it, so every
+    whole-object read, zarr's metadata and its look for a shard before writing it
+    (a missing one answers the HEAD, then a listing), waited two or three round
+    trips. Asked from byte 0 on (``bytes=0-``) it is one GET; an empty object
+    answers that 416, which zarr already reads as empty.
+    """
+    from zarr.abc.store import OffsetByteRequest
+    from zarr.storage import FsspecStore
+
+    class OneRequestStore(FsspecStore):
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            return await super().get(key, prototype,
+                                     OffsetByteRequest(0) if byte_range is None else byte_range)
+
+    return OneRequestStore
+
+
+#: fsspec protocols of object stores: keys, no directories; one PUT is atomic
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
 @dataclass
 class Target:
-    """Where a store lives: an fsspec filesystem + root path, and the zarr store."""
+    """Where a store lives: an fsspec filesystem + root path, and the zarr store.
+
+    On object stores (:data:`OBJECT_STORES`) every operation is as few requests as
+    it can be, since each waits a round trip: no directories are made, a key's
+    existence is one listing, a text is one GET, an atomic write one PUT.
+    """
 
     destination: str
     storage_options: dict[str, Any] | None
 
     def __post_init__(self) -> None:
         self.fs, self.root = _fs_and_root(self.destination, self.storage_options)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else \
+            (self.fs.protocol,)
+        #: keys without directories, each read and written by one request
+        self.object_store = bool(OBJECT_STORES.intersection(protocols))
 
     def key(self, k: str) -> str:
         """Full filesystem path of store key ``k``."""
         return f"{self.root}/{k}"
 
     def exists(self, k: str) -> bool:
-        """Tell whether key ``k`` exists (listing caches are bypassed)."""
+        """Tell whether key ``k`` exists (listing caches are bypassed).
+
+        On object stores one listing of its parent (a HEAD of a missing key is
+        followed by a listing anyway, to tell a "directory").
+        """
         self.fs.invalidate_cache()  # object stores cache listings; we need the truth
-        return bool(self.fs.exists(self.key(k)))
+        path = self.key(k)
+        if not self.object_store:
+            return bool(self.fs.exists(path))
+        try:
+            names = self.fs.ls(path.rsplit("/", 1)[0], detail=False)
+        except FileNotFoundError:
+            return False
+        return path.rstrip("/") in {n.rstrip("/") for n in names}
 
     def read_text(self, k: str) -> str:
         """Return the text stored at key ``k``."""
-        return self.fs.cat_file(self.key(k)).decode()
+        return self.read_bytes(k).decode()
+
+    def read_bytes(self, k: str) -> bytes:
+        """Return the bytes stored at key ``k`` (FileNotFoundError if there are none).
+
+        On object stores one ranged GET of the whole object: s3fs asks for the
+        size first (a HEAD) when asked for a whole object.
+        """
+        path = self.key(k)
+        if self.object_store:
+            try:
+                return bytes(self.fs.cat_file(path, start=0))
+            except FileNotFoundError:
+                raise
+            except Exception:  # an empty object refuses a range (416): ask for all of it
+                pass
+        return bytes(self.fs.cat_file(path))
+
+    def makedirs(self, path: str) -> None:
+        """Make directory ``path`` and its parents (nothing to do on object stores)."""
+        if not self.object_store:
+            self.fs.makedirs(path, exist_ok=True)
 
     def write_text(self, k: str, text: str, *, atomic: bool = False) -> None:
         """Store ``text`` at key ``k``.
@@ -147,9 +217,8 @@ class Target:
     def write_bytes(self, k: str, data: bytes, *, atomic: bool = False) -> None:
         """Store ``data`` at key ``k`` (``atomic`` as for :meth:`write_text`)."""
         path = self.key(k)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if not atomic:
+        self.makedirs(path.rsplit("/", 1)[0])
+        if not atomic or self.object_store:  # (an object is replaced whole by one PUT)
             self.fs.pipe_file(path, data)
             return
         tmp = f"{path}.partial"
@@ -157,10 +226,14 @@ class Target:
         self.fs.mv(tmp, path)
 
     def copy(self, src: str, dst: str) -> None:
-        """Copy key ``src`` to ``dst`` (on object stores a server-side copy, no download)."""
+        """Copy key ``src`` to ``dst`` (on object stores a server-side copy, no download).
+
+        One file, not a pattern: ``fs.copy`` lists both places first (two more
+        round trips on object storage).
+        """
         path = self.key(dst)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.copy(self.key(src), path)
+        self.makedirs(path.rsplit("/", 1)[0])
+        self.fs.cp_file(self.key(src), path)
 
     def interrupted(self) -> bool:
         """Tell whether the store is an unfinished (or interrupted) conversion."""

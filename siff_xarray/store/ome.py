@@ -7,6 +7,7 @@ other OME-Zarr viewers. Conversion batches write whole shards of every level.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -273,13 +274,16 @@ def set_rendering(store: Any) -> None:
     """
     import zarr
 
-    grp = zarr.open_group(store, path="ome", mode="r+")
+    grp = zarr.open_group(store, path="ome", mode="r+", zarr_format=3)
     arr = grp["0"]
     n_t = arr.shape[0]
     pick = np.unique(np.linspace(0, max(n_t - 1, 0), min(n_t, WINDOW_SAMPLE)).round()
                      ).astype(int) if n_t else np.zeros(0, dtype=int)
-    sample = (np.stack([np.asarray(arr[int(i)]) for i in pick]) if pick.size
-              else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
+    # the timepoints are read at once (one after another, each waited its round
+    # trips on object storage; one orthogonal selection decoded whole shards)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: np.asarray(arr[int(i)]), pick))
+    sample = np.stack(got) if got else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     attrs = dict(grp.attrs)
     ome = dict(attrs["ome"])
     channels = [dict(ch) for ch in ome["omero"]["channels"]]
