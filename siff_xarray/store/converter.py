@@ -483,7 +483,7 @@ def _batch_array(target: Target, run_id: str, path: str) -> Any:
     key = (run_id, target.destination)
     with _run_arrays_lock:
         if key not in _run_arrays:
-            _run_arrays[key] = (target.zarr(), {})
+            _run_arrays[key] = (target.zarr(batch_writes=True), {})
         store, arrays = _run_arrays[key]
         arr = arrays.get(path)
     if arr is None:  # (two threads may both open it: the same array either way)

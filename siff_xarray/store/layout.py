@@ -102,7 +102,7 @@ def _fs_and_root(destination: str | os.PathLike[str],
 
 
 def _zarr_store(destination: str | os.PathLike[str],
-                storage_options: dict[str, Any] | None) -> Any:
+                storage_options: dict[str, Any] | None, batch_writes: bool = False) -> Any:
     from zarr.storage import FsspecStore, LocalStore
 
     dst = os.fspath(destination)
@@ -110,31 +110,53 @@ def _zarr_store(destination: str | os.PathLike[str],
         return LocalStore(local_path(dst))
     opts = with_timeouts(dst, storage_options)
     store = FsspecStore.from_url(dst, storage_options=opts)
-    if type(store.fs).__name__ == "S3FileSystem":
-        store = _s3_store_class().from_url(dst, storage_options=opts)
+    s3 = type(store.fs).__name__ == "S3FileSystem"
+    if s3 or batch_writes:
+        store = _store_class(s3, batch_writes).from_url(dst, storage_options=opts)
     one_retry_loop(store.fs)
     return store
 
 
 @functools.cache
-def _s3_store_class() -> type:
-    """Return zarr's FsspecStore made to read a whole object with one request on S3.
+def _store_class(s3: bool, batch_writes: bool) -> type:
+    """Return zarr's FsspecStore with fewer round trips for S3 or for a conversion's batches.
 
-    s3fs asks for an object's size (a HEAD) before it reads all of it, so every
-    whole-object read, zarr's metadata and its look for a shard before writing it
-    (a missing one answers the HEAD, then a listing), waited two or three round
-    trips. Asked from byte 0 on (``bytes=0-``) it is one GET; an empty object
-    answers that 416, which zarr already reads as empty.
+    ``s3``: a whole object is read with one request. s3fs asks for an object's
+    size (a HEAD) before it reads all of it, so every whole-object read (zarr's
+    metadata, its look for a shard before writing it) waited two round trips,
+    three for a missing one (the HEAD, then a listing). Asked from byte 0 on
+    (``bytes=0-``) it is one GET; an empty object answers that 416, which zarr
+    already reads as empty.
+
+    ``batch_writes``: for the arrays a conversion's batches write. zarr reads a
+    shard before it writes any part of it, to keep what it does not overwrite; a
+    batch writes every shard it touches whole, once (the layout gives each batch
+    shards of its own: ``intensity`` and the OME levels a time range of whole
+    shards, ``arrival_time`` from a shard-aligned base, each shard once), so
+    there is nothing to keep and the read of a chunk key not yet written through
+    this store answers "none" without a request. A retried batch writes the same
+    shards whole again. Metadata (``zarr.json``) is read as usual.
     """
     from zarr.abc.store import OffsetByteRequest
     from zarr.storage import FsspecStore
 
-    class OneRequestStore(FsspecStore):
+    class SiffFsspecStore(FsspecStore):
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            return await super().get(key, prototype,
-                                     OffsetByteRequest(0) if byte_range is None else byte_range)
+            if (batch_writes and not key.endswith("zarr.json")
+                    and key not in getattr(self, "_written", ())):
+                return None
+            if s3 and byte_range is None:
+                byte_range = OffsetByteRequest(0)
+            return await super().get(key, prototype, byte_range)
 
-    return OneRequestStore
+        async def set(self, key: str, value: Any) -> None:
+            await super().set(key, value)
+            if batch_writes:
+                if not hasattr(self, "_written"):
+                    self._written: set[str] = set()
+                self._written.add(key)
+
+    return SiffFsspecStore
 
 
 #: fsspec protocols of object stores: keys, no directories; one PUT is atomic
@@ -261,9 +283,15 @@ class Target:
                 found[kind].add(int(number))
         return found["batch"] & found["description"]
 
-    def zarr(self) -> Any:
-        """Return the zarr store object (``LocalStore`` or ``FsspecStore``)."""
-        return _zarr_store(self.destination, self.storage_options)
+    def zarr(self, batch_writes: bool = False) -> Any:
+        """Return the zarr store object (``LocalStore`` or ``FsspecStore``).
+
+        ``batch_writes``: the store a conversion's batches write whole shards
+        through, each once (on object stores it does not look for a shard before
+        writing it; see :func:`_store_class`).
+        """
+        return _zarr_store(self.destination, self.storage_options,
+                           batch_writes and self.object_store)
 
     def reader(self, missing_chunks: str = "raise") -> Any:
         """Return the zarr store to read from.
