@@ -259,7 +259,23 @@ class Target:
 
     def interrupted(self) -> bool:
         """Tell whether the store is an unfinished (or interrupted) conversion."""
+        if self.object_store:  # both keys are in one listing
+            return bool({STARTED_KEY, PLAN_KEY} & self.listed(PROGRESS))
         return self.exists(STARTED_KEY) or self.exists(PLAN_KEY)
+
+    def listed(self, k: str = "") -> set[str]:
+        """Keys (relative to the root) of the files and "directories" right under ``k``.
+
+        Empty where there is nothing (one listing on object stores; caches bypassed).
+        """
+        self.fs.invalidate_cache()
+        where = self.key(k).rstrip("/") if k else self.root
+        try:
+            names = self.fs.ls(where, detail=False)
+        except FileNotFoundError:
+            return set()
+        return {n.rstrip("/")[len(self.root) + 1 :] for n in names
+                if n.rstrip("/").startswith(self.root + "/")}
 
     def finished(self) -> bool:
         """Tell whether the store is a finished conversion."""
