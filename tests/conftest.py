@@ -515,19 +515,20 @@ def https_server(tmp_path, tmp_path_factory):
     srv.close()
 
 
+def _served(root):
+    pytest.importorskip("aiohttp")
+    srv = _RangeServer(str(root))
+    yield srv
+    srv.close()
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """Serve ``tmp_path`` over HTTP on 127.0.0.1 (Range requests, byte counting)."""
-    pytest.importorskip("aiohttp")
-    srv = _RangeServer(str(tmp_path))
-    yield srv
-    srv.close()
+    yield from _served(tmp_path)
 
 
 @pytest.fixture
 def other_http_server(tmp_path):
     """A second server of ``tmp_path`` on another port: another origin than ``http_server``."""
-    pytest.importorskip("aiohttp")
-    srv = _RangeServer(str(tmp_path))
-    yield srv
-    srv.close()
+    yield from _served(tmp_path)
