@@ -1648,3 +1648,32 @@ def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latenc
     metadata = [p for m, p in log if m == "GET" and p == "/rt-bucket/run.zarr/intensity/zarr.json"]
     assert len(metadata) <= 2, metadata  # opened once for the batches (and at the end)
     assert rounds <= 70 + 10 * n, rounds  # 446 round trips (732 requests) before
+
+
+def test_object_store_keys_read_and_exist_in_one_request_each(s3_server, s3_latency):
+    """Target on S3: a text is one GET (an empty object too), existence one listing,
+    a missing key FileNotFoundError, and nothing makes "directories"."""
+    import s3fs
+
+    from siff_xarray.store.layout import Target
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("keys-bucket")
+    t = Target("s3://keys-bucket/x.zarr", opts)
+    assert t.object_store
+    n0 = len(proxy.log)
+    t.write_bytes("d/empty", b"")
+    t.write_text("d/text", "hello", atomic=True)
+    assert [m for m, _ in proxy.log[n0:]] == ["PUT", "PUT"]
+    n0 = len(proxy.log)
+    assert t.read_text("d/text") == "hello"
+    assert len(proxy.log) - n0 == 1
+    assert t.read_bytes("d/empty") == b""
+    for key, there in (("d/text", True), ("d/none", False)):
+        n0 = len(proxy.log)
+        assert t.exists(key) is there
+        assert len(proxy.log) - n0 == 1  # one listing (a HEAD of a missing key lists too)
+    assert not t.exists("e/none")
+    assert t.listed("d") == {"d/empty", "d/text"} and t.listed("nothing") == set()
+    with pytest.raises(FileNotFoundError):
+        t.read_text("d/none")

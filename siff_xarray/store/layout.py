@@ -216,10 +216,9 @@ class Target:
         if self.object_store:
             try:
                 return bytes(self.fs.cat_file(path, start=0))
-            except FileNotFoundError:
-                raise
-            except Exception:  # an empty object refuses a range (416): ask for all of it
-                pass
+            except OSError as exc:  # an empty object refuses a range (416): ask for all
+                if not re.search(r"416|[Rr]ange|satisfiable", str(exc)):
+                    raise  # (missing, refused, timed out: asking again would not help)
         return bytes(self.fs.cat_file(path))
 
     def makedirs(self, path: str) -> None:
