@@ -1087,8 +1087,11 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                 raise ConversionError(f"{target.destination}: holds an interrupted conversion; "
                                       "pass resume=True (--resume) to finish it or overwrite=True "
                                       "(--overwrite) to start again")
-            if target.listed() if target.object_store else target.fs.exists(target.root):
-                if not overwrite and target.fs.ls(target.root):
+            # (on object stores the listing says both: a store is its keys)
+            there = bool(target.listed()) if target.object_store else \
+                target.fs.exists(target.root)
+            if there:
+                if not overwrite and (target.object_store or target.fs.ls(target.root)):
                     raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                           "overwrite=True (--overwrite) to replace it")
                 target.fs.rm(target.root, recursive=True)

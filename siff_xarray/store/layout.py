@@ -108,11 +108,9 @@ def _zarr_store(destination: str | os.PathLike[str],
     dst = os.fspath(destination)
     if not is_remote(dst):
         return LocalStore(local_path(dst))
-    opts = with_timeouts(dst, storage_options)
-    store = FsspecStore.from_url(dst, storage_options=opts)
-    s3 = type(store.fs).__name__ == "S3FileSystem"
-    if s3 or batch_writes:
-        store = _store_class(s3, batch_writes).from_url(dst, storage_options=opts)
+    s3 = dst.split("://", 1)[0].lower() in ("s3", "s3a")  # (not a chained URL)
+    cls = _store_class(s3, batch_writes) if s3 or batch_writes else FsspecStore
+    store = cls.from_url(dst, storage_options=with_timeouts(dst, storage_options))
     one_retry_loop(store.fs)
     return store
 
@@ -143,7 +141,7 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
     class SiffFsspecStore(FsspecStore):
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             if (batch_writes and not key.endswith("zarr.json")
-                    and key not in getattr(self, "_written", ())):
+                    and key not in self.__dict__.get("written", ())):
                 return None
             if s3 and byte_range is None:
                 byte_range = OffsetByteRequest(0)
@@ -151,10 +149,8 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
 
         async def set(self, key: str, value: Any) -> None:
             await super().set(key, value)
-            if batch_writes:
-                if not hasattr(self, "_written"):
-                    self._written: set[str] = set()
-                self._written.add(key)
+            if batch_writes:  # (keys written through this store are read as usual)
+                self.__dict__.setdefault("written", set()).add(key)
 
     return SiffFsspecStore
 
@@ -192,15 +188,11 @@ class Target:
         On object stores one listing of its parent (a HEAD of a missing key is
         followed by a listing anyway, to tell a "directory").
         """
-        self.fs.invalidate_cache()  # object stores cache listings; we need the truth
-        path = self.key(k)
-        if not self.object_store:
-            return bool(self.fs.exists(path))
-        try:
-            names = self.fs.ls(path.rsplit("/", 1)[0], detail=False)
-        except FileNotFoundError:
-            return False
-        return path.rstrip("/") in {n.rstrip("/") for n in names}
+        if self.object_store:
+            k = k.rstrip("/")
+            return k in self.listed(k.rsplit("/", 1)[0] if "/" in k else "")
+        self.fs.invalidate_cache()  # listings may be cached; we need the truth
+        return bool(self.fs.exists(self.key(k)))
 
     def read_text(self, k: str) -> str:
         """Return the text stored at key ``k``."""
