@@ -426,14 +426,51 @@ class _ShardWriter:
 
     Only whole shards are written until :meth:`close` writes the remainder, so each
     shard is written exactly once and at most one shard is buffered.
+
+    ``behind``: each shard is written by a thread of its own while the values of
+    the next one arrive (object stores: a write waits its round trips and the
+    upload, which the decoding of the next frames then hides), one at a time, so
+    one more shard at most is held. The next write, or :meth:`close`, waits for it
+    and raises its error. After an error elsewhere a shard on its way is simply
+    finished: each shard has one content, which a retry writes again.
     """
 
-    def __init__(self, arr: Any, base: int, dtype: str) -> None:
+    def __init__(self, arr: Any, base: int, dtype: str, behind: bool = False) -> None:
         self.arr = arr
         self.pos = base
         self.dtype = dtype
         self.parts: list[np.ndarray] = []
         self.buffered = 0
+        self.behind = behind
+        #: the shard being written behind: its thread, and the error it met
+        self._writing: tuple[threading.Thread, list[BaseException]] | None = None
+
+    def _write(self, at: int, values: np.ndarray) -> None:
+        def write() -> None:
+            self.arr[at : at + values.size] = values
+
+        if not self.behind:
+            write()
+            return
+        self._wait()  # (one shard on its way at a time)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as exc:  # raised by the next write or close
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name="siff-xarray-shard", daemon=True)
+        thread.start()
+        self._writing = (thread, errors)
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            (thread, errors), self._writing = self._writing, None
+            thread.join()
+            if errors:
+                raise errors[0]
 
     def append(self, values: np.ndarray) -> None:
         self.parts.append(values.astype(self.dtype, copy=False))
@@ -441,17 +478,19 @@ class _ShardWriter:
         if self.buffered >= PHOTON_SHARD:
             data = np.concatenate(self.parts)
             whole = data.size // PHOTON_SHARD * PHOTON_SHARD
-            self.arr[self.pos : self.pos + whole] = data[:whole]
+            self._write(self.pos, data[:whole])
             self.pos += whole
             self.parts = [data[whole:]]
             self.buffered = data.size - whole
 
     def close(self) -> None:
+        """Write what is buffered; return when every shard is written."""
         if self.buffered:
             data = np.concatenate(self.parts)
-            self.arr[self.pos : self.pos + data.size] = data
+            self._write(self.pos, data)
             self.pos += data.size
         self.parts, self.buffered = [], 0
+        self._wait()
 
 
 #: source bytes decoded at a time inside a batch (bounds a worker's memory)
@@ -493,21 +532,39 @@ def _batch_array(target: Target, run_id: str, path: str) -> Any:
     return arr
 
 
-def _run_writes(target: Target, writes: list[Callable[[], None]]) -> None:
-    """Run a batch's independent writes: at once on object stores, else in order.
+def _open_batch_arrays(target: Target, run_id: str, plan: Plan) -> None:
+    """Open the arrays every batch writes at once (object stores; a process's first batch).
 
-    On object storage each write waits its requests' round trips, and the arrays a
-    batch writes (intensity, OME levels, counts, histogram, flyback) do not
-    depend on each other; locally they are compression-bound and run in order.
+    Each open reads the array's metadata: a round trip on object storage, waited
+    one after another where a batch opens its arrays as it comes to them. Arrays
+    that only some sources have (histogram, flyback) open when first written.
     """
-    if not target.object_store or len(writes) < 2:
-        for w in writes:
-            w()
+    if not target.object_store:
         return
-    with ThreadPoolExecutor(len(writes)) as pool:
-        jobs = [pool.submit(w) for w in writes]
-    for job in jobs:
-        job.result()
+    paths = ["intensity", "photons/arrival_time", "photon_count"]
+    if plan.ome:
+        paths += [f"ome/{k}" for k in range(plan.ome_levels)]
+    with _run_arrays_lock:
+        opened = _run_arrays.get((run_id, target.destination), (None, {}))[1]
+        paths = [p for p in paths if p not in opened]
+    if len(paths) > 1:
+        with ThreadPoolExecutor(len(paths)) as pool:
+            list(pool.map(lambda p: _batch_array(target, run_id, p), paths))
+
+
+def _concurrently(target: Target, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run independent calls, at once on object stores, else in order; return their results.
+
+    On object storage each call waits its requests' round trips, and the arrays a
+    batch writes (intensity, OME levels, counts, histogram, flyback), or the steps
+    of a run's finish, do not depend on each other; locally they are bound by
+    compression or the disk and run in order.
+    """
+    if not target.object_store or len(calls) < 2:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        jobs = [pool.submit(call) for call in calls]
+    return [job.result() for job in jobs]
 
 
 def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarray,
@@ -578,12 +635,13 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     checked = _checking(plan, context, (target, run_id))
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
+    _open_batch_arrays(target, run_id, plan)
     inten = _batch_array(target, run_id, "intensity")
     shape = (t1 - t0, *inten.shape[1:])
     lead = shape[:-2]
     n_rows = int(np.prod(lead))
     writer = _ShardWriter(_batch_array(target, run_id, "photons/arrival_time"),
-                          plan.batch_base[b], plan.arrival_dtype)
+                          plan.batch_base[b], plan.arrival_dtype, behind=target.object_store)
     with _batch_source(plan, run_id, b) as f:
         ip = f.im_params()
         loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
@@ -624,7 +682,6 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         pc = block.reshape(*lead, -1).sum(axis=-1, dtype=np.int64).astype(np.uint32)
     hblock = hists[:n_rows].reshape(*lead, nbins) if nbins else None
     fly_rows = images[n_rows:].view(block.dtype)
-    writer.close()
 
     def array(path: str) -> Any:
         return _batch_array(target, run_id, path)
@@ -649,7 +706,7 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
             array(path)[at : at + len(values)] = values
         return write
 
-    writes = [intensity]
+    writes = [intensity, writer.close]  # (the last photons, after the shard on its way)
     if plan.ome:
         level = block  # halved in the block's own (contiguous) order, then reordered
         for k in range(1, plan.ome_levels):  # the same time range: a whole shard per level
@@ -664,9 +721,11 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     # batch is done only when its record, written last, is there too)
     text = b"".join(d.tobytes() for d in descriptions)
     writes.append(lambda: target.write_bytes(_description_key(b), text))
-    _run_writes(target, writes)
+    # whether the store is still this run's, asked while the data go (a round trip on
+    # object storage): a run that lost it records nothing more
+    writes.append(lambda: owner.check(target, run_id))
+    _concurrently(target, writes)
     checked.result()
-    owner.check(target, run_id)
     target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
                                                                "photons": n}))
     return b, f1 - f0, n
@@ -851,10 +910,16 @@ def _write_descriptions(target: Target, plan: Plan) -> None:
     for the frames (on object storage a per-frame read of the descriptions
     costs one request per frame).
     """
-    keys = [target.key(_description_key(b)) for b in range(plan.n_batches)]
-    parts = target.fs.cat(keys) if keys else {}
-    data = np.frombuffer(b"".join(parts[k] for k in keys), dtype=np.uint8)
-    arr = _open_for_batch(target.zarr(), "photons/description")
+    def parts() -> list[bytes]:  # (fs.cat would ask each object's size first)
+        keys = [_description_key(b) for b in range(plan.n_batches)]
+        if not target.object_store or len(keys) < 2:
+            return [target.read_bytes(k) for k in keys]
+        with ThreadPoolExecutor(min(len(keys), 32)) as pool:
+            return list(pool.map(target.read_bytes, keys))
+
+    texts, arr = _concurrently(target, [parts, lambda: _open_for_batch(
+        target.zarr(), "photons/description")])
+    data = np.frombuffer(b"".join(texts), dtype=np.uint8)
     if data.size != arr.shape[0]:
         raise ConversionError(f"{target.destination}: the batches hold {data.size} bytes of "
                               f"frame descriptions, the source's IFDs {arr.shape[0]}")
@@ -864,12 +929,23 @@ def _write_descriptions(target: Target, plan: Plan) -> None:
 
 
 def _finish(target: Target, run_id: str, plan: Plan) -> None:
-    """Publish the store: write the root metadata, with every node's consolidated."""
-    _write_descriptions(target, plan)
-    meta = json.loads(target.read_text(ROOT_KEY))
-    if target.exists("ome/zarr.json"):  # contrast windows from the data, for viewers
-        set_rendering(target.zarr())
-    meta["consolidated_metadata"] = _consolidated(target)
+    """Publish the store: write the root metadata, with every node's consolidated.
+
+    The frame descriptions, the root's metadata and the other nodes' (after the
+    contrast windows are written into ``ome``'s) are independent: on object
+    storage they are done at once, each waiting its own round trips.
+    """
+    def nodes() -> dict[str, Any]:
+        keys = _node_keys(target)
+        if "ome" in keys:  # contrast windows from the data, for viewers
+            set_rendering(target.zarr())
+        return _consolidated(target, keys)
+
+    _, meta, consolidated = _concurrently(target, [
+        lambda: _write_descriptions(target, plan),
+        lambda: json.loads(target.read_text(ROOT_KEY)),
+        nodes])
+    meta["consolidated_metadata"] = consolidated
     _phase("finishing")
     owner.check(target, run_id)  # only the store's owner publishes it
     # atomically: a full disk leaves a temporary key, never a truncated root; until the
@@ -879,8 +955,16 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
     target.fs.rm(target.key(PROGRESS), recursive=True)
 
 
-def _consolidated(target: Target) -> dict[str, Any]:
-    """Every node's metadata under the root, as zarr-python consolidates it.
+def _node_keys(target: Target) -> list[str]:
+    """Keys of the store's nodes below the root (those with a ``zarr.json``), sorted."""
+    target.fs.invalidate_cache()
+    names = sorted(p for p in target.fs.find(target.root) if p.endswith("/zarr.json"))
+    keys = [n[len(target.root) + 1 : -len("/zarr.json")] for n in names]
+    return [k for k in keys if k and not k.startswith(PROGRESS)]
+
+
+def _consolidated(target: Target, keys: list[str]) -> dict[str, Any]:
+    """Return the metadata of nodes ``keys`` (:func:`_node_keys`) as zarr consolidates it.
 
     Built here rather than by ``zarr.consolidate_metadata`` so that the root
     ``zarr.json`` is written once, last, already consolidated: ``xr.open_zarr``
@@ -889,10 +973,6 @@ def _consolidated(target: Target) -> dict[str, Any]:
     zarr-python convention, not yet part of the Zarr v3 specification; readers
     that do not know it ignore it: ``must_understand`` is false.)
     """
-    target.fs.invalidate_cache()
-    names = sorted(p for p in target.fs.find(target.root) if p.endswith("/zarr.json"))
-    keys = [n[len(target.root) + 1 : -len("/zarr.json")] for n in names]
-    keys = [k for k in keys if k and not k.startswith(PROGRESS)]
     texts = target.fs.cat([target.key(f"{k}/zarr.json") for k in keys])
     metadata = {}
     for k in keys:
@@ -1052,10 +1132,15 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
     src = srcs[0] if len(srcs) == 1 else f"{srcs[0]} (+{len(srcs) - 1} more parts)"
     target = Target(os.fspath(destination), target_options)
     run_id = owner.new_run_id()
-    interrupted = target.interrupted()
+    # on object stores one listing of the root tells whether anything is there, and
+    # what (each check on its own lists again: twice where nothing is, as s3fs then
+    # lists the parent too)
+    top = target.listed() if target.object_store else None
+    interrupted = (top is None or PROGRESS in top) and target.interrupted()
     if interrupted:  # never resume, delete or mix a store that another run is writing
         owner.refuse_if_owned(target)
-    finished = not interrupted and target.exists("zarr.json")
+    finished = not interrupted and ("zarr.json" in top if top is not None
+                                    else target.exists("zarr.json"))
     if finished and not overwrite:
         if resume:  # idempotent: a batch job can simply be run again
             return _already_complete(srcs, src, target, storage_options, t_start)
@@ -1088,8 +1173,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                                       "pass resume=True (--resume) to finish it or overwrite=True "
                                       "(--overwrite) to start again")
             # (on object stores the listing says both: a store is its keys)
-            there = bool(target.listed()) if target.object_store else \
-                target.fs.exists(target.root)
+            there = bool(top) if top is not None else target.fs.exists(target.root)
             if there:
                 if not overwrite and (target.object_store or target.fs.ls(target.root)):
                     raise ConversionError(f"{target.destination}: exists and is not empty; pass "
@@ -1098,8 +1182,10 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             lead = _open_lead(srcs, storage_options, allow_truncated, pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
                           ome_levels, run_id=run_id, lead=lead)
+        fresh = lead is not None  # a run that laid the store out: no batch is done yet
         try:
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead,
+                           fresh)
         except _NeedsWideArrivals:
             log.info("%s: arrival times above 65535; converting again with uint32", src)
             owner.check(target, run_id)
@@ -1107,7 +1193,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             lead = _open_lead(srcs, storage_options, True, plan.pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                           plan.ome, plan.ome_levels, run_id=run_id, lead=lead)
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead, True)
         _finish(target, run_id, plan)
     except BaseException:  # an error or an interrupt: resume may take the store at once
         owner.release(target, run_id)
@@ -1115,12 +1201,14 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
     finally:  # (closing twice is harmless: a run may have closed it)
         if lead is not None:
             lead.close()
-    src_bytes = int(json.loads(target.read_text("photons/zarr.json"))["attributes"]
-                    ["source_bytes"])
+    photons_meta, store_bytes = _concurrently(target, [
+        lambda: json.loads(target.read_text("photons/zarr.json")),
+        lambda: _store_bytes(target)])
+    src_bytes = int(photons_meta["attributes"]["source_bytes"])
     return ConversionSummary(source=src, destination=target.destination,
                              frames=sum(b - a for a, b in plan.batch_frames),
                              photons=plan.n_photons_total, source_bytes=src_bytes,
-                             store_bytes=_store_bytes(target),
+                             store_bytes=store_bytes,
                              seconds=time.perf_counter() - t_start, batches=plan.n_batches,
                              batches_skipped=skipped)
 
@@ -1345,15 +1433,16 @@ _THREADED = ("threads", "threading", "sync", "synchronous", "single-threaded")
 
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
          progress: Callable[[Progress], None] | bool | None,
-         lead: Acquisition | None = None) -> int:
+         lead: Acquisition | None = None, fresh: bool = False) -> int:
     """Run the batches not yet recorded as done; return how many were skipped.
 
     ``lead`` (the sources the run's start opened) is lent to the first batch where
-    this process's threads convert a remote source, else closed.
+    this process's threads convert a remote source, else closed. ``fresh``: the
+    run has just laid the store out (no batch can be done: nothing is listed).
     """
     import dask
 
-    done = target.done_batches()
+    done = set() if fresh else target.done_batches()
     todo = [b for b in range(plan.n_batches) if b not in done]
     tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id),
                        heartbeat_every_s=HEARTBEAT_S if target.object_store else 0.0)

@@ -177,6 +177,8 @@ class Target:
             (self.fs.protocol,)
         #: keys without directories, each read and written by one request
         self.object_store = bool(OBJECT_STORES.intersection(protocols))
+        #: an S3 bucket (s3fs): keys are copied with one request (:meth:`copy`)
+        self.s3 = bool({"s3", "s3a"}.intersection(protocols)) and hasattr(self.fs, "call_s3")
 
     def key(self, k: str) -> str:
         """Full filesystem path of store key ``k``."""
@@ -246,6 +248,16 @@ class Target:
         """
         path = self.key(dst)
         self.makedirs(path.rsplit("/", 1)[0])
+        if self.s3:  # s3fs's cp_file asks the size first (a HEAD), to copy 5 GB+ in parts
+            try:
+                (b1, k1, _), (b2, k2, _) = (self.fs.split_path(p) for p in (self.key(src), path))
+                self.fs.call_s3("copy_object", Bucket=b2, Key=k2,
+                                CopySource={"Bucket": b1, "Key": k1})
+                self.fs.invalidate_cache(path)
+                return
+            except OSError as exc:  # too large for one request: copied in parts below
+                if not re.search(r"InvalidRequest|[Ll]arger|[Ss]ize", str(exc)):
+                    raise
         self.fs.cp_file(self.key(src), path)
 
     def interrupted(self) -> bool:

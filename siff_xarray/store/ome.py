@@ -274,14 +274,16 @@ def set_rendering(store: Any) -> None:
     """
     import zarr
 
-    grp = zarr.open_group(store, path="ome", mode="r+", zarr_format=3)
-    arr = grp["0"]
-    n_t = arr.shape[0]
-    pick = np.unique(np.linspace(0, max(n_t - 1, 0), min(n_t, WINDOW_SAMPLE)).round()
-                     ).astype(int) if n_t else np.zeros(0, dtype=int)
-    # the timepoints are read at once (one after another, each waited its round
-    # trips on object storage; one orthogonal selection decoded whole shards)
-    with ThreadPoolExecutor(8) as pool:
+    # the group and its level 0 open at once (each reads its metadata: a round trip
+    # on object storage), and the timepoints are read at once (one after another,
+    # each waited its round trips; one orthogonal selection decoded whole shards)
+    with ThreadPoolExecutor(WINDOW_SAMPLE) as pool:
+        opening = pool.submit(zarr.open_array, store, path="ome/0", mode="r", zarr_format=3)
+        grp = zarr.open_group(store, path="ome", mode="r+", zarr_format=3)
+        arr = opening.result()
+        n_t = arr.shape[0]
+        pick = np.unique(np.linspace(0, max(n_t - 1, 0), min(n_t, WINDOW_SAMPLE)).round()
+                         ).astype(int) if n_t else np.zeros(0, dtype=int)
         got = list(pool.map(lambda i: np.asarray(arr[int(i)]), pick))
     sample = np.stack(got) if got else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     attrs = dict(grp.attrs)
