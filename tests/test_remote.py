@@ -2312,6 +2312,31 @@ def test_a_conversion_from_a_server_whose_etags_differ_per_request(http_server, 
     assert "JSON object" in res.output
 
 
+def test_two_farm_served_files_combined_unpinned(http_server, tmp_path):
+    """``pin_version=False`` given to ``open_mfdataset`` reaches every file: the
+    combined Dataset and its photon reductions (which reopen each file) read both
+    files, each its own photons, eagerly and with Dask."""
+    paths = [write_siff(tmp_path / f"farm{i}.siff", shape=(48, 32), channels=(1, 2),
+                        n_slices=2, n_flyback=1, n_timepoints=12, photons_per_frame=1500,
+                        seed=40 + i).path for i in range(2)]
+    http_server.etag_backends = 2
+    urls = [f"{http_server.url}/farm{i}.siff" for i in range(2)]
+    masks = np.random.default_rng(4).random((2, 48, 32)) > 0.5
+    combined = dict(engine="siff", combine="nested", concat_dim="time", index_cache=False)
+    with xr.open_mfdataset(paths, **combined) as local:
+        want, want_life = local.intensity.values, local.siff.lifetime(masks).values
+    assert not np.array_equal(want[:12], want[12:])  # different photons
+    with pytest.raises(SiffFormatError, match="pin_version=False"), \
+            xr.open_mfdataset(urls, **combined) as ds:
+        ds.intensity.load()
+    refused = http_server.refused
+    for chunks in (None, {}):
+        with xr.open_mfdataset(urls, chunks=chunks, pin_version=False, **combined) as ds:
+            np.testing.assert_array_equal(ds.intensity.values, want)
+            np.testing.assert_array_equal(ds.siff.lifetime(masks).values, want_life)
+    assert refused > 0 and http_server.refused == refused  # nothing required a version
+
+
 @pytest.mark.slow
 def test_workers_read_a_farm_served_file_unpinned(http_server, tmp_path, monkeypatch):
     """Workers with empty caches open the file as the Dataset was opened: unpinned."""
@@ -2418,6 +2443,29 @@ def test_a_redirected_link_is_read_at_its_target_which_is_asked_again_when_it_ex
     api, files = http_server, other_http_server
     t = write_siff(tmp_path / "r.siff", shape=(64, 32), channels=(1, 2), n_slices=2,
                    n_timepoints=30, photons_per_frame=1500, seed=31)
+    url, opts, token, seen = _redirecting_link(api, files)
+    with xr.open_dataset(t.path, engine="siff") as local:
+        want = local.intensity.values
+    with xr.open_dataset(url, engine="siff", index_cache=False, storage_options=opts) as ds:
+        np.testing.assert_array_equal(ds.intensity.isel(time=slice(0, 10)).values,
+                                      want[:10])
+        # the probe's two ranges at the link, then everything at the target
+        assert [w for w, _ in seen] == ["api"] * 2 + ["files"] * (len(seen) - 2), seen
+        assert len(seen) <= 6
+        token[0] = 2  # the signature expired
+        seen.clear()
+        np.testing.assert_array_equal(ds.intensity.values, want)
+        assert ("api", "/download/r") in seen and ("files", "/r.siff?sig=2") in seen
+        # asked once for the new place (one probe: its two ranges)
+        assert seen.count(("api", "/download/r")) == 2, seen
+    assert files.refused == 0
+
+
+def _redirecting_link(api, files):
+    """Make ``api`` answer ``/download/r`` (with its Authorization header) by redirecting
+    to a presigned URL of ``r.siff`` on ``files``, which refuses other headers and old
+    signatures. Returns the link, its storage options, the signature's number (a
+    one-item list: raise it to expire the signature) and the requests seen."""
     token, seen = [1], []
     api_handler = api.httpd.RequestHandlerClass
     files_handler = files.httpd.RequestHandlerClass
@@ -2446,22 +2494,42 @@ def test_a_redirected_link_is_read_at_its_target_which_is_asked_again_when_it_ex
     api_handler.do_GET = api_handler.do_HEAD = redirect
     files_handler.do_GET = signed
     files_handler.do_HEAD = lambda self: self.send_error(403)
-    url = f"{api.url}/download/r"
-    opts = {"headers": {"Authorization": "Bearer lab"}}
+    return f"{api.url}/download/r", {"headers": {"Authorization": "Bearer lab"}}, token, seen
+
+
+@pytest.mark.slow
+def test_workers_follow_a_redirected_link_once_each_and_read_at_its_target(
+        http_server, other_http_server, tmp_path, monkeypatch):
+    """Fresh worker processes open the link as the Dataset was opened: each follows it
+    once (its probe), reads at the target without the link's header, and asks the
+    link again when the target's signature expires."""
+    api, files = http_server, other_http_server
+    t = write_siff(tmp_path / "r.siff", shape=(64, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=30, photons_per_frame=1500, seed=32)
+    url, opts, token, seen = _redirecting_link(api, files)
+    masks = np.random.default_rng(3).random((2, 64, 32)) > 0.5
     with xr.open_dataset(t.path, engine="siff") as local:
-        want = local.intensity.values
-    with xr.open_dataset(url, engine="siff", index_cache=False, storage_options=opts) as ds:
-        np.testing.assert_array_equal(ds.intensity.isel(time=slice(0, 10)).values,
-                                      want[:10])
-        # the probe's two ranges at the link, then everything at the target
-        assert [w for w, _ in seen] == ["api"] * 2 + ["files"] * (len(seen) - 2), seen
-        assert len(seen) <= 6
-        token[0] = 2  # the signature expired
+        want, want_life = local.intensity.values, local.siff.lifetime(masks).values
+    with _fresh_cluster(tmp_path, monkeypatch) as client, \
+            xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=1,
+                            storage_options=opts) as ds:
         seen.clear()
-        np.testing.assert_array_equal(ds.intensity.values, want)
-        assert ("api", "/download/r") in seen and ("files", "/r.siff?sig=2") in seen
-        # asked once for the new place (one probe: its two ranges)
-        assert seen.count(("api", "/download/r")) == 2, seen
+        np.testing.assert_array_equal(client.compute(ds.intensity.data, sync=True), want)
+        at_link = [s for s in seen if s[0] == "api"]
+        assert 0 < len(at_link) <= 2 * 2, seen  # one probe (two ranges) per worker
+        assert len(seen) - len(at_link) >= ds.intensity.data.npartitions // 2
+        seen.clear()
+        # the photon reductions open the file on each worker again (one probe each),
+        # after one look here for a converted store at the link (answered: the file)
+        np.testing.assert_array_equal(ds.siff.lifetime(masks).compute().values, want_life)
+        assert sum(1 for s in seen if s[0] == "api") <= 1 + 2 * 2, seen
+        token[0] = 2  # every worker's target expires
+        seen.clear()
+        np.testing.assert_array_equal(client.compute(ds.intensity.data, sync=True), want)
+        assert ("files", "/r.siff?sig=2") in seen
+        # at most two probes per worker, not one per chunk
+        n_chunks = ds.intensity.data.npartitions
+        assert 0 < sum(1 for s in seen if s[0] == "api") <= 2 * 2 * 2 < n_chunks, str(seen)
     assert files.refused == 0
 
 
@@ -2480,3 +2548,29 @@ def test_which_redirects_are_followed_and_with_which_headers():
     assert plain.redirected("http://a.example:8080/y").headers == {"H": "1"}
     assert plain.redirected("http://a.example:8081/y").headers == {}
     assert plain.redirected("https://a.example/y") is not None  # an upgrade is fine
+
+
+def test_a_server_that_answers_every_path_is_not_taken_for_a_store(
+        http_server, other_http_server, tmp_path):
+    """A link that redirects every path under it to its file answers at
+    ``<link>/photons/zarr.json`` too; before, that made it a converted store, and the
+    photon reductions of its Dataset read the ``.siff`` as a plan (UnicodeDecodeError).
+    A store is told by its group metadata, read (at most 64 KiB) in one request."""
+    from siff_xarray.store import is_converted_store
+
+    t = write_siff(tmp_path / "r.siff", shape=(32, 16), n_timepoints=4, seed=33)
+    zs.convert(t.path, tmp_path / "s.zarr")
+    assert is_converted_store(str(tmp_path / "s.zarr"))
+    assert is_converted_store(f"{http_server.url}/s.zarr")
+    (tmp_path / "bad.zarr" / "photons").mkdir(parents=True)
+    for text in (b"", b"not json", b"[1, 2]", b'{"node_type": "array", "zarr_format": 3}',
+                 (tmp_path / "r.siff").read_bytes()):
+        (tmp_path / "bad.zarr" / "photons" / "zarr.json").write_bytes(text)
+        assert not is_converted_store(str(tmp_path / "bad.zarr"))
+        assert not is_converted_store(f"{http_server.url}/bad.zarr")
+    assert not is_converted_store(str(tmp_path / "none.zarr"))
+    assert not is_converted_store(f"{http_server.url}/none.zarr")
+    url, opts, _, seen = _redirecting_link(http_server, other_http_server)
+    assert not is_converted_store(url, opts)
+    assert len(seen) == 2 and seen[0] == ("api", "/download/r/photons/zarr.json")
+    assert not is_converted_store(url)  # refused (no credentials): not a store either

@@ -215,6 +215,14 @@ class Target:
                     raise  # (missing, refused, timed out: asking again would not help)
         return bytes(self.fs.cat_file(path))
 
+    def read_head(self, k: str, length: int) -> bytes:
+        """Return at most the first ``length`` bytes stored at key ``k`` (one request).
+
+        FileNotFoundError if there are none; an empty object may raise another
+        OSError (a range of nothing is refused).
+        """
+        return bytes(self.fs.cat_file(self.key(k), start=0, end=length))
+
     def makedirs(self, path: str) -> None:
         """Make directory ``path`` and its parents (nothing to do on object stores)."""
         if not self.object_store:

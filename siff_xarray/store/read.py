@@ -265,12 +265,26 @@ def cell_values(ds: Any, name: str, cells: np.ndarray,
 _GAP = 1 << 20  # arrival times skipped rather than split into another read
 
 
+#: bytes of ``photons/zarr.json`` read to tell a store (the metadata is a few hundred)
+_STORE_MARK_BYTES = 1 << 16
+
+
 def is_converted_store(path: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Tell whether ``path`` (local or URL) is a converted store with a ``photons`` group."""
+    """Tell whether ``path`` (local or URL) is a converted store with a ``photons`` group.
+
+    Its ``photons/zarr.json`` (at most the first 64 KiB) must be a Zarr v3 group's
+    metadata: that something answers at that path is not enough, as web servers
+    that answer every path (a download link that redirects each path under it to
+    its file, an application's catch-all page) would make any URL a store. One
+    request on a remote store, as an existence check was.
+    """
     try:
-        return Target(path, storage_options).exists("photons/zarr.json")
-    except (OSError, ValueError, ImportError):
+        meta = json.loads(Target(path, storage_options).read_head("photons/zarr.json",
+                                                                  _STORE_MARK_BYTES))
+    except Exception:  # none, refused, not JSON... (aiohttp's errors are not OSErrors)
         return False
+    return isinstance(meta, dict) and meta.get("node_type") == "group" \
+        and meta.get("zarr_format") == 3
 
 
 class StorePhotons(PhotonReductions):
