@@ -279,6 +279,28 @@ def test_root_holds_zarr_pythons_consolidated_metadata(siff_files, tmp_path):
     assert zarr.open_group(str(dst), mode="r", use_consolidated=True)["photons/photon_count"]\
         .shape == (t.n_frames,)
 
+    # the finish consolidates the metadata the start recorded (.siff-progress/nodes.json);
+    # a store started without that record (an earlier version) reads every node's
+    class Stop(Exception):
+        pass
+
+    def stop(p):
+        if p.batches_done >= 1:
+            raise Stop
+
+    old = tmp_path / "old.zarr"
+    with pytest.raises(Stop):
+        zs.convert(t.path, old, progress=stop, scheduler="sync", **_small_shards(t))
+    (old / ".siff-progress" / "nodes.json").unlink()
+    zs.convert(t.path, old, resume=True)
+    resumed = json.loads((old / "zarr.json").read_text())
+    copy = tmp_path / "old-copy.zarr"
+    shutil.copytree(old, copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(copy))
+    assert json.loads((copy / "zarr.json").read_text()) == resumed
+
 
 def test_verify_finds_differences(siff_files, tmp_path):
     import zarr
@@ -1645,6 +1667,16 @@ def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latenc
     assert n == 8
     assert zs.verify(t.path, dst, target_options=opts) == []
     assert ("HEAD", "/rt-bucket") not in log  # no "directories" on an object store
+    # the root consolidates every node's metadata as stored
+    fs = s3fs.S3FileSystem(**s3_server)
+    nodes = json.loads(fs.cat("rt-bucket/run.zarr/zarr.json"))["consolidated_metadata"]
+    for key, node in nodes["metadata"].items():
+        stored = json.loads(fs.cat(f"rt-bucket/run.zarr/{key}/zarr.json"))
+        if stored.get("node_type") == "group":
+            stored["consolidated_metadata"] = node["consolidated_metadata"]
+        assert stored == node, key
+    assert {"ome", "ome/0", "photons", "intensity"} <= set(nodes["metadata"])
+    assert not fs.exists("rt-bucket/run.zarr/.siff-progress")
     metadata = [p for m, p in log if m == "GET" and p == "/rt-bucket/run.zarr/intensity/zarr.json"]
     assert len(metadata) <= 2, metadata  # opened once for the batches (and at the end)
     # 446 round trips (732 requests) at first, 104 (247) before the start listed the
@@ -1737,3 +1769,40 @@ def test_shard_writer_writes_each_shard_once_in_order_and_raises_what_failed(beh
             w.append(part)
         w.close()
     assert (500, 600) not in [(a, b) for a, b, _ in arr.writes]
+
+
+def test_zarr_stores_opened_in_any_thread_share_one_filesystem(s3_server):
+    """fsspec keeps a filesystem per thread, and each new one made its S3 client
+    again on first use (0.2 s of CPU: a conversion's finish opened two stores in
+    threads of their own). zarr runs every store operation on its own loop, so the
+    stores of one process share one asynchronous filesystem per options."""
+    import threading
+
+    import s3fs
+
+    from siff_xarray.store.layout import Target
+
+    s3fs.S3FileSystem(**s3_server).mkdir("threads-bucket")
+    t = Target("s3://threads-bucket/x.zarr", s3_server)
+    seen = []
+
+    def open_stores():
+        seen.extend(id(t.zarr(batch_writes=bw).fs) for bw in (False, True))
+
+    threads = [threading.Thread(target=open_stores) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    open_stores()
+    assert len(seen) == 10 and len(set(seen)) == 1
+    other = Target("s3://threads-bucket/x.zarr", {**s3_server, "anon": False})
+    assert id(other.zarr().fs) not in seen  # other options: a filesystem of their own
+    import zarr
+
+    zarr.create_array(t.zarr(), name="a", shape=(4,), dtype="u1")[...] = 7
+    got = []
+    reader = threading.Thread(target=lambda: got.append(zarr.open_array(t.zarr(), path="a")[...]))
+    reader.start()
+    reader.join()
+    np.testing.assert_array_equal(got[0], [7, 7, 7, 7])

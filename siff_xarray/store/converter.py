@@ -37,6 +37,7 @@ from ..reader.source import PARTS_AHEAD, probe_ends
 from . import owner
 from .layout import (
     ALL_CHUNKS_STORED,
+    NODES_KEY,
     PHOTON_CHUNK,
     PHOTON_SHARD,
     PLAN_KEY,
@@ -917,8 +918,9 @@ def _write_descriptions(target: Target, plan: Plan) -> None:
         with ThreadPoolExecutor(min(len(keys), 32)) as pool:
             return list(pool.map(target.read_bytes, keys))
 
+    # (written whole, once: the batches' store need not look for its shards first)
     texts, arr = _concurrently(target, [parts, lambda: _open_for_batch(
-        target.zarr(), "photons/description")])
+        target.zarr(batch_writes=True), "photons/description")])
     data = np.frombuffer(b"".join(texts), dtype=np.uint8)
     if data.size != arr.shape[0]:
         raise ConversionError(f"{target.destination}: the batches hold {data.size} bytes of "
@@ -936,10 +938,18 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
     storage they are done at once, each waiting its own round trips.
     """
     def nodes() -> dict[str, Any]:
-        keys = _node_keys(target)
+        try:  # as the start wrote them (one GET), but ome's after its contrast windows
+            known: dict[str, Any] | None = json.loads(target.read_text(NODES_KEY))
+        except FileNotFoundError:  # (a store started by an earlier version)
+            known = None
+        keys = sorted(known) if known is not None else _node_keys(target)
         if "ome" in keys:  # contrast windows from the data, for viewers
             set_rendering(target.zarr())
-        return _consolidated(target, keys)
+        if known is None:
+            return _consolidated(target, keys)
+        if "ome" in known:
+            known["ome"] = json.loads(target.read_text("ome/zarr.json"))
+        return _consolidate(known)
 
     _, meta, consolidated = _concurrently(target, [
         lambda: _write_descriptions(target, plan),
@@ -974,9 +984,14 @@ def _consolidated(target: Target, keys: list[str]) -> dict[str, Any]:
     that do not know it ignore it: ``must_understand`` is false.)
     """
     texts = target.fs.cat([target.key(f"{k}/zarr.json") for k in keys])
+    return _consolidate({k: json.loads(texts[target.key(f"{k}/zarr.json")]) for k in keys})
+
+
+def _consolidate(nodes: dict[str, Any]) -> dict[str, Any]:
+    """Return the root's ``consolidated_metadata`` of ``{node: its zarr.json}``."""
     metadata = {}
-    for k in keys:
-        node = json.loads(texts[target.key(f"{k}/zarr.json")])
+    for k in sorted(nodes):
+        node = dict(nodes[k])
         if node.get("node_type") == "group":
             node["consolidated_metadata"] = {"kind": "inline", "must_understand": False,
                                              "metadata": {}}
@@ -1282,10 +1297,13 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
         plan = _prepare(srcs, target, build, storage_options, shard_bytes, chunk_bytes,
                         arrival_dtype, ome, ome_levels, lead)
         _phase("prepared")
-        files = {}
+        files, nodes = {}, {}
         for path in build.fs.find(build.root):
             key = path[len(build.root) + 1 :]
             files[target.key(ROOT_KEY if key == "zarr.json" else key)] = build.fs.cat_file(path)
+            if key.endswith("/zarr.json"):
+                nodes[key[: -len("/zarr.json")]] = json.loads(files[target.key(key)])
+        files[target.key(NODES_KEY)] = json.dumps(nodes).encode()
     for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
         target.makedirs(parent)
     owner.check(target, run_id)

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .._remote import one_retry_loop, with_timeouts
 __all__ = [
     "ALL_CHUNKS_STORED",
     "BATCH_PIXELS",
+    "NODES_KEY",
     "PHOTON_CHUNK",
     "PHOTON_SHARD",
     "PLAN_KEY",
@@ -48,6 +50,9 @@ SIFF_ZARR_VERSION = 1
 PROGRESS = ".siff-progress"
 PLAN_KEY = f"{PROGRESS}/plan.json"
 ROOT_KEY = f"{PROGRESS}/root-zarr.json"
+#: every node's metadata as the start wrote it (``{node: zarr.json}``): the finish
+#: consolidates them without reading each node's ``zarr.json`` back
+NODES_KEY = f"{PROGRESS}/nodes.json"
 #: written before anything else: the store is an unfinished conversion from then on
 STARTED_KEY = f"{PROGRESS}/started.json"
 #: ``photons`` attribute of stores that hold every chunk of every array (empty ones too)
@@ -103,6 +108,7 @@ def _fs_and_root(destination: str | os.PathLike[str],
 
 def _zarr_store(destination: str | os.PathLike[str],
                 storage_options: dict[str, Any] | None, batch_writes: bool = False) -> Any:
+    import fsspec
     from zarr.storage import FsspecStore, LocalStore
 
     dst = os.fspath(destination)
@@ -110,9 +116,44 @@ def _zarr_store(destination: str | os.PathLike[str],
         return LocalStore(local_path(dst))
     s3 = dst.split("://", 1)[0].lower() in ("s3", "s3a")  # (not a chained URL)
     cls = _store_class(s3, batch_writes) if s3 or batch_writes else FsspecStore
-    store = cls.from_url(dst, storage_options=with_timeouts(dst, storage_options))
+    options = with_timeouts(dst, storage_options)
+    fs = _async_filesystem(dst, options)
+    if fs is None:  # (chained URLs, filesystems without an asynchronous implementation)
+        store = cls.from_url(dst, storage_options=options)
+    else:
+        store = cls(fs=fs, path=fsspec.core.strip_protocol(dst))
     one_retry_loop(store.fs)
     return store
+
+
+#: the asynchronous filesystem zarr's stores use, per process and (protocol, options).
+#: fsspec keeps one per thread, and each new one makes its connections (s3fs: its
+#: client) again on first use: 0.2 s of CPU in every thread that opened a store (a
+#: conversion's finish opened two in threads of their own)
+_ASYNC_FS: dict[tuple[int, str, str], Any] = {}
+_ASYNC_FS_LOCK = threading.Lock()
+
+
+def _async_filesystem(url: str, options: dict[str, Any]) -> Any:
+    """Return the process's asynchronous fsspec filesystem for ``url`` (None: none cached).
+
+    zarr runs every store operation on its own event loop thread, whatever thread
+    asks, so one instance serves them all.
+    """
+    import fsspec
+
+    if "::" in url or "://" not in url:
+        return None
+    protocol = url.split("://", 1)[0].lower()
+    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=repr))
+    with _ASYNC_FS_LOCK:
+        fs = _ASYNC_FS.get(key)
+        if fs is None:
+            fs = fsspec.core.url_to_fs(url, asynchronous=True, **options)[0]
+            if not fs.async_impl:
+                return None
+            _ASYNC_FS[key] = fs
+    return fs
 
 
 @functools.cache
@@ -126,7 +167,8 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
     (``bytes=0-``) it is one GET; an empty object answers that 416, which zarr
     already reads as empty.
 
-    ``batch_writes``: for the arrays a conversion's batches write. zarr reads a
+    ``batch_writes``: for the arrays a conversion's batches write (and the frame
+    descriptions, which its finish writes whole). zarr reads a
     shard before it writes any part of it, to keep what it does not overwrite; a
     batch writes every shard it touches whole, once (the layout gives each batch
     shards of its own: ``intensity`` and the OME levels a time range of whole

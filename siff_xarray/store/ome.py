@@ -23,7 +23,7 @@ __all__ = ["CHANNEL_COLORS", "INTENSITY_ORDER", "create_ome", "downsample2", "om
 
 #: display colour of each channel, in file order (green, magenta, then more)
 CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF", "FFFFFF")
-#: timepoints sampled (evenly spaced) to choose contrast windows
+#: timepoints sampled (whole chunks of them, evenly spaced) to choose contrast windows
 WINDOW_SAMPLE = 32
 #: level 0's chunks are stored in the intensity's ``(time, z, channel, y, x)`` order:
 #: the ``transpose`` codec's order from NGFF's ``(t, c, z, y, x)``
@@ -269,23 +269,29 @@ def _range_and_percentiles(v: np.ndarray, qs: tuple[float, ...]
 def set_rendering(store: Any) -> None:
     """Write each channel's contrast window (from the data) into the ``ome`` group's ``omero``.
 
-    Reads up to :data:`WINDOW_SAMPLE` evenly spaced timepoints of level 0. The
-    colours were written with the group (:data:`CHANNEL_COLORS`).
+    Reads about :data:`WINDOW_SAMPLE` timepoints of level 0: whole chunks of them,
+    at least four, evenly spaced (a chunk holds one or a few timepoints; each read of a single
+    timepoint fetched and decoded its whole chunk, and on object storage each
+    read waits its shard index and its chunk). The colours were written with the
+    group (:data:`CHANNEL_COLORS`).
     """
     import zarr
 
     # the group and its level 0 open at once (each reads its metadata: a round trip
-    # on object storage), and the timepoints are read at once (one after another,
-    # each waited its round trips; one orthogonal selection decoded whole shards)
+    # on object storage), and the chunks are read at once (one after another, each
+    # waited its round trips; one orthogonal selection decoded whole shards)
     with ThreadPoolExecutor(WINDOW_SAMPLE) as pool:
         opening = pool.submit(zarr.open_array, store, path="ome/0", mode="r", zarr_format=3)
         grp = zarr.open_group(store, path="ome", mode="r+", zarr_format=3)
         arr = opening.result()
-        n_t = arr.shape[0]
-        pick = np.unique(np.linspace(0, max(n_t - 1, 0), min(n_t, WINDOW_SAMPLE)).round()
+        n_t, ct = arr.shape[0], max(int(arr.chunks[0]), 1)
+        n_chunks = -(-n_t // ct)
+        # (at least four chunks, so that long chunks still sample the whole recording)
+        want = min(n_chunks, max(-(-WINDOW_SAMPLE // ct), 4))
+        pick = np.unique(np.linspace(0, max(n_chunks - 1, 0), want).round()
                          ).astype(int) if n_t else np.zeros(0, dtype=int)
-        got = list(pool.map(lambda i: np.asarray(arr[int(i)]), pick))
-    sample = np.stack(got) if got else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        got = list(pool.map(lambda c: np.asarray(arr[int(c) * ct : int(c + 1) * ct]), pick))
+    sample = np.concatenate(got) if got else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     attrs = dict(grp.attrs)
     ome = dict(attrs["ome"])
     channels = [dict(ch) for ch in ome["omero"]["channels"]]
