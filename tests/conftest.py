@@ -548,3 +548,21 @@ def http_server(tmp_path):
 def other_http_server(tmp_path):
     """A second server of ``tmp_path`` on another port: another origin than ``http_server``."""
     yield from _served(tmp_path)
+
+
+class _StopConversion(Exception):
+    """Raised by :func:`stop_after`'s progress callbacks (an interrupted conversion)."""
+
+
+@pytest.fixture
+def stop_after():
+    """``stop_after(n)``: a progress callback that interrupts a conversion once ``n``
+    batches are done, raising ``stop_after.error``."""
+    def make(n: int):
+        def progress(p):
+            if p.batches_done >= n:
+                raise _StopConversion
+        return progress
+
+    make.error = _StopConversion
+    return make

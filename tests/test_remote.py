@@ -2256,7 +2256,8 @@ def test_a_server_whose_etags_differ_per_request_reads_with_pin_version_false(
         xr.open_dataset(url, engine="siff", pin_version="no")
 
 
-def test_a_conversion_from_a_server_whose_etags_differ_per_request(http_server, tmp_path):
+def test_a_conversion_from_a_server_whose_etags_differ_per_request(http_server, tmp_path,
+                                                                  stop_after):
     """Pinned, its batches' reads and source checks fail as of a replaced source;
     unpinned, the source is recognised by its size and the digests of its ends, and
     the store holds every photon (also through the command line, and on resume)."""
@@ -2277,16 +2278,9 @@ def test_a_conversion_from_a_server_whose_etags_differ_per_request(http_server, 
 
     # interrupted after two batches, an unpinned conversion resumes unpinned (its plan
     # says so): from the command line, without the flag
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(p):
-        if p.batches_done >= 2:
-            raise Stop
-
     cli_dst = tmp_path / "cli.zarr"
-    with pytest.raises(Stop):
-        zs.convert(url, cli_dst, pin_version=False, progress=stop_after_two, **shards)
+    with pytest.raises(stop_after.error):
+        zs.convert(url, cli_dst, pin_version=False, progress=stop_after(2), **shards)
     from siff_xarray.errors import IncompleteStoreError
 
     with pytest.raises(IncompleteStoreError, match="incomplete"):

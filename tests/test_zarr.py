@@ -257,7 +257,7 @@ def test_convert_is_lossless(siff_files, tmp_path, name):
     assert zs.verify(t.path, dst) == []
 
 
-def test_root_holds_zarr_pythons_consolidated_metadata(siff_files, tmp_path):
+def test_root_holds_zarr_pythons_consolidated_metadata(siff_files, tmp_path, stop_after):
     """The root zarr.json equals what zarr.consolidate_metadata would write."""
     import json
     import shutil
@@ -281,16 +281,9 @@ def test_root_holds_zarr_pythons_consolidated_metadata(siff_files, tmp_path):
 
     # the finish consolidates the metadata the start recorded (.siff-progress/nodes.json);
     # a store started without that record (an earlier version) reads every node's
-    class Stop(Exception):
-        pass
-
-    def stop(p):
-        if p.batches_done >= 1:
-            raise Stop
-
     old = tmp_path / "old.zarr"
-    with pytest.raises(Stop):
-        zs.convert(t.path, old, progress=stop, scheduler="sync", **_small_shards(t))
+    with pytest.raises(stop_after.error):
+        zs.convert(t.path, old, progress=stop_after(1), scheduler="sync", **_small_shards(t))
     (old / ".siff-progress" / "nodes.json").unlink()
     zs.convert(t.path, old, resume=True)
     resumed = json.loads((old / "zarr.json").read_text())
