@@ -2568,3 +2568,33 @@ def test_a_server_that_answers_every_path_is_not_taken_for_a_store(
     assert not is_converted_store(url, opts)
     assert len(seen) == 2 and seen[0] == ("api", "/download/r/photons/zarr.json")
     assert not is_converted_store(url)  # refused (no credentials): not a store either
+
+
+@pytest.mark.slow
+def test_an_s3_to_s3_conversion_on_fresh_cluster_workers(s3_server, tmp_path, monkeypatch):
+    """The issue's ``convert s3://... s3://...`` on worker processes with empty caches
+    in another directory: each opens its source and the store once per run, writes
+    its arrival-time shards behind its decoding and its OME level 0 by copying shards
+    on the server; the store is the one a local conversion of the file makes."""
+    import s3fs
+
+    t = write_siff(tmp_path / "c.siff", shape=(32, 16), channels=(1, 2), n_slices=3,
+                   n_flyback=1, n_timepoints=40, photons_per_frame=3000, seed=12)
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("cluster-src")
+    fs.mkdir("cluster-dst")
+    fs.put(t.path, "cluster-src/c.siff")
+    layout = {"shard_bytes": 2 * 3 * 2 * 32 * 16 * 2, "chunk_bytes": 1}
+    zs.convert(t.path, tmp_path / "local.zarr", scheduler="sync", **layout)
+    with _fresh_cluster(tmp_path, monkeypatch) as client:
+        summary = zs.convert("s3://cluster-src/c.siff", "s3://cluster-dst/c.zarr",
+                             scheduler=client, storage_options=s3_server,
+                             target_options=s3_server, **layout)
+        assert summary.batches >= 10
+        assert not any(client.run(_kept_sources).values())  # closed when the run ended
+    # every photon, against the file
+    assert zs.verify(t.path, "s3://cluster-dst/c.zarr", target_options=s3_server) == []
+    with zs.open_converted(tmp_path / "local.zarr") as local, \
+            zs.open_converted("s3://cluster-dst/c.zarr", storage_options=s3_server) as ds:
+        for name in ("intensity", "photon_count"):
+            np.testing.assert_array_equal(ds[name].values, local[name].values)
