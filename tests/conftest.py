@@ -376,6 +376,7 @@ class _CountingProxy:
     def __init__(self, target: str):
         import http.client
         import http.server
+        import re
         import threading
         import time
         from urllib.parse import urlsplit
@@ -394,6 +395,9 @@ class _CountingProxy:
         self.log: list[tuple[str, str]] = []
         #: response headers left out (lower case): an S3-compatible server without them
         self.drop_headers: set[str] = set()
+        #: refuse PUTs whose path matches this regular expression (403 AccessDenied,
+        #: as a bucket policy or a full quota does)
+        self.refuse_puts: str | None = None
         self.lock = threading.Lock()
         host, port = urlsplit(target).hostname, urlsplit(target).port
         assert host == "127.0.0.1"
@@ -415,6 +419,16 @@ class _CountingProxy:
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if (self.command == "PUT" and proxy.refuse_puts
+                        and re.search(proxy.refuse_puts, self.path)):
+                    msg = (b"<Error><Code>AccessDenied</Code><Message>Access Denied"
+                           b"</Message></Error>")
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
                 if "Signature=" in self.path:  # moto does not check signatures
                     with proxy.lock:
                         proxy.signed += 1

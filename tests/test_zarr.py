@@ -1799,3 +1799,36 @@ def test_zarr_stores_opened_in_any_thread_share_one_filesystem(s3_server):
     reader.start()
     reader.join()
     np.testing.assert_array_equal(got[0], [7, 7, 7, 7])
+
+
+def test_a_refused_write_on_s3_stops_the_conversion_and_resume_finishes_it(
+        s3_server, s3_latency, tmp_path):
+    """Arrival-time shards go to object storage behind the decoding: one the server
+    refuses stops the conversion with that error (not lost with its thread, no
+    hang); the store reads as unfinished, and resume, once writes are allowed again,
+    finishes it to a store that verifies."""
+    import s3fs
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("refuse-bucket")
+    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
+    dst = "s3://refuse-bucket/run.zarr"
+    proxy.refuse_puts = r"photons/arrival_time/c/"
+    with pytest.raises(OSError, match=r"(?i)access denied|permission|forbidden") as err:
+        zs.convert(t.path, dst, target_options=opts, **_small_shards(t))
+    assert proxy.counts.get("PUT", 0) > 0
+    with pytest.raises(IncompleteStoreError):
+        zs.verify(t.path, dst, target_options=opts)
+    proxy.refuse_puts = None
+    summary = zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
+    assert summary.batches >= 1
+    assert zs.verify(t.path, dst, target_options=opts) == []
+    # the message names the key refused (s3fs's names nothing: "Access Denied")
+    assert "s3://refuse-bucket/run.zarr/photons/arrival_time/c/" in str(err.value)
+    assert "refused the write" in str(err.value)
+    proxy.refuse_puts = "."  # a bucket that takes no writes at all: its first key
+    with pytest.raises(PermissionError, match=r"s3://refuse-bucket/other\.zarr/"
+                       r"\.siff-progress/owner\.json: the store refused the write"):
+        zs.convert(t.path, "s3://refuse-bucket/other.zarr", target_options=opts)
+    proxy.refuse_puts = None

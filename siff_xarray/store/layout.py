@@ -190,11 +190,21 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
             return await super().get(key, prototype, byte_range)
 
         async def set(self, key: str, value: Any) -> None:
-            await super().set(key, value)
+            try:
+                await super().set(key, value)
+            except PermissionError as exc:  # s3fs's says "Access Denied", naming nothing
+                raise _refused("write", self.fs.unstrip_protocol(f"{self.path}/{key}"),
+                               exc) from exc
             if batch_writes:  # (keys written through this store are read as usual)
                 self.__dict__.setdefault("written", set()).add(key)
 
     return SiffFsspecStore
+
+
+def _refused(what: str, path: str, exc: BaseException) -> PermissionError:
+    """Return a PermissionError naming the key the store refused to ``what``."""
+    return PermissionError(f"{path}: the store refused the {what} ({exc}); check the "
+                           "credentials and the bucket's policy or quota")
 
 
 #: fsspec protocols of object stores: keys, no directories; one PUT is atomic
@@ -284,7 +294,10 @@ class Target:
         path = self.key(k)
         self.makedirs(path.rsplit("/", 1)[0])
         if not atomic or self.object_store:  # (an object is replaced whole by one PUT)
-            self.fs.pipe_file(path, data)
+            try:
+                self.fs.pipe_file(path, data)
+            except PermissionError as exc:
+                raise _refused("write", self.fs.unstrip_protocol(path), exc) from exc
             return
         tmp = f"{path}.partial"
         self.fs.pipe_file(tmp, data)
@@ -305,10 +318,15 @@ class Target:
                                 CopySource={"Bucket": b1, "Key": k1})
                 self.fs.invalidate_cache(path)
                 return
+            except PermissionError as exc:
+                raise _refused("copy", self.fs.unstrip_protocol(path), exc) from exc
             except OSError as exc:  # too large for one request: copied in parts below
                 if not re.search(r"InvalidRequest|[Ll]arger|[Ss]ize", str(exc)):
                     raise
-        self.fs.cp_file(self.key(src), path)
+        try:
+            self.fs.cp_file(self.key(src), path)
+        except PermissionError as exc:
+            raise _refused("copy", self.fs.unstrip_protocol(path), exc) from exc
 
     def interrupted(self) -> bool:
         """Tell whether the store is an unfinished (or interrupted) conversion."""
