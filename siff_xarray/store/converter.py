@@ -1271,7 +1271,7 @@ def _refuse_unread_bytes(lead: Acquisition) -> None:
 def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
            shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
            ome_levels: int | None = None, *, run_id: str, lead: Acquisition) -> Plan:
-    """Lay out a new store: owner, marker, metadata and small arrays, plan (in that order).
+    """Lay out a new store: owner, marker, metadata and small arrays, plan (written in order).
 
     The metadata are built in a local temporary directory and then copied in, the
     root ``zarr.json`` under ``.siff-progress/``: the store is never a readable Zarr
@@ -1288,14 +1288,24 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
                                pinned)
     layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
               "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
-    owner.claim(target, run_id)
-    target.write_text(STARTED_KEY, json.dumps({"sources": srcs, "fingerprint": fingerprint,
-                                               "layout": layout}))
-    _phase("started")
     with tempfile.TemporaryDirectory(prefix="siff-xarray-") as tmp:
         build = Target(tmp, None)
-        plan = _prepare(srcs, target, build, storage_options, shard_bytes, chunk_bytes,
-                        arrival_dtype, ome, ome_levels, lead)
+        # the metadata are built locally (from the open sources: no request to the
+        # store) while the owner record and the marker are written: on object storage
+        # their four round trips overlap the building's CPU
+        with ThreadPoolExecutor(1) as pool:
+            preparing = pool.submit(_prepare, srcs, target, build, storage_options,
+                                    shard_bytes, chunk_bytes, arrival_dtype, ome, ome_levels,
+                                    lead)
+            try:
+                owner.claim(target, run_id)
+                target.write_text(STARTED_KEY, json.dumps({
+                    "sources": srcs, "fingerprint": fingerprint, "layout": layout}))
+                _phase("started")
+            except BaseException:
+                wait([preparing])  # (its result is dropped: the claim's error is the one)
+                raise
+            plan = preparing.result()
         _phase("prepared")
         files, nodes = {}, {}
         for path in build.fs.find(build.root):
