@@ -938,17 +938,18 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
     storage they are done at once, each waiting its own round trips.
     """
     def nodes() -> dict[str, Any]:
-        try:  # as the start wrote them (one GET), but ome's after its contrast windows
+        try:  # as the start wrote them (one GET); ome's gets its contrast windows
             known: dict[str, Any] | None = json.loads(target.read_text(NODES_KEY))
         except FileNotFoundError:  # (a store started by an earlier version)
             known = None
         keys = sorted(known) if known is not None else _node_keys(target)
-        if "ome" in keys:  # contrast windows from the data, for viewers
-            set_rendering(target.zarr())
+        # contrast windows from the data, for viewers
+        rendering = set_rendering(target.zarr()) if "ome" in keys else None
         if known is None:
             return _consolidated(target, keys)
-        if "ome" in known:
-            known["ome"] = json.loads(target.read_text("ome/zarr.json"))
+        if rendering is not None:  # (the one attribute set_rendering changed)
+            known["ome"] = {**known["ome"], "attributes": {
+                **known["ome"].get("attributes", {}), "ome": rendering}}
         return _consolidate(known)
 
     _, meta, consolidated = _concurrently(target, [

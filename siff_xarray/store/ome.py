@@ -266,8 +266,10 @@ def _range_and_percentiles(v: np.ndarray, qs: tuple[float, ...]
     return float(nonzero[0] + base), float(nonzero[-1] + base), out
 
 
-def set_rendering(store: Any) -> None:
+def set_rendering(store: Any) -> dict[str, Any]:
     """Write each channel's contrast window (from the data) into the ``ome`` group's ``omero``.
+
+    Returns the group's ``ome`` attribute as written.
 
     Reads about :data:`WINDOW_SAMPLE` timepoints of level 0: whole chunks of them,
     at least four, evenly spaced (a chunk holds one or a few timepoints; each read of a single
@@ -299,3 +301,4 @@ def set_rendering(store: Any) -> None:
         ch["window"] = window
     ome["omero"] = {**ome["omero"], "channels": channels}
     grp.attrs.update({"ome": ome})
+    return ome
