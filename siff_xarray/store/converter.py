@@ -1198,10 +1198,8 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             lead = _open_lead(srcs, storage_options, allow_truncated, pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
                           ome_levels, run_id=run_id, lead=lead)
-        fresh = lead is not None  # a run that laid the store out: no batch is done yet
         try:
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead,
-                           fresh)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
         except _NeedsWideArrivals:
             log.info("%s: arrival times above 65535; converting again with uint32", src)
             owner.check(target, run_id)
@@ -1209,7 +1207,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             lead = _open_lead(srcs, storage_options, True, plan.pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                           plan.ome, plan.ome_levels, run_id=run_id, lead=lead)
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead, True)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
         _finish(target, run_id, plan)
     except BaseException:  # an error or an interrupt: resume may take the store at once
         owner.release(target, run_id)
@@ -1293,19 +1291,16 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
         build = Target(tmp, None)
         # the metadata are built locally (from the open sources: no request to the
         # store) while the owner record and the marker are written: on object storage
-        # their four round trips overlap the building's CPU
+        # their four round trips overlap the building's CPU. (A refused claim waits
+        # for the building as the pool closes, and raises its own error.)
         with ThreadPoolExecutor(1) as pool:
             preparing = pool.submit(_prepare, srcs, target, build, storage_options,
                                     shard_bytes, chunk_bytes, arrival_dtype, ome, ome_levels,
                                     lead)
-            try:
-                owner.claim(target, run_id)
-                target.write_text(STARTED_KEY, json.dumps({
-                    "sources": srcs, "fingerprint": fingerprint, "layout": layout}))
-                _phase("started")
-            except BaseException:
-                wait([preparing])  # (its result is dropped: the claim's error is the one)
-                raise
+            owner.claim(target, run_id)
+            target.write_text(STARTED_KEY, json.dumps({
+                "sources": srcs, "fingerprint": fingerprint, "layout": layout}))
+            _phase("started")
             plan = preparing.result()
         _phase("prepared")
         files, nodes = {}, {}
@@ -1462,16 +1457,16 @@ _THREADED = ("threads", "threading", "sync", "synchronous", "single-threaded")
 
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
          progress: Callable[[Progress], None] | bool | None,
-         lead: Acquisition | None = None, fresh: bool = False) -> int:
+         lead: Acquisition | None = None) -> int:
     """Run the batches not yet recorded as done; return how many were skipped.
 
     ``lead`` (the sources the run's start opened) is lent to the first batch where
-    this process's threads convert a remote source, else closed. ``fresh``: the
-    run has just laid the store out (no batch can be done: nothing is listed).
+    this process's threads convert a remote source, else closed. A run given it
+    has just laid the store out: no batch can be done, and nothing is listed.
     """
     import dask
 
-    done = set() if fresh else target.done_batches()
+    done = set() if lead is not None else target.done_batches()
     todo = [b for b in range(plan.n_batches) if b not in done]
     tracker = _Tracker(plan, done, progress, lambda: owner.heartbeat(target, run_id),
                        heartbeat_every_s=HEARTBEAT_S if target.object_store else 0.0)

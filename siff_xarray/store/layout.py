@@ -311,22 +311,29 @@ class Target:
         """
         path = self.key(dst)
         self.makedirs(path.rsplit("/", 1)[0])
-        if self.s3:  # s3fs's cp_file asks the size first (a HEAD), to copy 5 GB+ in parts
-            try:
-                (b1, k1, _), (b2, k2, _) = (self.fs.split_path(p) for p in (self.key(src), path))
-                self.fs.call_s3("copy_object", Bucket=b2, Key=k2,
-                                CopySource={"Bucket": b1, "Key": k1})
-                self.fs.invalidate_cache(path)
-                return
-            except PermissionError as exc:
-                raise _refused("copy", self.fs.unstrip_protocol(path), exc) from exc
-            except OSError as exc:  # too large for one request: copied in parts below
-                if not re.search(r"InvalidRequest|[Ll]arger|[Ss]ize", str(exc)):
-                    raise
         try:
-            self.fs.cp_file(self.key(src), path)
+            if not (self.s3 and self._copy_object(self.key(src), path)):
+                self.fs.cp_file(self.key(src), path)
         except PermissionError as exc:
             raise _refused("copy", self.fs.unstrip_protocol(path), exc) from exc
+
+    def _copy_object(self, src: str, dst: str) -> bool:
+        """Copy S3 object ``src`` to ``dst`` with one request; False if it is too large.
+
+        s3fs's ``cp_file`` asks the size first (a HEAD), to copy 5 GB and more in parts.
+        """
+        try:
+            (b1, k1, _), (b2, k2, _) = (self.fs.split_path(p) for p in (src, dst))
+            self.fs.call_s3("copy_object", Bucket=b2, Key=k2,
+                            CopySource={"Bucket": b1, "Key": k1})
+        except PermissionError:
+            raise
+        except OSError as exc:  # too large for one request: cp_file copies it in parts
+            if not re.search(r"InvalidRequest|[Ll]arger|[Ss]ize", str(exc)):
+                raise
+            return False
+        self.fs.invalidate_cache(dst)
+        return True
 
     def interrupted(self) -> bool:
         """Tell whether the store is an unfinished (or interrupted) conversion."""

@@ -272,10 +272,10 @@ def set_rendering(store: Any) -> dict[str, Any]:
     Returns the group's ``ome`` attribute as written.
 
     Reads about :data:`WINDOW_SAMPLE` timepoints of level 0: whole chunks of them,
-    at least four, evenly spaced (a chunk holds one or a few timepoints; each read of a single
-    timepoint fetched and decoded its whole chunk, and on object storage each
-    read waits its shard index and its chunk). The colours were written with the
-    group (:data:`CHANNEL_COLORS`).
+    at least four, evenly spaced (a chunk holds one or a few timepoints; each read
+    of a single timepoint fetched and decoded its whole chunk, and on object
+    storage each read waits its shard index and its chunk). The colours were
+    written with the group (:data:`CHANNEL_COLORS`).
     """
     import zarr
 
