@@ -354,6 +354,52 @@ def test_parallel_output_is_byte_identical(siff_files, tmp_path):
     assert _tree(one) == _tree(many)
 
 
+def test_a_conversion_runs_one_batch_per_core_and_leaves_dasks_main_thread(siff_files,
+                                                                          tmp_path):
+    """In a fresh interpreter (dask not imported yet), a conversion on the threaded
+    scheduler converts at most one batch per core at a time, and the user's own
+    computations after it still get dask's default pool. dask takes the thread that
+    first imports ``dask.threaded`` for the main thread; the conversion's start first
+    imported it in a helper thread, after which every computation of the process got
+    Python's default pool (six threads on two cores)."""
+    t = siff_files["two_chan_slices_flyback"]
+    code = textwrap.dedent(f"""
+        import threading, time
+        import siff_xarray
+        from siff_xarray.store import converter
+
+        now, most, lock = [0], [0], threading.Lock()
+        real = converter._write_batch
+
+        def counted(*args):
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            try:
+                time.sleep(0.05)  # (each batch long enough for the others to start)
+                return real(*args)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        converter._write_batch = counted
+        siff_xarray.convert({str(t.path)!r}, {str(tmp_path / "o.zarr")!r},
+                            shard_bytes={_small_shards(t)["shard_bytes"]},
+                            chunk_bytes={_small_shards(t)["chunk_bytes"]})
+        import dask, dask.system, dask.threaded
+        dask.compute(dask.delayed(sum)([1, 2]))  # the user's computation
+        print(most[0], dask.system.CPU_COUNT,
+              dask.threaded.main_thread is threading.main_thread(),
+              getattr(dask.threaded.default_pool, "_max_workers", None))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    most, cores, main, pool = out.stdout.split()
+    assert 1 <= int(most) <= int(cores), out.stdout
+    assert main == "True" and pool == cores, out.stdout
+
+
 def test_distributed_processes(siff_files, tmp_path):
     distributed = pytest.importorskip("distributed")
     t = siff_files["two_chan_slices_flyback"]

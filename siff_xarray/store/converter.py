@@ -1293,6 +1293,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
         # store) while the owner record and the marker are written: on object storage
         # their four round trips overlap the building's CPU. (A refused claim waits
         # for the building as the pool closes, and raises its own error.)
+        _import_dask_threaded()  # before the thread: _prepare imports dask
         with ThreadPoolExecutor(1) as pool:
             preparing = pool.submit(_prepare, srcs, target, build, storage_options,
                                     shard_bytes, chunk_bytes, arrival_dtype, ome, ome_levels,
@@ -1508,11 +1509,40 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
     return len(done)
 
 
+def _import_dask_threaded() -> None:
+    """Import ``dask.threaded`` in this thread, if nobody has yet.
+
+    dask takes the thread that first imports ``dask.threaded`` for the main thread:
+    only there does a computation without ``num_workers`` get the pool of one thread
+    per core. Imported first in one of our helper threads (the start's metadata are
+    built in one, and building them imports dask), every later computation of the
+    process, the user's included, got a new pool of Python's default size instead
+    (six threads on two cores): a conversion then ran six batches at once and, from
+    a remote source, held the whole 826 MB benchmark file in memory.
+    """
+    import dask.threaded  # noqa: F401
+
+
+def _cpu_count() -> int:
+    from dask.system import CPU_COUNT
+
+    return int(CPU_COUNT)
+
+
 def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
                    tracker: _Tracker) -> None:
+    """Compute ``tasks`` on a local scheduler, reporting each batch to ``tracker``.
+
+    The threaded scheduler gets one thread per core unless told otherwise (its
+    ``num_workers`` or dask's ``num_workers`` or ``pool`` settings): dask itself
+    gives that only where it was imported first (:func:`_import_dask_threaded`).
+    """
     import dask
     from dask.callbacks import Callback
 
+    if (num_workers is None and scheduler in ("threads", "threading")
+            and dask.config.get("pool", None) is None):
+        num_workers = dask.config.get("num_workers", None) or _cpu_count()
     kwargs: dict[str, Any] = {} if num_workers is None else {"num_workers": num_workers}
     names = {t.key for t in tasks}
 
