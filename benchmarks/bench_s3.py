@@ -71,6 +71,78 @@ def _stats(page: str, since: tuple[int, int] = (0, 0)) -> dict[str, int]:
         return json.loads(r.read())
 
 
+@contextlib.contextmanager
+def _counted(src_page: str, dst_page: str) -> Iterator[list]:
+    """Measure the block; fill the yielded list with its seconds, requests and CPU.
+
+    As ``[seconds, source requests, destination requests, source round trips,
+    destination round trips, CPU seconds of this process and both endpoints]``.
+    """
+    before = [_stats(page) for page in (src_page, dst_page)]
+    out: list = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    yield out
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    got = [_stats(page, (b["requests"], b["arrivals"]))
+           for page, b in zip((src_page, dst_page), before, strict=True)]
+    out.extend([dt, *[g["requests"] - b["requests"] for g, b in zip(got, before, strict=True)],
+                *[g["rounds"] for g in got],
+                cpu + sum(g["cpu_s"] - b["cpu_s"] for g, b in zip(got, before, strict=True))])
+
+
+def _cpu_floor(src: Path, remote: str, source_options: dict, target_options: dict,
+               local_dst: Path, src_page: str, dst_page: str, repeat: int,
+               local_cpu: float) -> tuple[float, float, float]:
+    """CPU seconds of the S3 -> S3 conversion's transfers alone, and of a local conversion.
+
+    The floor of a conversion between S3 endpoints on this machine's cores: its
+    decoding and compression (a local conversion's CPU, ``local_cpu``), plus
+    reading every byte of the source object as the conversion does (16 MiB ranges
+    through the package's own reader, two threads) plus writing the objects of the
+    store it makes (the local store's files, put through s3fs as the conversion's
+    writes are, two threads). Each includes the endpoints' CPU. Medians of
+    ``repeat`` calls each.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import siff_xarray
+    from siff_xarray.reader.source import open_source
+    from siff_xarray.store.layout import Target
+
+    siff_xarray.convert(src, local_dst, overwrite=True)
+    files = {p.relative_to(local_dst).as_posix(): p.read_bytes()
+             for p in sorted(local_dst.rglob("*")) if p.is_file()}
+    shutil.rmtree(local_dst)
+    size, piece = src.stat().st_size, 16 * 2**20
+
+    def read() -> None:
+        source = open_source(remote, source_options)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                for _ in pool.map(lambda a: source.fetch_consecutive(a, min(a + piece, size)),
+                                  range(0, size, piece)):
+                    pass
+        finally:
+            source.close()
+
+    def write() -> None:
+        target = Target("s3://bench-dst/copy.zarr", target_options)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda kv: target.write_bytes(*kv), files.items()))
+        target.fs.rm(target.root, recursive=True)
+        target.fs.invalidate_cache()
+
+    cpu = {}
+    for name, job in (("read", read), ("write", write)):
+        calls = []
+        for _ in range(repeat):
+            with _counted(src_page, dst_page) as got:
+                job()
+            calls.append(got[-1])
+        cpu[name] = sorted(calls)[len(calls) // 2]
+    return local_cpu, cpu["read"], cpu["write"]
+
+
 def main() -> None:
     args = parse_args(__doc__)
     repeat = args.repeats if "--repeats" in sys.argv else REPEAT
@@ -130,31 +202,41 @@ def main() -> None:
                 runs: dict[str, list[tuple]] = {k: [] for k in jobs}
                 for _ in range(repeat):
                     for name, job in jobs.items():
-                        before = [_stats(page) for page in (src_page, dst_page)]
-                        t0 = time.perf_counter()
-                        job()
-                        dt = time.perf_counter() - t0
-                        got = [_stats(page, (b["requests"], b["arrivals"]))
-                               for page, b in zip((src_page, dst_page), before,
-                                                  strict=True)]
-                        runs[name].append((dt, *[g["requests"] - b["requests"]
-                                                 for g, b in zip(got, before, strict=True)],
-                                           *[g["rounds"] for g in got]))
+                        with _counted(src_page, dst_page) as got:
+                            job()
+                        runs[name].append(got)
                 med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
                 ref = med["local -> local"][0]
-                for name, (dt, src_req, dst_req, src_rounds, dst_rounds) in med.items():
+                for name, (dt, src_req, dst_req, src_rounds, dst_rounds, cpu) in med.items():
                     if latency == 0.0:
                         zero[name] = dt
                     rows.append((f"{latency * 1000:.0f} ms", name, dt, src_req, src_rounds,
-                                 dst_req, dst_rounds, dt / ref, dt / zero[name]))
+                                 dst_req, dst_rounds, cpu, dt / ref, dt / zero[name]))
+                if latency == 0.0:
+                    floor = _cpu_floor(src, remote, s3(source), s3(destination), local_dst,
+                                       src_page, dst_page, repeat,
+                                       med["local -> local"][-1])
     print(f"\nConversions of {src.name} ({size_mb:.0f} MB); median of {repeat} calls, "
           "alternated\n")
     print("| latency | job | seconds | source requests (round trips) | destination requests "
-          "(round trips) | x local | x same job at 0 ms |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for lat, name, dt, sq, sr, dq, dr, x_local, x_zero in rows:
-        print(f"| {lat} | {name} | {dt:.2f} | {sq} ({sr}) | {dq} ({dr}) | {x_local:.2f} | "
-              f"{x_zero:.2f} |")
+          "(round trips) | CPU seconds | x local | x same job at 0 ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for lat, name, dt, sq, sr, dq, dr, cpu, x_local, x_zero in rows:
+        print(f"| {lat} | {name} | {dt:.2f} | {sq} ({sr}) | {dq} ({dr}) | {cpu:.2f} | "
+              f"{x_local:.2f} | {x_zero:.2f} |")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_cpu, read_cpu, write_cpu = floor
+    s3_cpu = next(cpu for lat, name, *_, cpu, _x, _z in rows
+                  if lat == "0 ms" and name == "S3 -> S3")
+    least = max(zero["local -> local"], (local_cpu + read_cpu + write_cpu) / cores)
+    print(f"\nCPU seconds at 0 ms (this process and both endpoints; medians of {repeat}): "
+          f"the local conversion {local_cpu:.2f}, the S3 -> S3 conversion {s3_cpu:.2f}; "
+          f"reading the object alone {read_cpu:.2f}, writing the store's objects alone "
+          f"{write_cpu:.2f}. The S3 -> S3 conversion spends "
+          f"{s3_cpu - local_cpu - read_cpu - write_cpu:+.2f} s of CPU beyond the local "
+          f"conversion and the two transfers. On {cores} cores it could take as little as "
+          f"{least:.2f} s (the local conversion's time, or the three's CPU over the cores "
+          "where more).")
     print(f"\nverify of the S3 -> S3 store against the file: {checked or 'no problems'}")
 
 

@@ -19,7 +19,8 @@ first byte does, and is counted.
 
 Run as ``python benchmarks/s3_endpoint.py ROOT LATENCY_S``: prints its URL and the
 URL of a page with its counts (``/<requests since>/<arrival since>``: requests,
-arrivals and round trips since then, see the tests' ``_rounds``).
+arrivals and round trips since then, see the tests' ``_rounds``, and the CPU seconds
+the endpoint's process has spent so far).
 """
 
 from __future__ import annotations
@@ -330,7 +331,8 @@ def main() -> None:
                 body = json.dumps({"requests": endpoint.requests,
                                    "arrivals": len(endpoint.arrivals),
                                    "rounds": _rounds(endpoint.arrivals[since[1]:],
-                                                     endpoint.latency)}).encode()
+                                                     endpoint.latency),
+                                   "cpu_s": time.process_time()}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
