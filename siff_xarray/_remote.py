@@ -2,8 +2,9 @@
 
 fsspec's HTTP and S3 filesystems wait without a limit by default: an endpoint that
 accepts a connection and never answers hangs a call forever. :func:`with_timeouts`
-adds a connect and a read timeout (and, for S3, retries with backoff) to a URL's
-storage options, unless the caller set their own. :func:`remote_error` turns the
+adds a connect and a read timeout (and, for S3, retries with backoff and room for
+more requests at once, :data:`S3_CONNECTIONS`) to a URL's storage options, unless
+the caller set their own. :func:`remote_error` turns the
 errors of an unreachable or silent server into one :class:`RemoteAccessError` that
 names the URL. :func:`pin_kind` and its helpers make every read of an open file
 require the ETag the object had when it was opened; :func:`replaced_error` names a
@@ -23,9 +24,9 @@ from typing import Any
 
 from .errors import ConversionError, RemoteAccessError, SiffFormatError
 
-__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "UNPIN_HINT", "PinnedS3Kwargs",
-           "naming_url", "one_retry_loop", "pin_kind", "pinned_http_options", "reading_version",
-           "remote_error", "replaced_error", "with_timeouts"]
+__all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "S3_CONNECTIONS", "UNPIN_HINT",
+           "PinnedS3Kwargs", "naming_url", "one_retry_loop", "pin_kind", "pinned_http_options",
+           "reading_version", "remote_error", "replaced_error", "with_timeouts"]
 
 #: seconds to establish a connection
 CONNECT_TIMEOUT_S = 10.0
@@ -33,6 +34,14 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 #: attempts per S3 request (botocore's standard retry mode, exponential backoff)
 RETRIES = 4
+#: S3 connections (requests at once) per client. botocore allows 10, and a process's
+#: zarr stores share one client (``store.layout``): a conversion's two threads send
+#: more than ten requests at once at the end of their batches (shards, OME levels,
+#: counts, the owner check), and those past ten waited a round trip for a free
+#: connection. The benchmark conversion S3 to S3 at 20 ms: 4.25-4.83 s against
+#: 4.79-5.19 s with ten (4 calls each, alternated), 73-85 round trips to the
+#: destination against 86-94.
+S3_CONNECTIONS = 64
 
 
 def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -63,6 +72,7 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         config.setdefault("read_timeout", READ_TIMEOUT_S)
         config.setdefault("retries", {"max_attempts": RETRIES, "mode": "standard"})
+        config.setdefault("max_pool_connections", S3_CONNECTIONS)
         opts["config_kwargs"] = config
     return opts
 

@@ -1723,6 +1723,42 @@ def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latenc
     assert rounds <= 24 + 6 * n, rounds
 
 
+def test_a_conversions_store_sends_more_than_ten_writes_at_once(s3_server, s3_latency):
+    """botocore lets a client send 10 requests at once, and a process's zarr stores
+    share one client: the ends of two batches (more than ten writes between them)
+    waited a round trip for each ten. The conversion's store takes 30 at once; a
+    caller's own setting still wins."""
+    import asyncio
+
+    import s3fs
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from siff_xarray.store.layout import _zarr_store
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("pool-bucket")
+    data = default_buffer_prototype().buffer.from_bytes(b"x" * 1000)
+
+    def round_trips(dst: str, options: dict) -> int:
+        store = _zarr_store(dst, options, batch_writes=True)
+        proxy.latency = 0.05
+        at = len(proxy.arrivals)
+
+        async def write_all() -> None:
+            await asyncio.gather(*[store.set(f"k{i}", data) for i in range(30)])
+
+        sync(write_all())
+        rounds = proxy.round_trips(at)
+        proxy.latency = 0.0
+        assert len(proxy.arrivals) - at == 30
+        return rounds
+
+    assert round_trips("s3://pool-bucket/a", opts) <= 2
+    ten = {**opts, "config_kwargs": {"max_pool_connections": 10}}
+    assert round_trips("s3://pool-bucket/b", ten) >= 3
+
+
 def test_object_store_keys_read_and_exist_in_one_request_each(s3_server, s3_latency):
     """Target on S3: a text is one GET (an empty object too), existence one listing,
     a missing key FileNotFoundError, and nothing makes "directories"."""
