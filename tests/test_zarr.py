@@ -136,6 +136,45 @@ def test_contrast_windows_are_numpys_percentiles_of_each_channel(sample):
                      "start": float(lo), "end": hi}
 
 
+@pytest.mark.parametrize(("n_t", "ct"), [(200, 1), (200, 8), (200, 100), (3, 1), (37, 5)])
+def test_contrast_windows_sample_whole_chunks_spread_over_the_recording(n_t, ct):
+    """The windows read whole chunks of level 0 (about WINDOW_SAMPLE timepoints, at
+    least four chunks), evenly spaced from the first chunk to the last, and come from
+    exactly those timepoints."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from siff_xarray.store.ome import WINDOW_SAMPLE, set_rendering, windows
+
+    read: list[str] = []
+
+    class Logged(MemoryStore):
+        async def get(self, key, prototype, byte_range=None):
+            read.append(key)
+            return await super().get(key, prototype, byte_range)
+
+    store = Logged()
+    grp = zarr.open_group(store, path="ome", mode="w", zarr_format=3)
+    grp.attrs["ome"] = {"omero": {"channels": [{"color": "00FF00"}, {"color": "FF00FF"}]}}
+    t, c, y = np.meshgrid(np.arange(n_t), np.arange(2), np.arange(4), indexing="ij")
+    data = np.broadcast_to(((c + 1) * t + y)[:, :, None, :, None],
+                           (n_t, 2, 1, 4, 4)).astype(np.uint16)
+    arr = zarr.create_array(store, name="ome/0", shape=data.shape, dtype="uint16",
+                            chunks=(ct, 2, 1, 4, 4))
+    arr[:] = data
+    read.clear()
+    ome = set_rendering(store)
+    chunks = sorted({int(k.split("/")[3]) for k in read if k.startswith("ome/0/c/")})
+    n_chunks = -(-n_t // ct)
+    assert chunks[0] == 0 and chunks[-1] == n_chunks - 1, chunks
+    assert len(chunks) == min(n_chunks, max(-(-WINDOW_SAMPLE // ct), 4)), chunks
+    gaps = np.diff(chunks)
+    assert gaps.size == 0 or gaps.max() - gaps.min() <= 1, chunks  # evenly spaced
+    sample = np.concatenate([data[k * ct : (k + 1) * ct] for k in chunks])
+    assert [ch["window"] for ch in ome["omero"]["channels"]] == windows(sample)
+    assert dict(zarr.open_group(store, path="ome", mode="r").attrs)["ome"] == ome
+
+
 def test_ome_rendering_gives_each_channel_a_colour_and_a_window_from_its_data(tmp_path):
     import json
 
