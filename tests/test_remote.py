@@ -733,6 +733,10 @@ def test_spans_fetched_ahead_serve_reads_inside_them_and_fail_when_read(http_ser
     for a, b, at in zip(starts, stops, base, strict=True):
         np.testing.assert_array_equal(buf[at : at + b - a], data[a:b])
     assert http_server.requests - req == 4  # the span's parts, no request per range
+    with pytest.raises(ValueError, match="read-only"):  # it serves the next reads too
+        buf[base[0]] ^= 1
+    again, base2 = src.read_ranges(starts[:1], stops[:1])
+    np.testing.assert_array_equal(again[base2[0] : base2[0] + 1000], data[150_000:151_000])
     src.read_ranges(np.array([2_500_000]), np.array([2_500_100]))  # outside: read
     assert http_server.requests - req == 5
     src.will_need(2_200_000, 2_400_000)

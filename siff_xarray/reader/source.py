@@ -1174,6 +1174,11 @@ class FsspecSource(ByteSource):
             if n != b - a:  # the object is shorter than its listed size
                 raise SiffFormatError(self.name, f"file ends inside a {b - a}-byte data "
                                       "block", a)
+        # the file's bytes, read-only as a local file's memory map gives them: a span
+        # serves every read inside it, none may change it for the others; and the
+        # decode kernels were compiled for read-only buffers (a writable span made
+        # Numba load a second build of each, in a process that read local files too)
+        out.flags.writeable = False
         return out
 
     def _fetch_direct(self, out: memoryview, starts: list[int], stops: list[int],
