@@ -21,9 +21,12 @@ and the issue's ``convert s3://.../run.siff s3://.../run.zarr``. Each conversion
 S3 finds the object's frame index in this process's cache (a first conversion on a
 fresh machine also walks the file once: ``bench_remote.py``'s cold open). Reported per
 job: the median call's seconds, the requests it sent to each endpoint and the round
-trips they waited there (requests sent together count once), its ratio to the local
-conversion of the same round, and its ratio to the same job at 0 ms: what the latency
-costs. One conversion to S3 is checked with ``verify`` against the file.
+trips they waited there (requests sent together count once), its CPU seconds (this
+process's and both endpoints'), its ratio to the local conversion of the same round,
+and its ratio to the same job at 0 ms: what the latency costs. At 0 ms the CPU of the
+transfers alone is measured too (:func:`_transfer_cpu`), to tell what the S3
+conversions spend from what they wait. One conversion to S3 is checked with
+``verify`` against the file.
 """
 
 from __future__ import annotations
@@ -90,18 +93,17 @@ def _counted(src_page: str, dst_page: str) -> Iterator[list]:
                 cpu + sum(g["cpu_s"] - b["cpu_s"] for g, b in zip(got, before, strict=True))])
 
 
-def _cpu_floor(src: Path, remote: str, source_options: dict, target_options: dict,
-               local_dst: Path, src_page: str, dst_page: str, repeat: int,
-               local_cpu: float) -> tuple[float, float, float]:
-    """CPU seconds of the S3 -> S3 conversion's transfers alone, and of a local conversion.
+def _transfer_cpu(src: Path, remote: str, source_options: dict, target_options: dict,
+                  local_dst: Path, src_page: str, dst_page: str, repeat: int
+                  ) -> tuple[float, float]:
+    """CPU seconds of the S3 -> S3 conversion's two transfers alone: ``(read, write)``.
 
-    The floor of a conversion between S3 endpoints on this machine's cores: its
-    decoding and compression (a local conversion's CPU, ``local_cpu``), plus
-    reading every byte of the source object as the conversion does (16 MiB ranges
-    through the package's own reader, two threads) plus writing the objects of the
+    Reading every byte of the source object as the conversion does (16 MiB ranges
+    through the package's own reader, two threads), and writing the objects of the
     store it makes (the local store's files, put through s3fs as the conversion's
-    writes are, two threads). Each includes the endpoints' CPU. Medians of
-    ``repeat`` calls each.
+    writes are, two threads). Each includes the endpoints' CPU; medians of
+    ``repeat`` calls each. With a local conversion's CPU (its decoding and
+    compression) they bound what an S3 -> S3 conversion can take on these cores.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -145,7 +147,7 @@ def _cpu_floor(src: Path, remote: str, source_options: dict, target_options: dic
             if after is not None:
                 after()
         cpu[name] = sorted(calls)[len(calls) // 2]
-    return local_cpu, cpu["read"], cpu["write"]
+    return cpu["read"], cpu["write"]
 
 
 def main() -> None:
@@ -218,9 +220,10 @@ def main() -> None:
                     rows.append((f"{latency * 1000:.0f} ms", name, dt, src_req, src_rounds,
                                  dst_req, dst_rounds, cpu, dt / ref, dt / zero[name]))
                 if latency == 0.0:
-                    floor = _cpu_floor(src, remote, s3(source), s3(destination), local_dst,
-                                       src_page, dst_page, repeat,
-                                       med["local -> local"][-1])
+                    local_cpu = med["local -> local"][-1]
+                    read_cpu, write_cpu = _transfer_cpu(src, remote, s3(source),
+                                                        s3(destination), local_dst,
+                                                        src_page, dst_page, repeat)
     print(f"\nConversions of {src.name} ({size_mb:.0f} MB); median of {repeat} calls, "
           "alternated\n")
     print("| latency | job | seconds | source requests (round trips) | destination requests "
@@ -230,7 +233,6 @@ def main() -> None:
         print(f"| {lat} | {name} | {dt:.2f} | {sq} ({sr}) | {dq} ({dr}) | {cpu:.2f} | "
               f"{x_local:.2f} | {x_zero:.2f} |")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    local_cpu, read_cpu, write_cpu = floor
     s3_cpu = next(cpu for lat, name, *_, cpu, _x, _z in rows
                   if lat == "0 ms" and name == "S3 -> S3")
     least = max(zero["local -> local"], (local_cpu + read_cpu + write_cpu) / cores)
