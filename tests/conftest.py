@@ -443,6 +443,10 @@ class _CountingProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                # counted before sending: a client that has its answer sees it counted
+                with proxy.lock:
+                    proxy.counts[self.command] = proxy.counts.get(self.command, 0) + 1
+                    proxy.bytes_sent += len(data) if self.command != "HEAD" else 0
                 self.send_response(resp.status)
                 head = self.command == "HEAD"  # its Content-Length is the object's size
                 for k, v in resp.getheaders():
@@ -456,9 +460,6 @@ class _CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                with proxy.lock:
-                    proxy.counts[self.command] = proxy.counts.get(self.command, 0) + 1
-                    proxy.bytes_sent += len(data) if self.command != "HEAD" else 0
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
