@@ -8,9 +8,10 @@ the caller set their own. :func:`remote_error` turns the
 errors of an unreachable or silent server into one :class:`RemoteAccessError` that
 names the URL. :func:`pin_kind` and its helpers make every read of an open file
 require the ETag the object had when it was opened; :func:`replaced_error` names a
-read refused because the object was replaced since.
+read refused because the object was replaced since. :func:`filesystem` gives one
+filesystem per process and storage options, whatever thread asks.
 
-Import rule: the standard library only (aiohttp lazily, for HTTP URLs).
+Import rule: the standard library only (aiohttp and fsspec lazily).
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
+import os
 import ssl
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConversionError, RemoteAccessError, SiffFormatError
 
 __all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "S3_CONNECTIONS", "UNPIN_HINT",
-           "PinnedS3Kwargs", "naming_url", "one_retry_loop", "pin_kind", "pinned_http_options",
-           "reading_version", "remote_error", "replaced_error", "with_timeouts"]
+           "PinnedS3Kwargs", "filesystem", "naming_url", "one_retry_loop", "pin_kind",
+           "pinned_http_options", "reading_version", "remote_error", "replaced_error",
+           "with_timeouts"]
 
 #: seconds to establish a connection
 CONNECT_TIMEOUT_S = 10.0
@@ -75,6 +80,46 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         config.setdefault("max_pool_connections", S3_CONNECTIONS)
         opts["config_kwargs"] = config
     return opts
+
+
+#: the filesystems :func:`filesystem` made: (process, protocol, options) -> filesystem
+_SHARED: dict[tuple[int, str, str], Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """Return ``(filesystem, path)`` for ``url``, with :func:`with_timeouts`' options.
+
+    fsspec keeps one instance per thread, and a new instance makes its client and
+    its connections again on first use (s3fs: 0.1 s of CPU to load botocore's
+    models, then a TCP and TLS handshake per connection). A conversion asks from
+    new threads all the time (each batch's, each check's), so this keeps one per
+    process, storage options and protocol for filesystems with an asynchronous
+    implementation: their synchronous calls all run on fsspec's one event loop,
+    whatever thread makes them. Others (no asynchronous implementation), chained
+    URLs and ``skip_instance_cache=True`` go to fsspec as they are. S3 instances
+    leave retries to botocore (:func:`one_retry_loop`).
+    """
+    import fsspec
+
+    options = with_timeouts(url, storage_options)
+    if "::" in url or "://" not in url or options.get("skip_instance_cache"):
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return one_retry_loop(fs), path
+    protocol = url.split("://", 1)[0].lower()
+    cls = fsspec.get_filesystem_class(protocol)
+    # (options a URL itself carries, as S3's ?versionId=, are the instance's too)
+    key = (os.getpid(), protocol, json.dumps([options, cls._get_kwargs_from_urls(url)],
+                                             sort_keys=True, default=repr))
+    with _SHARED_LOCK:
+        fs = _SHARED.get(key)
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        if not getattr(fs, "async_impl", False):
+            return one_retry_loop(fs), path
+        with _SHARED_LOCK:
+            fs = _SHARED.setdefault(key, one_retry_loop(fs))
+    return fs, cls._strip_protocol(url)
 
 
 #: the ETag the request running in this context requires (S3 reads of a pinned source)

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -1791,6 +1792,67 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     assert _rounds(proxy.arrivals[at:started[0]], 0.05) == 3
     assert len(opened) == 1 and fs.exists("conv-bucket/s3c.siff.siffidx")
     assert zs.verify(t.path, tmp_path / "s3.zarr") == [] and conv._runs == {}
+
+
+def test_one_filesystem_per_process_and_options_whatever_the_thread(s3_server):
+    """:func:`filesystem` shares instances with an asynchronous implementation across
+    threads; other options, options a URL carries, ``skip_instance_cache`` and
+    filesystems without one get their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from siff_xarray._remote import filesystem
+
+    opts = {**s3_server, "config_kwargs": {"user_agent_extra": "shared-test"}}
+    url = "s3://some-bucket/run.siff"
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: filesystem(url, opts), range(8)))
+    assert len({id(fs) for fs, _ in got}) == 1 and {p for _, p in got} == {"some-bucket/run.siff"}
+    fs = got[0][0]
+    assert fs.retries == 1  # (one_retry_loop)
+    assert fs.config_kwargs["connect_timeout"] > 0  # (with_timeouts)
+    assert filesystem("s3://other/x.siff", opts)[0] is fs  # another object, same options
+    assert filesystem(url, {**opts, "anon": True})[0] is not fs
+    versioned, path = filesystem(url + "?versionId=abc", opts)
+    assert versioned is not fs and versioned.version_aware and path.endswith("?versionId=abc")
+    own = [filesystem(url, {**opts, "skip_instance_cache": True})[0] for _ in range(2)]
+    assert own[0] is not own[1] and fs not in own
+    local, path = filesystem("/tmp/x.siff", None)  # (no asynchronous implementation)
+    assert type(local).__name__ == "LocalFileSystem" and path == "/tmp/x.siff"
+
+
+def test_an_s3_conversion_makes_one_client_per_filesystem_whatever_the_threads(
+        s3_server, tmp_path, monkeypatch):
+    """fsspec keeps an S3 filesystem per thread, and each new one makes its botocore
+    client (0.1 s of CPU: botocore's models) and its connections again. A
+    conversion's batches and checks run in threads of their own: one client for its
+    synchronous calls, one for the reads that require the source's version (moto
+    answers ranges that s3fs reads) and one for zarr's, however many threads ask, and
+    none more in the process's next conversion."""
+    import aiobotocore.session
+
+    t = write_siff(tmp_path / "clients.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=2000, seed=9)
+    # options no other test uses: this test's filesystems are its own
+    opts = {**s3_server, "config_kwargs": {"user_agent_extra": f"clients-{tmp_path.name}"}}
+    _, url = _put_on_s3(s3_server, t.path, "clients-bucket/clients.siff")
+    made = []
+    real = aiobotocore.session.AioSession._create_client
+
+    async def counted(self, *args, **kwargs):
+        made.append(threading.current_thread().name)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiobotocore.session.AioSession, "_create_client", counted)
+    volume = 2 * 3 * 32 * 32 * 2
+    for k in range(2):
+        zs.convert(url, "s3://clients-bucket/out.zarr", overwrite=True, scheduler="threads",
+                   num_workers=2, shard_bytes=volume, storage_options=opts,
+                   target_options=opts)
+        assert zs.verify(t.path, "s3://clients-bucket/out.zarr", target_options=opts) == []
+        if k == 0:
+            assert len(made) == 3, made
+            made.clear()
+    assert made == []  # (verify's own reads included)
 
 
 def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp_path,

@@ -43,6 +43,7 @@ from .._paths import is_remote, local_path
 from .._remote import (
     UNPIN_HINT,
     PinnedS3Kwargs,
+    filesystem,
     one_retry_loop,
     pin_kind,
     pinned_http_options,
@@ -677,7 +678,6 @@ class FsspecSource(ByteSource):
                  cache_bytes: int = 64 * 2**20, version: str | None = None,
                  with_head: tuple[list[int], list[int]] | None = None,
                  pin: bool = True) -> None:
-        import fsspec
 
         self.name = url
         #: whether reads require the version the open saw (False: the server's ETags
@@ -689,9 +689,7 @@ class FsspecSource(ByteSource):
             self._with_head = self._hinted(*with_head)
         probe = None
         try:
-            self._fs, self._path = fsspec.core.url_to_fs(
-                url, **with_timeouts(url, storage_options))
-            one_retry_loop(self._fs)
+            self._fs, self._path = filesystem(url, storage_options)
             #: siblings (sidecars) are other objects: read and written without the pin
             self._fs_any = self._fs
             #: S3 objects are read through URLs s3fs presigns (None: through s3fs)
@@ -1564,9 +1562,7 @@ def probe_ends(url: str, storage_options: dict[str, Any] | None, nbytes: int,
         return None
     settings = s3_settings(url, storage_options)
     if settings is not None:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url, **with_timeouts(url, storage_options))
+        fs, path = filesystem(url, storage_options)
         direct = _presigned_ranges(fs, path, url, settings, FsspecSource.signed_for_s)
     else:
         direct = direct_ranges(url, storage_options)

@@ -29,7 +29,7 @@ import numpy as np
 from .._allocator import raise_thresholds, restore_thresholds
 from .._paths import any_remote, expand, has_glob, is_remote, local_path, normalize
 from .._progress import Reporter, short_name
-from .._remote import naming_url
+from .._remote import filesystem, naming_url
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
@@ -1383,9 +1383,7 @@ def _fsspec_identity(src: str, options: dict[str, Any] | None, size: int | None
     With ``size`` (the size recorded before) a remote file's ends are requested
     together with its info.
     """
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(src, **(options or {}))
+    fs, path = filesystem(src, options)
 
     # two exact ranges: a file object would read ahead a whole block (5 MiB over
     # HTTP, 50 MiB on S3) at each end, before and after every batch

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._paths import is_remote, local_path
-from .._remote import one_retry_loop, with_timeouts
+from .._remote import filesystem, one_retry_loop, with_timeouts
 
 __all__ = [
     "ALL_CHUNKS_STORED",
@@ -99,11 +99,8 @@ def compressors() -> tuple[Any, ...]:
 
 def _fs_and_root(destination: str | os.PathLike[str],
                  storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    import fsspec
-
-    dst = os.fspath(destination)
-    fs, root = fsspec.core.url_to_fs(dst, **with_timeouts(dst, storage_options))
-    return one_retry_loop(fs), root.rstrip("/")
+    fs, root = filesystem(os.fspath(destination), storage_options)
+    return fs, root.rstrip("/")
 
 
 def _zarr_store(destination: str | os.PathLike[str],
