@@ -2,9 +2,10 @@
 
 fsspec's HTTP and S3 filesystems wait without a limit by default: an endpoint that
 accepts a connection and never answers hangs a call forever. :func:`with_timeouts`
-adds a connect and a read timeout (and, for S3, retries with backoff and room for
-more requests at once, :data:`S3_CONNECTIONS`) to a URL's storage options, unless
-the caller set their own. :func:`remote_error` turns the
+adds a connect and a read timeout (and, for S3, retries with backoff, room for
+more requests at once, :data:`S3_CONNECTIONS`, and bodies sent checksummed but not
+signed, as botocore sends them over https) to a URL's storage options, unless the
+caller set their own. :func:`remote_error` turns the
 errors of an unreachable or silent server into one :class:`RemoteAccessError` that
 names the URL. :func:`pin_kind` and its helpers make every read of an open file
 require the ETag the object had when it was opened; :func:`replaced_error` names a
@@ -78,6 +79,13 @@ def with_timeouts(url: str, storage_options: dict[str, Any] | None) -> dict[str,
         config.setdefault("read_timeout", READ_TIMEOUT_S)
         config.setdefault("retries", {"max_attempts": RETRIES, "mode": "standard"})
         config.setdefault("max_pool_connections", S3_CONNECTIONS)
+        # bodies are checksummed (CRC32, which S3 checks) and not also hashed into the
+        # signature: botocore does both over http, SHA-256 on top of the CRC32, on
+        # the event loop every write goes through (over https it sends them unsigned
+        # already, the checksum in a trailer)
+        s3 = dict(config.get("s3") or {})
+        s3.setdefault("payload_signing_enabled", False)
+        config["s3"] = s3
         opts["config_kwargs"] = config
     return opts
 

@@ -379,6 +379,7 @@ class _CountingProxy:
         import re
         import threading
         import time
+        import zlib
         from urllib.parse import urlsplit
 
         proxy = self
@@ -393,6 +394,8 @@ class _CountingProxy:
         self.arrivals: list[float] = []
         #: ``(method, path)`` of every request, in order of arrival
         self.log: list[tuple[str, str]] = []
+        #: the headers of every PUT (lower case) and the CRC32 of the body it brought
+        self.puts: list[tuple[dict[str, str], int]] = []
         #: response headers left out (lower case): an S3-compatible server without them
         self.drop_headers: set[str] = set()
         #: refuse PUTs whose path matches this regular expression (403 AccessDenied,
@@ -419,6 +422,10 @@ class _CountingProxy:
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT":
+                    with proxy.lock:
+                        proxy.puts.append(({k.lower(): v for k, v in self.headers.items()},
+                                           zlib.crc32(body)))
                 if (self.command == "PUT" and proxy.refuse_puts
                         and re.search(proxy.refuse_puts, self.path)):
                     msg = (b"<Error><Code>AccessDenied</Code><Message>Access Denied"

@@ -1762,6 +1762,38 @@ def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latenc
     assert rounds <= 24 + 6 * n, rounds
 
 
+def test_s3_bodies_go_checksummed_and_unsigned_unless_asked(s3_server, s3_latency, tmp_path):
+    """Over http botocore hashed every body into the signature (SHA-256) on top of its
+    CRC32 checksum, both on the event loop all writes go through; the conversion's
+    bodies go as over https: a CRC32 of each body, which S3 checks, and no SHA-256.
+    A caller who asks for signed bodies gets them."""
+    import base64
+    import re
+
+    import s3fs
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("sum-bucket")
+    t = write_siff(tmp_path / "sum.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=4, photons_per_frame=500, seed=5)
+    signed = {"config_kwargs": {"s3": {"payload_signing_enabled": True}}}
+    for name, extra in (("unsigned", {}), ("signed", signed)):
+        dst = f"s3://sum-bucket/{name}.zarr"
+        proxy.puts.clear()
+        zs.convert(t.path, dst, target_options={**opts, **extra}, scheduler="sync")
+        assert zs.verify(t.path, dst, target_options=opts) == []
+        puts = [(h, crc) for h, crc in proxy.puts if "x-amz-copy-source" not in h]
+        assert len(puts) > 20
+        for headers, crc in puts:
+            assert int.from_bytes(base64.b64decode(headers["x-amz-checksum-crc32"]),
+                                  "big") == crc
+            hashed = headers["x-amz-content-sha256"]
+            if name == "unsigned":
+                assert hashed == "UNSIGNED-PAYLOAD"
+            else:
+                assert re.fullmatch("[0-9a-f]{64}", hashed)
+
+
 def test_a_conversions_store_sends_more_than_ten_writes_at_once(s3_server, s3_latency):
     """botocore lets a client send 10 requests at once, and a process's zarr stores
     share one client: the ends of two batches (more than ten writes between them)
