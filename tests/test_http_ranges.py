@@ -459,11 +459,15 @@ def test_which_s3_options_are_read_through_presigned_urls():
     assert local is not None and local.context is None and local.read == 5
     assert s3_settings(url, {"client_kwargs": {"verify": False}}).context.verify_mode == \
         ssl.CERT_NONE
+    # how bodies are signed does not touch a GET (with_timeouts sets it)
+    for signing in (True, False):
+        assert s3_settings(url, {"config_kwargs": {"s3": {"payload_signing_enabled": signing}}})
     # what changes the request beyond its signature stays with s3fs
     assert s3_settings(url, {"requester_pays": True}) is None
     assert s3_settings(url, {"s3_additional_kwargs": {"SSECustomerKey": "x"}}) is None
     assert s3_settings(url, {"client_kwargs": {"aws_session_token": "t", "proxies": {}}}) \
         is None
+    assert s3_settings(url, {"config_kwargs": {"s3": {"addressing_style": "path"}}}) is None
     assert s3_settings(f"simplecache::{url}", None) is None
     assert s3_settings("http://127.0.0.1/run.siff", None) is None
 

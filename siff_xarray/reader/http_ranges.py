@@ -167,7 +167,10 @@ def s3_settings(url: str, storage_options: dict[str, Any] | None) -> S3Settings 
         return None
     config = opts.get("config_kwargs") or {}
     if not set(config) <= {"connect_timeout", "read_timeout", "retries", "region_name",
-                           "signature_version", "max_pool_connections"}:
+                           "signature_version", "max_pool_connections", "s3"}:
+        return None
+    # (how bodies are signed: a presigned GET sends none)
+    if not set(config.get("s3") or {}) <= {"payload_signing_enabled"}:
         return None
     endpoint = str(opts.get("endpoint_url") or
                    (opts.get("client_kwargs") or {}).get("endpoint_url") or "https://")
