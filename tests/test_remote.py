@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from siff_xarray import SiffFile
 from siff_xarray import store as zs
 from siff_xarray.backend import open_acquisition
-from siff_xarray.errors import SiffFormatError
+from siff_xarray.errors import ConversionError, SiffFormatError
 from siff_xarray.reader.index_cache import forget
 from siff_xarray.synthetic import write_siff
 
@@ -1853,6 +1853,53 @@ def test_an_s3_conversion_makes_one_client_per_filesystem_whatever_the_threads(
             assert len(made) == 3, made
             made.clear()
     assert made == []  # (verify's own reads included)
+
+
+def test_an_s3_to_s3_conversion_overlaps_its_start_with_the_sources_round_trips(
+        s3_server, s3_latency, tmp_path, monkeypatch):
+    """From S3 to S3 the start's requests to the source run beside those to the store:
+    the source opens while the store is listed, and its fingerprint is taken while
+    the store is claimed. Both were in a row before: 12 round trips from the call
+    to the first batch, now 9 or 10 (the listing also lists the bucket where the store is
+    absent, as s3fs does)."""
+    from conftest import _rounds
+
+    from siff_xarray.store import converter as conv
+
+    proxy, opts = s3_latency
+    t = write_siff(tmp_path / "both.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=6, photons_per_frame=5000, seed=8)
+    _, url = _put_on_s3(s3_server, t.path, "both-bucket/both.siff")
+    started = []
+    real_pass = conv._RunSources.pass_on
+
+    def passing(run, f, plan):
+        started.append(len(proxy.arrivals))
+        return real_pass(run, f, plan)
+
+    monkeypatch.setattr(conv._RunSources, "pass_on", passing)
+    volume = 2 * 3 * 32 * 32 * 2
+    dst = "s3://both-bucket/out.zarr"
+    kw = dict(scheduler="threads", num_workers=2, shard_bytes=volume, chunk_bytes=1,
+              storage_options=opts, target_options=opts)
+    zs.convert(url, dst, **kw)  # (the index is cached now, the sidecar written)
+    fs = _put_on_s3(s3_server, t.path, "both-bucket/other.siff")[0]
+    fs.rm("both-bucket/out.zarr", recursive=True)
+    proxy.latency = 0.05
+    started.clear()
+    at = len(proxy.arrivals)
+    zs.convert(url, dst, **kw)
+    # (9 where the two sides' requests go out together, one more where they drift apart)
+    assert _rounds(proxy.arrivals[at:started[0]], 0.05) <= 10
+    proxy.latency = 0.0
+    assert zs.verify(t.path, dst, target_options=opts) == [] and conv._runs == {}
+    # a store that refuses the run: the early open's error is not the one raised
+    with pytest.raises(ConversionError, match="a finished store exists"):
+        zs.convert("s3://both-bucket/missing.siff", dst, **kw)
+    # a store that takes it: the open's error, and nothing written
+    with pytest.raises(FileNotFoundError, match=re.escape("s3://both-bucket/missing.siff")):
+        zs.convert("s3://both-bucket/missing.siff", "s3://both-bucket/new.zarr", **kw)
+    assert not fs.exists("both-bucket/new.zarr")
 
 
 def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp_path,

@@ -1150,8 +1150,49 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
     run_id = owner.new_run_id()
     # on object stores one listing of the root tells whether anything is there, and
     # what (each check on its own lists again: twice where nothing is, as s3fs then
-    # lists the parent too)
-    top = target.listed() if target.object_store else None
+    # lists the parent too); a new run opens its sources meanwhile (an error of the
+    # open is raised where the open was, after the store's own errors)
+    fresh = overwrite or not resume
+    early: Acquisition | BaseException | None = None
+    if target.object_store:
+        pool = ThreadPoolExecutor(1)
+        listing = pool.submit(target.listed)
+        pool.shutdown(wait=False)
+        if fresh:
+            try:
+                early = _open_lead(srcs, storage_options, allow_truncated, pin_version)
+            except Exception as exc:
+                early = exc
+        try:
+            top = listing.result()
+        except BaseException:
+            if isinstance(early, Acquisition):
+                early.close()
+            raise
+    else:
+        top = None
+    try:
+        return _convert_with(srcs, src, target, run_id, top, early, overwrite, resume,
+                             scheduler, num_workers, storage_options, shard_bytes,
+                             chunk_bytes, ome, ome_levels, progress, allow_truncated,
+                             pin_version, t_start)
+    finally:  # (an open made early and not used: the store refused the run)
+        if isinstance(early, Acquisition):
+            early.close()
+
+
+def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
+                  top: set[str] | None, early: Acquisition | BaseException | None,
+                  overwrite: bool, resume: bool, scheduler: Any, num_workers: int | None,
+                  storage_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
+                  ome: bool, ome_levels: int | None,
+                  progress: Callable[[Progress], None] | bool | None, allow_truncated: bool,
+                  pin_version: bool, t_start: float) -> ConversionSummary:
+    """:func:`_convert` once the store is listed (``top``; None: not an object store).
+
+    ``early``: the sources of a new run, opened while the store was listed (or the
+    error that open raised), used by the run's start in place of its own open.
+    """
     interrupted = (top is None or PROGRESS in top) and target.interrupted()
     if interrupted:  # never resume, delete or mix a store that another run is writing
         owner.refuse_if_owned(target)
@@ -1195,7 +1236,10 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
                     raise ConversionError(f"{target.destination}: exists and is not empty; pass "
                                           "overwrite=True (--overwrite) to replace it")
                 target.fs.rm(target.root, recursive=True)
-            lead = _open_lead(srcs, storage_options, allow_truncated, pin_version)
+            if isinstance(early, BaseException):
+                raise early
+            lead = early if early is not None else _open_lead(srcs, storage_options,
+                                                              allow_truncated, pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
                           ome_levels, run_id=run_id, lead=lead)
         try:
@@ -1281,24 +1325,26 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     """
     import tempfile
 
-    # the sizes known from the open: a remote fingerprint asks for all it needs at once
     pinned = all(p.options.pin_version for p in lead.files)
-    fingerprint = _fingerprint(srcs, storage_options, [p.header.file_size for p in lead.files],
-                               pinned)
     layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
               "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
     with tempfile.TemporaryDirectory(prefix="siff-xarray-") as tmp:
         build = Target(tmp, None)
         # the metadata are built locally (from the open sources: no request to the
         # store) while the owner record and the marker are written: on object storage
-        # their four round trips overlap the building's CPU. (A refused claim waits
-        # for the building as the pool closes, and raises its own error.)
+        # their four round trips overlap the building's CPU; the sources' fingerprint
+        # (remote: a round trip; the sizes known from the open let it ask for all it
+        # needs at once) is taken meanwhile. (A refused claim waits for both as the
+        # pool closes, and raises its own error.)
         _import_dask_threaded()  # before the thread: _prepare imports dask
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
+            printing = pool.submit(_fingerprint, srcs, storage_options,
+                                   [p.header.file_size for p in lead.files], pinned)
             preparing = pool.submit(_prepare, srcs, target, build, storage_options,
                                     shard_bytes, chunk_bytes, arrival_dtype, ome, ome_levels,
                                     lead)
             owner.claim(target, run_id)
+            fingerprint = printing.result()
             target.write_text(STARTED_KEY, json.dumps({
                 "sources": srcs, "fingerprint": fingerprint, "layout": layout}))
             _phase("started")
