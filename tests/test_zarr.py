@@ -1762,6 +1762,44 @@ def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latenc
     assert rounds <= 24 + 6 * n, rounds
 
 
+def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
+        s3_server, s3_latency, tmp_path, monkeypatch):
+    """The finish's steps before the root is published: the frame descriptions, the
+    root's metadata, and the other nodes' (the start's record of them, and the OME
+    contrast windows: level 0 opened, its sample read, ome's metadata written), all
+    at once. The windows used to wait for the nodes' record: 5 round trips, now 4."""
+    import s3fs
+    from conftest import _rounds
+
+    from siff_xarray.store import converter as conv
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("fin-bucket")
+    t = write_siff(tmp_path / "fin.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=500, seed=4)
+    marks = {}
+    real_finish = conv._finish
+
+    def finish(target, run_id, plan):
+        marks["finish"] = len(proxy.arrivals)
+        return real_finish(target, run_id, plan)
+
+    monkeypatch.setattr(conv, "_finish", finish)
+    monkeypatch.setattr(conv, "_phase", lambda name: marks.setdefault(name, len(proxy.arrivals)))
+    proxy.latency = 0.1  # (long enough that CPU between two requests never splits a round)
+    dst = "s3://fin-bucket/run.zarr"
+    zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
+    proxy.latency = 0.0
+    assert _rounds(proxy.arrivals[marks["finish"]:marks["finishing"]], 0.1) == 4
+    assert zs.verify(t.path, dst, target_options=opts) == []
+    # the windows are in ome's metadata, and the root consolidates them as written
+    fs = s3fs.S3FileSystem(**s3_server)
+    ome = json.loads(fs.cat("fin-bucket/run.zarr/ome/zarr.json"))["attributes"]["ome"]
+    root = json.loads(fs.cat("fin-bucket/run.zarr/zarr.json"))
+    assert all("window" in ch for ch in ome["omero"]["channels"])
+    assert root["consolidated_metadata"]["metadata"]["ome"]["attributes"]["ome"] == ome
+
+
 def test_s3_bodies_go_checksummed_and_unsigned_unless_asked(s3_server, s3_latency, tmp_path):
     """Over http botocore hashed every body into the signature (SHA-256) on top of its
     CRC32 checksum, both on the event loop all writes go through; the conversion's

@@ -938,15 +938,18 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
     storage they are done at once, each waiting its own round trips.
     """
     def nodes() -> dict[str, Any]:
+        # contrast windows from the data, for viewers, while the nodes are read
+        pool = ThreadPoolExecutor(1)
+        windows = pool.submit(set_rendering, target.zarr()) if plan.ome else None
+        pool.shutdown(wait=False)
         try:  # as the start wrote them (one GET); ome's gets its contrast windows
             known: dict[str, Any] | None = json.loads(target.read_text(NODES_KEY))
         except FileNotFoundError:  # (a store started by an earlier version)
             known = None
-        keys = sorted(known) if known is not None else _node_keys(target)
-        # contrast windows from the data, for viewers
-        rendering = set_rendering(target.zarr()) if "ome" in keys else None
-        if known is None:
-            return _consolidated(target, keys)
+        finally:
+            rendering = windows.result() if windows is not None else None
+        if known is None:  # (after the windows: ome's zarr.json as they left it)
+            return _consolidated(target, _node_keys(target))
         if rendering is not None:  # (the one attribute set_rendering changed)
             known["ome"] = {**known["ome"], "attributes": {
                 **known["ome"].get("attributes", {}), "ome": rendering}}
