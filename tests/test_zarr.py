@@ -439,6 +439,28 @@ def test_a_conversion_runs_one_batch_per_core_and_leaves_dasks_main_thread(siff_
     assert main == "True" and pool == cores, out.stdout
 
 
+@pytest.mark.parametrize("scheduler", ["threads", "sync", "processes"])
+def test_a_local_conversion_leaves_dask_distributed_unimported(siff_files, tmp_path,
+                                                               scheduler):
+    """Asked for by name, dask imports ``dask.distributed`` to look for a running
+    client (0.1 s in a command line's process); a local scheduler never uses one."""
+    t = siff_files["two_chan_slices_flyback"]
+    code = textwrap.dedent(f"""
+        import sys
+        import siff_xarray
+        siff_xarray.convert({str(t.path)!r}, {str(tmp_path / "o.zarr")!r},
+                            scheduler={scheduler!r}, num_workers=2,
+                            shard_bytes={_small_shards(t)["shard_bytes"]},
+                            chunk_bytes={_small_shards(t)["chunk_bytes"]})
+        print("distributed" in sys.modules,
+              siff_xarray.verify({str(t.path)!r}, {str(tmp_path / "o.zarr")!r}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "[]"], out.stdout
+
+
 def test_distributed_processes(siff_files, tmp_path):
     distributed = pytest.importorskip("distributed")
     t = siff_files["two_chan_slices_flyback"]

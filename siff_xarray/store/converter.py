@@ -1598,7 +1598,29 @@ def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
             tracker(result)
 
     with Callback(posttask=posttask):
-        dask.compute(*tasks, scheduler=scheduler, **kwargs)
+        dask.compute(*tasks, scheduler=_local_scheduler(scheduler), **kwargs)
+
+
+def _local_scheduler(name: str) -> Any:
+    """Return dask's function for the local scheduler ``name`` (others: ``name``).
+
+    Given a name, dask imports ``dask.distributed`` (0.1 s, once per process) to look
+    for a running client first, which a local scheduler never uses.
+    """
+    name = name.lower()
+    if name in ("threads", "threading"):
+        import dask.threaded
+
+        return dask.threaded.get
+    if name in ("sync", "synchronous", "single-threaded"):
+        import dask.local
+
+        return dask.local.get_sync
+    if name in ("processes", "multiprocessing"):
+        import dask.multiprocessing
+
+        return dask.multiprocessing.get
+    return name
 
 
 def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker,
