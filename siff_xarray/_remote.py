@@ -105,7 +105,7 @@ def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, s
     process, storage options and protocol for filesystems with an asynchronous
     implementation: their synchronous calls all run on fsspec's one event loop,
     whatever thread makes them. Others (no asynchronous implementation), chained
-    URLs and ``skip_instance_cache=True`` go to fsspec as they are. S3 instances
+    URLs and options asking to skip fsspec's instance cache go to fsspec as they are. S3 instances
     leave retries to botocore (:func:`one_retry_loop`).
     """
     import fsspec

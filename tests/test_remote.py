@@ -1759,7 +1759,9 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     """From S3 the start is the open (presigned ranges: header, tail, the checked
     IFDs), the fingerprint (both ends, whose answers carry size and ETag) and the sidecar's
     upload (while the plan is made), and its open is the first batch's (no other
-    open before it)."""
+    open before it). The fingerprint is taken while the store is claimed and the
+    sidecar goes once the Dataset is built: where that takes less than a round trip
+    they go together (two rounds), else one after the other (three)."""
     from conftest import _rounds
 
     from siff_xarray.reader.acquisition import Acquisition
@@ -1789,7 +1791,7 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     at = len(proxy.arrivals)
     zs.convert(url, tmp_path / "s3.zarr", scheduler="sync", shard_bytes=volume,
                chunk_bytes=1, storage_options=opts)
-    assert _rounds(proxy.arrivals[at:started[0]], 0.05) == 3
+    assert 2 <= _rounds(proxy.arrivals[at:started[0]], 0.05) <= 3
     assert len(opened) == 1 and fs.exists("conv-bucket/s3c.siff.siffidx")
     assert zs.verify(t.path, tmp_path / "s3.zarr") == [] and conv._runs == {}
 
