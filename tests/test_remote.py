@@ -1810,7 +1810,7 @@ def test_one_filesystem_per_process_and_options_whatever_the_thread(s3_server):
         got = list(pool.map(lambda _: filesystem(url, opts), range(8)))
     assert len({id(fs) for fs, _ in got}) == 1 and {p for _, p in got} == {"some-bucket/run.siff"}
     fs = got[0][0]
-    assert fs.retries == 1  # (one_retry_loop)
+    assert fs.retries == 1  # (tuned)
     assert fs.config_kwargs["connect_timeout"] > 0  # (with_timeouts)
     assert filesystem("s3://other/x.siff", opts)[0] is fs  # another object, same options
     assert filesystem(url, {**opts, "anon": True})[0] is not fs
@@ -1820,6 +1820,44 @@ def test_one_filesystem_per_process_and_options_whatever_the_thread(s3_server):
     assert own[0] is not own[1] and fs not in own
     local, path = filesystem("/tmp/x.siff", None)  # (no asynchronous implementation)
     assert type(local).__name__ == "LocalFileSystem" and path == "/tmp/x.siff"
+
+
+def test_zarrs_and_the_pinned_reads_filesystems_are_shared_by_their_own_keys(s3_server):
+    """zarr's stores (:func:`async_filesystem`) and version-pinned reads
+    (:func:`pinning_filesystem`) have one instance each per process and options,
+    apart from each other and from :func:`filesystem`'s; options a URL carries
+    are part of the key; zarr's is shared even when the options skip fsspec's
+    instance cache (the caller asked for an instance apart from its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from siff_xarray._remote import (
+        PinnedS3Kwargs,
+        async_filesystem,
+        filesystem,
+        pinning_filesystem,
+    )
+
+    opts = {**s3_server, "config_kwargs": {"user_agent_extra": "shared-by-use"}}
+    url = "s3://some-bucket/run.siff"
+    for make in (async_filesystem, pinning_filesystem):
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _, make=make: make(url, opts), range(8)))
+        assert len({id(fs) for fs in got}) == 1
+        fs = got[0]
+        assert fs is not filesystem(url, opts)[0] and fs.retries == 1
+        assert fs.config_kwargs["connect_timeout"] > 0
+        assert make("s3://other/x.siff", opts) is fs
+        assert make(url, {**opts, "anon": True}) is not fs
+        versioned = make(url + "?versionId=abc", opts)
+        assert versioned is not fs and versioned.version_aware
+    zarrs = async_filesystem(url, opts)
+    assert zarrs.asynchronous and zarrs is not pinning_filesystem(url, opts)
+    skipping = {**opts, "skip_instance_cache": True}
+    assert async_filesystem(url, skipping) is async_filesystem(url, skipping)
+    assert isinstance(pinning_filesystem(url, opts).s3_additional_kwargs, PinnedS3Kwargs)
+    assert not isinstance(filesystem(url, opts)[0].s3_additional_kwargs, PinnedS3Kwargs)
+    assert async_filesystem("simplecache::" + url, opts) is None
+    assert async_filesystem("/tmp/x.siff", None) is None
 
 
 def test_an_s3_conversion_makes_one_client_per_filesystem_whatever_the_threads(

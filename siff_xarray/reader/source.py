@@ -42,14 +42,14 @@ import numpy as np
 from .._paths import is_remote, local_path
 from .._remote import (
     UNPIN_HINT,
-    PinnedS3Kwargs,
     filesystem,
-    one_retry_loop,
     pin_kind,
     pinned_http_options,
+    pinning_filesystem,
     reading_version,
     remote_error,
     replaced_error,
+    tuned,
     with_timeouts,
 )
 from ..errors import RemoteAccessError, SiffFormatError
@@ -729,7 +729,7 @@ class FsspecSource(ByteSource):
         if kind == "headers":
             self._fs = self._pinned_http(etag)
         elif kind == "context":
-            self._fs, self._pin = _pinning_filesystem(url, storage_options), etag
+            self._fs, self._pin = pinning_filesystem(url, storage_options), etag
         #: the walk's windows and the spans fetched ahead, received straight into
         #: their buffers where the URL allows (None: through fsspec)
         self._direct: DirectRanges | None = direct
@@ -856,7 +856,7 @@ class FsspecSource(ByteSource):
 
         opts = with_timeouts(self.name, pinned_http_options(self._options, etag))
         opts["skip_instance_cache"] = True
-        return one_retry_loop(fsspec.core.url_to_fs(self.name, **opts)[0])
+        return tuned(fsspec.core.url_to_fs(self.name, **opts)[0])
 
     #: bytes fetched by the first read near the start of the file and kept: the
     #: header, the first IFD and description come in one request, not three
@@ -1459,34 +1459,6 @@ class FsspecSource(ByteSource):
         with self._lock:
             self._cache.clear()
             self._cached = 0
-
-
-_pinning: dict[tuple[int, str], Any] = {}  # (process, storage options) -> filesystem
-_pinning_lock = threading.Lock()
-
-
-def _pinning_filesystem(url: str, storage_options: dict[str, Any] | None) -> Any:
-    """Return an S3 filesystem whose reads require the version ``reading_version`` sets.
-
-    One per set of storage options in a process (made on first use, its client on
-    first request): the version travels with each read, not with the filesystem.
-    It is this module's own instance (``skip_instance_cache``), so the caller's
-    s3fs instances never send a precondition.
-    """
-    import json
-
-    import fsspec
-
-    key = (os.getpid(), json.dumps([url.split("://", 1)[0], storage_options],
-                                   sort_keys=True, default=repr))
-    with _pinning_lock:
-        fs = _pinning.get(key)
-        if fs is None:
-            opts = {**with_timeouts(url, storage_options), "skip_instance_cache": True}
-            fs = one_retry_loop(fsspec.core.url_to_fs(url, **opts)[0])
-            fs.s3_additional_kwargs = PinnedS3Kwargs(fs.s3_additional_kwargs or {})
-            _pinning[key] = fs
-        return fs
 
 
 def _presigned_ranges(fs: Any, path: str, url: str, settings: S3Settings, seconds: float

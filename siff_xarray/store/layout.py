@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import re
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .._paths import is_remote, local_path
-from .._remote import filesystem, one_retry_loop, with_timeouts
+from .._remote import async_filesystem, filesystem, tuned, with_timeouts
 
 __all__ = [
     "ALL_CHUNKS_STORED",
@@ -114,43 +113,13 @@ def _zarr_store(destination: str | os.PathLike[str],
     s3 = dst.split("://", 1)[0].lower() in ("s3", "s3a")  # (not a chained URL)
     cls = _store_class(s3, batch_writes) if s3 or batch_writes else FsspecStore
     options = with_timeouts(dst, storage_options)
-    fs = _async_filesystem(dst, options)
+    fs = async_filesystem(dst, options)
     if fs is None:  # (chained URLs, filesystems without an asynchronous implementation)
         store = cls.from_url(dst, storage_options=options)
     else:
         store = cls(fs=fs, path=fsspec.core.strip_protocol(dst))
-    one_retry_loop(store.fs)
+    tuned(store.fs)
     return store
-
-
-#: the asynchronous filesystem zarr's stores use, per process and (protocol, options).
-#: fsspec keeps one per thread, and each new one makes its connections (s3fs: its
-#: client) again on first use: 0.2 s of CPU in every thread that opened a store (a
-#: conversion's finish opened two in threads of their own)
-_ASYNC_FS: dict[tuple[int, str, str], Any] = {}
-_ASYNC_FS_LOCK = threading.Lock()
-
-
-def _async_filesystem(url: str, options: dict[str, Any]) -> Any:
-    """Return the process's asynchronous fsspec filesystem for ``url`` (None: none cached).
-
-    zarr runs every store operation on its own event loop thread, whatever thread
-    asks, so one instance serves them all.
-    """
-    import fsspec
-
-    if "::" in url or "://" not in url:
-        return None
-    protocol = url.split("://", 1)[0].lower()
-    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=repr))
-    with _ASYNC_FS_LOCK:
-        fs = _ASYNC_FS.get(key)
-        if fs is None:
-            fs = fsspec.core.url_to_fs(url, asynchronous=True, **options)[0]
-            if not fs.async_impl:
-                return None
-            _ASYNC_FS[key] = fs
-    return fs
 
 
 @functools.cache
