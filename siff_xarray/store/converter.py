@@ -937,22 +937,21 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
     contrast windows are written into ``ome``'s) are independent: on object
     storage they are done at once, each waiting its own round trips.
     """
+    def recorded() -> dict[str, Any] | None:
+        try:  # as the start wrote them (one GET)
+            return json.loads(target.read_text(NODES_KEY))
+        except FileNotFoundError:  # (a store started by an earlier version)
+            return None
+
     def nodes() -> dict[str, Any]:
         # contrast windows from the data, for viewers, while the nodes are read
-        pool = ThreadPoolExecutor(1)
-        windows = pool.submit(set_rendering, target.zarr()) if plan.ome else None
-        pool.shutdown(wait=False)
-        try:  # as the start wrote them (one GET); ome's gets its contrast windows
-            known: dict[str, Any] | None = json.loads(target.read_text(NODES_KEY))
-        except FileNotFoundError:  # (a store started by an earlier version)
-            known = None
-        finally:
-            rendering = windows.result() if windows is not None else None
+        calls = [recorded] + ([lambda: set_rendering(target.zarr())] if plan.ome else [])
+        known, *rendered = _concurrently(target, calls)
         if known is None:  # (after the windows: ome's zarr.json as they left it)
             return _consolidated(target, _node_keys(target))
-        if rendering is not None:  # (the one attribute set_rendering changed)
-            known["ome"] = {**known["ome"], "attributes": {
-                **known["ome"].get("attributes", {}), "ome": rendering}}
+        if rendered and rendered[0] is not None:  # ome's gets its contrast windows
+            known["ome"] = {**known["ome"], "attributes": {  # (the one attribute changed)
+                **known["ome"].get("attributes", {}), "ome": rendered[0]}}
         return _consolidate(known)
 
     _, meta, consolidated = _concurrently(target, [
