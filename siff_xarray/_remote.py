@@ -316,9 +316,10 @@ def _bytes_body(params: dict[str, Any], **kwargs: Any) -> None:
     it), then reads and sends it 64 KiB at a time, yielding to the event loop after
     each; botocore's checksum reads it 1 MiB at a time. As bytes it is checksummed
     and sent at once, without copies, which botocore and aiohttp both handle (and
-    retry). ``getvalue`` of a BytesIO made from bytes returns those bytes. Writing
-    the benchmark's store to S3 spends about 0.5 ms of CPU per MB on the event loop
-    all of zarr's writes share, against 1.7 ms.
+    retry). ``getvalue`` of a BytesIO made from bytes returns those bytes. Many PUTs
+    at once gain most: 200 of 1 MB sent together took 1.2-1.3 ms of CPU each
+    against 2.0-2.1 ms, 30 of 4 MB 2.7-2.9 ms against 5.5-6.8 ms; the benchmark
+    store's 140 objects (247 MB) put two at a time, 0.44-0.49 s against 0.47-0.48 s.
     """
     body = params.get("Body")
     if isinstance(body, io.BytesIO) and body.tell() == 0:

@@ -1856,8 +1856,8 @@ def test_s3_bodies_go_checksummed_and_unsigned_unless_asked(s3_server, s3_latenc
 
 def test_s3_bodies_reach_aiohttp_as_the_bytes_they_are(s3_server, tmp_path, monkeypatch):
     """botocore wraps a bytes body into a BytesIO, which aiohttp copies whole and
-    then sends 64 KiB at a time (1.7 ms of CPU per MB on the event loop all of
-    zarr's writes share, against 0.5 ms as bytes). Every PUT of a conversion, and
+    then sends 64 KiB at a time, yielding to the event loop all of zarr's writes
+    share after each. Every PUT of a conversion, and
     the parts of a multipart upload, reach aiohttp as bytes, and arrive whole."""
     import io
 
