@@ -29,6 +29,7 @@ Modules
 layout     keys, chunking, naming, ``Target`` (where a store lives) and ``Plan``
 ome        the OME-Zarr image (axis order, pyramid, NGFF metadata)
 owner      which conversion owns a store being written (one writer at a time)
+shards     whole shards of a conversion's arrays, encoded and stored one write each
 converter  :func:`convert`, :func:`convert_file` (batches on any Dask scheduler)
 read       :func:`open_converted` (and ``_groups``/``_tree``), :func:`read_photons`,
            :class:`StorePhotons`

@@ -63,6 +63,7 @@ from .ome import (
     shared_shards,
     to_ome_order,
 )
+from .shards import write_along
 
 __all__ = ["ConversionSummary", "Progress", "convert", "convert_file"]
 
@@ -448,7 +449,7 @@ class _ShardWriter:
 
     def _write(self, at: int, values: np.ndarray) -> None:
         def write() -> None:
-            self.arr[at : at + values.size] = values
+            write_along(self.arr, at, values)
 
         if not self.behind:
             write()
@@ -695,10 +696,10 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         for src, dst in shared:  # the same bytes: copied, not compressed again
             target.copy(src, dst)
         if end > r0 and not shared:
-            arr[r0:end] = to_ome_order(level)[: end - r0]
+            write_along(arr, r0, to_ome_order(level)[: end - r0])
 
     def intensity() -> None:
-        inten[t0:t1] = block
+        write_along(inten, t0, block)
         if plan.ome:  # level 0 may copy the intensity's shards: after them
             ome_level(0, block)
 
