@@ -33,6 +33,11 @@ _MISSING = 2**64 - 1
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
+def _name(setting: Any) -> Any:
+    """Return a codec setting by name: zarr 3.1 gives enums (``Endian.little``), 3.4 strings."""
+    return getattr(setting, "value", setting)
+
+
 def _crc32c(data: Any) -> bytes:
     import google_crc32c
 
@@ -69,18 +74,17 @@ class ShardEncoder:
                 and isinstance(inner[1], BloscCodec) and isinstance(inner[2], Crc32cCodec)
                 and len(index) == 2 and isinstance(index[0], BytesCodec)
                 and isinstance(index[1], Crc32cCodec)
-                and getattr(sharding.index_location, "value", None) == "end"):
+                and _name(sharding.index_location) == "end"):
             return None
         dtype = np.dtype(arr.dtype)
-        little = all(getattr(c.endian, "value", "little") == "little"
-                     for c in (inner[0], index[0]) if c.endian is not None)
+        little = all(_name(c.endian) in ("little", None) for c in (inner[0], index[0]))
         if not little or dtype.kind not in "uifb" or dtype.byteorder == ">":
             return None
         codec = inner[1]
         from numcodecs import Blosc
 
-        config = {"cname": codec.cname.value, "clevel": codec.clevel,
-                  "shuffle": _SHUFFLE[codec.shuffle.value], "blocksize": codec.blocksize}
+        config = {"cname": _name(codec.cname), "clevel": codec.clevel,
+                  "shuffle": _SHUFFLE[_name(codec.shuffle)], "blocksize": codec.blocksize}
         try:  # (numcodecs 0.16 and newer take the type size, as zarr passes it)
             blosc = Blosc.from_config({**config, "typesize": codec.typesize})
         except TypeError:
