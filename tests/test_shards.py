@@ -82,6 +82,12 @@ def test_the_conversions_arrays_write_their_shards_here_and_others_go_to_zarr(tm
     write_along(other, 0, np.arange(8, dtype=np.uint16))
     write_along(across, 0, np.ones((4, 6), np.uint16))
     assert encoded == []
+    twin = _array(tmp_path / "twin", (10, 3), (4, 3), (2, 3), "uint16")
+    past = np.full((4, 3), 7, np.uint16)
+    write_along(arr, 8, past)  # past the array's end: whatever zarr makes of it
+    twin[8:12] = past
+    assert encoded == []
+    np.testing.assert_array_equal(arr[8:], twin[8:])
     np.testing.assert_array_equal(other[:], np.arange(8))
     np.testing.assert_array_equal(across[:], 1)
 

@@ -136,6 +136,7 @@ def write_along(arr: Any, at: int, values: np.ndarray) -> None:
     step = enc.shard[0] if enc is not None else 0
     if (enc is None or tuple(values.shape[1:]) != tuple(arr.shape[1:])
             or tuple(enc.shard[1:]) != tuple(arr.shape[1:]) or at % step
+            or at < 0 or at + n > arr.shape[0]  # (past the end: as zarr does it)
             or (n % step and at + n != arr.shape[0])):
         arr[at : at + n] = values
         return
