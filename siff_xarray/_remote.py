@@ -142,13 +142,16 @@ def filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, s
         fs, path = fsspec.core.url_to_fs(url, **options)
         return tuned(fs), path
 
+    made: list[tuple[Any, str]] = []  # (the instance a call made and did not keep)
+
     def make() -> Any:
-        fs = fsspec.core.url_to_fs(url, **options)[0]
+        made.append(fsspec.core.url_to_fs(url, **options))
+        fs = made[-1][0]
         return tuned(fs) if getattr(fs, "async_impl", False) else None
 
     fs = _shared("sync", url, options, make)
-    if fs is None:
-        fs, path = fsspec.core.url_to_fs(url, **options)
+    if fs is None:  # (not shared: the instance made just now, fsspec's as it is)
+        fs, path = made[-1]
         return tuned(fs), path
     return fs, type(fs)._strip_protocol(url)
 

@@ -1860,6 +1860,23 @@ def test_zarrs_and_the_pinned_reads_filesystems_are_shared_by_their_own_keys(s3_
     assert async_filesystem("/tmp/x.siff", None) is None
 
 
+def test_a_filesystem_without_an_async_implementation_is_made_once_per_call(monkeypatch):
+    """A protocol fsspec has no asynchronous implementation of is not shared: each
+    call hands fsspec's own instance back, made once (it was made twice)."""
+    import fsspec
+
+    from siff_xarray import _remote
+
+    real = fsspec.core.url_to_fs
+    calls = []
+    monkeypatch.setattr(fsspec.core, "url_to_fs",
+                        lambda url, **kw: calls.append(url) or real(url, **kw))
+    fs, path = _remote.filesystem("memory://bucket/one-call.siff", None)
+    assert calls == ["memory://bucket/one-call.siff"]
+    assert path == "/bucket/one-call.siff" and not getattr(fs, "async_impl", False)
+    assert fs is real("memory://x")[0]  # (fsspec's instance, as it is)
+
+
 def test_an_s3_conversion_makes_one_client_per_filesystem_whatever_the_threads(
         s3_server, tmp_path, monkeypatch):
     """fsspec keeps an S3 filesystem per thread, and each new one makes its botocore
