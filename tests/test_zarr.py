@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -1788,8 +1789,9 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
         s3_server, s3_latency, tmp_path, monkeypatch):
     """The finish's steps before the root is published: the frame descriptions, the
     root's metadata, and the other nodes' (the start's record of them, and the OME
-    contrast windows: level 0 opened, its sample read, ome's metadata written), all
-    at once. The windows used to wait for the nodes' record: 5 round trips, now 4."""
+    contrast windows from the batches' tallies, then ome's metadata written), all at
+    once: 2 round trips. The windows used to wait for the nodes' record (5 round
+    trips), then to read level 0's sample back from the store (4)."""
     import s3fs
     from conftest import _rounds
 
@@ -1803,16 +1805,19 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     real_finish = conv._finish
 
     def finish(target, run_id, plan):
-        marks["finish"] = len(proxy.arrivals)
+        marks["finish"] = len(proxy.arrivals), len(proxy.log)
         return real_finish(target, run_id, plan)
 
     monkeypatch.setattr(conv, "_finish", finish)
-    monkeypatch.setattr(conv, "_phase", lambda name: marks.setdefault(name, len(proxy.arrivals)))
+    monkeypatch.setattr(conv, "_phase", lambda name: marks.setdefault(
+        name, (len(proxy.arrivals), len(proxy.log))))
     proxy.latency = 0.1  # (long enough that CPU between two requests never splits a round)
     dst = "s3://fin-bucket/run.zarr"
     zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
     proxy.latency = 0.0
-    assert _rounds(proxy.arrivals[marks["finish"]:marks["finishing"]], 0.1) == 4
+    (a0, l0), (a1, l1) = marks["finish"], marks["finishing"]
+    assert _rounds(proxy.arrivals[a0:a1], 0.1) == 2
+    assert not [p for _, p in proxy.log[l0:l1] if "/ome/0/" in p]  # no image data read
     assert zs.verify(t.path, dst, target_options=opts) == []
     # the windows are in ome's metadata, and the root consolidates them as written
     fs = s3fs.S3FileSystem(**s3_server)
@@ -1820,6 +1825,56 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     root = json.loads(fs.cat("fin-bucket/run.zarr/zarr.json"))
     assert all("window" in ch for ch in ome["omero"]["channels"])
     assert root["consolidated_metadata"]["metadata"]["ome"]["attributes"]["ome"] == ome
+
+
+@pytest.mark.parametrize("case", ["batches", "repeats", "signed", "old_plan", "lost_tally"])
+def test_the_contrast_windows_are_the_stored_sample_s_whoever_tallies_them(tmp_path, case,
+                                                                          monkeypatch):
+    """The batches tally the timepoints the windows are taken from (window_rows) as
+    they write them, and the finish reads the windows off the tallies: the same
+    windows as from level 0's sample read back (set_rendering), across batches, with
+    repeats folded into t, a partial last volume left out and signed samples. A plan
+    of an earlier version (no tallies) or a missing tally reads the sample instead."""
+    import zarr
+
+    from siff_xarray.store import converter as conv
+    from siff_xarray.store.ome import window_rows, windows
+
+    kw = {"repeats": {"frames_per_slice": 2},
+          "signed": {"format": "tiff", "tiff_signed": True}}.get(case, {})
+    t = write_siff(tmp_path / "w.siff", shape=(16, 8), channels=(1, 2), n_slices=2,
+                   n_timepoints=9, extra_frames=3 if case != "repeats" else 0,
+                   photons_per_frame=300, channel_brightness=(1.0, 0.1), seed=5, **kw)
+    if case == "old_plan":
+        real_plan = conv._plan
+        monkeypatch.setattr(conv, "_plan", lambda *a, **k: dataclasses.replace(
+            real_plan(*a, **k), window_rows=None))
+    if case == "lost_tally":
+        real_finish = conv._finish
+
+        def finish(target, run_id, plan):
+            b = next(b for b, rows in enumerate(plan.window_rows) if rows)
+            target.fs.rm(target.key(conv._window_key(b)))
+            return real_finish(target, run_id, plan)
+
+        monkeypatch.setattr(conv, "_finish", finish)
+    used = []
+    real_set = conv.set_rendering
+    monkeypatch.setattr(conv, "set_rendering", lambda store: used.append(1) or real_set(store))
+    dst = tmp_path / "w.zarr"
+    zs.convert(t.path, dst, **_small_shards(t))
+    assert bool(used) == (case in ("old_plan", "lost_tally"))
+    level0 = zarr.open_array(dst, path="ome/0", mode="r")
+    assert level0.shape[0] > 2 * level0.shards[0]  # (several batches)
+    rows = window_rows(level0.shape[0], level0.chunks[0])
+    expected = windows(np.asarray(level0[:])[rows])
+    ome = json.loads((dst / "ome" / "zarr.json").read_text())["attributes"]["ome"]
+    assert [ch["window"] for ch in ome["omero"]["channels"]] == expected
+    root = json.loads((dst / "zarr.json").read_text())
+    assert root["consolidated_metadata"]["metadata"]["ome"]["attributes"]["ome"] == ome
+    assert expected[1]["end"] < expected[0]["end"]  # each channel its own
+    assert not (dst / ".siff-progress").exists()
+    assert zs.verify(t.path, dst) == []
 
 
 def test_s3_bodies_go_checksummed_and_unsigned_unless_asked(s3_server, s3_latency, tmp_path):

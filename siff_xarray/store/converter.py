@@ -57,11 +57,16 @@ from .layout import (
 from .ome import (
     create_ome,
     downsample2,
+    merge_tallies,
     ome_repeats,
     pyramid_levels,
     set_rendering,
     shared_shards,
+    tallies,
     to_ome_order,
+    window_rows,
+    windows_of,
+    with_windows,
 )
 from .shards import write_along
 
@@ -714,6 +719,12 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         for k in range(1, plan.ome_levels):  # the same time range: a whole shard per level
             level = downsample2(level)
             writes.append(functools.partial(ome_level, k, level))
+    if plan.ome and plan.window_rows is not None and plan.window_rows[b]:
+        # the contrast windows' sample of this batch's timepoints, tallied (_finish)
+        rows = np.asarray(plan.window_rows[b], dtype=np.int64) - t0 * ome_repeats(block)
+        counted = tallies(to_ome_order(block)[rows])
+        text_w = json.dumps([[v.tolist(), n.tolist()] for v, n in counted])
+        writes.append(lambda: target.write_text(_window_key(b), text_w))
     writes.append(assign("photon_count", t0, pc))
     if hblock is not None:
         writes.append(assign("histogram", t0, hblock))
@@ -835,8 +846,16 @@ def _plan(sources: list[str], target: Target, build: Target,
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3, write_empty_chunks=True)
     levels = pyramid_levels(ds.sizes["y"], ds.sizes["x"], ome_levels)
+    sampled = None
     if ome:
         create_ome(store, ds, ct, st, levels)
+        if np.dtype(inten_dtype) in (np.uint16, np.int16):  # (tallies: 16-bit counts)
+            # the batches tally the timepoints the contrast windows are taken from,
+            # as they write them; the finish then reads no image data back
+            level0 = zarr.open_array(store, path="ome/0", mode="r", zarr_format=3)
+            sampled = [[] for _ in range(n_batches)]
+            for r in window_rows(level0.shape[0], level0.chunks[0]).tolist():
+                sampled[r // level0.shards[0]].append(r)  # (a batch: a shard of each level)
 
     # --- the photons group
     grp = zarr.open_group(store, path="photons", mode="a")
@@ -898,11 +917,41 @@ def _plan(sources: list[str], target: Target, build: Target,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
                  arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome,
                  ome_levels=levels, intensity_only=intensity_only,
-                 intensity_dtype=inten_dtype)
+                 intensity_dtype=inten_dtype, window_rows=sampled)
 
 
 def _description_key(b: int) -> str:
     return f"{PROGRESS}/description-{b:06d}"
+
+
+def _window_key(b: int) -> str:
+    return f"{PROGRESS}/window-{b:06d}.json"
+
+
+def _batch_windows(target: Target, plan: Plan) -> list[dict[str, float]] | None:
+    """Return the contrast windows of the batches' tallies, or None where one is missing.
+
+    (A store started by an earlier version has none: its windows are read from the
+    data, :func:`set_rendering`.)
+    """
+    if plan.window_rows is None or not plan.ome:
+        return None
+    batches = [b for b, rows in enumerate(plan.window_rows) if rows]
+
+    def read(b: int) -> Any:
+        try:
+            return json.loads(target.read_text(_window_key(b)))
+        except FileNotFoundError:
+            return None
+
+    if target.object_store and len(batches) > 1:
+        with ThreadPoolExecutor(min(len(batches), 32)) as pool:
+            parts = list(pool.map(read, batches))
+    else:
+        parts = [read(b) for b in batches]
+    if any(p is None for p in parts):
+        return None
+    return windows_of(merge_tallies(parts)) if parts else None
 
 
 def _write_descriptions(target: Target, plan: Plan) -> None:
@@ -945,14 +994,25 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
             return None
 
     def nodes() -> dict[str, Any]:
-        # contrast windows from the data, for viewers, while the nodes are read
-        calls = [recorded] + ([lambda: set_rendering(target.zarr())] if plan.ome else [])
-        known, *rendered = _concurrently(target, calls)
+        # contrast windows from the batches' tallies (else from the data, for viewers),
+        # while the nodes are read
+        calls: list[Callable[[], Any]] = [recorded]
+        if plan.ome:
+            calls.append(lambda: _batch_windows(target, plan))
+        known, *found = _concurrently(target, calls)
+        if found and found[0] is not None and known is not None and "ome" in known:
+            # ome's zarr.json as the start wrote it, with its windows (one PUT)
+            known["ome"] = {**known["ome"], "attributes": {
+                **known["ome"].get("attributes", {}),
+                "ome": with_windows(known["ome"]["attributes"]["ome"], found[0])}}
+            target.write_text("ome/zarr.json", json.dumps(known["ome"], indent=2))
+            return _consolidate(known)
+        rendered = set_rendering(target.zarr()) if plan.ome else None
         if known is None:  # (after the windows: ome's zarr.json as they left it)
             return _consolidated(target, _node_keys(target))
-        if rendered and rendered[0] is not None:  # ome's gets its contrast windows
+        if rendered is not None:  # ome's gets its contrast windows
             known["ome"] = {**known["ome"], "attributes": {  # (the one attribute changed)
-                **known["ome"].get("attributes", {}), "ome": rendered[0]}}
+                **known["ome"].get("attributes", {}), "ome": rendered}}
         return _consolidate(known)
 
     _, meta, consolidated = _concurrently(target, [

@@ -393,6 +393,9 @@ class Plan:
     intensity_dtype: str = "uint16"   # int16 for TIFF pages of signed samples
     fingerprint: list[dict[str, Any]] | None = None  # of the sources (see converter)
     pin_version: bool = True          # remote reads require the version (ETag) first seen
+    #: per batch, the OME level-0 timepoints it tallies for the contrast windows
+    #: (store.ome.window_rows); None: the finish reads them from the store
+    window_rows: list[list[int]] | None = None
 
     @property
     def n_batches(self) -> int:

@@ -18,8 +18,9 @@ from .layout import compressors
 #: what the compiled code takes from other modules (docs/architecture.md, Rules)
 _FOREIGN_INPUTS = "97b4776af36ffb14"
 
-__all__ = ["CHANNEL_COLORS", "INTENSITY_ORDER", "create_ome", "downsample2", "ome_repeats",
-           "pyramid_levels", "set_rendering", "shared_shards", "to_ome_order", "windows"]
+__all__ = ["CHANNEL_COLORS", "INTENSITY_ORDER", "create_ome", "downsample2", "merge_tallies",
+           "ome_repeats", "pyramid_levels", "set_rendering", "shared_shards", "tallies",
+           "to_ome_order", "window_rows", "windows", "windows_of", "with_windows"]
 
 #: display colour of each channel, in file order (green, magenta, then more)
 CHANNEL_COLORS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF8000", "0080FF", "FFFFFF")
@@ -221,39 +222,67 @@ def windows(sample: np.ndarray) -> list[dict[str, float]]:
     ``min``/``max`` are the sample's range; the window is at least one count wide,
     so that a dim channel is stretched to be seen rather than shown black.
     """
+    counted = tallies(sample)
+    if counted is not None:
+        return windows_of(counted)
     out = []
     for c in range(sample.shape[1]):
-        v = np.asarray(sample[:, c]).ravel()
+        v = np.asarray(sample[:, c]).ravel().astype(np.float64)
         if v.size == 0:
-            out.append({"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0})
+            out.append(dict(_NO_WINDOW))
             continue
-        vmin, vmax, (lo, hi) = _range_and_percentiles(v, (0.5, 99.8))
-        hi = max(hi, lo + 1.0)
-        out.append({"min": vmin, "max": max(vmax, hi), "start": lo, "end": hi})
+        lo, hi = (float(x) for x in np.percentile(v, (0.5, 99.8)))
+        out.append(_window(float(v.min()), float(v.max()), lo, hi))
     return out
 
 
-def _range_and_percentiles(v: np.ndarray, qs: tuple[float, ...]
-                           ) -> tuple[float, float, list[float]]:
-    """Return ``v``'s minimum, maximum and ``np.percentile(v, qs)`` (its linear method).
+def tallies(sample: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per channel of ``(t, c, z, y, x)`` counts: its distinct values and how often each occurs.
 
-    Counts of at most 16 bits (every image a conversion stores) are tallied in one
-    pass (``np.bincount``) and the order statistics read off the tally: the same
-    values as sorting, where ``np.percentile`` partitions a float copy once per
-    call (the contrast windows of the benchmark file's conversion took 0.15-0.35 s
-    of its single-threaded finish that way).
+    For counts of at most 16 bits (every image a conversion stores), in one pass
+    (``np.bincount``); tallies of parts of a sample add up to the whole's
+    (:func:`merge_tallies`), and :func:`windows_of` reads the windows off them.
+    None for other dtypes.
     """
-    if v.dtype.kind not in "ui" or v.dtype.itemsize > 2:
-        f = v.astype(np.float64)
-        return float(f.min()), float(f.max()), [float(x) for x in np.percentile(f, qs)]
-    base = int(np.iinfo(v.dtype).min)  # 0, or -32768 for signed samples
-    tally = np.bincount((v.astype(np.int32) - base) if base else v)
-    cum = np.cumsum(tally)
-    nonzero = np.flatnonzero(tally)
+    if sample.dtype.kind not in "ui" or sample.dtype.itemsize > 2:
+        return None
+    base = int(np.iinfo(sample.dtype).min)  # 0, or -32768 for signed samples
+    out = []
+    for c in range(sample.shape[1]):
+        v = np.asarray(sample[:, c]).ravel()
+        tally = np.bincount((v.astype(np.int32) - base) if base else v)
+        values = np.flatnonzero(tally)
+        out.append((values + base, tally[values]))
+    return out
+
+
+def merge_tallies(parts: list[list[tuple[np.ndarray, np.ndarray]]]
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Add up per-channel tallies (:func:`tallies`) of parts of one sample."""
+    out = []
+    for channel in zip(*parts, strict=True):
+        values = np.concatenate([np.asarray(v, dtype=np.int64) for v, _ in channel])
+        counts = np.concatenate([np.asarray(n, dtype=np.int64) for _, n in channel])
+        distinct, where = np.unique(values, return_inverse=True)
+        out.append((distinct, np.bincount(where, weights=counts,
+                                          minlength=distinct.size).astype(np.int64)))
+    return out
+
+
+def _percentiles_of(values: np.ndarray, counts: np.ndarray, qs: tuple[float, ...]
+                    ) -> list[float]:
+    """``np.percentile`` (its linear method) of the sample that ``counts`` of ``values`` make.
+
+    The order statistics are read off the tally: the same values as sorting, where
+    ``np.percentile`` partitions a float copy once per call (the contrast windows of
+    the benchmark file's conversion took 0.15-0.35 s of its single-threaded finish
+    that way).
+    """
+    cum = np.cumsum(counts)
     n = int(cum[-1])
 
     def order(k: int) -> float:  # the k-th smallest value (0-based)
-        return float(int(np.searchsorted(cum, k, side="right")) + base)
+        return float(values[int(np.searchsorted(cum, k, side="right"))])
 
     out = []
     for q in qs:  # numpy's linear method: h = (n - 1) q, between x[floor h] and the next
@@ -263,7 +292,49 @@ def _range_and_percentiles(v: np.ndarray, qs: tuple[float, ...]
         a, b = order(i), order(min(i + 1, n - 1))
         # numpy's lerp: from the nearer end, so that t = 1 gives b exactly
         out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
-    return float(nonzero[0] + base), float(nonzero[-1] + base), out
+    return out
+
+
+def _window(vmin: float, vmax: float, lo: float, hi: float) -> dict[str, float]:
+    hi = max(hi, lo + 1.0)  # at least one count wide
+    return {"min": vmin, "max": max(vmax, hi), "start": lo, "end": hi}
+
+
+#: a channel with no sample
+_NO_WINDOW = {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}
+
+
+def windows_of(counted: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, float]]:
+    """:func:`windows` of the sample whose per-channel :func:`tallies` are ``counted``."""
+    out = []
+    for values, counts in counted:
+        if not np.asarray(counts).sum():
+            out.append(dict(_NO_WINDOW))
+            continue
+        values, counts = np.asarray(values), np.asarray(counts)
+        keep = counts > 0
+        values, counts = values[keep], counts[keep]
+        lo, hi = _percentiles_of(values, counts, (0.5, 99.8))
+        out.append(_window(float(values[0]), float(values[-1]), lo, hi))
+    return out
+
+
+def window_rows(n_t: int, ct: int) -> np.ndarray:
+    """Timepoints of level 0 the contrast windows are taken from (``ct`` per chunk).
+
+    About :data:`WINDOW_SAMPLE` of them: whole chunks (a chunk holds one or a few
+    timepoints; a read of one timepoint fetches and decodes its whole chunk), at
+    least four, evenly spaced from the first chunk to the last, so that long chunks
+    still sample the whole recording.
+    """
+    if not n_t:
+        return np.zeros(0, dtype=np.int64)
+    ct = max(int(ct), 1)
+    n_chunks = -(-n_t // ct)
+    want = min(n_chunks, max(-(-WINDOW_SAMPLE // ct), 4))
+    pick = np.unique(np.linspace(0, max(n_chunks - 1, 0), want).round()).astype(np.int64)
+    return np.concatenate([np.arange(c * ct, min((c + 1) * ct, n_t)) for c in pick]
+                          ).astype(np.int64)
 
 
 def set_rendering(store: Any) -> dict[str, Any]:
@@ -286,19 +357,19 @@ def set_rendering(store: Any) -> dict[str, Any]:
         opening = pool.submit(zarr.open_array, store, path="ome/0", mode="r", zarr_format=3)
         grp = zarr.open_group(store, path="ome", mode="r+", zarr_format=3)
         arr = opening.result()
-        n_t, ct = arr.shape[0], max(int(arr.chunks[0]), 1)
-        n_chunks = -(-n_t // ct)
-        # (at least four chunks, so that long chunks still sample the whole recording)
-        want = min(n_chunks, max(-(-WINDOW_SAMPLE // ct), 4))
-        pick = np.unique(np.linspace(0, max(n_chunks - 1, 0), want).round()
-                         ).astype(int) if n_t else np.zeros(0, dtype=int)
-        got = list(pool.map(lambda c: np.asarray(arr[int(c) * ct : int(c + 1) * ct]), pick))
+        ct = max(int(arr.chunks[0]), 1)
+        rows = window_rows(arr.shape[0], ct)
+        got = list(pool.map(lambda c: np.asarray(arr[int(c) * ct : int(c + 1) * ct]),
+                            np.unique(rows // ct)))
     sample = np.concatenate(got) if got else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     attrs = dict(grp.attrs)
-    ome = dict(attrs["ome"])
-    channels = [dict(ch) for ch in ome["omero"]["channels"]]
-    for ch, window in zip(channels, windows(sample), strict=True):
-        ch["window"] = window
-    ome["omero"] = {**ome["omero"], "channels": channels}
+    ome = with_windows(attrs["ome"], windows(sample))
     grp.attrs.update({"ome": ome})
     return ome
+
+
+def with_windows(ome: dict[str, Any], found: list[dict[str, float]]) -> dict[str, Any]:
+    """Return the ``ome`` attribute ``ome`` with the channels' contrast windows ``found``."""
+    channels = [{**ch, "window": window}
+                for ch, window in zip(ome["omero"]["channels"], found, strict=True)]
+    return {**ome, "omero": {**ome["omero"], "channels": channels}}
