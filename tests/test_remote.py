@@ -1645,10 +1645,15 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
     t = write_siff(tmp_path / "k.siff", shape=(16, 12), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=8, photons_per_frame=300, seed=3)
     url = f"{http_server.url}/k.siff"
-    opened = []
+    opened, where = [], []
     real = Acquisition.open
-    monkeypatch.setattr(Acquisition, "open", lambda *a, **k: opened.append(real(*a, **k))
-                        or opened[-1])
+
+    def opening(*a, **k):
+        where.append(threading.current_thread().name)
+        opened.append(real(*a, **k))
+        return opened[-1]
+
+    monkeypatch.setattr(Acquisition, "open", opening)
     volume = 2 * 3 * 16 * 12 * 2
     summary = zs.convert(url, tmp_path / "k.zarr", scheduler="sync", shard_bytes=volume,
                          chunk_bytes=1)
@@ -1656,10 +1661,15 @@ def test_remote_conversion_opens_its_source_once_per_worker_thread(http_server, 
     assert conv._runs == {} and all(f.files[0]._source.closed for f in opened)
     assert zs.verify(t.path, tmp_path / "k.zarr") == []
     opened.clear()
+    where.clear()
     zs.convert(url, tmp_path / "t.zarr", scheduler="threads", num_workers=2,
                shard_bytes=volume, chunk_bytes=1)
-    assert 1 <= len(opened) <= 2 and conv._runs == {}  # the start's and one more thread's
+    # the start's, and the other thread's, opened while the store was laid out: no
+    # batch opened one (the second thread's first batch used to, and waited for it)
+    assert len(opened) == 2 and conv._runs == {}
+    assert where[0] == "MainThread" and where[1].startswith("siff-xarray-open"), where
     assert all(f.files[0]._source.closed for f in opened)
+    assert zs.verify(t.path, tmp_path / "t.zarr") == []
 
     def fail_in_batch_3(p):  # a batch that fails closes its source at once
         if p.batches_done == 3:

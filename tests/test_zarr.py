@@ -1827,6 +1827,38 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     assert root["consolidated_metadata"]["metadata"]["ome"]["attributes"]["ome"] == ome
 
 
+def test_an_s3_conversions_summary_lists_the_store_while_its_progress_records_go(
+        s3_server, s3_latency, tmp_path, monkeypatch):
+    """After the root is published, the progress records are removed while the store
+    is listed for the summary's size (the records left out), and the photons' node
+    comes from the metadata just published: the summary's bytes are the store's."""
+    import s3fs
+    from conftest import _rounds
+
+    from siff_xarray.store import converter as conv
+
+    proxy, opts = s3_latency
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("sum-bucket")
+    t = write_siff(tmp_path / "sum.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_timepoints=6, photons_per_frame=500, seed=9)
+    marks = {}
+    monkeypatch.setattr(conv, "_phase", lambda name: marks.setdefault(
+        name, (len(proxy.arrivals), len(proxy.log))))
+    proxy.latency = 0.1
+    summary = zs.convert(t.path, "s3://sum-bucket/run.zarr", target_options=opts,
+                         scheduler="sync", **_small_shards(t))
+    proxy.latency = 0.0
+    a, n = marks["published"]
+    after = proxy.log[n:]
+    assert not [p for m, p in after if m == "GET" and p.endswith("photons/zarr.json")], after
+    assert _rounds(proxy.arrivals[a:], 0.1) <= 2, after
+    fs.invalidate_cache()
+    assert summary.store_bytes == fs.du("sum-bucket/run.zarr") > 0
+    assert not fs.exists("sum-bucket/run.zarr/.siff-progress")
+    assert summary.source_bytes == os.path.getsize(t.path)
+
+
 @pytest.mark.parametrize("case", ["batches", "repeats", "signed", "old_plan", "lost_tally"])
 def test_the_contrast_windows_are_the_stored_sample_s_whoever_tallies_them(tmp_path, case,
                                                                           monkeypatch):

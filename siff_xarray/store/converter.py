@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -980,12 +980,14 @@ def _write_descriptions(target: Target, plan: Plan) -> None:
     _phase("descriptions")
 
 
-def _finish(target: Target, run_id: str, plan: Plan) -> None:
+def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], int]:
     """Publish the store: write the root metadata, with every node's consolidated.
 
     The frame descriptions, the root's metadata and the other nodes' (after the
     contrast windows are written into ``ome``'s) are independent: on object
-    storage they are done at once, each waiting its own round trips.
+    storage they are done at once, each waiting its own round trips. Returns the
+    root's metadata as written and the bytes the published store holds (listed
+    while the progress records are removed).
     """
     def recorded() -> dict[str, Any] | None:
         try:  # as the start wrote them (one GET)
@@ -1026,7 +1028,10 @@ def _finish(target: Target, run_id: str, plan: Plan) -> None:
     # progress records are gone the store still counts as unfinished (resume redoes this)
     target.write_text("zarr.json", json.dumps(meta, indent=2), atomic=True)
     _phase("published")
-    target.fs.rm(target.key(PROGRESS), recursive=True)
+    _, store_bytes = _concurrently(target, [
+        lambda: target.fs.rm(target.key(PROGRESS), recursive=True),
+        lambda: _store_bytes(target, but=PROGRESS)])
+    return meta, store_bytes
 
 
 def _node_keys(target: Target) -> list[str]:
@@ -1063,11 +1068,22 @@ def _consolidate(nodes: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "inline", "must_understand": False, "metadata": metadata}
 
 
-def _store_bytes(target: Target) -> int:
+def _store_bytes(target: Target, but: str | None = None) -> int:
+    """Return the bytes of the store's keys (those under ``but`` left out; 0 if unknown)."""
     try:
-        return int(target.fs.du(target.root))
+        if but is None:
+            return int(target.fs.du(target.root))
+        skip = target.key(but).rstrip("/") + "/"
+        target.fs.invalidate_cache()  # (a listing cached during the run is stale)
+        sizes = target.fs.du(target.root, total=False)
+        return int(sum(n for k, n in sizes.items() if not _under(k, skip)))
     except Exception:  # pragma: no cover - some filesystems cannot du
         return 0
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Tell whether ``path`` (as a filesystem lists it) is under ``prefix`` (a key)."""
+    return path.split("://", 1)[-1].startswith(prefix.split("://", 1)[-1])
 
 
 def _expand_sources(sources: str | os.PathLike[str] | Sequence[Any],
@@ -1216,6 +1232,7 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
     # lists the parent too); a new run opens its sources meanwhile (an error of the
     # open is raised where the open was, after the store's own errors)
     fresh = overwrite or not resume
+    spares: list[Future[Acquisition]] = []  # (see _convert_with)
     early: Acquisition | BaseException | None = None
     if target.object_store:
         pool = ThreadPoolExecutor(1)
@@ -1238,10 +1255,12 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
         return _convert_with(srcs, src, target, run_id, top, early, overwrite, resume,
                              scheduler, num_workers, storage_options, shard_bytes,
                              chunk_bytes, ome, ome_levels, progress, allow_truncated,
-                             pin_version, t_start)
+                             pin_version, t_start, spares)
     finally:  # (an open made early and not used: the store refused the run)
         if isinstance(early, Acquisition):
             early.close()
+        for f in _spares_opened(spares):
+            f.close()
 
 
 def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
@@ -1250,11 +1269,13 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
                   storage_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
                   ome: bool, ome_levels: int | None,
                   progress: Callable[[Progress], None] | bool | None, allow_truncated: bool,
-                  pin_version: bool, t_start: float) -> ConversionSummary:
+                  pin_version: bool, t_start: float,
+                  spares: list[Future[Acquisition]] | None = None) -> ConversionSummary:
     """:func:`_convert` once the store is listed (``top``; None: not an object store).
 
     ``early``: the sources of a new run, opened while the store was listed (or the
     error that open raised), used by the run's start in place of its own open.
+    ``spares``: the sources opened for the run's other threads (:func:`_open_spares`).
     """
     interrupted = (top is None or PROGRESS in top) and target.interrupted()
     if interrupted:  # never resume, delete or mix a store that another run is writing
@@ -1303,10 +1324,18 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
                 raise early
             lead = early if early is not None else _open_lead(srcs, storage_options,
                                                               allow_truncated, pin_version)
+            # a remote source is opened for each other thread of the run too, now:
+            # its round trips pass while the store is laid out, and that thread's
+            # first batch finds it (its first bytes on their way) instead of opening
+            # its own. (Not for a source cut off mid-write: each open would warn.)
+            if spares is not None and not any(f.unread_bytes for f in lead.files):
+                spares.extend(_open_spares(srcs, storage_options, pin_version,
+                                           _threads(scheduler, num_workers) - 1))
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
                           ome_levels, run_id=run_id, lead=lead)
         try:
-            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
+            skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead,
+                           spares)
         except _NeedsWideArrivals:
             log.info("%s: arrival times above 65535; converting again with uint32", src)
             owner.check(target, run_id)
@@ -1315,16 +1344,16 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                           plan.ome, plan.ome_levels, run_id=run_id, lead=lead)
             skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
-        _finish(target, run_id, plan)
+        meta, store_bytes = _finish(target, run_id, plan)
     except BaseException:  # an error or an interrupt: resume may take the store at once
+        _forget_sources(run_id)  # (arrays the start opened for the batches)
         owner.release(target, run_id)
         raise
     finally:  # (closing twice is harmless: a run may have closed it)
         if lead is not None:
             lead.close()
-    photons_meta, store_bytes = _concurrently(target, [
-        lambda: json.loads(target.read_text("photons/zarr.json")),
-        lambda: _store_bytes(target)])
+    # (the photons' node as published: no request)
+    photons_meta = meta["consolidated_metadata"]["metadata"]["photons"]
     src_bytes = int(photons_meta["attributes"]["source_bytes"])
     return ConversionSummary(source=src, destination=target.destination,
                              frames=sum(b - a for a, b in plan.batch_frames),
@@ -1426,7 +1455,10 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     target.fs.pipe(files)
     _phase("metadata")
     plan.fingerprint, plan.pin_version = fingerprint, pinned
-    target.write_text(PLAN_KEY, plan.to_json())
+    # (object stores: the arrays every batch writes are opened, a round trip, while
+    # the plan goes, not by the first batch)
+    _concurrently(target, [lambda: target.write_text(PLAN_KEY, plan.to_json()),
+                           lambda: _open_batch_arrays(target, run_id, plan)])
     _phase("planned")
     return plan
 
@@ -1565,12 +1597,15 @@ _THREADED = ("threads", "threading", "sync", "synchronous", "single-threaded")
 
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
          progress: Callable[[Progress], None] | bool | None,
-         lead: Acquisition | None = None) -> int:
+         lead: Acquisition | None = None,
+         spares: list[Future[Acquisition]] | None = None) -> int:
     """Run the batches not yet recorded as done; return how many were skipped.
 
     ``lead`` (the sources the run's start opened) is lent to the first batch where
     this process's threads convert a remote source, else closed. A run given it
     has just laid the store out: no batch can be done, and nothing is listed.
+    ``spares`` (:func:`_open_spares`), taken from the list, serve the next batches
+    in order alongside ``lead``; where ``lead`` is not lent they are closed.
     """
     import dask
 
@@ -1589,8 +1624,10 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
             _ended.discard(run_id)
             if in_order:
                 run = _runs[run_id] = _RunSources(todo)
-                if lead is not None:  # the first batch's bytes are asked for now
+                if lead is not None:  # the first batches' bytes are asked for now
                     run.pass_on(_streaming(lead, plan), plan)
+                    for f in _spares_opened(spares):
+                        run.pass_on(_streaming(f, plan), plan)
         if in_order:
             tasks = [dask.delayed(_next_batch, pure=False)(plan_json, run_id) for _ in todo]
         else:
@@ -1614,6 +1651,47 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
         raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "
                               "finish")
     return len(done)
+
+
+def _threads(scheduler: Any, num_workers: int | None) -> int:
+    """Threads of this process that convert batches at once under ``scheduler`` (1: unknown)."""
+    import dask
+
+    if not isinstance(scheduler, str) or scheduler not in ("threads", "threading"):
+        return 1
+    if num_workers is None and dask.config.get("pool", None) is not None:
+        return 1
+    return max(int(num_workers or dask.config.get("num_workers", None) or _cpu_count()), 1)
+
+
+def _open_spares(srcs: list[str], storage_options: dict[str, Any] | None,
+                 pin_version: bool, n: int) -> list[Future[Acquisition]]:
+    """Start opening remote sources ``srcs`` ``n`` times in the background (none if local).
+
+    A remote open waits a round trip or more; each thread's first batch otherwise
+    opened its own source when it started, and its first bytes came that much later.
+    """
+    if n < 1 or not any_remote(srcs):
+        return []
+    pool = ThreadPoolExecutor(n, thread_name_prefix="siff-xarray-open")
+    spares = [pool.submit(Acquisition.open, [normalize(s) for s in srcs], storage_options,
+                          pin_version) for _ in range(n)]
+    pool.shutdown(wait=False)
+    return spares
+
+
+def _spares_opened(spares: list[Future[Acquisition]] | None) -> list[Acquisition]:
+    """Take the spares out of ``spares``: those that opened (an open that failed is left out).
+
+    The run's batches open their own sources where a spare is missing, and meet
+    the error themselves if it was the source's.
+    """
+    out = []
+    while spares:
+        job = spares.pop()
+        with contextlib.suppress(Exception):
+            out.append(_fetching_itself(job.result()))
+    return out
 
 
 def _import_dask_threaded() -> None:
