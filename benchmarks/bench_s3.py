@@ -243,7 +243,9 @@ def main() -> None:
           f"{s3_cpu - local_cpu - read_cpu - write_cpu:+.2f} s of CPU beyond the local "
           f"conversion and the two transfers. On {cores} cores it could take as little as "
           f"{least:.2f} s (the local conversion's time, or the three's CPU over the cores "
-          "where more).")
+          f"where more); its own CPU over the cores is {s3_cpu / cores:.2f} s, "
+          f"{s3_cpu / cores / zero['local -> local']:.2f}x the local conversion's time: the "
+          "least it takes here however well its work overlaps.")
     print(f"\nverify of the S3 -> S3 store against the file: {checked or 'no problems'}")
 
 

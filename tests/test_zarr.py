@@ -1827,6 +1827,80 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     assert root["consolidated_metadata"]["metadata"]["ome"]["attributes"]["ome"] == ome
 
 
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_an_s3_store_is_laid_out_while_the_first_batches_decode(
+        s3_server, s3_latency, tmp_path, monkeypatch, scheduler):
+    """To object storage, with the batches in this process, the start returns its plan
+    once the store is claimed and leaves the ownership check, the metadata and the
+    plan's record (three round trips) to a thread while the first batches decode;
+    no batch writes anything before the plan is recorded."""
+    import s3fs
+
+    from siff_xarray.store import converter as conv
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).makedirs("lay-bucket", exist_ok=True)
+    t = write_siff(tmp_path / "lay.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_timepoints=6, photons_per_frame=500, seed=10)
+    decoding = []
+    real_decode = conv._decode_batch
+
+    def decode(*a, **k):
+        decoding.append(len(proxy.log))
+        return real_decode(*a, **k)
+
+    monkeypatch.setattr(conv, "_decode_batch", decode)
+    proxy.latency = 0.05
+    dst = f"s3://lay-bucket/{scheduler}.zarr"
+    zs.convert(t.path, dst, target_options=opts, scheduler=scheduler, num_workers=2,
+               **_small_shards(t))
+    proxy.latency = 0.0
+    puts = [p for m, p in proxy.log if m == "PUT"]
+    plan_at = next(i for i, (m, p) in enumerate(proxy.log)
+                   if m == "PUT" and p.endswith("/.siff-progress/plan.json"))
+    assert decoding[0] < plan_at  # the first batch decoded while the plan went
+    data = [i for i, (m, p) in enumerate(proxy.log) if m == "PUT" and (
+        "/intensity/c/" in p or "/photons/arrival_time/c/" in p
+        or "/.siff-progress/batch-" in p)]
+    assert data and min(data) > plan_at, puts[:20]
+    assert zs.verify(t.path, dst, target_options=opts) == [] and conv._layouts == {}
+
+
+def test_a_store_laid_out_behind_the_batches_reports_its_own_error(
+        s3_server, tmp_path, monkeypatch):
+    """An error while the metadata are written behind the first batches is the
+    conversion's error; no batch wrote anything, and resume finishes the store."""
+    import s3fs
+
+    from siff_xarray.store import converter as conv
+    from siff_xarray.store.layout import Target
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("lay-fail")
+    t = write_siff(tmp_path / "lf.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_timepoints=6, photons_per_frame=500, seed=11)
+    real_pipe = Target.write_text
+
+    def refuse_plan(self, key, text, *a, **k):
+        if key.endswith("plan.json"):
+            raise PermissionError(f"{self.destination}: AccessDenied (a bucket policy)")
+        return real_pipe(self, key, text, *a, **k)
+
+    monkeypatch.setattr(Target, "write_text", refuse_plan)
+    dst = "s3://lay-fail/run.zarr"
+    with pytest.raises(PermissionError, match="AccessDenied"):
+        zs.convert(t.path, dst, target_options=s3_server, scheduler="threads",
+                   **_small_shards(t))
+    monkeypatch.undo()
+    fs.invalidate_cache()
+    written = fs.find("lay-fail/run.zarr")
+    assert not [k for k in written if "/c/" in k and ("intensity" in k or "arrival" in k)]
+    assert not [k for k in written if "/.siff-progress/batch-" in k], written
+    assert conv._layouts == {} and conv._runs == {}
+    zs.convert(t.path, dst, target_options=s3_server, resume=True)
+    assert zs.verify(t.path, dst, target_options=s3_server) == []
+
+
 def test_an_s3_conversions_summary_lists_the_store_while_its_progress_records_go(
         s3_server, s3_latency, tmp_path, monkeypatch):
     """After the root is published, the progress records are removed while the store
@@ -1839,14 +1913,14 @@ def test_an_s3_conversions_summary_lists_the_store_while_its_progress_records_go
 
     proxy, opts = s3_latency
     fs = s3fs.S3FileSystem(**s3_server)
-    fs.mkdir("sum-bucket")
+    fs.mkdir("summary-bucket")
     t = write_siff(tmp_path / "sum.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
                    n_timepoints=6, photons_per_frame=500, seed=9)
     marks = {}
     monkeypatch.setattr(conv, "_phase", lambda name: marks.setdefault(
         name, (len(proxy.arrivals), len(proxy.log))))
     proxy.latency = 0.1
-    summary = zs.convert(t.path, "s3://sum-bucket/run.zarr", target_options=opts,
+    summary = zs.convert(t.path, "s3://summary-bucket/run.zarr", target_options=opts,
                          scheduler="sync", **_small_shards(t))
     proxy.latency = 0.0
     a, n = marks["published"]
@@ -1854,8 +1928,8 @@ def test_an_s3_conversions_summary_lists_the_store_while_its_progress_records_go
     assert not [p for m, p in after if m == "GET" and p.endswith("photons/zarr.json")], after
     assert _rounds(proxy.arrivals[a:], 0.1) <= 2, after
     fs.invalidate_cache()
-    assert summary.store_bytes == fs.du("sum-bucket/run.zarr") > 0
-    assert not fs.exists("sum-bucket/run.zarr/.siff-progress")
+    assert summary.store_bytes == fs.du("summary-bucket/run.zarr") > 0
+    assert not fs.exists("summary-bucket/run.zarr/.siff-progress")
     assert summary.source_bytes == os.path.getsize(t.path)
 
 

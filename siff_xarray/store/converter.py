@@ -322,6 +322,7 @@ def _checking(plan: Plan, context: str, owned: tuple[Target, str] | None = None)
     """
     def check() -> None:
         if owned is not None:
+            _await_layout(owned[1])  # (the store laid out behind the first decoding)
             owner.check(*owned)
         _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context,
                            plan.pin_version)
@@ -443,7 +444,7 @@ class _ShardWriter:
     """
 
     def __init__(self, arr: Any, base: int, dtype: str, behind: bool = False) -> None:
-        self.arr = arr
+        self._arr = arr  # (or a call that opens it: when first written)
         self.pos = base
         self.dtype = dtype
         self.parts: list[np.ndarray] = []
@@ -452,9 +453,18 @@ class _ShardWriter:
         #: the shard being written behind: its thread, and the error it met
         self._writing: tuple[threading.Thread, list[BaseException]] | None = None
 
+    @property
+    def arr(self) -> Any:
+        """The array written (opened by the first write when given as a call)."""
+        if callable(self._arr):
+            self._arr = self._arr()
+        return self._arr
+
     def _write(self, at: int, values: np.ndarray) -> None:
+        arr = self.arr  # (opened here, not in a thread of its own)
+
         def write() -> None:
-            write_along(self.arr, at, values)
+            write_along(arr, at, values)
 
         if not self.behind:
             write()
@@ -642,12 +652,15 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     checked = _checking(plan, context, (target, run_id))
     f0, f1 = plan.batch_frames[b]
     t0, t1 = b * plan.shard_t, min((b + 1) * plan.shard_t, plan.n_timepoints)
-    _open_batch_arrays(target, run_id, plan)
-    inten = _batch_array(target, run_id, "intensity")
-    shape = (t1 - t0, *inten.shape[1:])
+    if plan.intensity_shape is None:  # (a plan of an earlier version)
+        plan.intensity_shape = list(_batch_array(target, run_id, "intensity").shape)
+    shape = (t1 - t0, *plan.intensity_shape[1:])
     lead = shape[:-2]
     n_rows = int(np.prod(lead))
-    writer = _ShardWriter(_batch_array(target, run_id, "photons/arrival_time"),
+    # the arrays are opened (from the store's metadata) when first written, after the
+    # check: the store may still be being laid out while the first frames decode
+    # (_start's ``behind``)
+    writer = _ShardWriter(lambda: _batch_array(target, run_id, "photons/arrival_time"),
                           plan.batch_base[b], plan.arrival_dtype, behind=target.object_store)
     with _batch_source(plan, run_id, b) as f:
         ip = f.im_params()
@@ -681,6 +694,8 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
             raise
     # every byte is read: check the source again while the results are written
     checked = _checking(plan, context)
+    _open_batch_arrays(target, run_id, plan)
+    inten = _batch_array(target, run_id, "intensity")
     block = images[:n_rows].reshape(shape)
     pc = counts[:n_rows].reshape(lead)
     if np.dtype(plan.intensity_dtype) != np.uint16:  # signed TIFF samples: same bits
@@ -917,7 +932,8 @@ def _plan(sources: list[str], target: Target, build: Target,
                  batch_base=batch_base, flyback_base=flyback_base, batch_bytes=batch_bytes,
                  arrival_dtype=arrival_dtype, n_photons_total=int(counts.sum()), ome=ome,
                  ome_levels=levels, intensity_only=intensity_only,
-                 intensity_dtype=inten_dtype, window_rows=sampled)
+                 intensity_dtype=inten_dtype, window_rows=sampled,
+                 intensity_shape=[int(n_t), *(int(n) for n in vol_shape)])
 
 
 def _description_key(b: int) -> str:
@@ -1331,8 +1347,11 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
             if spares is not None and not any(f.unread_bytes for f in lead.files):
                 spares.extend(_open_spares(srcs, storage_options, pin_version,
                                            _threads(scheduler, num_workers) - 1))
+            # (object stores, batches in this process: laid out behind the first ones)
+            behind = target.object_store and isinstance(scheduler, str) and \
+                scheduler in _THREADED
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint16", ome,
-                          ome_levels, run_id=run_id, lead=lead)
+                          ome_levels, run_id=run_id, lead=lead, behind=behind)
         try:
             skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead,
                            spares)
@@ -1346,6 +1365,7 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
             skipped = _run(plan, target, run_id, scheduler, num_workers, progress, lead)
         meta, store_bytes = _finish(target, run_id, plan)
     except BaseException:  # an error or an interrupt: resume may take the store at once
+        _await_layout(run_id, raising=False, forget=True)  # (nothing more written behind)
         _forget_sources(run_id)  # (arrays the start opened for the batches)
         owner.release(target, run_id)
         raise
@@ -1405,7 +1425,8 @@ def _refuse_unread_bytes(lead: Acquisition) -> None:
 
 def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | None,
            shard_bytes: int, chunk_bytes: int, arrival_dtype: str, ome: bool,
-           ome_levels: int | None = None, *, run_id: str, lead: Acquisition) -> Plan:
+           ome_levels: int | None = None, *, run_id: str, lead: Acquisition,
+           behind: bool = False) -> Plan:
     """Lay out a new store: owner, marker, metadata and small arrays, plan (written in order).
 
     The metadata are built in a local temporary directory and then copied in, the
@@ -1414,6 +1435,12 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     unfinished conversion (``open_converted`` and ``verify`` say so; ``resume``
     finishes or restarts it), whatever moment a kill or a full disk strikes.
     ``lead``: the sources, open (:func:`_open_lead`).
+
+    ``behind`` (object stores, batches in this process): once the store is claimed
+    and the plan made, the plan is returned and the rest (the ownership check, the
+    metadata, the plan's record: three round trips) is written by a thread of its
+    own while the first batches decode; a batch writes nothing before it is done
+    (:func:`_checking`), and :func:`_run` waits for it (:func:`_await_layout`).
     """
     import tempfile
 
@@ -1449,18 +1476,49 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
             if key.endswith("/zarr.json"):
                 nodes[key[: -len("/zarr.json")]] = json.loads(files[target.key(key)])
         files[target.key(NODES_KEY)] = json.dumps(nodes).encode()
-    for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
-        target.makedirs(parent)
-    owner.check(target, run_id)
-    target.fs.pipe(files)
-    _phase("metadata")
     plan.fingerprint, plan.pin_version = fingerprint, pinned
-    # (object stores: the arrays every batch writes are opened, a round trip, while
-    # the plan goes, not by the first batch)
-    _concurrently(target, [lambda: target.write_text(PLAN_KEY, plan.to_json()),
-                           lambda: _open_batch_arrays(target, run_id, plan)])
-    _phase("planned")
+    recorded = plan.to_json()
+
+    def lay_out() -> None:
+        for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
+            target.makedirs(parent)
+        owner.check(target, run_id)
+        target.fs.pipe(files)
+        _phase("metadata")
+        # (object stores: the arrays every batch writes are opened, a round trip,
+        # while the plan goes, not by the first batch)
+        _concurrently(target, [lambda: target.write_text(PLAN_KEY, recorded),
+                               lambda: _open_batch_arrays(target, run_id, plan)])
+        _phase("planned")
+
+    if not behind:
+        lay_out()
+        return plan
+    pool = ThreadPoolExecutor(1, thread_name_prefix="siff-xarray-layout")
+    with _layouts_lock:
+        _layouts[run_id] = pool.submit(lay_out)
+    pool.shutdown(wait=False)
     return plan
+
+
+#: per run id, the store being laid out behind the first batches (_start's ``behind``)
+_layouts: dict[str, Future[None]] = {}
+_layouts_lock = threading.Lock()
+
+
+def _await_layout(run_id: str, *, raising: bool = True, forget: bool = False) -> None:
+    """Wait until run ``run_id``'s store is laid out, if it is being; raise its error.
+
+    ``raising=False``: only wait; ``forget``: the run is done with it.
+    """
+    with _layouts_lock:
+        job = _layouts.pop(run_id, None) if forget else _layouts.get(run_id)
+    if job is None:
+        return
+    if raising:
+        job.result()
+    else:
+        wait([job])
 
 
 def _phase(name: str) -> None:
@@ -1633,6 +1691,8 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
         else:
             tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id)
                      for b in todo]
+        if not (isinstance(scheduler, str) and scheduler in _THREADED):
+            _await_layout(run_id)  # (other processes open the arrays from the store)
         try:
             if isinstance(scheduler, str) and is_remote(scheduler):
                 from dask.distributed import Client
@@ -1646,6 +1706,8 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
         finally:
             tracker.close()
             _forget_sources(run_id)  # this process's threads (local schedulers)
+            _await_layout(run_id, raising=False)  # (nothing written behind the run's end)
+    _await_layout(run_id, forget=True)  # (its error, where no batch met it)
     missing = set(range(plan.n_batches)) - target.done_batches()
     if missing:
         raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "

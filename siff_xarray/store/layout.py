@@ -396,6 +396,8 @@ class Plan:
     #: per batch, the OME level-0 timepoints it tallies for the contrast windows
     #: (store.ome.window_rows); None: the finish reads them from the store
     window_rows: list[list[int]] | None = None
+    #: the intensity's shape (None: a batch reads it from the store)
+    intensity_shape: list[int] | None = None
 
     @property
     def n_batches(self) -> int:
