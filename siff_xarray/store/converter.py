@@ -759,10 +759,10 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     return b, f1 - f0, n
 
 
-def _prepare(sources: list[str], target: Target, build: Target,
+def _prepare(sources: list[str], target: Target, build: Any,
              source_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
              arrival_dtype: str, ome: bool, ome_levels: int | None, lead: Acquisition) -> Plan:
-    """Create every array (metadata and the small per-frame arrays) in ``build``.
+    """Create every array (metadata and the small per-frame arrays) in zarr store ``build``.
 
     ``lead`` holds the sources, open (see :func:`_open_lead`). Returns the plan of
     the conversion into ``target``.
@@ -789,7 +789,7 @@ def _prepare(sources: list[str], target: Target, build: Target,
     return plan
 
 
-def _plan(sources: list[str], target: Target, build: Target,
+def _plan(sources: list[str], target: Target, build: Any,
           source_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
           arrival_dtype: str, ome: bool, ome_levels: int | None, f: Acquisition,
           ds: Any) -> Plan:
@@ -856,7 +856,7 @@ def _plan(sources: list[str], target: Target, build: Target,
                                "compressors": compressors()}
     for v in template.variables:  # coordinates and eager variables: checksummed too
         encoding_all.setdefault(str(v), {"compressors": compressors()})
-    store = build.zarr()
+    store = build
     with quiet_text_dtype():
         template.to_zarr(store, mode="w-", compute=False, encoding=encoding_all,
                          consolidated=False, zarr_format=3, write_empty_chunks=True)
@@ -1429,7 +1429,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
            behind: bool = False) -> Plan:
     """Lay out a new store: owner, marker, metadata and small arrays, plan (written in order).
 
-    The metadata are built in a local temporary directory and then copied in, the
+    The metadata are built in memory and then copied in, the
     root ``zarr.json`` under ``.siff-progress/``: the store is never a readable Zarr
     group before :func:`_finish`, and from its first byte on it is marked as an
     unfinished conversion (``open_converted`` and ``verify`` say so; ``resume``
@@ -1442,40 +1442,39 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     own while the first batches decode; a batch writes nothing before it is done
     (:func:`_checking`), and :func:`_run` waits for it (:func:`_await_layout`).
     """
-    import tempfile
+    from zarr.storage import MemoryStore
 
     pinned = all(p.options.pin_version for p in lead.files)
     layout = {"shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes,
               "arrival_dtype": arrival_dtype, "ome": ome, "ome_levels": ome_levels}
-    with tempfile.TemporaryDirectory(prefix="siff-xarray-") as tmp:
-        build = Target(tmp, None)
-        # the metadata are built locally (from the open sources: no request to the
-        # store) while the owner record and the marker are written: on object storage
-        # their four round trips overlap the building's CPU; the sources' fingerprint
-        # (remote: a round trip; the sizes known from the open let it ask for all it
-        # needs at once) is taken meanwhile. (A refused claim waits for both as the
-        # pool closes, and raises its own error.)
-        _import_dask_threaded()  # before the thread: _prepare imports dask
-        with ThreadPoolExecutor(2) as pool:
-            printing = pool.submit(_fingerprint, srcs, storage_options,
-                                   [p.header.file_size for p in lead.files], pinned)
-            preparing = pool.submit(_prepare, srcs, target, build, storage_options,
-                                    shard_bytes, chunk_bytes, arrival_dtype, ome, ome_levels,
-                                    lead)
-            owner.claim(target, run_id)
-            fingerprint = printing.result()
-            target.write_text(STARTED_KEY, json.dumps({
-                "sources": srcs, "fingerprint": fingerprint, "layout": layout}))
-            _phase("started")
-            plan = preparing.result()
-        _phase("prepared")
-        files, nodes = {}, {}
-        for path in build.fs.find(build.root):
-            key = path[len(build.root) + 1 :]
-            files[target.key(ROOT_KEY if key == "zarr.json" else key)] = build.fs.cat_file(path)
-            if key.endswith("/zarr.json"):
-                nodes[key[: -len("/zarr.json")]] = json.loads(files[target.key(key)])
-        files[target.key(NODES_KEY)] = json.dumps(nodes).encode()
+    # the metadata are built in memory (from the open sources: no request to the
+    # store; a local directory cost zarr a file write per key, each handed to a
+    # thread) while the owner record and the marker are written: on object storage
+    # their four round trips overlap the building's CPU; the sources' fingerprint
+    # (remote: a round trip; the sizes known from the open let it ask for all it
+    # needs at once) is taken meanwhile. (A refused claim waits for both as the
+    # pool closes, and raises its own error.)
+    built: dict[str, Any] = {}
+    _import_dask_threaded()  # before the thread: _prepare imports dask
+    with ThreadPoolExecutor(2) as pool:
+        printing = pool.submit(_fingerprint, srcs, storage_options,
+                               [p.header.file_size for p in lead.files], pinned)
+        preparing = pool.submit(_prepare, srcs, target, MemoryStore(built), storage_options,
+                                shard_bytes, chunk_bytes, arrival_dtype, ome, ome_levels, lead)
+        owner.claim(target, run_id)
+        fingerprint = printing.result()
+        target.write_text(STARTED_KEY, json.dumps({
+            "sources": srcs, "fingerprint": fingerprint, "layout": layout}))
+        _phase("started")
+        plan = preparing.result()
+    _phase("prepared")
+    files, nodes = {}, {}
+    for key in sorted(built):
+        data = built[key].to_bytes()
+        files[target.key(ROOT_KEY if key == "zarr.json" else key)] = data
+        if key.endswith("/zarr.json"):
+            nodes[key[: -len("/zarr.json")]] = json.loads(data)
+    files[target.key(NODES_KEY)] = json.dumps(nodes).encode()
     plan.fingerprint, plan.pin_version = fingerprint, pinned
     recorded = plan.to_json()
 
