@@ -1738,6 +1738,10 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
         return real_batch(plan_json, b, run_id)
 
     monkeypatch.setattr(conv._RunSources, "pass_on", passing)
+    # (the other thread's source opens beside the start, its requests in rounds of their
+    # own when they miss the fingerprint's: it is
+    # test_remote_conversion_opens_its_source_once_per_worker_thread's; here the start's)
+    monkeypatch.setattr(conv, "_open_spares", lambda *a, **k: [])
     monkeypatch.setattr(FsspecSource, "will_need",
                         lambda self, a, z: (spans.append((a, z)), real_need(self, a, z))[1])
     monkeypatch.setattr(conv, "_write_batch", recording)
@@ -2697,9 +2701,14 @@ def test_workers_follow_a_redirected_link_once_each_and_read_at_its_target(
         assert len(seen) - len(at_link) >= ds.intensity.data.npartitions // 2
         seen.clear()
         # the photon reductions open the file on each worker again (one probe each),
-        # after one look here for a converted store at the link (answered: the file)
+        # after one look here for a converted store at the link (answered: the file);
+        # a worker may open it twice: xarray closes a file when the last unpickled
+        # copy of its manager is collected, which under load can fall between two
+        # tasks (seen in CI on Python 3.13: 9 requests at the link), still not one
+        # per chunk
         np.testing.assert_array_equal(ds.siff.lifetime(masks).compute().values, want_life)
-        assert sum(1 for s in seen if s[0] == "api") <= 1 + 2 * 2, seen
+        assert sum(1 for s in seen if s[0] == "api") <= 1 + 2 * 2 * 2 < \
+            ds.intensity.data.npartitions, seen
         token[0] = 2  # every worker's target expires
         seen.clear()
         np.testing.assert_array_equal(client.compute(ds.intensity.data, sync=True), want)
