@@ -940,6 +940,17 @@ def _description_key(b: int) -> str:
     return f"{PROGRESS}/description-{b:06d}"
 
 
+def _read_each(target: Target, items: list[Any], read: Callable[[Any], Any]) -> list[Any]:
+    """Return ``read(item)`` of each item: at once on object stores, else in order.
+
+    (On object storage each read waits a round trip.)
+    """
+    if not target.object_store or len(items) < 2:
+        return [read(x) for x in items]
+    with ThreadPoolExecutor(min(len(items), 32)) as pool:
+        return list(pool.map(read, items))
+
+
 def _window_key(b: int) -> str:
     return f"{PROGRESS}/window-{b:06d}.json"
 
@@ -960,11 +971,7 @@ def _batch_windows(target: Target, plan: Plan) -> list[dict[str, float]] | None:
         except FileNotFoundError:
             return None
 
-    if target.object_store and len(batches) > 1:
-        with ThreadPoolExecutor(min(len(batches), 32)) as pool:
-            parts = list(pool.map(read, batches))
-    else:
-        parts = [read(b) for b in batches]
+    parts = _read_each(target, batches, read)
     if any(p is None for p in parts):
         return None
     return windows_of(merge_tallies(parts)) if parts else None
@@ -978,11 +985,8 @@ def _write_descriptions(target: Target, plan: Plan) -> None:
     costs one request per frame).
     """
     def parts() -> list[bytes]:  # (fs.cat would ask each object's size first)
-        keys = [_description_key(b) for b in range(plan.n_batches)]
-        if not target.object_store or len(keys) < 2:
-            return [target.read_bytes(k) for k in keys]
-        with ThreadPoolExecutor(min(len(keys), 32)) as pool:
-            return list(pool.map(target.read_bytes, keys))
+        return _read_each(target, [_description_key(b) for b in range(plan.n_batches)],
+                          target.read_bytes)
 
     # (written whole, once: the batches' store need not look for its shards first)
     texts, arr = _concurrently(target, [parts, lambda: _open_for_batch(
@@ -1716,13 +1720,24 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
 
 def _threads(scheduler: Any, num_workers: int | None) -> int:
     """Threads of this process that convert batches at once under ``scheduler`` (1: unknown)."""
-    import dask
-
     if not isinstance(scheduler, str) or scheduler not in ("threads", "threading"):
         return 1
-    if num_workers is None and dask.config.get("pool", None) is not None:
-        return 1
-    return max(int(num_workers or dask.config.get("num_workers", None) or _cpu_count()), 1)
+    return max(int(_pool_size(scheduler, num_workers) or 1), 1)
+
+
+def _pool_size(scheduler: str, num_workers: int | None) -> int | None:
+    """Return the ``num_workers`` a local scheduler is given (None: dask's ``pool`` decides).
+
+    The threaded scheduler gets one thread per core unless told otherwise (its
+    ``num_workers`` or dask's ``num_workers`` or ``pool`` settings): dask itself
+    gives that only where it was imported first (:func:`_import_dask_threaded`).
+    """
+    import dask
+
+    if (num_workers is None and scheduler in ("threads", "threading")
+            and dask.config.get("pool", None) is None):
+        return dask.config.get("num_workers", None) or _cpu_count()
+    return num_workers
 
 
 def _open_spares(srcs: list[str], storage_options: dict[str, Any] | None,
@@ -1779,16 +1794,12 @@ def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
                    tracker: _Tracker) -> None:
     """Compute ``tasks`` on a local scheduler, reporting each batch to ``tracker``.
 
-    The threaded scheduler gets one thread per core unless told otherwise (its
-    ``num_workers`` or dask's ``num_workers`` or ``pool`` settings): dask itself
-    gives that only where it was imported first (:func:`_import_dask_threaded`).
+    The threaded scheduler's threads: :func:`_pool_size`.
     """
     import dask
     from dask.callbacks import Callback
 
-    if (num_workers is None and scheduler in ("threads", "threading")
-            and dask.config.get("pool", None) is None):
-        num_workers = dask.config.get("num_workers", None) or _cpu_count()
+    num_workers = _pool_size(scheduler, num_workers)
     kwargs: dict[str, Any] = {} if num_workers is None else {"num_workers": num_workers}
     names = {t.key for t in tasks}
 
