@@ -304,20 +304,23 @@ def checks_for(name: str, directory: Path | None) -> tuple[list[int], list[int]]
     return starts, stops
 
 
-def note_checks(name: str, directory: Path | None, index: FrameIndex, size: int) -> None:
+def note_checks(name: str, directory: Path | None, index: FrameIndex, size: int
+                ) -> tuple[list[int], list[int]]:
     """Record the ranges a thorough check of ``index`` reads, for :func:`checks_for`.
 
     Kept in this process and, where ``directory`` is given and writable, in a file
-    there (written atomically; failures are ignored: it is only a hint).
+    there (written atomically; failures are ignored: it is only a hint). Returns
+    the ranges (starts, stops).
     """
     starts, stops = (a.tolist() for a in check_ranges(index, size))
     if checks_for(name, directory) == (starts, stops):
-        return
+        return starts, stops
     _record(_CHECKED, name, (starts, stops))
     if directory is not None:
         text = json.dumps([[a, b] for a, b in zip(starts, stops, strict=True)]).encode()
         _write_entry(Path(directory), _hint_path(directory, name).name,
                      lambda fh: fh.write(text), "*" + HINT_SUFFIX)
+    return starts, stops
 
 
 def save_index(directory: Path, key: str, index: FrameIndex,

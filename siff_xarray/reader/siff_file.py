@@ -223,7 +223,8 @@ class SiffFile(PhotonReductions):
             save_index(directory, key, index, ts)
         self._all_timestamps = ts
         if remote:
-            note_checks(src.name, directory, index, src.size)  # for the next open
+            # for the next open; and what this one read of them, for reopens here
+            src.keep_for_reopen(*note_checks(src.name, directory, index, src.size))
             if known(src.name) is None:  # for Dask workers (IndexHint)
                 remember(src.name, pack(portable_key(src, hdr), index, ts))
         return index

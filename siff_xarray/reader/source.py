@@ -26,6 +26,7 @@ import contextlib
 import email.utils
 import errno
 import itertools
+import json
 import mmap
 import os
 import signal
@@ -76,8 +77,8 @@ except ImportError:  # pragma: no cover - Windows
 #: whether another process can truncate a file this one has mapped (Windows refuses)
 _SHRINKS_UNDER_MAP = os.name != "nt"
 
-__all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "open_source",
-           "probe_ends", "probe_following", "sibling_url"]
+__all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "forget_probes",
+           "open_source", "probe_ends", "probe_following", "sibling_url"]
 
 
 #: parts of a long read (or sub-batches of a conversion) fetched while one decodes:
@@ -166,6 +167,21 @@ class ByteSource:
         return contextlib.nullcontext(True)
 
     _tail: bytes | None = None
+
+    def keep_for_reopen(self, starts: list[int], stops: list[int]) -> None:
+        """Let reopens of this version in this process take these ranges' bytes.
+
+        The ranges (an index check's IFDs) join the probe kept for the object,
+        where this source read them: a reopen (:func:`_probed`) checks its index
+        without a request.
+        """
+        if self._probe_key is None or self.version is None:
+            return
+        keys = [(int(a), min(int(b), self.size)) for a, b in zip(starts, stops, strict=True)]
+        with self._lock:
+            blocks = [(k[0], self._cache[k]) for k in keys if k in self._cache]
+        if blocks:
+            _add_to_probe(self._probe_key, self.version, blocks)
 
     def read_sibling(self, suffix: str) -> bytes | None:
         """Return the file ``name + suffix`` next to this one, or ``None`` if absent."""
@@ -701,7 +717,7 @@ class FsspecSource(ByteSource):
                 direct = direct_ranges(url, storage_options) if self.direct_http else None
             #: the direct reads as first made (a redirect's target expires: asked again)
             self._origin = direct
-            probe, direct = self._probe(direct, version)
+            probe, direct = self._probe(direct, version, storage_options)
             info = self._fs.info(self._path) if probe is None else _probed_info(
                 probe, s3=self._s3 is not None)
         except Exception as exc:
@@ -754,12 +770,17 @@ class FsspecSource(ByteSource):
             for a, data in probe.blocks:
                 self._remember((a, a + len(data)), data)
             self._with_head = ()
-            self.bytes_fetched += len(probe.head) + len(probe.tail) + sum(
-                len(d) for _, d in probe.blocks)
+            if not self._probe_kept:  # a kept probe's bytes were fetched by an earlier open
+                self.bytes_fetched += len(probe.head) + len(probe.tail) + sum(
+                    len(d) for _, d in probe.blocks)
 
-    def _probe(self, direct: DirectRanges | None, version: str | None
+    def _probe(self, direct: DirectRanges | None, version: str | None,
+               storage_options: dict[str, Any] | None = None
                ) -> tuple[Probe | None, DirectRanges | None]:
         """Learn size and ETag with the head, tail and hinted ranges: one round trip.
+
+        None at all where this process already probed the object at ``version``
+        (pinned reads only): see :func:`_probed`.
 
         Through ``direct``: plain http(s) URLs (:func:`.http_ranges.direct_ranges`)
         and S3 objects (a presigned URL). Returns the probe and the direct reads that
@@ -771,15 +792,24 @@ class FsspecSource(ByteSource):
         """
         if direct is None:
             return None, None
+        self._probe_key = _probe_key(self.name, storage_options) if self.pinned else None
+        if version is not None and self._probe_key is not None:
+            got = _probed(self._probe_key, version)
+            if got is not None:  # the target a link led to, or these reads themselves
+                self._probe_kept = True
+                return got[0], got[1] if got[1] is not None and self._s3 is None else direct
         starts, stops = [a for a, _ in self._with_head], [b for _, b in self._with_head]
         try:
-            return probe_following(direct, self._s3 is None, self.head_bytes,
-                                   self.tail_bytes, starts, stops, self._if_match(version),
-                                   versions=self.pinned)
+            probe, answered = probe_following(
+                direct, self._s3 is None, self.head_bytes, self.tail_bytes, starts, stops,
+                self._if_match(version), versions=self.pinned)
         except TimeoutError:
             raise
         except Exception:  # fsspec asks again and reports
             return None, direct
+        if probe is not None and probe.etag and self._probe_key is not None:
+            _remember_probe(self._probe_key, probe, None if answered is direct else answered)
+        return probe, answered
 
     def _if_match(self, etag: str | None) -> dict[str, str] | None:
         """Return the ``If-Match`` header requiring ``etag``, where a server can be asked to.
@@ -862,6 +892,9 @@ class FsspecSource(ByteSource):
     #: header, the first IFD and description come in one request, not three
     head_bytes = 64 * 2**10
     _head: bytes | None = None
+    #: the probe's record of this object, and whether the open took it from there
+    _probe_key: str | None = None
+    _probe_kept = False
 
     def _presigned(self) -> DirectRanges | None:
         """Return direct reads of this S3 object through a URL s3fs presigns (None: s3fs).
@@ -1206,6 +1239,8 @@ class FsspecSource(ByteSource):
                         or getattr(exc, "status", 404) not in _EXPIRED):
                     raise
                 self._direct = direct = self._follow_again(exc)
+                if self._probe_key is not None and self.version is not None:
+                    _retarget_probe(self._probe_key, self.version, direct)
                 got = fetch(direct)
         except StepAside:
             self._direct = self._s3 = None
@@ -1478,6 +1513,75 @@ def _presigned_ranges(fs: Any, path: str, url: str, settings: S3Settings, second
 
 #: statuses of a redirect's target that may mean its (presigned) URL expired
 _EXPIRED = frozenset({400, 401, 403, 404, 410})
+
+
+#: what pinned opens in this process learnt of each object (:func:`_probed`), newest last
+_PROBES: OrderedDict[tuple[str, str], tuple[Probe, DirectRanges | None]] = OrderedDict()
+_PROBES_LOCK = threading.Lock()
+#: objects whose probe is kept (each a few tens of KiB: the head, tail and hinted ranges)
+MAX_PROBES = 32
+
+
+def _probe_key(url: str, storage_options: dict[str, Any] | None) -> str:
+    """Name the object a probe was of: its URL and storage options (as JSON text)."""
+    return json.dumps([url, storage_options], sort_keys=True, default=repr)
+
+
+def _probed(key: str, version: str) -> tuple[Probe, DirectRanges | None] | None:
+    """Return what an open in this process learnt of ``key`` at ``version``, if it did.
+
+    The probe (size, ETag, head, tail, hinted ranges) and, for a link that
+    redirected, the reads of its target. A reopen at a known version asks the
+    server nothing: every read of it requires that version (If-Match), so a
+    replaced object is refused at the first read as it would be at the probe.
+    This is what keeps a Dask worker from probing a file again on each task when
+    xarray closed it between two (its file managers close a file with the last
+    copy of the manager in the process), and the photon reductions from probing
+    a file the chunks' reads opened.
+    """
+    with _PROBES_LOCK:
+        got = _PROBES.get((key, version))
+        if got is not None:
+            _PROBES.move_to_end((key, version))
+        return got
+
+
+def _remember_probe(key: str, probe: Probe, target: DirectRanges | None) -> None:
+    """Keep ``probe`` (its hinted ranges only when small) for reopens of its version."""
+    if sum(len(d) for _, d in probe.blocks) > 2**20:
+        probe = probe._replace(blocks=[])
+    with _PROBES_LOCK:
+        _PROBES[(key, str(probe.etag))] = (probe, target)
+        _PROBES.move_to_end((key, str(probe.etag)))
+        while len(_PROBES) > MAX_PROBES:
+            _PROBES.popitem(last=False)
+
+
+def _add_to_probe(key: str, version: str, blocks: list[tuple[int, bytes]]) -> None:
+    """Add ``blocks`` (``(start, bytes)``) to the probe kept of ``key`` at ``version``."""
+    with _PROBES_LOCK:
+        got = _PROBES.get((key, version))
+        if got is None:
+            return
+        have = dict(got[0].blocks)
+        for a, data in blocks:
+            if a not in have and sum(map(len, have.values())) + len(data) <= 2**20:
+                have[a] = data
+        _PROBES[(key, version)] = (got[0]._replace(blocks=sorted(have.items())), got[1])
+
+
+def _retarget_probe(key: str, version: str, target: DirectRanges) -> None:
+    """Record the new target of a link whose old one expired (reopens go there)."""
+    with _PROBES_LOCK:
+        got = _PROBES.get((key, version))
+        if got is not None:
+            _PROBES[(key, version)] = (got[0], target)
+
+
+def forget_probes() -> None:
+    """Drop every probe this process keeps (the next open of each object asks again)."""
+    with _PROBES_LOCK:
+        _PROBES.clear()
 
 
 def probe_following(direct: DirectRanges, follow: bool, *args: Any, **kwargs: Any
