@@ -122,6 +122,20 @@ class ShardEncoder:
         return b"".join(parts)
 
 
+def _zarr_sync() -> Any:
+    """Return zarr's function that runs a coroutine on its event loop, or None.
+
+    zarr-python has no public name for it (``zarr.core.sync.sync``, which its own
+    synchronous API calls); a release that moves it makes the shards zarr's to
+    write again, more slowly, rather than failing.
+    """
+    try:
+        from zarr.core.sync import sync
+    except ImportError:
+        return None
+    return sync
+
+
 def write_along(arr: Any, at: int, values: np.ndarray) -> None:
     """``arr[at : at + len(values)] = values``, as whole shards encoded here where it can.
 
@@ -140,8 +154,11 @@ def write_along(arr: Any, at: int, values: np.ndarray) -> None:
             or (n % step and at + n != arr.shape[0])):
         arr[at : at + n] = values
         return
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+    sync = _zarr_sync()
+    if sync is None:  # (a zarr without it: zarr writes the shards)
+        arr[at : at + n] = values
+        return
+    from zarr.buffer import default_buffer_prototype
 
     store, prefix = arr.store_path.store, arr.store_path.path
     encode_key = arr.metadata.encode_chunk_key
