@@ -468,12 +468,24 @@ class _CountingProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+            def _counted_forward(self):
+                with proxy.lock:
+                    proxy.inflight += 1
+                    proxy.most_inflight = max(proxy.most_inflight, proxy.inflight)
+                try:
+                    self._forward()
+                finally:
+                    with proxy.lock:
+                        proxy.inflight -= 1
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _counted_forward
 
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256
             daemon_threads = True
 
+        #: requests being answered now, and the most at once (reset it to measure)
+        self.inflight = self.most_inflight = 0
         self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -549,18 +549,26 @@ def _batch_array(target: Target, run_id: str, path: str) -> Any:
     return arr
 
 
-def _open_batch_arrays(target: Target, run_id: str, plan: Plan) -> None:
-    """Open the arrays every batch writes at once (object stores; a process's first batch).
+#: arrays only some stores have (no arrival-time histogram for intensity-only pages,
+#: no flyback rows without flyback frames)
+_OPTIONAL_ARRAYS = ("histogram", "photons/flyback_intensity")
+
+
+def _open_batch_arrays(target: Target, run_id: str, plan: Plan,
+                       optional: Iterable[str] = ()) -> None:
+    """Open the arrays a batch writes at once (object stores; a process's first batch).
 
     Each open reads the array's metadata: a round trip on object storage, waited
-    one after another where a batch opens its arrays as it comes to them. Arrays
-    that only some sources have (histogram, flyback) open when first written.
+    one after another where a batch opens its arrays as it comes to them, and by
+    each thread that comes to an array not yet open. ``optional`` names the arrays
+    of :data:`_OPTIONAL_ARRAYS` this store has.
     """
     if not target.object_store:
         return
     paths = ["intensity", "photons/arrival_time", "photon_count"]
     if plan.ome:
         paths += [f"ome/{k}" for k in range(plan.ome_levels)]
+    paths += [p for p in _OPTIONAL_ARRAYS if p in set(optional)]
     with _run_arrays_lock:
         opened = _run_arrays.get((run_id, target.destination), (None, {}))[1]
         paths = [p for p in paths if p not in opened]
@@ -694,7 +702,10 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
             raise
     # every byte is read: check the source again while the results are written
     checked = _checking(plan, context)
-    _open_batch_arrays(target, run_id, plan)
+    hblock = hists[:n_rows].reshape(*lead, nbins) if nbins else None
+    fly_rows = images[n_rows:].view(plan.intensity_dtype)  # (signed samples: same bits)
+    _open_batch_arrays(target, run_id, plan, [p for p, some in zip(
+        _OPTIONAL_ARRAYS, (hblock is not None, len(fly_rows)), strict=True) if some])
     inten = _batch_array(target, run_id, "intensity")
     block = images[:n_rows].reshape(shape)
     pc = counts[:n_rows].reshape(lead)
@@ -702,8 +713,6 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
         block = block.view(plan.intensity_dtype)
         # their "photon count" is the signed sum, as the siff engine reports it
         pc = block.reshape(*lead, -1).sum(axis=-1, dtype=np.int64).astype(np.uint32)
-    hblock = hists[:n_rows].reshape(*lead, nbins) if nbins else None
-    fly_rows = images[n_rows:].view(block.dtype)
 
     def array(path: str) -> Any:
         return _batch_array(target, run_id, path)
@@ -1491,7 +1500,7 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
         # (object stores: the arrays every batch writes are opened, a round trip,
         # while the plan goes, not by the first batch)
         _concurrently(target, [lambda: target.write_text(PLAN_KEY, recorded),
-                               lambda: _open_batch_arrays(target, run_id, plan)])
+                               lambda: _open_batch_arrays(target, run_id, plan, nodes)])
         _phase("planned")
 
     if not behind:
