@@ -169,19 +169,11 @@ class ByteSource:
     _tail: bytes | None = None
 
     def keep_for_reopen(self, starts: list[int], stops: list[int]) -> None:
-        """Let reopens of this version in this process take these ranges' bytes.
+        """Let reopens of this file in this process take these ranges' bytes.
 
-        The ranges (an index check's IFDs) join the probe kept for the object,
-        where this source read them: a reopen (:func:`_probed`) checks its index
-        without a request.
+        Only a remote file keeps anything (:meth:`FsspecSource.keep_for_reopen`): a
+        local file or a file object is opened without a request to spare.
         """
-        if self._probe_key is None or self.version is None:
-            return
-        keys = [(int(a), min(int(b), self.size)) for a, b in zip(starts, stops, strict=True)]
-        with self._lock:
-            blocks = [(k[0], self._cache[k]) for k in keys if k in self._cache]
-        if blocks:
-            _add_to_probe(self._probe_key, self.version, blocks)
 
     def read_sibling(self, suffix: str) -> bytes | None:
         """Return the file ``name + suffix`` next to this one, or ``None`` if absent."""
@@ -895,6 +887,21 @@ class FsspecSource(ByteSource):
     #: the probe's record of this object, and whether the open took it from there
     _probe_key: str | None = None
     _probe_kept = False
+
+    def keep_for_reopen(self, starts: list[int], stops: list[int]) -> None:
+        """Let reopens of this version in this process take these ranges' bytes.
+
+        The ranges (an index check's IFDs) join the probe kept for the object,
+        where this source read them: a reopen (:func:`_probed`) checks its index
+        without a request.
+        """
+        if self._probe_key is None or self.version is None:
+            return
+        keys = [(int(a), min(int(b), self.size)) for a, b in zip(starts, stops, strict=True)]
+        with self._lock:
+            blocks = [(k[0], self._cache[k]) for k in keys if k in self._cache]
+        if blocks:
+            _add_to_probe(self._probe_key, self.version, blocks)
 
     def _presigned(self) -> DirectRanges | None:
         """Return direct reads of this S3 object through a URL s3fs presigns (None: s3fs).
