@@ -185,6 +185,8 @@ class _RangeServer:
         self._answered = 0
         #: when each request arrived (``time.monotonic()``): see :meth:`round_trips`
         self.arrivals = []
+        #: ``[arrival, answered]`` of every request, in order of arrival (see _chain)
+        self.spans = []
         #: the most requests waiting out their latency at once (requests a client has
         #: on their way together; with ``latency`` set)
         self.most_waiting = 0
@@ -206,6 +208,14 @@ class _RangeServer:
                 self.protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
                 return super().parse_request()
 
+            def handle_one_request(self):
+                self._span = None
+                try:
+                    super().handle_one_request()
+                finally:  # answered (or failed): when a client can send what depended on it
+                    if self._span is not None:
+                        self._span[1] = time.monotonic()
+
             def _file(self):
                 p = os.path.join(server.root, self.path.lstrip("/").split("?")[0])
                 return p if os.path.isfile(p) else None
@@ -218,6 +228,8 @@ class _RangeServer:
                 """
                 with server.lock:
                     server.arrivals.append(time.monotonic())
+                    self._span = [server.arrivals[-1], None]
+                    server.spans.append(self._span)
                     server._waiting += 1
                     server._answered += 1
                     self.backend = server._answered % max(server.etag_backends, 1)
@@ -349,8 +361,8 @@ class _RangeServer:
         self.thread.start()
 
     def round_trips(self, since: int = 0) -> int:
-        """Rounds of requests since arrival ``since``, with ``latency`` set."""
-        return _rounds(self.arrivals[since:], self.latency)
+        """Round trips waited one after another since arrival ``since`` (:func:`_chain`)."""
+        return _chain(self.spans[since:])
 
     def close(self):
         self.httpd.shutdown()
@@ -367,6 +379,30 @@ def _rounds(arrivals: list[float], latency: float) -> int:
     times = sorted(arrivals)
     return sum(1 for a, b in zip([None, *times], times, strict=False)
                if a is None or b - a > latency / 2)
+
+
+def _chain(spans: list[list[float | None]]) -> int:
+    """How many of these requests a client waited for one after another.
+
+    ``spans`` are ``[arrival, answered]`` at the server (answered None: not yet).
+    A request sent after an answer arrived at the server after that answer was
+    sent; requests sent together each arrived before the others' answers (the
+    injected latency holds every answer back). The longest run of requests each
+    arriving after the one before was answered (the most that do not overlap,
+    found by taking the earliest answered first) is the round trips waited.
+    Unlike :func:`_rounds` (gaps between arrivals), requests sent together and
+    spread out by a loaded machine are not counted as several rounds unless one
+    arrived after another's answer, and waves held back by a pool of connections
+    are not merged however their arrivals spread.
+    """
+    done = float("-inf")
+    n = 0
+    for a, b in sorted(((s[0], float("inf") if s[1] is None else s[1]) for s in spans),
+                       key=lambda s: s[1]):
+        if a >= done:
+            n += 1
+            done = b
+    return n
 
 
 class _CountingProxy:
@@ -392,6 +428,8 @@ class _CountingProxy:
         self.bytes_sent = 0
         #: when each request arrived (``time.monotonic()``), before the latency
         self.arrivals: list[float] = []
+        #: ``[arrival, answered]`` of every request, in order of arrival (see _chain)
+        self.spans: list[list[float | None]] = []
         #: ``(method, path)`` of every request, in order of arrival
         self.log: list[tuple[str, str]] = []
         #: the headers of every PUT (lower case) and the CRC32 of the body it brought
@@ -418,6 +456,8 @@ class _CountingProxy:
             def _forward(self):
                 with proxy.lock:
                     proxy.arrivals.append(time.monotonic())
+                    self._span = [proxy.arrivals[-1], None]
+                    proxy.spans.append(self._span)
                     proxy.log.append((self.command, self.path))
                 if proxy.latency:
                     time.sleep(proxy.latency)
@@ -472,11 +512,15 @@ class _CountingProxy:
                 with proxy.lock:
                     proxy.inflight += 1
                     proxy.most_inflight = max(proxy.most_inflight, proxy.inflight)
+                self._span = None
                 try:
                     self._forward()
+                    self.wfile.flush()
                 finally:
                     with proxy.lock:
                         proxy.inflight -= 1
+                        if self._span is not None:  # (the answer is on its way)
+                            self._span[1] = time.monotonic()
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _counted_forward
 
@@ -497,9 +541,9 @@ class _CountingProxy:
             return sum(self.counts.values())
 
     def round_trips(self, since: int = 0) -> int:
-        """Rounds of requests since arrival ``since``, with ``latency`` set."""
+        """Round trips waited one after another since arrival ``since`` (:func:`_chain`)."""
         with self.lock:
-            return _rounds(self.arrivals[since:], self.latency)
+            return _chain(self.spans[since:])
 
     def close(self):
         self.httpd.shutdown()

@@ -1762,7 +1762,7 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
     the change built the Dataset on the open files, and Dask's tokenizing of its
     lazy arrays reopened the file six times: the template's arrays are named.)
     """
-    from conftest import _rounds
+    from conftest import _chain
 
     from siff_xarray.reader.acquisition import Acquisition
     from siff_xarray.reader.source import FsspecSource
@@ -1812,7 +1812,7 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
         zs.convert(url, dst, scheduler=scheduler, num_workers=2, shard_bytes=volume,
                    chunk_bytes=1)
         # the open (header with tail and the checked IFDs), then the fingerprint
-        assert _rounds(http_server.arrivals[at:started[0]], 0.05) == 2, scheduler
+        assert _chain(http_server.spans[at:started[0]]) == 2, scheduler
         if scheduler == "sync":
             assert len(opened) == 1
         # the first frame was asked for before the first batch started
@@ -1829,7 +1829,7 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     open before it). The fingerprint is taken while the store is claimed and the
     sidecar goes once the Dataset is built: where that takes less than a round trip
     they go together (two rounds), else one after the other (three)."""
-    from conftest import _rounds
+    from conftest import _chain
 
     from siff_xarray.reader.acquisition import Acquisition
     from siff_xarray.store import converter as conv
@@ -1858,7 +1858,7 @@ def test_an_s3_conversion_starts_its_first_batch_after_three_round_trips(
     at = len(proxy.arrivals)
     zs.convert(url, tmp_path / "s3.zarr", scheduler="sync", shard_bytes=volume,
                chunk_bytes=1, storage_options=opts)
-    assert 2 <= _rounds(proxy.arrivals[at:started[0]], 0.05) <= 3
+    assert 2 <= _chain(proxy.spans[at:started[0]]) <= 3
     assert len(opened) == 1 and fs.exists("conv-bucket/s3c.siff.siffidx")
     assert zs.verify(t.path, tmp_path / "s3.zarr") == [] and conv._runs == {}
 
@@ -1987,7 +1987,7 @@ def test_an_s3_to_s3_conversion_overlaps_its_start_with_the_sources_round_trips(
     call to the first batch, then 9 (the listing also lists the bucket where the store is
     absent, as s3fs does), now 7: the metadata and the plan's record are written while
     the first batches decode."""
-    from conftest import _rounds
+    from conftest import _chain
 
     from siff_xarray.store import converter as conv
 
@@ -2017,7 +2017,7 @@ def test_an_s3_to_s3_conversion_overlaps_its_start_with_the_sources_round_trips(
     started.clear()
     at = len(proxy.arrivals)
     zs.convert(url, dst, **kw)
-    assert _rounds(proxy.arrivals[at:started[0]], 0.2) <= 8
+    assert _chain(proxy.spans[at:started[0]]) <= 8
     proxy.latency = 0.0
     assert zs.verify(t.path, dst, target_options=opts) == [] and conv._runs == {}
     # a store that refuses the run: the early open's error is not the one raised

@@ -1826,7 +1826,7 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     once: 2 round trips. The windows used to wait for the nodes' record (5 round
     trips), then to read level 0's sample back from the store (4)."""
     import s3fs
-    from conftest import _rounds
+    from conftest import _chain
 
     from siff_xarray.store import converter as conv
 
@@ -1849,7 +1849,7 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
     proxy.latency = 0.0
     (a0, l0), (a1, l1) = marks["finish"], marks["finishing"]
-    assert _rounds(proxy.arrivals[a0:a1], 0.1) == 2
+    assert _chain(proxy.spans[a0:a1]) == 2
     assert not [p for _, p in proxy.log[l0:l1] if "/ome/0/" in p]  # no image data read
     assert zs.verify(t.path, dst, target_options=opts) == []
     # the windows are in ome's metadata, and the root consolidates them as written
@@ -1940,7 +1940,7 @@ def test_an_s3_conversions_summary_lists_the_store_while_its_progress_records_go
     is listed for the summary's size (the records left out), and the photons' node
     comes from the metadata just published: the summary's bytes are the store's."""
     import s3fs
-    from conftest import _rounds
+    from conftest import _chain
 
     from siff_xarray.store import converter as conv
 
@@ -1959,7 +1959,7 @@ def test_an_s3_conversions_summary_lists_the_store_while_its_progress_records_go
     a, n = marks["published"]
     after = proxy.log[n:]
     assert not [p for m, p in after if m == "GET" and p.endswith("photons/zarr.json")], after
-    assert _rounds(proxy.arrivals[a:], 0.1) <= 2, after
+    assert _chain(proxy.spans[a:]) <= 2, after
     fs.invalidate_cache()
     assert summary.store_bytes == fs.du("summary-bucket/run.zarr") > 0
     assert not fs.exists("summary-bucket/run.zarr/.siff-progress")
