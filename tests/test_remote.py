@@ -844,6 +844,48 @@ def test_a_remote_object_replaced_under_an_open_dataset_is_an_error(http_server,
         assert not np.array_equal(want, local.intensity.isel(time=0).values)
 
 
+def test_a_chained_urls_object_replaced_is_refused_where_the_dataset_is_opened_again(
+        http_server, tmp_path):
+    """A chained URL (``simplecache::``) reads through fsspec's cache: its reads
+    cannot require a version. Its ETag is still taken at the open and carried to
+    every later open of the Dataset's file (a Dask worker's, here the pickled
+    Dataset's after its files were closed), which refuses another object. Before,
+    such an open read the new object's photons at the old index's offsets."""
+    from xarray.backends.file_manager import FILE_CACHE
+
+    first, second = _two_versions(tmp_path)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "run.siff").write_bytes(first)
+    url = f"simplecache::{http_server.url}/served/run.siff"
+
+    def opts(cache: str) -> dict:  # (every "process" its own download cache)
+        return {"simplecache": {"cache_storage": str(tmp_path / cache)}}
+
+    with xr.open_dataset(tmp_path / "a.siff", engine="siff") as local:
+        want = local.intensity.values
+    with xr.open_dataset(url, engine="siff", chunks={}, chunk_bytes=1,
+                         storage_options=opts("client"), index_cache=False) as ds:
+        assert ds.intensity.data.npartitions > 1
+        np.testing.assert_array_equal(ds.intensity.values, want)
+        with SiffFile(url, storage_options=opts("worker")) as f:
+            version = f.version
+            assert version and not f._source.reads_pinned
+        shipped = pickle.dumps(ds.intensity.data)  # as a Dask graph goes to a worker
+        time.sleep(0.01)
+        (served / "run.siff").write_bytes(second)  # same size, new photons, new ETag
+        FILE_CACHE.clear()  # every file the Dataset opened is opened again
+        with pytest.raises(SiffFormatError, match=r"run\.siff.*replaced since it was first"):
+            pickle.loads(shipped).compute(scheduler="sync")
+        with pytest.raises(SiffFormatError, match=r"run\.siff.*replaced since it was first"):
+            SiffFile(url, storage_options=opts("another"), version=version)
+    # opened again, it reads the new object
+    with xr.open_dataset(url, engine="siff", storage_options=opts("fresh"),
+                         index_cache=False) as ds, \
+            xr.open_dataset(tmp_path / "b.siff", engine="siff") as local:
+        np.testing.assert_array_equal(ds.intensity.values, local.intensity.values)
+
+
 def test_an_object_replaced_after_fsspec_listed_it_opens_as_it_is_now(s3_server, tmp_path):
     """s3fs answers ``info`` from listings it cached: a stale ETag must not lock a file out.
 

@@ -153,7 +153,12 @@ class SiffFile(PhotonReductions):
 
     @property
     def version(self) -> str | None:
-        """The ETag every read of a remote file requires (None: local, or not pinned)."""
+        """The ETag of a remote file when it was opened (None: local, none sent, or unpinned).
+
+        Every read requires it for plain HTTP(S) URLs and S3 objects; for chained
+        URLs and other protocols it is compared when the file is opened again with
+        it (by Dask workers), not at each read.
+        """
         return getattr(self._source, "version", None)
 
     @property

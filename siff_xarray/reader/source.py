@@ -727,10 +727,15 @@ class FsspecSource(ByteSource):
             raise SiffFormatError(url, f"the object was replaced since it was first opened "
                                   f"(ETag {version}, now {etag}); open it again{UNPIN_HINT}")
         kind = pin_kind(url, etag)
-        #: the ETag every read of this file's bytes requires (None: reads are not pinned):
+        #: the ETag the open saw (None: the server sent none, or ``pin=False``). Every
+        #: read of the file's bytes requires it where reads can (:attr:`reads_pinned`):
         #: a server refuses a read of another version (412, ``If-Match``); a weak ETag
-        #: (never equal under If-Match) is compared with each direct read's answer instead
-        self.version: str | None = etag if kind or (etag and direct is not None) else None
+        #: (never equal under If-Match) is compared with each direct read's answer
+        #: instead. Where they cannot (a chained URL, another protocol) it is compared
+        #: at each open given it (a Dask worker's), not at each read.
+        self.version: str | None = etag
+        #: whether every read requires :attr:`version`
+        self.reads_pinned = bool(etag and (kind or direct is not None))
         self._pin: str | None = None  # set for S3: the reads' context carries it
         self._repinned = False  # whether a refused first read took a new version
         self._required, self._options = version, storage_options
