@@ -18,6 +18,15 @@ def _array(path, shape, shard, chunk, dtype, **kwargs):
                              fill_value=0, config={"write_empty_chunks": True}, **kwargs)
 
 
+def _encoded_shapes(monkeypatch) -> list:
+    """Record the shape of every shard :class:`ShardEncoder` encodes (the list returned)."""
+    encoded = []
+    real = ShardEncoder.encode
+    monkeypatch.setattr(ShardEncoder, "encode",
+                        lambda self, v: encoded.append(v.shape) or real(self, v))
+    return encoded
+
+
 @st.composite
 def layouts(draw):
     ndim = draw(st.integers(1, 3))
@@ -56,10 +65,7 @@ def test_the_conversions_arrays_write_their_shards_here_and_others_go_to_zarr(tm
     """The layout's codecs are encoded here, one store write per shard; arrays with
     other codecs, writes that do not start on a shard or end on one (or at the
     array's end), and arrays sharded along other axes are written by zarr."""
-    encoded = []
-    real = ShardEncoder.encode
-    monkeypatch.setattr(ShardEncoder, "encode",
-                        lambda self, v: encoded.append(v.shape) or real(self, v))
+    encoded = _encoded_shapes(monkeypatch)
     arr = _array(tmp_path / "a", (10, 3), (4, 3), (2, 3), "uint16")
     values = np.arange(30, dtype=np.uint16).reshape(10, 3)
     write_along(arr, 0, values[:8])  # two whole shards
@@ -117,10 +123,7 @@ def test_a_zarr_without_its_sync_function_writes_the_shards_itself(tmp_path, mon
 
     from siff_xarray.store import shards
 
-    encoded = []
-    real = ShardEncoder.encode
-    monkeypatch.setattr(ShardEncoder, "encode",
-                        lambda self, v: encoded.append(v.shape) or real(self, v))
+    encoded = _encoded_shapes(monkeypatch)
     arr = _array(tmp_path / "a", (10, 3), (4, 3), (2, 3), "uint16")
     values = np.arange(30, dtype=np.uint16).reshape(10, 3)
     with monkeypatch.context() as m:
