@@ -2123,6 +2123,53 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
         assert moved[scheduler, ordered] <= 1.02 * moved["sync", False], moved
 
 
+@pytest.mark.slow
+def test_a_distributed_conversion_fetches_each_chains_next_batch_ahead(
+        http_server, tmp_path, monkeypatch):
+    """On dask.distributed a worker's next batch is the scheduler's choice: a task of
+    one batch asked for its first bytes only when it started (a round trip and the
+    first sub-batch's transfer per batch). A task now converts a chain of
+    consecutive batches, each fetching the next one's first bytes while it ends."""
+    distributed = pytest.importorskip("distributed")
+    from siff_xarray.reader.source import FsspecSource
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "d.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=20000, seed=6)
+    url = f"{http_server.url}/d.siff"
+    with SiffFile(t.path) as f:
+        offsets = f.index.data_stop - 1  # the last byte of each frame
+    started, spans, chains, mark = {}, [], [], [0]
+    real, real_need, real_chains = conv._write_batch, FsspecSource.will_need, conv._chains
+    monkeypatch.setattr(FsspecSource, "will_need",
+                        lambda self, a, z: (spans.append((a, z)), real_need(self, a, z))[1])
+
+    def recording(plan_json, b, run_id):  # (the worker's one thread: batches in turn)
+        f0 = conv.Plan.from_json(plan_json).batch_frames[b][0]
+        # asked for since the batch before started (that one's frames, and this one's
+        # first ones if it fetched them ahead)
+        started[b] = any(a <= offsets[f0] < z for a, z in spans[mark[0]:])
+        mark[0] = len(spans)
+        return real(plan_json, b, run_id)
+
+    monkeypatch.setattr(conv, "_write_batch", recording)
+    monkeypatch.setattr(conv, "_chains", lambda *a: chains.extend(real_chains(*a)) or chains)
+    volume = 2 * 3 * 32 * 32 * 2
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        summary = zs.convert(url, tmp_path / "d.zarr", scheduler=client,
+                             shard_bytes=volume, chunk_bytes=1)
+    assert summary.batches == 16 and sorted(started) == list(range(16))
+    assert sorted(b for c in chains for b in c) == list(range(16))
+    assert max(map(len, chains)) == conv.CHAIN_BATCHES  # (16 // (2 x 1 thread): 4)
+    # every batch but a chain's first had its first frame asked for before it started
+    later = [b for c in chains for b in c[1:]]
+    assert all(started[b] for b in later), (chains, started)
+    assert not any(started[c[0]] for c in chains), (chains, started)
+    assert zs.verify(t.path, tmp_path / "d.zarr") == [] and conv._runs == {}
+
+
 def test_a_remote_conversion_predicts_no_reads_and_moves_each_frame_once(
         http_server, tmp_path, monkeypatch):
     """A conversion asks for what its batches read next itself. The parts' stride

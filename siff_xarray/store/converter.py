@@ -243,6 +243,8 @@ class _RunSources:
         self.ready: dict[int, Acquisition] = {}  # batch -> source fetching its first bytes
         self.taken: dict[int, Acquisition] = {}  # such a batch, taken by a thread
         self.reserved: dict[int, int] = {}  # id(source still read) -> its next batch
+        #: thread id -> the batch it converts next (a chain of batches, _write_chain)
+        self.chained: dict[int, int] = {}
 
     def take(self) -> int | None:
         """Take the next batch: one whose first bytes are on their way first (lock held).
@@ -266,9 +268,12 @@ class _RunSources:
         None where no batch is left (or batches are not taken in order).
         """
         if id(f) not in self.reserved:
-            if not self.order:
-                return None
-            self.reserved[id(f)] = self.order.pop()
+            nxt = self.chained.pop(threading.get_ident(), None)
+            if nxt is None:
+                if not self.order:
+                    return None
+                nxt = self.order.pop()
+            self.reserved[id(f)] = nxt
         return self.reserved[id(f)]
 
     def unreserve(self, f: Acquisition) -> None:
@@ -279,7 +284,8 @@ class _RunSources:
 
     def source(self, b: int) -> Acquisition | None:
         """Give a kept source for batch ``b``, the one with its first bytes if any (lock held)."""
-        return self.taken.pop(b, None) or (self.idle.pop() if self.idle else None)
+        return (self.taken.pop(b, None) or self.ready.pop(b, None)
+                or (self.idle.pop() if self.idle else None))
 
     def sources(self) -> list[Acquisition]:
         return [*self.idle, *self.ready.values(), *self.taken.values()]
@@ -413,6 +419,44 @@ def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
                 break
             _runs_changed.wait(1.0)  # (the timeout: a check of the run, whatever happens)
     return _write_batch(plan_json, b, run_id)
+
+
+#: batches a task of a distributed (or multiprocessing) conversion of remote sources
+#: converts one after another (:func:`_write_chain`)
+CHAIN_BATCHES = 4
+
+
+def _chains(todo: list[int], slots: int, remote: bool) -> list[list[int]]:
+    """Cut ``todo`` into runs of consecutive batches, one task each.
+
+    Remote sources only: a chain's next batch has its first bytes fetched while
+    the one before decodes its last frames and writes, as a threaded run's
+    batches taken in order do; a task of one batch waited a round trip (and the
+    first sub-batch's transfer) for its first bytes. Chains stay short enough for
+    every one of ``slots`` threads to have about two.
+    """
+    k = max(1, min(CHAIN_BATCHES, len(todo) // max(2 * slots, 1))) if remote else 1
+    return [todo[i : i + k] for i in range(0, len(todo), k)]
+
+
+def _write_chain(plan_json: str, batches: list[int], run_id: str
+                 ) -> list[tuple[int, int, int]]:
+    """Convert ``batches`` one after another in this thread; return each one's result.
+
+    Each batch's source serves the next (remote sources): the batch reserves it
+    (:meth:`_RunSources.reserve`), fetches its first sub-batches while it ends,
+    and passes the source on with them (:meth:`_RunSources.pass_on`).
+    """
+    plan = Plan.from_json(plan_json)
+    out = []
+    for i, b in enumerate(batches):
+        if i + 1 < len(batches) and any_remote(plan.sources):
+            with _runs_lock:
+                if run_id not in _ended:
+                    run = _runs.setdefault(run_id, _RunSources())
+                    run.chained[threading.get_ident()] = batches[i + 1]
+        out.append(_write_batch(plan_json, b, run_id))
+    return out
 
 
 def _forget_sources(run_id: str) -> None:
@@ -1698,11 +1742,10 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
                     run.pass_on(_streaming(lead, plan), plan)
                     for f in _spares_opened(spares):
                         run.pass_on(_streaming(f, plan), plan)
-        if in_order:
-            tasks = [dask.delayed(_next_batch, pure=False)(plan_json, run_id) for _ in todo]
-        else:
-            tasks = [dask.delayed(_write_batch, pure=False)(plan_json, b, run_id)
-                     for b in todo]
+        def chained(slots: int) -> list[Any]:
+            return [dask.delayed(_write_chain, pure=False)(plan_json, chain, run_id)
+                    for chain in _chains(todo, slots, any_remote(plan.sources))]
+
         if not (isinstance(scheduler, str) and scheduler in _THREADED):
             _await_layout(run_id)  # (other processes open the arrays from the store)
         try:
@@ -1710,11 +1753,15 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
                 from dask.distributed import Client
 
                 with Client(scheduler) as client:
-                    _compute_distributed(tasks, client, tracker, run_id)
+                    _compute_distributed(chained(_slots(client)), client, tracker, run_id)
             elif not isinstance(scheduler, str):
-                _compute_distributed(tasks, scheduler, tracker, run_id)
+                _compute_distributed(chained(_slots(scheduler)), scheduler, tracker, run_id)
+            elif in_order:
+                _compute_local([dask.delayed(_next_batch, pure=False)(plan_json, run_id)
+                                for _ in todo], scheduler, num_workers, tracker)
             else:
-                _compute_local(tasks, scheduler, num_workers, tracker)
+                _compute_local(chained(_pool_size(scheduler, num_workers) or _cpu_count()),
+                               scheduler, num_workers, tracker)
         finally:
             tracker.close()
             _forget_sources(run_id)  # this process's threads (local schedulers)
@@ -1814,7 +1861,8 @@ def _compute_local(tasks: list[Any], scheduler: str, num_workers: int | None,
 
     def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         if key in names:
-            tracker(result)
+            for one in _results(result):
+                tracker(one)
 
     with Callback(posttask=posttask):
         dask.compute(*tasks, scheduler=_local_scheduler(scheduler), **kwargs)
@@ -1842,13 +1890,27 @@ def _local_scheduler(name: str) -> Any:
     return name
 
 
+def _results(result: Any) -> list[tuple[int, int, int]]:
+    """Return a task's batch results: one batch's (:func:`_next_batch`) or a chain's."""
+    return [result] if isinstance(result, tuple) else list(result)
+
+
+def _slots(client: Any) -> int:
+    """Threads of a dask.distributed client's workers (1 where it cannot tell)."""
+    try:
+        return max(sum(client.nthreads().values()), 1)
+    except Exception:  # (a client not connected yet, or another kind of scheduler)
+        return 1
+
+
 def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker,
                          run_id: str) -> None:
     from dask.distributed import as_completed
 
     try:
         for fut in as_completed(client.compute(tasks)):
-            tracker(fut.result())
+            for result in _results(fut.result()):
+                tracker(result)
     finally:  # the workers close the sources they kept for this run
         with contextlib.suppress(Exception):
             client.run(_forget_sources, run_id)
