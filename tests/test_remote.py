@@ -2947,3 +2947,30 @@ def test_an_s3_to_s3_conversion_on_fresh_cluster_workers(s3_server, tmp_path, mo
             zs.open_converted("s3://cluster-dst/c.zarr", storage_options=s3_server) as ds:
         for name in ("intensity", "photon_count"):
             np.testing.assert_array_equal(ds[name].values, local[name].values)
+
+
+def test_a_chain_leaves_no_reservation_behind_a_batch_that_never_asked(monkeypatch):
+    """A batch of a chain that never asked for its next one (no frames to decode) must
+    not leave that reservation to a later batch of the thread, which would fetch a
+    batch already converted."""
+    from siff_xarray.store import converter as conv
+
+    plan = conv.Plan(sources=["http://127.0.0.1:1/x.siff"], source_options=None,
+                     destination="/nowhere.zarr", destination_options=None, shard_t=1,
+                     n_timepoints=3, batch_frames=[[0, 0], [0, 0], [0, 0]],
+                     batch_base=[0, 0, 0], flyback_base=[0, 0, 0], batch_bytes=[0, 0, 0],
+                     arrival_dtype="uint16", n_photons_total=0)
+    left = []
+
+    def batch(plan_json, b, run_id):  # (asks for nothing, as a batch of no frames)
+        left.append(dict(conv._runs[run_id].chained))
+        return b, 0, 0
+
+    monkeypatch.setattr(conv, "_write_batch", batch)
+    try:
+        assert conv._write_chain(plan.to_json(), [0, 1, 2], "chain-run") == [
+            (0, 0, 0), (1, 0, 0), (2, 0, 0)]
+        assert [list(d.values()) for d in left] == [[1], [2], []]
+        assert conv._runs["chain-run"].chained == {}
+    finally:
+        conv._forget_sources("chain-run")

@@ -448,14 +448,21 @@ def _write_chain(plan_json: str, batches: list[int], run_id: str
     and passes the source on with them (:meth:`_RunSources.pass_on`).
     """
     plan = Plan.from_json(plan_json)
+    me = threading.get_ident()
     out = []
     for i, b in enumerate(batches):
+        run = None
         if i + 1 < len(batches) and any_remote(plan.sources):
             with _runs_lock:
                 if run_id not in _ended:
                     run = _runs.setdefault(run_id, _RunSources())
-                    run.chained[threading.get_ident()] = batches[i + 1]
-        out.append(_write_batch(plan_json, b, run_id))
+                    run.chained[me] = batches[i + 1]
+        try:
+            out.append(_write_batch(plan_json, b, run_id))
+        finally:  # (a batch of no frames never asked for its next one)
+            if run is not None:
+                with _runs_lock:
+                    run.chained.pop(me, None)
     return out
 
 
