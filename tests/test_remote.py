@@ -2974,3 +2974,23 @@ def test_a_chain_leaves_no_reservation_behind_a_batch_that_never_asked(monkeypat
         assert conv._runs["chain-run"].chained == {}
     finally:
         conv._forget_sources("chain-run")
+
+
+@pytest.mark.slow
+def test_a_multiprocessing_conversion_of_a_remote_file_runs_chains_of_batches(
+        http_server, tmp_path, monkeypatch):
+    """Dask's multiprocessing scheduler also hands out tasks itself: its tasks are
+    chains of consecutive batches too, and the store is the file's."""
+    from siff_xarray.store import converter as conv
+
+    t = write_siff(tmp_path / "m.siff", shape=(32, 32), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=20000, seed=9)
+    cuts, real = [], conv._chains
+    monkeypatch.setattr(conv, "_chains", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    summary = zs.convert(f"{http_server.url}/m.siff", tmp_path / "m.zarr",
+                         scheduler="processes", num_workers=2,
+                         shard_bytes=2 * 3 * 32 * 32 * 2, chunk_bytes=1)
+    assert summary.batches == 16 and len(cuts) == 1
+    assert sorted(b for c in cuts[0] for b in c) == list(range(16))
+    assert max(map(len, cuts[0])) == conv.CHAIN_BATCHES  # (16 // (2 x 2 processes))
+    assert zs.verify(t.path, tmp_path / "m.zarr") == []
