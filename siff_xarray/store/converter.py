@@ -361,10 +361,7 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
             yield f
         return
     with _runs_lock:
-        ended = run_id in _ended  # (a batch of a failed run, started before it ended)
-        run = _runs.get(run_id) or _RunSources()
-        if not ended:
-            _runs[run_id] = run
+        run = _kept_run(run_id) or _RunSources()  # (None: a failed run's late batch)
         f = run.source(b)
     if f is None:
         f = _open_source(plan)
@@ -382,6 +379,17 @@ def _batch_source(plan: Plan, run_id: str, b: int) -> Iterator[Acquisition]:
             return
         run.pass_on(f, plan)  # the next batch's first bytes come while this one writes
         _runs_changed.notify_all()
+
+
+def _kept_run(run_id: str) -> _RunSources | None:
+    """Return this process's kept sources of run ``run_id``, made if new (lock held).
+
+    None for a run that ended here (a batch of a failed run, started before it
+    ended): nothing is kept for it.
+    """
+    if run_id in _ended:
+        return None
+    return _runs.setdefault(run_id, _RunSources())
 
 
 def _following(plan: Plan, run_id: str, f: Acquisition) -> Callable[[], list[tuple[int, int]]]:
@@ -454,8 +462,8 @@ def _write_chain(plan_json: str, batches: list[int], run_id: str
         run = None
         if i + 1 < len(batches) and any_remote(plan.sources):
             with _runs_lock:
-                if run_id not in _ended:
-                    run = _runs.setdefault(run_id, _RunSources())
+                run = _kept_run(run_id)
+                if run is not None:
                     run.chained[me] = batches[i + 1]
         try:
             out.append(_write_batch(plan_json, b, run_id))
@@ -619,7 +627,8 @@ def _open_batch_arrays(target: Target, run_id: str, plan: Plan,
     paths = ["intensity", "photons/arrival_time", "photon_count"]
     if plan.ome:
         paths += [f"ome/{k}" for k in range(plan.ome_levels)]
-    paths += [p for p in _OPTIONAL_ARRAYS if p in set(optional)]
+    present = set(optional)
+    paths += [p for p in _OPTIONAL_ARRAYS if p in present]
     with _run_arrays_lock:
         opened = _run_arrays.get((run_id, target.destination), (None, {}))[1]
         paths = [p for p in paths if p not in opened]
