@@ -418,10 +418,12 @@ class _CountingProxy:
         import zlib
         from urllib.parse import urlsplit
 
+        import google_crc32c
+
         proxy = self
         self.latency = 0.0
         self.counts: dict[str, int] = {}
-        #: GETs through a presigned URL (a signature in the query string)
+        #: requests through a presigned URL (a signature in the query string)
         self.signed = 0
         #: answer those 403, as S3 does for a signature it does not accept
         self.refuse_signed = False
@@ -430,10 +432,14 @@ class _CountingProxy:
         self.arrivals: list[float] = []
         #: ``[arrival, answered]`` of every request, in order of arrival (see _chain)
         self.spans: list[list[float | None]] = []
-        #: ``(method, path)`` of every request, in order of arrival
+        #: ``(method, path)`` of every request, in order of arrival (presigned
+        #: ones without the query)
         self.log: list[tuple[str, str]] = []
-        #: the headers of every PUT (lower case) and the CRC32 of the body it brought
-        self.puts: list[tuple[dict[str, str], int]] = []
+        #: every PUT: its headers (lower case), the CRC32 and CRC32C of the body it
+        #: brought, and its path (with the query)
+        self.puts: list[tuple[dict[str, str], int, int, str]] = []
+        #: answer this many of the next presigned PUTs 503 SlowDown, as a busy S3 does
+        self.busy_puts = 0
         #: response headers left out (lower case): an S3-compatible server without them
         self.drop_headers: set[str] = set()
         #: refuse PUTs whose path matches this regular expression (403 AccessDenied,
@@ -458,14 +464,26 @@ class _CountingProxy:
                     proxy.arrivals.append(time.monotonic())
                     self._span = [proxy.arrivals[-1], None]
                     proxy.spans.append(self._span)
-                    proxy.log.append((self.command, self.path))
+                    # (a presigned URL's query is its signature: logged without it)
+                    proxy.log.append((self.command, self.path.split("?")[0]
+                                      if "Signature=" in self.path else self.path))
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.command == "PUT":
                     with proxy.lock:
                         proxy.puts.append(({k.lower(): v for k, v in self.headers.items()},
-                                           zlib.crc32(body)))
+                                           zlib.crc32(body), google_crc32c.value(body),
+                                           self.path))
+                        busy = proxy.busy_puts > 0 and "Signature=" in self.path
+                        proxy.busy_puts -= busy
+                    if busy:
+                        msg = b"<Error><Code>SlowDown</Code></Error>"
+                        self.send_response(503)
+                        self.send_header("Content-Length", str(len(msg)))
+                        self.end_headers()
+                        self.wfile.write(msg)
+                        return
                 if (self.command == "PUT" and proxy.refuse_puts
                         and re.search(proxy.refuse_puts, self.path)):
                     msg = (b"<Error><Code>AccessDenied</Code><Message>Access Denied"
@@ -508,19 +526,30 @@ class _CountingProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
+            def send_response(self, code, message=None):
+                self._answer()  # (before the client can have it and ask again)
+                super().send_response(code, message)
+
+            def _answer(self):
+                """Count the request answered: no longer in flight, its span ended."""
+                if self._answered:
+                    return
+                self._answered = True
+                with proxy.lock:
+                    proxy.inflight -= 1
+                    if self._span is not None:
+                        self._span[1] = time.monotonic()
+
             def _counted_forward(self):
                 with proxy.lock:
                     proxy.inflight += 1
                     proxy.most_inflight = max(proxy.most_inflight, proxy.inflight)
-                self._span = None
+                self._span, self._answered = None, False
                 try:
                     self._forward()
                     self.wfile.flush()
                 finally:
-                    with proxy.lock:
-                        proxy.inflight -= 1
-                        if self._span is not None:  # (the answer is on its way)
-                            self._span[1] = time.monotonic()
+                    self._answer()
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _counted_forward
 

@@ -128,12 +128,12 @@ def test_a_zarr_without_its_sync_function_writes_the_shards_itself(tmp_path, mon
     values = np.arange(30, dtype=np.uint16).reshape(10, 3)
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "zarr.core.sync", None)  # its import fails
-        assert shards._zarr_sync() is None
+        assert shards.zarr_sync() is None
         write_along(arr, 0, values[:8])
         write_along(arr, 8, values[8:])
     assert encoded == []
     np.testing.assert_array_equal(arr[:], values)
-    assert shards._zarr_sync() is not None
+    assert shards.zarr_sync() is not None
     write_along(arr, 0, values[:8] + 1)
     assert encoded == [(4, 3), (4, 3)]
     np.testing.assert_array_equal(arr[:8], values[:8] + 1)

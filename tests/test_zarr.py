@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -2018,11 +2019,15 @@ def test_the_contrast_windows_are_the_stored_sample_s_whoever_tallies_them(tmp_p
 
 def test_s3_bodies_go_checksummed_and_unsigned_unless_asked(s3_server, s3_latency, tmp_path):
     """Over http botocore hashed every body into the signature (SHA-256) on top of its
-    CRC32 checksum, both on the event loop all writes go through; the conversion's
-    bodies go as over https: a CRC32 of each body, which S3 checks, and no SHA-256.
-    A caller who asks for signed bodies gets them."""
+    CRC32 checksum, both on the event loop all writes go through. The conversion's
+    shards now go as presigned PUTs from the batches' threads, each URL carrying the
+    body's CRC32C (which S3 checks) and no credentials; its other writes go through
+    s3fs as over https: a CRC32 of each body and no SHA-256. A caller who asks for
+    signed bodies, or sets what a presigned PUT would not send (server-side
+    encryption), gets every write through s3fs as asked."""
     import base64
     import re
+    from urllib.parse import parse_qs, urlsplit
 
     import s3fs
 
@@ -2031,21 +2036,75 @@ def test_s3_bodies_go_checksummed_and_unsigned_unless_asked(s3_server, s3_latenc
     t = write_siff(tmp_path / "sum.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=4, photons_per_frame=500, seed=5)
     signed = {"config_kwargs": {"s3": {"payload_signing_enabled": True}}}
-    for name, extra in (("unsigned", {}), ("signed", signed)):
+    sse = {"s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}
+    for name, extra in (("unsigned", {}), ("signed", signed), ("encrypted", sse)):
         dst = f"s3://sum-bucket/{name}.zarr"
         proxy.puts.clear()
         zs.convert(t.path, dst, target_options={**opts, **extra}, scheduler="sync")
         assert zs.verify(t.path, dst, target_options=opts) == []
-        puts = [(h, crc) for h, crc in proxy.puts if "x-amz-copy-source" not in h]
+        puts = [p for p in proxy.puts if "x-amz-copy-source" not in p[0]]
         assert len(puts) > 20
-        for headers, crc in puts:
+        presigned = [p for p in puts if "Signature=" in p[3]]
+        through_s3fs = [p for p in puts if "Signature=" not in p[3]]
+        shards = [p for p in puts if "/c/" in urlsplit(p[3]).path]
+        assert len(shards) > 10
+        if name == "unsigned":  # every write presigned, with its body's CRC32C
+            print(sorted(urlsplit(p[3]).path for p in puts if p not in presigned))
+            assert through_s3fs == []
+        else:
+            assert presigned == []
+        for headers, _, crc32c, path in presigned:
+            assert "authorization" not in headers
+            query = parse_qs(urlsplit(path).query)
+            assert int.from_bytes(base64.b64decode(query["x-amz-checksum-crc32c"][0]),
+                                  "big") == crc32c
+        for headers, crc, _, _ in through_s3fs:
             assert int.from_bytes(base64.b64decode(headers["x-amz-checksum-crc32"]),
                                   "big") == crc
             hashed = headers["x-amz-content-sha256"]
-            if name == "unsigned":
-                assert hashed == "UNSIGNED-PAYLOAD"
-            else:
+            if name == "signed":
                 assert re.fullmatch("[0-9a-f]{64}", hashed)
+            else:
+                assert hashed == "UNSIGNED-PAYLOAD"
+            if name == "encrypted":
+                assert headers["x-amz-server-side-encryption"] == "AES256"
+
+
+def test_presigned_shard_puts_are_retried_when_busy_and_left_to_s3fs_when_refused(
+        s3_server, s3_latency, tmp_path):
+    """A busy S3 (503 SlowDown) gets a presigned PUT again after a pause; one that
+    refuses the signature (403) has that shard and the rest of the store's written
+    through s3fs, after one refused attempt. Both stores verify."""
+    import s3fs
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("busy-bucket")
+    t = write_siff(tmp_path / "busy.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=4, photons_per_frame=500, seed=7)
+    def presigned_puts(name: str) -> collections.Counter:
+        proxy.puts.clear()
+        dst = f"s3://busy-bucket/{name}.zarr"
+        zs.convert(t.path, dst, target_options=opts, scheduler="sync")
+        assert zs.verify(t.path, dst, target_options=opts) == []
+        return collections.Counter(p[3].split("?")[0].replace(f"/{name}.", "/*.")
+                                   for p in proxy.puts if "Signature=" in p[3])
+
+    calm = presigned_puts("calm")
+    assert calm.total() > 10
+    proxy.busy_puts = 2
+    busy = presigned_puts("busy")
+    assert proxy.busy_puts == 0
+    assert busy.total() - calm.total() == 2 and set(busy) == set(calm)
+    proxy.puts.clear()
+    proxy.refuse_signed = True
+    try:
+        zs.convert(t.path, "s3://busy-bucket/refused.zarr", target_options=opts,
+                   scheduler="sync")
+    finally:
+        proxy.refuse_signed = False
+    assert zs.verify(t.path, "s3://busy-bucket/refused.zarr", target_options=opts) == []
+    assert len([p for p in proxy.puts if "Signature=" in p[3]]) == 1
+    assert len([p for p in proxy.puts if "/c/" in p[3] and "Signature=" not in p[3]]) > 10
 
 
 def test_s3_bodies_reach_aiohttp_as_the_bytes_they_are(s3_server, tmp_path, monkeypatch):
@@ -2286,3 +2345,4 @@ def test_a_refused_write_on_s3_stops_the_conversion_and_resume_finishes_it(
                        r"\.siff-progress/owner\.json: the store refused the write"):
         zs.convert(t.path, "s3://refuse-bucket/other.zarr", target_options=opts)
     proxy.refuse_puts = None
+

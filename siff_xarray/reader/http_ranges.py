@@ -16,6 +16,8 @@ HEAD request.
 S3 objects are read the same way through a presigned GET URL that s3fs signs
 (:func:`s3_settings` says which storage options allow it): the request carries no
 credentials, only the signature, which expires and is renewed by the source.
+The converter's shards go to S3 the other way on the same connections, one
+presigned PUT each (:meth:`DirectRanges.put`, used by ``store.s3_puts``).
 
 It sends the GET fsspec would send (the source's headers, its If-Match pin and a
 Range) with this package's timeouts, and answers as the source's other reads do:
@@ -476,8 +478,52 @@ class DirectRanges:
             self._drop()
             raise
 
-    def _send(self, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, Any]:
-        """GET this object on this thread's connection; return the response and its socket.
+    def put(self, body: bytes, headers: dict[str, str] | None = None) -> str | None:
+        """PUT ``body`` as the whole object from this thread; return the answer's ETag.
+
+        For the converter's shards on object storage (``store.s3_puts``): the
+        body goes out on this thread's kept-alive connection to the server, the
+        one its reads use, while the GIL is released. A lost connection or a busy
+        server (429, 5xx) is tried again after a pause, up to
+        :data:`~siff_xarray._remote.RETRIES` attempts (a PUT replaces the whole
+        object, so sending it again is safe); a timeout is not. The statuses
+        this object steps aside for raise :class:`StepAside`, other errors
+        :class:`HTTPStatusError` (404 a FileNotFoundError).
+        """
+        headers = {**self.headers, **(headers or {}), "Content-Length": str(len(body))}
+        retries, attempt = _remote.RETRIES, 0
+        while True:
+            try:
+                resp, _ = self._send(headers, "PUT", body)
+                status, etag = resp.status, resp.getheader("ETag")
+                self._finish(resp, small=True)
+            except (ConnectionError, http.client.HTTPException) as exc:
+                self._drop()
+                attempt += 1
+                if attempt >= retries or isinstance(exc, ConnectionRefusedError):
+                    raise
+                time.sleep(0.1 * 2**attempt)
+                continue
+            except BaseException:
+                self._drop()
+                raise
+            if 200 <= status < 300:
+                return etag
+            if status in self._step_aside:
+                raise StepAside(f"HTTP {status}")
+            if status in (404, 410):
+                raise FileNotFoundError(f"{self.url}: no such bucket (HTTP {status})")
+            attempt += 1
+            if status in _RETRY_STATUS and attempt < retries:
+                time.sleep(0.1 * 2**attempt)
+                continue
+            raise HTTPStatusError(self.url, status, resp.reason)
+
+    def _send(self, headers: dict[str, str], method: str = "GET", body: bytes | None = None
+              ) -> tuple[http.client.HTTPResponse, Any]:
+        """Send a request for this object on this thread's connection (a GET by default).
+
+        Returns the response and its socket.
 
         A kept-alive connection the server closed while idle is replaced at once
         (once: a new connection that fails is a failure); a failure drops the
@@ -487,7 +533,7 @@ class DirectRanges:
         while True:
             conn, reused = self._connection()
             try:
-                conn.request("GET", self._target, headers=headers)
+                conn.request(method, self._target, body=body, headers=headers)
                 sock = conn.sock
                 return conn.getresponse(), sock
             except (ConnectionError, http.client.HTTPException):

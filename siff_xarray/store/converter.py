@@ -1552,10 +1552,8 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
     recorded = plan.to_json()
 
     def lay_out() -> None:
-        for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
-            target.makedirs(parent)
         owner.check(target, run_id)
-        target.fs.pipe(files)
+        target.write_many(files)
         _phase("metadata")
         # (object stores: the arrays every batch writes are opened, a round trip,
         # while the plan goes, not by the first batch)

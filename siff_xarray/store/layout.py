@@ -156,6 +156,15 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
             return await super().get(key, prototype, byte_range)
 
         async def set(self, key: str, value: Any) -> None:
+            if s3 and not self.read_only and self._direct_puts() is not None:
+                import asyncio
+
+                from .s3_puts import put_pool
+
+                data = value.to_bytes()  # (zarr's own set sends these bytes)
+                loop = asyncio.get_running_loop()
+                if await loop.run_in_executor(put_pool(), self.put_whole, key, data):
+                    return
             try:
                 await super().set(key, value)
             except PermissionError as exc:  # s3fs's says "Access Denied", naming nothing
@@ -163,6 +172,31 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
                                exc) from exc
             if batch_writes:  # (keys written through this store are read as usual)
                 self.__dict__.setdefault("written", set()).add(key)
+
+        def put_whole(self, key: str, data: bytes) -> bool:
+            """Store ``data`` at ``key`` with one PUT from this thread; False: use :meth:`set`.
+
+            On S3 through a presigned URL (:class:`~.s3_puts.DirectPuts`), where
+            the storage options allow it; elsewhere, or where that way fails, the
+            caller stores it through :meth:`set` (s3fs), as zarr would.
+            """
+            puts = self._direct_puts() if s3 and not self.read_only else None
+            if puts is None or not puts.put(f"{self.path}/{key}", data):
+                return False
+            if batch_writes:
+                self.__dict__.setdefault("written", set()).add(key)
+            return True
+
+        def __getstate__(self) -> dict[str, Any]:  # (the PUTs' signer stays in-process)
+            return {k: v for k, v in self.__dict__.items() if k != "puts"}
+
+        def _direct_puts(self) -> Any:
+            if "puts" not in self.__dict__:
+                from .s3_puts import DirectPuts
+                from .shards import zarr_sync
+
+                self.__dict__["puts"] = DirectPuts.of(self.fs, self.path, zarr_sync())
+            return self.__dict__["puts"]
 
     return SiffFsspecStore
 
@@ -260,6 +294,9 @@ class Target:
         path = self.key(k)
         self.makedirs(path.rsplit("/", 1)[0])
         if not atomic or self.object_store:  # (an object is replaced whole by one PUT)
+            puts = self.direct_puts
+            if puts is not None and puts.put(path, data):
+                return
             try:
                 self.fs.pipe_file(path, data)
             except PermissionError as exc:
@@ -268,6 +305,26 @@ class Target:
         tmp = f"{path}.partial"
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
+
+    @functools.cached_property
+    def direct_puts(self) -> Any:
+        """S3 writes from the calling thread (:class:`~.s3_puts.DirectPuts`), or None."""
+        from .s3_puts import DirectPuts
+
+        return DirectPuts.of(self.fs, self.root) if self.s3 else None
+
+    def write_many(self, files: dict[str, bytes]) -> None:
+        """Store ``files`` (full paths: data) at once (on S3 one PUT each, concurrent)."""
+        for parent in sorted({p.rsplit("/", 1)[0] for p in files}):
+            self.makedirs(parent)
+        puts = self.direct_puts
+        left = files if puts is None else puts.put_many(files)
+        if left:
+            try:
+                self.fs.pipe(left)
+            except PermissionError as exc:
+                raise _refused("write", self.fs.unstrip_protocol(next(iter(left))),
+                               exc) from exc
 
     def copy(self, src: str, dst: str) -> None:
         """Copy key ``src`` to ``dst`` (on object stores a server-side copy, no download).

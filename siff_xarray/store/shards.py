@@ -11,7 +11,9 @@ end): each inner chunk's values (little-endian, C order) compressed by Blosc and
 followed by their CRC32C, the chunks one after another, then the index (offset and
 length of every chunk, in C order of the chunks; 2^64-1 twice for a chunk wholly
 outside the array) and its CRC32C. zarr reads it as its own. Writes that are not whole
-shards of such an array are left to zarr.
+shards of such an array are left to zarr. A store that can take a whole object
+from the calling thread (``put_whole``: the layout's S3 stores, through
+:mod:`.s3_puts`) is given each shard that way.
 
 Import rule: numpy, numcodecs, google_crc32c and zarr (lazily).
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShardEncoder", "write_along"]
+__all__ = ["ShardEncoder", "write_along", "zarr_sync"]
 
 #: an index entry's offset and length for a chunk that is not in the shard
 _MISSING = 2**64 - 1
@@ -122,7 +124,7 @@ class ShardEncoder:
         return b"".join(parts)
 
 
-def _zarr_sync() -> Any:
+def zarr_sync() -> Any:
     """Return zarr's function that runs a coroutine on its event loop, or None.
 
     zarr-python has no public name for it (``zarr.core.sync.sync``, which its own
@@ -142,7 +144,8 @@ def write_along(arr: Any, at: int, values: np.ndarray) -> None:
     Here where ``arr`` has the layout's codecs (:meth:`ShardEncoder.of`), shards
     split only its first axis, and the write starts on a shard and ends on one or
     at the array's end; otherwise zarr writes it. Each shard is one write to the
-    store, made on zarr's event loop as its own are.
+    store: from this thread where the store takes it (``put_whole``), else on
+    zarr's event loop as its own are.
     """
     values = np.asarray(values)
     n = len(values)
@@ -154,7 +157,7 @@ def write_along(arr: Any, at: int, values: np.ndarray) -> None:
             or (n % step and at + n != arr.shape[0])):
         arr[at : at + n] = values
         return
-    sync = _zarr_sync()
+    sync = zarr_sync()
     if sync is None:  # (a zarr without it: zarr writes the shards)
         arr[at : at + n] = values
         return
@@ -164,7 +167,10 @@ def write_along(arr: Any, at: int, values: np.ndarray) -> None:
     encode_key = arr.metadata.encode_chunk_key
     buffer = default_buffer_prototype().buffer
     rest = (0,) * (arr.ndim - 1)
+    put = getattr(store, "put_whole", None)  # (S3: one PUT from this thread)
     for first in range(0, n, step):
         key = encode_key((at // step + first // step, *rest))
+        key = f"{prefix}/{key}" if prefix else key
         data = enc.encode(values[first : first + step])
-        sync(store.set(f"{prefix}/{key}" if prefix else key, buffer.from_bytes(data)))
+        if put is None or not put(key, data):
+            sync(store.set(key, buffer.from_bytes(data)))

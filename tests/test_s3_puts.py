@@ -1,0 +1,78 @@
+"""Presigned PUTs of a conversion's writes to S3 (``store.s3_puts``), apart from zarr.
+
+The conversions that use them are tested in ``test_zarr.py`` against moto behind
+the counting proxy (every write presigned and checksummed, a busy server, a refused
+signature); here: which stores take them, and a silent server.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("s3fs")
+
+from siff_xarray.errors import RemoteAccessError
+from siff_xarray.store.s3_puts import DirectPuts
+
+
+def _s3(endpoint: str = "http://127.0.0.1:9", **options):
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": endpoint}, **options}
+    return s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
+                             **options)
+
+
+def test_which_s3_stores_take_presigned_puts():
+    assert DirectPuts.of(_s3(), "bkt/run.zarr") is not None
+    timeouts = {"config_kwargs": {"read_timeout": 5, "connect_timeout": 2,
+                                  "s3": {"payload_signing_enabled": False}}}
+    assert DirectPuts.of(_s3(**timeouts), "bkt/run.zarr") is not None
+    # what a presigned PUT would not send, or signed bodies asked for: s3fs's
+    for options in ({"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}},
+                    {"requester_pays": True},
+                    {"config_kwargs": {"s3": {"payload_signing_enabled": True}}},
+                    {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9",
+                                       "aws_session_token": "x"}}):
+        assert DirectPuts.of(_s3(**options), "bkt/run.zarr") is None, options
+    # zarr's asynchronous instance: only with a way to run its coroutines
+    fs = _s3(asynchronous=True)
+    assert DirectPuts.of(fs, "bkt/run.zarr") is None
+    assert DirectPuts.of(fs, "bkt/run.zarr", run=lambda coro: None) is not None
+    assert DirectPuts.of(object(), "bkt/run.zarr") is None
+
+
+def test_a_silent_server_fails_a_put_after_one_read_timeout_naming_the_key():
+    srv = socket.socket()  # accepts connections (the kernel's backlog), never answers
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    try:
+        fs = _s3(f"http://127.0.0.1:{srv.getsockname()[1]}",
+                 config_kwargs={"read_timeout": 0.5, "connect_timeout": 1})
+        puts = DirectPuts.of(fs, "bkt/run.zarr")
+        assert puts is not None
+        t0 = time.monotonic()
+        with pytest.raises(RemoteAccessError, match=r"s3://bkt/run\.zarr/c/0: the server "
+                           r"did not answer a write within 0\.5 s"):
+            puts.put("bkt/run.zarr/c/0", b"x" * 1000)
+        assert time.monotonic() - t0 < 5
+        assert not puts.refused  # (a timeout is no refusal: it is raised, not left to s3fs)
+    finally:
+        srv.close()
+
+
+def test_a_put_with_nothing_to_sign_is_left_to_s3fs():
+    def cannot_sign(path: str, **kwargs) -> str:
+        raise PermissionError("no credentials")
+
+    from siff_xarray.reader.http_ranges import s3_settings
+
+    puts = DirectPuts(_s3("http://127.0.0.1:19"), s3_settings("s3://nosign/x", {}),
+                      cannot_sign, "nosign")
+    assert puts.put("nosign/x/c/0", b"abc") is False
+    assert puts.refused
+    assert puts.put_many({"nosign/x/c/1": b"d", "nosign/x/c/2": b"e"}) == {
+        "nosign/x/c/1": b"d", "nosign/x/c/2": b"e"}
