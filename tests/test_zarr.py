@@ -2346,3 +2346,42 @@ def test_a_refused_write_on_s3_stops_the_conversion_and_resume_finishes_it(
         zs.convert(t.path, "s3://refuse-bucket/other.zarr", target_options=opts)
     proxy.refuse_puts = None
 
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_batch_without_its_record_is_reported_and_the_store_left_for_resume(
+        where, s3_server, tmp_path, monkeypatch):
+    """The finish lists the progress records while it reads what it publishes: a batch
+    whose record is missing (its worker died after its data) stops the conversion
+    with an error naming it, before the root is published; resume converts that
+    batch and publishes a store that verifies, with no progress record left."""
+    from siff_xarray.store.layout import Target
+
+    t = write_siff(tmp_path / "rec.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=500, seed=12)
+    if where == "s3":
+        import s3fs
+
+        s3fs.S3FileSystem(**s3_server).mkdir("record-bucket")
+        dst, opts = "s3://record-bucket/run.zarr", s3_server
+    else:
+        dst, opts = str(tmp_path / "rec.zarr"), None
+    real = Target.write_text
+
+    def write_text(self, k, text, **kw):
+        if k.endswith("/batch-000001"):
+            return None  # (as if the batch's process died before its record)
+        return real(self, k, text, **kw)
+
+    monkeypatch.setattr(Target, "write_text", write_text)
+    with pytest.raises(ConversionError, match=r"batches \[1\] did not finish"):
+        zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
+    monkeypatch.setattr(Target, "write_text", real)
+    target = Target(dst, opts)
+    assert not target.exists("zarr.json") and target.interrupted()
+    with pytest.raises(IncompleteStoreError):
+        zs.verify(t.path, dst, target_options=opts)
+    summary = zs.convert(t.path, dst, target_options=opts, resume=True, scheduler="sync",
+                         **_small_shards(t))
+    assert summary.batches >= 2
+    assert zs.verify(t.path, dst, target_options=opts) == []
+    assert target.listed(".siff-progress") == set()

@@ -1072,11 +1072,15 @@ def _write_descriptions(target: Target, plan: Plan) -> None:
 def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], int]:
     """Publish the store: write the root metadata, with every node's consolidated.
 
-    The frame descriptions, the root's metadata and the other nodes' (after the
-    contrast windows are written into ``ome``'s) are independent: on object
-    storage they are done at once, each waiting its own round trips. Returns the
-    root's metadata as written and the bytes the published store holds (listed
-    while the progress records are removed).
+    The listing that tells every batch finished, the check that the store is
+    still this run's, the frame descriptions, the root's metadata and the other
+    nodes' (after the contrast windows are written into ``ome``'s) are
+    independent: on object storage they are done at once, each waiting its own
+    round trips (the ownership is checked two round trips before the root is
+    written, against a stale limit of minutes). The progress records that listing
+    found are then deleted without listing them again. Returns the root's
+    metadata as written and the bytes the published store holds (listed while the
+    progress records are removed).
     """
     def recorded() -> dict[str, Any] | None:
         try:  # as the start wrote them (one GET)
@@ -1106,20 +1110,39 @@ def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], in
                 **known["ome"].get("attributes", {}), "ome": rendered}}
         return _consolidate(known)
 
-    _, meta, consolidated = _concurrently(target, [
+    progress: set[str] = set()
+
+    def all_done() -> None:  # every batch recorded: one listing, kept for the cleanup
+        names = target.listed(PROGRESS)
+        progress.update(names)
+        missing = set(range(plan.n_batches)) - target.done_batches(names)
+        if missing:
+            raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} "
+                                  "did not finish")
+
+    # (the listing first: a batch that did not finish is the error, not the missing
+    # description its join met)
+    *_, meta, consolidated = _concurrently(target, [
+        all_done,
+        lambda: owner.check(target, run_id),  # only the store's owner publishes it
         lambda: _write_descriptions(target, plan),
         lambda: json.loads(target.read_text(ROOT_KEY)),
         nodes])
     meta["consolidated_metadata"] = consolidated
     _phase("finishing")
-    owner.check(target, run_id)  # only the store's owner publishes it
     # atomically: a full disk leaves a temporary key, never a truncated root; until the
     # progress records are gone the store still counts as unfinished (resume redoes this)
     target.write_text("zarr.json", json.dumps(meta, indent=2), atomic=True)
     _phase("published")
-    _, store_bytes = _concurrently(target, [
-        lambda: target.fs.rm(target.key(PROGRESS), recursive=True),
-        lambda: _store_bytes(target, but=PROGRESS)])
+
+    def cleanup() -> None:  # (object stores: the keys listed, deleted without a listing)
+        if target.object_store:
+            target.remove(sorted(progress))
+        else:
+            target.fs.rm(target.key(PROGRESS), recursive=True)
+
+    _, store_bytes = _concurrently(target, [cleanup,
+                                            lambda: _store_bytes(target, but=PROGRESS)])
     return meta, store_bytes
 
 
@@ -1781,11 +1804,7 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
             _forget_sources(run_id)  # this process's threads (local schedulers)
             _await_layout(run_id, raising=False)  # (nothing written behind the run's end)
     _await_layout(run_id, forget=True)  # (its error, where no batch met it)
-    missing = set(range(plan.n_batches)) - target.done_batches()
-    if missing:
-        raise ConversionError(f"{target.destination}: batches {sorted(missing)[:5]} did not "
-                              "finish")
-    return len(done)
+    return len(done)  # (that every batch finished is checked by _finish)
 
 
 def _threads(scheduler: Any, num_workers: int | None) -> int:

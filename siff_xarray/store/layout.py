@@ -14,7 +14,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,6 +326,13 @@ class Target:
                 raise _refused("write", self.fs.unstrip_protocol(next(iter(left))),
                                exc) from exc
 
+    def remove(self, keys: Iterable[str]) -> None:
+        """Delete keys ``keys`` (no listing: on object stores one bulk delete per 1000)."""
+        paths = [self.key(k) for k in keys]
+        if paths:
+            self.fs.rm(paths)
+            self.fs.invalidate_cache()
+
     def copy(self, src: str, dst: str) -> None:
         """Copy key ``src`` to ``dst`` (on object stores a server-side copy, no download).
 
@@ -382,17 +389,19 @@ class Target:
         """Tell whether the store is a finished conversion."""
         return self.exists("zarr.json") and not self.interrupted()
 
-    def done_batches(self) -> set[int]:
+    def done_batches(self, names: Iterable[str] | None = None) -> set[int]:
         """Batches of a running conversion recorded as finished.
 
         A batch is finished when its record (``batch-N``, written last) and its
-        frame descriptions (``description-N``) are both there.
+        frame descriptions (``description-N``) are both there. ``names``: the
+        progress records' keys as :meth:`listed` gave them (else listed here).
         """
-        self.fs.invalidate_cache()
-        try:
-            names = self.fs.ls(self.key(PROGRESS), detail=False)
-        except FileNotFoundError:
-            return set()
+        if names is None:
+            self.fs.invalidate_cache()
+            try:
+                names = self.fs.ls(self.key(PROGRESS), detail=False)
+            except FileNotFoundError:
+                return set()
         found: dict[str, set[int]] = {"batch": set(), "description": set()}
         for n in names:
             kind, _, number = n.rsplit("/", 1)[-1].partition("-")
