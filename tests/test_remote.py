@@ -1828,9 +1828,9 @@ def test_a_remote_conversion_starts_its_first_batch_after_two_round_trips(
         started.append(len(http_server.arrivals))
         return real_pass(run, f, plan)
 
-    def recording(plan_json, b, run_id):
+    def recording(plan_json, b, run_id, tails=None):
         at_batch.append(len(spans))
-        return real_batch(plan_json, b, run_id)
+        return real_batch(plan_json, b, run_id, tails)
 
     monkeypatch.setattr(conv._RunSources, "pass_on", passing)
     # (the other thread's source opens beside the start, its requests in rounds of their
@@ -2090,11 +2090,11 @@ def test_remote_conversion_fetches_the_next_batch_while_writing(http_server, tmp
     monkeypatch.setattr(FsspecSource, "will_need",
                         lambda self, a, z: (spans.append((a, z)), real_need(self, a, z))[1])
 
-    def recording(plan_json, b, run_id):
+    def recording(plan_json, b, run_id, tails=None):
         f0 = conv.Plan.from_json(plan_json).batch_frames[b][0]
         mark.setdefault("first", len(spans))  # (what the open asked for does not count)
         started[b] = any(a <= offsets[f0] < z for a, z in spans[mark["first"]:])
-        return real(plan_json, b, run_id)
+        return real(plan_json, b, run_id, tails)
 
     monkeypatch.setattr(conv, "_write_batch", recording)
     volume = 2 * 3 * 32 * 32 * 2
@@ -2144,13 +2144,14 @@ def test_a_distributed_conversion_fetches_each_chains_next_batch_ahead(
     monkeypatch.setattr(FsspecSource, "will_need",
                         lambda self, a, z: (spans.append((a, z)), real_need(self, a, z))[1])
 
-    def recording(plan_json, b, run_id):  # (the worker's one thread: batches in turn)
+    # (the worker's one thread: batches in turn)
+    def recording(plan_json, b, run_id, tails=None):
         f0 = conv.Plan.from_json(plan_json).batch_frames[b][0]
         # asked for since the batch before started (that one's frames, and this one's
         # first ones if it fetched them ahead)
         started[b] = any(a <= offsets[f0] < z for a, z in spans[mark[0]:])
         mark[0] = len(spans)
-        return real(plan_json, b, run_id)
+        return real(plan_json, b, run_id, tails)
 
     monkeypatch.setattr(conv, "_write_batch", recording)
     monkeypatch.setattr(conv, "_chains", lambda *a: chains.extend(real_chains(*a)) or chains)
@@ -2962,7 +2963,8 @@ def test_a_chain_leaves_no_reservation_behind_a_batch_that_never_asked(monkeypat
                      arrival_dtype="uint16", n_photons_total=0)
     left = []
 
-    def batch(plan_json, b, run_id):  # (asks for nothing, as a batch of no frames)
+    # (asks for nothing, as a batch of no frames)
+    def batch(plan_json, b, run_id, tails=None):
         left.append(dict(conv._runs[run_id].chained))
         return b, 0, 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -611,11 +612,12 @@ def test_interrupted_conversion_is_clearly_incomplete_and_resumes(siff_files, tm
     real = conv._write_batch
     calls = []
 
-    def failing(plan_json, b, run_id):  # the second batch to run (dask picks the order) is cut off
+    # the second batch to run (dask picks the order) is cut off
+    def failing(plan_json, b, run_id, tails=None):
         calls.append(b)
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated interruption")
-        return real(plan_json, b, run_id)
+        return real(plan_json, b, run_id, tails)
 
     monkeypatch.setattr(conv, "_write_batch", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -2385,3 +2387,53 @@ def test_a_batch_without_its_record_is_reported_and_the_store_left_for_resume(
     assert summary.batches >= 2
     assert zs.verify(t.path, dst, target_options=opts) == []
     assert target.listed(".siff-progress") == set()
+
+
+def test_a_batchs_last_round_trips_go_on_behind_the_next_batch(s3_server, s3_latency,
+                                                               tmp_path, monkeypatch):
+    """On object storage a batch's last steps only wait round trips (the copies of its
+    intensity shards to OME level 0, its record): the thread decodes its next batch
+    meanwhile, and the run waits for every record before the finish. A copy the
+    server refuses stops the conversion with that refusal, the store unpublished;
+    resume finishes it."""
+    import s3fs
+
+    from siff_xarray.store import converter as conv
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("tail-bucket")
+    t = write_siff(tmp_path / "tail.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=8, photons_per_frame=500, seed=13)
+    entered, real = {}, conv._write_batch
+
+    def recording(plan_json, b, run_id, tails=None):
+        entered[b] = len(proxy.log)
+        return real(plan_json, b, run_id, tails)
+
+    monkeypatch.setattr(conv, "_write_batch", recording)
+    proxy.latency = 0.05
+    dst = "s3://tail-bucket/run.zarr"
+    zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
+    proxy.latency = 0.0
+    records = {int(p.rsplit("-", 1)[1]): i for i, (m, p) in enumerate(proxy.log)
+               if m == "PUT" and "/.siff-progress/batch-" in p}
+    order = sorted(entered, key=entered.get)  # (one thread: the batches in turn)
+    assert len(order) >= 3 and set(records) == set(order)
+    # each record went out after the thread had started its next batch (log indexes)
+    assert all(records[b] >= entered[nxt] for b, nxt in itertools.pairwise(order)), (
+        records, entered)
+    assert zs.verify(t.path, dst, target_options=opts) == []
+
+    proxy.refuse_puts = r"/ome/0/c/"  # (the level-0 copies: PUTs with a copy source)
+    dst = "s3://tail-bucket/refused.zarr"
+    try:
+        with pytest.raises(PermissionError, match=r"refused\.zarr/ome/0/c/.*refused the copy"):
+            zs.convert(t.path, dst, target_options=opts, scheduler="sync",
+                       **_small_shards(t))
+    finally:
+        proxy.refuse_puts = None
+    with pytest.raises(IncompleteStoreError):
+        zs.verify(t.path, dst, target_options=opts)
+    zs.convert(t.path, dst, target_options=opts, scheduler="sync", resume=True,
+               **_small_shards(t))
+    assert zs.verify(t.path, dst, target_options=opts) == []

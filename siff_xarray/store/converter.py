@@ -411,14 +411,16 @@ def _following(plan: Plan, run_id: str, f: Acquisition) -> Callable[[], list[tup
     return following
 
 
-def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
+def _next_batch(plan_json: str, run_id: str, b: int | None = None) -> tuple[int, int, int]:
     """Convert the next batch of run ``run_id`` in order (threaded schedulers only).
 
     Where the batches left are reserved by batches still reading, waits until one
-    is passed on with its first bytes (or given back).
+    is passed on with its first bytes (or given back). With ``b``, batch ``b``
+    (a local run's chain). The batch's last round trips are left behind, for
+    :func:`_run` to wait for (:data:`_tails`).
     """
     with _runs_changed:
-        while True:
+        while b is None:
             run = _runs.get(run_id)
             if run is None or run_id in _ended:  # another batch failed: start nothing more
                 raise ConversionError(f"conversion run {run_id} has ended")
@@ -426,7 +428,34 @@ def _next_batch(plan_json: str, run_id: str) -> tuple[int, int, int]:
             if b is not None:
                 break
             _runs_changed.wait(1.0)  # (the timeout: a check of the run, whatever happens)
-    return _write_batch(plan_json, b, run_id)
+    with _runs_lock:
+        tails = _tails.setdefault(run_id, [])
+        failed = next((t for t in tails if t.done() and t.exception() is not None), None)
+    if failed is not None:  # an earlier batch's tail failed: start nothing more
+        failed.result()
+    return _write_batch(plan_json, b, run_id, tails)
+
+
+#: futures of the batch tails (:func:`_write_batch`) a run's threads left behind, by
+#: run (threaded schedulers; a chain waits for its own)
+_tails: dict[str, list[Future[None]]] = {}
+_tail_pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
+
+
+def _tail_pool() -> ThreadPoolExecutor:
+    with _runs_lock:
+        pool = _tail_pools.get(os.getpid())
+        if pool is None:
+            pool = _tail_pools[os.getpid()] = ThreadPoolExecutor(
+                8, thread_name_prefix="siff-batch-tail")
+        return pool
+
+
+def _await_tails(tails: list[Future[None]], raising: bool = True) -> None:
+    """Wait for batch tails; with ``raising``, raise the first one's error."""
+    wait(tails)
+    for t in tails if raising else []:
+        t.result()
 
 
 #: batches a task of a distributed (or multiprocessing) conversion of remote sources
@@ -447,30 +476,41 @@ def _chains(todo: list[int], slots: int, remote: bool) -> list[list[int]]:
     return [todo[i : i + k] for i in range(0, len(todo), k)]
 
 
-def _write_chain(plan_json: str, batches: list[int], run_id: str
+def _write_chain(plan_json: str, batches: list[int], run_id: str, in_run: bool = False
                  ) -> list[tuple[int, int, int]]:
     """Convert ``batches`` one after another in this thread; return each one's result.
 
     Each batch's source serves the next (remote sources): the batch reserves it
     (:meth:`_RunSources.reserve`), fetches its first sub-batches while it ends,
-    and passes the source on with them (:meth:`_RunSources.pass_on`).
+    and passes the source on with them (:meth:`_RunSources.pass_on`). Each batch's
+    last round trips go on behind the next one (:func:`_write_batch`'s ``tails``):
+    the task waits for them before it returns, or, ``in_run`` (a local scheduler,
+    in the process of :func:`_run`), the run does.
     """
+    if in_run:
+        return [_next_batch(plan_json, run_id, b) for b in batches]
     plan = Plan.from_json(plan_json)
     me = threading.get_ident()
-    out = []
-    for i, b in enumerate(batches):
-        run = None
-        if i + 1 < len(batches) and any_remote(plan.sources):
-            with _runs_lock:
-                run = _kept_run(run_id)
-                if run is not None:
-                    run.chained[me] = batches[i + 1]
-        try:
-            out.append(_write_batch(plan_json, b, run_id))
-        finally:  # (a batch of no frames never asked for its next one)
-            if run is not None:
+    out: list[tuple[int, int, int]] = []
+    tails: list[Future[None]] = []  # (each batch's last round trips, behind the next)
+    try:
+        for i, b in enumerate(batches):
+            run = None
+            if i + 1 < len(batches) and any_remote(plan.sources):
                 with _runs_lock:
-                    run.chained.pop(me, None)
+                    run = _kept_run(run_id)
+                    if run is not None:
+                        run.chained[me] = batches[i + 1]
+            try:
+                out.append(_write_batch(plan_json, b, run_id, tails))
+            finally:  # (a batch of no frames never asked for its next one)
+                if run is not None:
+                    with _runs_lock:
+                        run.chained.pop(me, None)
+    except BaseException:
+        _await_tails(tails, raising=False)  # (nothing written behind the task's end)
+        raise
+    _await_tails(tails)  # the task is done when every batch's record is
     return out
 
 
@@ -699,12 +739,19 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
     return n
 
 
-def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
+def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] | None = None
+                 ) -> tuple[int, int, int]:
     """Convert batch ``b`` for run ``run_id``; returns ``(b, frames, photons)``. Runs on any worker.
 
     The batch's frames are decoded in sub-batches of about :data:`SUB_BATCH_BYTES`
     of source data; photons stream into whole ``arrival_time`` shards, so memory
     stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
+
+    ``tails`` (object stores): the batch's last steps after its data are stored,
+    which only wait round trips (the copies of its intensity shards to OME level 0,
+    the source's second check, its record), go to a thread of their own, whose
+    future is appended; the caller waits for them before it reports the run done
+    (:func:`_await_tails`), and this thread decodes the next batch meanwhile.
     """
     with _runs_lock:  # where a dask worker's environment fixed glibc's (_allocator); not
         if run_id not in _ended:  # for a run that ended here: nothing would restore them
@@ -777,13 +824,18 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     def array(path: str) -> Any:
         return _batch_array(target, run_id, path)
 
+    behind = tails is not None and target.object_store
+    copies: list[tuple[str, str]] = []  # (behind: level 0's copies, in the tail)
+
     def ome_level(k: int, level: np.ndarray) -> None:
         arr = array(f"ome/{k}")
         r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
         end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
         shared = shared_shards(inten, arr, t0, t1) if k == 0 else []
-        for src, dst in shared:  # the same bytes: copied, not compressed again
-            target.copy(src, dst)
+        if behind:
+            copies.extend(shared)
+        for src, dst in [] if behind else shared:  # the same bytes: copied, not
+            target.copy(src, dst)  # compressed again
         if end > r0 and not shared:
             write_along(arr, r0, to_ome_order(level)[: end - r0])
 
@@ -822,9 +874,18 @@ def _write_batch(plan_json: str, b: int, run_id: str) -> tuple[int, int, int]:
     # object storage): a run that lost it records nothing more
     writes.append(lambda: owner.check(target, run_id))
     _concurrently(target, writes)
-    checked.result()
-    target.write_text(f"{PROGRESS}/batch-{b:06d}", json.dumps({"frames": f1 - f0,
-                                                               "photons": n}))
+    record = json.dumps({"frames": f1 - f0, "photons": n})
+
+    def tail() -> None:  # (the batch is done only when its record, written last, is there)
+        _concurrently(target, [functools.partial(target.copy, src, dst)
+                               for src, dst in copies])
+        checked.result()
+        target.write_text(f"{PROGRESS}/batch-{b:06d}", record)
+
+    if behind and tails is not None:
+        tails.append(_tail_pool().submit(tail))
+    else:
+        tail()
     return b, f1 - f0, n
 
 
@@ -1779,8 +1840,8 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
                     run.pass_on(_streaming(lead, plan), plan)
                     for f in _spares_opened(spares):
                         run.pass_on(_streaming(f, plan), plan)
-        def chained(slots: int) -> list[Any]:
-            return [dask.delayed(_write_chain, pure=False)(plan_json, chain, run_id)
+        def chained(slots: int, in_run: bool = False) -> list[Any]:
+            return [dask.delayed(_write_chain, pure=False)(plan_json, chain, run_id, in_run)
                     for chain in _chains(todo, slots, any_remote(plan.sources))]
 
         if not (isinstance(scheduler, str) and scheduler in _THREADED):
@@ -1797,8 +1858,18 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
                 _compute_local([dask.delayed(_next_batch, pure=False)(plan_json, run_id)
                                 for _ in todo], scheduler, num_workers, tracker)
             else:
-                _compute_local(chained(_pool_size(scheduler, num_workers) or _cpu_count()),
-                               scheduler, num_workers, tracker)
+                in_run = scheduler in _THREADED  # (else processes: each waits its own)
+                _compute_local(chained(_pool_size(scheduler, num_workers) or _cpu_count(),
+                                       in_run), scheduler, num_workers, tracker)
+        except BaseException:
+            with _runs_lock:
+                left = _tails.pop(run_id, [])
+            _await_tails(left, raising=False)  # (nothing written behind the run's end)
+            raise
+        else:
+            with _runs_lock:
+                left = _tails.pop(run_id, [])
+            _await_tails(left)  # every batch's record is written before the finish
         finally:
             tracker.close()
             _forget_sources(run_id)  # this process's threads (local schedulers)

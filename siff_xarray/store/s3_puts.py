@@ -37,8 +37,9 @@ from ..reader.http_ranges import S3_STEP_ASIDE, DirectRanges, s3_settings
 
 __all__ = ["DirectPuts", "put_pool"]
 
-#: threads that send the PUTs zarr's own writes ask for (its event loop waits)
-PUT_THREADS = 16
+#: threads that send the PUTs zarr's own writes and :meth:`DirectPuts.put_many` ask for
+#: (as many as the S3 client's default pool: :data:`~siff_xarray._remote.S3_CONNECTIONS`)
+PUT_THREADS = 64
 _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
 #: ``(endpoint, bucket)`` where a PUT this way failed: its writes are left to s3fs
