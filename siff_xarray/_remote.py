@@ -35,7 +35,7 @@ from .errors import ConversionError, RemoteAccessError, SiffFormatError
 __all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "RETRIES", "S3_CONNECTIONS", "UNPIN_HINT",
            "PinnedS3Kwargs", "async_filesystem", "filesystem", "naming_url", "pin_kind",
            "pinned_http_options", "pinning_filesystem", "reading_version", "remote_error",
-           "replaced_error", "tuned", "with_timeouts"]
+           "replaced_error", "thread_pool", "tuned", "with_timeouts"]
 
 #: seconds to establish a connection
 CONNECT_TIMEOUT_S = 10.0
@@ -385,3 +385,23 @@ def _network_error(url: str, exc: BaseException) -> RemoteAccessError | None:
         return RemoteAccessError(url, "no credentials for this bucket; configure them or "
                                  "pass storage_options={'anon': True} for a public one")
     return None
+
+
+_thread_pools: dict[tuple[int, str], Any] = {}  # (process id, name) -> pool (a fork: its own)
+_thread_pools_lock = threading.Lock()
+
+
+def thread_pool(name: str, workers: int) -> Any:
+    """Return this process's pool of threads ``name`` (a ``ThreadPoolExecutor``), made once.
+
+    For calls that wait on the network (ranged GETs, PUTs, a batch's last round
+    trips); a forked process gets its own (the parent's threads are not in it).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (os.getpid(), name)
+    with _thread_pools_lock:
+        pool = _thread_pools.get(key)
+        if pool is None:
+            pool = _thread_pools[key] = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        return pool

@@ -491,33 +491,21 @@ class DirectRanges:
         :class:`HTTPStatusError` (404 a FileNotFoundError).
         """
         headers = {**self.headers, **(headers or {}), "Content-Length": str(len(body))}
-        retries, attempt = _remote.RETRIES, 0
+        attempt = 0
         while True:
             try:
                 resp, _ = self._send(headers, "PUT", body)
                 status, etag = resp.status, resp.getheader("ETag")
                 self._finish(resp, small=True)
             except (ConnectionError, http.client.HTTPException) as exc:
-                self._drop()
-                attempt += 1
-                if attempt >= retries or isinstance(exc, ConnectionRefusedError):
-                    raise
-                time.sleep(0.1 * 2**attempt)
+                attempt = self._lost(exc, attempt)
                 continue
             except BaseException:
                 self._drop()
                 raise
             if 200 <= status < 300:
                 return etag
-            if status in self._step_aside:
-                raise StepAside(f"HTTP {status}")
-            if status in (404, 410):
-                raise FileNotFoundError(f"{self.url}: no such bucket (HTTP {status})")
-            attempt += 1
-            if status in _RETRY_STATUS and attempt < retries:
-                time.sleep(0.1 * 2**attempt)
-                continue
-            raise HTTPStatusError(self.url, status, resp.reason)
+            attempt = self._refused(status, resp.reason, attempt, "no such bucket")
 
     def _send(self, headers: dict[str, str], method: str = "GET", body: bytes | None = None
               ) -> tuple[http.client.HTTPResponse, Any]:
@@ -581,7 +569,7 @@ class DirectRanges:
         """
         headers = {**self.headers, **extra, "Range": f"bytes={start}-{stop - 1}",
                    "Accept-Encoding": "identity"}
-        retries, attempt = _remote.RETRIES, 0
+        attempt = 0
         while True:
             try:
                 t0 = time.monotonic()
@@ -594,11 +582,7 @@ class DirectRanges:
                     return self._receive(resp, sock, out, start, stop, at)
                 self._finish(resp, small=status != 200)
             except (ConnectionError, http.client.HTTPException) as exc:
-                self._drop()
-                attempt += 1
-                if attempt >= retries or isinstance(exc, ConnectionRefusedError):
-                    raise
-                time.sleep(0.1 * 2**attempt)
+                attempt = self._lost(exc, attempt)
                 continue
             except BaseException:
                 self._drop()
@@ -611,15 +595,37 @@ class DirectRanges:
                     f"{start}-{stop - 1} with the whole object); siff-xarray reads byte "
                     "ranges, so serve the file from a server that supports them (S3, GCS "
                     "and most HTTP servers do) or download it first")
-            if status in self._step_aside:
-                raise StepAside(f"HTTP {status}")
-            if status in (404, 410):
-                raise FileNotFoundError(f"{self.url}: no such file (HTTP {status})")
-            attempt += 1
-            if status in _RETRY_STATUS and attempt < retries:
-                time.sleep(0.1 * 2**attempt)
-                continue
-            raise HTTPStatusError(self.url, status, resp.reason)
+            attempt = self._refused(status, resp.reason, attempt, "no such file")
+
+    def _lost(self, exc: BaseException, attempt: int) -> int:
+        """Drop a lost connection; pause and return the next attempt, or raise ``exc``.
+
+        A refused connection, or the last of :data:`~siff_xarray._remote.RETRIES`
+        attempts, raises.
+        """
+        self._drop()
+        attempt += 1
+        if attempt >= _remote.RETRIES or isinstance(exc, ConnectionRefusedError):
+            raise exc
+        time.sleep(0.1 * 2**attempt)
+        return attempt
+
+    def _refused(self, status: int, reason: str, attempt: int, missing: str) -> int:
+        """Answer an error status: pause and return the next attempt, or raise.
+
+        A busy server (429, 5xx) is asked again until the last attempt. Statuses
+        this object steps aside for raise :class:`StepAside`, 404 and 410 a
+        FileNotFoundError saying ``missing``, others :class:`HTTPStatusError`.
+        """
+        if status in self._step_aside:
+            raise StepAside(f"HTTP {status}")
+        if status in (404, 410):
+            raise FileNotFoundError(f"{self.url}: {missing} (HTTP {status})")
+        attempt += 1
+        if status in _RETRY_STATUS and attempt < _remote.RETRIES:
+            time.sleep(0.1 * 2**attempt)
+            return attempt
+        raise HTTPStatusError(self.url, status, reason)
 
     def _check_version(self, resp: http.client.HTTPResponse, etag: str | None) -> None:
         """Refuse an answer from another version of the object than ``etag`` (if any).
@@ -751,8 +757,6 @@ def _close_connections() -> None:
         conn.close()
 
 
-_pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
 
 
 def _local_connections() -> dict[tuple[Any, ...], http.client.HTTPConnection]:
@@ -764,9 +768,4 @@ def _local_connections() -> dict[tuple[Any, ...], http.client.HTTPConnection]:
 
 
 def _pool() -> ThreadPoolExecutor:
-    with _pool_lock:
-        pool = _pools.get(os.getpid())
-        if pool is None:
-            pool = _pools[os.getpid()] = ThreadPoolExecutor(
-                MAX_CONNECTIONS, thread_name_prefix="siff-http")
-        return pool
+    return _remote.thread_pool("siff-http", MAX_CONNECTIONS)

@@ -29,7 +29,7 @@ import numpy as np
 from .._allocator import raise_thresholds, restore_thresholds
 from .._paths import any_remote, expand, has_glob, is_remote, local_path, normalize
 from .._progress import Reporter, short_name
-from .._remote import filesystem, naming_url
+from .._remote import filesystem, naming_url, thread_pool
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
@@ -439,16 +439,10 @@ def _next_batch(plan_json: str, run_id: str, b: int | None = None) -> tuple[int,
 #: futures of the batch tails (:func:`_write_batch`) a run's threads left behind, by
 #: run (threaded schedulers; a chain waits for its own)
 _tails: dict[str, list[Future[None]]] = {}
-_tail_pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
 
 
 def _tail_pool() -> ThreadPoolExecutor:
-    with _runs_lock:
-        pool = _tail_pools.get(os.getpid())
-        if pool is None:
-            pool = _tail_pools[os.getpid()] = ThreadPoolExecutor(
-                8, thread_name_prefix="siff-batch-tail")
-        return pool
+    return thread_pool("siff-batch-tail", 8)
 
 
 def _await_tails(tails: list[Future[None]], raising: bool = True) -> None:

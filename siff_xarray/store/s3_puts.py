@@ -32,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .._remote import thread_pool
 from ..errors import RemoteAccessError
 from ..reader.http_ranges import S3_STEP_ASIDE, DirectRanges, s3_settings
 
@@ -40,8 +41,7 @@ __all__ = ["DirectPuts", "put_pool"]
 #: threads that send the PUTs zarr's own writes and :meth:`DirectPuts.put_many` ask for
 #: (as many as the S3 client's default pool: :data:`~siff_xarray._remote.S3_CONNECTIONS`)
 PUT_THREADS = 64
-_pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}  # process id -> pool (a fork gets its own)
+_slots_lock = threading.Lock()
 #: ``(endpoint, bucket)`` where a PUT this way failed: its writes are left to s3fs
 _REFUSED: set[tuple[str, str]] = set()
 #: ``(process, endpoint, n)``: the PUTs in flight to an endpoint, at most n (the
@@ -50,19 +50,14 @@ _SLOTS: dict[tuple[int, str, int], threading.BoundedSemaphore] = {}
 
 
 def _slots(endpoint: str, n: int) -> threading.BoundedSemaphore:
-    with _pool_lock:  # (a fork gets its own: one held at the fork would stay held)
+    with _slots_lock:  # (a fork gets its own: one held at the fork would stay held)
         return _SLOTS.setdefault((os.getpid(), endpoint, n),
                                  threading.BoundedSemaphore(max(n, 1)))
 
 
 def put_pool() -> ThreadPoolExecutor:
     """Return this process's threads for PUTs that zarr's event loop waits for."""
-    with _pool_lock:
-        pool = _pools.get(os.getpid())
-        if pool is None:
-            pool = _pools[os.getpid()] = ThreadPoolExecutor(
-                PUT_THREADS, thread_name_prefix="siff-put")
-        return pool
+    return thread_pool("siff-put", PUT_THREADS)
 
 
 class DirectPuts:
