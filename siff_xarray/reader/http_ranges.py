@@ -757,8 +757,6 @@ def _close_connections() -> None:
         conn.close()
 
 
-
-
 def _local_connections() -> dict[tuple[Any, ...], http.client.HTTPConnection]:
     conns = getattr(_state, "conns", None)
     if conns is None or getattr(_state, "pid", None) != os.getpid():

@@ -445,6 +445,12 @@ def _tail_pool() -> ThreadPoolExecutor:
     return thread_pool("siff-batch-tail", 8)
 
 
+def _run_tails(run_id: str) -> list[Future[None]]:
+    """Take the tails run ``run_id``'s threads left behind (:data:`_tails`)."""
+    with _runs_lock:
+        return _tails.pop(run_id, [])
+
+
 def _await_tails(tails: list[Future[None]], raising: bool = True) -> None:
     """Wait for batch tails; with ``raising``, raise the first one's error."""
     wait(tails)
@@ -818,24 +824,22 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
     def array(path: str) -> Any:
         return _batch_array(target, run_id, path)
 
-    behind = tails is not None and target.object_store
-    copies: list[tuple[str, str]] = []  # (behind: level 0's copies, in the tail)
+    # level 0's shards that hold the intensity's bytes: copied, not compressed again,
+    # by the batch's tail (after its data)
+    copies: list[tuple[str, str]] = []
 
     def ome_level(k: int, level: np.ndarray) -> None:
         arr = array(f"ome/{k}")
         r0, r1 = t0 * ome_repeats(block), t1 * ome_repeats(block)
         end = min(r1, arr.shape[0])  # the OME image leaves a partial last volume out
         shared = shared_shards(inten, arr, t0, t1) if k == 0 else []
-        if behind:
-            copies.extend(shared)
-        for src, dst in [] if behind else shared:  # the same bytes: copied, not
-            target.copy(src, dst)  # compressed again
+        copies.extend(shared)
         if end > r0 and not shared:
             write_along(arr, r0, to_ome_order(level)[: end - r0])
 
     def intensity() -> None:
         write_along(inten, t0, block)
-        if plan.ome:  # level 0 may copy the intensity's shards: after them
+        if plan.ome:  # (level 0: written, or its copies of these shards noted for the tail)
             ome_level(0, block)
 
     def assign(path: str, at: int, values: np.ndarray) -> Callable[[], None]:
@@ -876,7 +880,7 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
         checked.result()
         target.write_text(f"{PROGRESS}/batch-{b:06d}", record)
 
-    if behind and tails is not None:
+    if tails is not None and target.object_store:
         tails.append(_tail_pool().submit(tail))
     else:
         tail()
@@ -1856,14 +1860,10 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
                 _compute_local(chained(_pool_size(scheduler, num_workers) or _cpu_count(),
                                        in_run), scheduler, num_workers, tracker)
         except BaseException:
-            with _runs_lock:
-                left = _tails.pop(run_id, [])
-            _await_tails(left, raising=False)  # (nothing written behind the run's end)
-            raise
+            _await_tails(_run_tails(run_id), raising=False)  # (nothing written behind
+            raise  # the run's end)
         else:
-            with _runs_lock:
-                left = _tails.pop(run_id, [])
-            _await_tails(left)  # every batch's record is written before the finish
+            _await_tails(_run_tails(run_id))  # every batch's record before the finish
         finally:
             tracker.close()
             _forget_sources(run_id)  # this process's threads (local schedulers)
