@@ -445,6 +445,8 @@ class _CountingProxy:
         #: refuse PUTs whose path matches this regular expression (403 AccessDenied,
         #: as a bucket policy or a full quota does)
         self.refuse_puts: str | None = None
+        #: ``(regular expression, seconds)``: PUTs whose path matches wait that much more
+        self.slow_puts: tuple[str, float] | None = None
         self.lock = threading.Lock()
         host, port = urlsplit(target).hostname, urlsplit(target).port
         assert host == "127.0.0.1"
@@ -469,6 +471,9 @@ class _CountingProxy:
                                       if "Signature=" in self.path else self.path))
                 if proxy.latency:
                     time.sleep(proxy.latency)
+                slow = proxy.slow_puts
+                if self.command == "PUT" and slow and re.search(slow[0], self.path):
+                    time.sleep(slow[1])
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.command == "PUT":
                     with proxy.lock:

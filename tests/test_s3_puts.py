@@ -8,6 +8,7 @@ signature); here: which stores take them, and a silent server.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 pytest.importorskip("s3fs")
 
 from siff_xarray.errors import RemoteAccessError
-from siff_xarray.store.s3_puts import DirectPuts
+from siff_xarray.store.s3_puts import DirectPuts, WritesBehind
 
 
 def _s3(endpoint: str = "http://127.0.0.1:9", **options):
@@ -76,3 +77,37 @@ def test_a_put_with_nothing_to_sign_is_left_to_s3fs():
     assert puts.refused
     assert puts.put_many({"nosign/x/c/1": b"d", "nosign/x/c/2": b"e"}) == {
         "nosign/x/c/1": b"d", "nosign/x/c/2": b"e"}
+
+
+def test_writes_behind_hold_at_most_their_limit_and_store_each_key_in_order():
+    behind = WritesBehind(limit=100)
+    release, stored = threading.Event(), []
+
+    def slow(tag):
+        def write():
+            release.wait(10)
+            stored.append(tag)
+        return write
+
+    first = behind.submit("k", 60, slow("k1"))
+    second = behind.submit("k", 30, lambda: stored.append("k2"))  # (90 bytes: room)
+    assert behind.of_key("k") is second and not first.done()
+    # 60 more bytes would hold 150: the writer waits until the first ones are stored
+    waiting = threading.Thread(target=lambda: behind.submit("j", 60, lambda: None))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()
+    release.set()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    behind.settle()
+    assert stored == ["k1", "k2"]  # (the later write of a key after the earlier one)
+    assert behind.pending() == [] and behind.of_key("k") is None
+    # one write larger than the limit goes alone; an error stays in its future
+    def refused():
+        raise PermissionError("refused")
+
+    failed = behind.submit("big", 500, refused)
+    behind.settle()
+    assert isinstance(failed.exception(), PermissionError)
+    assert behind.pending() == []

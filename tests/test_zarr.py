@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -1797,7 +1798,8 @@ def test_every_array_a_batch_writes_is_opened_while_the_first_batch_decodes(
     """On object storage each open of an array reads its metadata (a round trip). The
     histogram and the flyback rows were opened by the batches as they wrote them, in
     their write phase (and by each thread that came to one first); now every array a
-    batch writes opens with the plan, behind the first batch's decoding."""
+    batch writes opens with the plan, behind the first batch's decoding, before any
+    batch writes."""
     import s3fs
 
     from siff_xarray.store import converter as conv
@@ -1806,15 +1808,15 @@ def test_every_array_a_batch_writes_is_opened_while_the_first_batch_decodes(
     t = write_siff(tmp_path / "o.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=5)
     events = []
-    real_open, real_decode = conv._open_for_batch, conv._decode_batch
+    real_open, real_write = conv._open_for_batch, conv.write_along
     monkeypatch.setattr(conv, "_open_for_batch",
                         lambda store, path: events.append(path) or real_open(store, path))
-    monkeypatch.setattr(conv, "_decode_batch", lambda *a, **k: (
-        real_decode(*a, **k), events.append("decoded"))[0])
+    monkeypatch.setattr(conv, "write_along", lambda *a: (
+        events.append("written"), real_write(*a))[1])
     dst = f"s3://open-{scheduler}/run.zarr"
     zs.convert(t.path, dst, target_options=s3_server, scheduler=scheduler,
                **_small_shards(t))
-    first = events.index("decoded")
+    first = events.index("written")
     for name in ("histogram", "photons/flyback_intensity", "intensity",
                  "photons/arrival_time", "photon_count", "ome/0"):
         assert events.count(name) == 1 and events.index(name) < first, (name, events)
@@ -2109,6 +2111,31 @@ def test_presigned_shard_puts_are_retried_when_busy_and_left_to_s3fs_when_refuse
     assert len([p for p in proxy.puts if "/c/" in p[3] and "Signature=" not in p[3]]) > 10
 
 
+def test_a_batch_store_reads_a_key_once_its_write_behind_is_stored(s3_server, s3_latency):
+    """The store a conversion's batches write through sends its PUTs behind the
+    writer: ``put_whole`` returns with the PUT on its way, and a read of that key
+    waits for it (here a busy S3 makes the PUT wait for its retries) instead of
+    finding nothing."""
+    import s3fs
+    from zarr.buffer import default_buffer_prototype
+
+    from siff_xarray.store.layout import Target
+    from siff_xarray.store.shards import zarr_sync
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("behind-bucket")
+    store = Target("s3://behind-bucket/run.zarr", opts).zarr(batch_writes=True)
+    store.write_behind()
+    proxy.busy_puts = 2  # (two 503s: the PUT is sent three times, with pauses)
+    assert store.put_whole("photons/arrival_time/c/0", b"shard bytes")
+    pending = store.writes_behind()
+    assert len(pending) == 1 and not pending[0].done()
+    got = zarr_sync()(store.get("photons/arrival_time/c/0", default_buffer_prototype()))
+    assert got is not None and got.to_bytes() == b"shard bytes"
+    assert proxy.busy_puts == 0 and pending[0].done() and store.writes_behind() == []
+    store.settle()
+
+
 def test_s3_bodies_reach_aiohttp_as_the_bytes_they_are(s3_server, tmp_path, monkeypatch):
     """botocore wraps a bytes body into a BytesIO, which aiohttp copies whole and
     then sends 64 KiB at a time, yielding to the event loop all of zarr's writes
@@ -2349,6 +2376,47 @@ def test_a_refused_write_on_s3_stops_the_conversion_and_resume_finishes_it(
     proxy.refuse_puts = None
 
 
+def test_a_batch_that_fails_on_s3_leaves_no_write_behind_it(s3_server, s3_latency,
+                                                           tmp_path, monkeypatch):
+    """A batch's arrival-time shards go to S3 while it decodes on: when its decoding
+    then fails, the conversion raises only once every PUT it sent was answered
+    (none lands after the error, e.g. in a store another run now writes)."""
+    import s3fs
+
+    from siff_xarray.store import converter as conv
+
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 3000)
+    monkeypatch.setattr(conv, "PHOTON_SHARD", 1024)
+    monkeypatch.setattr(conv, "PHOTON_CHUNK", 256)
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("fail-behind-bucket")
+    t = write_siff(tmp_path / "f.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=4, photons_per_frame=500, seed=9)
+    calls, real = [], conv.Acquisition.decode_into
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 6:  # (shards of this batch are on their way by now)
+            raise SiffFormatError(str(t.path), "IFD claims 99999 entries")
+        return real(self, *args)
+
+    monkeypatch.setattr(conv.Acquisition, "decode_into", failing)
+    dst = "s3://fail-behind-bucket/run.zarr"
+    proxy.slow_puts, since = (r"/arrival_time/c/", 0.5), len(proxy.spans)
+    try:
+        with pytest.raises(SiffFormatError, match="99999"):
+            zs.convert(t.path, dst, target_options=opts, scheduler="sync")
+        raised = time.monotonic()
+    finally:
+        proxy.slow_puts = None
+    with proxy.lock:
+        spans, log = proxy.spans[since:], proxy.log[since:]
+    assert any(m == "PUT" and "/arrival_time/c/" in p for m, p in log)
+    assert all(end is not None and end <= raised for _, end in spans)
+    with pytest.raises(IncompleteStoreError):
+        zs.verify(t.path, dst, target_options=opts)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_batch_without_its_record_is_reported_and_the_store_left_for_resume(
         where, s3_server, tmp_path, monkeypatch):
@@ -2391,9 +2459,10 @@ def test_a_batch_without_its_record_is_reported_and_the_store_left_for_resume(
 
 def test_a_batchs_last_round_trips_go_on_behind_the_next_batch(s3_server, s3_latency,
                                                                tmp_path, monkeypatch):
-    """On object storage a batch's last steps only wait round trips (the copies of its
-    intensity shards to OME level 0, its record): the thread decodes its next batch
-    meanwhile, and the run waits for every record before the finish. A copy the
+    """On object storage a batch's PUTs and last steps only wait round trips (its
+    shards on their way, the copies of its intensity shards to OME level 0, its
+    record): the thread decodes its next batch meanwhile, and the run waits for
+    every record before the finish. A copy the
     server refuses stops the conversion with that refusal, the store unpublished;
     resume finishes it."""
     import s3fs
@@ -2404,10 +2473,10 @@ def test_a_batchs_last_round_trips_go_on_behind_the_next_batch(s3_server, s3_lat
     s3fs.S3FileSystem(**s3_server).mkdir("tail-bucket")
     t = write_siff(tmp_path / "tail.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=8, photons_per_frame=500, seed=13)
-    entered, real = {}, conv._write_batch
+    entered, entered_at, real = {}, {}, conv._write_batch
 
     def recording(plan_json, b, run_id, tails=None):
-        entered[b] = len(proxy.log)
+        entered[b], entered_at[b] = len(proxy.log), time.monotonic()
         return real(plan_json, b, run_id, tails)
 
     monkeypatch.setattr(conv, "_write_batch", recording)
@@ -2422,16 +2491,30 @@ def test_a_batchs_last_round_trips_go_on_behind_the_next_batch(s3_server, s3_lat
     # each record went out after the thread had started its next batch (log indexes)
     assert all(records[b] >= entered[nxt] for b, nxt in itertools.pairwise(order)), (
         records, entered)
+    # ... and so were its data PUTs answered: its intensity shard (the batch's
+    # time range) travelled while the thread decoded the next batch
+    shard = {int(p.split("/intensity/c/")[1].split("/")[0]): i
+             for i, (m, p) in enumerate(proxy.log) if m == "PUT" and "/intensity/c/" in p}
+    assert set(shard) == set(order)
+    answered = {b: proxy.spans[i][1] for b, i in shard.items()}
+    assert all(answered[b] > entered_at[nxt] for b, nxt in itertools.pairwise(order)), (
+        answered, entered_at)
     assert zs.verify(t.path, dst, target_options=opts) == []
 
     proxy.refuse_puts = r"/ome/0/c/"  # (the level-0 copies: PUTs with a copy source)
     dst = "s3://tail-bucket/refused.zarr"
+    proxy.latency, since = 0.05, len(proxy.spans)
     try:
         with pytest.raises(PermissionError, match=r"refused\.zarr/ome/0/c/.*refused the copy"):
             zs.convert(t.path, dst, target_options=opts, scheduler="sync",
                        **_small_shards(t))
+        raised = time.monotonic()
     finally:
-        proxy.refuse_puts = None
+        proxy.refuse_puts, proxy.latency = None, 0.0
+    # nothing was written behind the error: every request had its answer before it
+    with proxy.lock:
+        spans = proxy.spans[since:]
+    assert spans and all(end is not None and end <= raised for _, end in spans)
     with pytest.raises(IncompleteStoreError):
         zs.verify(t.path, dst, target_options=opts)
     zs.convert(t.path, dst, target_options=opts, scheduler="sync", resume=True,

@@ -326,12 +326,19 @@ def _checking(plan: Plan, context: str, owned: tuple[Target, str] | None = None)
     still owns the store (:func:`.owner.check`): on object storage each is a round
     trip, and both run while the batch's first frames decode.
     """
-    def check() -> None:
-        if owned is not None:
-            _await_layout(owned[1])  # (the store laid out behind the first decoding)
-            owner.check(*owned)
+    def fingerprint() -> None:
         _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context,
                            plan.pin_version)
+
+    def check() -> None:
+        if owned is None:
+            fingerprint()
+            return
+        with ThreadPoolExecutor(1) as printing:  # (the two checks' round trips at once)
+            printed = printing.submit(fingerprint)
+            _await_layout(owned[1])  # (the store laid out behind the first decoding)
+            owner.check(*owned)
+            printed.result()
 
     pool = ThreadPoolExecutor(1)
     job = pool.submit(check)
@@ -521,8 +528,8 @@ def _forget_sources(run_id: str) -> None:
         _ended.add(run_id)
         _runs_changed.notify_all()
     with _run_arrays_lock:
-        for key in [k for k in _run_arrays if k[0] == run_id]:
-            del _run_arrays[key]
+        stores = [_run_arrays.pop(k)[0] for k in [k for k in _run_arrays if k[0] == run_id]]
+    _settle(stores)  # (nothing written behind the run's end)
     restore_thresholds(run_id)  # this process's memory settings back, if the run raised them
     for f in run.sources() if run is not None else []:
         f.close()
@@ -540,10 +547,17 @@ class _ShardWriter:
     one more shard at most is held. The next write, or :meth:`close`, waits for it
     and raises its error. After an error elsewhere a shard on its way is simply
     finished: each shard has one content, which a retry writes again.
+
+    ``ready``: a future each write waits for first, raising its error (a batch's
+    checks of its source and of the store's owner): nothing is stored before they
+    passed, while the values of the next shard go on arriving.
     """
 
-    def __init__(self, arr: Any, base: int, dtype: str, behind: bool = False) -> None:
+    def __init__(self, arr: Any, base: int, dtype: str, behind: bool = False,
+                 ready: Future[None] | None = None) -> None:
         self._arr = arr  # (or a call that opens it: when first written)
+        #: the check a write waits for first (and raises the error of)
+        self.ready = ready
         self.pos = base
         self.dtype = dtype
         self.parts: list[np.ndarray] = []
@@ -560,10 +574,10 @@ class _ShardWriter:
         return self._arr
 
     def _write(self, at: int, values: np.ndarray) -> None:
-        arr = self.arr  # (opened here, not in a thread of its own)
-
         def write() -> None:
-            write_along(arr, at, values)
+            if self.ready is not None:  # (the array is opened after it too: the store
+                self.ready.result()  # may still be being laid out)
+            write_along(self.arr, at, values)
 
         if not self.behind:
             write()
@@ -587,6 +601,11 @@ class _ShardWriter:
             thread.join()
             if errors:
                 raise errors[0]
+
+    def abandon(self) -> None:
+        """Wait for the shard on its way, if any, ignoring its error (the batch failed)."""
+        with contextlib.suppress(BaseException):
+            self._wait()
 
     def append(self, values: np.ndarray) -> None:
         self.parts.append(values.astype(self.dtype, copy=False))
@@ -638,7 +657,11 @@ def _batch_array(target: Target, run_id: str, path: str) -> Any:
     key = (run_id, target.destination)
     with _run_arrays_lock:
         if key not in _run_arrays:
-            _run_arrays[key] = (target.zarr(batch_writes=True), {})
+            store = target.zarr(batch_writes=True)
+            behind = getattr(store, "write_behind", None)
+            if behind is not None:  # (S3: a batch's PUTs go on behind its next frames)
+                behind()
+            _run_arrays[key] = (store, {})
         store, arrays = _run_arrays[key]
         arr = arrays.get(path)
     if arr is None:  # (two threads may both open it: the same array either way)
@@ -651,6 +674,27 @@ def _batch_array(target: Target, run_id: str, path: str) -> Any:
 #: arrays only some stores have (no arrival-time histogram for intensity-only pages,
 #: no flyback rows without flyback frames)
 _OPTIONAL_ARRAYS = ("histogram", "photons/flyback_intensity")
+
+
+def _run_store(target: Target, run_id: str) -> list[Any]:
+    """Return the zarr store this process's batches of the run write through (none yet: [])."""
+    with _run_arrays_lock:
+        got = _run_arrays.get((run_id, target.destination))
+    return [got[0]] if got is not None else []
+
+
+def _writes_behind(target: Target, run_id: str) -> list[Future[None]]:
+    """Return the run's writes still on their way from this process (see :func:`_write_batch`)."""
+    return [job for store in _run_store(target, run_id)
+            for job in getattr(store, "writes_behind", list)()]
+
+
+def _settle(stores: Iterable[Any]) -> None:
+    """Wait until the writes behind of ``stores`` are done (a batch or run that failed)."""
+    for store in stores:
+        settle = getattr(store, "settle", None)
+        if settle is not None:
+            settle()
 
 
 def _open_batch_arrays(target: Target, run_id: str, plan: Plan,
@@ -695,13 +739,13 @@ def _concurrently(target: Target, calls: list[Callable[[], Any]]) -> list[Any]:
 def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarray,
                   photons: np.ndarray, f0: int, arrival_dtype: np.dtype,
                   out: tuple[np.ndarray, np.ndarray, np.ndarray], writer: _ShardWriter,
-                  descriptions: list[np.ndarray], checked: Any,
+                  descriptions: list[np.ndarray],
                   following: Callable[[], list[tuple[int, int]]] = list) -> int:
     """Decode a batch's frames, sub-batch by sub-batch ``bounds``; return its photons.
 
     Images, counts and histograms land in ``out`` at ``rows``; arrival times stream
-    into ``writer`` once ``checked.result()`` (the source's check) has passed; each
-    sub-batch's raw descriptions are appended to ``descriptions``.
+    into ``writer`` (which stores nothing before the batch's checks passed, its
+    ``ready``); each sub-batch's raw descriptions are appended to ``descriptions``.
 
     The sub-batches on their way while one decodes run on into those
     ``following()`` gives (the next batch this source serves; none by default), so
@@ -729,8 +773,6 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
         hi = f.decode_into(frames, rows[s0 - f0 : s1 - f0], images, counts, hists, tau)
         if hi > np.iinfo(arrival_dtype).max:
             raise _NeedsWideArrivals
-        if k == 0:
-            checked.result()  # the writer may store a shard: not before the check passed
         writer.append(tau)
         n += int(tau.size)
         # from the same bytes as the frames (remote: the span fetched ahead)
@@ -747,22 +789,44 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
     of source data; photons stream into whole ``arrival_time`` shards, so memory
     stays bounded by the intensity shard plus a few tens of MB, whatever the file size.
 
-    ``tails`` (object stores): the batch's last steps after its data are stored,
-    which only wait round trips (the copies of its intensity shards to OME level 0,
-    the source's second check, its record), go to a thread of their own, whose
+    On S3 the batch's PUTs go on in threads of their own once its shards are encoded
+    (:meth:`~.layout.Target.zarr`'s ``write_behind``). Its last steps wait for them
+    and then only wait round trips (its frame descriptions, the copies of its
+    intensity shards to OME level 0, the ownership and source checks, its record).
+    ``tails`` (object stores): those steps go to a thread of their own, whose
     future is appended; the caller waits for them before it reports the run done
     (:func:`_await_tails`), and this thread decodes the next batch meanwhile.
+    Without ``tails`` they are taken before this returns. A batch that fails
+    waits for its writes on their way: nothing is written behind its error.
     """
     with _runs_lock:  # where a dask worker's environment fixed glibc's (_allocator); not
         if run_id not in _ended:  # for a run that ended here: nothing would restore them
             raise_thresholds(run_id)
     plan = Plan.from_json(plan_json)
     target = Target(plan.destination, plan.destination_options)
+    try:
+        result, tail = _convert_batch(plan, target, b, run_id)
+    except BaseException:
+        _settle(_run_store(target, run_id))
+        raise
+    if tails is not None and target.object_store:
+        tails.append(_tail_pool().submit(tail))
+    else:
+        tail()
+    return result
+
+
+def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
+                   ) -> tuple[tuple[int, int, int], Callable[[], None]]:
+    """Decode batch ``b`` and send its data; return its result and its last steps.
+
+    See :func:`_write_batch`, which takes those steps (``tail``).
+    """
     context = f"{plan.destination}: batch {b}"
-    # the source is checked while the store and the source open and the first frames
+    # the source is checked while the store and the source open and the frames
     # decode (the check is a few round trips on object storage); nothing is written
-    # before it passed, and an error while decoding is reported as the change when
-    # the source changed
+    # before it passed (the arrival times' writer waits for it), and an error while
+    # decoding is reported as the change when the source changed
     # ... and a conversion that lost the store writes nothing more
     checked = _checking(plan, context, (target, run_id))
     f0, f1 = plan.batch_frames[b]
@@ -776,7 +840,8 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
     # check: the store may still be being laid out while the first frames decode
     # (_start's ``behind``)
     writer = _ShardWriter(lambda: _batch_array(target, run_id, "photons/arrival_time"),
-                          plan.batch_base[b], plan.arrival_dtype, behind=target.object_store)
+                          plan.batch_base[b], plan.arrival_dtype, behind=target.object_store,
+                          ready=checked)
     with _batch_source(plan, run_id, b) as f:
         ip = f.im_params()
         loc_all = ip.locate(np.arange(f0, f1, dtype=np.int64))
@@ -801,10 +866,11 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
         descriptions = []
         try:
             n = _decode_batch(f, bounds, rows, photons, f0, arrival_dtype,
-                              (images, counts, hists), writer, descriptions, checked,
+                              (images, counts, hists), writer, descriptions,
                               _following(plan, run_id, f))
-            checked.result()  # (a batch of no frames wrote nothing and waited for nothing)
+            checked.result()  # (before the batch's other writes)
         except Exception:
+            writer.abandon()  # (its shard on its way is stored before the batch fails)
             checked.result()  # a source that changed is the error, not what decoding met
             raise
     # every byte is read: check the source again while the results are written
@@ -848,6 +914,7 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
         return write
 
     writes = [intensity, writer.close]  # (the last photons, after the shard on its way)
+    late: list[Callable[[], Any]] = []  # (after the data, with the level-0 copies)
     if plan.ome:
         level = block  # halved in the block's own (contiguous) order, then reordered
         for k in range(1, plan.ome_levels):  # the same time range: a whole shard per level
@@ -858,7 +925,7 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
         rows = np.asarray(plan.window_rows[b], dtype=np.int64) - t0 * ome_repeats(block)
         counted = tallies(to_ome_order(block)[rows])
         text_w = json.dumps([[v.tolist(), n.tolist()] for v, n in counted])
-        writes.append(lambda: target.write_text(_window_key(b), text_w))
+        late.append(lambda: target.write_text(_window_key(b), text_w))
     writes.append(assign("photon_count", t0, pc))
     if hblock is not None:
         writes.append(assign("histogram", t0, hblock))
@@ -867,24 +934,23 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
     # the batch's frame descriptions, joined into photons/description by _finish (a
     # batch is done only when its record, written last, is there too)
     text = b"".join(d.tobytes() for d in descriptions)
-    writes.append(lambda: target.write_bytes(_description_key(b), text))
-    # whether the store is still this run's, asked while the data go (a round trip on
-    # object storage): a run that lost it records nothing more
-    writes.append(lambda: owner.check(target, run_id))
+    late.append(lambda: target.write_bytes(_description_key(b), text))
+    # whether the store is still this run's (a round trip on object storage), asked
+    # once its data are stored: a run that lost it records nothing more
+    late.append(lambda: owner.check(target, run_id))
     _concurrently(target, writes)
+    # (S3: the PUTs still on their way; this thread decodes its next batch meanwhile)
+    sent = _writes_behind(target, run_id)
     record = json.dumps({"frames": f1 - f0, "photons": n})
 
     def tail() -> None:  # (the batch is done only when its record, written last, is there)
-        _concurrently(target, [functools.partial(target.copy, src, dst)
-                               for src, dst in copies])
+        _await_tails(sent)  # its data are stored
+        _concurrently(target, [*(functools.partial(target.copy, src, dst)
+                                 for src, dst in copies), *late])
         checked.result()
         target.write_text(f"{PROGRESS}/batch-{b:06d}", record)
 
-    if tails is not None and target.object_store:
-        tails.append(_tail_pool().submit(tail))
-    else:
-        tail()
-    return b, f1 - f0, n
+    return (b, f1 - f0, n), tail
 
 
 def _prepare(sources: list[str], target: Target, build: Any,

@@ -148,6 +148,12 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
 
     class SiffFsspecStore(FsspecStore):
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            behind = self.__dict__.get("behind")
+            writing = behind.of_key(key) if behind is not None else None
+            if writing is not None:  # (read what that write stores, once it is there)
+                import asyncio
+
+                await asyncio.wrap_future(writing)
             if (batch_writes and not key.endswith("zarr.json")
                     and key not in self.__dict__.get("written", ())):
                 return None
@@ -165,6 +171,9 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
                 loop = asyncio.get_running_loop()
                 if await loop.run_in_executor(put_pool(), self.put_whole, key, data):
                     return
+            await self._s3fs_set(key, value)
+
+        async def _s3fs_set(self, key: str, value: Any) -> None:
             try:
                 await super().set(key, value)
             except PermissionError as exc:  # s3fs's says "Access Denied", naming nothing
@@ -179,16 +188,57 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
             On S3 through a presigned URL (:class:`~.s3_puts.DirectPuts`), where
             the storage options allow it; elsewhere, or where that way fails, the
             caller stores it through :meth:`set` (s3fs), as zarr would.
+
+            After :meth:`write_behind`, True once the PUT is on its way (a PUT this
+            way fails: s3fs sends it, in that thread); :meth:`writes_behind` gives
+            the writes not yet stored.
             """
             puts = self._direct_puts() if s3 and not self.read_only else None
-            if puts is None or not puts.put(f"{self.path}/{key}", data):
+            if puts is None or puts.refused:
+                return False
+            behind = self.__dict__.get("behind")
+            if behind is not None:
+                behind.submit(key, len(data), functools.partial(self._put, key, data, puts))
+            elif not puts.put(f"{self.path}/{key}", data):
                 return False
             if batch_writes:
                 self.__dict__.setdefault("written", set()).add(key)
             return True
 
+        def _put(self, key: str, data: bytes, puts: Any) -> None:
+            """Store ``data`` at ``key`` now: presigned, else through s3fs (a write behind)."""
+            if not puts.put(f"{self.path}/{key}", data):
+                from zarr.buffer import default_buffer_prototype
+
+                from .shards import zarr_sync
+
+                value = default_buffer_prototype().buffer.from_bytes(data)
+                zarr_sync()(self._s3fs_set(key, value))  # (set: :meth:`put_whole` again)
+
+        def write_behind(self) -> None:
+            """Let :meth:`put_whole` (and so :meth:`set`) return once a PUT is on its way.
+
+            For a conversion's batches, which wait for :meth:`writes_behind` before
+            they record themselves done. Only where PUTs go presigned (S3).
+            """
+            if s3 and not self.read_only and self._direct_puts() is not None:
+                from .s3_puts import WritesBehind
+
+                self.__dict__.setdefault("behind", WritesBehind())
+
+        def writes_behind(self) -> list[Any]:
+            """Return the futures of the writes on their way now (see :meth:`write_behind`)."""
+            behind = self.__dict__.get("behind")
+            return behind.pending() if behind is not None else []
+
+        def settle(self) -> None:
+            """Wait until every write behind is done (their errors stay in their futures)."""
+            behind = self.__dict__.get("behind")
+            if behind is not None:
+                behind.settle()
+
         def __getstate__(self) -> dict[str, Any]:  # (the PUTs' signer stays in-process)
-            return {k: v for k, v in self.__dict__.items() if k != "puts"}
+            return {k: v for k, v in self.__dict__.items() if k not in ("puts", "behind")}
 
         def _direct_puts(self) -> Any:
             if "puts" not in self.__dict__:

@@ -18,6 +18,10 @@ else, and any PUT this way fails for a reason other than a timeout, is left to
 s3fs, whose requests and errors are the reference: a refused presigned PUT is
 sent again by s3fs, which then reports what is wrong.
 
+Where a conversion's batches write (:meth:`WritesBehind`), a PUT goes from a thread of
+its own: the batch decodes its next frames while its shards travel, and its record
+waits for them (at most :data:`WRITE_BEHIND_BYTES` held on their way).
+
 Import rule: the standard library, google_crc32c, ``reader.http_ranges``,
 ``_remote`` and ``errors``.
 """
@@ -29,14 +33,14 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from .._remote import thread_pool
 from ..errors import RemoteAccessError
 from ..reader.http_ranges import S3_STEP_ASIDE, DirectRanges, s3_settings
 
-__all__ = ["DirectPuts", "put_pool"]
+__all__ = ["DirectPuts", "WritesBehind", "put_pool"]
 
 #: threads that send the PUTs zarr's own writes and :meth:`DirectPuts.put_many` ask for
 #: (as many as the S3 client's default pool: :data:`~siff_xarray._remote.S3_CONNECTIONS`)
@@ -58,6 +62,74 @@ def _slots(endpoint: str, n: int) -> threading.BoundedSemaphore:
 def put_pool() -> ThreadPoolExecutor:
     """Return this process's threads for PUTs that zarr's event loop waits for."""
     return thread_pool("siff-put", PUT_THREADS)
+
+
+#: bytes a store's writes behind (:class:`WritesBehind`) hold on their way at most: a
+#: writer that would hold more waits until enough of them are stored (on this
+#: project's benchmark file a batch stores about 40 MB; two threads' worth)
+WRITE_BEHIND_BYTES = 128 * 2**20
+#: threads that send the writes behind (the PUTs in flight are bounded anyway, by the
+#: endpoint's slots and by :data:`WRITE_BEHIND_BYTES`)
+BEHIND_THREADS = 32
+
+
+class WritesBehind:
+    """Writes of whole objects that go on in threads of their own while the writer goes on.
+
+    :meth:`submit` returns once the write is on its way; the writer later waits for
+    the futures :meth:`pending` gives (a conversion's batch: before its record), and
+    a read of a key being written waits for that write (:meth:`of_key`). Two writes
+    of one key are stored in the order they were submitted. At most ``limit`` bytes
+    are held on their way: :meth:`submit` waits until the earlier writes make room
+    (one write larger than ``limit`` goes alone).
+    """
+
+    def __init__(self, limit: int = WRITE_BEHIND_BYTES) -> None:
+        self.limit = limit
+        self._room = threading.Condition()
+        self._held = 0
+        self._pending: dict[str, Future[None]] = {}
+
+    def submit(self, key: str, nbytes: int, write: Callable[[], None]) -> Future[None]:
+        """Start ``write`` (storing ``nbytes`` at ``key``) in another thread; return its future."""
+        with self._room:
+            while self._held and self._held + nbytes > self.limit:
+                self._room.wait()
+            self._held += nbytes
+            before = self._pending.get(key)
+
+            def run() -> None:
+                if before is not None:  # (submitted earlier: ahead in the queue)
+                    wait([before])
+                write()
+
+            job = thread_pool("siff-put-behind", BEHIND_THREADS).submit(run)
+            self._pending[key] = job
+
+        def done(_: Future[None]) -> None:
+            with self._room:
+                self._held -= nbytes
+                if self._pending.get(key) is job:
+                    del self._pending[key]
+                self._room.notify_all()
+
+        job.add_done_callback(done)
+        return job
+
+    def of_key(self, key: str) -> Future[None] | None:
+        """Return the future of the write of ``key`` on its way, if any."""
+        with self._room:
+            return self._pending.get(key)
+
+    def pending(self) -> list[Future[None]]:
+        """Return the futures of the writes on their way now."""
+        with self._room:
+            return list(self._pending.values())
+
+    def settle(self) -> None:
+        """Wait until no write is on its way (their errors are left to their futures)."""
+        while jobs := self.pending():
+            wait(jobs)
 
 
 class DirectPuts:
