@@ -1828,8 +1828,12 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     """The finish's steps before the root is published: the frame descriptions, the
     root's metadata, and the other nodes' (the start's record of them, and the OME
     contrast windows from the batches' tallies, then ome's metadata written), all at
-    once: 2 round trips. The windows used to wait for the nodes' record (5 round
-    trips), then to read level 0's sample back from the store (4)."""
+    once. What this process stored for the run (the start's metadata, each batch's
+    descriptions and tallies) is not read back: 1 round trip, with the listing of
+    the batches' records and the ownership check. A batch converted elsewhere (here:
+    one this process did not note) is read. The finish took 2 round trips when it
+    read everything, the windows 5 when they waited for the nodes' record, then 4
+    more to read level 0's sample back from the store."""
     import s3fs
     from conftest import _chain
 
@@ -1854,8 +1858,22 @@ def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(
     zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
     proxy.latency = 0.0
     (a0, l0), (a1, l1) = marks["finish"], marks["finishing"]
-    assert _chain(proxy.spans[a0:a1]) == 2
-    assert not [p for _, p in proxy.log[l0:l1] if "/ome/0/" in p]  # no image data read
+    assert _chain(proxy.spans[a0:a1]) == 1
+    finish = proxy.log[l0:l1]
+    assert not [p for _, p in finish if "/ome/0/" in p]  # no image data read
+    assert [m for m, p in finish if "/.siff-progress/" in p and "list-type" not in p] == [
+        "GET"]  # (the owner's record: nothing the start or the batches stored is read)
+    assert zs.verify(t.path, dst, target_options=opts) == []
+    # a batch this process did not note (as one converted by another process) is read
+    real_keep = conv._keep
+    monkeypatch.setattr(conv, "_keep", lambda run_id, b, *a: b == 1 or real_keep(run_id, b, *a))
+    marks.clear()
+    dst = "s3://fin-bucket/mixed.zarr"
+    zs.convert(t.path, dst, target_options=opts, scheduler="sync", **_small_shards(t))
+    (a0, l0), (a1, l1) = marks["finish"], marks["finishing"]
+    read = sorted(p.rsplit("/", 1)[1] for m, p in proxy.log[l0:l1]
+                  if m == "GET" and "/.siff-progress/" in p and "list-type" not in p)
+    assert read == ["description-000001", "owner.json", "window-000001.json"]
     assert zs.verify(t.path, dst, target_options=opts) == []
     # the windows are in ome's metadata, and the root consolidates them as written
     fs = s3fs.S3FileSystem(**s3_server)
@@ -1978,7 +1996,8 @@ def test_the_contrast_windows_are_the_stored_sample_s_whoever_tallies_them(tmp_p
     they write them, and the finish reads the windows off the tallies: the same
     windows as from level 0's sample read back (set_rendering), across batches, with
     repeats folded into t, a partial last volume left out and signed samples. A plan
-    of an earlier version (no tallies) or a missing tally reads the sample instead."""
+    of an earlier version (no tallies) or a missing tally (one this process did not
+    keep) reads the sample instead."""
     import zarr
 
     from siff_xarray.store import converter as conv
@@ -1999,6 +2018,7 @@ def test_the_contrast_windows_are_the_stored_sample_s_whoever_tallies_them(tmp_p
         def finish(target, run_id, plan):
             b = next(b for b, rows in enumerate(plan.window_rows) if rows)
             target.fs.rm(target.key(conv._window_key(b)))
+            conv._kept[run_id].windows.pop(b)  # (as a tally another process stored)
             return real_finish(target, run_id, plan)
 
         monkeypatch.setattr(conv, "_finish", finish)

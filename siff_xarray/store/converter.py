@@ -924,8 +924,11 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
         # the contrast windows' sample of this batch's timepoints, tallied (_finish)
         rows = np.asarray(plan.window_rows[b], dtype=np.int64) - t0 * ome_repeats(block)
         counted = tallies(to_ome_order(block)[rows])
-        text_w = json.dumps([[v.tolist(), n.tolist()] for v, n in counted])
+        window = [[v.tolist(), n.tolist()] for v, n in counted]
+        text_w = json.dumps(window)
         late.append(lambda: target.write_text(_window_key(b), text_w))
+    else:
+        window = None
     writes.append(assign("photon_count", t0, pc))
     if hblock is not None:
         writes.append(assign("histogram", t0, hblock))
@@ -949,6 +952,7 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
                                  for src, dst in copies), *late])
         checked.result()
         target.write_text(f"{PROGRESS}/batch-{b:06d}", record)
+        _keep(run_id, b, text, window)
 
     return (b, f1 - f0, n), tail
 
@@ -1149,15 +1153,17 @@ def _window_key(b: int) -> str:
     return f"{PROGRESS}/window-{b:06d}.json"
 
 
-def _batch_windows(target: Target, plan: Plan) -> list[dict[str, float]] | None:
+def _batch_windows(target: Target, plan: Plan, kept: _Kept | None = None
+                   ) -> list[dict[str, float]] | None:
     """Return the contrast windows of the batches' tallies, or None where one is missing.
 
-    (A store started by an earlier version has none: its windows are read from the
-    data, :func:`set_rendering`.)
+    Those ``kept`` in this process are not read. (A store started by an earlier
+    version has none: its windows are read from the data, :func:`set_rendering`.)
     """
     if plan.window_rows is None or not plan.ome:
         return None
     batches = [b for b, rows in enumerate(plan.window_rows) if rows]
+    known = kept.windows if kept is not None else {}
 
     def read(b: int) -> Any:
         try:
@@ -1165,33 +1171,64 @@ def _batch_windows(target: Target, plan: Plan) -> list[dict[str, float]] | None:
         except FileNotFoundError:
             return None
 
-    parts = _read_each(target, batches, read)
+    read_here = _read_each(target, [b for b in batches if b not in known], read)
+    got = dict(zip([b for b in batches if b not in known], read_here, strict=True))
+    parts = [known[b] if b in known else got[b] for b in batches]
     if any(p is None for p in parts):
         return None
     return windows_of(merge_tallies(parts)) if parts else None
 
 
-def _write_descriptions(target: Target, plan: Plan) -> None:
+def _write_descriptions(target: Target, plan: Plan, kept: _Kept | None = None) -> None:
     """Join the batches' frame descriptions into ``photons/description``.
 
     Each batch stored its frames' descriptions, read from the bytes it fetched
     for the frames (on object storage a per-frame read of the descriptions
-    costs one request per frame).
+    costs one request per frame). Those ``kept`` in this process are not read,
+    and where the array's metadata are kept too, its chunk is encoded here and
+    written with one request (no read of its metadata first).
     """
-    def parts() -> list[bytes]:  # (fs.cat would ask each object's size first)
-        return _read_each(target, [_description_key(b) for b in range(plan.n_batches)],
-                          target.read_bytes)
+    known = kept.descriptions if kept is not None else {}
+    meta = kept.nodes.get("photons/description") if kept is not None else None
+    unread = [b for b in range(plan.n_batches) if b not in known]
 
-    # (written whole, once: the batches' store need not look for its shards first)
-    texts, arr = _concurrently(target, [parts, lambda: _open_for_batch(
-        target.zarr(batch_writes=True), "photons/description")])
-    data = np.frombuffer(b"".join(texts), dtype=np.uint8)
-    if data.size != arr.shape[0]:
+    def parts() -> list[bytes]:  # (fs.cat would ask each object's size first)
+        return _read_each(target, [_description_key(b) for b in unread], target.read_bytes)
+
+    def array() -> Any:  # (written whole, once: the batches' store need not look first)
+        if meta is not None:
+            return None
+        return _open_for_batch(target.zarr(batch_writes=True), "photons/description")
+
+    read, arr = _concurrently(target, [parts, array])
+    got = dict(zip(unread, read, strict=True))
+    data = np.frombuffer(b"".join(known[b] if b in known else got[b]
+                                  for b in range(plan.n_batches)), dtype=np.uint8)
+    size = arr.shape[0] if arr is not None else int(meta["shape"][0])
+    if data.size != size:
         raise ConversionError(f"{target.destination}: the batches hold {data.size} bytes of "
-                              f"frame descriptions, the source's IFDs {arr.shape[0]}")
-    if data.size:
-        arr[...] = data
+                              f"frame descriptions, the source's IFDs {size}")
+    if arr is not None:
+        if data.size:
+            arr[...] = data
+    elif data.size:
+        target.write_many({target.key(k): v for k, v in
+                           _encoded("photons/description", meta, data).items()})
     _phase("descriptions")
+
+
+def _encoded(path: str, meta: dict[str, Any], data: np.ndarray) -> dict[str, bytes]:
+    """Return the store keys and bytes of array ``path`` (metadata ``meta``) holding ``data``.
+
+    As zarr writes them, every chunk stored (also empty ones), built in memory.
+    """
+    from zarr.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    meta_key = f"{path}/zarr.json"
+    held = {meta_key: default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())}
+    _open_for_batch(MemoryStore(held), path)[...] = data
+    return {k: v.to_bytes() for k, v in held.items() if k != meta_key}
 
 
 def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], int]:
@@ -1207,7 +1244,12 @@ def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], in
     metadata as written and the bytes the published store holds (listed while the
     progress records are removed).
     """
+    with _kept_lock:  # (what this process stored for the run: not read back)
+        kept = _kept.get(run_id)
+
     def recorded() -> dict[str, Any] | None:
+        if kept is not None:
+            return json.loads(json.dumps(kept.nodes))  # (a copy: changed below)
         try:  # as the start wrote them (one GET)
             return json.loads(target.read_text(NODES_KEY))
         except FileNotFoundError:  # (a store started by an earlier version)
@@ -1218,7 +1260,7 @@ def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], in
         # while the nodes are read
         calls: list[Callable[[], Any]] = [recorded]
         if plan.ome:
-            calls.append(lambda: _batch_windows(target, plan))
+            calls.append(lambda: _batch_windows(target, plan, kept))
         known, *found = _concurrently(target, calls)
         if found and found[0] is not None and known is not None and "ome" in known:
             # ome's zarr.json as the start wrote it, with its windows (one PUT)
@@ -1250,8 +1292,8 @@ def _finish(target: Target, run_id: str, plan: Plan) -> tuple[dict[str, Any], in
     *_, meta, consolidated = _concurrently(target, [
         all_done,
         lambda: owner.check(target, run_id),  # only the store's owner publishes it
-        lambda: _write_descriptions(target, plan),
-        lambda: json.loads(target.read_text(ROOT_KEY)),
+        lambda: _write_descriptions(target, plan, kept),
+        lambda: json.loads(kept.root if kept is not None else target.read_text(ROOT_KEY)),
         nodes])
     meta["consolidated_metadata"] = consolidated
     _phase("finishing")
@@ -1593,6 +1635,8 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
     finally:  # (closing twice is harmless: a run may have closed it)
         if lead is not None:
             lead.close()
+        with _kept_lock:
+            _kept.pop(run_id, None)
     # (the photons' node as published: no request)
     photons_meta = meta["consolidated_metadata"]["metadata"]["photons"]
     src_bytes = int(photons_meta["attributes"]["source_bytes"])
@@ -1697,6 +1741,8 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
             nodes[key[: -len("/zarr.json")]] = json.loads(data)
     files[target.key(NODES_KEY)] = json.dumps(nodes).encode()
     plan.fingerprint, plan.pin_version = fingerprint, pinned
+    with _kept_lock:  # (what the finish then need not read back: a new layout, or again)
+        _kept[run_id] = _Kept(files[target.key(ROOT_KEY)], nodes, {}, {})
     recorded = plan.to_json()
 
     def lay_out() -> None:
@@ -1717,6 +1763,36 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
         _layouts[run_id] = pool.submit(lay_out)
     pool.shutdown(wait=False)
     return plan
+
+
+@dataclass
+class _Kept:
+    """What this process stored for a run that its finish would otherwise read back.
+
+    The start's root and node metadata, and each batch's frame descriptions and
+    contrast-window tallies once they are stored (a batch converted in another
+    process, or by an earlier run that this one resumes, is read from the store).
+    """
+
+    root: bytes
+    nodes: dict[str, Any]
+    descriptions: dict[int, bytes]
+    windows: dict[int, Any]
+
+
+#: per run id started in this process: what :func:`_finish` need not read (:class:`_Kept`)
+_kept: dict[str, _Kept] = {}
+_kept_lock = threading.Lock()
+
+
+def _keep(run_id: str, b: int, description: bytes, window: Any) -> None:
+    """Note batch ``b``'s stored descriptions and tallies for the run's finish, if it is here."""
+    with _kept_lock:
+        kept = _kept.get(run_id)
+        if kept is not None:
+            kept.descriptions[b] = description
+            if window is not None:
+                kept.windows[b] = window
 
 
 #: per run id, the store being laid out behind the first batches (_start's ``behind``)
