@@ -65,8 +65,15 @@ def test_a_silent_server_fails_a_put_after_one_read_timeout_naming_the_key():
         srv.close()
 
 
-def test_a_put_with_nothing_to_sign_is_left_to_s3fs():
+def test_a_put_with_nothing_to_sign_is_left_to_s3fs_for_a_while(monkeypatch):
+    """A bucket where a presigned PUT failed has its writes left to s3fs, without
+    trying again, for REFUSED_FOR_S seconds; then a PUT is tried presigned again."""
+    from siff_xarray.store import s3_puts
+
+    tried = []
+
     def cannot_sign(path: str, **kwargs) -> str:
+        tried.append(path)
         raise PermissionError("no credentials")
 
     from siff_xarray.reader.http_ranges import s3_settings
@@ -77,6 +84,12 @@ def test_a_put_with_nothing_to_sign_is_left_to_s3fs():
     assert puts.refused
     assert puts.put_many({"nosign/x/c/1": b"d", "nosign/x/c/2": b"e"}) == {
         "nosign/x/c/1": b"d", "nosign/x/c/2": b"e"}
+    assert tried == ["nosign/x/c/0"]  # (the others went to s3fs without trying)
+    now = time.monotonic()
+    monkeypatch.setattr(s3_puts.time, "monotonic", lambda: now + s3_puts.REFUSED_FOR_S + 1)
+    assert not puts.refused
+    assert puts.put("nosign/x/c/3", b"f") is False  # (tried, refused again)
+    assert tried == ["nosign/x/c/0", "nosign/x/c/3"] and puts.refused
 
 
 def test_writes_behind_hold_at_most_their_limit_and_store_each_key_in_order():

@@ -16,7 +16,8 @@ encryption, ACLs, requester pays or other client settings), and not where the
 caller asked botocore to sign bodies (``payload_signing_enabled``). Everything
 else, and any PUT this way fails for a reason other than a timeout, is left to
 s3fs, whose requests and errors are the reference: a refused presigned PUT is
-sent again by s3fs, which then reports what is wrong.
+sent again by s3fs, which then reports what is wrong, and the bucket's writes stay
+with s3fs in that process for :data:`REFUSED_FOR_S` seconds.
 
 Where a conversion's batches write (:meth:`WritesBehind`), a PUT goes from a thread of
 its own: the batch decodes its next frames while its shards travel, and its record
@@ -32,6 +33,7 @@ import base64
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -46,8 +48,13 @@ __all__ = ["DirectPuts", "WritesBehind", "put_pool"]
 #: (as many as the S3 client's default pool: :data:`~siff_xarray._remote.S3_CONNECTIONS`)
 PUT_THREADS = 64
 _slots_lock = threading.Lock()
-#: ``(endpoint, bucket)`` where a PUT this way failed: its writes are left to s3fs
-_REFUSED: set[tuple[str, str]] = set()
+#: ``(endpoint, bucket)`` where a PUT this way failed -> when (``time.monotonic()``):
+#: its writes are left to s3fs for :data:`REFUSED_FOR_S` seconds after that
+_REFUSED: dict[tuple[str, str], float] = {}
+#: seconds a bucket's writes stay with s3fs after a presigned PUT to it failed (a
+#: refused signature stays refused; a lost connection or an outage passes, and a
+#: long-lived process, a cluster's worker, then sends presigned PUTs again)
+REFUSED_FOR_S = 300.0
 #: ``(process, endpoint, n)``: the PUTs in flight to an endpoint, at most n (the
 #: storage options' ``max_pool_connections``, as s3fs's client allows)
 _SLOTS: dict[tuple[int, str, int], threading.BoundedSemaphore] = {}
@@ -154,11 +161,15 @@ class DirectPuts:
 
     @property
     def refused(self) -> bool:
-        """Whether a PUT this way to the bucket failed in this process: the rest go to s3fs."""
-        return self._bucket in _REFUSED
+        """Whether a PUT this way to the bucket failed here lately: s3fs writes meanwhile.
+
+        Lately: in this process, in the last :data:`REFUSED_FOR_S` seconds.
+        """
+        when = _REFUSED.get(self._bucket)
+        return when is not None and time.monotonic() - when < REFUSED_FOR_S
 
     def _refuse(self) -> None:
-        _REFUSED.add(self._bucket)
+        _REFUSED[self._bucket] = time.monotonic()
 
     @classmethod
     def of(cls, fs: Any, root: str, run: Callable[[Any], Any] | None = None
