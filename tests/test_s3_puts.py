@@ -124,3 +124,23 @@ def test_writes_behind_hold_at_most_their_limit_and_store_each_key_in_order():
     behind.settle()
     assert isinstance(failed.exception(), PermissionError)
     assert behind.pending() == []
+    # a write that could not start holds no room (the next one does not wait for it)
+    import siff_xarray.store.s3_puts as s3_puts
+
+    class Closed:
+        def submit(self, *a):
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    real_pool = s3_puts.thread_pool
+    s3_puts.thread_pool = lambda *a: Closed()
+    try:
+        with pytest.raises(RuntimeError, match="shutdown"):
+            behind.submit("late", 90, lambda: None)
+    finally:
+        s3_puts.thread_pool = real_pool
+    got = []
+    after = threading.Thread(target=lambda: got.append(behind.submit("after", 90, lambda: None)),
+                             daemon=True)
+    after.start()
+    after.join(10)
+    assert not after.is_alive() and got[0].result(10) is None

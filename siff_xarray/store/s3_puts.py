@@ -110,7 +110,11 @@ class WritesBehind:
                     wait([before])
                 write()
 
-            job = thread_pool("siff-put-behind", BEHIND_THREADS).submit(run)
+            try:
+                job = thread_pool("siff-put-behind", BEHIND_THREADS).submit(run)
+            except BaseException:  # (a pool shut down: the interpreter is exiting)
+                self._held -= nbytes
+                raise
             self._pending[key] = job
 
         def done(_: Future[None]) -> None:
