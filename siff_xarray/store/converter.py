@@ -330,15 +330,15 @@ def _checking(plan: Plan, context: str, owned: tuple[Target, str] | None = None)
         _check_fingerprint(plan.sources, plan.source_options, plan.fingerprint, context,
                            plan.pin_version)
 
+    def owned_still() -> None:
+        _await_layout(owned[1])  # (the store laid out behind the first decoding)
+        owner.check(*owned)
+
     def check() -> None:
         if owned is None:
             fingerprint()
             return
-        with ThreadPoolExecutor(1) as printing:  # (the two checks' round trips at once)
-            printed = printing.submit(fingerprint)
-            _await_layout(owned[1])  # (the store laid out behind the first decoding)
-            owner.check(*owned)
-            printed.result()
+        _concurrently(owned[0], [owned_still, fingerprint])  # (their round trips at once)
 
     pool = ThreadPoolExecutor(1)
     job = pool.submit(check)
@@ -1171,8 +1171,8 @@ def _batch_windows(target: Target, plan: Plan, kept: _Kept | None = None
         except FileNotFoundError:
             return None
 
-    read_here = _read_each(target, [b for b in batches if b not in known], read)
-    got = dict(zip([b for b in batches if b not in known], read_here, strict=True))
+    unread = [b for b in batches if b not in known]
+    got = dict(zip(unread, _read_each(target, unread, read), strict=True))
     parts = [known[b] if b in known else got[b] for b in batches]
     if any(p is None for p in parts):
         return None
