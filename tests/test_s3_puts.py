@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("s3fs")
 
 from siff_xarray.errors import RemoteAccessError
-from siff_xarray.store.s3_puts import DirectPuts, WritesBehind
+from siff_xarray.store.s3_puts import ByteRoom, DirectPuts, WritesBehind
 
 
 def _s3(endpoint: str = "http://127.0.0.1:9", **options):
@@ -93,7 +93,7 @@ def test_a_put_with_nothing_to_sign_is_left_to_s3fs_for_a_while(monkeypatch):
 
 
 def test_writes_behind_hold_at_most_their_limit_and_store_each_key_in_order():
-    behind = WritesBehind(limit=100)
+    behind = WritesBehind(ByteRoom(100))
     release, stored = threading.Event(), []
 
     def slow(tag):
@@ -144,3 +144,23 @@ def test_writes_behind_hold_at_most_their_limit_and_store_each_key_in_order():
     after.start()
     after.join(10)
     assert not after.is_alive() and got[0].result(10) is None
+
+
+def test_the_writes_behind_of_all_stores_of_a_process_share_one_byte_limit():
+    # a worker converting several runs at once holds no more than one run would
+    assert WritesBehind().room is WritesBehind().room
+    room = ByteRoom(100)
+    one, other = WritesBehind(room), WritesBehind(room)
+    release, stored = threading.Event(), []
+    first = one.submit("k", 60, lambda: (release.wait(10), stored.append("one")))
+    waiting = threading.Thread(target=lambda: other.submit("k", 60, lambda: stored.append("other")))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and room.held == 60  # (the other store waits for room)
+    assert other.pending() == [] and one.of_key("k") is first
+    release.set()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    one.settle()
+    other.settle()
+    assert stored == ["one", "other"] and room.held == 0

@@ -21,7 +21,8 @@ with s3fs in that process for :data:`REFUSED_FOR_S` seconds.
 
 Where a conversion's batches write (:meth:`WritesBehind`), a PUT goes from a thread of
 its own: the batch decodes its next frames while its shards travel, and its record
-waits for them (at most :data:`WRITE_BEHIND_BYTES` held on their way).
+waits for them (at most :data:`WRITE_BEHIND_BYTES` held on their way, all of the
+process's stores together).
 
 Import rule: the standard library, google_crc32c, ``reader.http_ranges``,
 ``_remote`` and ``errors``.
@@ -42,7 +43,7 @@ from .._remote import thread_pool
 from ..errors import RemoteAccessError
 from ..reader.http_ranges import S3_STEP_ASIDE, DirectRanges, s3_settings
 
-__all__ = ["DirectPuts", "WritesBehind", "put_pool"]
+__all__ = ["ByteRoom", "DirectPuts", "WritesBehind", "process_room", "put_pool"]
 
 #: threads that send the PUTs zarr's own writes and :meth:`DirectPuts.put_many` ask for
 #: (as many as the S3 client's default pool: :data:`~siff_xarray._remote.S3_CONNECTIONS`)
@@ -71,13 +72,53 @@ def put_pool() -> ThreadPoolExecutor:
     return thread_pool("siff-put", PUT_THREADS)
 
 
-#: bytes a store's writes behind (:class:`WritesBehind`) hold on their way at most: a
-#: writer that would hold more waits until enough of them are stored (on this
-#: project's benchmark file a batch stores about 40 MB; two threads' worth)
+#: bytes the writes behind (:class:`WritesBehind`) of one process hold on their way at
+#: most, all its stores together: a writer that would hold more waits until enough of
+#: them are stored (on this project's benchmark file a batch stores about 40 MB; two
+#: threads' worth). A worker converting several runs at once holds no more than one.
 WRITE_BEHIND_BYTES = 128 * 2**20
 #: threads that send the writes behind (the PUTs in flight are bounded anyway, by the
 #: endpoint's slots and by :data:`WRITE_BEHIND_BYTES`)
 BEHIND_THREADS = 32
+
+
+class ByteRoom:
+    """Bytes held on their way, at most ``limit`` (one write larger than that goes alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._room = threading.Condition()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes taken and not yet given back."""
+        with self._room:
+            return self._held
+
+    def take(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit (or nothing is held); hold them."""
+        with self._room:
+            while self._held and self._held + nbytes > self.limit:
+                self._room.wait()
+            self._held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        """Give back ``nbytes`` taken earlier."""
+        with self._room:
+            self._held -= nbytes
+            self._room.notify_all()
+
+
+#: process -> the room its writes behind share (a fork gets its own: bytes held at the
+#: fork would stay held in the child)
+_ROOMS: dict[int, ByteRoom] = {}
+
+
+def process_room() -> ByteRoom:
+    """Return the room (:data:`WRITE_BEHIND_BYTES`) this process's writes behind share."""
+    with _slots_lock:
+        return _ROOMS.setdefault(os.getpid(), ByteRoom(WRITE_BEHIND_BYTES))
 
 
 class WritesBehind:
@@ -86,23 +127,21 @@ class WritesBehind:
     :meth:`submit` returns once the write is on its way; the writer later waits for
     the futures :meth:`pending` gives (a conversion's batch: before its record), and
     a read of a key being written waits for that write (:meth:`of_key`). Two writes
-    of one key are stored in the order they were submitted. At most ``limit`` bytes
-    are held on their way: :meth:`submit` waits until the earlier writes make room
-    (one write larger than ``limit`` goes alone).
+    of one key are stored in the order they were submitted. The bytes on their way
+    are bounded by ``room``, by default the one all of a process's writes behind
+    share (:func:`process_room`): :meth:`submit` waits until earlier writes, of any
+    store, make room.
     """
 
-    def __init__(self, limit: int = WRITE_BEHIND_BYTES) -> None:
-        self.limit = limit
-        self._room = threading.Condition()
-        self._held = 0
+    def __init__(self, room: ByteRoom | None = None) -> None:
+        self.room = process_room() if room is None else room
+        self._lock = threading.Lock()
         self._pending: dict[str, Future[None]] = {}
 
     def submit(self, key: str, nbytes: int, write: Callable[[], None]) -> Future[None]:
         """Start ``write`` (storing ``nbytes`` at ``key``) in another thread; return its future."""
-        with self._room:
-            while self._held and self._held + nbytes > self.limit:
-                self._room.wait()
-            self._held += nbytes
+        self.room.take(nbytes)
+        with self._lock:
             before = self._pending.get(key)
 
             def run() -> None:
@@ -113,28 +152,27 @@ class WritesBehind:
             try:
                 job = thread_pool("siff-put-behind", BEHIND_THREADS).submit(run)
             except BaseException:  # (a pool shut down: the interpreter is exiting)
-                self._held -= nbytes
+                self.room.give(nbytes)
                 raise
             self._pending[key] = job
 
         def done(_: Future[None]) -> None:
-            with self._room:
-                self._held -= nbytes
+            with self._lock:
                 if self._pending.get(key) is job:
                     del self._pending[key]
-                self._room.notify_all()
+            self.room.give(nbytes)
 
         job.add_done_callback(done)
         return job
 
     def of_key(self, key: str) -> Future[None] | None:
         """Return the future of the write of ``key`` on its way, if any."""
-        with self._room:
+        with self._lock:
             return self._pending.get(key)
 
     def pending(self) -> list[Future[None]]:
         """Return the futures of the writes on their way now."""
-        with self._room:
+        with self._lock:
             return list(self._pending.values())
 
     def settle(self) -> None:
