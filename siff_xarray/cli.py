@@ -379,10 +379,13 @@ def index(sources: tuple[str, ...], storage_options: str | None, no_pin_version:
     opts = _json_option("--storage-options", storage_options)
     for src in [x for s in sources for x in expand(s, opts)]:
         with SiffFile(src, storage_options=opts, pin_version=not no_pin_version) as f:
+            current = f.sidecar_found
             where = f.write_sidecar()
             n = f.num_frames
         if where is None:
             click.echo(f"skipped: {src} (its sidecar cannot be written there)")
+        elif current is not None:
+            click.echo(f"up to date: {where} ({n} frames)")
         else:
             click.echo(f"wrote {where} ({n} frames)")
 

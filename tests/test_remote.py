@@ -1308,6 +1308,38 @@ def test_sidecar_cli_and_read_only_places(tmp_path, s3_server):
         assert f.write_sidecar() is None  # nowhere to put it: skipped
 
 
+def test_a_sidecar_found_on_open_is_not_uploaded_again(s3_server, s3_latency, tmp_path,
+                                                       monkeypatch):
+    """A fresh process converting (or indexing) a file indexed earlier sends no PUT of
+    its sidecar: the open found it and checked it against the file."""
+    from click.testing import CliRunner
+
+    from siff_xarray.cli import cli
+
+    proxy, opts = s3_latency
+    t = write_siff(tmp_path / "s.siff", shape=(16, 8), n_timepoints=6, seed=3)
+    _, url = _put_on_s3(s3_server, t.path, "again-bucket/s.siff")
+    res = CliRunner().invoke(cli, ["index", url, "--storage-options", json.dumps(opts)])
+    assert res.exit_code == 0 and "wrote " in res.output, res.output
+    forget()  # as a fresh machine: only the sidecar
+    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "c0"))
+    n0 = len(proxy.log)
+    with SiffFile(url, storage_options=opts, index_cache=tmp_path / "c1") as f:
+        assert f.sidecar_found == url + ".siffidx"
+    forget()
+    zs.convert(url, tmp_path / "s.zarr", storage_options=opts)
+    forget()
+    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "c3"))  # (not the convert's)
+    res = CliRunner().invoke(cli, ["index", url, "--storage-options", json.dumps(opts)])
+    assert res.exit_code == 0 and "up to date: " + url + ".siffidx" in res.output, res.output
+    sent = [path for method, path in proxy.log[n0:] if method == "PUT"]
+    assert not any(path.endswith(".siffidx") for path in sent), sent
+    with SiffFile(t.path) as f:  # a local open that walked writes it
+        assert f.sidecar_found is None and f.write_sidecar() == t.path + ".siffidx"
+    with SiffFile(t.path, index_cache=tmp_path / "c2") as f:
+        assert f.sidecar_found == t.path + ".siffidx"
+
+
 @contextlib.contextmanager
 def _fresh_cluster(tmp_path, monkeypatch):
     """A client of two worker processes in another working directory, no usable cache.

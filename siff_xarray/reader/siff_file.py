@@ -139,6 +139,8 @@ class SiffFile(PhotonReductions):
         if self.version:  # the object a reduction's workers read
             remember_version(self._source.name, self.version)
         self._all_timestamps: FrameTimestamps | None = None
+        #: where this open found a sidecar that matches the file (see :meth:`write_sidecar`)
+        self.sidecar_found: str | None = None
         self._predictor: StridePredictor | None = None  # made by the first read in one part
         try:
             self.header: FileHeader = read_header(self._source)
@@ -220,6 +222,7 @@ class SiffFile(PhotonReductions):
             got = check_packed(src.read_sibling(SIDECAR_SUFFIX), src, hdr)
             if got is not None:
                 index, ts = got
+                self.sidecar_found = src.sibling_name(SIDECAR_SUFFIX)
             else:
                 index = build_frame_index(src, hdr)
                 self.index = index
@@ -238,8 +241,13 @@ class SiffFile(PhotonReductions):
         """Write ``<file>.siffidx`` next to the file, so that any machine opens it fast.
 
         Returns where it was written, or ``None`` when it cannot be (a file object,
-        a read-only directory or bucket). See docs/remote.md for the format.
+        a read-only directory or bucket). See docs/remote.md for the format. Where
+        this open found the sidecar there and checked it against the file
+        (:attr:`sidecar_found`), nothing is written again: a conversion of a file
+        indexed earlier does not upload it once more.
         """
+        if self.sidecar_found is not None:
+            return self.sidecar_found
         data = pack(portable_key(self._source, self.header), self.index, self.timestamps())
         try:
             return self._source.write_sibling(SIDECAR_SUFFIX, data)

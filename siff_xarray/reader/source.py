@@ -179,6 +179,10 @@ class ByteSource:
         """Return the file ``name + suffix`` next to this one, or ``None`` if absent."""
         return None
 
+    def sibling_name(self, suffix: str) -> str | None:
+        """Return where ``name + suffix`` is (None: a file object has no such place)."""
+        return None
+
     def write_sibling(self, suffix: str, data: bytes) -> str:
         """Write ``name + suffix`` next to this file (atomically where possible).
 
@@ -555,11 +559,15 @@ class LocalSource(ByteSource):
         except OSError:
             return None
 
+    def sibling_name(self, suffix: str) -> str:
+        """Return the path ``name + suffix``."""
+        return self.name + suffix
+
     def write_sibling(self, suffix: str, data: bytes) -> str:
         """Write ``name + suffix`` atomically (temporary file, then rename)."""
         import tempfile
 
-        target = self.name + suffix
+        target = self.sibling_name(suffix)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -1426,10 +1434,14 @@ class FsspecSource(ByteSource):
         self.bytes_fetched += len(data)
         return bytes(data)
 
+    def sibling_name(self, suffix: str) -> str:
+        """Return the URL of the object ``name + suffix`` (:func:`sibling_url`)."""
+        return sibling_url(self.name, suffix)
+
     def write_sibling(self, suffix: str, data: bytes) -> str:
         """Upload ``name + suffix`` (one object: readers see all of it or none)."""
         self._network(lambda: self._fs_any.pipe_file(sibling_url(self._path, suffix), data))
-        return sibling_url(self.name, suffix)
+        return self.sibling_name(suffix)
 
     def fetch_consecutive(self, start: int, stop: int) -> np.ndarray:
         """Return bytes ``start:stop`` for the walk, received where they are kept.
