@@ -1782,11 +1782,12 @@ def test_a_conversion_to_s3_waits_few_round_trips_per_batch(s3_server, s3_latenc
         assert stored == node, key
     assert {"ome", "ome/0", "photons", "intensity"} <= set(nodes["metadata"])
     assert not fs.exists("rt-bucket/run.zarr/.siff-progress")
-    metadata = [p for m, p in log if m == "GET" and p == "/rt-bucket/run.zarr/intensity/zarr.json"]
-    assert len(metadata) <= 2, metadata  # opened once for the batches (and at the end)
-    for name in ("histogram", "photons/flyback_intensity", "photon_count", "ome/0"):
-        assert sum(1 for m, p in log if m == "GET"  # each array opened once
-                   and p == f"/rt-bucket/run.zarr/{name}/zarr.json") == 1, name
+    # the batches' arrays open from the metadata the layout built: none is read back
+    # (each was read once; before that, by every batch)
+    for name in ("intensity", "histogram", "photons/flyback_intensity", "photon_count",
+                 "ome/0"):
+        assert sum(1 for m, p in log if m == "GET"
+                   and p == f"/rt-bucket/run.zarr/{name}/zarr.json") == 0, name
     # 446 round trips (732 requests) at first, 104 (247) before the start listed the
     # root once, the finish overlapped its steps and a batch its photons' writes
     assert rounds <= 24 + 6 * n, rounds
@@ -1821,6 +1822,34 @@ def test_every_array_a_batch_writes_is_opened_while_the_first_batch_decodes(
                  "photons/arrival_time", "photon_count", "ome/0"):
         assert events.count(name) == 1 and events.index(name) < first, (name, events)
     assert zs.verify(t.path, dst, target_options=s3_server) == []
+
+
+def test_the_process_that_lays_out_an_s3_store_reads_none_of_its_metadata_back(
+        s3_server, s3_latency, tmp_path):
+    """The batches' arrays open from the metadata the layout built (each open read its
+    zarr.json back, a round trip, after the layout had stored them all): a conversion
+    in one process sends no GET of any zarr.json. The known metadata stay in the
+    process (not pickled), and only metadata can be known."""
+    import s3fs
+
+    from siff_xarray.store.layout import Target
+
+    proxy, opts = s3_latency
+    s3fs.S3FileSystem(**s3_server).mkdir("known-meta")
+    t = write_siff(tmp_path / "k.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
+    dst = "s3://known-meta/run.zarr"
+    n0 = len(proxy.log)
+    zs.convert(t.path, dst, target_options=opts, **_small_shards(t))
+    log = proxy.log[n0:]
+    assert [p for m, p in log if m == "PUT" and p.endswith("/intensity/zarr.json")]
+    assert [p for m, p in log if m == "GET" and p.endswith("zarr.json")] == []
+    assert zs.verify(t.path, dst, target_options=s3_server) == []
+    store = Target(dst, opts).zarr(batch_writes=True)
+    store.know({"intensity/zarr.json": b"{}"})
+    assert "known" in store.__dict__ and "known" not in store.__getstate__()
+    with pytest.raises(ValueError, match="metadata"):
+        store.know({"intensity/c/0/0/0": b""})
 
 
 def test_an_s3_conversions_finish_reads_its_nodes_while_it_sets_the_windows(

@@ -652,8 +652,8 @@ _run_arrays: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
 _run_arrays_lock = threading.Lock()
 
 
-def _batch_array(target: Target, run_id: str, path: str) -> Any:
-    """Return array ``path`` of the run's store, opened once per process and run."""
+def _batch_store(target: Target, run_id: str) -> tuple[Any, dict[str, Any]]:
+    """Return the zarr store the run's batches write through here, and its open arrays."""
     key = (run_id, target.destination)
     with _run_arrays_lock:
         if key not in _run_arrays:
@@ -662,7 +662,13 @@ def _batch_array(target: Target, run_id: str, path: str) -> Any:
             if behind is not None:  # (S3: a batch's PUTs go on behind its next frames)
                 behind()
             _run_arrays[key] = (store, {})
-        store, arrays = _run_arrays[key]
+        return _run_arrays[key]
+
+
+def _batch_array(target: Target, run_id: str, path: str) -> Any:
+    """Return array ``path`` of the run's store, opened once per process and run."""
+    store, arrays = _batch_store(target, run_id)
+    with _run_arrays_lock:
         arr = arrays.get(path)
     if arr is None:  # (two threads may both open it: the same array either way)
         arr = _open_for_batch(store, path)
@@ -698,16 +704,24 @@ def _settle(stores: Iterable[Any]) -> None:
 
 
 def _open_batch_arrays(target: Target, run_id: str, plan: Plan,
-                       optional: Iterable[str] = ()) -> None:
+                       optional: Iterable[str] = (),
+                       known: dict[str, bytes] | None = None) -> None:
     """Open the arrays a batch writes at once (object stores; a process's first batch).
 
     Each open reads the array's metadata: a round trip on object storage, waited
     one after another where a batch opens its arrays as it comes to them, and by
     each thread that comes to an array not yet open. ``optional`` names the arrays
-    of :data:`_OPTIONAL_ARRAYS` this store has.
+    of :data:`_OPTIONAL_ARRAYS` this store has. ``known``: the metadata the caller
+    wrote (keys relative to the store's root), read from there instead (the
+    process that laid the store out: no request, and no need to wait until they
+    are stored).
     """
     if not target.object_store:
         return
+    if known:
+        know = getattr(_batch_store(target, run_id)[0], "know", None)
+        if know is not None:
+            know({k: v for k, v in known.items() if k.endswith("zarr.json")})
     paths = ["intensity", "photons/arrival_time", "photon_count"]
     if plan.ome:
         paths += [f"ome/{k}" for k in range(plan.ome_levels)]
@@ -1733,26 +1747,30 @@ def _start(srcs: list[str], target: Target, storage_options: dict[str, Any] | No
         _phase("started")
         plan = preparing.result()
     _phase("prepared")
-    files, nodes = {}, {}
+    files, nodes, known = {}, {}, {}
     for key in sorted(built):
         data = built[key].to_bytes()
         files[target.key(ROOT_KEY if key == "zarr.json" else key)] = data
-        if key.endswith("/zarr.json"):
+        if key.endswith("/zarr.json"):  # (not the root: stored elsewhere until the finish)
             nodes[key[: -len("/zarr.json")]] = json.loads(data)
+            known[key] = data
     files[target.key(NODES_KEY)] = json.dumps(nodes).encode()
     plan.fingerprint, plan.pin_version = fingerprint, pinned
     with _kept_lock:  # (what the finish then need not read back: a new layout, or again)
         _kept[run_id] = _Kept(files[target.key(ROOT_KEY)], nodes, {}, {})
     recorded = plan.to_json()
 
-    def lay_out() -> None:
+    def write() -> None:
         owner.check(target, run_id)
         target.write_many(files)
         _phase("metadata")
-        # (object stores: the arrays every batch writes are opened, a round trip,
-        # while the plan goes, not by the first batch)
-        _concurrently(target, [lambda: target.write_text(PLAN_KEY, recorded),
-                               lambda: _open_batch_arrays(target, run_id, plan, nodes)])
+        target.write_text(PLAN_KEY, recorded)  # (after the metadata: resume trusts it)
+
+    def lay_out() -> None:
+        # (object stores: the arrays every batch writes are opened from the metadata
+        # built here, while those round trips pass, not by the first batch)
+        _concurrently(target, [write, lambda: _open_batch_arrays(
+            target, run_id, plan, nodes, known)])
         _phase("planned")
 
     if not behind:

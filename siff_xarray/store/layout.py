@@ -148,6 +148,9 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
 
     class SiffFsspecStore(FsspecStore):
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            known = self.__dict__.get("known")
+            if known and byte_range is None and key in known:  # (see :meth:`know`)
+                return prototype.buffer.from_bytes(known[key])
             behind = self.__dict__.get("behind")
             writing = behind.of_key(key) if behind is not None else None
             if writing is not None:  # (read what that write stores, once it is there)
@@ -237,8 +240,19 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
             if behind is not None:
                 behind.settle()
 
+        def know(self, metadata: dict[str, bytes]) -> None:
+            """Answer reads of these metadata keys (``zarr.json``) with these bytes.
+
+            For the process that wrote them (a conversion's layout): its arrays then
+            open without a round trip each. In this process only (not pickled).
+            """
+            if not all(k.endswith("zarr.json") for k in metadata):
+                raise ValueError("only metadata (zarr.json) keys can be known")
+            self.__dict__.setdefault("known", {}).update(metadata)
+
         def __getstate__(self) -> dict[str, Any]:  # (the PUTs' signer stays in-process)
-            return {k: v for k, v in self.__dict__.items() if k not in ("puts", "behind")}
+            return {k: v for k, v in self.__dict__.items()
+                    if k not in ("puts", "behind", "known")}
 
         def _direct_puts(self) -> Any:
             if "puts" not in self.__dict__:
