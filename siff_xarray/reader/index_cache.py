@@ -60,8 +60,8 @@ from .source import ByteSource
 
 __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "check_ranges", "checks_for",
            "default_cache_dir", "forget", "known", "known_version", "load_index",
-           "note_checks", "note_sidecar", "pack", "portable_key", "remember",
-           "remember_version", "save_index", "sidecar_noted", "unpack"]
+           "note_checks", "note_sidecar", "noted_sidecar", "pack", "portable_key",
+           "remember", "remember_version", "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = ByteSource.tail_bytes
@@ -410,10 +410,10 @@ def note_sidecar(where: str, key: str) -> None:
     _record(_SIDECARS, where, key)
 
 
-def sidecar_noted(where: str, key: str) -> bool:
-    """Whether this process stored or checked the sidecar of portable ``key`` at ``where``."""
+def noted_sidecar(where: str) -> str | None:
+    """Return the portable key of the sidecar this process stored or checked at ``where``."""
     with _KNOWN_LOCK:
-        return _SIDECARS.get(where) == key
+        return _SIDECARS.get(where)
 
 
 def forget(name: str | None = None) -> None:

@@ -56,12 +56,12 @@ from .index_cache import (
     load_index,
     note_checks,
     note_sidecar,
+    noted_sidecar,
     pack,
     portable_key,
     remember,
     remember_version,
     save_index,
-    sidecar_noted,
 )
 from .readahead import StridePredictor
 from .reductions import FrameSelection, PhotonReductions, Shifts, shifts_for_frames
@@ -235,9 +235,9 @@ class SiffFile(PhotonReductions):
             save_index(directory, key, index, ts)
         self._all_timestamps = ts
         where = src.sibling_name(SIDECAR_SUFFIX)
-        if self.sidecar_found is None and where is not None and \
-                sidecar_noted(where, portable_key(src, hdr)):
-            self.sidecar_found = where
+        noted = noted_sidecar(where) if self.sidecar_found is None and where else None
+        if noted is not None and noted == portable_key(src, hdr):
+            self.sidecar_found = where  # (stored or checked there by this process)
         if remote:
             # for the next open; and what this one read of them, for reopens here
             src.keep_for_reopen(*note_checks(src.name, directory, index, src.size))
