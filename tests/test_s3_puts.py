@@ -123,7 +123,11 @@ def test_writes_behind_hold_at_most_their_limit_and_store_each_key_in_order():
     failed = behind.submit("big", 500, refused)
     behind.settle()
     assert isinstance(failed.exception(), PermissionError)
-    assert behind.pending() == []
+    # a failed write stays reported: a batch that asks after it failed still sees it
+    assert behind.pending() == [failed] and behind.of_key("big") is None
+    ok = behind.submit("big", 10, lambda: None)
+    behind.settle()
+    assert ok.result() is None and behind.pending() == [failed]
     # a write that could not start holds no room (the next one does not wait for it)
     import siff_xarray.store.s3_puts as s3_puts
 

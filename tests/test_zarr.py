@@ -2425,6 +2425,42 @@ def test_a_refused_write_on_s3_stops_the_conversion_and_resume_finishes_it(
     proxy.refuse_puts = None
 
 
+def test_a_write_behind_that_failed_before_its_batch_ended_still_fails_the_batch(
+        s3_server, s3_latency, tmp_path, monkeypatch):
+    """A batch's tail waited for the writes behind still on their way when it came to
+    them: one that had already failed was no longer among them, and the batch was
+    recorded done without its shard (a resume then skipped it: a store with a chunk
+    missing, as a CI run met through a refused PUT). Every arrival-time PUT here
+    fails at once: no batch is recorded, and resume finishes a store that verifies."""
+    import s3fs
+
+    from siff_xarray.store import s3_puts
+
+    _, opts = s3_latency
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("failed-behind-bucket")
+    t = write_siff(tmp_path / "w.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
+    dst = "s3://failed-behind-bucket/run.zarr"
+    real = s3_puts.DirectPuts.put
+
+    def put(self, path, data):
+        if "photons/arrival_time/c/" in path:
+            raise PermissionError(f"{path}: refused at once")
+        return real(self, path, data)
+
+    monkeypatch.setattr(s3_puts.DirectPuts, "put", put)
+    with pytest.raises(PermissionError, match="refused at once"):
+        zs.convert(t.path, dst, target_options=opts, **_small_shards(t))
+    monkeypatch.setattr(s3_puts.DirectPuts, "put", real)
+    fs.invalidate_cache()
+    assert [k for k in fs.find("failed-behind-bucket/run.zarr/.siff-progress")
+            if "/batch-" in k] == []
+    summary = zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
+    assert summary.batches_skipped == 0
+    assert zs.verify(t.path, dst, target_options=opts) == []
+
+
 def test_a_batch_that_fails_on_s3_leaves_no_write_behind_it(s3_server, s3_latency,
                                                            tmp_path, monkeypatch):
     """A batch's arrival-time shards go to S3 while it decodes on: when its decoding

@@ -230,7 +230,10 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
                 self.__dict__.setdefault("behind", WritesBehind())
 
         def writes_behind(self) -> list[Any]:
-            """Return the futures of the writes on their way now (see :meth:`write_behind`)."""
+            """Return the futures of the writes on their way now and of those that failed.
+
+            See :meth:`write_behind` and :meth:`.s3_puts.WritesBehind.pending`.
+            """
             behind = self.__dict__.get("behind")
             return behind.pending() if behind is not None else []
 

@@ -125,7 +125,8 @@ class WritesBehind:
     """Writes of whole objects that go on in threads of their own while the writer goes on.
 
     :meth:`submit` returns once the write is on its way; the writer later waits for
-    the futures :meth:`pending` gives (a conversion's batch: before its record), and
+    the futures :meth:`pending` gives (a conversion's batch: before its record; a
+    write that failed stays among them, so that no later record misses its error), and
     a read of a key being written waits for that write (:meth:`of_key`). Two writes
     of one key are stored in the order they were submitted. The bytes on their way
     are bounded by ``room``, by default the one all of a process's writes behind
@@ -137,6 +138,7 @@ class WritesBehind:
         self.room = process_room() if room is None else room
         self._lock = threading.Lock()
         self._pending: dict[str, Future[None]] = {}
+        self._failed: list[Future[None]] = []
 
     def submit(self, key: str, nbytes: int, write: Callable[[], None]) -> Future[None]:
         """Start ``write`` (storing ``nbytes`` at ``key``) in another thread; return its future."""
@@ -157,9 +159,11 @@ class WritesBehind:
             self._pending[key] = job
 
         def done(_: Future[None]) -> None:
-            with self._lock:
+            with self._lock:  # (a write is in _pending or in _failed until then)
                 if self._pending.get(key) is job:
                     del self._pending[key]
+                if job.cancelled() or job.exception() is not None:
+                    self._failed.append(job)
             self.room.give(nbytes)
 
         job.add_done_callback(done)
@@ -171,13 +175,18 @@ class WritesBehind:
             return self._pending.get(key)
 
     def pending(self) -> list[Future[None]]:
-        """Return the futures of the writes on their way now."""
+        """Return the futures of the writes on their way now, and of every one that failed.
+
+        A failed write is reported to every caller from then on: a batch whose
+        write failed before it asked (its PUT refused at once) must not record
+        itself done, nor may any batch after it.
+        """
         with self._lock:
-            return list(self._pending.values())
+            return [*self._pending.values(), *self._failed]
 
     def settle(self) -> None:
         """Wait until no write is on its way (their errors are left to their futures)."""
-        while jobs := self.pending():
+        while jobs := [job for job in self.pending() if not job.done()]:
             wait(jobs)
 
 
