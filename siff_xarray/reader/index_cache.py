@@ -60,8 +60,8 @@ from .source import ByteSource
 
 __all__ = ["SIDECAR_SUFFIX", "IndexHint", "check_packed", "check_ranges", "checks_for",
            "default_cache_dir", "forget", "known", "known_version", "load_index",
-           "note_checks", "note_sidecar", "noted_sidecar", "pack", "portable_key",
-           "remember", "remember_version", "save_index", "unpack"]
+           "note_checks", "pack", "portable_key", "remember", "remember_version",
+           "save_index", "unpack"]
 
 FORMAT = 1  #: bump when the cached layout changes
 TAIL = ByteSource.tail_bytes
@@ -374,9 +374,6 @@ def _prune(directory: Path, keep: int = MAX_ENTRIES, pattern: str = "*.npz") -> 
 
 _KNOWN: OrderedDict[str, bytes] = OrderedDict()
 _VERSIONS: OrderedDict[str, str] = OrderedDict()
-#: sidecar location -> the portable key (:func:`portable_key`) of the sidecar this
-#: process stored there or read there and checked
-_SIDECARS: OrderedDict[str, str] = OrderedDict()
 _KNOWN_LOCK = threading.Lock()
 
 
@@ -405,28 +402,13 @@ def known_version(name: str) -> str | None:
         return _VERSIONS.get(name)
 
 
-def note_sidecar(where: str, key: str) -> None:
-    """Record that the sidecar at ``where`` is the one of the file with portable ``key``."""
-    _record(_SIDECARS, where, key)
-
-
-def noted_sidecar(where: str) -> str | None:
-    """Return the portable key of the sidecar this process stored or checked at ``where``."""
-    with _KNOWN_LOCK:
-        return _SIDECARS.get(where)
-
-
 def forget(name: str | None = None) -> None:
-    """Drop the packed index and version recorded for ``name`` (every one if ``None``).
-
-    With ``None``, the sidecars noted (:func:`note_sidecar`) are dropped too.
-    """
+    """Drop the packed index and version recorded for ``name`` (every one if ``None``)."""
     with _KNOWN_LOCK:
         if name is None:
             _KNOWN.clear()
             _VERSIONS.clear()
             _CHECKED.clear()
-            _SIDECARS.clear()
         else:
             _KNOWN.pop(name, None)
             _VERSIONS.pop(name, None)

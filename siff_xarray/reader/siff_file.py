@@ -55,8 +55,6 @@ from .index_cache import (
     known,
     load_index,
     note_checks,
-    note_sidecar,
-    noted_sidecar,
     pack,
     portable_key,
     remember,
@@ -141,8 +139,7 @@ class SiffFile(PhotonReductions):
         if self.version:  # the object a reduction's workers read
             remember_version(self._source.name, self.version)
         self._all_timestamps: FrameTimestamps | None = None
-        #: where a sidecar that matches the file is: found by this open, or stored or
-        #: found there by this process before (see :meth:`write_sidecar`); else None
+        #: where this open found a sidecar that matches the file (else None)
         self.sidecar_found: str | None = None
         self._predictor: StridePredictor | None = None  # made by the first read in one part
         try:
@@ -226,7 +223,6 @@ class SiffFile(PhotonReductions):
             if got is not None:
                 index, ts = got
                 self.sidecar_found = src.sibling_name(SIDECAR_SUFFIX)
-                note_sidecar(self.sidecar_found, portable_key(src, hdr))
             else:
                 index = build_frame_index(src, hdr)
                 self.index = index
@@ -234,10 +230,6 @@ class SiffFile(PhotonReductions):
                 src.forget_kept()  # the descriptions kept from the walk are parsed
             save_index(directory, key, index, ts)
         self._all_timestamps = ts
-        where = src.sibling_name(SIDECAR_SUFFIX)
-        noted = noted_sidecar(where) if self.sidecar_found is None and where else None
-        if noted is not None and noted == portable_key(src, hdr):
-            self.sidecar_found = where  # (stored or checked there by this process)
         if remote:
             # for the next open; and what this one read of them, for reopens here
             src.keep_for_reopen(*note_checks(src.name, directory, index, src.size))
@@ -250,22 +242,18 @@ class SiffFile(PhotonReductions):
 
         Returns where it was written, or ``None`` when it cannot be (a file object,
         a read-only directory or bucket). See docs/remote.md for the format. Where
-        a sidecar that matches the file is there already (:attr:`sidecar_found`:
-        this open found it, or this process stored or found it before), nothing is
-        written again: a conversion of a file indexed earlier does not upload it
-        once more.
+        this open found a sidecar there that matches the file
+        (:attr:`sidecar_found`), nothing is written again: a conversion of a file
+        indexed earlier does not upload it once more. (Only what this open saw: a
+        process does not assume a sidecar it met earlier is still there.)
         """
         if self.sidecar_found is not None:
             return self.sidecar_found
-        key = portable_key(self._source, self.header)
-        data = pack(key, self.index, self.timestamps())
+        data = pack(portable_key(self._source, self.header), self.index, self.timestamps())
         try:
-            where = self._source.write_sibling(SIDECAR_SUFFIX, data)
+            return self._source.write_sibling(SIDECAR_SUFFIX, data)
         except Exception:  # read-only: opening simply walks the chain
             return None
-        note_sidecar(where, key)
-        self.sidecar_found = where
-        return where
 
     # ------------------------------------------------------------------ basics
 
