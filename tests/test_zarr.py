@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -2459,6 +2460,66 @@ def test_a_write_behind_that_failed_before_its_batch_ended_still_fails_the_batch
     summary = zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
     assert summary.batches_skipped == 0
     assert zs.verify(t.path, dst, target_options=opts) == []
+
+
+def test_a_batch_still_running_when_its_run_failed_here_records_nothing(
+        s3_server, tmp_path, monkeypatch):
+    """When one batch fails, dask's threads return the error while the other thread's
+    batch goes on; the run drops its store (and the writes behind it) before it
+    gives the store up. A CI run met that batch's record written in between, without
+    its failed PUTs seen. A batch of a run that ended in this process records
+    nothing: resume converts it again."""
+    import s3fs
+
+    from siff_xarray.store import converter as conv
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("late-batch-bucket")
+    t = write_siff(tmp_path / "l.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=7)
+    dst = "s3://late-batch-bucket/run.zarr"
+    go, tail_done, calls = threading.Event(), threading.Event(), []
+    real_decode, real_convert, real_release = (conv._decode_batch, conv._convert_batch,
+                                               conv.owner.release)
+
+    def decode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom in the first batch")
+        if len(calls) == 2:  # the other thread's batch: on after the run failed
+            go.wait(20)
+        return real_decode(*args, **kwargs)
+
+    def convert_batch(*args, **kwargs):
+        result, tail = real_convert(*args, **kwargs)
+
+        def watched():
+            try:
+                tail()
+            finally:
+                tail_done.set()
+        return result, watched
+
+    def release(*args, **kwargs):  # (the window: the batch's tail before the release)
+        go.set()
+        tail_done.wait(20)
+        return real_release(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "_decode_batch", decode)
+    monkeypatch.setattr(conv, "_convert_batch", convert_batch)
+    monkeypatch.setattr(conv.owner, "release", release)
+    with pytest.raises(RuntimeError, match="boom in the first batch"):
+        zs.convert(t.path, dst, target_options=s3_server, scheduler="threads",
+                   num_workers=2, **_small_shards(t))
+    assert tail_done.is_set()
+    fs.invalidate_cache()
+    assert [k for k in fs.find("late-batch-bucket/run.zarr/.siff-progress")
+            if "/batch-" in k] == []
+    monkeypatch.setattr(conv, "_decode_batch", real_decode)
+    summary = zs.convert(t.path, dst, target_options=s3_server, resume=True,
+                         **_small_shards(t))
+    assert summary.batches_skipped == 0
+    assert zs.verify(t.path, dst, target_options=s3_server) == []
 
 
 def test_a_batch_that_fails_on_s3_leaves_no_write_behind_it(s3_server, s3_latency,

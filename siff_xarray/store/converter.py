@@ -965,6 +965,11 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
         _concurrently(target, [*(functools.partial(target.copy, src, dst)
                                  for src, dst in copies), *late])
         checked.result()
+        with _runs_lock:  # (the run failed here while this batch went on: its writes
+            ended = run_id in _ended  # behind may have gone unseen, its store dropped)
+        if ended:
+            raise ConversionError(f"{context}: the run ended in this process before the "
+                                  "batch did; not recorded (resume converts it again)")
         target.write_text(f"{PROGRESS}/batch-{b:06d}", record)
         _keep(run_id, b, text, window)
 
