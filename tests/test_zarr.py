@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -496,6 +497,90 @@ def test_distributed_processes(siff_files, tmp_path):
         assert sum(n for n, _ in tuned.values()) >= 1, tuned
 
 
+def test_a_distributed_conversion_that_needs_wide_arrival_times_runs_again(tmp_path):
+    """Arrival times above 65535 show only while decoding: the run is laid out again
+    with uint32, as a new run. Under the old run id the workers, where that run had
+    ended, refused every batch of the new one."""
+    import zarr
+
+    distributed = pytest.importorskip("distributed")
+    t = write_siff(tmp_path / "w.siff", shape=(8, 8), n_timepoints=12, tau_bins=30000,
+                   overflow_fraction=0.2, encoding="raw", photons_per_frame=300)
+    assert t.arrival.max() > 65535
+    dst = tmp_path / "w.zarr"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        summary = zs.convert(t.path, dst, scheduler=client, shard_bytes=2 * 8 * 8 * 2,
+                             chunk_bytes=1)
+        running = client.run(lambda: dict(__import__(
+            "siff_xarray.store.converter").store.converter._active))
+    assert summary.batches >= 4 and all(r == {} for r in running.values()), running
+    assert zarr.open_array(str(dst), path="photons/arrival_time").dtype == np.uint32
+    assert zs.verify(t.path, dst) == []
+
+
+_WORKER_PATCH = """
+import os, time
+from siff_xarray.store import converter as conv
+
+real_decode, real_write = conv._decode_batch, conv._write_batch
+
+def decode(f, bounds, rows, photons, f0, *args, **kwargs):
+    if f0 == {fail}:
+        raise RuntimeError("boom in the first batch")
+    if f0 == {slow}:  # goes on after the other worker's batch failed
+        time.sleep(2.0)
+    return real_decode(f, bounds, rows, photons, f0, *args, **kwargs)
+
+def write_batch(plan_json, b, *args, **kwargs):
+    try:
+        return real_write(plan_json, b, *args, **kwargs)
+    finally:
+        open(os.path.join({marks!r}, f"done-{{b}}-{{time.time()!r}}"), "w").close()
+
+conv._decode_batch, conv._write_batch = decode, write_batch
+"""
+
+
+def test_a_distributed_run_that_failed_gives_the_store_up_after_its_workers_batches(
+        tmp_path, monkeypatch):
+    """When a worker's batch fails, the client has the error while another worker's
+    batch goes on. The run gives the store up only once the workers have stopped
+    such batches (each ends the run itself, and waits for its own), so none writes
+    into a store a resume may already have taken."""
+    from siff_xarray.store import converter as conv
+
+    distributed = pytest.importorskip("distributed")
+    t = write_siff(tmp_path / "d.siff", shape=(8, 8), n_timepoints=6, photons_per_frame=300)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    released = []
+    real_release = conv.owner.release
+
+    def release(*args, **kwargs):
+        released.append(time.time())
+        return real_release(*args, **kwargs)
+
+    monkeypatch.setattr(conv.owner, "release", release)
+    dst = tmp_path / "d.zarr"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        client.run(exec, _WORKER_PATCH.format(fail=0, slow=1, marks=str(marks)), {})
+        with pytest.raises(RuntimeError, match="boom in the first batch"):
+            zs.convert(t.path, dst, scheduler=client, shard_bytes=8 * 8 * 2, chunk_bytes=1)
+        running = client.run(lambda: dict(getattr(__import__(
+            "siff_xarray.store.converter").store.converter, "_active", {})))
+    done = {int(m.name.split("-")[1]): float(m.name.split("-", 2)[2]) for m in marks.iterdir()}
+    assert 1 in done and len(released) == 1, (done, released)
+    assert all(when <= released[0] for when in done.values()), (done, released)
+    assert all(r == {} for r in running.values()), running
+    monkeypatch.setattr(conv.owner, "release", real_release)
+    zs.convert(t.path, dst, resume=True, shard_bytes=8 * 8 * 2, chunk_bytes=1)
+    assert zs.verify(t.path, dst) == []
+
+
 def test_a_batch_of_a_run_that_ended_here_leaves_the_malloc_settings(monkeypatch):
     """The thresholds a batch raises are restored when its run ends in the process; a
     batch that starts after that (a distributed task still running when another
@@ -505,10 +590,19 @@ def test_a_batch_of_a_run_that_ended_here_leaves_the_malloc_settings(monkeypatch
     raised = []
     monkeypatch.setattr(conv, "raise_thresholds", raised.append)
     monkeypatch.setattr(conv, "_ended", {"ended-run"})
-    for run_id in ("ended-run", "live-run"):
-        with pytest.raises(Exception):  # noqa: B017 (the plan is not one: it stops there)
-            conv._write_batch("{}", 0, run_id)
+    monkeypatch.setattr(conv.Plan, "from_json", classmethod(
+        lambda cls, text: SimpleNamespace(destination="nowhere.zarr", destination_options=None)))
+
+    def convert_batch(*args):
+        raise RuntimeError("the batch stops here")
+
+    monkeypatch.setattr(conv, "_convert_batch", convert_batch)
+    with pytest.raises(ConversionError, match="ended before this batch started"):
+        conv._write_batch("{}", 0, "ended-run")
+    with pytest.raises(RuntimeError, match="the batch stops here"):
+        conv._write_batch("{}", 0, "live-run")
     assert raised == ["live-run"]
+    assert conv._active == {}  # (the failed batch is not counted as running)
 
 
 @pytest.mark.parametrize(("env", "fixed"), [
@@ -2462,56 +2556,62 @@ def test_a_write_behind_that_failed_before_its_batch_ended_still_fails_the_batch
     assert zs.verify(t.path, dst, target_options=opts) == []
 
 
-def test_a_batch_still_running_when_its_run_failed_here_records_nothing(
+def test_a_run_that_failed_waits_for_its_other_batch_before_it_gives_the_store_up(
         s3_server, tmp_path, monkeypatch):
     """When one batch fails, dask's threads return the error while the other thread's
-    batch goes on; the run drops its store (and the writes behind it) before it
-    gives the store up. A CI run met that batch's record written in between, without
-    its failed PUTs seen. A batch of a run that ended in this process records
-    nothing: resume converts it again."""
+    batch goes on. A CI run met that batch's record written after the run had dropped
+    its store (its failed PUTs unseen); its writes could also land after the run gave
+    the store up, where a resume may already write. The run's end waits for it: it
+    stops at its next sub-batch, records nothing, and every request it sent is
+    answered before the release. Resume then converts it again."""
     import s3fs
 
     from siff_xarray.store import converter as conv
 
+    monkeypatch.setattr(conv, "SUB_BATCH_BYTES", 3000)
     fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir("late-batch-bucket")
     t = write_siff(tmp_path / "l.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=7)
     dst = "s3://late-batch-bucket/run.zarr"
-    go, tail_done, calls = threading.Event(), threading.Event(), []
-    real_decode, real_convert, real_release = (conv._decode_batch, conv._convert_batch,
-                                               conv.owner.release)
+    ended, batch_done, calls, late, at_release = (threading.Event(), threading.Event(),
+                                                  [], [], [])
+    real_decode, real_write, real_forget, real_release = (
+        conv._decode_batch, conv._write_batch, conv._forget_sources, conv.owner.release)
 
     def decode(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom in the first batch")
-        if len(calls) == 2:  # the other thread's batch: on after the run failed
-            go.wait(20)
+        if len(calls) == 2:  # the other thread's batch: goes on a while after the run
+            late.append(threading.get_ident())  # ended (the release came at once)
+            assert ended.wait(20)
+            time.sleep(1.0)
         return real_decode(*args, **kwargs)
 
-    def convert_batch(*args, **kwargs):
-        result, tail = real_convert(*args, **kwargs)
+    def write_batch(*args, **kwargs):
+        try:
+            return real_write(*args, **kwargs)
+        finally:
+            if threading.get_ident() in late:
+                batch_done.set()
 
-        def watched():
-            try:
-                tail()
-            finally:
-                tail_done.set()
-        return result, watched
+    def forget(run_id):
+        ended.set()
+        return real_forget(run_id)
 
-    def release(*args, **kwargs):  # (the window: the batch's tail before the release)
-        go.set()
-        tail_done.wait(20)
+    def release(*args, **kwargs):
+        at_release.append((batch_done.is_set(), dict(getattr(conv, "_active", {}))))
         return real_release(*args, **kwargs)
 
     monkeypatch.setattr(conv, "_decode_batch", decode)
-    monkeypatch.setattr(conv, "_convert_batch", convert_batch)
+    monkeypatch.setattr(conv, "_write_batch", write_batch)
+    monkeypatch.setattr(conv, "_forget_sources", forget)
     monkeypatch.setattr(conv.owner, "release", release)
     with pytest.raises(RuntimeError, match="boom in the first batch"):
         zs.convert(t.path, dst, target_options=s3_server, scheduler="threads",
                    num_workers=2, **_small_shards(t))
-    assert tail_done.is_set()
+    assert len(calls) == 2 and at_release == [(True, {})], at_release
     fs.invalidate_cache()
     assert [k for k in fs.find("late-batch-bucket/run.zarr/.siff-progress")
             if "/batch-" in k] == []

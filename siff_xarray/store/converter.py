@@ -311,8 +311,13 @@ class _RunSources:
 
 #: per run id, this process's kept sources (remote sources only)
 _runs: dict[str, _RunSources] = {}
-#: runs that ended in this process: a batch still running keeps nothing for them
+#: runs that ended in this process: a batch still running keeps nothing for them,
+#: and none starts. (A run id is never used again: a run that converts again with
+#: wider arrival times takes a new one.)
 _ended: set[str] = set()
+#: per run id, this process's batches still running (with their tails): the run's
+#: end here waits for them (:func:`_forget_sources`), so that none writes after it
+_active: dict[str, int] = {}
 _runs_lock = threading.Lock()
 #: notified when a kept source is passed on or a reservation given back, and when a
 #: run ends (a thread waiting for a reserved batch, :func:`_next_batch`)
@@ -521,12 +526,57 @@ def _write_chain(plan_json: str, batches: list[int], run_id: str, in_run: bool =
     return out
 
 
+#: seconds the end of a run waits for this process's batches still running (each
+#: stops at its next sub-batch; one waiting on the network, at most its timeouts)
+END_WAIT_S = 300.0
+
+
+def _begin_batch(run_id: str, context: str) -> None:
+    """Count a batch of run ``run_id`` as running here; refuse one of a run that ended."""
+    with _runs_lock:
+        if run_id in _ended:  # (a task that started after its run failed)
+            raise ConversionError(f"{context}: the conversion run ended before this batch "
+                                  "started; not converted (resume converts it)")
+        _active[run_id] = _active.get(run_id, 0) + 1
+
+
+def _refuse_if_ended(run_id: str, context: str) -> None:
+    """Raise ConversionError if run ``run_id`` ended in this process (a batch stops)."""
+    with _runs_lock:
+        ended = run_id in _ended
+    if ended:
+        raise ConversionError(f"{context}: the run ended in this process before the "
+                              "batch did; not recorded (resume converts it again)")
+
+
+def _end_batch(run_id: str) -> None:
+    """Count a batch of :func:`_begin_batch` done (its tail too)."""
+    with _runs_changed:
+        left = _active.pop(run_id, 1) - 1
+        if left:
+            _active[run_id] = left
+        _runs_changed.notify_all()
+
+
 def _forget_sources(run_id: str) -> None:
-    """Close the sources kept for run ``run_id`` in this process, restore its malloc settings."""
+    """End run ``run_id`` in this process: stop and await its batches, close its sources.
+
+    The sources kept for it are closed and its malloc settings restored. A batch
+    still running (another thread's, when one failed: dask returns the error
+    without waiting for it) stops at its next sub-batch and records
+    nothing; the run gives the store up only once every write of such a batch is
+    done, so none lands in a store that a resume already took over.
+    """
+    deadline = time.monotonic() + END_WAIT_S
     with _runs_changed:
         run = _runs.pop(run_id, None)
         _ended.add(run_id)
         _runs_changed.notify_all()
+        while _active.get(run_id) and time.monotonic() < deadline:
+            _runs_changed.wait(0.25)
+        if _active.get(run_id):
+            log.warning("conversion run %s: %d batch(es) still running after %.0f s; "
+                        "the run ends without them", run_id, _active[run_id], END_WAIT_S)
     with _run_arrays_lock:
         stores = [_run_arrays.pop(k)[0] for k in [k for k in _run_arrays if k[0] == run_id]]
     _settle(stores)  # (nothing written behind the run's end)
@@ -754,7 +804,8 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
                   photons: np.ndarray, f0: int, arrival_dtype: np.dtype,
                   out: tuple[np.ndarray, np.ndarray, np.ndarray], writer: _ShardWriter,
                   descriptions: list[np.ndarray],
-                  following: Callable[[], list[tuple[int, int]]] = list) -> int:
+                  following: Callable[[], list[tuple[int, int]]] = list,
+                  going_on: Callable[[], None] = lambda: None) -> int:
     """Decode a batch's frames, sub-batch by sub-batch ``bounds``; return its photons.
 
     Images, counts and histograms land in ``out`` at ``rows``; arrival times stream
@@ -763,7 +814,9 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
 
     The sub-batches on their way while one decodes run on into those
     ``following()`` gives (the next batch this source serves; none by default), so
-    as many are on their way near the batch's end as inside it.
+    as many are on their way near the batch's end as inside it. ``going_on()`` is
+    called before each sub-batch and raises where the batch is to stop (its run
+    ended in this process).
     """
     images, counts, hists = out
     n = 0
@@ -781,6 +834,7 @@ def _decode_batch(f: Acquisition, bounds: list[tuple[int, int]], rows: np.ndarra
     for i in range(ahead):  # (those of a batch passed on with its source: on their way)
         fetch_ahead(i)
     for k, (s0, s1) in enumerate(bounds):
+        going_on()
         frames = np.arange(s0, s1, dtype=np.int64)
         fetch_ahead(k + ahead)  # read during this one and the next
         tau = np.empty(int(photons[s0 - f0 : s1 - f0].sum()), dtype=arrival_dtype)
@@ -813,20 +867,32 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
     Without ``tails`` they are taken before this returns. A batch that fails
     waits for its writes on their way: nothing is written behind its error.
     """
-    with _runs_lock:  # where a dask worker's environment fixed glibc's (_allocator); not
-        if run_id not in _ended:  # for a run that ended here: nothing would restore them
-            raise_thresholds(run_id)
     plan = Plan.from_json(plan_json)
-    target = Target(plan.destination, plan.destination_options)
+    _begin_batch(run_id, f"{plan.destination}: batch {b}")
     try:
-        result, tail = _convert_batch(plan, target, b, run_id)
-    except BaseException:
-        _settle(_run_store(target, run_id))
-        raise
-    if tails is not None and target.object_store:
-        tails.append(_tail_pool().submit(tail))
-    else:
+        # (where a dask worker's environment fixed glibc's: see _allocator; restored
+        # at the run's end here)
+        raise_thresholds(run_id)
+        target = Target(plan.destination, plan.destination_options)
+        try:
+            result, tail = _convert_batch(plan, target, b, run_id)
+        except BaseException:
+            _settle(_run_store(target, run_id))
+            raise
+        if tails is not None and target.object_store:
+            def counted() -> None:
+                try:
+                    tail()
+                finally:
+                    _end_batch(run_id)
+
+            tails.append(_tail_pool().submit(counted))
+            return result
         tail()
+    except BaseException:
+        _end_batch(run_id)
+        raise
+    _end_batch(run_id)
     return result
 
 
@@ -881,7 +947,8 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
         try:
             n = _decode_batch(f, bounds, rows, photons, f0, arrival_dtype,
                               (images, counts, hists), writer, descriptions,
-                              _following(plan, run_id, f))
+                              _following(plan, run_id, f),
+                              functools.partial(_refuse_if_ended, run_id, context))
             checked.result()  # (before the batch's other writes)
         except Exception:
             writer.abandon()  # (its shard on its way is stored before the batch fails)
@@ -965,11 +1032,7 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
         _concurrently(target, [*(functools.partial(target.copy, src, dst)
                                  for src, dst in copies), *late])
         checked.result()
-        with _runs_lock:  # (the run failed here while this batch went on: its writes
-            ended = run_id in _ended  # behind may have gone unseen, its store dropped)
-        if ended:
-            raise ConversionError(f"{context}: the run ended in this process before the "
-                                  "batch did; not recorded (resume converts it again)")
+        _refuse_if_ended(run_id, context)  # (the run failed here while this batch went on)
         target.write_text(f"{PROGRESS}/batch-{b:06d}", record)
         _keep(run_id, b, text, window)
 
@@ -1640,7 +1703,14 @@ def _convert_with(srcs: list[str], src: str, target: Target, run_id: str,
         except _NeedsWideArrivals:
             log.info("%s: arrival times above 65535; converting again with uint32", src)
             owner.check(target, run_id)
+            # (every batch of the run has stopped, here and on the workers: _run's end)
             target.fs.rm(target.root, recursive=True)
+            # the new layout is another run's: a batch of the first one (a task that
+            # starts late on a worker) is refused there and fails its ownership check
+            with _kept_lock:
+                _kept.pop(run_id, None)
+            _await_layout(run_id, raising=False, forget=True)
+            run_id = owner.new_run_id()
             lead = _open_lead(srcs, storage_options, True, plan.pin_version)
             plan = _start(srcs, target, storage_options, shard_bytes, chunk_bytes, "uint32",
                           plan.ome, plan.ome_levels, run_id=run_id, lead=lead)
@@ -1995,8 +2065,7 @@ def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: i
         lead.close()
         lead = None
     if todo:
-        with _runs_lock:  # (a run converts again with wider arrival times: same id)
-            _ended.discard(run_id)
+        with _runs_lock:
             if in_order:
                 run = _runs[run_id] = _RunSources(todo)
                 if lead is not None:  # the first batches' bytes are asked for now
@@ -2170,10 +2239,22 @@ def _compute_distributed(tasks: list[Any], client: Any, tracker: _Tracker,
                          run_id: str) -> None:
     from dask.distributed import as_completed
 
+    futures = client.compute(tasks)
     try:
-        for fut in as_completed(client.compute(tasks)):
+        for fut in as_completed(futures):
             for result in _results(fut.result()):
                 tracker(result)
-    finally:  # the workers close the sources they kept for this run
+    except BaseException:
+        with contextlib.suppress(Exception):  # (a task not started: never starts)
+            client.cancel(futures)
+        raise
+    finally:  # the workers end the run: each waits for its batches still running
         with contextlib.suppress(Exception):
-            client.run(_forget_sources, run_id)
+            client.run(_end_on_worker, run_id)
+
+
+async def _end_on_worker(run_id: str) -> None:
+    """:func:`_forget_sources` on a dask worker, off its event loop (it may wait a batch)."""
+    import asyncio
+
+    await asyncio.to_thread(_forget_sources, run_id)
