@@ -526,11 +526,19 @@ from siff_xarray.store import converter as conv
 
 real_decode, real_write = conv._decode_batch, conv._write_batch
 
+def first(name):  # (once across the workers: the file's creation decides)
+    try:
+        os.close(os.open(os.path.join({marks!r}, name), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
 def decode(f, bounds, rows, photons, f0, *args, **kwargs):
-    if f0 == {fail}:
-        raise RuntimeError("boom in the first batch")
-    if f0 == {slow}:  # goes on after the other worker's batch failed
+    if first("slow"):  # the first batch to decode goes on after the second failed
+        open(os.path.join({marks!r}, f"slow-{{f0}}"), "w").close()
         time.sleep(2.0)
+    elif first("fail"):
+        raise RuntimeError("boom in the first batch")
     return real_decode(f, bounds, rows, photons, f0, *args, **kwargs)
 
 def write_batch(plan_json, b, *args, **kwargs):
@@ -567,13 +575,15 @@ def test_a_distributed_run_that_failed_gives_the_store_up_after_its_workers_batc
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        client.run(exec, _WORKER_PATCH.format(fail=0, slow=1, marks=str(marks)), {})
+        client.run(exec, _WORKER_PATCH.format(marks=str(marks)), {})
         with pytest.raises(RuntimeError, match="boom in the first batch"):
             zs.convert(t.path, dst, scheduler=client, shard_bytes=8 * 8 * 2, chunk_bytes=1)
         running = client.run(lambda: dict(getattr(__import__(
             "siff_xarray.store.converter").store.converter, "_active", {})))
-    done = {int(m.name.split("-")[1]): float(m.name.split("-", 2)[2]) for m in marks.iterdir()}
-    assert 1 in done and len(released) == 1, (done, released)
+    done = {int(m.name.split("-")[1]): float(m.name.split("-", 2)[2])
+            for m in marks.glob("done-*")}
+    slow = [int(m.name.split("-")[1]) for m in marks.glob("slow-*")]  # (its frame = batch)
+    assert len(slow) == 1 and slow[0] in done and len(released) == 1, (slow, done, released)
     assert all(when <= released[0] for when in done.values()), (done, released)
     assert all(r == {} for r in running.values()), running
     monkeypatch.setattr(conv.owner, "release", real_release)
@@ -2574,17 +2584,21 @@ def test_a_run_that_failed_waits_for_its_other_batch_before_it_gives_the_store_u
     t = write_siff(tmp_path / "l.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
                    n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=7)
     dst = "s3://late-batch-bucket/run.zarr"
-    ended, batch_done, calls, late, at_release = (threading.Event(), threading.Event(),
-                                                  [], [], [])
+    ended, second, batch_done = threading.Event(), threading.Event(), threading.Event()
+    calls, late, at_release, lock = [], [], [], threading.Lock()
     real_decode, real_write, real_forget, real_release = (
         conv._decode_batch, conv._write_batch, conv._forget_sources, conv.owner.release)
 
     def decode(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+        with lock:
+            calls.append(1)
+            n = len(calls)
+        if n == 1:  # (once the other thread's batch is decoding too)
+            second.wait(20)
             raise RuntimeError("boom in the first batch")
-        if len(calls) == 2:  # the other thread's batch: goes on a while after the run
+        if n == 2:  # the other thread's batch: goes on a while after the run
             late.append(threading.get_ident())  # ended (the release came at once)
+            second.set()
             assert ended.wait(20)
             time.sleep(1.0)
         return real_decode(*args, **kwargs)
@@ -2612,6 +2626,7 @@ def test_a_run_that_failed_waits_for_its_other_batch_before_it_gives_the_store_u
         zs.convert(t.path, dst, target_options=s3_server, scheduler="threads",
                    num_workers=2, **_small_shards(t))
     assert len(calls) == 2 and at_release == [(True, {})], at_release
+    assert conv._tails == {} and conv._runs == {}  # (nothing kept for the ended run)
     fs.invalidate_cache()
     assert [k for k in fs.find("late-batch-bucket/run.zarr/.siff-progress")
             if "/batch-" in k] == []

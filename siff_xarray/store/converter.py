@@ -441,6 +441,8 @@ def _next_batch(plan_json: str, run_id: str, b: int | None = None) -> tuple[int,
                 break
             _runs_changed.wait(1.0)  # (the timeout: a check of the run, whatever happens)
     with _runs_lock:
+        if run_id in _ended:  # (a chain's next batch: no tails kept for an ended run)
+            raise ConversionError(f"conversion run {run_id} has ended")
         tails = _tails.setdefault(run_id, [])
         failed = next((t for t in tails if t.done() and t.exception() is not None), None)
     if failed is not None:  # an earlier batch's tail failed: start nothing more
