@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -2780,4 +2781,64 @@ def test_a_batchs_last_round_trips_go_on_behind_the_next_batch(s3_server, s3_lat
         zs.verify(t.path, dst, target_options=opts)
     zs.convert(t.path, dst, target_options=opts, scheduler="sync", resume=True,
                **_small_shards(t))
+    assert zs.verify(t.path, dst, target_options=opts) == []
+
+
+#: keys an S3 conversion writes, from its start to its finish (regular expressions on
+#: the PUT's path): one refused at a time
+_REFUSED_KEYS = [
+    r"/\.siff-progress/started\.json",
+    r"/frame_time/zarr\.json",  # (the metadata, with the small arrays)
+    r"/\.siff-progress/nodes\.json",
+    r"/\.siff-progress/plan\.json",
+    r"/intensity/c/3/",
+    r"/photons/arrival_time/c/2",
+    r"/ome/1/c/2/",
+    r"/ome/0/c/1/",  # (a server-side copy of an intensity shard)
+    r"/photon_count/c/2/",
+    r"/histogram/c/1/",
+    r"/photons/flyback_intensity/c/",
+    r"/\.siff-progress/description-000003",
+    r"/\.siff-progress/window-000002",
+    r"/\.siff-progress/batch-000005",
+    r"/photons/description/c/",  # (written by the finish)
+    r"/ome/zarr\.json",  # (the finish: the contrast windows)
+    r"refuse-each\.zarr/zarr\.json",  # (the root: the store published)
+]
+
+
+@pytest.mark.parametrize("refused", _REFUSED_KEYS)
+def test_a_write_refused_at_any_step_of_an_s3_conversion_stops_it_and_resume_finishes(
+        s3_server, s3_latency, tmp_path, refused):
+    """Whichever of its writes the store refuses, from the first marker to the
+    published root, the conversion stops with an error and publishes nothing (the
+    store never reads as finished), and resume finishes it to a store that
+    verifies; refused before anything was kept, there is nothing to resume and
+    the store is empty."""
+    import s3fs
+
+    proxy, opts = s3_latency
+    fs = s3fs.S3FileSystem(**s3_server)
+    bucket = f"refuse-each-{_REFUSED_KEYS.index(refused)}"
+    fs.mkdir(bucket)
+    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
+    dst = f"s3://{bucket}/refuse-each.zarr"
+    proxy.refuse_puts = refused
+    puts = len(proxy.puts)
+    with pytest.raises((OSError, ConversionError)):
+        zs.convert(t.path, dst, target_options=opts, scheduler="threads", num_workers=2,
+                   ome_levels=2, **_small_shards(t))
+    proxy.refuse_puts = None
+    assert any(re.search(refused, p) for *_, p in proxy.puts[puts:])  # (it was asked)
+    with pytest.raises((IncompleteStoreError, FileNotFoundError)):
+        zs.open_converted(dst, storage_options=opts)
+    fs.invalidate_cache()
+    kept = fs.find(f"{bucket}/refuse-each.zarr")
+    if not kept:  # (refused before the plan: resume says so, a new run converts)
+        with pytest.raises(ConversionError, match="no interrupted conversion"):
+            zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
+        zs.convert(t.path, dst, target_options=opts, ome_levels=2, **_small_shards(t))
+    else:
+        zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
     assert zs.verify(t.path, dst, target_options=opts) == []
