@@ -2842,3 +2842,37 @@ def test_a_write_refused_at_any_step_of_an_s3_conversion_stops_it_and_resume_fin
     else:
         zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
     assert zs.verify(t.path, dst, target_options=opts) == []
+
+
+def test_a_write_refused_on_s3_stops_a_distributed_conversion_and_resume_finishes(
+        s3_server, s3_latency, tmp_path):
+    """On a cluster the refused write is met by a worker, its PUT behind the batch:
+    the client raises it, the workers end the run (their batches still running
+    record nothing), the store is given up unfinished, and resume finishes it."""
+    import s3fs
+
+    distributed = pytest.importorskip("distributed")
+    proxy, opts = s3_latency
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("refuse-dist-bucket")
+    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
+    dst = "s3://refuse-dist-bucket/run.zarr"
+    proxy.refuse_puts = r"/photons/arrival_time/c/2"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        with pytest.raises(OSError, match=r"arrival_time/c/2.*refused the write"):
+            zs.convert(t.path, dst, target_options=opts, scheduler=client,
+                       **_small_shards(t))
+        running = client.run(lambda: dict(__import__(
+            "siff_xarray.store.converter").store.converter._active))
+    proxy.refuse_puts = None
+    assert all(r == {} for r in running.values()), running
+    fs.invalidate_cache()
+    assert not fs.exists("refuse-dist-bucket/run.zarr/.siff-progress/owner.json")
+    with pytest.raises(IncompleteStoreError):
+        zs.verify(t.path, dst, target_options=opts)
+    summary = zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
+    assert summary.batches_skipped < summary.batches  # (the refused batch: again)
+    assert zs.verify(t.path, dst, target_options=opts) == []
