@@ -379,8 +379,8 @@ def index(sources: tuple[str, ...], storage_options: str | None, no_pin_version:
     opts = _json_option("--storage-options", storage_options)
     for src in [x for s in sources for x in expand(s, opts)]:
         with SiffFile(src, storage_options=opts, pin_version=not no_pin_version) as f:
-            current = f.sidecar_found
             where = f.write_sidecar()
+            current = f.sidecar_found  # (one there already: not written)
             n = f.num_frames
         if where is None:
             click.echo(f"skipped: {src} (its sidecar cannot be written there)")

@@ -1349,6 +1349,62 @@ def test_a_sidecar_found_on_open_is_not_uploaded_again(s3_server, s3_latency, tm
         assert f.sidecar_found == t.path + ".siffidx"
 
 
+def test_an_index_from_memory_or_the_cache_reads_the_sidecar_before_writing_it(
+        s3_server, s3_latency, tmp_path, monkeypatch):
+    """An open whose index came from this process's memory or the local cache did not
+    look at the sidecar, so ``index`` run twice (and every conversion after an open)
+    uploaded it again. The sidecar is now read first and its key compared: one
+    there for this content is left alone; a deleted one, or another content's, is
+    written."""
+    from click.testing import CliRunner
+
+    from siff_xarray.cli import cli
+
+    proxy, opts = s3_latency
+    monkeypatch.setenv("SIFF_XARRAY_CACHE_DIR", str(tmp_path / "cache"))
+    t = write_siff(tmp_path / "m.siff", shape=(16, 8), n_timepoints=6, seed=5)
+    fs, url = _put_on_s3(s3_server, t.path, "memo-bucket/m.siff")
+    sidecar = "memo-bucket/m.siff.siffidx"
+
+    def index() -> tuple[str, list[str]]:
+        n = len(proxy.log)
+        res = CliRunner().invoke(cli, ["index", url, "--storage-options", json.dumps(opts)])
+        assert res.exit_code == 0, res.output
+        return res.output, [path for method, path in proxy.log[n:] if method == "PUT"]
+
+    out, puts = index()  # (walked: written)
+    assert "wrote " in out and puts == ["/" + sidecar]
+    forget()  # a cold open finds it: one GET (s3fs asked a whole object's size first)
+    n = len(proxy.log)
+    with SiffFile(url, storage_options=opts, index_cache=tmp_path / "cold") as f:
+        assert f.sidecar_found == url + ".siffidx"
+    assert [m for m, path in proxy.log[n:] if path.endswith(".siffidx")] == ["GET"]
+    assert "HEAD" not in [m for m, _ in proxy.log[n:]], proxy.log[n:]
+    out, puts = index()  # the index from this process's memory
+    assert "up to date: " + url + ".siffidx" in out and puts == [], (out, puts)
+    forget()
+    out, puts = index()  # from the local cache
+    assert "up to date: " in out and puts == [], (out, puts)
+    n = len(proxy.log)
+    zs.convert(url, tmp_path / "m.zarr", storage_options=opts)
+    assert not any(path.endswith(".siffidx") for method, path in proxy.log[n:]
+                   if method == "PUT")
+    fs.rm(sidecar)  # deleted meanwhile: written again
+    out, puts = index()
+    assert "wrote " in out and puts == ["/" + sidecar], (out, puts)
+    other = write_siff(tmp_path / "o.siff", shape=(16, 8), n_timepoints=7, seed=6)
+    with SiffFile(other.path, index_cache=False) as f:  # another file's sidecar there
+        f.write_sidecar()
+    fs.put_file(other.path + ".siffidx", sidecar)
+    out, puts = index()
+    assert "wrote " in out and puts == ["/" + sidecar], (out, puts)
+    from siff_xarray.reader.index_cache import packed_key
+
+    theirs = packed_key(Path(other.path + ".siffidx").read_bytes())
+    assert packed_key(fs.cat(sidecar)) not in (None, theirs)
+    assert packed_key(b"not a sidecar") is None and packed_key(None) is None
+
+
 @contextlib.contextmanager
 def _fresh_cluster(tmp_path, monkeypatch):
     """A client of two worker processes in another working directory, no usable cache.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -94,6 +94,8 @@ class Acquisition:
             raise SiffFormatError(first.name, "the acquisition holds no frames")
         self.header = first.header
         self.frame_shape = filled[0].frame_shape
+        #: work using the parts in threads of its own (:meth:`aside`)
+        self._aside: list[Future[Any]] = []
 
     @classmethod
     def open(cls, sources: Sequence[Any], storage_options: dict[str, Any] | None = None,
@@ -245,8 +247,22 @@ class Acquisition:
         for f in self.files:
             f.release()
 
+    def aside(self, call: Callable[[], Any]) -> Future[Any]:
+        """Run ``call``, which uses the parts, in a thread of its own; return its future.
+
+        :meth:`close` waits for it first: the parts stay open until it is done,
+        whoever closes them (a converter's upload of the sidecars goes on behind
+        its first batches).
+        """
+        pool = ThreadPoolExecutor(1, thread_name_prefix="siff-xarray-aside")
+        job = pool.submit(call)
+        pool.shutdown(wait=False)
+        self._aside.append(job)
+        return job
+
     def close(self) -> None:
-        """Close the parts if this object opened them."""
+        """Close the parts if this object opened them (once the work :meth:`aside` is done)."""
+        wait(self._aside)
         if self._owns:
             for f in self.files:
                 f.close()

@@ -246,6 +246,23 @@ def unpack(data: bytes | str | os.PathLike[str]
     return key, index, ts
 
 
+def packed_key(data: bytes | None) -> str | None:
+    """Return the content key of a packed index (a sidecar), reading nothing else.
+
+    ``None`` for no data, another format or unreadable data. Only the two small
+    members are decompressed: a sidecar of a long session holds megabytes.
+    """
+    if not data:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if int(z["format"]) != FORMAT or "key" not in z:
+                return None
+            return str(z["key"])
+    except Exception:  # unreadable, truncated or foreign data
+        return None
+
+
 def check_packed(data: bytes | None, source: ByteSource, header: FileHeader
                  ) -> tuple[FrameIndex, FrameTimestamps | None] | None:
     """Use a packed index (sidecar or token) if it belongs to this file's content."""

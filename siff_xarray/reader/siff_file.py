@@ -56,6 +56,7 @@ from .index_cache import (
     load_index,
     note_checks,
     pack,
+    packed_key,
     portable_key,
     remember,
     remember_version,
@@ -141,6 +142,9 @@ class SiffFile(PhotonReductions):
         self._all_timestamps: FrameTimestamps | None = None
         #: where this open found a sidecar that matches the file (else None)
         self.sidecar_found: str | None = None
+        #: whether this open looked for the sidecar (not where the index came from
+        #: this process's memory or the local cache): see :meth:`write_sidecar`
+        self._sidecar_looked = False
         self._predictor: StridePredictor | None = None  # made by the first read in one part
         try:
             self.header: FileHeader = read_header(self._source)
@@ -219,6 +223,7 @@ class SiffFile(PhotonReductions):
         directory = _cache_dir(index_cache)
         key, index, ts = load_index(directory, src, hdr) if got is None else ("", *got)
         if index is None:
+            self._sidecar_looked = True
             got = check_packed(src.read_sibling(SIDECAR_SUFFIX), src, hdr)
             if got is not None:
                 index, ts = got
@@ -242,14 +247,25 @@ class SiffFile(PhotonReductions):
 
         Returns where it was written, or ``None`` when it cannot be (a file object,
         a read-only directory or bucket). See docs/remote.md for the format. Where
-        this open found a sidecar there that matches the file
-        (:attr:`sidecar_found`), nothing is written again: a conversion of a file
-        indexed earlier does not upload it once more. (Only what this open saw: a
+        a sidecar that belongs to the file's content is there already, nothing is
+        written again (:attr:`sidecar_found` then says where): a conversion of a
+        file indexed earlier does not upload it once more. This open may have met
+        it; where its index came from this process's memory or the local cache
+        instead, the sidecar is read now (one request) and its key compared. (A
         process does not assume a sidecar it met earlier is still there.)
         """
         if self.sidecar_found is not None:
             return self.sidecar_found
-        data = pack(portable_key(self._source, self.header), self.index, self.timestamps())
+        key = portable_key(self._source, self.header)
+        if not self._sidecar_looked:
+            try:
+                there = packed_key(self._source.read_sibling(SIDECAR_SUFFIX))
+            except Exception:  # (unreadable: written as if absent)
+                there = None
+            if there == key:
+                self.sidecar_found = self._source.sibling_name(SIDECAR_SUFFIX)
+                return self.sidecar_found
+        data = pack(key, self.index, self.timestamps())
         try:
             return self._source.write_sibling(SIDECAR_SUFFIX, data)
         except Exception:  # read-only: opening simply walks the chain

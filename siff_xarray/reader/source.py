@@ -1427,8 +1427,8 @@ class FsspecSource(ByteSource):
 
         In an http(s) URL the suffix goes before the query (:func:`sibling_url`).
         """
-        try:
-            data = self._fs_any.cat_file(sibling_url(self._path, suffix))
+        try:  # (from byte 0: s3fs asks a whole object's size first, a round trip more)
+            data = self._fs_any.cat_file(sibling_url(self._path, suffix), start=0)
         except Exception:  # absent, forbidden or unreachable: the walk will do
             return None
         self.bytes_fetched += len(data)

@@ -1056,19 +1056,14 @@ def _prepare(sources: list[str], target: Target, build: Any,
     ds = (open_siff(lead.files[0], partial_volume="keep") if len(lead.files) == 1 else
           open_acquisition(lead.files, partial_volume="keep"))
     f = lead
-    # later opens anywhere skip the walk (read-only places: skipped); on object
-    # storage an upload waits a round trip, so the sidecars go while the plan is made
-    uploads = ThreadPoolExecutor(1)
-    sidecars = [uploads.submit(part.write_sidecar) for part in f.files]
-    uploads.shutdown(wait=False)
-    try:
-        plan = _plan(sources, target, build, source_options, shard_bytes, chunk_bytes,
-                     arrival_dtype, ome, ome_levels, f, ds)
-    finally:  # the uploads end before the caller may close the sources, also on errors
-        wait(sidecars)
-    for job in sidecars:
-        job.result()
-    return plan
+    # later opens anywhere skip the walk (read-only places: skipped). On object
+    # storage an upload waits a round trip or two (a sidecar not looked for by the
+    # open is read first): the sidecars go behind the plan and the first batches,
+    # and the sources close only once they are done (Acquisition.aside)
+    for part in f.files:
+        f.aside(part.write_sidecar)
+    return _plan(sources, target, build, source_options, shard_bytes, chunk_bytes,
+                 arrival_dtype, ome, ome_levels, f, ds)
 
 
 def _plan(sources: list[str], target: Target, build: Any,
