@@ -2876,3 +2876,20 @@ def test_a_write_refused_on_s3_stops_a_distributed_conversion_and_resume_finishe
     summary = zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
     assert summary.batches_skipped < summary.batches  # (the refused batch: again)
     assert zs.verify(t.path, dst, target_options=opts) == []
+
+
+def test_a_sidecar_that_cannot_be_written_leaves_the_conversion_alone(tmp_path, monkeypatch,
+                                                                     caplog):
+    """The sidecar goes on behind the first batches; an error writing it (the sidecar
+    only speeds later opens up) is logged, and the conversion finishes."""
+    t = write_siff(tmp_path / "s.siff", shape=(8, 8), n_timepoints=4, photons_per_frame=200)
+
+    def fails(self):
+        raise OSError("the disk is full")
+
+    monkeypatch.setattr(SiffFile, "write_sidecar", fails)
+    with caplog.at_level("WARNING", logger="siff_xarray"):
+        zs.convert(t.path, tmp_path / "s.zarr")
+    assert zs.verify(t.path, tmp_path / "s.zarr") == []
+    assert "its sidecar was not written (the disk is full)" in caplog.text
+    assert not os.path.exists(str(t.path) + ".siffidx")

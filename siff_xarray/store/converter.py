@@ -33,6 +33,7 @@ from .._remote import filesystem, naming_url, thread_pool
 from ..errors import ConversionError
 from ..format.constants import ENC_TIFF
 from ..reader.acquisition import Acquisition
+from ..reader.siff_file import SiffFile
 from ..reader.source import PARTS_AHEAD, probe_ends
 from . import owner
 from .layout import (
@@ -1061,9 +1062,17 @@ def _prepare(sources: list[str], target: Target, build: Any,
     # open is read first): the sidecars go behind the plan and the first batches,
     # and the sources close only once they are done (Acquisition.aside)
     for part in f.files:
-        f.aside(part.write_sidecar)
+        f.aside(functools.partial(_upload_sidecar, part))
     return _plan(sources, target, build, source_options, shard_bytes, chunk_bytes,
                  arrival_dtype, ome, ome_levels, f, ds)
+
+
+def _upload_sidecar(part: SiffFile) -> None:
+    """Write ``part``'s sidecar (read-only places: skipped); an error is only logged."""
+    try:
+        part.write_sidecar()
+    except Exception as exc:  # (the sidecar only speeds later opens up)
+        log.warning("%s: its sidecar was not written (%s)", part.name, exc)
 
 
 def _plan(sources: list[str], target: Target, build: Any,
