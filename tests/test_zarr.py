@@ -2498,19 +2498,25 @@ def test_zarr_stores_opened_in_any_thread_share_one_filesystem(s3_server):
     np.testing.assert_array_equal(got[0], [7, 7, 7, 7])
 
 
+def _s3_case(s3_server, tmp_path, bucket: str):
+    """A new bucket and a file of 8 batches (two channels, flyback): ``(fs, file, dst)``."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir(bucket)
+    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
+                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
+    return fs, t, f"s3://{bucket}/run.zarr"
+
+
 def test_a_refused_write_on_s3_stops_the_conversion_and_resume_finishes_it(
         s3_server, s3_latency, tmp_path):
     """Arrival-time shards go to object storage behind the decoding: one the server
     refuses stops the conversion with that error (not lost with its thread, no
     hang); the store reads as unfinished, and resume, once writes are allowed again,
     finishes it to a store that verifies."""
-    import s3fs
-
     proxy, opts = s3_latency
-    s3fs.S3FileSystem(**s3_server).mkdir("refuse-bucket")
-    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
-                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
-    dst = "s3://refuse-bucket/run.zarr"
+    _, t, dst = _s3_case(s3_server, tmp_path, "refuse-bucket")
     proxy.refuse_puts = r"photons/arrival_time/c/"
     with pytest.raises(OSError, match=r"(?i)access denied|permission|forbidden") as err:
         zs.convert(t.path, dst, target_options=opts, **_small_shards(t))
@@ -2538,16 +2544,10 @@ def test_a_write_behind_that_failed_before_its_batch_ended_still_fails_the_batch
     recorded done without its shard (a resume then skipped it: a store with a chunk
     missing, as a CI run met through a refused PUT). Every arrival-time PUT here
     fails at once: no batch is recorded, and resume finishes a store that verifies."""
-    import s3fs
-
     from siff_xarray.store import s3_puts
 
     _, opts = s3_latency
-    fs = s3fs.S3FileSystem(**s3_server)
-    fs.mkdir("failed-behind-bucket")
-    t = write_siff(tmp_path / "w.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
-                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
-    dst = "s3://failed-behind-bucket/run.zarr"
+    fs, t, dst = _s3_case(s3_server, tmp_path, "failed-behind-bucket")
     real = s3_puts.DirectPuts.put
 
     def put(self, path, data):
@@ -2803,7 +2803,7 @@ _REFUSED_KEYS = [
     r"/\.siff-progress/batch-000005",
     r"/photons/description/c/",  # (written by the finish)
     r"/ome/zarr\.json",  # (the finish: the contrast windows)
-    r"refuse-each\.zarr/zarr\.json",  # (the root: the store published)
+    r"run\.zarr/zarr\.json",  # (the root: the store published)
 ]
 
 
@@ -2815,15 +2815,9 @@ def test_a_write_refused_at_any_step_of_an_s3_conversion_stops_it_and_resume_fin
     store never reads as finished), and resume finishes it to a store that
     verifies; refused before anything was kept, there is nothing to resume and
     the store is empty."""
-    import s3fs
-
     proxy, opts = s3_latency
-    fs = s3fs.S3FileSystem(**s3_server)
     bucket = f"refuse-each-{_REFUSED_KEYS.index(refused)}"
-    fs.mkdir(bucket)
-    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
-                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
-    dst = f"s3://{bucket}/refuse-each.zarr"
+    fs, t, dst = _s3_case(s3_server, tmp_path, bucket)
     proxy.refuse_puts = refused
     puts = len(proxy.puts)
     with pytest.raises((OSError, ConversionError)):
@@ -2834,7 +2828,7 @@ def test_a_write_refused_at_any_step_of_an_s3_conversion_stops_it_and_resume_fin
     with pytest.raises((IncompleteStoreError, FileNotFoundError)):
         zs.open_converted(dst, storage_options=opts)
     fs.invalidate_cache()
-    kept = fs.find(f"{bucket}/refuse-each.zarr")
+    kept = fs.find(f"{bucket}/run.zarr")
     if not kept:  # (refused before the plan: resume says so, a new run converts)
         with pytest.raises(ConversionError, match="no interrupted conversion"):
             zs.convert(t.path, dst, target_options=opts, resume=True, **_small_shards(t))
@@ -2849,15 +2843,9 @@ def test_a_write_refused_on_s3_stops_a_distributed_conversion_and_resume_finishe
     """On a cluster the refused write is met by a worker, its PUT behind the batch:
     the client raises it, the workers end the run (their batches still running
     record nothing), the store is given up unfinished, and resume finishes it."""
-    import s3fs
-
     distributed = pytest.importorskip("distributed")
     proxy, opts = s3_latency
-    fs = s3fs.S3FileSystem(**s3_server)
-    fs.mkdir("refuse-dist-bucket")
-    t = write_siff(tmp_path / "r.siff", shape=(32, 16), channels=(1, 2), n_slices=2,
-                   n_flyback=1, n_timepoints=16, photons_per_frame=500, seed=6)
-    dst = "s3://refuse-dist-bucket/run.zarr"
+    fs, t, dst = _s3_case(s3_server, tmp_path, "refuse-dist-bucket")
     proxy.refuse_puts = r"/photons/arrival_time/c/2"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
