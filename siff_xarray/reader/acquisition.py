@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._paths import any_remote
+from .._remote import thread_pool
 from ..errors import SiffFormatError
 from ..format.imparams import ImParams
 from .frame_meta import Event, FrameTimestamps
@@ -254,9 +255,7 @@ class Acquisition:
         whoever closes them (a converter's upload of the sidecars goes on behind
         its first batches).
         """
-        pool = ThreadPoolExecutor(1, thread_name_prefix="siff-xarray-aside")
-        job = pool.submit(call)
-        pool.shutdown(wait=False)
+        job = thread_pool("siff-xarray-aside", 4).submit(call)
         self._aside.append(job)
         return job
 

@@ -257,14 +257,11 @@ class SiffFile(PhotonReductions):
         if self.sidecar_found is not None:
             return self.sidecar_found
         key = portable_key(self._source, self.header)
-        if not self._sidecar_looked:
-            try:
-                there = packed_key(self._source.read_sibling(SIDECAR_SUFFIX))
-            except Exception:  # (unreadable: written as if absent)
-                there = None
-            if there == key:
-                self.sidecar_found = self._source.sibling_name(SIDECAR_SUFFIX)
-                return self.sidecar_found
+        # (absent, unreadable or foreign: None, and written)
+        if not self._sidecar_looked and packed_key(
+                self._source.read_sibling(SIDECAR_SUFFIX)) == key:
+            self.sidecar_found = self._source.sibling_name(SIDECAR_SUFFIX)
+            return self.sidecar_found
         data = pack(key, self.index, self.timestamps())
         try:
             return self._source.write_sibling(SIDECAR_SUFFIX, data)

@@ -872,6 +872,7 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
     """
     plan = Plan.from_json(plan_json)
     _begin_batch(run_id, f"{plan.destination}: batch {b}")
+    counted_here = True  # (else by the tail, which goes on behind)
     try:
         # (where a dask worker's environment fixed glibc's: see _allocator; restored
         # at the run's end here)
@@ -883,20 +884,22 @@ def _write_batch(plan_json: str, b: int, run_id: str, tails: list[Future[None]] 
             _settle(_run_store(target, run_id))
             raise
         if tails is not None and target.object_store:
-            def counted() -> None:
-                try:
-                    tail()
-                finally:
-                    _end_batch(run_id)
-
-            tails.append(_tail_pool().submit(counted))
-            return result
-        tail()
-    except BaseException:
-        _end_batch(run_id)
-        raise
-    _end_batch(run_id)
+            tails.append(_tail_pool().submit(_counted_tail, tail, run_id))
+            counted_here = False
+        else:
+            tail()
+    finally:
+        if counted_here:
+            _end_batch(run_id)
     return result
+
+
+def _counted_tail(tail: Callable[[], None], run_id: str) -> None:
+    """Take a batch's last steps (:func:`_write_batch`), then count the batch done."""
+    try:
+        tail()
+    finally:
+        _end_batch(run_id)
 
 
 def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
