@@ -2881,3 +2881,23 @@ def test_a_sidecar_that_cannot_be_written_leaves_the_conversion_alone(tmp_path, 
     assert zs.verify(t.path, tmp_path / "s.zarr") == []
     assert "its sidecar was not written (the disk is full)" in caplog.text
     assert not os.path.exists(str(t.path) + ".siffidx")
+
+
+def test_the_end_of_a_run_waits_for_its_batches_only_so_long(monkeypatch, caplog):
+    """A batch that never ends (its network stalled past every timeout) must not hold
+    the run's end forever: after ``END_WAIT_S`` the run ends with a warning."""
+    from siff_xarray.store import converter as conv
+
+    monkeypatch.setattr(conv, "END_WAIT_S", 0.3)
+    conv._begin_batch("stuck-run", "nowhere.zarr: batch 0")
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="siff_xarray"):
+            conv._forget_sources("stuck-run")
+        assert 0.3 <= time.monotonic() - t0 < 5
+        assert "1 batch(es) still running after 0 s" in caplog.text
+        with pytest.raises(ConversionError, match="ended before this batch started"):
+            conv._begin_batch("stuck-run", "nowhere.zarr: batch 1")
+    finally:
+        conv._end_batch("stuck-run")
+    assert "stuck-run" not in conv._active
