@@ -1336,6 +1336,14 @@ def test_every_chunk_is_checksummed_and_a_damaged_one_is_an_error(siff_files, tm
     (dst / "time" / "c" / "0").write_bytes(b"\x00" + (dst / "time" / "c" / "0").read_bytes())
     assert [p.split(" is damaged")[0] for p in zs.verify(t.path, dst)] == [
         "time: chunk c/0", "photons/arrival_time: chunk c/0"]
+    # ... and a chunk deleted beside them is listed too (it was left out: the damage
+    # cut the comparison short)
+    (dst / "photon_count" / "c" / "0" / "0" / "0").unlink()
+    problems = zs.verify(t.path, dst)
+    assert [p.split(" is damaged")[0] for p in problems[:2]] == [
+        "time: chunk c/0", "photons/arrival_time: chunk c/0"]
+    assert problems[2:] == ["photon_count: 1 of 1 stored chunks are missing (deleted or "
+                            "lost; zarr would read them as zeros); convert again"]
     # an index coordinate is read at open: the error names the store and what to do
     with pytest.raises(SiffFormatError, match=r"crc\.zarr: a coordinate read at open: a "
                        r"chunk is damaged .*siff-xarray verify"):

@@ -47,7 +47,24 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     except ValueError as exc:  # a checksum mismatch (SiffFormatError is a ValueError too)
         if "checksum" not in str(exc):
             raise
-        return _damaged_chunks(target) or [f"a chunk is damaged: {exc}"]
+        damaged = _damaged_chunks(target) or [f"a chunk is damaged: {exc}"]
+        return damaged + _missing_beside_damage(target)
+
+
+def _missing_beside_damage(target: Target) -> list[str]:
+    """Return the missing chunks of a store in which some are damaged (:func:`_missing_chunks`).
+
+    None where the arrays that locate the photons are among the damaged ones: the
+    damage is reported, and the store is to be restored or converted again anyway.
+    """
+    import zarr
+
+    try:
+        return _missing_chunks(target, zarr.open_group(target.zarr(), path="photons", mode="r"))
+    except ValueError as exc:
+        if "checksum" not in str(exc):
+            raise
+        return []
 
 
 def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
