@@ -54,7 +54,7 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
 def _missing_beside_damage(target: Target) -> list[str]:
     """Return the missing chunks of a store in which some are damaged (:func:`_missing_chunks`).
 
-    None where the arrays that locate the photons are among the damaged ones: the
+    Nothing where the arrays that locate the photons are among the damaged ones: the
     damage is reported, and the store is to be restored or converted again anyway.
     """
     import zarr
