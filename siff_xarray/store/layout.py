@@ -446,11 +446,30 @@ class Target:
         self.fs.invalidate_cache()
         where = self.key(k).rstrip("/") if k else self.root
         try:
-            names = self.fs.ls(where, detail=False)
+            names = self._s3_listed(where) if self.s3 else self.fs.ls(where, detail=False)
         except FileNotFoundError:
             return set()
         return {n.rstrip("/")[len(self.root) + 1 :] for n in names
                 if n.rstrip("/").startswith(self.root + "/")}
+
+    def _s3_listed(self, where: str) -> list[str]:
+        """Names right under ``where`` (``bucket/key``): one ListObjectsV2 per 1,000.
+
+        s3fs's ``ls`` lists the parent too where nothing is under a path (to tell an
+        object from nothing): a second round trip at the start of every new store.
+        """
+        bucket, key, _ = self.fs.split_path(where)
+        names: list[str] = []
+        ask: dict[str, Any] = {"Bucket": bucket, "Delimiter": "/",
+                               "Prefix": f"{key}/" if key else ""}
+        while True:
+            got = self.fs.call_s3("list_objects_v2", **ask)
+            names += [f"{bucket}/{o['Key']}" for o in got.get("Contents", [])]
+            names += [f"{bucket}/{p['Prefix']}" for p in got.get("CommonPrefixes", [])]
+            token = got.get("NextContinuationToken")
+            if not (got.get("IsTruncated") and token):
+                return names
+            ask["ContinuationToken"] = token
 
     def finished(self) -> bool:
         """Tell whether the store is a finished conversion."""
