@@ -27,6 +27,10 @@ and its ratio to the same job at 0 ms: what the latency costs. At 0 ms the CPU o
 transfers alone is measured too (:func:`_transfer_cpu`), to tell what the S3
 conversions spend from what they wait. One conversion to S3 is checked with
 ``verify`` against the file.
+
+Last, the object store elsewhere (:func:`_store_elsewhere`): the endpoints on a core
+of their own and the conversions (local -> local and S3 -> S3, at 0 and 20 ms) on
+the others, as where the object store's CPU is not the client's.
 """
 
 from __future__ import annotations
@@ -55,10 +59,16 @@ REPEAT = 3
 
 
 @contextlib.contextmanager
-def endpoint(root: Path, latency_s: float) -> Iterator[tuple[str, str]]:
-    """An S3 endpoint over ``root`` in a child process; yield its URL and its counts' page."""
+def endpoint(root: Path, latency_s: float, cores: set[int] | None = None
+             ) -> Iterator[tuple[str, str]]:
+    """An S3 endpoint over ``root`` in a child process; yield its URL and its counts' page.
+
+    ``cores``: the CPUs the endpoint runs on (default: those of this process).
+    """
     proc = subprocess.Popen([sys.executable, str(HERE / "s3_endpoint.py"), str(root),
                              str(latency_s)], stdout=subprocess.PIPE, text=True)
+    if cores is not None:
+        os.sched_setaffinity(proc.pid, cores)
     try:
         urls = proc.stdout.readline().split()
         if len(urls) != 2:
@@ -150,13 +160,87 @@ def _transfer_cpu(src: Path, remote: str, source_options: dict, target_options: 
     return cpu["read"], cpu["write"]
 
 
+def _store_elsewhere(src: Path, repeat: int) -> list[tuple]:
+    """Local and S3 -> S3 conversions with the endpoints on a core of their own.
+
+    On one machine the endpoints spend their CPU (the kernel's copies through the
+    loopback, the parsing of requests) on the cores the conversion uses; a real
+    object store spends it elsewhere. Here the endpoints run on the last core and
+    both conversions, alternated, in a child process on the others (pinned from its
+    start: threads keep the cores they were started on). Per latency (0 and 20 ms):
+    the median call's seconds and the child's CPU seconds, and the multiple of the
+    local conversion. Empty on a single core.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return []
+    mine = set(cores[:-1])
+    out = subprocess.run(
+        [sys.executable, __file__, "--path", str(src), "--repeats", str(repeat),
+         "--elsewhere"], capture_output=True, text=True, check=True,
+        env={**os.environ, "SIFF_BENCH_ENDPOINT_CORES": str(cores[-1])},
+        preexec_fn=lambda: os.sched_setaffinity(0, mine))
+    return [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _elsewhere_child(src: Path, repeat: int) -> None:
+    """The child of :func:`_store_elsewhere`: print its rows as JSON (last line)."""
+    import s3fs
+
+    import siff_xarray
+
+    theirs = {int(c) for c in os.environ["SIFF_BENCH_ENDPOINT_CORES"].split(",")}
+    rows = []
+    with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:
+        served, empty = Path(tmp) / "served", Path(tmp) / "empty"
+        (served / "bench-src").mkdir(parents=True)
+        (empty / "bench-dst").mkdir(parents=True)
+        os.symlink(src.resolve(), served / "bench-src" / "run.siff")
+        local_dst = Path(tmp) / "local.zarr"
+        for latency in (0.0, 0.02):
+            with endpoint(served, latency, theirs) as (source, _), \
+                    endpoint(empty, latency, theirs) as (destination, _):
+                s3 = [{"key": "testing", "secret": "testing",
+                       "client_kwargs": {"endpoint_url": url}} for url in (source, destination)]
+                dst_fs = s3fs.S3FileSystem(**s3[1], skip_instance_cache=True)
+
+                def local() -> None:
+                    siff_xarray.convert(src, local_dst, overwrite=True)
+                    shutil.rmtree(local_dst)
+
+                def remote(dst_fs: Any = dst_fs, s3: list = s3) -> None:
+                    siff_xarray.convert("s3://bench-src/run.siff", "s3://bench-dst/run.zarr",
+                                        overwrite=True, storage_options=s3[0],
+                                        target_options=s3[1])
+                    dst_fs.rm("bench-dst/run.zarr", recursive=True)
+                    dst_fs.invalidate_cache()
+
+                jobs = {"local -> local": local, "S3 -> S3": remote}
+                for job in jobs.values():  # (warm: Numba, this process's clients, the index)
+                    job()
+                runs: dict[str, list[tuple[float, float]]] = {k: [] for k in jobs}
+                for _ in range(repeat):
+                    for name, job in jobs.items():
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        job()
+                        runs[name].append((time.perf_counter() - t0, time.process_time() - c0))
+                med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+                for name, (dt, cpu) in med.items():
+                    rows.append((f"{latency * 1000:.0f} ms", name, dt, cpu,
+                                 dt / med["local -> local"][0]))
+    print(json.dumps(rows))
+
+
 def main() -> None:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, {"--elsewhere": "(internal) the child of _store_elsewhere"})
     repeat = args.repeats if "--repeats" in sys.argv else REPEAT
     src = session_file(args.volumes, args.photons, args.path)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     warnings.simplefilter("ignore")
+    if args.elsewhere:
+        _elsewhere_child(src, repeat)
+        return
     import s3fs
 
     import siff_xarray
@@ -224,6 +308,7 @@ def main() -> None:
                     read_cpu, write_cpu = _transfer_cpu(src, remote, s3(source),
                                                         s3(destination), local_dst,
                                                         src_page, dst_page, repeat)
+    elsewhere = _store_elsewhere(src, repeat)
     print(f"\nConversions of {src.name} ({size_mb:.0f} MB); median of {repeat} calls, "
           "alternated\n")
     print("| latency | job | seconds | source requests (round trips) | destination requests "
@@ -247,6 +332,15 @@ def main() -> None:
           f"{s3_cpu / cores / zero['local -> local']:.2f}x the local conversion's time: the "
           "least it takes here however well its work overlaps.")
     print(f"\nverify of the S3 -> S3 store against the file: {checked or 'no problems'}")
+    if elsewhere:
+        cores = sorted(os.sched_getaffinity(0))
+        print(f"\nThe object store elsewhere: the endpoints on core {cores[-1]}, the "
+              f"conversions on {len(cores) - 1} other core(s), in a process of their own "
+              f"(median of {repeat} calls, alternated; CPU: that process's)\n")
+        print("| latency | job | seconds | CPU seconds | x local |")
+        print("|---:|---|---:|---:|---:|")
+        for lat, name, dt, cpu, x_local in elsewhere:
+            print(f"| {lat} | {name} | {dt:.2f} | {cpu:.2f} | {x_local:.2f} |")
 
 
 if __name__ == "__main__":
