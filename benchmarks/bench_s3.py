@@ -79,6 +79,18 @@ def endpoint(root: Path, latency_s: float, cores: set[int] | None = None
         proc.wait()
 
 
+@contextlib.contextmanager
+def _buckets(src: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """Yield the endpoints' roots (the source's bucket serving ``src``, an empty one)
+    and a local store's path, all in a temporary directory."""
+    with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:
+        served, empty = Path(tmp) / "served", Path(tmp) / "empty"
+        (served / "bench-src").mkdir(parents=True)
+        (empty / "bench-dst").mkdir(parents=True)
+        os.symlink(src.resolve(), served / "bench-src" / "run.siff")
+        yield served, empty, Path(tmp) / "local.zarr"
+
+
 def _stats(page: str, since: tuple[int, int] = (0, 0)) -> dict[str, int]:
     with urllib.request.urlopen(f"{page}/{since[0]}/{since[1]}", timeout=10) as r:
         return json.loads(r.read())
@@ -191,12 +203,7 @@ def _elsewhere_child(src: Path, repeat: int) -> None:
 
     theirs = {int(c) for c in os.environ["SIFF_BENCH_ENDPOINT_CORES"].split(",")}
     rows = []
-    with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:
-        served, empty = Path(tmp) / "served", Path(tmp) / "empty"
-        (served / "bench-src").mkdir(parents=True)
-        (empty / "bench-dst").mkdir(parents=True)
-        os.symlink(src.resolve(), served / "bench-src" / "run.siff")
-        local_dst = Path(tmp) / "local.zarr"
+    with _buckets(src) as (served, empty, local_dst):
         for latency in (0.0, 0.02):
             with endpoint(served, latency, theirs) as (source, _), \
                     endpoint(empty, latency, theirs) as (destination, _):
@@ -247,12 +254,7 @@ def main() -> None:
 
     size_mb = src.stat().st_size / 1e6
     rows, checked = [], None
-    with tempfile.TemporaryDirectory(dir=HERE / "_data") as tmp:
-        served, empty = Path(tmp) / "served", Path(tmp) / "empty"
-        (served / "bench-src").mkdir(parents=True)
-        (empty / "bench-dst").mkdir(parents=True)
-        os.symlink(src.resolve(), served / "bench-src" / "run.siff")
-        local_dst = Path(tmp) / "local.zarr"
+    with _buckets(src) as (served, empty, local_dst):
         siff_xarray.convert(src, local_dst, overwrite=True)  # warm-up: Numba, page cache
         shutil.rmtree(local_dst)
         zero: dict[str, float] = {}
