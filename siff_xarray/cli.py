@@ -199,17 +199,63 @@ def demo(directory: str) -> None:
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(file: str, as_json: bool) -> None:
-    """Summarize FILE (.siff or ScanImage TIFF; a path or URL).
+    """Summarize FILE (.siff or ScanImage TIFF, or a converted store; a path or URL).
 
     Frames, encodings, size, channels, planes and z positions, flyback, timepoints,
     frame and volume rates, duration, start time, FLIM bins, photons per frame,
-    appended events, and the mean photons per pixel of every plane.
+    appended events, and the mean photons per pixel of every plane. For a converted
+    Zarr store: its source, frames and photons, dimensions and variables; or, for an
+    unfinished conversion, how far it got and how to finish it.
     """
+    if _names_a_store(file):
+        from .store import describe_store
+
+        try:
+            s = describe_store(file)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc}; info reads a .siff or TIFF file, or a store "
+                                    "written by siff-xarray convert") from exc
+        if as_json:
+            click.echo(json.dumps(s, indent=2))
+        else:
+            _print_store(s)
+        return
     s = summarize(file)
     if as_json:
         click.echo(json.dumps(s, indent=2))
     else:
         _print_summary(s)
+
+
+def _names_a_store(file: str) -> bool:
+    """Tell whether ``info`` reads FILE as a converted store.
+
+    A local directory, or a URL whose path ends in ``.zarr`` or a slash.
+    """
+    from ._paths import is_remote
+
+    if not is_remote(file):
+        return Path(file).is_dir()
+    name = file.split("?")[0].rstrip("/").rsplit("/", 1)[-1].lower()
+    return name.endswith(".zarr") or file.split("?")[0].endswith("/")
+
+
+def _print_store(s: dict[str, Any]) -> None:
+    """Print :func:`~siff_xarray.store.describe_store`'s result as a rich table."""
+    from rich.table import Table
+
+    t = Table(title=f"{s['store']} (converted store)", show_header=False,
+              title_justify="left")
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    t.add_row("source file", str(s["source_file"]))
+    t.add_row("frames", f"{s['frames']:,} (flyback included)")
+    t.add_row("photons", f"{s['photons']:,}")
+    t.add_row("dimensions", ", ".join(f"{k} {v}" for k, v in s["sizes"].items()))
+    t.add_row("variables", ", ".join(s["variables"]))
+    t.add_row("OME-Zarr levels", str(s["ome_levels"]))
+    t.add_row("siff_zarr_version", str(s["siff_zarr_version"]))
+    _console().print(t)
 
 
 class _ProgressLine:

@@ -227,3 +227,48 @@ def test_info_plane_means_equal_the_decoded_means(truth, monkeypatch):
             got = p["mean_photons_per_pixel"]
             np.testing.assert_allclose(got, want.isel(z=p["slice"]).sel(
                 channel=p["channel"]).item(), rtol=1e-9)
+
+
+def test_info_on_a_converted_store(siff_files, tmp_path, capsys, stop_after, s3_server):
+    """``info run.zarr`` said "[Errno 21] Is a directory"; it now summarizes the store,
+    says how far an unfinished conversion got and how to finish it, and names a path
+    that is neither a file nor a store."""
+    from siff_xarray import SiffFile, convert
+
+    t = siff_files["two_chan_slices_flyback"]
+    dst = tmp_path / "done.zarr"
+    convert(t.path, dst)
+    with SiffFile(t.path) as f:
+        photons = int(f.index.n_photons.sum())
+    main(["info", "--json", str(dst)])
+    s = json.loads(capsys.readouterr().out)
+    assert s["frames"] == t.n_frames and s["photons"] == photons
+    assert s["source_file"] == t.path and "intensity" in s["variables"]
+    assert s["sizes"]["channel"] == 2 and s["ome_levels"] >= 1
+    main(["info", str(dst)])
+    out = capsys.readouterr().out
+    assert "converted store" in out and f"{photons:,}" in out
+    half = tmp_path / "half.zarr"
+    volume = 2 * 3 * 32 * 32 * 2
+    with pytest.raises(stop_after.error):
+        convert(t.path, half, progress=stop_after(1), scheduler="sync", shard_bytes=volume)
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(half)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is incomplete" in err and "--resume" in err
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a converted siff-xarray store" in err
+    assert "info reads a .siff or TIFF file" in err and "Is a directory" not in err
+    # on S3: a store URL (its path ends in .zarr)
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server)
+    fs.mkdir("info-bucket")
+    convert(t.path, "s3://info-bucket/run.zarr", target_options=s3_server)
+    import siff_xarray.store as zs
+
+    assert zs.describe_store("s3://info-bucket/run.zarr", s3_server)["photons"] == photons
+    with pytest.raises(FileNotFoundError, match=r"info-bucket/none\.zarr: not a converted"):
+        zs.describe_store("s3://info-bucket/none.zarr", s3_server)

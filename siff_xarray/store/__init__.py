@@ -32,6 +32,7 @@ owner      which conversion owns a store being written (one writer at a time)
 shards     whole shards of a conversion's arrays, encoded and stored one write each
 converter  :func:`convert`, :func:`convert_file` (batches on any Dask scheduler)
 read       :func:`open_converted` (and ``_groups``/``_tree``), :func:`read_photons`,
+           :func:`describe_store`,
            :class:`StorePhotons`
 strict     a zarr store wrapper: a missing chunk is an error, not zeros
 verifier   :func:`verify`
@@ -50,7 +51,7 @@ from .._lazy import lazy_getattr
 
 __all__ = [
     "SIFF_ZARR_VERSION", "ConversionSummary", "Progress", "StorePhotons", "convert",
-    "convert_file", "downsample2", "group_acquisitions", "is_converted_store",
+    "convert_file", "describe_store", "downsample2", "group_acquisitions", "is_converted_store",
     "open_converted", "open_converted_groups", "open_converted_tree", "pyramid_levels",
     "read_photons", "store_name", "to_ome_order", "to_siff", "to_tiff", "verify",
 ]
@@ -60,7 +61,8 @@ _LAZY = {
     "downsample2": ".ome", "pyramid_levels": ".ome", "to_ome_order": ".ome",
     "ConversionSummary": ".converter", "Progress": ".converter", "convert": ".converter",
     "convert_file": ".converter",
-    "StorePhotons": ".read", "is_converted_store": ".read", "open_converted": ".read",
+    "StorePhotons": ".read", "describe_store": ".read", "is_converted_store": ".read",
+    "open_converted": ".read",
     "open_converted_groups": ".read", "open_converted_tree": ".read",
     "read_photons": ".read",
     "verify": ".verifier", "to_siff": ".export", "to_tiff": ".export",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ome import downsample2, pyramid_levels, to_ome_order
     from .read import (
         StorePhotons,
+        describe_store,
         is_converted_store,
         open_converted,
         open_converted_groups,

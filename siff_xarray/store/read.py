@@ -29,8 +29,8 @@ from ..format.constants import ENC_COMPRESSED, ENC_RAW, ENC_TIFF
 from ..reader.reductions import PhotonReductions, Shifts
 from .layout import PLAN_KEY, STARTED_KEY, Plan, Target, quiet_text_dtype
 
-__all__ = ["StorePhotons", "cell_values", "checked", "count_images", "frame_positions",
-           "is_converted_store", "open_converted", "open_converted_groups",
+__all__ = ["StorePhotons", "cell_values", "checked", "count_images", "describe_store",
+           "frame_positions", "is_converted_store", "open_converted", "open_converted_groups",
            "open_converted_tree", "read_photons"]
 
 
@@ -267,6 +267,53 @@ _GAP = 1 << 20  # arrival times skipped rather than split into another read
 
 #: bytes of ``photons/zarr.json`` read to tell a store (the metadata is a few hundred)
 _STORE_MARK_BYTES = 1 << 16
+
+
+def describe_store(store: str | os.PathLike[str],
+                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summarize a finished converted store (what ``siff-xarray info STORE`` prints).
+
+    Parameters
+    ----------
+    store
+        Path or fsspec URL of a store written by :func:`siff_xarray.convert`.
+    storage_options
+        fsspec options for a store URL.
+
+    Returns
+    -------
+    dict
+        ``store``, ``source_file``, ``frames`` and ``photons`` (every file frame's,
+        flyback included), ``sizes`` of the Dataset's dimensions, ``variables``,
+        ``ome_levels`` and ``siff_zarr_version``.
+
+    Raises
+    ------
+    IncompleteStoreError
+        If the store is an unfinished conversion (it says how far it got and how
+        to finish it), as :func:`open_converted` does.
+    FileNotFoundError
+        If there is no converted store at ``store``.
+
+    """
+    import zarr
+
+    target = Target(normalize(os.fspath(store)), storage_options)
+    with open_converted(store, storage_options=storage_options) as ds:
+        grp = zarr.open_group(target.reader(), path="photons", mode="r")
+        counts = checked(lambda: np.asarray(grp["photon_count"][...]), target.destination,
+                         "photons/photon_count")
+        root = zarr.open_group(target.reader(), mode="r")
+        return {
+            "store": target.destination,
+            "source_file": ds.attrs.get("source_file"),
+            "frames": int(counts.size),
+            "photons": int(counts.sum(dtype=np.int64)),
+            "sizes": {str(k): int(v) for k, v in ds.sizes.items()},
+            "variables": sorted(str(v) for v in ds.data_vars),
+            "ome_levels": len(list(root["ome"].array_keys())) if "ome" in root else 0,
+            "siff_zarr_version": grp.attrs.get("siff_zarr_version"),
+        }
 
 
 def is_converted_store(path: str, storage_options: dict[str, Any] | None = None) -> bool:
