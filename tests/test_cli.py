@@ -272,3 +272,34 @@ def test_info_on_a_converted_store(siff_files, tmp_path, capsys, stop_after, s3_
     assert zs.describe_store("s3://info-bucket/run.zarr", s3_server)["photons"] == photons
     with pytest.raises(FileNotFoundError, match=r"info-bucket/none\.zarr: not a converted"):
         zs.describe_store("s3://info-bucket/none.zarr", s3_server)
+
+
+def test_a_directory_given_as_a_file_is_named_with_what_to_do(siff_files, tmp_path, capsys):
+    """A directory where a .siff file is read said "[Errno 21] Is a directory"."""
+    import shutil
+
+    import xarray as xr
+
+    from siff_xarray import convert
+
+    t = siff_files["single_raw"]
+    store = tmp_path / "s.zarr"
+    convert(t.path, store)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    shutil.copy(t.path, folder / "r.siff")
+    for argv, hint in [
+        (["convert", str(store), str(tmp_path / "x.zarr")], "it is a converted Zarr store"),
+        (["index", str(store)], "siff-xarray info, verify and register read stores"),
+        (["to-tiff", str(store), str(tmp_path / "s.tif")], "siff_xarray.open_converted"),
+        (["convert", str(folder), str(tmp_path / "y.zarr")],
+         f"give a glob: '{folder}/*.siff'"),
+        (["info", str(folder)], "not a converted siff-xarray store"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and hint in err and "Errno" not in err, (argv, err)
+    with pytest.raises(IsADirectoryError, match=r"runs: is a directory, not a \.siff"):
+        xr.open_dataset(folder, engine="siff")
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()

@@ -78,7 +78,7 @@ except ImportError:  # pragma: no cover - Windows
 _SHRINKS_UNDER_MAP = os.name != "nt"
 
 __all__ = ["ByteSource", "FileObjectSource", "FsspecSource", "LocalSource", "forget_probes",
-           "open_source", "probe_ends", "probe_following", "sibling_url"]
+           "not_a_file", "open_source", "probe_ends", "probe_following", "sibling_url"]
 
 
 #: parts of a long read (or sub-batches of a conversion) fetched while one decodes:
@@ -382,7 +382,13 @@ class LocalSource(ByteSource):
         self._leased = False
         self._lease_works: bool | None = None  # unknown until the first read
         self._lease_patient = True
-        self._file = open(self.name, "rb")  # noqa: SIM115 - closed in close()
+        try:
+            self._file = open(self.name, "rb")  # noqa: SIM115 - closed in close()
+        except IsADirectoryError:
+            raise not_a_file(self.name, any(os.path.exists(os.path.join(self.name, k))
+                                            for k in ("zarr.json", ".siff-progress")),
+                             any(n.endswith(".siff") for n in os.listdir(self.name))
+                             ) from None
         try:
             st = os.fstat(self._file.fileno())
             self.size = st.st_size
@@ -729,7 +735,7 @@ class FsspecSource(ByteSource):
                 raise FileNotFoundError(f"{url}: {detail}") from exc
             raise
         if info.get("type") == "directory":
-            raise IsADirectoryError(f"{url}: is a directory")
+            raise not_a_file(url, url.rstrip("/").endswith(".zarr"))
         etag = self._adopt(info)
         if version is not None and etag and etag != version:
             raise SiffFormatError(url, f"the object was replaced since it was first opened "
@@ -1860,6 +1866,22 @@ def _forget_pool() -> None:  # a forked child has the pool object but not its th
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
+
+
+def not_a_file(name: str, store: bool, holds_siff: bool = False) -> IsADirectoryError:
+    """Return the error for a directory ``name`` read as a ``.siff`` or TIFF file.
+
+    ``store``: it is a converted Zarr store (the error says what reads those);
+    ``holds_siff``: it holds ``.siff`` files (the error suggests a glob).
+    """
+    hint = ""
+    if store:
+        hint = ("; it is a converted Zarr store: open it with siff_xarray.open_converted "
+                "(siff-xarray info, verify and register read stores)")
+    elif holds_siff:
+        glob = name.rstrip("/") + "/*.siff"
+        hint = f"; for the .siff files in it, give a glob: '{glob}'"
+    return IsADirectoryError(f"{name}: is a directory, not a .siff or TIFF file{hint}")
 
 
 def open_source(
