@@ -354,7 +354,17 @@ def test_verify_finds_differences(siff_files, tmp_path):
     assert any("arrival times differ" in p and "frame 5" in p for p in problems)
     inten = zarr.open_array(str(dst), path="intensity", mode="r+")
     inten[0, 0, 0, 0, 0] = int(inten[0, 0, 0, 0, 0]) + 1
-    assert any("count images differ" in p for p in zs.verify(t.path, dst))
+    problems = zs.verify(t.path, dst)
+    assert any("count images differ" in p for p in problems)
+    assert not any("was converted from" in p for p in problems)  # (the right file)
+    # compared with another file, the differences come after a note naming the store's
+    other = write_siff(tmp_path / "other.siff", shape=(32, 32), channels=(1, 2), n_slices=3,
+                       n_flyback=1, n_timepoints=t.n_frames // 8, seed=11)
+    problems = zs.verify(other.path, dst)
+    note = (f"the store was converted from {t.path}, not {other.path}: is SOURCE the "
+            "store's source?")
+    # (frames of another shape: reported, not compared; it raised a numpy shape error)
+    assert problems == [note, "frame shape differs: source (32, 32), store (12, 10)"]
 
 
 def test_verify_compares_arrival_times_per_pixel_as_multisets(siff_files, tmp_path):

@@ -42,13 +42,35 @@ def verify(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
             else [os.fspath(x) for x in source])
     target = Target(os.fspath(store), target_options)
     try:
-        return _compare(srcs, store, target, storage_options, target_options, batch_frames,
-                        progress, pin_version)
+        problems = _compare(srcs, store, target, storage_options, target_options,
+                            batch_frames, progress, pin_version)
+        return _other_source(target, srcs) + problems if problems else problems
     except ValueError as exc:  # a checksum mismatch (SiffFormatError is a ValueError too)
         if "checksum" not in str(exc):
             raise
         damaged = _damaged_chunks(target) or [f"a chunk is damaged: {exc}"]
         return damaged + _missing_beside_damage(target)
+
+
+def _other_source(target: Target, srcs: list[str]) -> list[str]:
+    """Return a note where the store names another source file than ``srcs[0]``.
+
+    By file name; given before the differences (a store compared with the wrong file
+    differs everywhere). Empty where the names agree or the store names none.
+    """
+    import zarr
+
+    try:
+        recorded = zarr.open_group(target.zarr(), mode="r").attrs.get("source_file")
+    except Exception:  # (the differences are the answer; this is only a hint)
+        return []
+    if not isinstance(recorded, str) or not recorded:
+        return []
+    name = recorded.rstrip("/").rsplit("/", 1)[-1]
+    if name == srcs[0].rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]:
+        return []
+    return [f"the store was converted from {recorded}, not {srcs[0]}: is SOURCE the "
+            "store's source?"]
 
 
 def _missing_beside_damage(target: Target) -> list[str]:
@@ -88,6 +110,9 @@ def _compare(srcs: list[str], store: str | os.PathLike[str], target: Target,
             n = f.num_frames
             if grp["photon_count"].shape[0] != n:
                 return [f"frame count differs: source {n}, store {grp['photon_count'].shape[0]}"]
+            shape = (ds.sizes["y"], ds.sizes["x"])
+            if tuple(f.frame_shape) != shape:  # (its frames could not be compared)
+                return [f"frame shape differs: source {tuple(f.frame_shape)}, store {shape}"]
             root = zarr.open_group(zstore, mode="r")
             with quiet_text_dtype():  # as written, not as open_converted relocates it
                 raw_files = root["source_file"][...] if "source_file" in root else None
