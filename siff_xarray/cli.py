@@ -313,8 +313,10 @@ def _json_option(name: str, text: str | None) -> dict[str, Any] | None:
 @click.option("--resume", is_flag=True, help="Finish interrupted conversions.")
 @click.option("--scheduler", default="threads", show_default=True,
               help="threads, processes, sync, or a dask.distributed scheduler address.")
-@click.option("--workers", type=int, default=None, help="Threads/processes (local schedulers).")
-@click.option("--shard-mb", type=float, default=64.0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Threads/processes (local schedulers).")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=64.0,
+              show_default=True,
               help="Target size of an intensity shard (one batch), MB.")
 @click.option("--no-ome", is_flag=True, help="Do not write the OME-Zarr image (ome/).")
 @click.option("--ome-levels", type=click.IntRange(min=1), default=None,

@@ -612,3 +612,27 @@ def test_a_file_cut_off_in_its_first_volume_opens_empty_or_kept(tmp_path):
     assert ds.sizes["time"] == 0
     kept = xr.open_dataset(t.path, engine="siff", partial_volume="keep")
     assert kept.sizes["time"] == 1 and int(kept.frame_present.sum()) == 1
+
+
+def test_conversion_settings_it_cannot_run_with_are_refused_before_anything_is_written(
+        siff_files, tmp_path):
+    """An unknown scheduler name failed only once the store was laid out, leaving an
+    interrupted conversion that the next (corrected) call refused to replace."""
+    import pytest
+
+    from siff_xarray import convert
+
+    t = siff_files["single_raw"]
+    dst = tmp_path / "s.zarr"
+    for kwargs, message in [
+        ({"scheduler": "thread"}, "scheduler 'thread': not one of threads"),
+        ({"scheduler": "127.0.0.1:8786"}, "tcp://host:port"),
+        ({"num_workers": 0}, "at least 1, not 0"),
+        ({"shard_bytes": 0}, "shard_bytes .* must be positive, not 0"),
+        ({"chunk_bytes": -1}, "chunk_bytes must be positive, not -1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            convert(t.path, dst, **kwargs)
+        assert not dst.exists(), kwargs
+    convert(t.path, dst, scheduler="Threads")  # (names as dask takes them, any case)
+    assert convert(t.path, dst, resume=True).frames == t.n_frames

@@ -1582,6 +1582,30 @@ def convert_file(
                         ome_levels, progress, allow_truncated, pin_version)
 
 
+#: names of dask's schedulers a conversion takes (besides a client or its address)
+SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded",
+              "processes", "multiprocessing", "distributed")
+
+
+def _check_settings(scheduler: Any, num_workers: int | None, shard_bytes: int,
+                    chunk_bytes: int) -> None:
+    """Refuse settings a conversion cannot run with, before it writes anything.
+
+    A scheduler name dask does not know failed only once the store was laid out,
+    leaving an interrupted conversion that the next call refused to replace.
+    """
+    if isinstance(scheduler, str) and scheduler.lower() not in SCHEDULERS \
+            and not is_remote(scheduler):
+        raise ValueError(f"scheduler {scheduler!r}: not one of {', '.join(SCHEDULERS)}, "
+                         "nor a dask.distributed scheduler's address (tcp://host:port)")
+    if num_workers is not None and int(num_workers) < 1:
+        raise ValueError(f"num_workers (--workers) must be at least 1, not {num_workers}")
+    for name, value in (("shard_bytes (--shard-mb)", shard_bytes),
+                        ("chunk_bytes", chunk_bytes)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, not {value}")
+
+
 def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, scheduler: Any,
              num_workers: int | None, storage_options: dict[str, Any] | None,
              target_options: dict[str, Any] | None, shard_bytes: int, chunk_bytes: int,
@@ -1594,6 +1618,9 @@ def _convert(source: Any, destination: Any, overwrite: bool, resume: bool, sched
             else [os.fspath(x) for x in source])
     if not srcs:
         raise ConversionError("no source files given")
+    _check_settings(scheduler, num_workers, shard_bytes, chunk_bytes)  # (before any write)
+    if isinstance(scheduler, str) and not is_remote(scheduler):
+        scheduler = scheduler.lower()  # (as dask takes the names)
     src = srcs[0] if len(srcs) == 1 else f"{srcs[0]} (+{len(srcs) - 1} more parts)"
     target = Target(os.fspath(destination), target_options)
     run_id = owner.new_run_id()
