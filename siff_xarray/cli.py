@@ -352,17 +352,29 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
     groups = group_acquisitions(files)
     single = len(groups) == 1 and destination.rstrip("/").endswith(".zarr")
     dst = destination.rstrip("/")
+    failed: list[str] = []
     for group in groups:
         out = dst if single else f"{dst}/{store_name(group[0])}"
-        summary = convert_file(group if len(group) > 1 else group[0], out,
-                               overwrite=overwrite, resume=resume, scheduler=scheduler,
-                               num_workers=workers, shard_bytes=int(shard_mb * 2**20),
-                               allow_truncated=allow_truncated, storage_options=opts,
-                               target_options=_json_option("--target-options",
-                                                           target_options),
-                               pin_version=not no_pin_version,
-                               ome=not no_ome, ome_levels=ome_levels,
-                               progress=_ProgressLine(store_name(group[0]), quiet))
+        try:
+            summary = convert_file(group if len(group) > 1 else group[0], out,
+                                   overwrite=overwrite, resume=resume, scheduler=scheduler,
+                                   num_workers=workers, shard_bytes=int(shard_mb * 2**20),
+                                   allow_truncated=allow_truncated, storage_options=opts,
+                                   target_options=_json_option("--target-options",
+                                                               target_options),
+                                   pin_version=not no_pin_version,
+                                   ome=not no_ome, ome_levels=ome_levels,
+                                   progress=_ProgressLine(store_name(group[0]), quiet))
+        except _ONE_SOURCE_ERRORS as exc:
+            if len(groups) == 1:
+                raise
+            # one damaged or cut-off acquisition of many: the others are converted,
+            # and the command fails at the end naming each that was not
+            failed.append(group[0])
+            log = _log_error(exc)
+            click.echo(f"error: {exc} (not converted; going on with the others"
+                       + (f"; details: {log})" if log else ")"), err=True)
+            continue
         if not quiet and summary.already_complete:
             click.echo(f"{summary.source} -> {summary.destination}: already complete "
                        f"({summary.frames} frames, {summary.photons} photons)")
@@ -373,6 +385,14 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
                        f"in {summary.seconds:.1f} s"
                        + (f" ({summary.batches_skipped} of {summary.batches} batches were "
                           "already done)" if summary.batches_skipped else ""))
+    if failed:
+        raise ConversionError(f"{len(failed)} of {len(groups)} acquisitions were not "
+                              f"converted: {', '.join(failed)} (their errors are above)")
+
+
+#: errors of one source (or its store) that a conversion of many goes on after
+_ONE_SOURCE_ERRORS = (SiffFormatError, ConversionError, FileNotFoundError,
+                      IsADirectoryError, PermissionError)
 
 
 @cli.command()

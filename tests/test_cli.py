@@ -303,3 +303,31 @@ def test_a_directory_given_as_a_file_is_named_with_what_to_do(siff_files, tmp_pa
     with pytest.raises(IsADirectoryError, match=r"runs: is a directory, not a \.siff"):
         xr.open_dataset(folder, engine="siff")
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
+
+
+def test_converting_many_goes_on_after_one_that_fails(tmp_path, capsys):
+    """One acquisition cut off mid-write stopped a conversion of many: those after it
+    were not converted. They are now, and the command fails at the end naming it."""
+    import os
+
+    from siff_xarray import verify
+    from siff_xarray.synthetic import write_siff
+
+    paths = [write_siff(tmp_path / f"{n}.siff", shape=(16, 16), n_timepoints=4, seed=i).path
+             for i, n in enumerate(("a", "b", "c"))]
+    os.truncate(paths[1], os.path.getsize(paths[1]) - 100)  # b: cut off mid-write
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--quiet", str(tmp_path / "*.siff"), str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "b.siff" in err and "going on with the others" in err
+    assert f"1 of 3 acquisitions were not converted: {paths[1]}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.zarr", "c.zarr"]
+    for name, path in (("a", paths[0]), ("c", paths[2])):
+        assert verify(path, out / f"{name}.zarr") == []
+    # one acquisition alone: its error, as before
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--quiet", paths[1], str(tmp_path / "b.zarr")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "going on" not in err and "allow-truncated" in err
