@@ -300,10 +300,10 @@ def describe_store(store: str | os.PathLike[str],
 
     target = Target(normalize(os.fspath(store)), storage_options)
     with open_converted(store, storage_options=storage_options) as ds:
-        grp = zarr.open_group(target.reader(), path="photons", mode="r")
+        root = zarr.open_group(target.reader(), mode="r")
+        grp = root["photons"]
         counts = checked(lambda: np.asarray(grp["photon_count"][...]), target.destination,
                          "photons/photon_count")
-        root = zarr.open_group(target.reader(), mode="r")
         return {
             "store": target.destination,
             "source_file": ds.attrs.get("source_file"),

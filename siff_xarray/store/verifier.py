@@ -66,8 +66,7 @@ def _other_source(target: Target, srcs: list[str]) -> list[str]:
         return []
     if not isinstance(recorded, str) or not recorded:
         return []
-    name = recorded.rstrip("/").rsplit("/", 1)[-1]
-    if name == srcs[0].rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]:
+    if short_name(recorded) == short_name(srcs[0]):
         return []
     return [f"the store was converted from {recorded}, not {srcs[0]}: is SOURCE the "
             "store's source?"]
