@@ -1582,11 +1582,6 @@ def convert_file(
                         ome_levels, progress, allow_truncated, pin_version)
 
 
-#: names of dask's schedulers a conversion takes (besides a client or its address)
-SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded",
-              "processes", "multiprocessing", "distributed")
-
-
 def _check_settings(scheduler: Any, num_workers: int | None, shard_bytes: int,
                     chunk_bytes: int) -> None:
     """Refuse settings a conversion cannot run with, before it writes anything.
@@ -2074,6 +2069,8 @@ def _already_complete(srcs: list[str], src: str, target: Target,
 
 #: local schedulers whose tasks share one process (and its kept sources)
 _THREADED = ("threads", "threading", "sync", "synchronous", "single-threaded")
+#: names of dask's schedulers a conversion takes (besides a client or its address)
+SCHEDULERS = (*_THREADED, "processes", "multiprocessing", "distributed")
 
 
 def _run(plan: Plan, target: Target, run_id: str, scheduler: Any, num_workers: int | None,
