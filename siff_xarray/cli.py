@@ -236,8 +236,8 @@ def _names_a_store(file: str) -> bool:
 
     if not is_remote(file):
         return Path(file).is_dir()
-    name = file.split("?")[0].rstrip("/").rsplit("/", 1)[-1].lower()
-    return name.endswith(".zarr") or file.split("?")[0].endswith("/")
+    path = file.split("?")[0]
+    return path.endswith("/") or path.lower().endswith(".zarr")
 
 
 def _print_store(s: dict[str, Any]) -> None:
@@ -304,6 +304,11 @@ def _json_option(name: str, text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise click.BadParameter("must be a JSON object ({...})", param_hint=name)
     return value
+
+
+#: errors of one source (or its store) that a conversion of many goes on after
+_ONE_SOURCE_ERRORS = (SiffFormatError, ConversionError, FileNotFoundError,
+                      IsADirectoryError, PermissionError)
 
 
 @cli.command()
@@ -389,10 +394,6 @@ def convert(sources: tuple[str, ...], destination: str, overwrite: bool, resume:
         raise ConversionError(f"{len(failed)} of {len(groups)} acquisitions were not "
                               f"converted: {', '.join(failed)} (their errors are above)")
 
-
-#: errors of one source (or its store) that a conversion of many goes on after
-_ONE_SOURCE_ERRORS = (SiffFormatError, ConversionError, FileNotFoundError,
-                      IsADirectoryError, PermissionError)
 
 
 @cli.command()

@@ -385,10 +385,12 @@ class LocalSource(ByteSource):
         try:
             self._file = open(self.name, "rb")  # noqa: SIM115 - closed in close()
         except IsADirectoryError:
-            raise not_a_file(self.name, any(os.path.exists(os.path.join(self.name, k))
-                                            for k in ("zarr.json", ".siff-progress")),
-                             any(n.endswith(".siff") for n in os.listdir(self.name))
-                             ) from None
+            try:  # (what it holds only makes the message more helpful)
+                names = os.listdir(self.name)
+            except OSError:
+                names = []
+            raise not_a_file(self.name, bool({"zarr.json", ".siff-progress"} & set(names)),
+                             any(n.endswith(".siff") for n in names)) from None
         try:
             st = os.fstat(self._file.fileno())
             self.size = st.st_size
