@@ -115,7 +115,7 @@ class Reporter:
         self._mode = _resolve(progress)
         self._bar: Any = None
         self._id: Any = None
-        if self._mode is True:
+        if self._mode is True and self.total:  # (no work: no empty "0/0" bar)
             self._start_bar()
 
     def _start_bar(self) -> None:

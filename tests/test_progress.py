@@ -101,6 +101,19 @@ def test_short_work_draws_no_bar_even_when_watched(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_no_bar_is_drawn_for_no_work(capsys):
+    # (registration of a short file: every volume is in the reference's sample, so the
+    # alignment after it has none left; it drew an empty "0/0 volumes" bar)
+    with _progress.Reporter("nothing", 0, "volumes", progress=True) as bar:
+        for _ in bar.track(range(0)):
+            pass
+    assert capsys.readouterr().err == ""
+    with _progress.Reporter("some", 2, "volumes", progress=True) as bar:
+        for _ in bar.track(range(2)):
+            pass
+    assert "2/2" in capsys.readouterr().err
+
+
 def test_cli_verify_and_register_show_progress_unless_quiet(run, tmp_path):
     t, store = run
     cli = [sys.executable, "-m", "siff_xarray.cli"]
