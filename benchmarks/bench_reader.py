@@ -72,8 +72,13 @@ def session_file(volumes: int, photons: float, path: Path | None = None) -> Path
     return path
 
 
-def parse_args(doc: str, flags: dict[str, str] | None = None) -> argparse.Namespace:
-    """Command-line options shared by the benchmark scripts (plus ``flags``: name -> help)."""
+def parse_args(doc: str, flags: dict[str, str] | None = None,
+               options: dict[str, tuple[type, object, str]] | None = None
+               ) -> argparse.Namespace:
+    """Command-line options shared by the benchmark scripts.
+
+    Plus ``flags`` (name -> help) and ``options`` (name -> (type, default, help)).
+    """
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--volumes", type=int, default=700)
     ap.add_argument("--photons", type=float, default=24000)
@@ -81,6 +86,8 @@ def parse_args(doc: str, flags: dict[str, str] | None = None) -> argparse.Namesp
     ap.add_argument("--repeats", type=int, default=5)
     for name, text in (flags or {}).items():
         ap.add_argument(name, action="store_true", help=text)
+    for name, (kind, default, text) in (options or {}).items():
+        ap.add_argument(name, type=kind, default=default, help=text)
     return ap.parse_args()
 
 

@@ -4,6 +4,9 @@ Run from the repository root (after the README's test set-up):
 
     .venv/bin/python benchmarks/bench_s3.py                  # 0.83 GB file
     .venv/bin/python benchmarks/bench_s3.py --volumes 100    # quick look
+    # the walkthrough's size (bench_scale.py --write), the object store elsewhere only:
+    .venv/bin/python benchmarks/bench_s3.py --path benchmarks/_data/scale_6736v.siff \
+        --elsewhere-only --latencies 20 --processes 3
 
 Two S3 endpoints (``s3_endpoint.py``) run in child processes on 127.0.0.1, each adding
 0, 20 or 50 ms to every request (S3's first-byte latency is typically 10-50 ms; its
@@ -29,8 +32,9 @@ conversions spend from what they wait. One conversion to S3 is checked with
 ``verify`` against the file.
 
 Last, the object store elsewhere (:func:`_store_elsewhere`): the endpoints on a core
-of their own and the conversions (local -> local and S3 -> S3, at 0 and 20 ms) on
-the others, as where the object store's CPU is not the client's.
+of their own and the conversions (local -> local and S3 -> S3, at ``--latencies``,
+0 and 20 ms unless given) on the others, as where the object store's CPU is not the
+client's, in ``--processes`` fresh processes (``--elsewhere-only``: nothing else).
 """
 
 from __future__ import annotations
@@ -172,30 +176,36 @@ def _transfer_cpu(src: Path, remote: str, source_options: dict, target_options: 
     return cpu["read"], cpu["write"]
 
 
-def _store_elsewhere(src: Path, repeat: int) -> list[tuple]:
+def _store_elsewhere(src: Path, repeat: int, latencies_ms: list[float], processes: int
+                     ) -> list[list[tuple]]:
     """Local and S3 -> S3 conversions with the endpoints on a core of their own.
 
     On one machine the endpoints spend their CPU (the kernel's copies through the
     loopback, the parsing of requests) on the cores the conversion uses; a real
     object store spends it elsewhere. Here the endpoints run on the last core and
     both conversions, alternated, in a child process on the others (pinned from its
-    start: threads keep the cores they were started on). Per latency (0 and 20 ms):
-    the median call's seconds and the child's CPU seconds, and the multiple of the
-    local conversion. Empty on a single core.
+    start: threads keep the cores they were started on). Per process (``processes``
+    of them, one after the other, each with its own caches) and latency: the median
+    call's seconds and the child's CPU seconds, and the multiple of the local
+    conversion. Empty on a single core.
     """
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return []
     mine = set(cores[:-1])
-    out = subprocess.run(
-        [sys.executable, __file__, "--path", str(src), "--repeats", str(repeat),
-         "--elsewhere"], capture_output=True, text=True, check=True,
-        env={**os.environ, "SIFF_BENCH_ENDPOINT_CORES": str(cores[-1])},
-        preexec_fn=lambda: os.sched_setaffinity(0, mine))
-    return [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+    out = []
+    for _ in range(processes):
+        done = subprocess.run(
+            [sys.executable, __file__, "--path", str(src), "--repeats", str(repeat),
+             "--latencies", ",".join(f"{ms:g}" for ms in latencies_ms), "--elsewhere"],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "SIFF_BENCH_ENDPOINT_CORES": str(cores[-1])},
+            preexec_fn=lambda: os.sched_setaffinity(0, mine))
+        out.append([tuple(row) for row in json.loads(done.stdout.strip().splitlines()[-1])])
+    return out
 
 
-def _elsewhere_child(src: Path, repeat: int) -> None:
+def _elsewhere_child(src: Path, repeat: int, latencies_ms: list[float]) -> None:
     """The child of :func:`_store_elsewhere`: print its rows as JSON (last line)."""
     import s3fs
 
@@ -204,7 +214,7 @@ def _elsewhere_child(src: Path, repeat: int) -> None:
     theirs = {int(c) for c in os.environ["SIFF_BENCH_ENDPOINT_CORES"].split(",")}
     rows = []
     with _buckets(src) as (served, empty, local_dst):
-        for latency in (0.0, 0.02):
+        for latency in (ms / 1000 for ms in latencies_ms):
             with endpoint(served, latency, theirs) as (source, _), \
                     endpoint(empty, latency, theirs) as (destination, _):
                 s3 = [{"key": "testing", "secret": "testing",
@@ -223,36 +233,70 @@ def _elsewhere_child(src: Path, repeat: int) -> None:
                     dst_fs.invalidate_cache()
 
                 jobs = {"local -> local": local, "S3 -> S3": remote}
-                for job in jobs.values():  # (warm: Numba, this process's clients, the index)
-                    job()
-                runs: dict[str, list[tuple[float, float]]] = {k: [] for k in jobs}
+                for job in jobs.values():  # (warm: Numba, this process's clients, the index,
+                    job()  # the page cache)
+                runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in jobs}
                 for _ in range(repeat):
                     for name, job in jobs.items():
-                        c0, t0 = time.process_time(), time.perf_counter()
+                        c0, t0 = os.times(), time.perf_counter()
                         job()
-                        runs[name].append((time.perf_counter() - t0, time.process_time() - c0))
+                        c1 = os.times()
+                        runs[name].append((time.perf_counter() - t0,
+                                           c1.user + c1.system - c0.user - c0.system,
+                                           c1.system - c0.system))
                 med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
-                for name, (dt, cpu) in med.items():
+                for name, (dt, cpu, system) in med.items():
                     rows.append((f"{latency * 1000:.0f} ms", name, dt, cpu,
-                                 dt / med["local -> local"][0]))
+                                 dt / med["local -> local"][0], system))
     print(json.dumps(rows))
 
 
+def _print_elsewhere(per_process: list[list[tuple]], repeat: int, size_mb: float) -> None:
+    """Print :func:`_store_elsewhere`'s rows: per process, and the median multiple."""
+    cores = sorted(os.sched_getaffinity(0))
+    print(f"\nThe object store elsewhere: the endpoints on core {cores[-1]}, the "
+          f"conversions on {len(cores) - 1} other core(s), in {len(per_process)} fresh "
+          f"process(es) one after the other (in each, the median of {repeat} calls, "
+          "alternated; CPU: that process's)\n")
+    print("| latency | job | seconds, per process | MB/s of the source, per process | "
+          "CPU seconds (of them in the kernel), per process | x local, per process | "
+          "median x local |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for i, (lat, name, *_) in enumerate(per_process[0]):
+        got = [rows[i] for rows in per_process]
+        ratios = sorted(r[4] for r in got)
+        print(f"| {lat} | {name} | {' / '.join(f'{r[2]:.2f}' for r in got)} | "
+              f"{' / '.join(f'{size_mb / r[2]:.0f}' for r in got)} | "
+              f"{' / '.join(f'{r[3]:.2f} ({r[5]:.2f})' for r in got)} | "
+              f"{' / '.join(f'{r[4]:.2f}' for r in got)} | {ratios[len(ratios) // 2]:.2f} |")
+
+
 def main() -> None:
-    args = parse_args(__doc__, {"--elsewhere": "(internal) the child of _store_elsewhere"})
+    args = parse_args(__doc__, {
+        "--elsewhere": "(internal) the child of _store_elsewhere",
+        "--elsewhere-only": "only the conversions with the object store elsewhere"}, {
+        "--latencies": (str, "0,20", "with the object store elsewhere: milliseconds per "
+                        "request, comma-separated"),
+        "--processes": (int, 1, "with the object store elsewhere: fresh processes, one "
+                        "after the other")})
     repeat = args.repeats if "--repeats" in sys.argv else REPEAT
     src = session_file(args.volumes, args.photons, args.path)
+    latencies_ms = [float(ms) for ms in args.latencies.split(",")]
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     warnings.simplefilter("ignore")
     if args.elsewhere:
-        _elsewhere_child(src, repeat)
+        _elsewhere_child(src, repeat, latencies_ms)
+        return
+    size_mb = src.stat().st_size / 1e6
+    if args.elsewhere_only:
+        _print_elsewhere(_store_elsewhere(src, repeat, latencies_ms, args.processes),
+                         repeat, size_mb)
         return
     import s3fs
 
     import siff_xarray
 
-    size_mb = src.stat().st_size / 1e6
     rows, checked = [], None
     with _buckets(src) as (served, empty, local_dst):
         siff_xarray.convert(src, local_dst, overwrite=True)  # warm-up: Numba, page cache
@@ -310,7 +354,7 @@ def main() -> None:
                     read_cpu, write_cpu = _transfer_cpu(src, remote, s3(source),
                                                         s3(destination), local_dst,
                                                         src_page, dst_page, repeat)
-    elsewhere = _store_elsewhere(src, repeat)
+    elsewhere = _store_elsewhere(src, repeat, latencies_ms, args.processes)
     print(f"\nConversions of {src.name} ({size_mb:.0f} MB); median of {repeat} calls, "
           "alternated\n")
     print("| latency | job | seconds | source requests (round trips) | destination requests "
@@ -335,15 +379,7 @@ def main() -> None:
           "least it takes here however well its work overlaps.")
     print(f"\nverify of the S3 -> S3 store against the file: {checked or 'no problems'}")
     if elsewhere:
-        cores = sorted(os.sched_getaffinity(0))
-        print(f"\nThe object store elsewhere: the endpoints on core {cores[-1]}, the "
-              f"conversions on {len(cores) - 1} other core(s), in a process of their own "
-              f"(median of {repeat} calls, alternated; CPU: that process's)\n")
-        print("| latency | job | seconds | CPU seconds | x local |")
-        print("|---:|---|---:|---:|---:|")
-        for lat, name, dt, cpu, x_local in elsewhere:
-            print(f"| {lat} | {name} | {dt:.2f} | {cpu:.2f} | {x_local:.2f} |")
-
+        _print_elsewhere(elsewhere, repeat, size_mb)
 
 if __name__ == "__main__":
     main()
