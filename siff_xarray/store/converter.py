@@ -978,7 +978,7 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
         return _batch_array(target, run_id, path)
 
     # level 0's shards that hold the intensity's bytes: copied, not compressed again,
-    # by the batch's tail (after its data)
+    # by the batch's tail (each once its intensity shard is stored)
     copies: list[tuple[str, str]] = []
 
     def ome_level(k: int, level: np.ndarray) -> None:
@@ -1001,7 +1001,8 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
         return write
 
     writes = [intensity, writer.close]  # (the last photons, after the shard on its way)
-    late: list[Callable[[], Any]] = []  # (after the data, with the level-0 copies)
+    # the batch's other keys, stored by its tail while its data are on their way
+    late: list[Callable[[], Any]] = []
     if plan.ome:
         level = block  # halved in the block's own (contiguous) order, then reordered
         for k in range(1, plan.ome_levels):  # the same time range: a whole shard per level
@@ -1026,17 +1027,25 @@ def _convert_batch(plan: Plan, target: Target, b: int, run_id: str
     text = b"".join(d.tobytes() for d in descriptions)
     late.append(lambda: target.write_bytes(_description_key(b), text))
     # whether the store is still this run's (a round trip on object storage), asked
-    # once its data are stored: a run that lost it records nothing more
+    # while its data are stored: a run that lost it records nothing more
     late.append(lambda: owner.check(target, run_id))
     _concurrently(target, writes)
     # (S3: the PUTs still on their way; this thread decodes its next batch meanwhile)
     sent = _writes_behind(target, run_id)
     record = json.dumps({"frames": f1 - f0, "photons": n})
+    stores = _run_store(target, run_id)
+
+    def copy(src: str, dst: str) -> None:  # once its intensity shard is stored
+        for store in stores:
+            getattr(store, "stored", lambda key: None)(src)
+        target.copy(src, dst)
 
     def tail() -> None:  # (the batch is done only when its record, written last, is there)
-        _await_tails(sent)  # its data are stored
-        _concurrently(target, [*(functools.partial(target.copy, src, dst)
-                                 for src, dst in copies), *late])
+        # its data, its level-0 copies and its other keys stored, each waiting only
+        # its own round trips (a copy: its shard's PUT first)
+        _concurrently(target, [functools.partial(_await_tails, sent),
+                               *(functools.partial(copy, src, dst) for src, dst in copies),
+                               *late])  # (its data's error first, where both failed)
         checked.result()
         _refuse_if_ended(run_id, context)  # (the run failed here while this batch went on)
         target.write_text(f"{PROGRESS}/batch-{b:06d}", record)

@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +237,16 @@ def _store_class(s3: bool, batch_writes: bool) -> type:
             """
             behind = self.__dict__.get("behind")
             return behind.pending() if behind is not None else []
+
+        def stored(self, key: str) -> None:
+            """Wait until the write behind of ``key`` on its way, if any, is done.
+
+            Its error stays in its future (:meth:`writes_behind` reports it).
+            """
+            behind = self.__dict__.get("behind")
+            writing = behind.of_key(key) if behind is not None else None
+            if writing is not None:
+                wait([writing])
 
         def settle(self) -> None:
             """Wait until every write behind is done (their errors stay in their futures)."""
