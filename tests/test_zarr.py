@@ -602,6 +602,52 @@ def test_a_distributed_run_that_failed_gives_the_store_up_after_its_workers_batc
     assert zs.verify(t.path, dst) == []
 
 
+_BEGIN_PATCH = """
+import os
+from siff_xarray.store import converter as conv
+
+real_decode, real_write = conv._decode_batch, conv._write_batch
+
+def decode(*args, **kwargs):
+    raise RuntimeError("boom in the first batch")
+
+def write_batch(plan_json, b, *args, **kwargs):
+    open(os.path.join({marks!r}, f"begun-{{b}}"), "w").close()
+    return real_write(plan_json, b, *args, **kwargs)
+
+conv._decode_batch, conv._write_batch = decode, write_batch
+"""
+
+
+def test_a_failed_distributed_run_cancels_the_batches_not_started(tmp_path):
+    """When a batch fails on a cluster, the client cancels the run's tasks that
+    have not started: they never start (a task that started anyway would be refused
+    on its worker, but would still be scheduled, one after another, for nothing).
+    Checked on its own: one worker of one thread, every batch failing; without the
+    cancel all eight begin."""
+    distributed = pytest.importorskip("distributed")
+    t = write_siff(tmp_path / "c.siff", shape=(8, 8), n_timepoints=8, photons_per_frame=300)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    dst = tmp_path / "c.zarr"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        client.run(exec, _BEGIN_PATCH.format(marks=str(marks)), {})
+        with pytest.raises(RuntimeError, match="boom in the first batch"):
+            zs.convert(t.path, dst, scheduler=client, shard_bytes=8 * 8 * 2, chunk_bytes=1)
+        time.sleep(2.0)  # (time for tasks still scheduled to reach the worker)
+        begun = sorted(int(m.name.split("-")[1]) for m in marks.glob("begun-*"))
+        running = client.run(lambda: dict(getattr(__import__(
+            "siff_xarray.store.converter").store.converter, "_active", {})))
+    assert all(r == {} for r in running.values()), running
+    n_batches = len(json.loads((dst / ".siff-progress" / "plan.json").read_text())[
+        "batch_frames"])
+    assert n_batches == 8 and 1 <= len(begun) <= 3, begun
+    zs.convert(t.path, dst, resume=True, shard_bytes=8 * 8 * 2, chunk_bytes=1)
+    assert zs.verify(t.path, dst) == []
+
+
 def test_a_batch_of_a_run_that_ended_here_leaves_the_malloc_settings(monkeypatch):
     """The thresholds a batch raises are restored when its run ends in the process; a
     batch that starts after that (a distributed task still running when another
