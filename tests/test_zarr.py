@@ -562,6 +562,23 @@ conv._decode_batch, conv._write_batch = decode, write_batch
 """
 
 
+def _fail_on_a_cluster(src: str, dst: Path, patch: str, n_workers: int,
+                       settle_s: float = 0.0) -> dict:
+    """Convert ``src`` on a LocalCluster of ``n_workers`` one-thread worker processes
+    that ran ``patch`` first (a batch fails: "boom in the first batch"); ``settle_s``
+    later, return what each worker still counts running (``converter._active``)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        client.run(exec, patch, {})
+        with pytest.raises(RuntimeError, match="boom in the first batch"):
+            zs.convert(src, dst, scheduler=client, shard_bytes=8 * 8 * 2, chunk_bytes=1)
+        time.sleep(settle_s)
+        return client.run(lambda: dict(getattr(__import__(
+            "siff_xarray.store.converter").store.converter, "_active", {})))
+
+
 def test_a_distributed_run_that_failed_gives_the_store_up_after_its_workers_batches(
         tmp_path, monkeypatch):
     """When a worker's batch fails, the client has the error while another worker's
@@ -570,7 +587,7 @@ def test_a_distributed_run_that_failed_gives_the_store_up_after_its_workers_batc
     into a store a resume may already have taken."""
     from siff_xarray.store import converter as conv
 
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")  # (before the file: a skip makes nothing)
     t = write_siff(tmp_path / "d.siff", shape=(8, 8), n_timepoints=6, photons_per_frame=300)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -583,14 +600,7 @@ def test_a_distributed_run_that_failed_gives_the_store_up_after_its_workers_batc
 
     monkeypatch.setattr(conv.owner, "release", release)
     dst = tmp_path / "d.zarr"
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        client.run(exec, _WORKER_PATCH.format(marks=str(marks)), {})
-        with pytest.raises(RuntimeError, match="boom in the first batch"):
-            zs.convert(t.path, dst, scheduler=client, shard_bytes=8 * 8 * 2, chunk_bytes=1)
-        running = client.run(lambda: dict(getattr(__import__(
-            "siff_xarray.store.converter").store.converter, "_active", {})))
+    running = _fail_on_a_cluster(t.path, dst, _WORKER_PATCH.format(marks=str(marks)), 2)
     done = {int(m.name.split("-")[1]): float(m.name.split("-", 2)[2])
             for m in marks.glob("done-*")}
     slow = [int(m.name.split("-")[1]) for m in marks.glob("slow-*")]  # (its frame = batch)
@@ -625,21 +635,14 @@ def test_a_failed_distributed_run_cancels_the_batches_not_started(tmp_path):
     on its worker, but would still be scheduled, one after another, for nothing).
     Checked on its own: one worker of one thread, every batch failing; without the
     cancel all eight begin."""
-    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("distributed")  # (before the file: a skip makes nothing)
     t = write_siff(tmp_path / "c.siff", shape=(8, 8), n_timepoints=8, photons_per_frame=300)
     marks = tmp_path / "marks"
     marks.mkdir()
     dst = tmp_path / "c.zarr"
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        client.run(exec, _BEGIN_PATCH.format(marks=str(marks)), {})
-        with pytest.raises(RuntimeError, match="boom in the first batch"):
-            zs.convert(t.path, dst, scheduler=client, shard_bytes=8 * 8 * 2, chunk_bytes=1)
-        time.sleep(2.0)  # (time for tasks still scheduled to reach the worker)
-        begun = sorted(int(m.name.split("-")[1]) for m in marks.glob("begun-*"))
-        running = client.run(lambda: dict(getattr(__import__(
-            "siff_xarray.store.converter").store.converter, "_active", {})))
+    # (2 s for tasks still scheduled to reach the worker)
+    running = _fail_on_a_cluster(t.path, dst, _BEGIN_PATCH.format(marks=str(marks)), 1, 2.0)
+    begun = sorted(int(m.name.split("-")[1]) for m in marks.glob("begun-*"))
     assert all(r == {} for r in running.values()), running
     n_batches = len(json.loads((dst / ".siff-progress" / "plan.json").read_text())[
         "batch_frames"])
