@@ -651,6 +651,25 @@ def test_a_failed_distributed_run_cancels_the_batches_not_started(tmp_path):
     assert zs.verify(t.path, dst) == []
 
 
+def test_a_run_that_ends_drops_the_tails_a_late_thread_kept(monkeypatch):
+    """A thread that takes a batch as its run fails can keep a list of tails for the
+    run after the run took its own (a CI run on Python 3.13 met it: an empty list
+    left in ``converter._tails``). The run's end drops it, once its tails are done."""
+    from concurrent.futures import Future
+
+    from siff_xarray.store import converter as conv
+
+    monkeypatch.setattr(conv, "_tails", {})
+    monkeypatch.setattr(conv, "_ended", set())
+    done, failed = Future(), Future()
+    done.set_result(None)
+    failed.set_exception(RuntimeError("its record was refused"))
+    conv._tails["late-run"] = [done, failed]
+    conv._tails["other-run"] = []
+    conv._forget_sources("late-run")
+    assert conv._tails == {"other-run": []} and "late-run" in conv._ended
+
+
 def test_a_batch_of_a_run_that_ended_here_leaves_the_malloc_settings(monkeypatch):
     """The thresholds a batch raises are restored when its run ends in the process; a
     batch that starts after that (a distributed task still running when another

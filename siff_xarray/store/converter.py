@@ -580,6 +580,10 @@ def _forget_sources(run_id: str) -> None:
         if _active.get(run_id):
             log.warning("conversion run %s: %d batch(es) still running after %.0f s; "
                         "the run ends without them", run_id, _active[run_id], END_WAIT_S)
+        # tails a thread kept after the run took them (its batch started as the run
+        # failed, then was refused): none can be added now that the run has ended
+        left = _tails.pop(run_id, [])
+    _await_tails(left, raising=False)
     with _run_arrays_lock:
         stores = [_run_arrays.pop(k)[0] for k in [k for k in _run_arrays if k[0] == run_id]]
     _settle(stores)  # (nothing written behind the run's end)
